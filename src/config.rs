@@ -1,0 +1,693 @@
+//! Configuration: the TOML file turned into a checked [`Config`].
+//!
+//! The file is walked by hand over `toml_edit`'s span-preserving tree, so
+//! that every problem — unknown keys, wrong types, bad values, missing
+//! tables — is reported at once, each with its line. Secrets are held in
+//! [`Secret`], which never prints its contents.
+
+use std::collections::BTreeSet;
+use std::fmt;
+use std::net::SocketAddr;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use toml_edit::{Item, TableLike, Value};
+
+use crate::wire::codec::{DEFAULT_MAX_FRAME_BYTES, MAX_FRAME_LIMIT, MIN_FRAME_LIMIT};
+
+/// Largest size of a config file we are willing to read.
+const MAX_CONFIG_BYTES: u64 = 1024 * 1024;
+/// A cap on links per route; more than this is a typo, not a deployment.
+pub const MAX_STANDBY: u8 = 8;
+/// A cap on routes per gateway.
+const MAX_ROUTES: usize = 1024;
+
+/// One thing wrong with a configuration, with where it is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    pub file: PathBuf,
+    pub line: Option<usize>,
+    pub message: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.line {
+            Some(line) => write!(f, "{}:{}: {}", self.file.display(), line, self.message),
+            None => write!(f, "{}: {}", self.file.display(), self.message),
+        }
+    }
+}
+
+/// A string that must never reach a log line or `check` output.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(s: impl Into<String>) -> Self {
+        Secret(s.into())
+    }
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+/// A checked configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The file it came from; relative paths inside are resolved against its folder.
+    pub path: PathBuf,
+    pub gateway: GatewayConfig,
+    pub tls: Option<TlsFiles>,
+    pub metrics: Option<MetricsConfig>,
+    pub routes: Vec<RouteConfig>,
+}
+
+#[derive(Debug, Clone)]
+pub struct GatewayConfig {
+    pub cluster: String,
+    pub name: String,
+    pub listen: Option<SocketAddr>,
+    pub heartbeat: Duration,
+    pub dead_after: Duration,
+    pub connect_timeout: Duration,
+    pub handshake_timeout: Duration,
+    pub reconnect_min: Duration,
+    pub reconnect_max: Duration,
+    pub shutdown_grace: Duration,
+    pub max_frame_bytes: usize,
+    pub max_pending_handshakes: usize,
+}
+
+/// Paths to PEM files, already resolved against the config's folder, with
+/// the config line that named each (for error messages).
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    pub cert: PathAt,
+    pub key: PathAt,
+    pub ca: PathAt,
+}
+
+#[derive(Debug, Clone)]
+pub struct PathAt {
+    pub path: PathBuf,
+    pub line: Option<usize>,
+}
+
+#[derive(Debug, Clone)]
+pub struct MetricsConfig {
+    pub listen: SocketAddr,
+}
+
+#[derive(Debug, Clone)]
+pub struct RouteConfig {
+    pub cluster: String,
+    pub endpoints: Vec<Endpoint>,
+    pub standby: u8,
+    pub socks5: Option<Socks5>,
+    pub insecure_plaintext: bool,
+}
+
+impl RouteConfig {
+    /// Links this side wants: the primary plus standbys.
+    pub fn links_wanted(&self) -> u8 {
+        1 + self.standby
+    }
+}
+
+/// `host:port` of a peer gateway; the host may be a name (resolved at dial
+/// time, or by the SOCKS5 proxy).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Endpoint {
+    pub host: String,
+    pub port: u16,
+}
+
+impl fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.host.contains(':') {
+            write!(f, "[{}]:{}", self.host, self.port)
+        } else {
+            write!(f, "{}:{}", self.host, self.port)
+        }
+    }
+}
+
+impl std::str::FromStr for Endpoint {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (host, port) = s
+            .rsplit_once(':')
+            .ok_or_else(|| format!("{s:?} is not host:port"))?;
+        let host = match host.strip_prefix('[') {
+            Some(h) => h.strip_suffix(']').ok_or_else(|| format!("{s:?}: unclosed '['"))?,
+            None if host.contains(':') => return Err(format!("{s:?}: write IPv6 addresses as [addr]:port")),
+            None => host,
+        };
+        if host.is_empty() || host.len() > 253 || host.chars().any(|c| c.is_whitespace() || c == '/') {
+            return Err(format!("{s:?}: bad host"));
+        }
+        let port: u16 = port.parse().map_err(|_| format!("{s:?}: bad port"))?;
+        if port == 0 {
+            return Err(format!("{s:?}: port 0 cannot be dialed"));
+        }
+        Ok(Endpoint { host: host.to_string(), port })
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Socks5 {
+    pub proxy: Endpoint,
+    pub auth: Option<(String, Secret)>,
+}
+
+impl Config {
+    /// Reads and checks a file.
+    pub fn load(path: &Path) -> Result<Config, Vec<Problem>> {
+        let problem = |message: String| vec![Problem { file: path.to_path_buf(), line: None, message }];
+        let meta = std::fs::metadata(path).map_err(|e| problem(format!("cannot read: {e}")))?;
+        if meta.len() > MAX_CONFIG_BYTES {
+            return Err(problem(format!("file is {} bytes; the limit is {MAX_CONFIG_BYTES}", meta.len())));
+        }
+        let text = std::fs::read_to_string(path).map_err(|e| problem(format!("cannot read: {e}")))?;
+        Config::parse(&text, path)
+    }
+
+    /// Checks text as if it were read from `path`.
+    pub fn parse(text: &str, path: &Path) -> Result<Config, Vec<Problem>> {
+        let mut cx = Cx { src: text, file: path, base: path.parent().unwrap_or(Path::new("")).to_path_buf(), problems: Vec::new() };
+        let doc = match toml_edit::Document::parse(text) {
+            Ok(doc) => doc,
+            Err(e) => {
+                let msg = e.message().trim().to_string();
+                cx.err(e.span(), format!("invalid TOML: {msg}"));
+                return Err(cx.problems);
+            }
+        };
+        let root: &dyn TableLike = doc.as_table();
+        cx.allow_keys(root, &["gateway", "tls", "metrics", "route"], "the top level");
+
+        let gateway = match cx.table(root, "gateway", true) {
+            Some(t) => cx.gateway(t),
+            None => None,
+        };
+        let tls = cx.table(root, "tls", false).and_then(|t| cx.tls(t));
+        let metrics = cx.table(root, "metrics", false).and_then(|t| cx.metrics(t));
+        let routes = cx.routes(root.get("route"), gateway.as_ref().map(|g| g.cluster.as_str()));
+
+        if let Some(routes) = &routes {
+            let needs_tls = routes.is_empty() || routes.iter().any(|r| !r.insecure_plaintext);
+            if needs_tls && root.get("tls").is_none() {
+                cx.err(None, "[tls] is required: every route uses mutual TLS unless it sets insecure_plaintext = true".into());
+            }
+        }
+        match (gateway, routes) {
+            (Some(gateway), Some(routes)) if cx.problems.is_empty() => {
+                Ok(Config { path: path.to_path_buf(), gateway, tls, metrics, routes })
+            }
+            _ => Err(cx.problems),
+        }
+    }
+
+    pub fn route(&self, cluster: &str) -> Option<&RouteConfig> {
+        self.routes.iter().find(|r| r.cluster == cluster)
+    }
+}
+
+/// A valid cluster name is a DNS name (it is checked against certificates).
+pub fn check_cluster_name(name: &str) -> Result<(), String> {
+    if name.is_empty() || name.len() > 63 {
+        return Err(format!("cluster name {name:?} must be 1 to 63 characters"));
+    }
+    let ok = name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.')
+        && !name.starts_with(['-', '.'])
+        && !name.ends_with(['-', '.'])
+        && !name.contains("..")
+        && !name.chars().all(|c| c.is_ascii_digit() || c == '.');
+    if !ok {
+        return Err(format!(
+            "cluster name {name:?} must be a DNS name: lowercase letters, digits, '-' and '.', not an IP address"
+        ));
+    }
+    Ok(())
+}
+
+struct Cx<'a> {
+    src: &'a str,
+    file: &'a Path,
+    base: PathBuf,
+    problems: Vec<Problem>,
+}
+
+impl Cx<'_> {
+    fn line(&self, span: Option<Range<usize>>) -> Option<usize> {
+        let at = span?.start.min(self.src.len());
+        Some(self.src.as_bytes()[..at].iter().filter(|&&b| b == b'\n').count() + 1)
+    }
+
+    fn err(&mut self, span: Option<Range<usize>>, message: String) {
+        let line = self.line(span);
+        self.problems.push(Problem { file: self.file.to_path_buf(), line, message });
+    }
+
+    fn allow_keys(&mut self, t: &dyn TableLike, allowed: &[&str], what: &str) {
+        for (k, item) in t.iter() {
+            if !allowed.contains(&k) {
+                let span = t.get_key_value(k).and_then(|(key, _)| key.span()).or_else(|| item.span());
+                self.err(span, format!("unknown key {k:?} in {what} (allowed: {})", allowed.join(", ")));
+            }
+        }
+    }
+
+    fn key_span(t: &dyn TableLike, k: &str) -> Option<Range<usize>> {
+        t.get_key_value(k).and_then(|(key, item)| item.span().or_else(|| key.span()))
+    }
+
+    fn table<'t>(&mut self, t: &'t dyn TableLike, k: &str, required: bool) -> Option<&'t dyn TableLike> {
+        match t.get(k) {
+            None => {
+                if required {
+                    self.err(None, format!("missing required table [{k}]"));
+                }
+                None
+            }
+            Some(item) => match item.as_table_like() {
+                Some(tl) => Some(tl),
+                None => {
+                    self.err(Self::key_span(t, k), format!("{k:?} must be a table"));
+                    None
+                }
+            },
+        }
+    }
+
+    fn value<'t>(&mut self, t: &'t dyn TableLike, k: &str, want: &str) -> Option<(&'t Value, Option<Range<usize>>)> {
+        let item = t.get(k)?;
+        let span = Self::key_span(t, k);
+        match item {
+            Item::Value(v) => Some((v, span)),
+            _ => {
+                self.err(span, format!("{k:?} must be {want}"));
+                None
+            }
+        }
+    }
+
+    fn string(&mut self, t: &dyn TableLike, k: &str) -> Option<(String, Option<Range<usize>>)> {
+        let (v, span) = self.value(t, k, "a string")?;
+        match v.as_str() {
+            Some(s) => Some((s.to_string(), span)),
+            None => {
+                self.err(span, format!("{k:?} must be a string"));
+                None
+            }
+        }
+    }
+
+    fn required_string(&mut self, t: &dyn TableLike, k: &str, table: &str) -> Option<(String, Option<Range<usize>>)> {
+        if t.get(k).is_none() {
+            let span = t.iter().next().and_then(|(first, _)| Self::key_span(t, first));
+            self.err(span, format!("missing required key {k:?} in {table}"));
+            return None;
+        }
+        self.string(t, k)
+    }
+
+    fn integer(&mut self, t: &dyn TableLike, k: &str, min: i64, max: i64, default: i64) -> i64 {
+        let Some((v, span)) = self.value(t, k, "an integer") else { return default };
+        match v.as_integer() {
+            Some(n) if (min..=max).contains(&n) => n,
+            Some(n) => {
+                self.err(span, format!("{k} = {n} is out of range ({min} to {max})"));
+                default
+            }
+            None => {
+                self.err(span, format!("{k:?} must be an integer"));
+                default
+            }
+        }
+    }
+
+    fn millis(&mut self, t: &dyn TableLike, k: &str, min: i64, max: i64, default: i64) -> Duration {
+        Duration::from_millis(self.integer(t, k, min, max, default) as u64)
+    }
+
+    fn bool(&mut self, t: &dyn TableLike, k: &str) -> bool {
+        let Some((v, span)) = self.value(t, k, "true or false") else { return false };
+        match v.as_bool() {
+            Some(b) => b,
+            None => {
+                self.err(span, format!("{k:?} must be true or false"));
+                false
+            }
+        }
+    }
+
+    fn socket_addr(&mut self, t: &dyn TableLike, k: &str) -> Option<SocketAddr> {
+        let (s, span) = self.string(t, k)?;
+        match s.parse::<SocketAddr>() {
+            Ok(a) => Some(a),
+            Err(_) => {
+                self.err(span, format!("{k} = {s:?} is not an IP:port address"));
+                None
+            }
+        }
+    }
+
+    fn path(&mut self, t: &dyn TableLike, k: &str, table: &str) -> Option<PathAt> {
+        let (s, span) = self.required_string(t, k, table)?;
+        let line = self.line(span.clone());
+        if s.is_empty() {
+            self.err(span, format!("{k:?} must not be empty"));
+            return None;
+        }
+        Some(PathAt { path: self.base.join(s), line })
+    }
+
+    fn gateway(&mut self, t: &dyn TableLike) -> Option<GatewayConfig> {
+        self.allow_keys(
+            t,
+            &[
+                "cluster", "name", "listen", "heartbeat_ms", "dead_after_ms", "connect_timeout_ms",
+                "handshake_timeout_ms", "reconnect_min_ms", "reconnect_max_ms", "shutdown_grace_ms",
+                "max_frame_bytes", "max_pending_handshakes",
+            ],
+            "[gateway]",
+        );
+        let cluster = self.required_string(t, "cluster", "[gateway]");
+        if let Some((c, span)) = &cluster {
+            if let Err(e) = check_cluster_name(c) {
+                self.err(span.clone(), e);
+            }
+        }
+        let name = match self.string(t, "name") {
+            Some((n, span)) if n.is_empty() || n.len() > 255 => {
+                self.err(span, "name must be 1 to 255 characters".into());
+                String::new()
+            }
+            Some((n, _)) => n,
+            None => default_gateway_name(),
+        };
+        let listen = self.socket_addr(t, "listen");
+        let heartbeat = self.millis(t, "heartbeat_ms", 10, 600_000, 1000);
+        let dead_after = self.millis(t, "dead_after_ms", 30, 3_600_000, 3000);
+        if heartbeat >= dead_after {
+            self.err(Self::key_span(t, "dead_after_ms").or_else(|| Self::key_span(t, "heartbeat_ms")),
+                format!("dead_after_ms ({}) must be greater than heartbeat_ms ({})", dead_after.as_millis(), heartbeat.as_millis()));
+        }
+        let connect_timeout = self.millis(t, "connect_timeout_ms", 10, 600_000, 5000);
+        let handshake_timeout = self.millis(t, "handshake_timeout_ms", 10, 600_000, 5000);
+        let reconnect_min = self.millis(t, "reconnect_min_ms", 1, 600_000, 100);
+        let reconnect_max = self.millis(t, "reconnect_max_ms", 1, 3_600_000, 10_000);
+        if reconnect_min > reconnect_max {
+            self.err(Self::key_span(t, "reconnect_max_ms"), "reconnect_max_ms must be at least reconnect_min_ms".into());
+        }
+        let shutdown_grace = self.millis(t, "shutdown_grace_ms", 0, 600_000, 5000);
+        let max_frame_bytes =
+            self.integer(t, "max_frame_bytes", MIN_FRAME_LIMIT as i64, MAX_FRAME_LIMIT as i64, DEFAULT_MAX_FRAME_BYTES as i64) as usize;
+        let max_pending_handshakes = self.integer(t, "max_pending_handshakes", 1, 65_536, 256) as usize;
+        let (cluster, _) = cluster?;
+        Some(GatewayConfig {
+            cluster,
+            name,
+            listen,
+            heartbeat,
+            dead_after,
+            connect_timeout,
+            handshake_timeout,
+            reconnect_min,
+            reconnect_max,
+            shutdown_grace,
+            max_frame_bytes,
+            max_pending_handshakes,
+        })
+    }
+
+    fn tls(&mut self, t: &dyn TableLike) -> Option<TlsFiles> {
+        self.allow_keys(t, &["cert", "key", "ca"], "[tls]");
+        let cert = self.path(t, "cert", "[tls]");
+        let key = self.path(t, "key", "[tls]");
+        let ca = self.path(t, "ca", "[tls]");
+        Some(TlsFiles { cert: cert?, key: key?, ca: ca? })
+    }
+
+    fn metrics(&mut self, t: &dyn TableLike) -> Option<MetricsConfig> {
+        self.allow_keys(t, &["listen"], "[metrics]");
+        if t.get("listen").is_none() {
+            self.err(None, "missing required key \"listen\" in [metrics]".into());
+        }
+        Some(MetricsConfig { listen: self.socket_addr(t, "listen")? })
+    }
+
+    fn routes(&mut self, item: Option<&Item>, own: Option<&str>) -> Option<Vec<RouteConfig>> {
+        let Some(item) = item else { return Some(Vec::new()) };
+        let tables: Vec<&dyn TableLike> = match item {
+            Item::ArrayOfTables(a) => a.iter().map(|t| t as &dyn TableLike).collect(),
+            Item::Value(Value::Array(a)) if a.iter().all(|v| v.is_inline_table()) => {
+                a.iter().filter_map(|v| v.as_inline_table()).map(|t| t as &dyn TableLike).collect()
+            }
+            _ => {
+                self.err(item.span(), "route must be written as [[route]] tables".into());
+                return None;
+            }
+        };
+        if tables.len() > MAX_ROUTES {
+            self.err(item.span(), format!("{} routes; at most {MAX_ROUTES} are supported", tables.len()));
+            return None;
+        }
+        let mut seen = BTreeSet::new();
+        let mut routes = Vec::new();
+        for t in tables {
+            if let Some(r) = self.route(t, own, &mut seen) {
+                routes.push(r);
+            }
+        }
+        Some(routes)
+    }
+
+    fn route(&mut self, t: &dyn TableLike, own: Option<&str>, seen: &mut BTreeSet<String>) -> Option<RouteConfig> {
+        self.allow_keys(
+            t,
+            &["cluster", "endpoints", "standby", "socks5", "socks5_username", "socks5_password", "insecure_plaintext"],
+            "[[route]]",
+        );
+        let cluster = self.required_string(t, "cluster", "[[route]]");
+        if let Some((c, span)) = &cluster {
+            if let Err(e) = check_cluster_name(c) {
+                self.err(span.clone(), e);
+            } else if Some(c.as_str()) == own {
+                self.err(span.clone(), format!("route to {c:?} points at this gateway's own cluster"));
+            } else if !seen.insert(c.clone()) {
+                self.err(span.clone(), format!("a second route for cluster {c:?}; one route per peer cluster"));
+            }
+        }
+        let mut endpoints = Vec::new();
+        if let Some((v, span)) = self.value(t, "endpoints", "an array of \"host:port\" strings") {
+            match v.as_array() {
+                Some(a) => {
+                    for e in a.iter() {
+                        match e.as_str().map(str::parse::<Endpoint>) {
+                            Some(Ok(ep)) if endpoints.contains(&ep) => self.err(e.span().or(span.clone()), format!("endpoint {ep} is listed twice")),
+                            Some(Ok(ep)) => endpoints.push(ep),
+                            Some(Err(msg)) => self.err(e.span().or(span.clone()), format!("endpoints: {msg}")),
+                            None => self.err(e.span().or(span.clone()), "endpoints must hold \"host:port\" strings".into()),
+                        }
+                    }
+                }
+                None => self.err(span, "\"endpoints\" must be an array of \"host:port\" strings".into()),
+            }
+        }
+        let standby = self.integer(t, "standby", 0, MAX_STANDBY as i64, 0) as u8;
+        let socks5 = match self.string(t, "socks5") {
+            Some((s, span)) => match s.parse::<Endpoint>() {
+                Ok(proxy) => Some(proxy),
+                Err(msg) => {
+                    self.err(span, format!("socks5: {msg}"));
+                    None
+                }
+            },
+            None => None,
+        };
+        let user = self.string(t, "socks5_username");
+        let pass = self.string(t, "socks5_password");
+        let auth = match (user, pass) {
+            (None, None) => None,
+            (Some((u, span)), Some((p, _))) => {
+                if u.is_empty() || u.len() > 255 || p.is_empty() || p.len() > 255 {
+                    self.err(span, "socks5_username and socks5_password must each be 1 to 255 bytes".into());
+                }
+                Some((u, Secret::new(p)))
+            }
+            (Some((_, span)), None) | (None, Some((_, span))) => {
+                self.err(span, "socks5_username and socks5_password go together".into());
+                None
+            }
+        };
+        if auth.is_some() && socks5.is_none() && t.get("socks5").is_none() {
+            self.err(Self::key_span(t, "socks5_username"), "socks5_username is set but socks5 (the proxy address) is not".into());
+        }
+        let insecure_plaintext = self.bool(t, "insecure_plaintext");
+        let (cluster, _) = cluster?;
+        Some(RouteConfig { cluster, endpoints, standby, socks5: socks5.map(|proxy| Socks5 { proxy, auth }), insecure_plaintext })
+    }
+}
+
+fn default_gateway_name() -> String {
+    std::env::var("HOSTNAME").ok().filter(|h| !h.is_empty()).unwrap_or_else(|| "wandist".to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, Vec<Problem>> {
+        Config::parse(text, Path::new("/etc/wandist/gw.toml"))
+    }
+
+    const GOOD: &str = r#"
+[gateway]
+cluster = "dc1"
+name = "gw1"
+listen = "127.0.0.1:4370"
+
+[tls]
+cert = "certs/dc1.pem"
+key = "certs/dc1.key"
+ca = "/abs/ca.pem"
+
+[metrics]
+listen = "127.0.0.1:9570"
+
+[[route]]
+cluster = "dc2"
+endpoints = ["10.1.0.5:4370", "gw.dc2.example:4370", "[::1]:4370"]
+standby = 1
+socks5 = "127.0.0.1:1080"
+socks5_username = "u"
+socks5_password = "hunter2"
+"#;
+
+    #[test]
+    fn a_good_file_parses_with_defaults() {
+        let c = parse(GOOD).unwrap();
+        assert_eq!(c.gateway.cluster, "dc1");
+        assert_eq!(c.gateway.heartbeat, Duration::from_millis(1000));
+        assert_eq!(c.gateway.dead_after, Duration::from_millis(3000));
+        assert_eq!(c.gateway.max_frame_bytes, DEFAULT_MAX_FRAME_BYTES);
+        let tls = c.tls.unwrap();
+        assert_eq!(tls.cert.path, Path::new("/etc/wandist/certs/dc1.pem"));
+        assert_eq!(tls.ca.path, Path::new("/abs/ca.pem"));
+        assert_eq!(tls.cert.line, Some(8));
+        let r = &c.routes[0];
+        assert_eq!(r.endpoints.len(), 3);
+        assert_eq!(r.endpoints[1], Endpoint { host: "gw.dc2.example".into(), port: 4370 });
+        assert_eq!(r.endpoints[2].to_string(), "[::1]:4370");
+        assert_eq!(r.links_wanted(), 2);
+        let socks = r.socks5.as_ref().unwrap();
+        assert_eq!(socks.auth.as_ref().unwrap().1.expose(), "hunter2");
+    }
+
+    #[test]
+    fn secrets_never_print() {
+        let c = parse(GOOD).unwrap();
+        let shown = format!("{c:?}");
+        assert!(!shown.contains("hunter2"), "{shown}");
+        assert!(shown.contains("Secret(***)"));
+    }
+
+    #[test]
+    fn every_problem_is_reported_with_its_line() {
+        let bad = r#"
+[gateway]
+cluster = "DC_1"
+heartbeat_ms = 5000
+dead_after_ms = 100
+colour = "blue"
+
+[tls]
+cert = "a.pem"
+
+[[route]]
+cluster = "dc2"
+endpoints = ["nope", "10.0.0.1:0"]
+standby = 99
+socks5_password = "hunter2"
+
+[[route]]
+cluster = "dc2"
+"#;
+        let problems = parse(bad).unwrap_err();
+        let text: Vec<String> = problems.iter().map(|p| p.to_string()).collect();
+        let has = |needle: &str, line: usize| {
+            assert!(
+                problems.iter().any(|p| p.message.contains(needle) && p.line == Some(line)),
+                "no problem {needle:?} at line {line} in {text:#?}"
+            )
+        };
+        has("must be a DNS name", 3);
+        has("unknown key \"colour\"", 6);
+        has("dead_after_ms (100) must be greater", 5);
+        has("missing required key \"key\"", 9);
+        has("missing required key \"ca\"", 9);
+        has("is not host:port", 13);
+        has("port 0", 13);
+        has("standby = 99 is out of range", 14);
+        has("go together", 15);
+        has("a second route", 18);
+        assert!(text.iter().all(|t| !t.contains("hunter2")));
+        assert!(text.iter().all(|t| t.starts_with("/etc/wandist/gw.toml:")));
+    }
+
+    #[test]
+    fn toml_syntax_errors_carry_a_line() {
+        let problems = parse("[gateway]\ncluster = \"dc1\"\nlisten = \n").unwrap_err();
+        assert_eq!(problems.len(), 1);
+        assert_eq!(problems[0].line, Some(3), "{:?}", problems[0]);
+        assert!(problems[0].message.starts_with("invalid TOML"));
+    }
+
+    #[test]
+    fn missing_gateway_and_tls_are_reported() {
+        let problems = parse("[[route]]\ncluster = \"dc2\"\n").unwrap_err();
+        assert!(problems.iter().any(|p| p.message.contains("missing required table [gateway]")), "{problems:?}");
+        let problems = parse("[gateway]\ncluster = \"dc1\"\n[[route]]\ncluster = \"dc2\"\n").unwrap_err();
+        assert!(problems.iter().any(|p| p.message.contains("[tls] is required")), "{problems:?}");
+    }
+
+    #[test]
+    fn plaintext_routes_need_no_tls() {
+        let c = parse("[gateway]\ncluster = \"dc1\"\n[[route]]\ncluster = \"dc2\"\ninsecure_plaintext = true\n").unwrap();
+        assert!(c.tls.is_none());
+        assert!(c.routes[0].insecure_plaintext);
+    }
+
+    #[test]
+    fn own_cluster_and_wrong_types() {
+        let problems = parse(
+            "[gateway]\ncluster = \"dc1\"\nlisten = 4370\n[[route]]\ncluster = \"dc1\"\ninsecure_plaintext = \"yes\"\nendpoints = \"a:1\"\n",
+        )
+        .unwrap_err();
+        let msgs: Vec<_> = problems.iter().map(|p| (p.line, p.message.as_str())).collect();
+        assert!(msgs.iter().any(|(l, m)| *l == Some(3) && m.contains("must be a string")), "{msgs:?}");
+        assert!(msgs.iter().any(|(l, m)| *l == Some(5) && m.contains("own cluster")), "{msgs:?}");
+        assert!(msgs.iter().any(|(l, m)| *l == Some(6) && m.contains("true or false")), "{msgs:?}");
+        assert!(msgs.iter().any(|(l, m)| *l == Some(7) && m.contains("array")), "{msgs:?}");
+    }
+
+    #[test]
+    fn cluster_names() {
+        for good in ["dc1", "eu-west.dc2", "a"] {
+            check_cluster_name(good).unwrap();
+        }
+        for bad in ["", "DC1", "dc_1", "-dc", "dc.", "10.0.0.1", "a..b", &"x".repeat(64)] {
+            assert!(check_cluster_name(bad).is_err(), "{bad:?}");
+        }
+    }
+}

@@ -1,0 +1,194 @@
+//! Wiring: turns a checked configuration into running parts — one peer task
+//! per route, the WAN listener, the metrics endpoint — under one
+//! cancellation root, and drains them on shutdown.
+
+mod peer;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+
+use metrics_exporter_prometheus::PrometheusHandle;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::{Config, Problem};
+use crate::link::handshake::{self, Admission, Established, Identity};
+use crate::link::Timeouts;
+use crate::metrics as m;
+use crate::tls::Tls;
+
+/// A configuration with everything `run` needs loaded and checked: what
+/// `wandist check` validates, without binding a port.
+#[derive(Debug, Clone)]
+pub struct Prepared {
+    pub config: Config,
+    pub tls: Option<Tls>,
+}
+
+/// Loads the file and the TLS material it names; every problem at once.
+pub fn prepare(path: &Path) -> Result<Prepared, Vec<Problem>> {
+    let config = Config::load(path)?;
+    let tls = match &config.tls {
+        Some(files) => Some(Tls::load(files, &config.gateway.cluster, &config.path)?),
+        None => None,
+    };
+    Ok(Prepared { config, tls })
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    #[error("cannot listen on {addr} ({what}): {source}")]
+    Bind { what: &'static str, addr: SocketAddr, source: std::io::Error },
+}
+
+async fn bind(what: &'static str, addr: SocketAddr) -> Result<(TcpListener, SocketAddr), GatewayError> {
+    let l = TcpListener::bind(addr).await.map_err(|source| GatewayError::Bind { what, addr, source })?;
+    let local = l.local_addr().map_err(|source| GatewayError::Bind { what, addr, source })?;
+    Ok((l, local))
+}
+
+/// Runs the gateway until `shutdown` is cancelled, then drains within the
+/// configured grace period.
+pub async fn run(prepared: Prepared, metrics: Option<PrometheusHandle>, shutdown: CancellationToken) -> Result<(), GatewayError> {
+    let Prepared { config, tls } = prepared;
+    let g = &config.gateway;
+    let root = CancellationToken::new();
+    let tracker = TaskTracker::new();
+    let own = Arc::new(Identity { cluster: g.cluster.clone(), gateway: g.name.clone(), epoch: new_epoch() });
+    let timeouts = Timeouts { connect: g.connect_timeout, handshake: g.handshake_timeout };
+
+    // Bind everything before starting anything, so a bad address fails fast.
+    let metrics_listener = match (&config.metrics, &metrics) {
+        (Some(mc), Some(_)) => Some(bind("metrics", mc.listen).await?),
+        _ => None,
+    };
+    let peer_listener = match g.listen {
+        Some(addr) => Some(bind("peer gateways", addr).await?),
+        None => None,
+    };
+
+    let mut inbound = HashMap::new();
+    let mut admit = HashMap::new();
+    for route in &config.routes {
+        if route.insecure_plaintext {
+            tracing::warn!(peer = %route.cluster, "route uses insecure_plaintext: traffic to and from this cluster is neither encrypted nor authenticated");
+        }
+        admit.insert(route.cluster.clone(), Admission { insecure_plaintext: route.insecure_plaintext, links_wanted: route.links_wanted() });
+        let (tx, rx) = mpsc::channel(16);
+        inbound.insert(route.cluster.clone(), tx);
+        let task = peer::PeerTask::new(
+            route.clone(),
+            own.clone(),
+            if route.insecure_plaintext { None } else { tls.clone() },
+            g,
+            timeouts,
+            rx,
+            root.clone(),
+            tracker.clone(),
+        );
+        tracker.spawn(task.run());
+    }
+
+    if let (Some((listener, addr)), Some(handle)) = (metrics_listener, metrics) {
+        tracing::info!(addr = %addr, url = %m::url(addr), "serving metrics");
+        tracker.spawn(m::serve(listener, handle, root.clone(), tracker.clone()));
+    }
+    if let Some((listener, addr)) = peer_listener {
+        tracing::info!(addr = %addr, "listening for peer gateways");
+        let acceptor = Acceptor {
+            tls,
+            own: own.clone(),
+            admit: Arc::new(admit),
+            inbound: Arc::new(inbound),
+            timeouts,
+            max_frame: g.max_frame_bytes,
+            pending: Arc::new(Semaphore::new(g.max_pending_handshakes)),
+        };
+        tracker.spawn(acceptor.run(listener, root.clone(), tracker.clone()));
+    }
+    tracing::info!(cluster = %own.cluster, gateway = %own.gateway, routes = config.routes.len(), "gateway ready");
+
+    shutdown.cancelled().await;
+    tracing::info!(grace = ?g.shutdown_grace, "shutting down");
+    root.cancel();
+    tracker.close();
+    if tokio::time::timeout(g.shutdown_grace, tracker.wait()).await.is_err() {
+        tracing::warn!("tasks still running after the grace period; exiting anyway");
+    }
+    Ok(())
+}
+
+fn new_epoch() -> u64 {
+    let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0);
+    (t ^ fastrand::u64(..)).max(1)
+}
+
+/// Accepts peer connections; each handshake runs in its own task, bounded in
+/// number, never inside the accept loop.
+struct Acceptor {
+    tls: Option<Tls>,
+    own: Arc<Identity>,
+    admit: Arc<HashMap<String, Admission>>,
+    inbound: Arc<HashMap<String, mpsc::Sender<Established>>>,
+    timeouts: Timeouts,
+    max_frame: usize,
+    pending: Arc<Semaphore>,
+}
+
+impl Acceptor {
+    async fn run(self, listener: TcpListener, cancel: CancellationToken, tracker: TaskTracker) {
+        let this = Arc::new(self);
+        loop {
+            let accepted = tokio::select! {
+                _ = cancel.cancelled() => return,
+                a = listener.accept() => a,
+            };
+            let (tcp, remote) = match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // Usually EMFILE: back off instead of spinning.
+                    tracing::warn!("accept failed: {e}");
+                    tokio::select! {
+                        _ = cancel.cancelled() => return,
+                        _ = tokio::time::sleep(std::time::Duration::from_millis(100)) => continue,
+                    }
+                }
+            };
+            let Ok(permit) = this.pending.clone().try_acquire_owned() else {
+                count_refusal(&handshake::HandshakeError::Overload, remote);
+                drop(tcp);
+                continue;
+            };
+            let this = this.clone();
+            let cancel = cancel.clone();
+            tracker.spawn(async move {
+                let _permit = permit;
+                tokio::select! {
+                    _ = cancel.cancelled() => {}
+                    _ = this.handshake(tcp, remote) => {}
+                }
+            });
+        }
+    }
+
+    async fn handshake(&self, tcp: TcpStream, remote: SocketAddr) {
+        match handshake::server(tcp, self.tls.as_ref(), &self.own, &self.admit, &self.timeouts, self.max_frame).await {
+            Ok(est) => {
+                let Some(tx) = self.inbound.get(&est.peer.cluster) else { return };
+                if tx.send(est).await.is_err() {
+                    tracing::debug!(%remote, "route gone while handing over a link");
+                }
+            }
+            Err(e) => count_refusal(&e, remote),
+        }
+    }
+}
+
+fn count_refusal(e: &handshake::HandshakeError, remote: SocketAddr) {
+    metrics::counter!(m::HANDSHAKE_FAILURES, "peer" => m::UNKNOWN_PEER, "reason" => e.reason()).increment(1);
+    tracing::warn!(%remote, reason = e.reason(), "refused incoming connection: {e}");
+}

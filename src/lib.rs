@@ -1,0 +1,12 @@
+//! wandist: a gateway that bridges disjoint Erlang/OTP clusters.
+//!
+//! Layers point one way: `gateway` wires `link` (async I/O) over `wire`
+//! (frames, no I/O) and `config`; see ARCHITECTURE.md.
+
+pub mod certs;
+pub mod config;
+pub mod gateway;
+pub mod link;
+pub mod metrics;
+pub mod tls;
+pub mod wire;

@@ -1,0 +1,319 @@
+//! Getting from a TCP connection to an authenticated link: dial (direct or via
+//! SOCKS5), TLS (mutual), then the preamble and hello exchange. Every phase
+//! runs under its own deadline, so a peer that accepts and then says nothing
+//! cannot hang a link.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::io;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_rustls::{TlsAcceptor, TlsConnector};
+
+use super::{BoxIo, Io, Timeouts};
+use crate::config::{Endpoint, Socks5};
+use crate::tls::{peer_is, server_name, Tls};
+use crate::wire::codec::{self, CodecError};
+use crate::wire::{Frame, Header, Hello, CAPABILITIES, PREAMBLE_LEN, PROTOCOL_VERSION};
+
+/// Who we are, as told in our hello.
+#[derive(Debug, Clone)]
+pub struct Identity {
+    pub cluster: String,
+    pub gateway: String,
+    pub epoch: u64,
+}
+
+impl Identity {
+    pub fn hello(&self, links_wanted: u8) -> Hello {
+        Hello {
+            version: PROTOCOL_VERSION,
+            cluster: self.cluster.clone(),
+            gateway: self.gateway.clone(),
+            epoch: self.epoch,
+            links_wanted,
+            capabilities: CAPABILITIES.iter().map(|c| c.to_string()).collect(),
+        }
+    }
+}
+
+/// What an accepting gateway needs to know about each peer cluster it admits.
+#[derive(Debug, Clone, Copy)]
+pub struct Admission {
+    pub insecure_plaintext: bool,
+    pub links_wanted: u8,
+}
+
+/// A link that has passed every check, ready to run.
+pub struct Established {
+    pub io: BoxIo,
+    pub peer: Hello,
+    /// Bytes read past the hello, which belong to the first frames.
+    pub rest: BytesMut,
+    pub dialed: bool,
+    pub tls: bool,
+    pub remote: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    Connect,
+    Socks,
+    Tls,
+    Hello,
+}
+
+impl std::fmt::Display for Phase {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Phase::Connect => "TCP connect",
+            Phase::Socks => "SOCKS5 negotiation",
+            Phase::Tls => "TLS handshake",
+            Phase::Hello => "hello exchange",
+        })
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum HandshakeError {
+    #[error("{0} timed out after {1:?}")]
+    Timeout(Phase, Duration),
+    #[error("TCP connect to {0} failed: {1}")]
+    Connect(String, io::Error),
+    #[error("SOCKS5 proxy {0}: {1}")]
+    Socks(String, String),
+    #[error("TLS handshake failed: {0}")]
+    Tls(io::Error),
+    #[error("connection failed during the hello: {0}")]
+    Io(io::Error),
+    #[error(transparent)]
+    Codec(#[from] CodecError),
+    #[error("expected a hello, got {0}")]
+    Unexpected(String),
+    #[error("peer claims to be cluster {claimed:?} but {why}")]
+    Identity { claimed: String, why: String },
+    #[error("dialed cluster {expected:?} but reached {got:?}")]
+    WrongPeer { expected: String, got: String },
+    #[error("no route for cluster {0:?}: connection refused")]
+    NoRoute(String),
+    #[error("plaintext connection from {0:?} refused: its route does not set insecure_plaintext")]
+    PlaintextRefused(String),
+    #[error("TLS connection refused: this gateway has no [tls] configured")]
+    NoTls,
+    #[error("refused by the peer: {0}")]
+    Refused(String),
+    #[error("the peer is this gateway's own cluster {0:?}")]
+    SelfConnect(String),
+    #[error("too many handshakes in progress")]
+    Overload,
+}
+
+impl HandshakeError {
+    /// The metric label.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            HandshakeError::Timeout(Phase::Connect, _) => "connect_timeout",
+            HandshakeError::Timeout(Phase::Socks, _) => "socks_timeout",
+            HandshakeError::Timeout(Phase::Tls, _) => "tls_timeout",
+            HandshakeError::Timeout(Phase::Hello, _) => "hello_timeout",
+            HandshakeError::Connect(..) => "connect",
+            HandshakeError::Socks(..) => "socks",
+            HandshakeError::Tls(_) => "tls",
+            HandshakeError::Io(_) => "io",
+            HandshakeError::Codec(e) => e.reason(),
+            HandshakeError::Unexpected(_) => "unexpected_frame",
+            HandshakeError::Identity { .. } => "identity",
+            HandshakeError::WrongPeer { .. } => "wrong_peer",
+            HandshakeError::NoRoute(_) => "no_route",
+            HandshakeError::PlaintextRefused(_) => "plaintext_refused",
+            HandshakeError::NoTls => "no_tls",
+            HandshakeError::Refused(_) => "refused_by_peer",
+            HandshakeError::SelfConnect(_) => "self",
+            HandshakeError::Overload => "overload",
+        }
+    }
+}
+
+async fn within<T>(phase: Phase, after: Duration, f: impl Future<Output = Result<T, HandshakeError>>) -> Result<T, HandshakeError> {
+    tokio::time::timeout(after, f).await.unwrap_or(Err(HandshakeError::Timeout(phase, after)))
+}
+
+/// Opens a TCP connection to `ep`, through `socks` if given.
+pub async fn dial(ep: &Endpoint, socks: Option<&Socks5>, t: &Timeouts) -> Result<TcpStream, HandshakeError> {
+    let Some(socks) = socks else {
+        let addr = (ep.host.as_str(), ep.port);
+        let tcp = within(Phase::Connect, t.connect, async {
+            TcpStream::connect(addr).await.map_err(|e| HandshakeError::Connect(ep.to_string(), e))
+        })
+        .await?;
+        let _ = tcp.set_nodelay(true);
+        return Ok(tcp);
+    };
+    let proxy = socks.proxy.to_string();
+    let tcp = within(Phase::Connect, t.connect, async {
+        TcpStream::connect((socks.proxy.host.as_str(), socks.proxy.port))
+            .await
+            .map_err(|e| HandshakeError::Connect(format!("SOCKS5 proxy {proxy}"), e))
+    })
+    .await?;
+    let _ = tcp.set_nodelay(true);
+    let target = (ep.host.as_str(), ep.port);
+    within(Phase::Socks, t.handshake, async {
+        let stream = match &socks.auth {
+            None => tokio_socks::tcp::Socks5Stream::connect_with_socket(tcp, target).await,
+            Some((user, pass)) => {
+                tokio_socks::tcp::Socks5Stream::connect_with_password_and_socket(tcp, target, user, pass.expose()).await
+            }
+        };
+        stream
+            .map(|s| s.into_inner())
+            .map_err(|e| HandshakeError::Socks(proxy.clone(), format!("cannot reach {ep}: {e}")))
+    })
+    .await
+}
+
+fn tls_error(e: io::Error) -> HandshakeError {
+    HandshakeError::Tls(e)
+}
+
+/// The dialing side: TLS to the peer named `expect` (unless `tls` is None,
+/// which the caller allows only for insecure_plaintext routes), then hellos.
+pub async fn client(
+    tcp: TcpStream,
+    tls: Option<&Tls>,
+    expect: &str,
+    ours: Hello,
+    t: &Timeouts,
+    max_frame: usize,
+) -> Result<Established, HandshakeError> {
+    let remote = tcp.peer_addr().map(|a| a.to_string()).unwrap_or_default();
+    let (io, is_tls): (BoxIo, bool) = match tls {
+        Some(tls) => {
+            let name = server_name(expect).map_err(|e| HandshakeError::Identity { claimed: expect.into(), why: e })?;
+            let stream = within(Phase::Tls, t.handshake, async {
+                TlsConnector::from(tls.client.clone()).connect(name, tcp).await.map_err(tls_error)
+            })
+            .await?;
+            (Box::new(stream), true)
+        }
+        None => (Box::new(tcp), false),
+    };
+    within(Phase::Hello, t.handshake, async move {
+        let mut io = io;
+        send_hello(&mut io, &Header::Hello(ours), max_frame).await?;
+        let (peer, rest) = read_hello(&mut io, max_frame).await?;
+        if peer.cluster != expect {
+            return Err(HandshakeError::WrongPeer { expected: expect.into(), got: peer.cluster });
+        }
+        Ok(Established { io, peer, rest, dialed: true, tls: is_tls, remote })
+    })
+    .await
+}
+
+/// The accepting side. `admit` holds the clusters this gateway has routes to.
+/// On failure also returns the claimed cluster once its certificate proved it.
+pub async fn server(
+    tcp: TcpStream,
+    tls: Option<&Tls>,
+    own: &Identity,
+    admit: &HashMap<String, Admission>,
+    t: &Timeouts,
+    max_frame: usize,
+) -> Result<Established, HandshakeError> {
+    let _ = tcp.set_nodelay(true);
+    let remote = tcp.peer_addr().map(|a| a.to_string()).unwrap_or_default();
+    let mut first = [0u8; 1];
+    let n = within(Phase::Hello, t.handshake, async { tcp.peek(&mut first).await.map_err(HandshakeError::Io) }).await?;
+    if n == 0 {
+        return Err(HandshakeError::Io(io::ErrorKind::UnexpectedEof.into()));
+    }
+    // A TLS record starts with content type 22 (handshake); our preamble with 'W'.
+    let (io, certs): (BoxIo, Option<Vec<rustls::pki_types::CertificateDer<'static>>>) = if first[0] == 0x16 {
+        let tls = tls.ok_or(HandshakeError::NoTls)?;
+        let stream = within(Phase::Tls, t.handshake, async {
+            TlsAcceptor::from(tls.server.clone()).accept(tcp).await.map_err(tls_error)
+        })
+        .await?;
+        let certs = stream.get_ref().1.peer_certificates().map(|c| c.to_vec()).unwrap_or_default();
+        (Box::new(stream), Some(certs))
+    } else {
+        (Box::new(tcp), None)
+    };
+    within(Phase::Hello, t.handshake, async move {
+        let mut io = io;
+        let (peer, rest) = read_hello(&mut io, max_frame).await?;
+        let verdict = admit_peer(&peer, certs.as_deref(), own, admit);
+        match verdict {
+            Ok(admission) => {
+                send_hello(&mut io, &Header::Hello(own.hello(admission.links_wanted)), max_frame).await?;
+                Ok(Established { io, peer, rest, dialed: false, tls: certs.is_some(), remote })
+            }
+            Err(e) => {
+                // Best effort: tell the dialer why, so its log says more than "EOF".
+                let _ = send_hello(&mut io, &Header::Goodbye { reason: e.to_string() }, max_frame).await;
+                let _ = io.shutdown().await;
+                Err(e)
+            }
+        }
+    })
+    .await
+}
+
+fn admit_peer(
+    peer: &Hello,
+    certs: Option<&[rustls::pki_types::CertificateDer<'static>]>,
+    own: &Identity,
+    admit: &HashMap<String, Admission>,
+) -> Result<Admission, HandshakeError> {
+    if let Some(certs) = certs {
+        peer_is(certs, &peer.cluster).map_err(|why| HandshakeError::Identity { claimed: peer.cluster.clone(), why })?;
+    }
+    if peer.cluster == own.cluster {
+        return Err(HandshakeError::SelfConnect(peer.cluster.clone()));
+    }
+    let admission = *admit.get(&peer.cluster).ok_or_else(|| HandshakeError::NoRoute(peer.cluster.clone()))?;
+    if certs.is_none() && !admission.insecure_plaintext {
+        return Err(HandshakeError::PlaintextRefused(peer.cluster.clone()));
+    }
+    Ok(admission)
+}
+
+async fn send_hello(io: &mut BoxIo, header: &Header, max_frame: usize) -> Result<(), HandshakeError> {
+    let mut out = BytesMut::with_capacity(128);
+    out.extend_from_slice(&codec::preamble());
+    codec::encode(header, &[], max_frame, &mut out)?;
+    io.write_all(&out).await.map_err(HandshakeError::Io)?;
+    io.flush().await.map_err(HandshakeError::Io)
+}
+
+/// Reads the peer's preamble and first frame, which must be a hello (or a
+/// goodbye saying why we were refused).
+async fn read_hello<S: Io + ?Sized>(io: &mut S, max_frame: usize) -> Result<(Hello, BytesMut), HandshakeError> {
+    let mut pre = [0u8; PREAMBLE_LEN];
+    io.read_exact(&mut pre).await.map_err(HandshakeError::Io)?;
+    codec::check_preamble(&pre)?;
+    // The hello is small; do not let a peer make us buffer a huge frame here.
+    let limit = max_frame.min(codec::MIN_FRAME_LIMIT);
+    let mut buf = BytesMut::with_capacity(512);
+    loop {
+        match codec::decode(&mut buf, limit)? {
+            Some(Frame { header: Header::Hello(h), .. }) => {
+                if h.version != PROTOCOL_VERSION {
+                    return Err(CodecError::Version(h.version).into());
+                }
+                return Ok((h, buf));
+            }
+            Some(Frame { header: Header::Goodbye { reason }, .. }) => return Err(HandshakeError::Refused(reason)),
+            Some(other) => return Err(HandshakeError::Unexpected(format!("{:?}", other.header))),
+            None => {}
+        }
+        if io.read_buf(&mut buf).await.map_err(HandshakeError::Io)? == 0 {
+            codec::check_eof(&buf)?;
+            return Err(HandshakeError::Io(io::ErrorKind::UnexpectedEof.into()));
+        }
+    }
+}

@@ -1,0 +1,151 @@
+//! The `wandist` command: run, check, certs.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+
+/// Exit code for a configuration that cannot be used (EX_USAGE... EX_DATAERR family).
+const EXIT_CONFIG: u8 = 64;
+
+#[derive(Parser)]
+#[command(name = "wandist", version, about = "A gateway that bridges disjoint Erlang/OTP clusters over mutual-TLS links")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the gateway until SIGTERM or SIGINT.
+    Run {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Load and validate everything `run` would, without binding a port.
+    Check {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Make a development CA and one certificate per cluster in DIR.
+    Certs {
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(required = true, value_name = "CLUSTER")]
+        clusters: Vec<String>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Check { config } => match wandist::gateway::prepare(&config) {
+            Ok(_) => {
+                println!("ok");
+                ExitCode::SUCCESS
+            }
+            Err(problems) => {
+                for p in &problems {
+                    println!("{p}");
+                }
+                ExitCode::from(EXIT_CONFIG)
+            }
+        },
+        Command::Certs { out, clusters } => match wandist::certs::generate(&out, &clusters) {
+            Ok(paths) => {
+                for p in paths {
+                    println!("wrote {}", p.display());
+                }
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("wandist certs: {e}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::Run { config } => run(config),
+    }
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("WANDIST_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+}
+
+fn run(config: PathBuf) -> ExitCode {
+    let prepared = match wandist::gateway::prepare(&config) {
+        Ok(p) => p,
+        Err(problems) => {
+            for p in &problems {
+                eprintln!("{p}");
+            }
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    init_logging();
+    let metrics = match prepared.config.metrics {
+        Some(_) => match wandist::metrics::install() {
+            Ok(h) => Some(h),
+            Err(e) => {
+                tracing::error!("cannot install the metrics recorder: {e}");
+                return ExitCode::FAILURE;
+            }
+        },
+        None => None,
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            tracing::error!("cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        let shutdown = CancellationToken::new();
+        let signals = shutdown.clone();
+        tokio::spawn(async move {
+            wait_for_signal().await;
+            signals.cancel();
+        });
+        wandist::gateway::run(prepared, metrics, shutdown).await
+    });
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    match result {
+        Ok(()) => {
+            tracing::info!("stopped");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            tracing::error!("{e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => tracing::info!("SIGTERM received"),
+                    _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
+                }
+            }
+            Err(e) => {
+                tracing::warn!("cannot watch SIGTERM ({e}); SIGINT only");
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = tokio::signal::ctrl_c().await;
+}

@@ -1,0 +1,236 @@
+//! Frame encoding and decoding. The one place that knows the serializer
+//! (bincode 2.0.1, pinned): swap it here and nothing else changes.
+//!
+//! Bounds: a frame's length is checked against `max_frame_bytes` from its
+//! 4-byte prefix, before any of it is buffered; the header is decoded with a
+//! hard allocation limit, and bodies are sliced out without copying.
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+
+use super::{Frame, Header, MAGIC, PREAMBLE_LEN, PROTOCOL_VERSION};
+
+/// Hard cap on what decoding one header may claim, whatever the frame limit.
+pub const HEADER_LIMIT: usize = 16 * 1024 * 1024;
+/// Smallest frame limit a configuration may set.
+pub const MIN_FRAME_LIMIT: usize = 64 * 1024;
+/// Largest frame limit a configuration may set.
+pub const MAX_FRAME_LIMIT: usize = 1024 * 1024 * 1024;
+/// Default frame limit: room for Erlang messages of tens of MB.
+pub const DEFAULT_MAX_FRAME_BYTES: usize = 128 * 1024 * 1024;
+
+const LEN_PREFIX: usize = 4;
+
+fn config() -> impl bincode::config::Config {
+    bincode::config::standard().with_limit::<HEADER_LIMIT>()
+}
+
+/// Why bytes from a peer were rejected. `reason()` is the metric label.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum CodecError {
+    #[error("frame of {len} bytes exceeds the limit of {max} bytes")]
+    Oversize { len: usize, max: usize },
+    #[error("connection ended inside a frame ({have} of {want} bytes)")]
+    Truncated { have: usize, want: usize },
+    #[error("undecodable frame: {0}")]
+    Garbage(String),
+    #[error("not a wandist connection (bad magic {0:02x?})")]
+    BadMagic([u8; 4]),
+    #[error("peer speaks protocol version {0}, this gateway speaks {PROTOCOL_VERSION}")]
+    Version(u16),
+}
+
+impl CodecError {
+    pub fn reason(&self) -> &'static str {
+        match self {
+            CodecError::Oversize { .. } => "oversize",
+            CodecError::Truncated { .. } => "truncated",
+            CodecError::Garbage(_) => "garbage",
+            CodecError::BadMagic(_) => "bad_magic",
+            CodecError::Version(_) => "version",
+        }
+    }
+}
+
+/// The 6 bytes each side sends first.
+pub fn preamble() -> [u8; PREAMBLE_LEN] {
+    let mut p = [0u8; PREAMBLE_LEN];
+    p[..4].copy_from_slice(&MAGIC);
+    p[4..].copy_from_slice(&PROTOCOL_VERSION.to_be_bytes());
+    p
+}
+
+/// Checks a peer's preamble; returns its version if this build speaks it.
+pub fn check_preamble(p: &[u8; PREAMBLE_LEN]) -> Result<u16, CodecError> {
+    let magic: [u8; 4] = [p[0], p[1], p[2], p[3]];
+    if magic != MAGIC {
+        return Err(CodecError::BadMagic(magic));
+    }
+    let version = u16::from_be_bytes([p[4], p[5]]);
+    if version != PROTOCOL_VERSION {
+        return Err(CodecError::Version(version));
+    }
+    Ok(version)
+}
+
+/// Appends one frame to `out`.
+pub fn encode(header: &Header, body: &[u8], max: usize, out: &mut BytesMut) -> Result<(), CodecError> {
+    let start = out.len();
+    out.put_u32(0);
+    let mut w = out.writer();
+    bincode::serde::encode_into_std_write(header, &mut w, config())
+        .map_err(|e| CodecError::Garbage(e.to_string()))?;
+    let out = w.into_inner();
+    out.extend_from_slice(body);
+    let len = out.len() - start - LEN_PREFIX;
+    if len > max {
+        out.truncate(start);
+        return Err(CodecError::Oversize { len, max });
+    }
+    out[start..start + LEN_PREFIX].copy_from_slice(&(len as u32).to_be_bytes());
+    Ok(())
+}
+
+/// Encodes one frame into a fresh buffer.
+pub fn encode_frame(frame: &Frame, max: usize) -> Result<BytesMut, CodecError> {
+    let mut out = BytesMut::with_capacity(frame.body.len() + 64);
+    encode(&frame.header, &frame.body, max, &mut out)?;
+    Ok(out)
+}
+
+/// Takes one whole frame off the front of `buf`, if one is there.
+///
+/// Rejects an oversize frame as soon as its length prefix is in, so a peer
+/// cannot make the reader buffer more than `max` bytes.
+pub fn decode(buf: &mut BytesMut, max: usize) -> Result<Option<Frame>, CodecError> {
+    if buf.len() < LEN_PREFIX {
+        return Ok(None);
+    }
+    let len = u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize;
+    if len > max {
+        return Err(CodecError::Oversize { len, max });
+    }
+    if len == 0 {
+        return Err(CodecError::Garbage("empty frame".into()));
+    }
+    if buf.len() < LEN_PREFIX + len {
+        buf.reserve(LEN_PREFIX + len - buf.len());
+        return Ok(None);
+    }
+    buf.advance(LEN_PREFIX);
+    let mut whole: Bytes = buf.split_to(len).freeze();
+    let (header, used): (Header, usize) = bincode::serde::decode_from_slice(&whole, config())
+        .map_err(|e| CodecError::Garbage(e.to_string()))?;
+    let body = whole.split_off(used);
+    if !body.is_empty() && header.is_control() {
+        return Err(CodecError::Garbage("control frame with a body".into()));
+    }
+    Ok(Some(Frame { header, body }))
+}
+
+/// Called at end of stream: bytes left over mean the peer cut a frame short.
+pub fn check_eof(buf: &BytesMut) -> Result<(), CodecError> {
+    if buf.is_empty() {
+        return Ok(());
+    }
+    let want = if buf.len() >= LEN_PREFIX {
+        LEN_PREFIX + u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize
+    } else {
+        LEN_PREFIX
+    };
+    Err(CodecError::Truncated { have: buf.len(), want })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wire::Hello;
+
+    const MAX: usize = 1 << 20;
+
+    fn hello() -> Header {
+        Header::Hello(Hello {
+            version: PROTOCOL_VERSION,
+            cluster: "dc1".into(),
+            gateway: "gw1".into(),
+            epoch: 42,
+            links_wanted: 2,
+            capabilities: vec!["heartbeat-v1".into()],
+        })
+    }
+
+    #[test]
+    fn round_trip_control_and_data() {
+        let mut buf = BytesMut::new();
+        encode(&hello(), &[], MAX, &mut buf).unwrap();
+        encode(&Header::Data { seq: 7 }, b"payload", MAX, &mut buf).unwrap();
+        encode(&Header::Ping { nonce: 9 }, &[], MAX, &mut buf).unwrap();
+        let a = decode(&mut buf, MAX).unwrap().unwrap();
+        assert_eq!(a.header, hello());
+        let b = decode(&mut buf, MAX).unwrap().unwrap();
+        assert_eq!(b.header, Header::Data { seq: 7 });
+        assert_eq!(&b.body[..], b"payload");
+        let c = decode(&mut buf, MAX).unwrap().unwrap();
+        assert_eq!(c.header, Header::Ping { nonce: 9 });
+        assert!(decode(&mut buf, MAX).unwrap().is_none());
+        check_eof(&buf).unwrap();
+    }
+
+    #[test]
+    fn partial_frames_wait_for_more() {
+        let whole = encode_frame(&Frame { header: Header::Data { seq: 1 }, body: Bytes::from_static(b"abcdef") }, MAX).unwrap();
+        for cut in 0..whole.len() {
+            let mut buf = BytesMut::from(&whole[..cut]);
+            assert!(decode(&mut buf, MAX).unwrap().is_none(), "cut at {cut}");
+            if cut > 0 {
+                assert_eq!(check_eof(&buf).unwrap_err().reason(), "truncated");
+            }
+        }
+    }
+
+    #[test]
+    fn oversize_is_rejected_from_the_prefix_alone() {
+        let mut buf = BytesMut::from(&((MAX + 1) as u32).to_be_bytes()[..]);
+        assert_eq!(decode(&mut buf, MAX).unwrap_err(), CodecError::Oversize { len: MAX + 1, max: MAX });
+        let mut out = BytesMut::new();
+        let big = vec![0u8; MAX];
+        assert_eq!(encode(&Header::Data { seq: 1 }, &big, MAX, &mut out).unwrap_err().reason(), "oversize");
+        assert!(out.is_empty(), "a refused frame leaves nothing behind");
+    }
+
+    #[test]
+    fn garbage_and_empty_frames_are_rejected() {
+        let mut buf = BytesMut::from(&[0, 0, 0, 3, 0xff, 0xff, 0xff][..]);
+        assert_eq!(decode(&mut buf, MAX).unwrap_err().reason(), "garbage");
+        let mut buf = BytesMut::from(&[0, 0, 0, 0][..]);
+        assert_eq!(decode(&mut buf, MAX).unwrap_err().reason(), "garbage");
+    }
+
+    #[test]
+    fn a_control_frame_may_not_carry_a_body() {
+        let mut buf = BytesMut::new();
+        encode(&Header::Ping { nonce: 1 }, b"smuggled", MAX, &mut buf).unwrap();
+        assert_eq!(decode(&mut buf, MAX).unwrap_err().reason(), "garbage");
+    }
+
+    #[test]
+    fn huge_length_claims_inside_a_small_frame_fail_cleanly() {
+        // A Goodbye whose string claims 2^62 bytes: must error, not allocate.
+        let mut frame = vec![4u8]; // variant index of Goodbye
+        frame.push(253); // bincode varint marker for u64
+        frame.extend_from_slice(&(1u64 << 62).to_le_bytes());
+        let mut buf = BytesMut::new();
+        buf.put_u32(frame.len() as u32);
+        buf.extend_from_slice(&frame);
+        assert_eq!(decode(&mut buf, MAX).unwrap_err().reason(), "garbage");
+    }
+
+    #[test]
+    fn preamble_checks_magic_and_version() {
+        assert_eq!(check_preamble(&preamble()).unwrap(), PROTOCOL_VERSION);
+        let mut p = preamble();
+        p[5] = p[5].wrapping_add(1);
+        assert_eq!(check_preamble(&p).unwrap_err().reason(), "version");
+        assert_eq!(check_preamble(b"GET / ").unwrap_err().reason(), "bad_magic");
+    }
+}

@@ -1,0 +1,70 @@
+//! Gateway-to-gateway protocol: the connection preamble and the frame types.
+//!
+//! A connection (after TLS, if any) starts with a 6-byte preamble from each
+//! side — `b"WDST"` and the protocol version — then carries frames. A frame is
+//! a 4-byte big-endian length, a serialized [`Header`], and an opaque body
+//! (payload bytes, never run through the serializer). Encoding lives in
+//! [`codec`], the only module that knows the serializer.
+
+pub mod codec;
+
+use serde::{Deserialize, Serialize};
+
+/// The protocol version this build speaks.
+pub const PROTOCOL_VERSION: u16 = 1;
+/// First bytes on every connection, before the version.
+pub const MAGIC: [u8; 4] = *b"WDST";
+/// Magic plus a big-endian u16 version.
+pub const PREAMBLE_LEN: usize = 6;
+
+/// Capabilities this build announces in its hello.
+pub const CAPABILITIES: &[&str] = &["heartbeat-v1"];
+
+/// The first frame each side sends after the preamble.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hello {
+    pub version: u16,
+    /// The sender's own cluster.
+    pub cluster: String,
+    /// The sender's gateway instance name.
+    pub gateway: String,
+    /// Chosen at gateway start; a new epoch means a restarted gateway.
+    pub epoch: u64,
+    /// How many links (primary + standby) the sender wants for this route.
+    pub links_wanted: u8,
+    pub capabilities: Vec<String>,
+}
+
+/// Everything a frame can say besides its body.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum Header {
+    Hello(Hello),
+    /// Heartbeat; answered with `Pong` carrying the same nonce.
+    Ping { nonce: u64 },
+    Pong { nonce: u64 },
+    /// Application data; the body is the payload.
+    Data { seq: u64 },
+    /// The sender is closing this connection on purpose.
+    Goodbye { reason: String },
+}
+
+impl Header {
+    /// Control frames go ahead of data on a link's writer.
+    pub fn is_control(&self) -> bool {
+        !matches!(self, Header::Data { .. })
+    }
+}
+
+/// A decoded frame: header plus body (empty for control frames).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Frame {
+    pub header: Header,
+    pub body: bytes::Bytes,
+}
+
+impl Frame {
+    pub fn control(header: Header) -> Self {
+        Frame { header, body: bytes::Bytes::new() }
+    }
+}
