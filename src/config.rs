@@ -59,6 +59,9 @@ impl fmt::Debug for Secret {
     }
 }
 
+/// What could be read of a broken file's `[tls]` table, and its cluster name.
+pub type PartialTls = (TlsFiles, Option<String>);
+
 /// A checked configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -147,18 +150,28 @@ impl std::str::FromStr for Endpoint {
             .rsplit_once(':')
             .ok_or_else(|| format!("{s:?} is not host:port"))?;
         let host = match host.strip_prefix('[') {
-            Some(h) => h.strip_suffix(']').ok_or_else(|| format!("{s:?}: unclosed '['"))?,
-            None if host.contains(':') => return Err(format!("{s:?}: write IPv6 addresses as [addr]:port")),
+            Some(h) => h
+                .strip_suffix(']')
+                .ok_or_else(|| format!("{s:?}: unclosed '['"))?,
+            None if host.contains(':') => {
+                return Err(format!("{s:?}: write IPv6 addresses as [addr]:port"))
+            }
             None => host,
         };
-        if host.is_empty() || host.len() > 253 || host.chars().any(|c| c.is_whitespace() || c == '/') {
+        if host.is_empty()
+            || host.len() > 253
+            || host.chars().any(|c| c.is_whitespace() || c == '/')
+        {
             return Err(format!("{s:?}: bad host"));
         }
         let port: u16 = port.parse().map_err(|_| format!("{s:?}: bad port"))?;
         if port == 0 {
             return Err(format!("{s:?}: port 0 cannot be dialed"));
         }
-        Ok(Endpoint { host: host.to_string(), port })
+        Ok(Endpoint {
+            host: host.to_string(),
+            port,
+        })
     }
 }
 
@@ -171,28 +184,60 @@ pub struct Socks5 {
 impl Config {
     /// Reads and checks a file.
     pub fn load(path: &Path) -> Result<Config, Vec<Problem>> {
-        let problem = |message: String| vec![Problem { file: path.to_path_buf(), line: None, message }];
+        Config::parse(&Config::read(path)?, path)
+    }
+
+    /// Reads a file, refusing one too large to be a configuration.
+    pub fn read(path: &Path) -> Result<String, Vec<Problem>> {
+        let problem = |message: String| {
+            vec![Problem {
+                file: path.to_path_buf(),
+                line: None,
+                message,
+            }]
+        };
         let meta = std::fs::metadata(path).map_err(|e| problem(format!("cannot read: {e}")))?;
         if meta.len() > MAX_CONFIG_BYTES {
-            return Err(problem(format!("file is {} bytes; the limit is {MAX_CONFIG_BYTES}", meta.len())));
+            return Err(problem(format!(
+                "file is {} bytes; the limit is {MAX_CONFIG_BYTES}",
+                meta.len()
+            )));
         }
-        let text = std::fs::read_to_string(path).map_err(|e| problem(format!("cannot read: {e}")))?;
-        Config::parse(&text, path)
+        std::fs::read_to_string(path).map_err(|e| problem(format!("cannot read: {e}")))
     }
 
     /// Checks text as if it were read from `path`.
     pub fn parse(text: &str, path: &Path) -> Result<Config, Vec<Problem>> {
-        let mut cx = Cx { src: text, file: path, base: path.parent().unwrap_or(Path::new("")).to_path_buf(), problems: Vec::new() };
+        Config::parse_partial(text, path).0
+    }
+
+    /// Like `parse`, but also returns what could be read of the `[tls]` table
+    /// and the cluster name even when other parts are wrong, so their files
+    /// can be checked too and every problem reported at once.
+    pub fn parse_partial(
+        text: &str,
+        path: &Path,
+    ) -> (Result<Config, Vec<Problem>>, Option<PartialTls>) {
+        let mut cx = Cx {
+            src: text,
+            file: path,
+            base: path.parent().unwrap_or(Path::new("")).to_path_buf(),
+            problems: Vec::new(),
+        };
         let doc = match toml_edit::Document::parse(text) {
             Ok(doc) => doc,
             Err(e) => {
                 let msg = e.message().trim().to_string();
                 cx.err(e.span(), format!("invalid TOML: {msg}"));
-                return Err(cx.problems);
+                return (Err(cx.problems), None);
             }
         };
         let root: &dyn TableLike = doc.as_table();
-        cx.allow_keys(root, &["gateway", "tls", "metrics", "route"], "the top level");
+        cx.allow_keys(
+            root,
+            &["gateway", "tls", "metrics", "route"],
+            "the top level",
+        );
 
         let gateway = match cx.table(root, "gateway", true) {
             Some(t) => cx.gateway(t),
@@ -200,7 +245,10 @@ impl Config {
         };
         let tls = cx.table(root, "tls", false).and_then(|t| cx.tls(t));
         let metrics = cx.table(root, "metrics", false).and_then(|t| cx.metrics(t));
-        let routes = cx.routes(root.get("route"), gateway.as_ref().map(|g| g.cluster.as_str()));
+        let routes = cx.routes(
+            root.get("route"),
+            gateway.as_ref().map(|g| g.cluster.as_str()),
+        );
 
         if let Some(routes) = &routes {
             let needs_tls = routes.is_empty() || routes.iter().any(|r| !r.insecure_plaintext);
@@ -209,10 +257,22 @@ impl Config {
             }
         }
         match (gateway, routes) {
-            (Some(gateway), Some(routes)) if cx.problems.is_empty() => {
-                Ok(Config { path: path.to_path_buf(), gateway, tls, metrics, routes })
+            (Some(gateway), Some(routes)) if cx.problems.is_empty() => (
+                Ok(Config {
+                    path: path.to_path_buf(),
+                    gateway,
+                    tls,
+                    metrics,
+                    routes,
+                }),
+                None,
+            ),
+            (gateway, _) => {
+                let cluster = gateway
+                    .map(|g| g.cluster)
+                    .filter(|c| check_cluster_name(c).is_ok());
+                (Err(cx.problems), tls.map(|t| (t, cluster)))
             }
-            _ => Err(cx.problems),
         }
     }
 
@@ -226,7 +286,9 @@ pub fn check_cluster_name(name: &str) -> Result<(), String> {
     if name.is_empty() || name.len() > 63 {
         return Err(format!("cluster name {name:?} must be 1 to 63 characters"));
     }
-    let ok = name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.')
+    let ok = name
+        .chars()
+        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.')
         && !name.starts_with(['-', '.'])
         && !name.ends_with(['-', '.'])
         && !name.contains("..")
@@ -249,28 +311,53 @@ struct Cx<'a> {
 impl Cx<'_> {
     fn line(&self, span: Option<Range<usize>>) -> Option<usize> {
         let at = span?.start.min(self.src.len());
-        Some(self.src.as_bytes()[..at].iter().filter(|&&b| b == b'\n').count() + 1)
+        Some(
+            self.src.as_bytes()[..at]
+                .iter()
+                .filter(|&&b| b == b'\n')
+                .count()
+                + 1,
+        )
     }
 
     fn err(&mut self, span: Option<Range<usize>>, message: String) {
         let line = self.line(span);
-        self.problems.push(Problem { file: self.file.to_path_buf(), line, message });
+        self.problems.push(Problem {
+            file: self.file.to_path_buf(),
+            line,
+            message,
+        });
     }
 
     fn allow_keys(&mut self, t: &dyn TableLike, allowed: &[&str], what: &str) {
         for (k, item) in t.iter() {
             if !allowed.contains(&k) {
-                let span = t.get_key_value(k).and_then(|(key, _)| key.span()).or_else(|| item.span());
-                self.err(span, format!("unknown key {k:?} in {what} (allowed: {})", allowed.join(", ")));
+                let span = t
+                    .get_key_value(k)
+                    .and_then(|(key, _)| key.span())
+                    .or_else(|| item.span());
+                self.err(
+                    span,
+                    format!(
+                        "unknown key {k:?} in {what} (allowed: {})",
+                        allowed.join(", ")
+                    ),
+                );
             }
         }
     }
 
     fn key_span(t: &dyn TableLike, k: &str) -> Option<Range<usize>> {
-        t.get_key_value(k).and_then(|(key, item)| item.span().or_else(|| key.span()))
+        t.get_key_value(k)
+            .and_then(|(key, item)| item.span().or_else(|| key.span()))
     }
 
-    fn table<'t>(&mut self, t: &'t dyn TableLike, k: &str, required: bool) -> Option<&'t dyn TableLike> {
+    fn table<'t>(
+        &mut self,
+        t: &'t dyn TableLike,
+        k: &str,
+        required: bool,
+    ) -> Option<&'t dyn TableLike> {
         match t.get(k) {
             None => {
                 if required {
@@ -288,7 +375,12 @@ impl Cx<'_> {
         }
     }
 
-    fn value<'t>(&mut self, t: &'t dyn TableLike, k: &str, want: &str) -> Option<(&'t Value, Option<Range<usize>>)> {
+    fn value<'t>(
+        &mut self,
+        t: &'t dyn TableLike,
+        k: &str,
+        want: &str,
+    ) -> Option<(&'t Value, Option<Range<usize>>)> {
         let item = t.get(k)?;
         let span = Self::key_span(t, k);
         match item {
@@ -311,9 +403,17 @@ impl Cx<'_> {
         }
     }
 
-    fn required_string(&mut self, t: &dyn TableLike, k: &str, table: &str) -> Option<(String, Option<Range<usize>>)> {
+    fn required_string(
+        &mut self,
+        t: &dyn TableLike,
+        k: &str,
+        table: &str,
+    ) -> Option<(String, Option<Range<usize>>)> {
         if t.get(k).is_none() {
-            let span = t.iter().next().and_then(|(first, _)| Self::key_span(t, first));
+            let span = t
+                .iter()
+                .next()
+                .and_then(|(first, _)| Self::key_span(t, first));
             self.err(span, format!("missing required key {k:?} in {table}"));
             return None;
         }
@@ -321,7 +421,9 @@ impl Cx<'_> {
     }
 
     fn integer(&mut self, t: &dyn TableLike, k: &str, min: i64, max: i64, default: i64) -> i64 {
-        let Some((v, span)) = self.value(t, k, "an integer") else { return default };
+        let Some((v, span)) = self.value(t, k, "an integer") else {
+            return default;
+        };
         match v.as_integer() {
             Some(n) if (min..=max).contains(&n) => n,
             Some(n) => {
@@ -340,7 +442,9 @@ impl Cx<'_> {
     }
 
     fn bool(&mut self, t: &dyn TableLike, k: &str) -> bool {
-        let Some((v, span)) = self.value(t, k, "true or false") else { return false };
+        let Some((v, span)) = self.value(t, k, "true or false") else {
+            return false;
+        };
         match v.as_bool() {
             Some(b) => b,
             None => {
@@ -368,16 +472,28 @@ impl Cx<'_> {
             self.err(span, format!("{k:?} must not be empty"));
             return None;
         }
-        Some(PathAt { path: self.base.join(s), line })
+        Some(PathAt {
+            path: self.base.join(s),
+            line,
+        })
     }
 
     fn gateway(&mut self, t: &dyn TableLike) -> Option<GatewayConfig> {
         self.allow_keys(
             t,
             &[
-                "cluster", "name", "listen", "heartbeat_ms", "dead_after_ms", "connect_timeout_ms",
-                "handshake_timeout_ms", "reconnect_min_ms", "reconnect_max_ms", "shutdown_grace_ms",
-                "max_frame_bytes", "max_pending_handshakes",
+                "cluster",
+                "name",
+                "listen",
+                "heartbeat_ms",
+                "dead_after_ms",
+                "connect_timeout_ms",
+                "handshake_timeout_ms",
+                "reconnect_min_ms",
+                "reconnect_max_ms",
+                "shutdown_grace_ms",
+                "max_frame_bytes",
+                "max_pending_handshakes",
             ],
             "[gateway]",
         );
@@ -399,20 +515,35 @@ impl Cx<'_> {
         let heartbeat = self.millis(t, "heartbeat_ms", 10, 600_000, 1000);
         let dead_after = self.millis(t, "dead_after_ms", 30, 3_600_000, 3000);
         if heartbeat >= dead_after {
-            self.err(Self::key_span(t, "dead_after_ms").or_else(|| Self::key_span(t, "heartbeat_ms")),
-                format!("dead_after_ms ({}) must be greater than heartbeat_ms ({})", dead_after.as_millis(), heartbeat.as_millis()));
+            self.err(
+                Self::key_span(t, "dead_after_ms").or_else(|| Self::key_span(t, "heartbeat_ms")),
+                format!(
+                    "dead_after_ms ({}) must be greater than heartbeat_ms ({})",
+                    dead_after.as_millis(),
+                    heartbeat.as_millis()
+                ),
+            );
         }
         let connect_timeout = self.millis(t, "connect_timeout_ms", 10, 600_000, 5000);
         let handshake_timeout = self.millis(t, "handshake_timeout_ms", 10, 600_000, 5000);
         let reconnect_min = self.millis(t, "reconnect_min_ms", 1, 600_000, 100);
         let reconnect_max = self.millis(t, "reconnect_max_ms", 1, 3_600_000, 10_000);
         if reconnect_min > reconnect_max {
-            self.err(Self::key_span(t, "reconnect_max_ms"), "reconnect_max_ms must be at least reconnect_min_ms".into());
+            self.err(
+                Self::key_span(t, "reconnect_max_ms"),
+                "reconnect_max_ms must be at least reconnect_min_ms".into(),
+            );
         }
         let shutdown_grace = self.millis(t, "shutdown_grace_ms", 0, 600_000, 5000);
-        let max_frame_bytes =
-            self.integer(t, "max_frame_bytes", MIN_FRAME_LIMIT as i64, MAX_FRAME_LIMIT as i64, DEFAULT_MAX_FRAME_BYTES as i64) as usize;
-        let max_pending_handshakes = self.integer(t, "max_pending_handshakes", 1, 65_536, 256) as usize;
+        let max_frame_bytes = self.integer(
+            t,
+            "max_frame_bytes",
+            MIN_FRAME_LIMIT as i64,
+            MAX_FRAME_LIMIT as i64,
+            DEFAULT_MAX_FRAME_BYTES as i64,
+        ) as usize;
+        let max_pending_handshakes =
+            self.integer(t, "max_pending_handshakes", 1, 65_536, 256) as usize;
         let (cluster, _) = cluster?;
         Some(GatewayConfig {
             cluster,
@@ -435,7 +566,11 @@ impl Cx<'_> {
         let cert = self.path(t, "cert", "[tls]");
         let key = self.path(t, "key", "[tls]");
         let ca = self.path(t, "ca", "[tls]");
-        Some(TlsFiles { cert: cert?, key: key?, ca: ca? })
+        Some(TlsFiles {
+            cert: cert?,
+            key: key?,
+            ca: ca?,
+        })
     }
 
     fn metrics(&mut self, t: &dyn TableLike) -> Option<MetricsConfig> {
@@ -443,23 +578,38 @@ impl Cx<'_> {
         if t.get("listen").is_none() {
             self.err(None, "missing required key \"listen\" in [metrics]".into());
         }
-        Some(MetricsConfig { listen: self.socket_addr(t, "listen")? })
+        Some(MetricsConfig {
+            listen: self.socket_addr(t, "listen")?,
+        })
     }
 
     fn routes(&mut self, item: Option<&Item>, own: Option<&str>) -> Option<Vec<RouteConfig>> {
-        let Some(item) = item else { return Some(Vec::new()) };
+        let Some(item) = item else {
+            return Some(Vec::new());
+        };
         let tables: Vec<&dyn TableLike> = match item {
             Item::ArrayOfTables(a) => a.iter().map(|t| t as &dyn TableLike).collect(),
-            Item::Value(Value::Array(a)) if a.iter().all(|v| v.is_inline_table()) => {
-                a.iter().filter_map(|v| v.as_inline_table()).map(|t| t as &dyn TableLike).collect()
-            }
+            Item::Value(Value::Array(a)) if a.iter().all(|v| v.is_inline_table()) => a
+                .iter()
+                .filter_map(|v| v.as_inline_table())
+                .map(|t| t as &dyn TableLike)
+                .collect(),
             _ => {
-                self.err(item.span(), "route must be written as [[route]] tables".into());
+                self.err(
+                    item.span(),
+                    "route must be written as [[route]] tables".into(),
+                );
                 return None;
             }
         };
         if tables.len() > MAX_ROUTES {
-            self.err(item.span(), format!("{} routes; at most {MAX_ROUTES} are supported", tables.len()));
+            self.err(
+                item.span(),
+                format!(
+                    "{} routes; at most {MAX_ROUTES} are supported",
+                    tables.len()
+                ),
+            );
             return None;
         }
         let mut seen = BTreeSet::new();
@@ -472,10 +622,23 @@ impl Cx<'_> {
         Some(routes)
     }
 
-    fn route(&mut self, t: &dyn TableLike, own: Option<&str>, seen: &mut BTreeSet<String>) -> Option<RouteConfig> {
+    fn route(
+        &mut self,
+        t: &dyn TableLike,
+        own: Option<&str>,
+        seen: &mut BTreeSet<String>,
+    ) -> Option<RouteConfig> {
         self.allow_keys(
             t,
-            &["cluster", "endpoints", "standby", "socks5", "socks5_username", "socks5_password", "insecure_plaintext"],
+            &[
+                "cluster",
+                "endpoints",
+                "standby",
+                "socks5",
+                "socks5_username",
+                "socks5_password",
+                "insecure_plaintext",
+            ],
             "[[route]]",
         );
         let cluster = self.required_string(t, "cluster", "[[route]]");
@@ -483,9 +646,15 @@ impl Cx<'_> {
             if let Err(e) = check_cluster_name(c) {
                 self.err(span.clone(), e);
             } else if Some(c.as_str()) == own {
-                self.err(span.clone(), format!("route to {c:?} points at this gateway's own cluster"));
+                self.err(
+                    span.clone(),
+                    format!("route to {c:?} points at this gateway's own cluster"),
+                );
             } else if !seen.insert(c.clone()) {
-                self.err(span.clone(), format!("a second route for cluster {c:?}; one route per peer cluster"));
+                self.err(
+                    span.clone(),
+                    format!("a second route for cluster {c:?}; one route per peer cluster"),
+                );
             }
         }
         let mut endpoints = Vec::new();
@@ -494,14 +663,25 @@ impl Cx<'_> {
                 Some(a) => {
                     for e in a.iter() {
                         match e.as_str().map(str::parse::<Endpoint>) {
-                            Some(Ok(ep)) if endpoints.contains(&ep) => self.err(e.span().or(span.clone()), format!("endpoint {ep} is listed twice")),
+                            Some(Ok(ep)) if endpoints.contains(&ep) => self.err(
+                                e.span().or(span.clone()),
+                                format!("endpoint {ep} is listed twice"),
+                            ),
                             Some(Ok(ep)) => endpoints.push(ep),
-                            Some(Err(msg)) => self.err(e.span().or(span.clone()), format!("endpoints: {msg}")),
-                            None => self.err(e.span().or(span.clone()), "endpoints must hold \"host:port\" strings".into()),
+                            Some(Err(msg)) => {
+                                self.err(e.span().or(span.clone()), format!("endpoints: {msg}"))
+                            }
+                            None => self.err(
+                                e.span().or(span.clone()),
+                                "endpoints must hold \"host:port\" strings".into(),
+                            ),
                         }
                     }
                 }
-                None => self.err(span, "\"endpoints\" must be an array of \"host:port\" strings".into()),
+                None => self.err(
+                    span,
+                    "\"endpoints\" must be an array of \"host:port\" strings".into(),
+                ),
             }
         }
         let standby = self.integer(t, "standby", 0, MAX_STANDBY as i64, 0) as u8;
@@ -521,26 +701,44 @@ impl Cx<'_> {
             (None, None) => None,
             (Some((u, span)), Some((p, _))) => {
                 if u.is_empty() || u.len() > 255 || p.is_empty() || p.len() > 255 {
-                    self.err(span, "socks5_username and socks5_password must each be 1 to 255 bytes".into());
+                    self.err(
+                        span,
+                        "socks5_username and socks5_password must each be 1 to 255 bytes".into(),
+                    );
                 }
                 Some((u, Secret::new(p)))
             }
             (Some((_, span)), None) | (None, Some((_, span))) => {
-                self.err(span, "socks5_username and socks5_password go together".into());
+                self.err(
+                    span,
+                    "socks5_username and socks5_password go together".into(),
+                );
                 None
             }
         };
         if auth.is_some() && socks5.is_none() && t.get("socks5").is_none() {
-            self.err(Self::key_span(t, "socks5_username"), "socks5_username is set but socks5 (the proxy address) is not".into());
+            self.err(
+                Self::key_span(t, "socks5_username"),
+                "socks5_username is set but socks5 (the proxy address) is not".into(),
+            );
         }
         let insecure_plaintext = self.bool(t, "insecure_plaintext");
         let (cluster, _) = cluster?;
-        Some(RouteConfig { cluster, endpoints, standby, socks5: socks5.map(|proxy| Socks5 { proxy, auth }), insecure_plaintext })
+        Some(RouteConfig {
+            cluster,
+            endpoints,
+            standby,
+            socks5: socks5.map(|proxy| Socks5 { proxy, auth }),
+            insecure_plaintext,
+        })
     }
 }
 
 fn default_gateway_name() -> String {
-    std::env::var("HOSTNAME").ok().filter(|h| !h.is_empty()).unwrap_or_else(|| "wandist".to_string())
+    std::env::var("HOSTNAME")
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "wandist".to_string())
 }
 
 #[cfg(test)]
@@ -587,7 +785,13 @@ socks5_password = "hunter2"
         assert_eq!(tls.cert.line, Some(8));
         let r = &c.routes[0];
         assert_eq!(r.endpoints.len(), 3);
-        assert_eq!(r.endpoints[1], Endpoint { host: "gw.dc2.example".into(), port: 4370 });
+        assert_eq!(
+            r.endpoints[1],
+            Endpoint {
+                host: "gw.dc2.example".into(),
+                port: 4370
+            }
+        );
         assert_eq!(r.endpoints[2].to_string(), "[::1]:4370");
         assert_eq!(r.links_wanted(), 2);
         let socks = r.socks5.as_ref().unwrap();
@@ -627,7 +831,9 @@ cluster = "dc2"
         let text: Vec<String> = problems.iter().map(|p| p.to_string()).collect();
         let has = |needle: &str, line: usize| {
             assert!(
-                problems.iter().any(|p| p.message.contains(needle) && p.line == Some(line)),
+                problems
+                    .iter()
+                    .any(|p| p.message.contains(needle) && p.line == Some(line)),
                 "no problem {needle:?} at line {line} in {text:#?}"
             )
         };
@@ -656,9 +862,20 @@ cluster = "dc2"
     #[test]
     fn missing_gateway_and_tls_are_reported() {
         let problems = parse("[[route]]\ncluster = \"dc2\"\n").unwrap_err();
-        assert!(problems.iter().any(|p| p.message.contains("missing required table [gateway]")), "{problems:?}");
-        let problems = parse("[gateway]\ncluster = \"dc1\"\n[[route]]\ncluster = \"dc2\"\n").unwrap_err();
-        assert!(problems.iter().any(|p| p.message.contains("[tls] is required")), "{problems:?}");
+        assert!(
+            problems
+                .iter()
+                .any(|p| p.message.contains("missing required table [gateway]")),
+            "{problems:?}"
+        );
+        let problems =
+            parse("[gateway]\ncluster = \"dc1\"\n[[route]]\ncluster = \"dc2\"\n").unwrap_err();
+        assert!(
+            problems
+                .iter()
+                .any(|p| p.message.contains("[tls] is required")),
+            "{problems:?}"
+        );
     }
 
     #[test]
@@ -674,11 +891,30 @@ cluster = "dc2"
             "[gateway]\ncluster = \"dc1\"\nlisten = 4370\n[[route]]\ncluster = \"dc1\"\ninsecure_plaintext = \"yes\"\nendpoints = \"a:1\"\n",
         )
         .unwrap_err();
-        let msgs: Vec<_> = problems.iter().map(|p| (p.line, p.message.as_str())).collect();
-        assert!(msgs.iter().any(|(l, m)| *l == Some(3) && m.contains("must be a string")), "{msgs:?}");
-        assert!(msgs.iter().any(|(l, m)| *l == Some(5) && m.contains("own cluster")), "{msgs:?}");
-        assert!(msgs.iter().any(|(l, m)| *l == Some(6) && m.contains("true or false")), "{msgs:?}");
-        assert!(msgs.iter().any(|(l, m)| *l == Some(7) && m.contains("array")), "{msgs:?}");
+        let msgs: Vec<_> = problems
+            .iter()
+            .map(|p| (p.line, p.message.as_str()))
+            .collect();
+        assert!(
+            msgs.iter()
+                .any(|(l, m)| *l == Some(3) && m.contains("must be a string")),
+            "{msgs:?}"
+        );
+        assert!(
+            msgs.iter()
+                .any(|(l, m)| *l == Some(5) && m.contains("own cluster")),
+            "{msgs:?}"
+        );
+        assert!(
+            msgs.iter()
+                .any(|(l, m)| *l == Some(6) && m.contains("true or false")),
+            "{msgs:?}"
+        );
+        assert!(
+            msgs.iter()
+                .any(|(l, m)| *l == Some(7) && m.contains("array")),
+            "{msgs:?}"
+        );
     }
 
     #[test]
@@ -686,7 +922,16 @@ cluster = "dc2"
         for good in ["dc1", "eu-west.dc2", "a"] {
             check_cluster_name(good).unwrap();
         }
-        for bad in ["", "DC1", "dc_1", "-dc", "dc.", "10.0.0.1", "a..b", &"x".repeat(64)] {
+        for bad in [
+            "",
+            "DC1",
+            "dc_1",
+            "-dc",
+            "dc.",
+            "10.0.0.1",
+            "a..b",
+            &"x".repeat(64),
+        ] {
             assert!(check_cluster_name(bad).is_err(), "{bad:?}");
         }
     }

@@ -11,7 +11,11 @@ use tokio_util::sync::CancellationToken;
 const EXIT_CONFIG: u8 = 64;
 
 #[derive(Parser)]
-#[command(name = "wandist", version, about = "A gateway that bridges disjoint Erlang/OTP clusters over mutual-TLS links")]
+#[command(
+    name = "wandist",
+    version,
+    about = "A gateway that bridges disjoint Erlang/OTP clusters over mutual-TLS links"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -100,7 +104,10 @@ fn run(config: PathBuf) -> ExitCode {
         },
         None => None,
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             tracing::error!("cannot start the runtime: {e}");

@@ -23,17 +23,43 @@ pub const BYTES_RECEIVED: &str = "wandist_bytes_received_total";
 /// Label value for a peer whose identity is not known yet.
 pub const UNKNOWN_PEER: &str = "unknown";
 
-const RTT_BUCKETS: &[f64] = &[0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5];
+const RTT_BUCKETS: &[f64] = &[
+    0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+];
 
 fn describe() {
-    describe_gauge!(LINK_UP, "Links up to a peer cluster, by role (primary: 0 or 1; standby: count).");
-    describe_histogram!(LINK_RTT, Unit::Seconds, "Heartbeat round-trip time per peer cluster.");
-    describe_counter!(LINK_CONNECTS, "Links established (handshake completed) per peer cluster.");
+    describe_gauge!(
+        LINK_UP,
+        "Links up to a peer cluster, by role (primary: 0 or 1; standby: count)."
+    );
+    describe_histogram!(
+        LINK_RTT,
+        Unit::Seconds,
+        "Heartbeat round-trip time per peer cluster."
+    );
+    describe_counter!(
+        LINK_CONNECTS,
+        "Links established (handshake completed) per peer cluster."
+    );
     describe_counter!(LINK_DISCONNECTS, "Links lost per peer cluster, by reason.");
-    describe_counter!(HANDSHAKE_FAILURES, "Connections that failed before a link was established, by reason.");
-    describe_counter!(FRAMES_REJECTED, "Frames from a peer rejected as invalid (the link is closed), by reason.");
-    describe_counter!(BYTES_SENT, Unit::Bytes, "Bytes written to peer links, after framing, before TLS.");
-    describe_counter!(BYTES_RECEIVED, Unit::Bytes, "Bytes read from peer links, after TLS.");
+    describe_counter!(
+        HANDSHAKE_FAILURES,
+        "Connections that failed before a link was established, by reason."
+    );
+    describe_counter!(
+        FRAMES_REJECTED,
+        "Frames from a peer rejected as invalid (the link is closed), by reason."
+    );
+    describe_counter!(
+        BYTES_SENT,
+        Unit::Bytes,
+        "Bytes written to peer links, after framing, before TLS."
+    );
+    describe_counter!(
+        BYTES_RECEIVED,
+        Unit::Bytes,
+        "Bytes read from peer links, after TLS."
+    );
 }
 
 /// Installs the process-wide recorder. Call once, before any metric is touched.
@@ -48,7 +74,12 @@ pub fn install() -> Result<PrometheusHandle, String> {
 }
 
 /// Serves `/metrics` until `cancel`. Requests are bounded in size and time.
-pub async fn serve(listener: TcpListener, handle: PrometheusHandle, cancel: CancellationToken, tracker: TaskTracker) {
+pub async fn serve(
+    listener: TcpListener,
+    handle: PrometheusHandle,
+    cancel: CancellationToken,
+    tracker: TaskTracker,
+) {
     loop {
         let accepted = tokio::select! {
             _ = cancel.cancelled() => return,
@@ -58,7 +89,9 @@ pub async fn serve(listener: TcpListener, handle: PrometheusHandle, cancel: Canc
             Ok((stream, peer)) => {
                 let handle = handle.clone();
                 tracker.spawn(async move {
-                    if let Err(e) = tokio::time::timeout(Duration::from_secs(10), answer(stream, &handle)).await {
+                    if let Err(e) =
+                        tokio::time::timeout(Duration::from_secs(10), answer(stream, &handle)).await
+                    {
                         tracing::debug!(%peer, "metrics request timed out: {e}");
                     }
                 });
@@ -88,7 +121,11 @@ async fn answer(mut stream: TcpStream, handle: &PrometheusHandle) {
         ("GET", "/metrics") => ("200 OK", "text/plain; version=0.0.4", handle.render()),
         ("GET", "/healthz") => ("200 OK", "text/plain", "ok\n".to_string()),
         ("GET", _) => ("404 Not Found", "text/plain", "try /metrics\n".to_string()),
-        _ => ("405 Method Not Allowed", "text/plain", "GET only\n".to_string()),
+        _ => (
+            "405 Method Not Allowed",
+            "text/plain",
+            "GET only\n".to_string(),
+        ),
     };
     let head = format!("HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", body.len());
     let _ = stream.write_all(head.as_bytes()).await;

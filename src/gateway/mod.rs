@@ -31,9 +31,25 @@ pub struct Prepared {
 
 /// Loads the file and the TLS material it names; every problem at once.
 pub fn prepare(path: &Path) -> Result<Prepared, Vec<Problem>> {
-    let config = Config::load(path)?;
+    let text = Config::read(path)?;
+    let config = match Config::parse_partial(&text, path) {
+        (Ok(config), _) => config,
+        (Err(mut problems), partial) => {
+            // Still check the files the [tls] table names, for a full report.
+            if let Some((files, cluster)) = partial {
+                if let Err(more) = Tls::load(&files, cluster.as_deref(), path) {
+                    problems.extend(more);
+                }
+            }
+            return Err(problems);
+        }
+    };
     let tls = match &config.tls {
-        Some(files) => Some(Tls::load(files, &config.gateway.cluster, &config.path)?),
+        Some(files) => Some(Tls::load(
+            files,
+            Some(&config.gateway.cluster),
+            &config.path,
+        )?),
         None => None,
     };
     Ok(Prepared { config, tls })
@@ -42,24 +58,46 @@ pub fn prepare(path: &Path) -> Result<Prepared, Vec<Problem>> {
 #[derive(Debug, thiserror::Error)]
 pub enum GatewayError {
     #[error("cannot listen on {addr} ({what}): {source}")]
-    Bind { what: &'static str, addr: SocketAddr, source: std::io::Error },
+    Bind {
+        what: &'static str,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
 }
 
-async fn bind(what: &'static str, addr: SocketAddr) -> Result<(TcpListener, SocketAddr), GatewayError> {
-    let l = TcpListener::bind(addr).await.map_err(|source| GatewayError::Bind { what, addr, source })?;
-    let local = l.local_addr().map_err(|source| GatewayError::Bind { what, addr, source })?;
+async fn bind(
+    what: &'static str,
+    addr: SocketAddr,
+) -> Result<(TcpListener, SocketAddr), GatewayError> {
+    let l = TcpListener::bind(addr)
+        .await
+        .map_err(|source| GatewayError::Bind { what, addr, source })?;
+    let local = l
+        .local_addr()
+        .map_err(|source| GatewayError::Bind { what, addr, source })?;
     Ok((l, local))
 }
 
 /// Runs the gateway until `shutdown` is cancelled, then drains within the
 /// configured grace period.
-pub async fn run(prepared: Prepared, metrics: Option<PrometheusHandle>, shutdown: CancellationToken) -> Result<(), GatewayError> {
+pub async fn run(
+    prepared: Prepared,
+    metrics: Option<PrometheusHandle>,
+    shutdown: CancellationToken,
+) -> Result<(), GatewayError> {
     let Prepared { config, tls } = prepared;
     let g = &config.gateway;
     let root = CancellationToken::new();
     let tracker = TaskTracker::new();
-    let own = Arc::new(Identity { cluster: g.cluster.clone(), gateway: g.name.clone(), epoch: new_epoch() });
-    let timeouts = Timeouts { connect: g.connect_timeout, handshake: g.handshake_timeout };
+    let own = Arc::new(Identity {
+        cluster: g.cluster.clone(),
+        gateway: g.name.clone(),
+        epoch: new_epoch(),
+    });
+    let timeouts = Timeouts {
+        connect: g.connect_timeout,
+        handshake: g.handshake_timeout,
+    };
 
     // Bind everything before starting anything, so a bad address fails fast.
     let metrics_listener = match (&config.metrics, &metrics) {
@@ -77,13 +115,23 @@ pub async fn run(prepared: Prepared, metrics: Option<PrometheusHandle>, shutdown
         if route.insecure_plaintext {
             tracing::warn!(peer = %route.cluster, "route uses insecure_plaintext: traffic to and from this cluster is neither encrypted nor authenticated");
         }
-        admit.insert(route.cluster.clone(), Admission { insecure_plaintext: route.insecure_plaintext, links_wanted: route.links_wanted() });
+        admit.insert(
+            route.cluster.clone(),
+            Admission {
+                insecure_plaintext: route.insecure_plaintext,
+                links_wanted: route.links_wanted(),
+            },
+        );
         let (tx, rx) = mpsc::channel(16);
         inbound.insert(route.cluster.clone(), tx);
         let task = peer::PeerTask::new(
             route.clone(),
             own.clone(),
-            if route.insecure_plaintext { None } else { tls.clone() },
+            if route.insecure_plaintext {
+                None
+            } else {
+                tls.clone()
+            },
             g,
             timeouts,
             rx,
@@ -116,14 +164,20 @@ pub async fn run(prepared: Prepared, metrics: Option<PrometheusHandle>, shutdown
     tracing::info!(grace = ?g.shutdown_grace, "shutting down");
     root.cancel();
     tracker.close();
-    if tokio::time::timeout(g.shutdown_grace, tracker.wait()).await.is_err() {
+    if tokio::time::timeout(g.shutdown_grace, tracker.wait())
+        .await
+        .is_err()
+    {
         tracing::warn!("tasks still running after the grace period; exiting anyway");
     }
     Ok(())
 }
 
 fn new_epoch() -> u64 {
-    let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0);
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
     (t ^ fastrand::u64(..)).max(1)
 }
 
@@ -176,9 +230,20 @@ impl Acceptor {
     }
 
     async fn handshake(&self, tcp: TcpStream, remote: SocketAddr) {
-        match handshake::server(tcp, self.tls.as_ref(), &self.own, &self.admit, &self.timeouts, self.max_frame).await {
+        match handshake::server(
+            tcp,
+            self.tls.as_ref(),
+            &self.own,
+            &self.admit,
+            &self.timeouts,
+            self.max_frame,
+        )
+        .await
+        {
             Ok(est) => {
-                let Some(tx) = self.inbound.get(&est.peer.cluster) else { return };
+                let Some(tx) = self.inbound.get(&est.peer.cluster) else {
+                    return;
+                };
                 if tx.send(est).await.is_err() {
                     tracing::debug!(%remote, "route gone while handing over a link");
                 }
@@ -189,6 +254,7 @@ impl Acceptor {
 }
 
 fn count_refusal(e: &handshake::HandshakeError, remote: SocketAddr) {
-    metrics::counter!(m::HANDSHAKE_FAILURES, "peer" => m::UNKNOWN_PEER, "reason" => e.reason()).increment(1);
+    metrics::counter!(m::HANDSHAKE_FAILURES, "peer" => m::UNKNOWN_PEER, "reason" => e.reason())
+        .increment(1);
     tracing::warn!(%remote, reason = e.reason(), "refused incoming connection: {e}");
 }

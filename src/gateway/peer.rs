@@ -100,7 +100,11 @@ impl PeerTask {
             let want_dial = !self.route.endpoints.is_empty()
                 && self.dialing.is_empty()
                 && self.links.len() < self.route.links_wanted() as usize;
-            let wake = if want_dial { self.next_dial } else { Instant::now() + far };
+            let wake = if want_dial {
+                self.next_dial
+            } else {
+                Instant::now() + far
+            };
             tokio::select! {
                 _ = self.cancel.cancelled() => break,
                 Some(est) = self.inbound.recv() => self.adopt(est, None),
@@ -174,11 +178,19 @@ impl PeerTask {
 
     fn adopt(&mut self, est: Established, endpoint: Option<usize>) {
         let peer_epoch = est.peer.epoch;
-        let stale: Vec<u64> = self.links.iter().filter(|l| l.peer_epoch != peer_epoch).map(|l| l.link.id).collect();
+        let stale: Vec<u64> = self
+            .links
+            .iter()
+            .filter(|l| l.peer_epoch != peer_epoch)
+            .map(|l| l.link.id)
+            .collect();
         if !stale.is_empty() {
             tracing::info!(peer = %self.peer(), "peer gateway restarted (new epoch); dropping links to its previous run");
             for l in self.links.iter().filter(|l| stale.contains(&l.link.id)) {
-                l.link.close("peer_restarted", "superseded by a link to the peer's new run");
+                l.link.close(
+                    "peer_restarted",
+                    "superseded by a link to the peer's new run",
+                );
             }
         }
         let info = format!(
@@ -189,11 +201,26 @@ impl PeerTask {
             est.peer.gateway
         );
         let peer_wants = est.peer.links_wanted;
-        let link = conn::spawn(est, self.params.clone(), self.events_tx.clone(), &self.cancel, &self.tracker);
+        let link = conn::spawn(
+            est,
+            self.params.clone(),
+            self.events_tx.clone(),
+            &self.tracker,
+        );
         metrics::counter!(m::LINK_CONNECTS, "peer" => self.peer().to_string()).increment(1);
-        let role = if self.links.iter().all(|l| stale.contains(&l.link.id)) { "primary" } else { "standby" };
+        let role = if self.links.iter().all(|l| stale.contains(&l.link.id)) {
+            "primary"
+        } else {
+            "standby"
+        };
         tracing::info!(peer = %self.peer(), link = link.id, role, "link up {info}");
-        self.links.push(Live { link, peer_epoch, peer_wants, endpoint, since: Instant::now() });
+        self.links.push(Live {
+            link,
+            peer_epoch,
+            peer_wants,
+            endpoint,
+            since: Instant::now(),
+        });
         self.trim();
         self.publish();
     }
@@ -204,18 +231,27 @@ impl PeerTask {
         if self.own.cluster.as_str() > self.peer() {
             return;
         }
-        let target = self.links.iter().map(|l| l.peer_wants).max().unwrap_or(0).max(self.route.links_wanted()) as usize;
+        let target = self
+            .links
+            .iter()
+            .map(|l| l.peer_wants)
+            .max()
+            .unwrap_or(0)
+            .max(self.route.links_wanted()) as usize;
         let open: Vec<&Live> = self.links.iter().filter(|l| !l.link.is_closed()).collect();
         for l in open.iter().skip(target) {
             tracing::info!(peer = %self.peer(), link = l.link.id, "closing surplus link (both sides dialed)");
-            l.link.close("surplus", "both sides dialed; keeping the older links");
+            l.link
+                .close("surplus", "both sides dialed; keeping the older links");
         }
     }
 
     fn on_event(&mut self, ev: LinkEvent) {
         match ev {
             LinkEvent::Closed { link, reason } => {
-                let Some(pos) = self.links.iter().position(|l| l.link.id == link) else { return };
+                let Some(pos) = self.links.iter().position(|l| l.link.id == link) else {
+                    return;
+                };
                 let live = self.links.remove(pos);
                 metrics::counter!(m::LINK_DISCONNECTS, "peer" => self.peer().to_string(), "reason" => reason.label).increment(1);
                 let role = if pos == 0 { "primary" } else { "standby" };
@@ -241,7 +277,12 @@ impl PeerTask {
     fn publish(&self) {
         let up = self.links.iter().filter(|l| !l.link.is_closed()).count();
         let peer = self.peer().to_string();
-        metrics::gauge!(m::LINK_UP, "peer" => peer.clone(), "role" => "primary").set(if up > 0 { 1.0 } else { 0.0 });
-        metrics::gauge!(m::LINK_UP, "peer" => peer, "role" => "standby").set(up.saturating_sub(1) as f64);
+        metrics::gauge!(m::LINK_UP, "peer" => peer.clone(), "role" => "primary").set(if up > 0 {
+            1.0
+        } else {
+            0.0
+        });
+        metrics::gauge!(m::LINK_UP, "peer" => peer, "role" => "standby")
+            .set(up.saturating_sub(1) as f64);
     }
 }

@@ -12,7 +12,11 @@ pub struct Backoff {
 
 impl Backoff {
     pub fn new(min: Duration, max: Duration) -> Self {
-        Backoff { min, max: max.max(min), failures: 0 }
+        Backoff {
+            min,
+            max: max.max(min),
+            failures: 0,
+        }
     }
 
     /// The delay before the next attempt after one more failure. `unit` is a
@@ -48,7 +52,13 @@ mod tests {
     #[test]
     fn grows_exponentially_to_the_cap() {
         let mut b = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
-        let ceilings: Vec<_> = (0..8).map(|_| { let c = b.ceiling(); b.fail(1.0); c.as_millis() }).collect();
+        let ceilings: Vec<_> = (0..8)
+            .map(|_| {
+                let c = b.ceiling();
+                b.fail(1.0);
+                c.as_millis()
+            })
+            .collect();
         assert_eq!(ceilings, [100, 200, 400, 800, 1600, 2000, 2000, 2000]);
     }
 

@@ -97,21 +97,45 @@ impl Link {
 
 impl Drop for Link {
     fn drop(&mut self) {
-        self.shared.close(CloseReason::new("dropped", ""));
+        self.close("closed", "link handle dropped");
     }
 }
 
 /// Starts a link's tasks. Events (frames, RTT samples, the one `Closed`)
-/// arrive on `events`. The link also closes when `parent` is cancelled.
-pub fn spawn(est: Established, params: LinkParams, events: mpsc::Sender<LinkEvent>, parent: &CancellationToken, tracker: &TaskTracker) -> Link {
+/// arrive on `events`. The owner closes the link (`close`, or by dropping
+/// the handle), so that the peer always hears a goodbye with the reason.
+pub fn spawn(
+    est: Established,
+    params: LinkParams,
+    events: mpsc::Sender<LinkEvent>,
+    tracker: &TaskTracker,
+) -> Link {
     let id = NEXT_LINK_ID.fetch_add(1, Ordering::Relaxed);
     let (control_tx, control_rx) = mpsc::channel(CONTROL_QUEUE);
     let (data_tx, data_rx) = mpsc::channel(DATA_QUEUE);
-    let shared = Arc::new(Shared { cancel: parent.child_token(), reason: OnceLock::new(), goodbye: Mutex::new(None) });
+    let shared = Arc::new(Shared {
+        cancel: CancellationToken::new(),
+        reason: OnceLock::new(),
+        goodbye: Mutex::new(None),
+    });
     let (rd, wr) = tokio::io::split(est.io);
     let epoch = Instant::now();
-    let reader = Reader { id, rd, buf: est.rest, params: params.clone(), events: events.clone(), control: control_tx.clone(), epoch };
-    let writer = Writer { wr, params, control: control_rx, data: data_rx, epoch };
+    let reader = Reader {
+        id,
+        rd,
+        buf: est.rest,
+        params: params.clone(),
+        events: events.clone(),
+        control: control_tx.clone(),
+        epoch,
+    };
+    let writer = Writer {
+        wr,
+        params,
+        control: control_rx,
+        data: data_rx,
+        epoch,
+    };
     let task_shared = shared.clone();
     tracker.spawn(async move {
         let shared = task_shared;
@@ -124,10 +148,19 @@ pub fn spawn(est: Established, params: LinkParams, events: mpsc::Sender<LinkEven
             shared.close(why);
         };
         tokio::join!(r, w);
-        let reason = shared.reason.get().cloned().unwrap_or_else(|| CloseReason::new("closed", ""));
+        let reason = shared
+            .reason
+            .get()
+            .cloned()
+            .unwrap_or_else(|| CloseReason::new("closed", ""));
         let _ = events.send(LinkEvent::Closed { link: id, reason }).await;
     });
-    Link { id, control: control_tx, data: data_tx, shared }
+    Link {
+        id,
+        control: control_tx,
+        data: data_tx,
+        shared,
+    }
 }
 
 fn micros_since(epoch: Instant) -> u64 {
@@ -150,7 +183,8 @@ impl Reader {
         let received = metrics::counter!(m::BYTES_RECEIVED, "peer" => peer.clone());
         let rtt_hist = metrics::histogram!(m::LINK_RTT, "peer" => peer.clone());
         let reject = |e: &codec::CodecError| {
-            metrics::counter!(m::FRAMES_REJECTED, "peer" => peer.clone(), "reason" => e.reason()).increment(1);
+            metrics::counter!(m::FRAMES_REJECTED, "peer" => peer.clone(), "reason" => e.reason())
+                .increment(1);
             tracing::warn!(peer = %peer, link = self.id, "closing link: bad frame from peer: {e}");
             CloseReason::new(e.reason(), e.to_string())
         };
@@ -163,8 +197,15 @@ impl Reader {
                 };
                 match frame.header {
                     Header::Ping { nonce } => {
-                        if self.control.try_send(Frame::control(Header::Pong { nonce })).is_err() {
-                            return CloseReason::new("control_overflow", "peer pings faster than we can answer");
+                        if self
+                            .control
+                            .try_send(Frame::control(Header::Pong { nonce }))
+                            .is_err()
+                        {
+                            return CloseReason::new(
+                                "control_overflow",
+                                "peer pings faster than we can answer",
+                            );
                         }
                     }
                     Header::Pong { nonce } => {
@@ -177,12 +218,22 @@ impl Reader {
                     }
                     Header::Goodbye { reason } => return CloseReason::new("goodbye", reason),
                     Header::Data { .. } => {
-                        if self.events.send(LinkEvent::Frame { link: self.id, frame }).await.is_err() {
+                        if self
+                            .events
+                            .send(LinkEvent::Frame {
+                                link: self.id,
+                                frame,
+                            })
+                            .await
+                            .is_err()
+                        {
                             return CloseReason::new("shutdown", "");
                         }
                     }
                     other => {
-                        let e = codec::CodecError::Garbage(format!("unexpected {other:?} on a running link"));
+                        let e = codec::CodecError::Garbage(format!(
+                            "unexpected {other:?} on a running link"
+                        ));
                         return reject(&e);
                     }
                 }
@@ -193,7 +244,10 @@ impl Reader {
             };
             match read {
                 Err(_) => {
-                    return CloseReason::new("dead", format!("nothing received for {:?}", self.params.dead_after));
+                    return CloseReason::new(
+                        "dead",
+                        format!("nothing received for {:?}", self.params.dead_after),
+                    );
                 }
                 Ok(Ok(0)) => {
                     return match codec::check_eof(&self.buf) {
@@ -267,12 +321,21 @@ impl Writer {
         CloseReason::new("closed", "")
     }
 
-    async fn write(&mut self, out: &mut BytesMut, sent: &metrics::Counter) -> Result<(), CloseReason> {
+    async fn write(
+        &mut self,
+        out: &mut BytesMut,
+        sent: &metrics::Counter,
+    ) -> Result<(), CloseReason> {
         if out.is_empty() {
             return Ok(());
         }
         let dead_after = self.params.dead_after;
-        let stalled = || CloseReason::new("write_stall", format!("a write made no progress for {dead_after:?}"));
+        let stalled = || {
+            CloseReason::new(
+                "write_stall",
+                format!("a write made no progress for {dead_after:?}"),
+            )
+        };
         let mut off = 0;
         while off < out.len() {
             match tokio::time::timeout(dead_after, self.wr.write(&out[off..])).await {

@@ -74,7 +74,12 @@ pub fn check_preamble(p: &[u8; PREAMBLE_LEN]) -> Result<u16, CodecError> {
 }
 
 /// Appends one frame to `out`.
-pub fn encode(header: &Header, body: &[u8], max: usize, out: &mut BytesMut) -> Result<(), CodecError> {
+pub fn encode(
+    header: &Header,
+    body: &[u8],
+    max: usize,
+    out: &mut BytesMut,
+) -> Result<(), CodecError> {
     let start = out.len();
     out.put_u32(0);
     let mut w = out.writer();
@@ -138,7 +143,10 @@ pub fn check_eof(buf: &BytesMut) -> Result<(), CodecError> {
     } else {
         LEN_PREFIX
     };
-    Err(CodecError::Truncated { have: buf.len(), want })
+    Err(CodecError::Truncated {
+        have: buf.len(),
+        want,
+    })
 }
 
 #[cfg(test)]
@@ -178,7 +186,14 @@ mod tests {
 
     #[test]
     fn partial_frames_wait_for_more() {
-        let whole = encode_frame(&Frame { header: Header::Data { seq: 1 }, body: Bytes::from_static(b"abcdef") }, MAX).unwrap();
+        let whole = encode_frame(
+            &Frame {
+                header: Header::Data { seq: 1 },
+                body: Bytes::from_static(b"abcdef"),
+            },
+            MAX,
+        )
+        .unwrap();
         for cut in 0..whole.len() {
             let mut buf = BytesMut::from(&whole[..cut]);
             assert!(decode(&mut buf, MAX).unwrap().is_none(), "cut at {cut}");
@@ -191,10 +206,21 @@ mod tests {
     #[test]
     fn oversize_is_rejected_from_the_prefix_alone() {
         let mut buf = BytesMut::from(&((MAX + 1) as u32).to_be_bytes()[..]);
-        assert_eq!(decode(&mut buf, MAX).unwrap_err(), CodecError::Oversize { len: MAX + 1, max: MAX });
+        assert_eq!(
+            decode(&mut buf, MAX).unwrap_err(),
+            CodecError::Oversize {
+                len: MAX + 1,
+                max: MAX
+            }
+        );
         let mut out = BytesMut::new();
         let big = vec![0u8; MAX];
-        assert_eq!(encode(&Header::Data { seq: 1 }, &big, MAX, &mut out).unwrap_err().reason(), "oversize");
+        assert_eq!(
+            encode(&Header::Data { seq: 1 }, &big, MAX, &mut out)
+                .unwrap_err()
+                .reason(),
+            "oversize"
+        );
         assert!(out.is_empty(), "a refused frame leaves nothing behind");
     }
 

@@ -41,12 +41,20 @@ pub struct Hello {
 pub enum Header {
     Hello(Hello),
     /// Heartbeat; answered with `Pong` carrying the same nonce.
-    Ping { nonce: u64 },
-    Pong { nonce: u64 },
+    Ping {
+        nonce: u64,
+    },
+    Pong {
+        nonce: u64,
+    },
     /// Application data; the body is the payload.
-    Data { seq: u64 },
+    Data {
+        seq: u64,
+    },
     /// The sender is closing this connection on purpose.
-    Goodbye { reason: String },
+    Goodbye {
+        reason: String,
+    },
 }
 
 impl Header {
@@ -65,6 +73,9 @@ pub struct Frame {
 
 impl Frame {
     pub fn control(header: Header) -> Self {
-        Frame { header, body: bytes::Bytes::new() }
+        Frame {
+            header,
+            body: bytes::Bytes::new(),
+        }
     }
 }

@@ -1,0 +1,140 @@
+//! The command line: `check` reports every problem at once and binds
+//! nothing; `certs` makes usable material; the shipped example is valid.
+
+mod support;
+
+use std::process::Command;
+
+use support::*;
+
+#[test]
+fn the_example_config_passes_check_with_dev_certificates_next_to_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let example = dir.path().join("gateway.toml");
+    std::fs::copy(
+        concat!(env!("CARGO_MANIFEST_DIR"), "/gateway.toml.example"),
+        &example,
+    )
+    .unwrap();
+    // Without certificates, check names each missing file with its line.
+    let (code, out) = check(&example);
+    assert_eq!(code, 64, "{out}");
+    for line in [21, 22, 23] {
+        assert!(
+            out.contains(&format!("gateway.toml:{line}: cannot read")),
+            "missing line {line} in:\n{out}"
+        );
+    }
+    let st = Command::new(BIN)
+        .args(["certs", "--out"])
+        .arg(dir.path().join("certs"))
+        .arg("dc1")
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let (code, out) = check(&example);
+    assert_eq!((code, out.trim()), (0, "ok"));
+}
+
+#[test]
+fn check_reports_several_problems_of_one_file_at_once() {
+    let certs = Certs::new(&["dc1", "dc2"]);
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(
+        &bad,
+        format!(
+            "[gateway]\ncluster = \"dc1\"\nlisten = \"nowhere\"\nheartbeat_ms = 0\ncolour = \"red\"\n\
+             [tls]\ncert = {:?}\nkey = {:?}\nca = {:?}\n\
+             [[route]]\ncluster = \"dc2\"\nendpoints = [\"10.0.0.1\"]\nsocks5_password = \"pa55word\"\n",
+            certs.path("dc2.pem"),
+            certs.path("dc2.key"),
+            certs.path("ca.pem")
+        ),
+    )
+    .unwrap();
+    let (code, out) = check(&bad);
+    assert_eq!(code, 64);
+    let expect = [
+        (3, "is not an IP:port address"),
+        (4, "heartbeat_ms = 0 is out of range"),
+        (5, "unknown key \"colour\""),
+        (12, "is not host:port"),
+        (13, "go together"),
+        (7, "does not name cluster \"dc1\""),
+    ];
+    for (line, msg) in expect {
+        assert!(
+            out.lines()
+                .any(|l| l.contains(&format!("bad.toml:{line}: ")) && l.contains(msg)),
+            "no {msg:?} at line {line} in:\n{out}"
+        );
+    }
+    assert!(!out.contains("pa55word"), "check printed a secret:\n{out}");
+    // A key that does not fit its certificate is reported at the key line.
+    std::fs::write(
+        &bad,
+        format!(
+            "[gateway]\ncluster = \"dc1\"\n[tls]\ncert = {:?}\nkey = {:?}\nca = {:?}\n",
+            certs.path("dc1.pem"),
+            certs.path("dc2.key"),
+            certs.path("ca.pem")
+        ),
+    )
+    .unwrap();
+    let (code, out) = check(&bad);
+    assert_eq!(code, 64);
+    assert!(
+        out.contains("bad.toml:5: ") && out.contains("does not fit"),
+        "{out}"
+    );
+}
+
+#[test]
+fn check_binds_nothing_and_run_refuses_a_bad_config_with_64() {
+    let certs = Certs::new(&["dc1"]);
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("gw.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[gateway]\ncluster = \"dc1\"\nlisten = \"{}\"\n{}",
+            taken.local_addr().unwrap(),
+            certs.tls_table("dc1")
+        ),
+    )
+    .unwrap();
+    // The port is in use, yet check passes: it never binds.
+    assert_eq!(check(&cfg), (0, "ok\n".to_string()));
+    // run does bind, fails, and says so.
+    let out = Command::new(BIN)
+        .args(["run", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot listen on"));
+
+    std::fs::write(&cfg, "[gateway]\n").unwrap();
+    let out = Command::new(BIN)
+        .args(["run", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("missing required key \"cluster\""));
+}
+
+#[test]
+fn certs_refuses_a_name_that_cannot_be_a_cluster() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(BIN)
+        .args(["certs", "--out"])
+        .arg(dir.path())
+        .arg("Not_A_Name")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("must be a DNS name"));
+}
