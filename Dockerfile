@@ -1,0 +1,22 @@
+# Build: docker build -t wandist .
+# Run:   docker run -v /path/to/config-dir:/etc/wandist:ro -p 4370:4370 -p 9570:9570 wandist
+# In a container, set [metrics] listen = "0.0.0.0:9570" to scrape from outside.
+
+FROM rust:1-bookworm AS build
+WORKDIR /src
+COPY Cargo.toml Cargo.lock ./
+COPY src ./src
+COPY benches ./benches
+RUN cargo build --release --locked --bin wandist \
+ && strip target/release/wandist
+
+FROM debian:bookworm-slim
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends ca-certificates \
+ && rm -rf /var/lib/apt/lists/* \
+ && useradd --system --uid 10001 --home-dir /nonexistent --shell /usr/sbin/nologin wandist
+COPY --from=build /src/target/release/wandist /usr/local/bin/wandist
+USER 10001:10001
+EXPOSE 4370 9570
+ENTRYPOINT ["/usr/local/bin/wandist"]
+CMD ["run", "--config", "/etc/wandist/gateway.toml"]
