@@ -365,3 +365,57 @@ fn plaintext_is_refused_unless_the_route_allows_it() {
     );
     assert!(dc1.wait_log("link up from", SOON).contains("PLAINTEXT"));
 }
+
+#[test]
+fn a_dialer_never_hangs_on_a_silent_peer_or_proxy() {
+    let certs = Certs::new(&["dc1", "dc2", "dc3", "dc4"]);
+    let rt = runtime();
+    // Accept TCP and say nothing, forever (held open until the test ends).
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let silent_addr = silent.local_addr().unwrap();
+    // Complete TLS as dc2, then say nothing.
+    let tls_then_silent = rt
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .unwrap();
+    let tls_addr = tls_then_silent.local_addr().unwrap();
+    let dc2 = tls_of(&certs, "dc2");
+    rt.spawn(async move {
+        let mut held = Vec::new();
+        loop {
+            let Ok((tcp, _)) = tls_then_silent.accept().await else {
+                return;
+            };
+            if let Ok(s) = tokio_rustls::TlsAcceptor::from(dc2.server.clone())
+                .accept(tcp)
+                .await
+            {
+                held.push(s);
+            }
+        }
+    });
+    let dc1 = Gateway::start("dc1", &format!(
+        "{}{}[[route]]\ncluster = \"dc2\"\nendpoints = [\"{tls_addr}\"]\n\
+         [[route]]\ncluster = \"dc3\"\nendpoints = [\"{silent_addr}\"]\n\
+         [[route]]\ncluster = \"dc4\"\nendpoints = [\"10.9.9.9:4370\"]\nsocks5 = \"{silent_addr}\"\n",
+        gateway_table_with("dc1", false, "handshake_timeout_ms = 300\n"),
+        certs.tls_table("dc1")
+    ));
+    dc1.wait_metric(
+        "wandist_handshake_failures_total",
+        &[("peer", "dc2"), ("reason", "hello_timeout")],
+        |v| v >= 1.0,
+    );
+    dc1.wait_metric(
+        "wandist_handshake_failures_total",
+        &[("peer", "dc3"), ("reason", "tls_timeout")],
+        |v| v >= 1.0,
+    );
+    dc1.wait_metric(
+        "wandist_handshake_failures_total",
+        &[("peer", "dc4"), ("reason", "socks_timeout")],
+        |v| v >= 1.0,
+    );
+    let line = dc1.wait_log("SOCKS5 negotiation timed out after 300ms", SOON);
+    assert!(line.contains("dc4"), "{line}");
+    drop(silent);
+}
