@@ -9,10 +9,8 @@ fn frames(c: &mut Criterion) {
     let max = codec::DEFAULT_MAX_FRAME_BYTES;
     let mut group = c.benchmark_group("frame");
     for size in [100usize, 64 * 1024] {
-        let frame = Frame {
-            header: Header::Data { seq: 123_456 },
-            body: Bytes::from(vec![7u8; size]),
-        };
+        let frame =
+            Frame { header: Header::Data { epoch: 9, seq: 123_456, more: false }, body: Bytes::from(vec![7u8; size]) };
         group.throughput(Throughput::Bytes(size as u64));
         group.bench_with_input(BenchmarkId::new("encode", size), &frame, |b, f| {
             let mut out = BytesMut::with_capacity(size + 64);

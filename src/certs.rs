@@ -4,8 +4,8 @@
 use std::path::{Path, PathBuf};
 
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
-    Issuer, KeyPair, KeyUsagePurpose, SanType,
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose, SanType,
 };
 
 use crate::config::check_cluster_name;
@@ -17,26 +17,16 @@ pub enum CertsError {
     #[error("certificate generation failed: {0}")]
     Rcgen(#[from] rcgen::Error),
     #[error("cannot write {path}: {source}")]
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Io { path: PathBuf, source: std::io::Error },
 }
 
 fn write(path: PathBuf, text: &str, private: bool) -> Result<PathBuf, CertsError> {
-    std::fs::write(&path, text).map_err(|source| CertsError::Io {
-        path: path.clone(),
-        source,
-    })?;
+    std::fs::write(&path, text).map_err(|source| CertsError::Io { path: path.clone(), source })?;
     #[cfg(unix)]
     if private {
         use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).map_err(
-            |source| CertsError::Io {
-                path: path.clone(),
-                source,
-            },
-        )?;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
+            .map_err(|source| CertsError::Io { path: path.clone(), source })?;
     }
     let _ = private;
     Ok(path)
@@ -47,20 +37,14 @@ pub fn generate(out: &Path, clusters: &[String]) -> Result<Vec<PathBuf>, CertsEr
     for c in clusters {
         check_cluster_name(c).map_err(CertsError::BadCluster)?;
     }
-    std::fs::create_dir_all(out).map_err(|source| CertsError::Io {
-        path: out.to_path_buf(),
-        source,
-    })?;
+    std::fs::create_dir_all(out).map_err(|source| CertsError::Io { path: out.to_path_buf(), source })?;
     let mut written = Vec::new();
 
     let ca_key = KeyPair::generate()?;
     let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
     ca_params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-    ca_params.key_usages = vec![
-        KeyUsagePurpose::KeyCertSign,
-        KeyUsagePurpose::CrlSign,
-        KeyUsagePurpose::DigitalSignature,
-    ];
+    ca_params.key_usages =
+        vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
     let mut dn = DistinguishedName::new();
     dn.push(DnType::CommonName, "wandist development CA");
     ca_params.distinguished_name = dn;
@@ -72,28 +56,15 @@ pub fn generate(out: &Path, clusters: &[String]) -> Result<Vec<PathBuf>, CertsEr
     for cluster in clusters {
         let key = KeyPair::generate()?;
         let mut params = CertificateParams::new(vec![cluster.clone(), "localhost".to_string()])?;
-        params
-            .subject_alt_names
-            .push(SanType::IpAddress(std::net::Ipv4Addr::LOCALHOST.into()));
+        params.subject_alt_names.push(SanType::IpAddress(std::net::Ipv4Addr::LOCALHOST.into()));
         let mut dn = DistinguishedName::new();
         dn.push(DnType::CommonName, cluster.as_str());
         params.distinguished_name = dn;
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        params.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
         let cert = params.signed_by(&key, &issuer)?;
-        written.push(write(
-            out.join(format!("{cluster}.pem")),
-            &cert.pem(),
-            false,
-        )?);
-        written.push(write(
-            out.join(format!("{cluster}.key")),
-            &key.serialize_pem(),
-            true,
-        )?);
+        written.push(write(out.join(format!("{cluster}.pem")), &cert.pem(), false)?);
+        written.push(write(out.join(format!("{cluster}.key")), &key.serialize_pem(), true)?);
     }
     Ok(written)
 }
@@ -108,28 +79,14 @@ mod tests {
     fn generated_certificates_load_and_name_their_cluster() {
         let dir = tempfile::tempdir().unwrap();
         generate(dir.path(), &["dc1".into(), "dc2".into()]).unwrap();
-        let at = |f: &str| PathAt {
-            path: dir.path().join(f),
-            line: None,
-        };
-        let files = TlsFiles {
-            cert: at("dc1.pem"),
-            key: at("dc1.key"),
-            ca: at("ca.pem"),
-        };
+        let at = |f: &str| PathAt { path: dir.path().join(f), line: None };
+        let files = TlsFiles { cert: at("dc1.pem"), key: at("dc1.key"), ca: at("ca.pem") };
         Tls::load(&files, Some("dc1"), Path::new("x.toml")).unwrap();
         let problems = Tls::load(&files, Some("dc2"), Path::new("x.toml")).unwrap_err();
-        assert!(
-            problems[0]
-                .message
-                .contains("does not name cluster \"dc2\""),
-            "{problems:?}"
-        );
+        assert!(problems[0].message.contains("does not name cluster \"dc2\""), "{problems:?}");
 
         let pem = std::fs::read(dir.path().join("dc2.pem")).unwrap();
-        let chain: Vec<_> = rustls_pemfile::certs(&mut &pem[..])
-            .collect::<Result<_, _>>()
-            .unwrap();
+        let chain: Vec<_> = rustls_pemfile::certs(&mut &pem[..]).collect::<Result<_, _>>().unwrap();
         peer_is(&chain, "dc2").unwrap();
         peer_is(&chain, "localhost").unwrap();
         assert!(peer_is(&chain, "dc1").is_err());
@@ -138,39 +95,19 @@ mod tests {
     #[test]
     fn bad_cluster_names_are_refused() {
         let dir = tempfile::tempdir().unwrap();
-        assert!(matches!(
-            generate(dir.path(), &["DC1".into()]),
-            Err(CertsError::BadCluster(_))
-        ));
+        assert!(matches!(generate(dir.path(), &["DC1".into()]), Err(CertsError::BadCluster(_))));
     }
 
     #[test]
     fn a_key_from_another_pair_is_reported() {
         let dir = tempfile::tempdir().unwrap();
         generate(dir.path(), &["dc1".into(), "dc2".into()]).unwrap();
-        let at = |f: &str| PathAt {
-            path: dir.path().join(f),
-            line: Some(3),
-        };
-        let files = TlsFiles {
-            cert: at("dc1.pem"),
-            key: at("dc2.key"),
-            ca: at("missing.pem"),
-        };
+        let at = |f: &str| PathAt { path: dir.path().join(f), line: Some(3) };
+        let files = TlsFiles { cert: at("dc1.pem"), key: at("dc2.key"), ca: at("missing.pem") };
         let problems = Tls::load(&files, Some("dc1"), Path::new("x.toml")).unwrap_err();
-        assert!(
-            problems.iter().any(|p| p.message.contains("missing.pem")),
-            "{problems:?}"
-        );
-        let files = TlsFiles {
-            cert: at("dc1.pem"),
-            key: at("dc2.key"),
-            ca: at("ca.pem"),
-        };
+        assert!(problems.iter().any(|p| p.message.contains("missing.pem")), "{problems:?}");
+        let files = TlsFiles { cert: at("dc1.pem"), key: at("dc2.key"), ca: at("ca.pem") };
         let problems = Tls::load(&files, Some("dc1"), Path::new("x.toml")).unwrap_err();
-        assert!(
-            problems.iter().any(|p| p.message.contains("does not fit")),
-            "{problems:?}"
-        );
+        assert!(problems.iter().any(|p| p.message.contains("does not fit")), "{problems:?}");
     }
 }

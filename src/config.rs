@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use toml_edit::{Item, TableLike, Value};
 
+use crate::route::Window;
 use crate::wire::codec::{DEFAULT_MAX_FRAME_BYTES, MAX_FRAME_LIMIT, MIN_FRAME_LIMIT};
 
 /// Largest size of a config file we are willing to read.
@@ -87,6 +88,8 @@ pub struct GatewayConfig {
     pub shutdown_grace: Duration,
     pub max_frame_bytes: usize,
     pub max_pending_handshakes: usize,
+    /// Per route: more members than this from one peer is refused.
+    pub max_imported_members: usize,
 }
 
 /// Paths to PEM files, already resolved against the config's folder, with
@@ -112,10 +115,34 @@ pub struct MetricsConfig {
 #[derive(Debug, Clone)]
 pub struct RouteConfig {
     pub cluster: String,
-    pub endpoints: Vec<Endpoint>,
+    pub endpoints: Vec<Dial>,
     pub standby: u8,
-    pub socks5: Option<Socks5>,
     pub insecure_plaintext: bool,
+    /// Unacknowledged messages we keep for this peer (and the most we
+    /// buffer of its messages undelivered).
+    pub window: Window,
+    /// Group-name patterns exported to / imported from this peer.
+    pub export: Vec<String>,
+    pub import: Vec<String>,
+}
+
+/// Default per-route window: enough to keep a 200 ms link busy.
+pub const DEFAULT_WINDOW: Window = Window { messages: 65_536, bytes: 64 * 1024 * 1024 };
+
+/// One way to reach a peer gateway: an address, maybe through a proxy.
+#[derive(Debug, Clone)]
+pub struct Dial {
+    pub endpoint: Endpoint,
+    pub socks5: Option<Socks5>,
+}
+
+impl fmt::Display for Dial {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.socks5 {
+            Some(s) => write!(f, "{} via SOCKS5 {}", self.endpoint, s.proxy),
+            None => write!(f, "{}", self.endpoint),
+        }
+    }
 }
 
 impl RouteConfig {
@@ -146,32 +173,20 @@ impl fmt::Display for Endpoint {
 impl std::str::FromStr for Endpoint {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        let (host, port) = s
-            .rsplit_once(':')
-            .ok_or_else(|| format!("{s:?} is not host:port"))?;
+        let (host, port) = s.rsplit_once(':').ok_or_else(|| format!("{s:?} is not host:port"))?;
         let host = match host.strip_prefix('[') {
-            Some(h) => h
-                .strip_suffix(']')
-                .ok_or_else(|| format!("{s:?}: unclosed '['"))?,
-            None if host.contains(':') => {
-                return Err(format!("{s:?}: write IPv6 addresses as [addr]:port"))
-            }
+            Some(h) => h.strip_suffix(']').ok_or_else(|| format!("{s:?}: unclosed '['"))?,
+            None if host.contains(':') => return Err(format!("{s:?}: write IPv6 addresses as [addr]:port")),
             None => host,
         };
-        if host.is_empty()
-            || host.len() > 253
-            || host.chars().any(|c| c.is_whitespace() || c == '/')
-        {
+        if host.is_empty() || host.len() > 253 || host.chars().any(|c| c.is_whitespace() || c == '/') {
             return Err(format!("{s:?}: bad host"));
         }
         let port: u16 = port.parse().map_err(|_| format!("{s:?}: bad port"))?;
         if port == 0 {
             return Err(format!("{s:?}: port 0 cannot be dialed"));
         }
-        Ok(Endpoint {
-            host: host.to_string(),
-            port,
-        })
+        Ok(Endpoint { host: host.to_string(), port })
     }
 }
 
@@ -189,19 +204,10 @@ impl Config {
 
     /// Reads a file, refusing one too large to be a configuration.
     pub fn read(path: &Path) -> Result<String, Vec<Problem>> {
-        let problem = |message: String| {
-            vec![Problem {
-                file: path.to_path_buf(),
-                line: None,
-                message,
-            }]
-        };
+        let problem = |message: String| vec![Problem { file: path.to_path_buf(), line: None, message }];
         let meta = std::fs::metadata(path).map_err(|e| problem(format!("cannot read: {e}")))?;
         if meta.len() > MAX_CONFIG_BYTES {
-            return Err(problem(format!(
-                "file is {} bytes; the limit is {MAX_CONFIG_BYTES}",
-                meta.len()
-            )));
+            return Err(problem(format!("file is {} bytes; the limit is {MAX_CONFIG_BYTES}", meta.len())));
         }
         std::fs::read_to_string(path).map_err(|e| problem(format!("cannot read: {e}")))
     }
@@ -214,10 +220,7 @@ impl Config {
     /// Like `parse`, but also returns what could be read of the `[tls]` table
     /// and the cluster name even when other parts are wrong, so their files
     /// can be checked too and every problem reported at once.
-    pub fn parse_partial(
-        text: &str,
-        path: &Path,
-    ) -> (Result<Config, Vec<Problem>>, Option<PartialTls>) {
+    pub fn parse_partial(text: &str, path: &Path) -> (Result<Config, Vec<Problem>>, Option<PartialTls>) {
         let mut cx = Cx {
             src: text,
             file: path,
@@ -233,11 +236,7 @@ impl Config {
             }
         };
         let root: &dyn TableLike = doc.as_table();
-        cx.allow_keys(
-            root,
-            &["gateway", "tls", "metrics", "route"],
-            "the top level",
-        );
+        cx.allow_keys(root, &["gateway", "tls", "metrics", "route"], "the top level");
 
         let gateway = match cx.table(root, "gateway", true) {
             Some(t) => cx.gateway(t),
@@ -245,32 +244,23 @@ impl Config {
         };
         let tls = cx.table(root, "tls", false).and_then(|t| cx.tls(t));
         let metrics = cx.table(root, "metrics", false).and_then(|t| cx.metrics(t));
-        let routes = cx.routes(
-            root.get("route"),
-            gateway.as_ref().map(|g| g.cluster.as_str()),
-        );
+        let routes = cx.routes(root.get("route"), gateway.as_ref().map(|g| g.cluster.as_str()));
 
         if let Some(routes) = &routes {
             let needs_tls = routes.is_empty() || routes.iter().any(|r| !r.insecure_plaintext);
             if needs_tls && root.get("tls").is_none() {
-                cx.err(None, "[tls] is required: every route uses mutual TLS unless it sets insecure_plaintext = true".into());
+                cx.err(
+                    None,
+                    "[tls] is required: every route uses mutual TLS unless it sets insecure_plaintext = true".into(),
+                );
             }
         }
         match (gateway, routes) {
-            (Some(gateway), Some(routes)) if cx.problems.is_empty() => (
-                Ok(Config {
-                    path: path.to_path_buf(),
-                    gateway,
-                    tls,
-                    metrics,
-                    routes,
-                }),
-                None,
-            ),
+            (Some(gateway), Some(routes)) if cx.problems.is_empty() => {
+                (Ok(Config { path: path.to_path_buf(), gateway, tls, metrics, routes }), None)
+            }
             (gateway, _) => {
-                let cluster = gateway
-                    .map(|g| g.cluster)
-                    .filter(|c| check_cluster_name(c).is_ok());
+                let cluster = gateway.map(|g| g.cluster).filter(|c| check_cluster_name(c).is_ok());
                 (Err(cx.problems), tls.map(|t| (t, cluster)))
             }
         }
@@ -286,9 +276,7 @@ pub fn check_cluster_name(name: &str) -> Result<(), String> {
     if name.is_empty() || name.len() > 63 {
         return Err(format!("cluster name {name:?} must be 1 to 63 characters"));
     }
-    let ok = name
-        .chars()
-        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.')
+    let ok = name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.')
         && !name.starts_with(['-', '.'])
         && !name.ends_with(['-', '.'])
         && !name.contains("..")
@@ -311,53 +299,28 @@ struct Cx<'a> {
 impl Cx<'_> {
     fn line(&self, span: Option<Range<usize>>) -> Option<usize> {
         let at = span?.start.min(self.src.len());
-        Some(
-            self.src.as_bytes()[..at]
-                .iter()
-                .filter(|&&b| b == b'\n')
-                .count()
-                + 1,
-        )
+        Some(self.src.as_bytes()[..at].iter().filter(|&&b| b == b'\n').count() + 1)
     }
 
     fn err(&mut self, span: Option<Range<usize>>, message: String) {
         let line = self.line(span);
-        self.problems.push(Problem {
-            file: self.file.to_path_buf(),
-            line,
-            message,
-        });
+        self.problems.push(Problem { file: self.file.to_path_buf(), line, message });
     }
 
     fn allow_keys(&mut self, t: &dyn TableLike, allowed: &[&str], what: &str) {
         for (k, item) in t.iter() {
             if !allowed.contains(&k) {
-                let span = t
-                    .get_key_value(k)
-                    .and_then(|(key, _)| key.span())
-                    .or_else(|| item.span());
-                self.err(
-                    span,
-                    format!(
-                        "unknown key {k:?} in {what} (allowed: {})",
-                        allowed.join(", ")
-                    ),
-                );
+                let span = t.get_key_value(k).and_then(|(key, _)| key.span()).or_else(|| item.span());
+                self.err(span, format!("unknown key {k:?} in {what} (allowed: {})", allowed.join(", ")));
             }
         }
     }
 
     fn key_span(t: &dyn TableLike, k: &str) -> Option<Range<usize>> {
-        t.get_key_value(k)
-            .and_then(|(key, item)| item.span().or_else(|| key.span()))
+        t.get_key_value(k).and_then(|(key, item)| item.span().or_else(|| key.span()))
     }
 
-    fn table<'t>(
-        &mut self,
-        t: &'t dyn TableLike,
-        k: &str,
-        required: bool,
-    ) -> Option<&'t dyn TableLike> {
+    fn table<'t>(&mut self, t: &'t dyn TableLike, k: &str, required: bool) -> Option<&'t dyn TableLike> {
         match t.get(k) {
             None => {
                 if required {
@@ -375,12 +338,7 @@ impl Cx<'_> {
         }
     }
 
-    fn value<'t>(
-        &mut self,
-        t: &'t dyn TableLike,
-        k: &str,
-        want: &str,
-    ) -> Option<(&'t Value, Option<Range<usize>>)> {
+    fn value<'t>(&mut self, t: &'t dyn TableLike, k: &str, want: &str) -> Option<(&'t Value, Option<Range<usize>>)> {
         let item = t.get(k)?;
         let span = Self::key_span(t, k);
         match item {
@@ -403,17 +361,9 @@ impl Cx<'_> {
         }
     }
 
-    fn required_string(
-        &mut self,
-        t: &dyn TableLike,
-        k: &str,
-        table: &str,
-    ) -> Option<(String, Option<Range<usize>>)> {
+    fn required_string(&mut self, t: &dyn TableLike, k: &str, table: &str) -> Option<(String, Option<Range<usize>>)> {
         if t.get(k).is_none() {
-            let span = t
-                .iter()
-                .next()
-                .and_then(|(first, _)| Self::key_span(t, first));
+            let span = t.iter().next().and_then(|(first, _)| Self::key_span(t, first));
             self.err(span, format!("missing required key {k:?} in {table}"));
             return None;
         }
@@ -472,10 +422,7 @@ impl Cx<'_> {
             self.err(span, format!("{k:?} must not be empty"));
             return None;
         }
-        Some(PathAt {
-            path: self.base.join(s),
-            line,
-        })
+        Some(PathAt { path: self.base.join(s), line })
     }
 
     fn gateway(&mut self, t: &dyn TableLike) -> Option<GatewayConfig> {
@@ -494,6 +441,7 @@ impl Cx<'_> {
                 "shutdown_grace_ms",
                 "max_frame_bytes",
                 "max_pending_handshakes",
+                "max_imported_members",
             ],
             "[gateway]",
         );
@@ -542,8 +490,8 @@ impl Cx<'_> {
             MAX_FRAME_LIMIT as i64,
             DEFAULT_MAX_FRAME_BYTES as i64,
         ) as usize;
-        let max_pending_handshakes =
-            self.integer(t, "max_pending_handshakes", 1, 65_536, 256) as usize;
+        let max_pending_handshakes = self.integer(t, "max_pending_handshakes", 1, 65_536, 256) as usize;
+        let max_imported_members = self.integer(t, "max_imported_members", 1, 100_000_000, 1_000_000) as usize;
         let (cluster, _) = cluster?;
         Some(GatewayConfig {
             cluster,
@@ -558,6 +506,7 @@ impl Cx<'_> {
             shutdown_grace,
             max_frame_bytes,
             max_pending_handshakes,
+            max_imported_members,
         })
     }
 
@@ -566,11 +515,7 @@ impl Cx<'_> {
         let cert = self.path(t, "cert", "[tls]");
         let key = self.path(t, "key", "[tls]");
         let ca = self.path(t, "ca", "[tls]");
-        Some(TlsFiles {
-            cert: cert?,
-            key: key?,
-            ca: ca?,
-        })
+        Some(TlsFiles { cert: cert?, key: key?, ca: ca? })
     }
 
     fn metrics(&mut self, t: &dyn TableLike) -> Option<MetricsConfig> {
@@ -578,9 +523,7 @@ impl Cx<'_> {
         if t.get("listen").is_none() {
             self.err(None, "missing required key \"listen\" in [metrics]".into());
         }
-        Some(MetricsConfig {
-            listen: self.socket_addr(t, "listen")?,
-        })
+        Some(MetricsConfig { listen: self.socket_addr(t, "listen")? })
     }
 
     fn routes(&mut self, item: Option<&Item>, own: Option<&str>) -> Option<Vec<RouteConfig>> {
@@ -589,27 +532,16 @@ impl Cx<'_> {
         };
         let tables: Vec<&dyn TableLike> = match item {
             Item::ArrayOfTables(a) => a.iter().map(|t| t as &dyn TableLike).collect(),
-            Item::Value(Value::Array(a)) if a.iter().all(|v| v.is_inline_table()) => a
-                .iter()
-                .filter_map(|v| v.as_inline_table())
-                .map(|t| t as &dyn TableLike)
-                .collect(),
+            Item::Value(Value::Array(a)) if a.iter().all(|v| v.is_inline_table()) => {
+                a.iter().filter_map(|v| v.as_inline_table()).map(|t| t as &dyn TableLike).collect()
+            }
             _ => {
-                self.err(
-                    item.span(),
-                    "route must be written as [[route]] tables".into(),
-                );
+                self.err(item.span(), "route must be written as [[route]] tables".into());
                 return None;
             }
         };
         if tables.len() > MAX_ROUTES {
-            self.err(
-                item.span(),
-                format!(
-                    "{} routes; at most {MAX_ROUTES} are supported",
-                    tables.len()
-                ),
-            );
+            self.err(item.span(), format!("{} routes; at most {MAX_ROUTES} are supported", tables.len()));
             return None;
         }
         let mut seen = BTreeSet::new();
@@ -622,12 +554,7 @@ impl Cx<'_> {
         Some(routes)
     }
 
-    fn route(
-        &mut self,
-        t: &dyn TableLike,
-        own: Option<&str>,
-        seen: &mut BTreeSet<String>,
-    ) -> Option<RouteConfig> {
+    fn route(&mut self, t: &dyn TableLike, own: Option<&str>, seen: &mut BTreeSet<String>) -> Option<RouteConfig> {
         self.allow_keys(
             t,
             &[
@@ -638,6 +565,10 @@ impl Cx<'_> {
                 "socks5_username",
                 "socks5_password",
                 "insecure_plaintext",
+                "window_messages",
+                "window_bytes",
+                "export",
+                "import",
             ],
             "[[route]]",
         );
@@ -646,46 +577,79 @@ impl Cx<'_> {
             if let Err(e) = check_cluster_name(c) {
                 self.err(span.clone(), e);
             } else if Some(c.as_str()) == own {
-                self.err(
-                    span.clone(),
-                    format!("route to {c:?} points at this gateway's own cluster"),
-                );
+                self.err(span.clone(), format!("route to {c:?} points at this gateway's own cluster"));
             } else if !seen.insert(c.clone()) {
-                self.err(
-                    span.clone(),
-                    format!("a second route for cluster {c:?}; one route per peer cluster"),
-                );
+                self.err(span.clone(), format!("a second route for cluster {c:?}; one route per peer cluster"));
             }
         }
-        let mut endpoints = Vec::new();
-        if let Some((v, span)) = self.value(t, "endpoints", "an array of \"host:port\" strings") {
+        let route_socks = self.socks5(t, "[[route]]");
+        let mut endpoints: Vec<Dial> = Vec::new();
+        const WANT: &str = "an array of \"host:port\" strings or { address = \"host:port\", socks5 = … } tables";
+        if let Some((v, span)) = self.value(t, "endpoints", WANT) {
             match v.as_array() {
                 Some(a) => {
                     for e in a.iter() {
-                        match e.as_str().map(str::parse::<Endpoint>) {
-                            Some(Ok(ep)) if endpoints.contains(&ep) => self.err(
-                                e.span().or(span.clone()),
-                                format!("endpoint {ep} is listed twice"),
-                            ),
-                            Some(Ok(ep)) => endpoints.push(ep),
-                            Some(Err(msg)) => {
-                                self.err(e.span().or(span.clone()), format!("endpoints: {msg}"))
+                        let at = e.span().or(span.clone());
+                        let dial = if let Some(table) = e.as_inline_table() {
+                            self.allow_keys(
+                                table,
+                                &["address", "socks5", "socks5_username", "socks5_password"],
+                                "an endpoint",
+                            );
+                            let socks5 = self.socks5(table, "an endpoint");
+                            match self.required_string(table, "address", "an endpoint") {
+                                Some((addr, aspan)) => match addr.parse::<Endpoint>() {
+                                    Ok(endpoint) => Some(Dial { endpoint, socks5 }),
+                                    Err(msg) => {
+                                        self.err(aspan, format!("endpoints: {msg}"));
+                                        None
+                                    }
+                                },
+                                None => None,
                             }
-                            None => self.err(
-                                e.span().or(span.clone()),
-                                "endpoints must hold \"host:port\" strings".into(),
-                            ),
+                        } else {
+                            match e.as_str().map(str::parse::<Endpoint>) {
+                                Some(Ok(endpoint)) => Some(Dial { endpoint, socks5: route_socks.clone() }),
+                                Some(Err(msg)) => {
+                                    self.err(at.clone(), format!("endpoints: {msg}"));
+                                    None
+                                }
+                                None => {
+                                    self.err(at.clone(), format!("endpoints must be {WANT}"));
+                                    None
+                                }
+                            }
+                        };
+                        if let Some(dial) = dial {
+                            if endpoints.iter().any(|d| {
+                                d.endpoint == dial.endpoint
+                                    && d.socks5.as_ref().map(|s| &s.proxy) == dial.socks5.as_ref().map(|s| &s.proxy)
+                            }) {
+                                self.err(at, format!("endpoint {} is listed twice", dial.endpoint));
+                            } else {
+                                endpoints.push(dial);
+                            }
                         }
                     }
                 }
-                None => self.err(
-                    span,
-                    "\"endpoints\" must be an array of \"host:port\" strings".into(),
-                ),
+                None => self.err(span, format!("\"endpoints\" must be {WANT}")),
             }
         }
         let standby = self.integer(t, "standby", 0, MAX_STANDBY as i64, 0) as u8;
-        let socks5 = match self.string(t, "socks5") {
+        let insecure_plaintext = self.bool(t, "insecure_plaintext");
+        let window = Window {
+            messages: self.integer(t, "window_messages", 1, 10_000_000, DEFAULT_WINDOW.messages as i64) as usize,
+            bytes: self.integer(t, "window_bytes", 1024, 1 << 40, DEFAULT_WINDOW.bytes as i64) as usize,
+        };
+        let export = self.patterns(t, "export");
+        let import = self.patterns(t, "import");
+        let (cluster, _) = cluster?;
+        Some(RouteConfig { cluster, endpoints, standby, insecure_plaintext, window, export, import })
+    }
+
+    /// `socks5`, `socks5_username`, `socks5_password` of a route or endpoint.
+    fn socks5(&mut self, t: &dyn TableLike, what: &str) -> Option<Socks5> {
+        let proxy = match self.string(t, "socks5") {
             Some((s, span)) => match s.parse::<Endpoint>() {
                 Ok(proxy) => Some(proxy),
                 Err(msg) => {
@@ -701,44 +665,41 @@ impl Cx<'_> {
             (None, None) => None,
             (Some((u, span)), Some((p, _))) => {
                 if u.is_empty() || u.len() > 255 || p.is_empty() || p.len() > 255 {
-                    self.err(
-                        span,
-                        "socks5_username and socks5_password must each be 1 to 255 bytes".into(),
-                    );
+                    self.err(span, "socks5_username and socks5_password must each be 1 to 255 bytes".into());
                 }
                 Some((u, Secret::new(p)))
             }
             (Some((_, span)), None) | (None, Some((_, span))) => {
-                self.err(
-                    span,
-                    "socks5_username and socks5_password go together".into(),
-                );
+                self.err(span, "socks5_username and socks5_password go together".into());
                 None
             }
         };
-        if auth.is_some() && socks5.is_none() && t.get("socks5").is_none() {
+        if auth.is_some() && t.get("socks5").is_none() {
             self.err(
                 Self::key_span(t, "socks5_username"),
-                "socks5_username is set but socks5 (the proxy address) is not".into(),
+                format!("socks5_username is set in {what} but socks5 (the proxy address) is not"),
             );
         }
-        let insecure_plaintext = self.bool(t, "insecure_plaintext");
-        let (cluster, _) = cluster?;
-        Some(RouteConfig {
-            cluster,
-            endpoints,
-            standby,
-            socks5: socks5.map(|proxy| Socks5 { proxy, auth }),
-            insecure_plaintext,
-        })
+        proxy.map(|proxy| Socks5 { proxy, auth })
+    }
+
+    /// A list of group-name patterns; absent = everything.
+    fn patterns(&mut self, t: &dyn TableLike, k: &str) -> Vec<String> {
+        let Some((v, span)) = self.value(t, k, "an array of group-name patterns") else { return vec!["*".into()] };
+        match v.as_array() {
+            Some(a) if a.iter().all(|p| p.as_str().is_some_and(|s| !s.is_empty() && s.len() <= 255)) => {
+                a.iter().filter_map(|p| p.as_str().map(String::from)).collect()
+            }
+            _ => {
+                self.err(span, format!("{k:?} must be an array of non-empty group-name patterns like \"chat.*\""));
+                Vec::new()
+            }
+        }
     }
 }
 
 fn default_gateway_name() -> String {
-    std::env::var("HOSTNAME")
-        .ok()
-        .filter(|h| !h.is_empty())
-        .unwrap_or_else(|| "wandist".to_string())
+    std::env::var("HOSTNAME").ok().filter(|h| !h.is_empty()).unwrap_or_else(|| "wandist".to_string())
 }
 
 #[cfg(test)]
@@ -785,17 +746,13 @@ socks5_password = "hunter2"
         assert_eq!(tls.cert.line, Some(8));
         let r = &c.routes[0];
         assert_eq!(r.endpoints.len(), 3);
-        assert_eq!(
-            r.endpoints[1],
-            Endpoint {
-                host: "gw.dc2.example".into(),
-                port: 4370
-            }
-        );
-        assert_eq!(r.endpoints[2].to_string(), "[::1]:4370");
+        assert_eq!(r.endpoints[1].endpoint, Endpoint { host: "gw.dc2.example".into(), port: 4370 });
+        assert_eq!(r.endpoints[2].endpoint.to_string(), "[::1]:4370");
         assert_eq!(r.links_wanted(), 2);
-        let socks = r.socks5.as_ref().unwrap();
+        let socks = r.endpoints[0].socks5.as_ref().unwrap();
         assert_eq!(socks.auth.as_ref().unwrap().1.expose(), "hunter2");
+        assert_eq!(r.window, DEFAULT_WINDOW);
+        assert_eq!(r.export, vec!["*".to_string()]);
     }
 
     #[test]
@@ -831,9 +788,7 @@ cluster = "dc2"
         let text: Vec<String> = problems.iter().map(|p| p.to_string()).collect();
         let has = |needle: &str, line: usize| {
             assert!(
-                problems
-                    .iter()
-                    .any(|p| p.message.contains(needle) && p.line == Some(line)),
+                problems.iter().any(|p| p.message.contains(needle) && p.line == Some(line)),
                 "no problem {needle:?} at line {line} in {text:#?}"
             )
         };
@@ -862,25 +817,15 @@ cluster = "dc2"
     #[test]
     fn missing_gateway_and_tls_are_reported() {
         let problems = parse("[[route]]\ncluster = \"dc2\"\n").unwrap_err();
-        assert!(
-            problems
-                .iter()
-                .any(|p| p.message.contains("missing required table [gateway]")),
-            "{problems:?}"
-        );
-        let problems =
-            parse("[gateway]\ncluster = \"dc1\"\n[[route]]\ncluster = \"dc2\"\n").unwrap_err();
-        assert!(
-            problems
-                .iter()
-                .any(|p| p.message.contains("[tls] is required")),
-            "{problems:?}"
-        );
+        assert!(problems.iter().any(|p| p.message.contains("missing required table [gateway]")), "{problems:?}");
+        let problems = parse("[gateway]\ncluster = \"dc1\"\n[[route]]\ncluster = \"dc2\"\n").unwrap_err();
+        assert!(problems.iter().any(|p| p.message.contains("[tls] is required")), "{problems:?}");
     }
 
     #[test]
     fn plaintext_routes_need_no_tls() {
-        let c = parse("[gateway]\ncluster = \"dc1\"\n[[route]]\ncluster = \"dc2\"\ninsecure_plaintext = true\n").unwrap();
+        let c =
+            parse("[gateway]\ncluster = \"dc1\"\n[[route]]\ncluster = \"dc2\"\ninsecure_plaintext = true\n").unwrap();
         assert!(c.tls.is_none());
         assert!(c.routes[0].insecure_plaintext);
     }
@@ -891,30 +836,51 @@ cluster = "dc2"
             "[gateway]\ncluster = \"dc1\"\nlisten = 4370\n[[route]]\ncluster = \"dc1\"\ninsecure_plaintext = \"yes\"\nendpoints = \"a:1\"\n",
         )
         .unwrap_err();
-        let msgs: Vec<_> = problems
-            .iter()
-            .map(|p| (p.line, p.message.as_str()))
-            .collect();
-        assert!(
-            msgs.iter()
-                .any(|(l, m)| *l == Some(3) && m.contains("must be a string")),
-            "{msgs:?}"
-        );
-        assert!(
-            msgs.iter()
-                .any(|(l, m)| *l == Some(5) && m.contains("own cluster")),
-            "{msgs:?}"
-        );
-        assert!(
-            msgs.iter()
-                .any(|(l, m)| *l == Some(6) && m.contains("true or false")),
-            "{msgs:?}"
-        );
-        assert!(
-            msgs.iter()
-                .any(|(l, m)| *l == Some(7) && m.contains("array")),
-            "{msgs:?}"
-        );
+        let msgs: Vec<_> = problems.iter().map(|p| (p.line, p.message.as_str())).collect();
+        assert!(msgs.iter().any(|(l, m)| *l == Some(3) && m.contains("must be a string")), "{msgs:?}");
+        assert!(msgs.iter().any(|(l, m)| *l == Some(5) && m.contains("own cluster")), "{msgs:?}");
+        assert!(msgs.iter().any(|(l, m)| *l == Some(6) && m.contains("true or false")), "{msgs:?}");
+        assert!(msgs.iter().any(|(l, m)| *l == Some(7) && m.contains("array")), "{msgs:?}");
+    }
+
+    #[test]
+    fn endpoints_may_mix_direct_and_proxied_paths() {
+        let c = parse(
+            r#"
+[gateway]
+cluster = "dc1"
+[[route]]
+cluster = "dc2"
+insecure_plaintext = true
+socks5 = "127.0.0.1:1080"
+endpoints = [
+  "10.0.0.1:4370",
+  { address = "10.0.0.2:4370" },
+  { address = "10.0.0.2:4370", socks5 = "127.0.0.1:1081", socks5_username = "u", socks5_password = "p" },
+]
+window_messages = 100
+window_bytes = 1048576
+export = ["chat.*"]
+import = ["chat.*", "presence"]
+"#,
+        )
+        .unwrap();
+        let r = &c.routes[0];
+        assert_eq!(r.endpoints[0].socks5.as_ref().unwrap().proxy.port, 1080, "strings use the route's proxy");
+        assert!(r.endpoints[1].socks5.is_none(), "a table endpoint without socks5 is direct");
+        assert_eq!(r.endpoints[2].socks5.as_ref().unwrap().proxy.port, 1081);
+        assert_eq!(r.endpoints[2].to_string(), "10.0.0.2:4370 via SOCKS5 127.0.0.1:1081");
+        assert_eq!(r.window, Window { messages: 100, bytes: 1 << 20 });
+        assert_eq!(r.import, vec!["chat.*".to_string(), "presence".to_string()]);
+
+        let problems = parse(
+            "[gateway]\ncluster = \"dc1\"\n[[route]]\ncluster = \"dc2\"\ninsecure_plaintext = true\nendpoints = [{ addr = \"x:1\" }]\nexport = [\"\"]\n",
+        )
+        .unwrap_err();
+        let msgs: Vec<_> = problems.iter().map(|p| p.message.as_str()).collect();
+        assert!(msgs.iter().any(|m| m.contains("unknown key \"addr\" in an endpoint")), "{msgs:?}");
+        assert!(msgs.iter().any(|m| m.contains("missing required key \"address\"")), "{msgs:?}");
+        assert!(msgs.iter().any(|m| m.contains("\"export\" must be")), "{msgs:?}");
     }
 
     #[test]
@@ -922,16 +888,7 @@ cluster = "dc2"
         for good in ["dc1", "eu-west.dc2", "a"] {
             check_cluster_name(good).unwrap();
         }
-        for bad in [
-            "",
-            "DC1",
-            "dc_1",
-            "-dc",
-            "dc.",
-            "10.0.0.1",
-            "a..b",
-            &"x".repeat(64),
-        ] {
+        for bad in ["", "DC1", "dc_1", "-dc", "dc.", "10.0.0.1", "a..b", &"x".repeat(64)] {
             assert!(check_cluster_name(bad).is_err(), "{bad:?}");
         }
     }

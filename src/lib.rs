@@ -7,6 +7,8 @@ pub mod certs;
 pub mod config;
 pub mod gateway;
 pub mod link;
+pub mod membership;
 pub mod metrics;
+pub mod route;
 pub mod tls;
 pub mod wire;

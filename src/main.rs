@@ -94,20 +94,8 @@ fn run(config: PathBuf) -> ExitCode {
         }
     };
     init_logging();
-    let metrics = match prepared.config.metrics {
-        Some(_) => match wandist::metrics::install() {
-            Ok(h) => Some(h),
-            Err(e) => {
-                tracing::error!("cannot install the metrics recorder: {e}");
-                return ExitCode::FAILURE;
-            }
-        },
-        None => None,
-    };
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let metrics = wandist::metrics::Metrics::new();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             tracing::error!("cannot start the runtime: {e}");

@@ -4,8 +4,10 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
-use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use std::sync::Arc;
+
+use metrics::{Counter, Gauge, Histogram, Key, KeyName, Label, Level, Metadata, Recorder, Unit};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
@@ -20,66 +22,131 @@ pub const FRAMES_REJECTED: &str = "wandist_frames_rejected_total";
 pub const BYTES_SENT: &str = "wandist_bytes_sent_total";
 pub const BYTES_RECEIVED: &str = "wandist_bytes_received_total";
 
+pub const ROUTE_UP: &str = "wandist_route_up";
+pub const FAILOVERS: &str = "wandist_failovers_total";
+pub const MESSAGES_SENT: &str = "wandist_messages_sent_total";
+pub const MESSAGES_DELIVERED: &str = "wandist_messages_delivered_total";
+pub const MESSAGES_FAILED: &str = "wandist_messages_failed_total";
+pub const MESSAGES_RECEIVED: &str = "wandist_messages_received_total";
+pub const UNACKED_MESSAGES: &str = "wandist_unacked_messages";
+pub const UNACKED_BYTES: &str = "wandist_unacked_bytes";
+pub const RETRANSMITTED: &str = "wandist_retransmitted_messages_total";
+pub const DUPLICATES_DROPPED: &str = "wandist_duplicates_dropped_total";
+pub const ACK_LATENCY: &str = "wandist_ack_latency_seconds";
+pub const GROUPS: &str = "wandist_groups";
+pub const MEMBERS: &str = "wandist_members";
+pub const ADVERTS_REJECTED: &str = "wandist_adverts_rejected_total";
+
 /// Label value for a peer whose identity is not known yet.
 pub const UNKNOWN_PEER: &str = "unknown";
 
-const RTT_BUCKETS: &[f64] = &[
-    0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
-];
+const LATENCY_BUCKETS: &[f64] =
+    &[0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0];
 
-fn describe() {
-    describe_gauge!(
-        LINK_UP,
-        "Links up to a peer cluster, by role (primary: 0 or 1; standby: count)."
-    );
-    describe_histogram!(
-        LINK_RTT,
-        Unit::Seconds,
-        "Heartbeat round-trip time per peer cluster."
-    );
-    describe_counter!(
-        LINK_CONNECTS,
-        "Links established (handshake completed) per peer cluster."
-    );
-    describe_counter!(LINK_DISCONNECTS, "Links lost per peer cluster, by reason.");
-    describe_counter!(
-        HANDSHAKE_FAILURES,
-        "Connections that failed before a link was established, by reason."
-    );
-    describe_counter!(
-        FRAMES_REJECTED,
-        "Frames from a peer rejected as invalid (the link is closed), by reason."
-    );
-    describe_counter!(
-        BYTES_SENT,
-        Unit::Bytes,
-        "Bytes written to peer links, after framing, before TLS."
-    );
-    describe_counter!(
-        BYTES_RECEIVED,
-        Unit::Bytes,
-        "Bytes read from peer links, after TLS."
-    );
+enum Kind {
+    Counter,
+    Gauge,
+    Histogram,
 }
 
-/// Installs the process-wide recorder. Call once, before any metric is touched.
-pub fn install() -> Result<PrometheusHandle, String> {
-    let handle = PrometheusBuilder::new()
-        .set_buckets_for_metric(Matcher::Full(LINK_RTT.to_string()), RTT_BUCKETS)
-        .map_err(|e| e.to_string())?
-        .install_recorder()
-        .map_err(|e| e.to_string())?;
-    describe();
-    Ok(handle)
+const HELP: &[(&str, Kind, Option<Unit>, &str)] = &[
+    (LINK_UP, Kind::Gauge, None, "Links up to a peer cluster, by role (primary: 0 or 1; standby: count)."),
+    (LINK_RTT, Kind::Histogram, Some(Unit::Seconds), "Heartbeat round-trip time per peer cluster."),
+    (LINK_CONNECTS, Kind::Counter, None, "Links established (handshake completed) per peer cluster."),
+    (LINK_DISCONNECTS, Kind::Counter, None, "Links lost per peer cluster, by reason."),
+    (HANDSHAKE_FAILURES, Kind::Counter, None, "Connections that failed before a link was established, by reason."),
+    (FRAMES_REJECTED, Kind::Counter, None, "Invalid frames from a peer (the link is closed), by reason."),
+    (BYTES_SENT, Kind::Counter, Some(Unit::Bytes), "Bytes written to peer links, after framing, before TLS."),
+    (BYTES_RECEIVED, Kind::Counter, Some(Unit::Bytes), "Bytes read from peer links, after TLS."),
+    (ROUTE_UP, Kind::Gauge, None, "1 while at least one link to the peer cluster is up."),
+    (FAILOVERS, Kind::Counter, None, "Primary links lost with a standby promoted in their place."),
+    (MESSAGES_SENT, Kind::Counter, None, "Messages accepted from the local cluster for the peer."),
+    (MESSAGES_DELIVERED, Kind::Counter, None, "Messages the peer confirmed delivered to its cluster."),
+    (MESSAGES_FAILED, Kind::Counter, None, "Messages reported failed (never silently dropped), by reason."),
+    (MESSAGES_RECEIVED, Kind::Counter, None, "Messages from the peer delivered to the local cluster."),
+    (UNACKED_MESSAGES, Kind::Gauge, None, "Messages sent or waiting to be sent, not yet confirmed."),
+    (UNACKED_BYTES, Kind::Gauge, Some(Unit::Bytes), "Payload bytes of unconfirmed messages."),
+    (RETRANSMITTED, Kind::Counter, None, "Messages sent again after a failover."),
+    (DUPLICATES_DROPPED, Kind::Counter, None, "Messages from the peer dropped as already received."),
+    (ACK_LATENCY, Kind::Histogram, Some(Unit::Seconds), "From a message's first transmission to its ack."),
+    (GROUPS, Kind::Gauge, None, "Process groups exported to / imported from the peer."),
+    (MEMBERS, Kind::Gauge, None, "Group members exported to / imported from the peer."),
+    (
+        ADVERTS_REJECTED,
+        Kind::Counter,
+        None,
+        "Membership adverts refused: not about the peer's own cluster, or too large.",
+    ),
+];
+
+/// One gateway's metrics: its own registry, so several gateways can live
+/// in one process (tests) without mixing their figures.
+#[derive(Clone)]
+pub struct Metrics {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    recorder: PrometheusRecorder,
+    handle: PrometheusHandle,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Metrics")
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+static METADATA: Metadata<'static> = Metadata::new("wandist", Level::INFO, Some("wandist"));
+
+fn key(name: &'static str, labels: &[(&'static str, &str)]) -> Key {
+    Key::from_parts(name, labels.iter().map(|(k, v)| Label::new(*k, v.to_string())).collect::<Vec<_>>())
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let recorder = PrometheusBuilder::new()
+            .set_buckets_for_metric(Matcher::Suffix("_seconds".to_string()), LATENCY_BUCKETS)
+            .map(|b| b.build_recorder())
+            .unwrap_or_else(|_| PrometheusBuilder::new().build_recorder());
+        for (name, kind, unit, help) in HELP {
+            let name = KeyName::from_const_str(name);
+            match kind {
+                Kind::Counter => recorder.describe_counter(name, *unit, (*help).into()),
+                Kind::Gauge => recorder.describe_gauge(name, *unit, (*help).into()),
+                Kind::Histogram => recorder.describe_histogram(name, *unit, (*help).into()),
+            }
+        }
+        let handle = recorder.handle();
+        Metrics { inner: Arc::new(Inner { recorder, handle }) }
+    }
+
+    pub fn counter(&self, name: &'static str, labels: &[(&'static str, &str)]) -> Counter {
+        self.inner.recorder.register_counter(&key(name, labels), &METADATA)
+    }
+
+    pub fn gauge(&self, name: &'static str, labels: &[(&'static str, &str)]) -> Gauge {
+        self.inner.recorder.register_gauge(&key(name, labels), &METADATA)
+    }
+
+    pub fn histogram(&self, name: &'static str, labels: &[(&'static str, &str)]) -> Histogram {
+        self.inner.recorder.register_histogram(&key(name, labels), &METADATA)
+    }
+
+    /// The Prometheus text exposition.
+    pub fn render(&self) -> String {
+        self.inner.handle.render()
+    }
 }
 
 /// Serves `/metrics` until `cancel`. Requests are bounded in size and time.
-pub async fn serve(
-    listener: TcpListener,
-    handle: PrometheusHandle,
-    cancel: CancellationToken,
-    tracker: TaskTracker,
-) {
+pub async fn serve(listener: TcpListener, metrics: Metrics, cancel: CancellationToken, tracker: TaskTracker) {
     loop {
         let accepted = tokio::select! {
             _ = cancel.cancelled() => return,
@@ -87,11 +154,9 @@ pub async fn serve(
         };
         match accepted {
             Ok((stream, peer)) => {
-                let handle = handle.clone();
+                let metrics = metrics.clone();
                 tracker.spawn(async move {
-                    if let Err(e) =
-                        tokio::time::timeout(Duration::from_secs(10), answer(stream, &handle)).await
-                    {
+                    if let Err(e) = tokio::time::timeout(Duration::from_secs(10), answer(stream, &metrics)).await {
                         tracing::debug!(%peer, "metrics request timed out: {e}");
                     }
                 });
@@ -104,7 +169,7 @@ pub async fn serve(
     }
 }
 
-async fn answer(mut stream: TcpStream, handle: &PrometheusHandle) {
+async fn answer(mut stream: TcpStream, metrics: &Metrics) {
     let mut buf = Vec::with_capacity(1024);
     let mut chunk = [0u8; 1024];
     while !buf.windows(4).any(|w| w == b"\r\n\r\n") && buf.len() < 8192 {
@@ -118,16 +183,15 @@ async fn answer(mut stream: TcpStream, handle: &PrometheusHandle) {
     let mut parts = line.split_whitespace();
     let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
     let (status, ctype, body) = match (method, path.split('?').next().unwrap_or("")) {
-        ("GET", "/metrics") => ("200 OK", "text/plain; version=0.0.4", handle.render()),
+        ("GET", "/metrics") => ("200 OK", "text/plain; version=0.0.4", metrics.render()),
         ("GET", "/healthz") => ("200 OK", "text/plain", "ok\n".to_string()),
         ("GET", _) => ("404 Not Found", "text/plain", "try /metrics\n".to_string()),
-        _ => (
-            "405 Method Not Allowed",
-            "text/plain",
-            "GET only\n".to_string(),
-        ),
+        _ => ("405 Method Not Allowed", "text/plain", "GET only\n".to_string()),
     };
-    let head = format!("HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", body.len());
+    let head = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
     let _ = stream.write_all(head.as_bytes()).await;
     let _ = stream.write_all(body.as_bytes()).await;
     let _ = stream.shutdown().await;

@@ -36,13 +36,8 @@ fn provider() -> Arc<CryptoProvider> {
 }
 
 fn read_pem(at: &PathAt, config: &Path) -> Result<Vec<u8>, Problem> {
-    let problem = |message: String| Problem {
-        file: config.to_path_buf(),
-        line: at.line,
-        message,
-    };
-    let meta = std::fs::metadata(&at.path)
-        .map_err(|e| problem(format!("cannot read {}: {e}", at.path.display())))?;
+    let problem = |message: String| Problem { file: config.to_path_buf(), line: at.line, message };
+    let meta = std::fs::metadata(&at.path).map_err(|e| problem(format!("cannot read {}: {e}", at.path.display())))?;
     if meta.len() > MAX_PEM_BYTES {
         return Err(problem(format!(
             "{} is {} bytes; PEM files over {MAX_PEM_BYTES} bytes are refused",
@@ -55,30 +50,19 @@ fn read_pem(at: &PathAt, config: &Path) -> Result<Vec<u8>, Problem> {
 
 fn certs(at: &PathAt, config: &Path) -> Result<Vec<CertificateDer<'static>>, Problem> {
     let pem = read_pem(at, config)?;
-    let problem = |message: String| Problem {
-        file: config.to_path_buf(),
-        line: at.line,
-        message,
-    };
+    let problem = |message: String| Problem { file: config.to_path_buf(), line: at.line, message };
     let certs: Vec<_> = rustls_pemfile::certs(&mut BufReader::new(&pem[..]))
         .collect::<Result<_, _>>()
         .map_err(|e| problem(format!("{}: bad PEM: {e}", at.path.display())))?;
     if certs.is_empty() {
-        return Err(problem(format!(
-            "{}: no CERTIFICATE found",
-            at.path.display()
-        )));
+        return Err(problem(format!("{}: no CERTIFICATE found", at.path.display())));
     }
     Ok(certs)
 }
 
 fn key(at: &PathAt, config: &Path) -> Result<PrivateKeyDer<'static>, Problem> {
     let pem = read_pem(at, config)?;
-    let problem = |message: String| Problem {
-        file: config.to_path_buf(),
-        line: at.line,
-        message,
-    };
+    let problem = |message: String| Problem { file: config.to_path_buf(), line: at.line, message };
     rustls_pemfile::private_key(&mut BufReader::new(&pem[..]))
         .map_err(|e| problem(format!("{}: bad PEM: {e}", at.path.display())))?
         .ok_or_else(|| problem(format!("{}: no PRIVATE KEY found", at.path.display())))
@@ -88,44 +72,28 @@ impl Tls {
     /// Loads and checks everything: files, PEM, key/cert match, and that our
     /// own certificate names our cluster (peers would refuse us otherwise).
     /// Reports every problem found. Without `own_cluster`, skips the name check.
-    pub fn load(
-        files: &TlsFiles,
-        own_cluster: Option<&str>,
-        config: &Path,
-    ) -> Result<Tls, Vec<Problem>> {
+    pub fn load(files: &TlsFiles, own_cluster: Option<&str>, config: &Path) -> Result<Tls, Vec<Problem>> {
         let mut problems = Vec::new();
-        let chain = certs(&files.cert, config)
-            .map_err(|p| problems.push(p))
-            .ok();
+        let chain = certs(&files.cert, config).map_err(|p| problems.push(p)).ok();
         let key = key(&files.key, config).map_err(|p| problems.push(p)).ok();
         let ca = certs(&files.ca, config).map_err(|p| problems.push(p)).ok();
         let (Some(chain), Some(key), Some(ca)) = (chain, key, ca) else {
             return Err(problems);
         };
 
-        let problem = |at: &PathAt, message: String| Problem {
-            file: config.to_path_buf(),
-            line: at.line,
-            message,
-        };
+        let problem = |at: &PathAt, message: String| Problem { file: config.to_path_buf(), line: at.line, message };
         if let Some(own) = own_cluster {
             if let Err(e) = peer_is(&chain, own) {
                 problems.push(problem(
                     &files.cert,
-                    format!(
-                        "{}: {e}; peers would refuse this gateway",
-                        files.cert.path.display()
-                    ),
+                    format!("{}: {e}; peers would refuse this gateway", files.cert.path.display()),
                 ));
             }
         }
         let mut roots = RootCertStore::empty();
         for c in ca {
             if let Err(e) = roots.add(c) {
-                problems.push(problem(
-                    &files.ca,
-                    format!("{}: unusable CA certificate: {e}", files.ca.path.display()),
-                ));
+                problems.push(problem(&files.ca, format!("{}: unusable CA certificate: {e}", files.ca.path.display())));
             }
         }
         if !problems.is_empty() {
@@ -134,12 +102,7 @@ impl Tls {
         let roots = Arc::new(roots);
         let verifier = WebPkiClientVerifier::builder_with_provider(roots.clone(), provider())
             .build()
-            .map_err(|e| {
-                vec![problem(
-                    &files.ca,
-                    format!("{}: {e}", files.ca.path.display()),
-                )]
-            })?;
+            .map_err(|e| vec![problem(&files.ca, format!("{}: {e}", files.ca.path.display()))])?;
         let mut server = ServerConfig::builder_with_provider(provider())
             .with_safe_default_protocol_versions()
             .map_err(|e| vec![problem(&files.cert, e.to_string())])?
@@ -148,11 +111,7 @@ impl Tls {
             .map_err(|e| {
                 vec![problem(
                     &files.key,
-                    format!(
-                        "{} does not fit {}: {e}",
-                        files.key.path.display(),
-                        files.cert.path.display()
-                    ),
+                    format!("{} does not fit {}: {e}", files.key.path.display(), files.cert.path.display()),
                 )]
             })?;
         server.alpn_protocols = vec![ALPN.to_vec()];
@@ -164,33 +123,24 @@ impl Tls {
             .map_err(|e| {
                 vec![problem(
                     &files.key,
-                    format!(
-                        "{} does not fit {}: {e}",
-                        files.key.path.display(),
-                        files.cert.path.display()
-                    ),
+                    format!("{} does not fit {}: {e}", files.key.path.display(), files.cert.path.display()),
                 )]
             })?;
         client.alpn_protocols = vec![ALPN.to_vec()];
-        Ok(Tls {
-            client: Arc::new(client),
-            server: Arc::new(server),
-        })
+        Ok(Tls { client: Arc::new(client), server: Arc::new(server) })
     }
 }
 
 /// The name a dialer checks the server certificate against.
 pub fn server_name(cluster: &str) -> Result<ServerName<'static>, String> {
-    ServerName::try_from(cluster.to_string())
-        .map_err(|e| format!("{cluster:?} is not a DNS name: {e}"))
+    ServerName::try_from(cluster.to_string()).map_err(|e| format!("{cluster:?} is not a DNS name: {e}"))
 }
 
 /// Whether a certificate chain's end entity names `cluster`. Chain validity
 /// is the TLS verifier's job; this is the identity half.
 pub fn peer_is(chain: &[CertificateDer<'_>], cluster: &str) -> Result<(), String> {
     let end = chain.first().ok_or("no certificate presented")?;
-    let parsed =
-        ParsedCertificate::try_from(end).map_err(|e| format!("unparseable certificate: {e}"))?;
+    let parsed = ParsedCertificate::try_from(end).map_err(|e| format!("unparseable certificate: {e}"))?;
     let name = server_name(cluster)?;
     rustls::client::verify_server_name(&parsed, &name)
         .map_err(|_| format!("certificate does not name cluster {cluster:?}"))

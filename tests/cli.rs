@@ -11,26 +11,14 @@ use support::*;
 fn the_example_config_passes_check_with_dev_certificates_next_to_it() {
     let dir = tempfile::tempdir().unwrap();
     let example = dir.path().join("gateway.toml");
-    std::fs::copy(
-        concat!(env!("CARGO_MANIFEST_DIR"), "/gateway.toml.example"),
-        &example,
-    )
-    .unwrap();
+    std::fs::copy(concat!(env!("CARGO_MANIFEST_DIR"), "/gateway.toml.example"), &example).unwrap();
     // Without certificates, check names each missing file with its line.
     let (code, out) = check(&example);
     assert_eq!(code, 64, "{out}");
     for line in [21, 22, 23] {
-        assert!(
-            out.contains(&format!("gateway.toml:{line}: cannot read")),
-            "missing line {line} in:\n{out}"
-        );
+        assert!(out.contains(&format!("gateway.toml:{line}: cannot read")), "missing line {line} in:\n{out}");
     }
-    let st = Command::new(BIN)
-        .args(["certs", "--out"])
-        .arg(dir.path().join("certs"))
-        .arg("dc1")
-        .status()
-        .unwrap();
+    let st = Command::new(BIN).args(["certs", "--out"]).arg(dir.path().join("certs")).arg("dc1").status().unwrap();
     assert!(st.success());
     let (code, out) = check(&example);
     assert_eq!((code, out.trim()), (0, "ok"));
@@ -65,8 +53,7 @@ fn check_reports_several_problems_of_one_file_at_once() {
     ];
     for (line, msg) in expect {
         assert!(
-            out.lines()
-                .any(|l| l.contains(&format!("bad.toml:{line}: ")) && l.contains(msg)),
+            out.lines().any(|l| l.contains(&format!("bad.toml:{line}: ")) && l.contains(msg)),
             "no {msg:?} at line {line} in:\n{out}"
         );
     }
@@ -84,10 +71,7 @@ fn check_reports_several_problems_of_one_file_at_once() {
     .unwrap();
     let (code, out) = check(&bad);
     assert_eq!(code, 64);
-    assert!(
-        out.contains("bad.toml:5: ") && out.contains("does not fit"),
-        "{out}"
-    );
+    assert!(out.contains("bad.toml:5: ") && out.contains("does not fit"), "{out}");
 }
 
 #[test]
@@ -108,20 +92,12 @@ fn check_binds_nothing_and_run_refuses_a_bad_config_with_64() {
     // The port is in use, yet check passes: it never binds.
     assert_eq!(check(&cfg), (0, "ok\n".to_string()));
     // run does bind, fails, and says so.
-    let out = Command::new(BIN)
-        .args(["run", "--config"])
-        .arg(&cfg)
-        .output()
-        .unwrap();
+    let out = Command::new(BIN).args(["run", "--config"]).arg(&cfg).output().unwrap();
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot listen on"));
 
     std::fs::write(&cfg, "[gateway]\n").unwrap();
-    let out = Command::new(BIN)
-        .args(["run", "--config"])
-        .arg(&cfg)
-        .output()
-        .unwrap();
+    let out = Command::new(BIN).args(["run", "--config"]).arg(&cfg).output().unwrap();
     assert_eq!(out.status.code(), Some(64));
     assert!(String::from_utf8_lossy(&out.stderr).contains("missing required key \"cluster\""));
 }
@@ -129,12 +105,7 @@ fn check_binds_nothing_and_run_refuses_a_bad_config_with_64() {
 #[test]
 fn certs_refuses_a_name_that_cannot_be_a_cluster() {
     let dir = tempfile::tempdir().unwrap();
-    let out = Command::new(BIN)
-        .args(["certs", "--out"])
-        .arg(dir.path())
-        .arg("Not_A_Name")
-        .output()
-        .unwrap();
+    let out = Command::new(BIN).args(["certs", "--out"]).arg(dir.path()).arg("Not_A_Name").output().unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("must be a DNS name"));
 }

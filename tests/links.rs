@@ -42,26 +42,11 @@ fn two_gateways_form_a_mutual_tls_link_when_only_one_can_dial() {
     dc1.wait_metric(UP, &labels(&primary("dc2")), |v| v == 1.0);
     dc2.wait_metric(UP, &labels(&primary("dc1")), |v| v == 1.0);
     // Heartbeats flow both ways over the one link: both sides measure RTT.
-    dc1.wait_metric("wandist_link_rtt_seconds_count", &[("peer", "dc2")], |v| {
-        v >= 3.0
-    });
-    dc2.wait_metric("wandist_link_rtt_seconds_count", &[("peer", "dc1")], |v| {
-        v >= 3.0
-    });
-    assert_eq!(
-        dc2.metric("wandist_link_connects_total", &[("peer", "dc1")]),
-        Some(1.0)
-    );
-    assert!(
-        dc1.metric("wandist_bytes_received_total", &[("peer", "dc2")])
-            .unwrap()
-            > 0.0
-    );
-    assert!(
-        dc2.metric("wandist_bytes_sent_total", &[("peer", "dc1")])
-            .unwrap()
-            > 0.0
-    );
+    dc1.wait_metric("wandist_link_rtt_seconds_count", &[("peer", "dc2")], |v| v >= 3.0);
+    dc2.wait_metric("wandist_link_rtt_seconds_count", &[("peer", "dc1")], |v| v >= 3.0);
+    assert_eq!(dc2.metric("wandist_link_connects_total", &[("peer", "dc1")]), Some(1.0));
+    assert!(dc1.metric("wandist_bytes_received_total", &[("peer", "dc2")]).unwrap() > 0.0);
+    assert!(dc2.metric("wandist_bytes_sent_total", &[("peer", "dc1")]).unwrap() > 0.0);
     let up = dc1.wait_log("link up from", SOON);
     assert!(up.contains("mutual TLS") && up.contains("gw-dc2"), "{up}");
 }
@@ -96,26 +81,14 @@ fn when_both_sides_dial_at_once_they_keep_one_link() {
     );
     to_dc2.set_target(dc2.peer_addr());
     to_dc1.set_target(dc1.peer_addr());
-    wait_for("both dials to be in flight", SOON, || {
-        (to_dc2.forwarded() > 0 && to_dc1.forwarded() > 0).then_some(())
-    });
+    wait_for("both dials to be in flight", SOON, || (to_dc2.forwarded() > 0 && to_dc1.forwarded() > 0).then_some(()));
     to_dc2.blackhole(false);
     to_dc1.blackhole(false);
 
     // Both handshakes complete; dc1 (whose name sorts first) trims the surplus.
-    dc1.wait_metric("wandist_link_connects_total", &[("peer", "dc2")], |v| {
-        v == 2.0
-    });
-    dc1.wait_metric(
-        "wandist_link_disconnects_total",
-        &[("peer", "dc2"), ("reason", "surplus")],
-        |v| v == 1.0,
-    );
-    dc2.wait_metric(
-        "wandist_link_disconnects_total",
-        &[("peer", "dc1"), ("reason", "goodbye")],
-        |v| v == 1.0,
-    );
+    dc1.wait_metric("wandist_link_connects_total", &[("peer", "dc2")], |v| v == 2.0);
+    dc1.wait_metric("wandist_link_disconnects_total", &[("peer", "dc2"), ("reason", "surplus")], |v| v == 1.0);
+    dc2.wait_metric("wandist_link_disconnects_total", &[("peer", "dc1"), ("reason", "goodbye")], |v| v == 1.0);
     for (gw, peer) in [(&dc1, "dc2"), (&dc2, "dc1")] {
         wait_for("one link per side", SOON, || {
             let m = gw.metrics();
@@ -127,12 +100,8 @@ fn when_both_sides_dial_at_once_they_keep_one_link() {
         });
     }
     // The kept link carries heartbeats both ways.
-    let before = dc2
-        .metric("wandist_link_rtt_seconds_count", &[("peer", "dc1")])
-        .unwrap_or(0.0);
-    dc2.wait_metric("wandist_link_rtt_seconds_count", &[("peer", "dc1")], |v| {
-        v >= before + 2.0
-    });
+    let before = dc2.metric("wandist_link_rtt_seconds_count", &[("peer", "dc1")]).unwrap_or(0.0);
+    dc2.wait_metric("wandist_link_rtt_seconds_count", &[("peer", "dc1")], |v| v >= before + 2.0);
 }
 
 #[test]
@@ -158,22 +127,11 @@ fn a_certificate_from_another_ca_is_refused_on_both_sides() {
         ),
     );
     // The dialer refuses dc1's certificate (unknown issuer)...
-    dc2.wait_metric(
-        "wandist_handshake_failures_total",
-        &[("peer", "dc1"), ("reason", "tls")],
-        |v| v >= 1.0,
-    );
+    dc2.wait_metric("wandist_handshake_failures_total", &[("peer", "dc1"), ("reason", "tls")], |v| v >= 1.0);
     let line = dc2.wait_log("cannot establish link", SOON);
-    assert!(
-        line.contains("UnknownIssuer") || line.contains("certificate"),
-        "{line}"
-    );
+    assert!(line.contains("UnknownIssuer") || line.contains("certificate"), "{line}");
     // ...and the acceptor refuses dc2's, counted under peer="unknown".
-    dc1.wait_metric(
-        "wandist_handshake_failures_total",
-        &[("peer", "unknown"), ("reason", "tls")],
-        |v| v >= 1.0,
-    );
+    dc1.wait_metric("wandist_handshake_failures_total", &[("peer", "unknown"), ("reason", "tls")], |v| v >= 1.0);
     dc1.wait_log("refused incoming connection", SOON);
 
     // The other direction: dc1 dials dc2 and refuses dc2's certificate.
@@ -186,25 +144,11 @@ fn a_certificate_from_another_ca_is_refused_on_both_sides() {
             dc2.peer_addr()
         ),
     );
-    dc1b.wait_metric(
-        "wandist_handshake_failures_total",
-        &[("peer", "dc2"), ("reason", "tls")],
-        |v| v >= 1.0,
-    );
+    dc1b.wait_metric("wandist_handshake_failures_total", &[("peer", "dc2"), ("reason", "tls")], |v| v >= 1.0);
     // Nothing came up, and every gateway is still serving.
     for (gw, peer) in [(&dc1, "dc2"), (&dc2, "dc1"), (&dc1b, "dc2")] {
-        assert_eq!(
-            gw.metric(UP, &[("peer", peer), ("role", "primary")]),
-            Some(0.0),
-            "{}",
-            gw.name
-        );
-        assert_eq!(
-            gw.metric("wandist_link_connects_total", &[("peer", peer)]),
-            None,
-            "{}",
-            gw.name
-        );
+        assert_eq!(gw.metric(UP, &[("peer", peer), ("role", "primary")]), Some(0.0), "{}", gw.name);
+        assert_eq!(gw.metric("wandist_link_connects_total", &[("peer", peer)]), Some(0.0), "{}", gw.name);
     }
 }
 
@@ -233,26 +177,14 @@ fn a_route_through_a_real_socks5_proxy_survives_the_proxy_restarting() {
 
     proxy.stop();
     dc2.wait_metric(UP, &labels(&primary("dc1")), |v| v == 0.0);
-    dc2.wait_metric(
-        "wandist_handshake_failures_total",
-        &[("peer", "dc1"), ("reason", "connect")],
-        |v| v >= 1.0,
-    );
+    dc2.wait_metric("wandist_handshake_failures_total", &[("peer", "dc1"), ("reason", "connect")], |v| v >= 1.0);
 
     let _proxy = Socks5Server::start_on(port, Some(("wan", "s3cret-pw")));
     dc2.wait_metric(UP, &labels(&primary("dc1")), |v| v == 1.0);
     dc1.wait_metric(UP, &labels(&primary("dc2")), |v| v == 1.0);
-    assert!(
-        dc2.metric("wandist_link_connects_total", &[("peer", "dc1")])
-            .unwrap()
-            >= 2.0
-    );
+    assert!(dc2.metric("wandist_link_connects_total", &[("peer", "dc1")]).unwrap() >= 2.0);
     for gw in [&dc1, &dc2] {
-        assert!(
-            gw.logs().iter().all(|l| !l.contains("s3cret-pw")),
-            "{} logged the SOCKS password",
-            gw.name
-        );
+        assert!(gw.logs().iter().all(|l| !l.contains("s3cret-pw")), "{} logged the SOCKS password", gw.name);
     }
 }
 
@@ -262,21 +194,13 @@ fn wrong_socks5_credentials_are_a_clear_handshake_failure() {
     let proxy = Socks5Server::start(Some(("wan", "right")));
     let dc1 = Gateway::start(
         "dc1",
-        &format!(
-            "{}{}[[route]]\ncluster = \"dc2\"\n",
-            gateway_table("dc1", true),
-            certs.tls_table("dc1")
-        ),
+        &format!("{}{}[[route]]\ncluster = \"dc2\"\n", gateway_table("dc1", true), certs.tls_table("dc1")),
     );
     let dc2 = Gateway::start("dc2", &format!(
         "{}{}[[route]]\ncluster = \"dc1\"\nendpoints = [\"{}\"]\nsocks5 = \"{}\"\nsocks5_username = \"wan\"\nsocks5_password = \"wrong\"\n",
         gateway_table("dc2", false), certs.tls_table("dc2"), dc1.peer_addr(), proxy.addr
     ));
-    dc2.wait_metric(
-        "wandist_handshake_failures_total",
-        &[("peer", "dc1"), ("reason", "socks")],
-        |v| v >= 1.0,
-    );
+    dc2.wait_metric("wandist_handshake_failures_total", &[("peer", "dc1"), ("reason", "socks")], |v| v >= 1.0);
     let line = dc2.wait_log("SOCKS5 proxy", SOON);
     assert!(!line.contains("wrong"), "password leaked: {line}");
     assert_eq!(dc2.metric(UP, &labels(&primary("dc1"))), Some(0.0));
@@ -287,11 +211,7 @@ fn sigterm_drains_and_exits_zero_and_the_peer_hears_goodbye() {
     let certs = Certs::new(&["dc1", "dc2"]);
     let dc1 = Gateway::start(
         "dc1",
-        &format!(
-            "{}{}[[route]]\ncluster = \"dc2\"\n",
-            gateway_table("dc1", true),
-            certs.tls_table("dc1")
-        ),
+        &format!("{}{}[[route]]\ncluster = \"dc2\"\n", gateway_table("dc1", true), certs.tls_table("dc1")),
     );
     let mut dc2 = Gateway::start(
         "dc2",
@@ -305,16 +225,10 @@ fn sigterm_drains_and_exits_zero_and_the_peer_hears_goodbye() {
     dc1.wait_metric(UP, &labels(&primary("dc2")), |v| v == 1.0);
     dc2.signal("TERM");
     // shutdown_grace_ms = 3000 in FAST; allow start-up noise on top.
-    let status = dc2
-        .wait_exit(Duration::from_secs(8))
-        .expect("wandist did not exit within the grace period");
+    let status = dc2.wait_exit(Duration::from_secs(8)).expect("wandist did not exit within the grace period");
     assert!(status.success(), "exit status {status:?}");
     dc2.wait_log("stopped", SOON);
-    dc1.wait_metric(
-        "wandist_link_disconnects_total",
-        &[("peer", "dc2"), ("reason", "goodbye")],
-        |v| v == 1.0,
-    );
+    dc1.wait_metric("wandist_link_disconnects_total", &[("peer", "dc2"), ("reason", "goodbye")], |v| v == 1.0);
     dc1.wait_metric(UP, &labels(&primary("dc2")), |v| v == 0.0);
 }
 
@@ -323,11 +237,7 @@ fn a_blackholed_link_is_declared_dead_and_replaced() {
     let certs = Certs::new(&["dc1", "dc2"]);
     let dc1 = Gateway::start(
         "dc1",
-        &format!(
-            "{}{}[[route]]\ncluster = \"dc2\"\n",
-            gateway_table("dc1", true),
-            certs.tls_table("dc1")
-        ),
+        &format!("{}{}[[route]]\ncluster = \"dc2\"\n", gateway_table("dc1", true), certs.tls_table("dc1")),
     );
     let path = Forwarder::start(Some(dc1.peer_addr()));
     let dc2 = Gateway::start(
@@ -342,22 +252,12 @@ fn a_blackholed_link_is_declared_dead_and_replaced() {
     dc2.wait_metric(UP, &labels(&primary("dc1")), |v| v == 1.0);
     // Stop all bytes without closing anything: only heartbeats can tell.
     path.blackhole(true);
-    dc2.wait_metric(
-        "wandist_link_disconnects_total",
-        &[("peer", "dc1"), ("reason", "dead")],
-        |v| v == 1.0,
-    );
-    dc1.wait_metric(
-        "wandist_link_disconnects_total",
-        &[("peer", "dc2"), ("reason", "dead")],
-        |v| v == 1.0,
-    );
+    dc2.wait_metric("wandist_link_disconnects_total", &[("peer", "dc1"), ("reason", "dead")], |v| v == 1.0);
+    dc1.wait_metric("wandist_link_disconnects_total", &[("peer", "dc2"), ("reason", "dead")], |v| v == 1.0);
     let down = dc2.wait_log("link down: dead", SOON);
     assert!(down.contains("nothing received for 1.5s"), "{down}");
     path.blackhole(false);
-    dc2.wait_metric("wandist_link_connects_total", &[("peer", "dc1")], |v| {
-        v == 2.0
-    });
+    dc2.wait_metric("wandist_link_connects_total", &[("peer", "dc1")], |v| v == 2.0);
     dc2.wait_metric(UP, &labels(&primary("dc1")), |v| v == 1.0);
 }
 
@@ -377,21 +277,11 @@ fn a_flapping_peer_is_retried_with_backoff_not_in_a_spin() {
             flapping.addr
         ),
     );
-    dc2.wait_metric(
-        "wandist_handshake_failures_total",
-        &[("peer", "dc1")],
-        |v| v >= 6.0,
-    );
+    dc2.wait_metric("wandist_handshake_failures_total", &[("peer", "dc1")], |v| v >= 6.0);
     // reconnect_min_ms = 50, doubling, capped at 400, each delay at least
     // half its ceiling: six failures take at least 25+50+100+200+200 ms.
     let took = started.elapsed();
-    assert!(
-        took >= Duration::from_millis(575),
-        "6 attempts in {took:?}: no backoff"
-    );
+    assert!(took >= Duration::from_millis(575), "6 attempts in {took:?}: no backoff");
     let attempts = flapping.accepted();
-    assert!(
-        attempts <= 6 + 2,
-        "{attempts} connection attempts for 6 failures"
-    );
+    assert!(attempts <= 6 + 2, "{attempts} connection attempts for 6 failures");
 }

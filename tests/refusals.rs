@@ -13,45 +13,31 @@ use std::time::{Duration, Instant};
 
 use support::*;
 use wandist::config::{PathAt, TlsFiles};
-use wandist::link::handshake::{self, Admission, HandshakeError, Identity};
+use wandist::link::handshake::{self, Admission, HandshakeError, Identity, Offer};
 use wandist::link::Timeouts;
+use wandist::route::Window;
 use wandist::tls::Tls;
 use wandist::wire::codec;
 
-const T: Timeouts = Timeouts {
-    connect: Duration::from_secs(5),
-    handshake: Duration::from_secs(5),
-};
+const T: Timeouts = Timeouts { connect: Duration::from_secs(5), handshake: Duration::from_secs(5) };
 const MAX: usize = codec::DEFAULT_MAX_FRAME_BYTES;
 
 /// TLS material for `cert_of`'s certificate, from `certs`.
 fn tls_of(certs: &Certs, cert_of: &str) -> Tls {
-    let at = |f: String| PathAt {
-        path: certs.path(&f),
-        line: None,
-    };
-    let files = TlsFiles {
-        cert: at(format!("{cert_of}.pem")),
-        key: at(format!("{cert_of}.key")),
-        ca: at("ca.pem".into()),
-    };
+    let at = |f: String| PathAt { path: certs.path(&f), line: None };
+    let files =
+        TlsFiles { cert: at(format!("{cert_of}.pem")), key: at(format!("{cert_of}.key")), ca: at("ca.pem".into()) };
     Tls::load(&files, Some(cert_of), Path::new("test")).unwrap()
 }
 
+const OFFER: Offer = Offer { links_wanted: 1, recv_window: Window { messages: 1000, bytes: 1 << 20 } };
+
 fn identity(cluster: &str) -> Identity {
-    Identity {
-        cluster: cluster.into(),
-        gateway: "impostor".into(),
-        epoch: 7,
-    }
+    Identity { cluster: cluster.into(), gateway: "impostor".into(), epoch: 7 }
 }
 
 fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
+    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap()
 }
 
 #[test]
@@ -59,11 +45,7 @@ fn a_valid_certificate_for_another_cluster_cannot_pose_as_the_peer() {
     let certs = Certs::new(&["dc1", "dc2", "dc3"]);
     let dc1 = Gateway::start(
         "dc1",
-        &format!(
-            "{}{}[[route]]\ncluster = \"dc2\"\n",
-            gateway_table("dc1", true),
-            certs.tls_table("dc1")
-        ),
+        &format!("{}{}[[route]]\ncluster = \"dc2\"\n", gateway_table("dc1", true), certs.tls_table("dc1")),
     );
     let rt = runtime();
     let dc3 = tls_of(&certs, "dc3");
@@ -71,46 +53,24 @@ fn a_valid_certificate_for_another_cluster_cannot_pose_as_the_peer() {
     // Accepting side: dc3's certificate, claiming to be dc2.
     let err = rt
         .block_on(async {
-            let tcp = tokio::net::TcpStream::connect(dc1.peer_addr())
-                .await
-                .unwrap();
-            handshake::client(tcp, Some(&dc3), "dc1", identity("dc2").hello(1), &T, MAX).await
+            let tcp = tokio::net::TcpStream::connect(dc1.peer_addr()).await.unwrap();
+            handshake::client(tcp, Some(&dc3), "dc1", identity("dc2").hello(OFFER), &T, MAX).await
         })
         .err()
         .expect("dc1 accepted an impostor");
-    assert!(
-        matches!(&err, HandshakeError::Refused(why) if why.contains("does not name cluster \"dc2\"")),
-        "{err}"
-    );
-    dc1.wait_metric(
-        "wandist_handshake_failures_total",
-        &[("peer", "unknown"), ("reason", "identity")],
-        |v| v == 1.0,
-    );
+    assert!(matches!(&err, HandshakeError::Refused(why) if why.contains("does not name cluster \"dc2\"")), "{err}");
+    dc1.wait_metric("wandist_handshake_failures_total", &[("peer", "unknown"), ("reason", "identity")], |v| v == 1.0);
     let line = dc1.wait_log("refused incoming connection", SOON);
-    assert!(
-        line.contains("dc2") && line.contains("does not name"),
-        "{line}"
-    );
+    assert!(line.contains("dc2") && line.contains("does not name"), "{line}");
 
     // Dialing side: dc1 dials "dc2" and meets a server holding dc3's certificate.
-    let fake = rt
-        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
-        .unwrap();
+    let fake = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
     let fake_addr = fake.local_addr().unwrap();
-    let admit: HashMap<String, Admission> = [(
-        "dc1".to_string(),
-        Admission {
-            insecure_plaintext: false,
-            links_wanted: 1,
-        },
-    )]
-    .into();
+    let admit: HashMap<String, Admission> =
+        [("dc1".to_string(), Admission { insecure_plaintext: false, offer: OFFER })].into();
     let server = rt.spawn(async move {
         let (tcp, _) = fake.accept().await.unwrap();
-        handshake::server(tcp, Some(&dc3), &identity("dc2"), &admit, &T, MAX)
-            .await
-            .err()
+        handshake::server(tcp, Some(&dc3), &identity("dc2"), &admit, &T, MAX).await.err()
     });
     let dialer = Gateway::start(
         "dc1-dialer",
@@ -120,25 +80,12 @@ fn a_valid_certificate_for_another_cluster_cannot_pose_as_the_peer() {
             certs.tls_table("dc1")
         ),
     );
-    dialer.wait_metric(
-        "wandist_handshake_failures_total",
-        &[("peer", "dc2"), ("reason", "tls")],
-        |v| v >= 1.0,
-    );
+    dialer.wait_metric("wandist_handshake_failures_total", &[("peer", "dc2"), ("reason", "tls")], |v| v >= 1.0);
     let line = dialer.wait_log("cannot establish link", SOON);
-    assert!(
-        line.contains("NotValidForName") || line.contains("not valid for"),
-        "{line}"
-    );
-    let server_err = rt
-        .block_on(server)
-        .unwrap()
-        .expect("the fake server completed a handshake");
+    assert!(line.contains("NotValidForName") || line.contains("not valid for"), "{line}");
+    let server_err = rt.block_on(server).unwrap().expect("the fake server completed a handshake");
     assert_eq!(server_err.reason(), "tls", "{server_err}");
-    assert_eq!(
-        dialer.metric("wandist_link_up", &[("peer", "dc2"), ("role", "primary")]),
-        Some(0.0)
-    );
+    assert_eq!(dialer.metric("wandist_link_up", &[("peer", "dc2"), ("role", "primary")]), Some(0.0));
 }
 
 fn expect_cut(mut s: TcpStream, what: &str) -> Duration {
@@ -162,11 +109,7 @@ fn raw_clients_that_stall_or_send_garbage_are_cut_and_other_links_stay_up() {
         "dc1",
         &format!(
             "{}{}[[route]]\ncluster = \"dc2\"\n[[route]]\ncluster = \"dc3\"\n",
-            gateway_table_with(
-                "dc1",
-                true,
-                "handshake_timeout_ms = 500\nmax_frame_bytes = 65536\n"
-            ),
+            gateway_table_with("dc1", true, "handshake_timeout_ms = 500\nmax_frame_bytes = 65536\n"),
             certs.tls_table("dc1")
         ),
     );
@@ -179,48 +122,30 @@ fn raw_clients_that_stall_or_send_garbage_are_cut_and_other_links_stay_up() {
             dc1.peer_addr()
         ),
     );
-    dc1.wait_metric(
-        "wandist_link_up",
-        &[("peer", "dc2"), ("role", "primary")],
-        |v| v == 1.0,
-    );
+    dc1.wait_metric("wandist_link_up", &[("peer", "dc2"), ("role", "primary")], |v| v == 1.0);
     let refused = |reason: &str| {
-        dc1.metric(
-            "wandist_handshake_failures_total",
-            &[("peer", "unknown"), ("reason", reason)],
-        )
-        .unwrap_or(0.0)
+        dc1.metric("wandist_handshake_failures_total", &[("peer", "unknown"), ("reason", reason)]).unwrap_or(0.0)
     };
 
     // Says nothing at all: cut by the hello deadline (500 ms), not before.
     let silent = TcpStream::connect(dc1.peer_addr()).unwrap();
     let took = expect_cut(silent, "silent client");
-    assert!(
-        took >= Duration::from_millis(400),
-        "cut after {took:?}, before its deadline"
-    );
-    dc1.wait_metric(
-        "wandist_handshake_failures_total",
-        &[("peer", "unknown"), ("reason", "hello_timeout")],
-        |v| v == 1.0,
-    );
+    assert!(took >= Duration::from_millis(400), "cut after {took:?}, before its deadline");
+    dc1.wait_metric("wandist_handshake_failures_total", &[("peer", "unknown"), ("reason", "hello_timeout")], |v| {
+        v == 1.0
+    });
 
     // Completes TCP, starts TLS, then stalls: cut by the TLS deadline.
     let mut stalled_tls = TcpStream::connect(dc1.peer_addr()).unwrap();
-    stalled_tls
-        .write_all(&[0x16, 0x03, 0x01, 0x00, 0x50])
-        .unwrap();
+    stalled_tls.write_all(&[0x16, 0x03, 0x01, 0x00, 0x50]).unwrap();
     expect_cut(stalled_tls, "stalled TLS client");
-    dc1.wait_metric(
-        "wandist_handshake_failures_total",
-        &[("peer", "unknown"), ("reason", "tls_timeout")],
-        |v| v == 1.0,
-    );
+    dc1.wait_metric("wandist_handshake_failures_total", &[("peer", "unknown"), ("reason", "tls_timeout")], |v| {
+        v == 1.0
+    });
 
     // Speaks HTTP at a wandist port.
     let mut http = TcpStream::connect(dc1.peer_addr()).unwrap();
-    http.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
-        .unwrap();
+    http.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
     expect_cut(http, "HTTP client");
     assert_eq!(refused("bad_magic"), 1.0);
 
@@ -243,30 +168,21 @@ fn raw_clients_that_stall_or_send_garbage_are_cut_and_other_links_stay_up() {
     short.write_all(&[0, 0, 0, 40, 1, 2, 3]).unwrap();
     short.shutdown(std::net::Shutdown::Write).unwrap();
     expect_cut(short, "truncated hello");
-    dc1.wait_metric(
-        "wandist_handshake_failures_total",
-        &[("peer", "unknown"), ("reason", "truncated")],
-        |v| v == 1.0,
-    );
+    dc1.wait_metric("wandist_handshake_failures_total", &[("peer", "unknown"), ("reason", "truncated")], |v| v == 1.0);
 
     // An authenticated peer (dc3) whose running link then sends garbage, and
     // another that sends a frame over max_frame_bytes: each link is closed
     // and the frame counted.
     let rt = runtime();
     let dc3 = tls_of(&certs, "dc3");
-    for (bytes, reason) in [
-        (vec![0, 0, 0, 3, 0xff, 0xee, 0xdd], "garbage"),
-        (70_000u32.to_be_bytes().to_vec(), "oversize"),
-    ] {
+    for (bytes, reason) in
+        [(vec![0, 0, 0, 3, 0xff, 0xee, 0xdd], "garbage"), (70_000u32.to_be_bytes().to_vec(), "oversize")]
+    {
         let closed = rt.block_on(async {
             use tokio::io::{AsyncReadExt, AsyncWriteExt};
-            let tcp = tokio::net::TcpStream::connect(dc1.peer_addr())
-                .await
-                .unwrap();
+            let tcp = tokio::net::TcpStream::connect(dc1.peer_addr()).await.unwrap();
             let mut est =
-                handshake::client(tcp, Some(&dc3), "dc1", identity("dc3").hello(1), &T, MAX)
-                    .await
-                    .unwrap();
+                handshake::client(tcp, Some(&dc3), "dc1", identity("dc3").hello(OFFER), &T, MAX).await.unwrap();
             est.io.write_all(&bytes).await.unwrap();
             est.io.flush().await.unwrap();
             let mut sink = vec![0u8; 4096];
@@ -281,49 +197,29 @@ fn raw_clients_that_stall_or_send_garbage_are_cut_and_other_links_stay_up() {
             .await
         });
         assert!(closed.is_ok(), "link with {reason} frame was not closed");
-        dc1.wait_metric(
-            "wandist_frames_rejected_total",
-            &[("peer", "dc3"), ("reason", reason)],
-            |v| v == 1.0,
-        );
-        dc1.wait_metric(
-            "wandist_link_disconnects_total",
-            &[("peer", "dc3"), ("reason", reason)],
-            |v| v == 1.0,
-        );
+        dc1.wait_metric("wandist_frames_rejected_total", &[("peer", "dc3"), ("reason", reason)], |v| v == 1.0);
+        dc1.wait_metric("wandist_link_disconnects_total", &[("peer", "dc3"), ("reason", reason)], |v| v == 1.0);
     }
 
     // Through all of it, the real link never dropped.
     let m = dc1.metrics();
-    assert_eq!(
-        metric_value(
-            &m,
-            "wandist_link_up",
-            &[("peer", "dc2"), ("role", "primary")]
-        ),
-        Some(1.0)
-    );
-    assert_eq!(
-        metric_value(&m, "wandist_link_connects_total", &[("peer", "dc2")]),
-        Some(1.0)
-    );
-    assert_eq!(
-        metric_sum(&m, "wandist_link_disconnects_total", &[("peer", "dc2")]),
-        0.0
-    );
-    assert_eq!(
-        dc2.metric("wandist_link_connects_total", &[("peer", "dc1")]),
-        Some(1.0)
-    );
+    assert_eq!(metric_value(&m, "wandist_link_up", &[("peer", "dc2"), ("role", "primary")]), Some(1.0));
+    assert_eq!(metric_value(&m, "wandist_link_connects_total", &[("peer", "dc2")]), Some(1.0));
+    assert_eq!(metric_sum(&m, "wandist_link_disconnects_total", &[("peer", "dc2")]), 0.0);
+    assert_eq!(dc2.metric("wandist_link_connects_total", &[("peer", "dc1")]), Some(1.0));
 }
 
 #[test]
 fn plaintext_is_refused_unless_the_route_allows_it() {
     let certs = Certs::new(&["dc1", "dc2"]);
-    let dc1 = Gateway::start("dc1", &format!(
-        "{}{}[[route]]\ncluster = \"dc2\"\n[[route]]\ncluster = \"lab\"\ninsecure_plaintext = true\n",
-        gateway_table("dc1", true), certs.tls_table("dc1")
-    ));
+    let dc1 = Gateway::start(
+        "dc1",
+        &format!(
+            "{}{}[[route]]\ncluster = \"dc2\"\n[[route]]\ncluster = \"lab\"\ninsecure_plaintext = true\n",
+            gateway_table("dc1", true),
+            certs.tls_table("dc1")
+        ),
+    );
     dc1.wait_log("route uses insecure_plaintext", SOON);
     // dc2 dials without TLS: its route on dc1 requires TLS.
     let dc2 = Gateway::start(
@@ -334,16 +230,12 @@ fn plaintext_is_refused_unless_the_route_allows_it() {
             dc1.peer_addr()
         ),
     );
-    dc1.wait_metric(
-        "wandist_handshake_failures_total",
-        &[("peer", "unknown"), ("reason", "plaintext_refused")],
-        |v| v >= 1.0,
-    );
-    dc2.wait_metric(
-        "wandist_handshake_failures_total",
-        &[("peer", "dc1"), ("reason", "refused_by_peer")],
-        |v| v >= 1.0,
-    );
+    dc1.wait_metric("wandist_handshake_failures_total", &[("peer", "unknown"), ("reason", "plaintext_refused")], |v| {
+        v >= 1.0
+    });
+    dc2.wait_metric("wandist_handshake_failures_total", &[("peer", "dc1"), ("reason", "refused_by_peer")], |v| {
+        v >= 1.0
+    });
     // The lab route allows it.
     let lab = Gateway::start(
         "lab",
@@ -353,16 +245,8 @@ fn plaintext_is_refused_unless_the_route_allows_it() {
             dc1.peer_addr()
         ),
     );
-    lab.wait_metric(
-        "wandist_link_up",
-        &[("peer", "dc1"), ("role", "primary")],
-        |v| v == 1.0,
-    );
-    dc1.wait_metric(
-        "wandist_link_up",
-        &[("peer", "lab"), ("role", "primary")],
-        |v| v == 1.0,
-    );
+    lab.wait_metric("wandist_link_up", &[("peer", "dc1"), ("role", "primary")], |v| v == 1.0);
+    dc1.wait_metric("wandist_link_up", &[("peer", "lab"), ("role", "primary")], |v| v == 1.0);
     assert!(dc1.wait_log("link up from", SOON).contains("PLAINTEXT"));
 }
 
@@ -374,9 +258,7 @@ fn a_dialer_never_hangs_on_a_silent_peer_or_proxy() {
     let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let silent_addr = silent.local_addr().unwrap();
     // Complete TLS as dc2, then say nothing.
-    let tls_then_silent = rt
-        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
-        .unwrap();
+    let tls_then_silent = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
     let tls_addr = tls_then_silent.local_addr().unwrap();
     let dc2 = tls_of(&certs, "dc2");
     rt.spawn(async move {
@@ -385,36 +267,24 @@ fn a_dialer_never_hangs_on_a_silent_peer_or_proxy() {
             let Ok((tcp, _)) = tls_then_silent.accept().await else {
                 return;
             };
-            if let Ok(s) = tokio_rustls::TlsAcceptor::from(dc2.server.clone())
-                .accept(tcp)
-                .await
-            {
+            if let Ok(s) = tokio_rustls::TlsAcceptor::from(dc2.server.clone()).accept(tcp).await {
                 held.push(s);
             }
         }
     });
-    let dc1 = Gateway::start("dc1", &format!(
-        "{}{}[[route]]\ncluster = \"dc2\"\nendpoints = [\"{tls_addr}\"]\n\
+    let dc1 = Gateway::start(
+        "dc1",
+        &format!(
+            "{}{}[[route]]\ncluster = \"dc2\"\nendpoints = [\"{tls_addr}\"]\n\
          [[route]]\ncluster = \"dc3\"\nendpoints = [\"{silent_addr}\"]\n\
          [[route]]\ncluster = \"dc4\"\nendpoints = [\"10.9.9.9:4370\"]\nsocks5 = \"{silent_addr}\"\n",
-        gateway_table_with("dc1", false, "handshake_timeout_ms = 300\n"),
-        certs.tls_table("dc1")
-    ));
-    dc1.wait_metric(
-        "wandist_handshake_failures_total",
-        &[("peer", "dc2"), ("reason", "hello_timeout")],
-        |v| v >= 1.0,
+            gateway_table_with("dc1", false, "handshake_timeout_ms = 300\n"),
+            certs.tls_table("dc1")
+        ),
     );
-    dc1.wait_metric(
-        "wandist_handshake_failures_total",
-        &[("peer", "dc3"), ("reason", "tls_timeout")],
-        |v| v >= 1.0,
-    );
-    dc1.wait_metric(
-        "wandist_handshake_failures_total",
-        &[("peer", "dc4"), ("reason", "socks_timeout")],
-        |v| v >= 1.0,
-    );
+    dc1.wait_metric("wandist_handshake_failures_total", &[("peer", "dc2"), ("reason", "hello_timeout")], |v| v >= 1.0);
+    dc1.wait_metric("wandist_handshake_failures_total", &[("peer", "dc3"), ("reason", "tls_timeout")], |v| v >= 1.0);
+    dc1.wait_metric("wandist_handshake_failures_total", &[("peer", "dc4"), ("reason", "socks_timeout")], |v| v >= 1.0);
     let line = dc1.wait_log("SOCKS5 negotiation timed out after 300ms", SOON);
     assert!(line.contains("dc4"), "{line}");
     drop(silent);

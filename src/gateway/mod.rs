@@ -2,23 +2,25 @@
 //! per route, the WAN listener, the metrics endpoint — under one
 //! cancellation root, and drains them on shutdown.
 
+mod local;
 mod peer;
+
+pub use local::{LocalHandle, RouteGone, RouteHandle, ToLocal};
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
 
-use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::{Config, Problem};
-use crate::link::handshake::{self, Admission, Established, Identity};
+use crate::link::handshake::{self, Admission, Established, Identity, Offer};
 use crate::link::Timeouts;
-use crate::metrics as m;
+use crate::metrics::{self as m, Metrics};
 use crate::tls::Tls;
 
 /// A configuration with everything `run` needs loaded and checked: what
@@ -45,11 +47,7 @@ pub fn prepare(path: &Path) -> Result<Prepared, Vec<Problem>> {
         }
     };
     let tls = match &config.tls {
-        Some(files) => Some(Tls::load(
-            files,
-            Some(&config.gateway.cluster),
-            &config.path,
-        )?),
+        Some(files) => Some(Tls::load(files, Some(&config.gateway.cluster), &config.path)?),
         None => None,
     };
     Ok(Prepared { config, tls })
@@ -58,51 +56,63 @@ pub fn prepare(path: &Path) -> Result<Prepared, Vec<Problem>> {
 #[derive(Debug, thiserror::Error)]
 pub enum GatewayError {
     #[error("cannot listen on {addr} ({what}): {source}")]
-    Bind {
-        what: &'static str,
-        addr: SocketAddr,
-        source: std::io::Error,
-    },
+    Bind { what: &'static str, addr: SocketAddr, source: std::io::Error },
 }
 
-async fn bind(
-    what: &'static str,
-    addr: SocketAddr,
-) -> Result<(TcpListener, SocketAddr), GatewayError> {
-    let l = TcpListener::bind(addr)
-        .await
-        .map_err(|source| GatewayError::Bind { what, addr, source })?;
-    let local = l
-        .local_addr()
-        .map_err(|source| GatewayError::Bind { what, addr, source })?;
+async fn bind(what: &'static str, addr: SocketAddr) -> Result<(TcpListener, SocketAddr), GatewayError> {
+    let l = TcpListener::bind(addr).await.map_err(|source| GatewayError::Bind { what, addr, source })?;
+    let local = l.local_addr().map_err(|source| GatewayError::Bind { what, addr, source })?;
     Ok((l, local))
 }
 
-/// Runs the gateway until `shutdown` is cancelled, then drains within the
-/// configured grace period.
-pub async fn run(
+/// A started gateway: where it listens, and the local side's handle.
+pub struct Running {
+    /// The WAN listener's address (port resolved), if it listens.
+    pub peers: Option<SocketAddr>,
+    /// The metrics endpoint's address, if configured.
+    pub metrics_addr: Option<SocketAddr>,
+    pub local: LocalHandle,
+    pub metrics: Metrics,
+    pub epoch: u64,
+    root: CancellationToken,
+    tracker: TaskTracker,
+    grace: std::time::Duration,
+}
+
+impl Running {
+    /// Closes every link (with a goodbye), fails what is unconfirmed, and
+    /// waits up to the grace period for the tasks to finish.
+    pub async fn stop(self) {
+        tracing::info!(grace = ?self.grace, "shutting down");
+        self.root.cancel();
+        self.tracker.close();
+        if tokio::time::timeout(self.grace, self.tracker.wait()).await.is_err() {
+            tracing::warn!("tasks still running after the grace period; exiting anyway");
+        }
+    }
+}
+
+/// Size of the channel carrying everything routes hand to the local side.
+pub const TO_LOCAL_QUEUE: usize = 4096;
+
+/// Starts the gateway: binds its listeners, starts one task per route, and
+/// returns. Everything for the local cluster arrives on `to_local`.
+pub async fn start(
     prepared: Prepared,
-    metrics: Option<PrometheusHandle>,
-    shutdown: CancellationToken,
-) -> Result<(), GatewayError> {
+    metrics: Metrics,
+    to_local: mpsc::Sender<ToLocal>,
+) -> Result<Running, GatewayError> {
     let Prepared { config, tls } = prepared;
     let g = &config.gateway;
     let root = CancellationToken::new();
     let tracker = TaskTracker::new();
-    let own = Arc::new(Identity {
-        cluster: g.cluster.clone(),
-        gateway: g.name.clone(),
-        epoch: new_epoch(),
-    });
-    let timeouts = Timeouts {
-        connect: g.connect_timeout,
-        handshake: g.handshake_timeout,
-    };
+    let own = Arc::new(Identity { cluster: g.cluster.clone(), gateway: g.name.clone(), epoch: new_epoch() });
+    let timeouts = Timeouts { connect: g.connect_timeout, handshake: g.handshake_timeout };
 
     // Bind everything before starting anything, so a bad address fails fast.
-    let metrics_listener = match (&config.metrics, &metrics) {
-        (Some(mc), Some(_)) => Some(bind("metrics", mc.listen).await?),
-        _ => None,
+    let metrics_listener = match &config.metrics {
+        Some(mc) => Some(bind("metrics", mc.listen).await?),
+        None => None,
     };
     let peer_listener = match g.listen {
         Some(addr) => Some(bind("peer gateways", addr).await?),
@@ -111,6 +121,7 @@ pub async fn run(
 
     let mut inbound = HashMap::new();
     let mut admit = HashMap::new();
+    let mut local = LocalHandle { routes: HashMap::new(), groups: Vec::new() };
     for route in &config.routes {
         if route.insecure_plaintext {
             tracing::warn!(peer = %route.cluster, "route uses insecure_plaintext: traffic to and from this cluster is neither encrypted nor authenticated");
@@ -119,33 +130,38 @@ pub async fn run(
             route.cluster.clone(),
             Admission {
                 insecure_plaintext: route.insecure_plaintext,
-                links_wanted: route.links_wanted(),
+                offer: Offer { links_wanted: route.links_wanted(), recv_window: route.window },
             },
         );
-        let (tx, rx) = mpsc::channel(16);
-        inbound.insert(route.cluster.clone(), tx);
+        let (inbound_tx, inbound_rx) = mpsc::channel(16);
+        inbound.insert(route.cluster.clone(), inbound_tx);
+        let (submit_tx, submit_rx) = mpsc::channel(SUBMIT_QUEUE);
+        let (groups_tx, groups_rx) = mpsc::channel(GROUPS_QUEUE);
+        local.routes.insert(route.cluster.clone(), RouteHandle { submit: submit_tx });
+        local.groups.push(groups_tx);
         let task = peer::PeerTask::new(
             route.clone(),
             own.clone(),
-            if route.insecure_plaintext {
-                None
-            } else {
-                tls.clone()
-            },
+            if route.insecure_plaintext { None } else { tls.clone() },
             g,
             timeouts,
-            rx,
+            peer::RouteInputs { inbound: inbound_rx, submit: submit_rx, groups: groups_rx, to_local: to_local.clone() },
+            metrics.clone(),
             root.clone(),
             tracker.clone(),
         );
         tracker.spawn(task.run());
     }
 
-    if let (Some((listener, addr)), Some(handle)) = (metrics_listener, metrics) {
+    let mut metrics_addr = None;
+    if let Some((listener, addr)) = metrics_listener {
+        metrics_addr = Some(addr);
         tracing::info!(addr = %addr, url = %m::url(addr), "serving metrics");
-        tracker.spawn(m::serve(listener, handle, root.clone(), tracker.clone()));
+        tracker.spawn(m::serve(listener, metrics.clone(), root.clone(), tracker.clone()));
     }
+    let mut peers = None;
     if let Some((listener, addr)) = peer_listener {
+        peers = Some(addr);
         tracing::info!(addr = %addr, "listening for peer gateways");
         let acceptor = Acceptor {
             tls,
@@ -155,29 +171,39 @@ pub async fn run(
             timeouts,
             max_frame: g.max_frame_bytes,
             pending: Arc::new(Semaphore::new(g.max_pending_handshakes)),
+            metrics: metrics.clone(),
         };
         tracker.spawn(acceptor.run(listener, root.clone(), tracker.clone()));
     }
     tracing::info!(cluster = %own.cluster, gateway = %own.gateway, routes = config.routes.len(), "gateway ready");
+    Ok(Running { peers, metrics_addr, local, metrics, epoch: own.epoch, root, tracker, grace: g.shutdown_grace })
+}
 
+/// Runs the gateway until `shutdown` is cancelled, then drains within the
+/// configured grace period. Until the Erlang side exists, messages from
+/// peers are handed to a local side that only logs them.
+pub async fn run(prepared: Prepared, metrics: Metrics, shutdown: CancellationToken) -> Result<(), GatewayError> {
+    let (to_local, mut from_routes) = mpsc::channel(TO_LOCAL_QUEUE);
+    let running = start(prepared, metrics, to_local).await?;
+    let drain = tokio::spawn(async move {
+        while let Some(item) = from_routes.recv().await {
+            tracing::debug!("local side (none configured): {item:?}");
+        }
+    });
     shutdown.cancelled().await;
-    tracing::info!(grace = ?g.shutdown_grace, "shutting down");
-    root.cancel();
-    tracker.close();
-    if tokio::time::timeout(g.shutdown_grace, tracker.wait())
-        .await
-        .is_err()
-    {
-        tracing::warn!("tasks still running after the grace period; exiting anyway");
-    }
+    running.stop().await;
+    drain.abort();
     Ok(())
 }
 
+/// Messages the local side may queue toward a route beyond its window.
+const SUBMIT_QUEUE: usize = 256;
+/// Local group changes queued per route.
+const GROUPS_QUEUE: usize = 1024;
+
 fn new_epoch() -> u64 {
-    let t = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos() as u64)
-        .unwrap_or(0);
+    let t =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0);
     (t ^ fastrand::u64(..)).max(1)
 }
 
@@ -191,6 +217,7 @@ struct Acceptor {
     timeouts: Timeouts,
     max_frame: usize,
     pending: Arc<Semaphore>,
+    metrics: Metrics,
 }
 
 impl Acceptor {
@@ -213,7 +240,7 @@ impl Acceptor {
                 }
             };
             let Ok(permit) = this.pending.clone().try_acquire_owned() else {
-                count_refusal(&handshake::HandshakeError::Overload, remote);
+                count_refusal(&this.metrics, &handshake::HandshakeError::Overload, remote);
                 drop(tcp);
                 continue;
             };
@@ -230,16 +257,7 @@ impl Acceptor {
     }
 
     async fn handshake(&self, tcp: TcpStream, remote: SocketAddr) {
-        match handshake::server(
-            tcp,
-            self.tls.as_ref(),
-            &self.own,
-            &self.admit,
-            &self.timeouts,
-            self.max_frame,
-        )
-        .await
-        {
+        match handshake::server(tcp, self.tls.as_ref(), &self.own, &self.admit, &self.timeouts, self.max_frame).await {
             Ok(est) => {
                 let Some(tx) = self.inbound.get(&est.peer.cluster) else {
                     return;
@@ -248,13 +266,12 @@ impl Acceptor {
                     tracing::debug!(%remote, "route gone while handing over a link");
                 }
             }
-            Err(e) => count_refusal(&e, remote),
+            Err(e) => count_refusal(&self.metrics, &e, remote),
         }
     }
 }
 
-fn count_refusal(e: &handshake::HandshakeError, remote: SocketAddr) {
-    metrics::counter!(m::HANDSHAKE_FAILURES, "peer" => m::UNKNOWN_PEER, "reason" => e.reason())
-        .increment(1);
+fn count_refusal(metrics: &Metrics, e: &handshake::HandshakeError, remote: SocketAddr) {
+    metrics.counter(m::HANDSHAKE_FAILURES, &[("peer", m::UNKNOWN_PEER), ("reason", e.reason())]).increment(1);
     tracing::warn!(%remote, reason = e.reason(), "refused incoming connection: {e}");
 }

@@ -1,44 +1,112 @@
-//! One task per route: keeps the wanted number of links to the peer cluster
+//! One task per route: the async shell around [`Route`] and
+//! [`PeerMembership`]. It keeps the wanted number of links to the peer
 //! (dialing with backoff when it has endpoints, adopting links the listener
-//! accepted), picks the primary, and publishes link metrics.
+//! accepted), moves frames and time in and out of the route state, and
+//! publishes the route's metrics. It never waits on the local side: what is
+//! for the local cluster queues here, bounded by the windows.
 //!
 //! Both sides may dial; they still form one set of links per pair of
 //! clusters. The side whose cluster name sorts first trims links beyond what
 //! either side wants, newest first; the other side never trims, so the two
 //! cannot fight.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use metrics::{Counter, Gauge, Histogram};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use super::local::{LocalGroups, Submit, ToLocal};
 use crate::config::{GatewayConfig, RouteConfig};
 use crate::link::backoff::Backoff;
 use crate::link::conn::{self, Link, LinkEvent, LinkParams};
-use crate::link::handshake::{self, Established, HandshakeError, Identity};
+use crate::link::handshake::{self, Established, HandshakeError, Identity, Offer};
 use crate::link::Timeouts;
-use crate::metrics as m;
+use crate::membership::{Change, Filter, Pattern, PeerMembership};
+use crate::metrics::{self as m, Metrics};
+use crate::route::{Confirmation, DataVerdict, FailReason, Route, Window};
 use crate::tls::Tls;
+use crate::wire::{Frame, Header, Hello};
+
+const MEMBER_GAUGES_EVERY: Duration = Duration::from_millis(200);
 
 struct Live {
     link: Link,
-    peer_epoch: u64,
     peer_wants: u8,
     endpoint: Option<usize>,
     since: Instant,
 }
 
+/// The route's metric handles, resolved once.
+struct RouteMetrics {
+    route_up: Gauge,
+    primary_up: Gauge,
+    standby_up: Gauge,
+    failovers: Counter,
+    sent: Counter,
+    delivered: Counter,
+    received: Counter,
+    unacked_messages: Gauge,
+    unacked_bytes: Gauge,
+    retransmitted: Counter,
+    duplicates: Counter,
+    ack_latency: Histogram,
+    groups_exported: Gauge,
+    groups_imported: Gauge,
+    members_exported: Gauge,
+    members_imported: Gauge,
+    adverts_rejected: Counter,
+    connects: Counter,
+}
+
+impl RouteMetrics {
+    fn new(m: &Metrics, peer: &str) -> Self {
+        let p = [("peer", peer)];
+        let g = |name, extra: (&'static str, &str)| m.gauge(name, &[("peer", peer), extra]);
+        RouteMetrics {
+            route_up: m.gauge(m::ROUTE_UP, &p),
+            primary_up: g(m::LINK_UP, ("role", "primary")),
+            standby_up: g(m::LINK_UP, ("role", "standby")),
+            failovers: m.counter(m::FAILOVERS, &p),
+            sent: m.counter(m::MESSAGES_SENT, &p),
+            delivered: m.counter(m::MESSAGES_DELIVERED, &p),
+            received: m.counter(m::MESSAGES_RECEIVED, &p),
+            unacked_messages: m.gauge(m::UNACKED_MESSAGES, &p),
+            unacked_bytes: m.gauge(m::UNACKED_BYTES, &p),
+            retransmitted: m.counter(m::RETRANSMITTED, &p),
+            duplicates: m.counter(m::DUPLICATES_DROPPED, &p),
+            ack_latency: m.histogram(m::ACK_LATENCY, &p),
+            groups_exported: g(m::GROUPS, ("direction", "exported")),
+            groups_imported: g(m::GROUPS, ("direction", "imported")),
+            members_exported: g(m::MEMBERS, ("direction", "exported")),
+            members_imported: g(m::MEMBERS, ("direction", "imported")),
+            adverts_rejected: m.counter(m::ADVERTS_REJECTED, &p),
+            connects: m.counter(m::LINK_CONNECTS, &p),
+        }
+    }
+}
+
+/// Where a route task gets its inputs.
+pub(super) struct RouteInputs {
+    pub inbound: mpsc::Receiver<Established>,
+    pub submit: mpsc::Receiver<Submit>,
+    pub groups: mpsc::Receiver<LocalGroups>,
+    pub to_local: mpsc::Sender<ToLocal>,
+}
+
 pub(super) struct PeerTask {
-    route: RouteConfig,
+    config: RouteConfig,
+    peer: Arc<str>,
     own: Arc<Identity>,
     tls: Option<Tls>,
     params: LinkParams,
     timeouts: Timeouts,
     max_frame: usize,
-    inbound: mpsc::Receiver<Established>,
+    inputs: RouteInputs,
     events_tx: mpsc::Sender<LinkEvent>,
     events: mpsc::Receiver<LinkEvent>,
     links: Vec<Live>,
@@ -46,36 +114,66 @@ pub(super) struct PeerTask {
     backoff: Backoff,
     next_dial: Instant,
     next_endpoint: usize,
+    route: Route,
+    members: PeerMembership,
+    /// Confirmations and membership changes waiting for the local side.
+    outbox: VecDeque<ToLocal>,
+    /// When the last link went down; members are withdrawn `dead_after` later.
+    down_since: Option<Instant>,
+    withdrawn: bool,
+    /// Membership gauges cost a walk over the groups: refreshed at most
+    /// every MEMBER_GAUGES_EVERY while membership churns.
+    members_dirty: bool,
+    members_published: Instant,
+    metrics: Metrics,
+    rm: RouteMetrics,
     cancel: CancellationToken,
     tracker: TaskTracker,
+}
+
+fn filter(patterns: &[String]) -> Filter {
+    Filter::new(patterns.iter().map(|p| Pattern::new(p.as_str())).collect())
 }
 
 impl PeerTask {
     #[allow(clippy::too_many_arguments)]
     pub(super) fn new(
-        route: RouteConfig,
+        config: RouteConfig,
         own: Arc<Identity>,
         tls: Option<Tls>,
         g: &GatewayConfig,
         timeouts: Timeouts,
-        inbound: mpsc::Receiver<Established>,
+        inputs: RouteInputs,
+        metrics: Metrics,
         cancel: CancellationToken,
         tracker: TaskTracker,
     ) -> Self {
         let (events_tx, events) = mpsc::channel(1024);
+        let peer: Arc<str> = config.cluster.as_str().into();
         let params = LinkParams {
             heartbeat: g.heartbeat,
             dead_after: g.dead_after,
             max_frame_bytes: g.max_frame_bytes,
-            peer: route.cluster.clone(),
+            peer: config.cluster.clone(),
+            metrics: metrics.clone(),
         };
+        let route = Route::new(own.epoch, config.window, config.window);
+        let members = PeerMembership::new(
+            &own.cluster,
+            &config.cluster,
+            filter(&config.export),
+            filter(&config.import),
+            g.max_imported_members,
+        );
+        let rm = RouteMetrics::new(&metrics, &config.cluster);
         PeerTask {
+            peer,
             own,
             tls,
             params,
             timeouts,
             max_frame: g.max_frame_bytes,
-            inbound,
+            inputs,
             events_tx,
             events,
             links: Vec::new(),
@@ -83,54 +181,180 @@ impl PeerTask {
             backoff: Backoff::new(g.reconnect_min, g.reconnect_max),
             next_dial: Instant::now(),
             next_endpoint: 0,
+            route,
+            members,
+            outbox: VecDeque::new(),
+            down_since: Some(Instant::now()),
+            withdrawn: true,
+            members_dirty: true,
+            members_published: Instant::now(),
+            metrics,
+            rm,
             cancel,
             tracker,
-            route,
+            config,
         }
     }
 
-    fn peer(&self) -> &str {
-        &self.route.cluster
+    fn offer(&self) -> Offer {
+        Offer { links_wanted: self.config.links_wanted(), recv_window: self.config.window }
     }
 
     pub(super) async fn run(mut self) {
         self.publish();
         let far = Duration::from_secs(3600);
         loop {
-            let want_dial = !self.route.endpoints.is_empty()
+            let want_dial = !self.config.endpoints.is_empty()
                 && self.dialing.is_empty()
-                && self.links.len() < self.route.links_wanted() as usize;
-            let wake = if want_dial {
-                self.next_dial
-            } else {
-                Instant::now() + far
+                && self.links.len() < self.config.links_wanted() as usize;
+            let dial_at = if want_dial { self.next_dial } else { Instant::now() + far };
+            let withdraw_at = match self.down_since {
+                Some(t) if !self.withdrawn => t + self.params.dead_after,
+                _ => Instant::now() + far,
             };
+            // Room on the primary's data lane, and on the local side, is
+            // reserved before anything is taken out of the route state.
+            let lane = self.primary().filter(|_| self.route.wants_transmit()).map(|l| l.data_lane());
+            let to_local = (!self.outbox.is_empty() || self.route.has_delivery()).then(|| self.inputs.to_local.clone());
             tokio::select! {
                 _ = self.cancel.cancelled() => break,
-                Some(est) = self.inbound.recv() => self.adopt(est, None),
+                Some(est) = self.inputs.inbound.recv() => self.adopt(est, None),
                 Some(joined) = self.dialing.join_next(), if !self.dialing.is_empty() => match joined {
                     Ok((ep, Ok(est))) => {
                         self.next_dial = Instant::now();
                         self.adopt(est, Some(ep));
                     }
                     Ok((ep, Err(e))) => self.dial_failed(ep, &e),
-                    Err(e) => tracing::error!(peer = %self.peer(), "dial task failed: {e}"),
+                    Err(e) => tracing::error!(peer = %self.peer, "dial task failed: {e}"),
                 },
                 Some(ev) = self.events.recv() => self.on_event(ev),
-                _ = tokio::time::sleep_until(wake.into()), if want_dial => self.dial(),
+                Some(s) = self.inputs.submit.recv(), if self.route.has_room() => {
+                    self.rm.sent.increment(1);
+                    self.route.submit(s.payload, s.token);
+                }
+                Some(change) = self.inputs.groups.recv() => self.on_local_groups(change),
+                Ok(permit) = async { lane.unwrap().reserve_owned().await }, if lane.is_some() => {
+                    if let Some(t) = self.route.next_transmit(Instant::now()) {
+                        if t.retransmit {
+                            self.rm.retransmitted.increment(1);
+                        }
+                        permit.send(Frame { header: Header::Data { epoch: t.epoch, seq: t.seq, more: false }, body: t.payload });
+                    }
+                }
+                Ok(permit) = async { to_local.unwrap().reserve_owned().await }, if to_local.is_some() => {
+                    if let Some(item) = self.outbox.pop_front() {
+                        permit.send(item);
+                    } else if let Some(payload) = self.route.next_delivery() {
+                        self.rm.received.increment(1);
+                        permit.send(ToLocal::Deliver { peer: self.peer.clone(), payload });
+                    }
+                }
+                _ = tokio::time::sleep_until(dial_at.into()), if want_dial => self.dial(),
+                _ = tokio::time::sleep_until(withdraw_at.into()), if self.down_since.is_some() && !self.withdrawn => {
+                    self.withdraw();
+                }
             }
+            self.flush_ack();
+            self.publish_window();
+            if self.members_dirty && self.members_published.elapsed() >= MEMBER_GAUGES_EVERY {
+                self.publish_members();
+            }
+        }
+        self.shutdown();
+    }
+
+    fn primary(&self) -> Option<&Link> {
+        let id = self.route.primary()?;
+        self.links.iter().find(|l| l.link.id == id).map(|l| &l.link)
+    }
+
+    fn send_on_primary(&mut self, frame: Frame) {
+        let Some(link) = self.primary() else { return };
+        if !link.send_control(frame) {
+            // The control lane is thousands of frames behind: this link is
+            // not healthy. Failover resends data and membership from scratch.
+            link.close("control_overflow", "control frames backed up");
+        }
+    }
+
+    fn flush_ack(&mut self) {
+        if self.primary().is_none() {
+            return;
+        }
+        if let Some((epoch, upto)) = self.route.pending_ack() {
+            self.send_on_primary(Frame::control(Header::Ack { epoch, upto }));
+            self.route.ack_sent(upto);
+        }
+    }
+
+    fn send_snapshot(&mut self) {
+        for advert in self.members.snapshot() {
+            self.send_on_primary(Frame::control(Header::Advert(advert)));
+        }
+        self.members_dirty = true;
+    }
+
+    fn on_local_groups(&mut self, change: LocalGroups) {
+        let advert = match change {
+            LocalGroups::Join { group, members } => self.members.local_join(&group, &members),
+            LocalGroups::Leave { group, members } => self.members.local_leave(&group, &members),
+        };
+        if let Some(advert) = advert {
+            self.send_on_primary(Frame::control(Header::Advert(advert)));
+        }
+        self.members_dirty = true;
+    }
+
+    fn changes_to_local(&mut self, changes: Vec<Change>) {
+        let peer = self.peer.clone();
+        self.outbox.extend(changes.into_iter().map(|change| ToLocal::Members { peer: peer.clone(), change }));
+        self.members_dirty = true;
+    }
+
+    fn confirmations_to_local(&mut self, confirmations: Vec<Confirmation>) {
+        let peer = self.peer.clone();
+        self.outbox.extend(confirmations.into_iter().map(|c| ToLocal::Confirm {
+            peer: peer.clone(),
+            token: c.token,
+            outcome: c.outcome,
+        }));
+    }
+
+    fn withdraw(&mut self) {
+        self.withdrawn = true;
+        let changes = self.members.withdraw();
+        if !changes.is_empty() {
+            tracing::warn!(peer = %self.peer, "route down for {:?}: withdrawing its members from the local cluster", self.params.dead_after);
+        }
+        self.changes_to_local(changes);
+    }
+
+    fn shutdown(&mut self) {
+        let (n, confirmations) = self.route.fail_all(FailReason::Shutdown);
+        if n > 0 {
+            self.metrics
+                .counter(m::MESSAGES_FAILED, &[("peer", &self.peer), ("reason", "shutdown")])
+                .increment(n as u64);
+            tracing::warn!(peer = %self.peer, messages = n, "shutting down with unconfirmed messages: reported failed");
+        }
+        for c in confirmations {
+            let _ = self.inputs.to_local.try_send(ToLocal::Confirm {
+                peer: self.peer.clone(),
+                token: c.token,
+                outcome: c.outcome,
+            });
         }
         for live in &self.links {
             live.link.close("shutdown", "gateway shutting down");
         }
         self.links.clear();
-        self.dialing.shutdown().await;
+        self.dialing.abort_all();
         self.publish();
     }
 
     /// Picks the next endpoint, preferring one no live link uses.
     fn pick_endpoint(&mut self) -> usize {
-        let n = self.route.endpoints.len();
+        let n = self.config.endpoints.len();
         for i in 0..n {
             let ep = (self.next_endpoint + i) % n;
             if !self.links.iter().any(|l| l.endpoint == Some(ep)) {
@@ -145,17 +369,16 @@ impl PeerTask {
 
     fn dial(&mut self) {
         let ep_index = self.pick_endpoint();
-        let ep = self.route.endpoints[ep_index].clone();
-        let socks = self.route.socks5.clone();
+        let dial = self.config.endpoints[ep_index].clone();
         let tls = self.tls.clone();
-        let expect = self.route.cluster.clone();
-        let hello = self.own.hello(self.route.links_wanted());
+        let expect = self.config.cluster.clone();
+        let hello = self.own.hello(self.offer());
         let t = self.timeouts;
         let max_frame = self.max_frame;
-        tracing::debug!(peer = %expect, endpoint = %ep, "dialing");
+        tracing::debug!(peer = %expect, endpoint = %dial, "dialing");
         self.dialing.spawn(async move {
             let res = async {
-                let tcp = handshake::dial(&ep, socks.as_ref(), &t).await?;
+                let tcp = handshake::dial(&dial.endpoint, dial.socks5.as_ref(), &t).await?;
                 handshake::client(tcp, tls.as_ref(), &expect, hello, &t, max_frame).await
             }
             .await;
@@ -166,10 +389,10 @@ impl PeerTask {
     fn dial_failed(&mut self, ep: usize, e: &HandshakeError) {
         let delay = self.backoff.fail(fastrand::f64());
         self.next_dial = Instant::now() + delay;
-        metrics::counter!(m::HANDSHAKE_FAILURES, "peer" => self.peer().to_string(), "reason" => e.reason()).increment(1);
+        self.metrics.counter(m::HANDSHAKE_FAILURES, &[("peer", &self.peer), ("reason", e.reason())]).increment(1);
         tracing::warn!(
-            peer = %self.peer(),
-            endpoint = %self.route.endpoints[ep],
+            peer = %self.peer,
+            endpoint = %self.config.endpoints[ep],
             reason = e.reason(),
             retry_in = ?delay,
             "cannot establish link: {e}"
@@ -177,22 +400,6 @@ impl PeerTask {
     }
 
     fn adopt(&mut self, est: Established, endpoint: Option<usize>) {
-        let peer_epoch = est.peer.epoch;
-        let stale: Vec<u64> = self
-            .links
-            .iter()
-            .filter(|l| l.peer_epoch != peer_epoch)
-            .map(|l| l.link.id)
-            .collect();
-        if !stale.is_empty() {
-            tracing::info!(peer = %self.peer(), "peer gateway restarted (new epoch); dropping links to its previous run");
-            for l in self.links.iter().filter(|l| stale.contains(&l.link.id)) {
-                l.link.close(
-                    "peer_restarted",
-                    "superseded by a link to the peer's new run",
-                );
-            }
-        }
         let info = format!(
             "{} {} ({}, gateway {})",
             if est.dialed { "to" } else { "from" },
@@ -200,27 +407,45 @@ impl PeerTask {
             if est.tls { "mutual TLS" } else { "PLAINTEXT" },
             est.peer.gateway
         );
-        let peer_wants = est.peer.links_wanted;
-        let link = conn::spawn(
-            est,
-            self.params.clone(),
-            self.events_tx.clone(),
-            &self.tracker,
-        );
-        metrics::counter!(m::LINK_CONNECTS, "peer" => self.peer().to_string()).increment(1);
-        let role = if self.links.iter().all(|l| stale.contains(&l.link.id)) {
-            "primary"
-        } else {
-            "standby"
+        let hello: Hello = est.peer.clone();
+        let peer_window = Window {
+            messages: (hello.recv_window_messages as usize).max(1),
+            bytes: (hello.recv_window_bytes.min(usize::MAX as u64) as usize).max(1),
         };
-        tracing::info!(peer = %self.peer(), link = link.id, role, "link up {info}");
-        self.links.push(Live {
-            link,
-            peer_epoch,
-            peer_wants,
-            endpoint,
-            since: Instant::now(),
-        });
+        let link = conn::spawn(est, self.params.clone(), self.events_tx.clone(), &self.tracker);
+        let id = link.id;
+        self.rm.connects.increment(1);
+        let was_known = self.route.peer_epoch().is_some();
+        let up = self.route.link_up(id, hello.epoch, peer_window);
+        if !up.stale.is_empty() {
+            tracing::warn!(peer = %self.peer, "peer gateway restarted (new epoch): a new session");
+        }
+        for stale in &up.stale {
+            if let Some(l) = self.links.iter().find(|l| l.link.id == *stale) {
+                l.link.close("peer_restarted", "superseded by a link to the peer's new run");
+            }
+        }
+        if up.new_session && was_known {
+            if up.failed_count > 0 {
+                self.metrics
+                    .counter(m::MESSAGES_FAILED, &[("peer", &self.peer), ("reason", FailReason::PeerRestarted.label())])
+                    .increment(up.failed_count as u64);
+                tracing::warn!(peer = %self.peer, messages = up.failed_count, "unconfirmed messages to the peer's previous run reported failed");
+            }
+            self.confirmations_to_local(up.failed);
+            let changes = self.members.peer_restarted();
+            self.changes_to_local(changes);
+        }
+        let role = if up.primary { "primary" } else { "standby" };
+        tracing::info!(peer = %self.peer, link = id, role, "link up {info}");
+        self.links.push(Live { link, peer_wants: hello.links_wanted, endpoint, since: Instant::now() });
+        if up.primary {
+            if self.down_since.take().is_some() {
+                tracing::info!(peer = %self.peer, "route up");
+            }
+            self.withdrawn = false;
+            self.send_snapshot();
+        }
         self.trim();
         self.publish();
     }
@@ -228,61 +453,127 @@ impl PeerTask {
     /// Closes links beyond what either side wants, if this side is the one
     /// that trims (its cluster name sorts first).
     fn trim(&mut self) {
-        if self.own.cluster.as_str() > self.peer() {
+        if self.own.cluster.as_str() > &*self.peer {
             return;
         }
-        let target = self
-            .links
-            .iter()
-            .map(|l| l.peer_wants)
-            .max()
-            .unwrap_or(0)
-            .max(self.route.links_wanted()) as usize;
+        let target =
+            self.links.iter().map(|l| l.peer_wants).max().unwrap_or(0).max(self.config.links_wanted()) as usize;
         let open: Vec<&Live> = self.links.iter().filter(|l| !l.link.is_closed()).collect();
         for l in open.iter().skip(target) {
-            tracing::info!(peer = %self.peer(), link = l.link.id, "closing surplus link (both sides dialed)");
-            l.link
-                .close("surplus", "both sides dialed; keeping the older links");
+            tracing::info!(peer = %self.peer, link = l.link.id, "closing surplus link (both sides dialed)");
+            l.link.close("surplus", "both sides dialed; keeping the older links");
         }
     }
 
     fn on_event(&mut self, ev: LinkEvent) {
         match ev {
-            LinkEvent::Closed { link, reason } => {
-                let Some(pos) = self.links.iter().position(|l| l.link.id == link) else {
-                    return;
-                };
-                let live = self.links.remove(pos);
-                metrics::counter!(m::LINK_DISCONNECTS, "peer" => self.peer().to_string(), "reason" => reason.label).increment(1);
-                let role = if pos == 0 { "primary" } else { "standby" };
-                tracing::warn!(peer = %self.peer(), link, role, reason = reason.label, "link down: {reason}");
-                // A link that dies young counts as a failed attempt, so a
-                // peer that accepts and then drops us does not make us spin.
-                if live.since.elapsed() >= self.params.dead_after {
-                    self.backoff.reset();
-                    self.next_dial = self.next_dial.min(Instant::now());
-                } else {
-                    self.next_dial = Instant::now() + self.backoff.fail(fastrand::f64());
-                }
-                if self.links.is_empty() {
-                    tracing::warn!(peer = %self.peer(), "route down: no live link");
-                }
-                self.publish();
-            }
+            LinkEvent::Closed { link, reason } => self.link_closed(link, reason),
             LinkEvent::Rtt { .. } => {}
-            LinkEvent::Frame { .. } => {}
+            LinkEvent::Frame { link, frame } => self.on_frame(link, frame),
         }
     }
 
-    fn publish(&self) {
-        let up = self.links.iter().filter(|l| !l.link.is_closed()).count();
-        let peer = self.peer().to_string();
-        metrics::gauge!(m::LINK_UP, "peer" => peer.clone(), "role" => "primary").set(if up > 0 {
-            1.0
+    fn link_closed(&mut self, link: u64, reason: crate::link::CloseReason) {
+        let Some(pos) = self.links.iter().position(|l| l.link.id == link) else { return };
+        let live = self.links.remove(pos);
+        self.metrics.counter(m::LINK_DISCONNECTS, &[("peer", &self.peer), ("reason", reason.label)]).increment(1);
+        let down = self.route.link_down(link);
+        let role = if down.was_primary { "primary" } else { "standby" };
+        tracing::warn!(peer = %self.peer, link, role, reason = reason.label, "link down: {reason}");
+        if let Some(promoted) = down.promoted {
+            self.rm.failovers.increment(1);
+            tracing::warn!(peer = %self.peer, from = link, to = promoted, "failover: standby promoted to primary");
+            self.send_snapshot();
+        }
+        if down.route_down {
+            self.members.pause();
+            self.down_since = Some(Instant::now());
+            tracing::warn!(peer = %self.peer, "route down: no live link");
+        }
+        // A link that dies young counts as a failed attempt, so a peer that
+        // accepts and then drops us does not make us spin.
+        if live.since.elapsed() >= self.params.dead_after {
+            self.backoff.reset();
+            self.next_dial = self.next_dial.min(Instant::now());
         } else {
-            0.0
-        });
-        metrics::gauge!(m::LINK_UP, "peer" => peer, "role" => "standby")
-            .set(up.saturating_sub(1) as f64);
+            self.next_dial = Instant::now() + self.backoff.fail(fastrand::f64());
+        }
+        self.publish();
+    }
+
+    fn violation(&mut self, link: u64, label: &'static str, why: String) {
+        tracing::warn!(peer = %self.peer, link, "closing link: protocol violation: {why}");
+        self.metrics.counter(m::FRAMES_REJECTED, &[("peer", &self.peer), ("reason", label)]).increment(1);
+        if let Some(l) = self.links.iter().find(|l| l.link.id == link) {
+            l.link.close(label, &why);
+        }
+    }
+
+    fn on_frame(&mut self, link: u64, frame: Frame) {
+        match frame.header {
+            Header::Data { epoch, seq, .. } => {
+                if Some(epoch) != self.route.peer_epoch() {
+                    return; // from a previous run of the peer, on a stale link
+                }
+                match self.route.on_data(link, seq, frame.body) {
+                    Ok(DataVerdict::Accepted) | Ok(DataVerdict::Stale) => {}
+                    Ok(DataVerdict::Duplicate) => self.rm.duplicates.increment(1),
+                    Err(v) => self.violation(link, v.label(), v.to_string()),
+                }
+            }
+            Header::Ack { epoch, upto } => match self.route.on_ack(epoch, upto, Instant::now()) {
+                Ok(acked) => {
+                    self.rm.delivered.increment(acked.messages as u64);
+                    for l in &acked.latencies {
+                        self.rm.ack_latency.record(l.as_secs_f64());
+                    }
+                    self.confirmations_to_local(acked.confirmations);
+                }
+                Err(v) => self.violation(link, v.label(), v.to_string()),
+            },
+            Header::Advert(advert) => {
+                let origin = advert.origin.clone();
+                match self.members.on_advert(advert) {
+                    Ok(applied) => {
+                        if applied.resync {
+                            self.send_on_primary(Frame::control(Header::Resync));
+                        }
+                        self.changes_to_local(applied.changes);
+                    }
+                    Err(e) => {
+                        self.rm.adverts_rejected.increment(1);
+                        tracing::warn!(peer = %self.peer, origin = %origin, "advert rejected: {e}");
+                    }
+                }
+            }
+            Header::Resync => self.send_snapshot(),
+            other => tracing::debug!(peer = %self.peer, "ignoring {other:?}"),
+        }
+    }
+
+    fn publish(&mut self) {
+        let up = self.links.iter().filter(|l| !l.link.is_closed()).count();
+        self.rm.primary_up.set(if self.route.is_up() { 1.0 } else { 0.0 });
+        self.rm.standby_up.set(up.saturating_sub(1) as f64);
+        self.rm.route_up.set(if self.route.is_up() { 1.0 } else { 0.0 });
+        self.publish_window();
+        self.publish_members();
+    }
+
+    fn publish_window(&self) {
+        let (n, bytes) = self.route.unacked();
+        self.rm.unacked_messages.set(n as f64);
+        self.rm.unacked_bytes.set(bytes as f64);
+    }
+
+    fn publish_members(&mut self) {
+        self.members_dirty = false;
+        self.members_published = Instant::now();
+        let (g, mm) = self.members.exported();
+        self.rm.groups_exported.set(g as f64);
+        self.rm.members_exported.set(mm as f64);
+        let (g, mm) = self.members.imported();
+        self.rm.groups_imported.set(g as f64);
+        self.rm.members_imported.set(mm as f64);
     }
 }

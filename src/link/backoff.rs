@@ -12,11 +12,7 @@ pub struct Backoff {
 
 impl Backoff {
     pub fn new(min: Duration, max: Duration) -> Self {
-        Backoff {
-            min,
-            max: max.max(min),
-            failures: 0,
-        }
+        Backoff { min, max: max.max(min), failures: 0 }
     }
 
     /// The delay before the next attempt after one more failure. `unit` is a

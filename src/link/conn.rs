@@ -1,16 +1,19 @@
 //! A running link: a reader and a writer over one established connection.
 //!
-//! The writer puts control frames (heartbeats, pongs, goodbyes) ahead of
-//! data and batches whatever is queued into one write. The reader answers
-//! pings, measures RTT from pongs, and declares the link dead when nothing at
-//! all has arrived for `dead_after`; the writer does the same for a write
-//! that stalls that long. Either way the link closes once, with one reason.
+//! The writer puts control frames (heartbeats, pongs, acks, adverts,
+//! goodbyes) ahead of data, cuts large messages into chunks so control
+//! frames and small messages never wait behind a whole large one, and
+//! batches whatever is queued into one write — with no added latency when
+//! the link is idle. The reader answers pings, measures RTT from pongs,
+//! reassembles chunks, and declares the link dead when nothing at all has
+//! arrived for `dead_after`; the writer does the same for a write that makes
+//! no progress that long. Either way the link closes once, with one reason.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -18,15 +21,17 @@ use tokio_util::task::TaskTracker;
 
 use super::handshake::Established;
 use super::{BoxIo, CloseReason};
-use crate::metrics as m;
+use crate::metrics::{self as m, Metrics};
 use crate::wire::codec;
 use crate::wire::{Frame, Header};
 
-/// Frames queued per lane before senders wait.
-const CONTROL_QUEUE: usize = 256;
+/// Frames queued per lane before senders wait (data) or fail (control).
+const CONTROL_QUEUE: usize = 4096;
 const DATA_QUEUE: usize = 1024;
 /// The writer stops gathering a batch at this size.
 const BATCH_BYTES: usize = 256 * 1024;
+/// Data payloads are sent in chunks of at most this size.
+pub const CHUNK_BYTES: usize = 256 * 1024;
 
 static NEXT_LINK_ID: AtomicU64 = AtomicU64::new(1);
 
@@ -34,17 +39,29 @@ static NEXT_LINK_ID: AtomicU64 = AtomicU64::new(1);
 pub struct LinkParams {
     pub heartbeat: Duration,
     pub dead_after: Duration,
+    /// Largest frame, and largest reassembled message, accepted.
     pub max_frame_bytes: usize,
     /// The peer cluster, for metric labels and logs.
     pub peer: String,
+    pub metrics: Metrics,
 }
 
 /// What a link tells its owner.
 #[derive(Debug)]
 pub enum LinkEvent {
-    Frame { link: u64, frame: Frame },
-    Rtt { link: u64, rtt: Duration },
-    Closed { link: u64, reason: CloseReason },
+    /// A control frame for the owner, or a whole (reassembled) data message.
+    Frame {
+        link: u64,
+        frame: Frame,
+    },
+    Rtt {
+        link: u64,
+        rtt: Duration,
+    },
+    Closed {
+        link: u64,
+        reason: CloseReason,
+    },
 }
 
 /// The owner's handle on a running link. Dropping it closes the link.
@@ -72,14 +89,14 @@ impl Shared {
 }
 
 impl Link {
-    /// Queues a control frame; fails if the link is gone or hopelessly behind.
+    /// Queues a control frame; false if the link is gone or hopelessly behind.
     pub fn send_control(&self, frame: Frame) -> bool {
         self.control.try_send(frame).is_ok()
     }
 
-    /// Queues a data frame, waiting for room (backpressure).
-    pub async fn send_data(&self, frame: Frame) -> bool {
-        self.data.send(frame).await.is_ok()
+    /// The data lane, for owners that reserve room before committing a frame.
+    pub fn data_lane(&self) -> mpsc::Sender<Frame> {
+        self.data.clone()
     }
 
     /// Closes the link, telling the peer why.
@@ -104,20 +121,12 @@ impl Drop for Link {
 /// Starts a link's tasks. Events (frames, RTT samples, the one `Closed`)
 /// arrive on `events`. The owner closes the link (`close`, or by dropping
 /// the handle), so that the peer always hears a goodbye with the reason.
-pub fn spawn(
-    est: Established,
-    params: LinkParams,
-    events: mpsc::Sender<LinkEvent>,
-    tracker: &TaskTracker,
-) -> Link {
+pub fn spawn(est: Established, params: LinkParams, events: mpsc::Sender<LinkEvent>, tracker: &TaskTracker) -> Link {
     let id = NEXT_LINK_ID.fetch_add(1, Ordering::Relaxed);
     let (control_tx, control_rx) = mpsc::channel(CONTROL_QUEUE);
     let (data_tx, data_rx) = mpsc::channel(DATA_QUEUE);
-    let shared = Arc::new(Shared {
-        cancel: CancellationToken::new(),
-        reason: OnceLock::new(),
-        goodbye: Mutex::new(None),
-    });
+    let shared =
+        Arc::new(Shared { cancel: CancellationToken::new(), reason: OnceLock::new(), goodbye: Mutex::new(None) });
     let (rd, wr) = tokio::io::split(est.io);
     let epoch = Instant::now();
     let reader = Reader {
@@ -128,14 +137,9 @@ pub fn spawn(
         events: events.clone(),
         control: control_tx.clone(),
         epoch,
+        partial: None,
     };
-    let writer = Writer {
-        wr,
-        params,
-        control: control_rx,
-        data: data_rx,
-        epoch,
-    };
+    let writer = Writer { wr, params, control: control_rx, data: data_rx, epoch, current: None };
     let task_shared = shared.clone();
     tracker.spawn(async move {
         let shared = task_shared;
@@ -148,23 +152,21 @@ pub fn spawn(
             shared.close(why);
         };
         tokio::join!(r, w);
-        let reason = shared
-            .reason
-            .get()
-            .cloned()
-            .unwrap_or_else(|| CloseReason::new("closed", ""));
+        let reason = shared.reason.get().cloned().unwrap_or_else(|| CloseReason::new("closed", ""));
         let _ = events.send(LinkEvent::Closed { link: id, reason }).await;
     });
-    Link {
-        id,
-        control: control_tx,
-        data: data_tx,
-        shared,
-    }
+    Link { id, control: control_tx, data: data_tx, shared }
 }
 
 fn micros_since(epoch: Instant) -> u64 {
     epoch.elapsed().as_micros() as u64
+}
+
+/// A message being reassembled from chunks.
+struct Partial {
+    epoch: u64,
+    seq: u64,
+    body: BytesMut,
 }
 
 struct Reader {
@@ -175,17 +177,19 @@ struct Reader {
     events: mpsc::Sender<LinkEvent>,
     control: mpsc::Sender<Frame>,
     epoch: Instant,
+    partial: Option<Partial>,
 }
 
 impl Reader {
     async fn run(mut self, cancel: &CancellationToken) -> CloseReason {
         let peer = self.params.peer.clone();
-        let received = metrics::counter!(m::BYTES_RECEIVED, "peer" => peer.clone());
-        let rtt_hist = metrics::histogram!(m::LINK_RTT, "peer" => peer.clone());
+        let metrics = self.params.metrics.clone();
+        let received = metrics.counter(m::BYTES_RECEIVED, &[("peer", &peer)]);
+        let rtt_hist = metrics.histogram(m::LINK_RTT, &[("peer", &peer)]);
+        let id = self.id;
         let reject = |e: &codec::CodecError| {
-            metrics::counter!(m::FRAMES_REJECTED, "peer" => peer.clone(), "reason" => e.reason())
-                .increment(1);
-            tracing::warn!(peer = %peer, link = self.id, "closing link: bad frame from peer: {e}");
+            metrics.counter(m::FRAMES_REJECTED, &[("peer", &peer), ("reason", e.reason())]).increment(1);
+            tracing::warn!(peer = %peer, link = id, "closing link: bad frame from peer: {e}");
             CloseReason::new(e.reason(), e.to_string())
         };
         loop {
@@ -195,18 +199,12 @@ impl Reader {
                     Ok(None) => break,
                     Err(e) => return reject(&e),
                 };
-                match frame.header {
+                let frame = match frame.header {
                     Header::Ping { nonce } => {
-                        if self
-                            .control
-                            .try_send(Frame::control(Header::Pong { nonce }))
-                            .is_err()
-                        {
-                            return CloseReason::new(
-                                "control_overflow",
-                                "peer pings faster than we can answer",
-                            );
+                        if self.control.try_send(Frame::control(Header::Pong { nonce })).is_err() {
+                            return CloseReason::new("control_overflow", "peer pings faster than we can answer");
                         }
+                        continue;
                     }
                     Header::Pong { nonce } => {
                         let now = micros_since(self.epoch);
@@ -215,27 +213,22 @@ impl Reader {
                             rtt_hist.record(rtt.as_secs_f64());
                             let _ = self.events.try_send(LinkEvent::Rtt { link: self.id, rtt });
                         }
+                        continue;
                     }
                     Header::Goodbye { reason } => return CloseReason::new("goodbye", reason),
-                    Header::Data { .. } => {
-                        if self
-                            .events
-                            .send(LinkEvent::Frame {
-                                link: self.id,
-                                frame,
-                            })
-                            .await
-                            .is_err()
-                        {
-                            return CloseReason::new("shutdown", "");
-                        }
+                    Header::Hello(_) => {
+                        return reject(&codec::CodecError::Garbage("a second hello on a running link".into()));
                     }
-                    other => {
-                        let e = codec::CodecError::Garbage(format!(
-                            "unexpected {other:?} on a running link"
-                        ));
-                        return reject(&e);
-                    }
+                    Header::Data { epoch, seq, more } => match self.reassemble(epoch, seq, more, frame.body) {
+                        Ok(Some(whole)) => whole,
+                        Ok(None) => continue,
+                        Err(e) => return reject(&e),
+                    },
+                    // Control frames for the owner may come between chunks.
+                    _ => frame,
+                };
+                if self.events.send(LinkEvent::Frame { link: self.id, frame }).await.is_err() {
+                    return CloseReason::new("shutdown", "");
                 }
             }
             let read = tokio::select! {
@@ -244,10 +237,7 @@ impl Reader {
             };
             match read {
                 Err(_) => {
-                    return CloseReason::new(
-                        "dead",
-                        format!("nothing received for {:?}", self.params.dead_after),
-                    );
+                    return CloseReason::new("dead", format!("nothing received for {:?}", self.params.dead_after));
                 }
                 Ok(Ok(0)) => {
                     return match codec::check_eof(&self.buf) {
@@ -260,6 +250,50 @@ impl Reader {
             }
         }
     }
+
+    /// Adds a chunk; returns the whole message once its last chunk is in.
+    fn reassemble(
+        &mut self,
+        epoch: u64,
+        seq: u64,
+        more: bool,
+        body: Bytes,
+    ) -> Result<Option<Frame>, codec::CodecError> {
+        let whole = |epoch, seq, body| Frame { header: Header::Data { epoch, seq, more: false }, body };
+        let Some(p) = self.partial.as_mut() else {
+            if !more {
+                return Ok(Some(whole(epoch, seq, body)));
+            }
+            self.partial = Some(Partial { epoch, seq, body: BytesMut::from(&body[..]) });
+            return Ok(None);
+        };
+        if p.epoch != epoch || p.seq != seq {
+            return Err(codec::CodecError::Garbage(format!(
+                "chunk of message {seq} inside message {} (chunks must not interleave)",
+                p.seq
+            )));
+        }
+        if p.body.len() + body.len() > self.params.max_frame_bytes {
+            return Err(codec::CodecError::Oversize {
+                len: p.body.len() + body.len(),
+                max: self.params.max_frame_bytes,
+            });
+        }
+        p.body.extend_from_slice(&body);
+        if more {
+            return Ok(None);
+        }
+        let p = self.partial.take().map(|p| p.body.freeze()).unwrap_or_default();
+        Ok(Some(whole(epoch, seq, p)))
+    }
+}
+
+/// A data message being written out chunk by chunk.
+struct Outgoing {
+    epoch: u64,
+    seq: u64,
+    body: Bytes,
+    offset: usize,
 }
 
 struct Writer {
@@ -268,39 +302,62 @@ struct Writer {
     control: mpsc::Receiver<Frame>,
     data: mpsc::Receiver<Frame>,
     epoch: Instant,
+    current: Option<Outgoing>,
 }
 
 impl Writer {
     async fn run(mut self, shared: &Shared) -> CloseReason {
-        let sent = metrics::counter!(m::BYTES_SENT, "peer" => self.params.peer.clone());
-        let mut tick = tokio::time::interval(self.params.heartbeat);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut out = BytesMut::with_capacity(64 * 1024);
+        let sent = self.params.metrics.counter(m::BYTES_SENT, &[("peer", &self.params.peer)]);
+        let mut next_ping = tokio::time::Instant::now();
+        let mut out = BytesMut::with_capacity(BATCH_BYTES + CHUNK_BYTES + 1024);
         let max = self.params.max_frame_bytes;
         loop {
-            tokio::select! {
-                biased;
-                _ = shared.cancel.cancelled() => break,
-                f = self.control.recv() => match f {
-                    Some(f) => push(&f, max, &mut out),
-                    None => break,
-                },
-                _ = tick.tick() => {
-                    push(&Frame::control(Header::Ping { nonce: micros_since(self.epoch) }), max, &mut out);
-                }
-                f = self.data.recv() => match f {
-                    Some(f) => push(&f, max, &mut out),
-                    None => break,
-                },
+            if shared.cancel.is_cancelled() {
+                break;
             }
-            // Gather whatever else is ready, control first, up to a batch.
+            // Wait only when there is nothing left to write.
+            if self.current.is_none() {
+                tokio::select! {
+                    biased;
+                    _ = shared.cancel.cancelled() => break,
+                    f = self.control.recv() => match f {
+                        Some(f) => push(&f, max, &mut out),
+                        None => break,
+                    },
+                    _ = tokio::time::sleep_until(next_ping) => {}
+                    f = self.data.recv() => match f {
+                        Some(f) => self.current = outgoing(f),
+                        None => break,
+                    },
+                }
+            }
+            if tokio::time::Instant::now() >= next_ping {
+                push(&Frame::control(Header::Ping { nonce: micros_since(self.epoch) }), max, &mut out);
+                next_ping = tokio::time::Instant::now() + self.params.heartbeat;
+            }
+            // Control first, then data chunks, up to a batch.
+            while let Ok(f) = self.control.try_recv() {
+                push(&f, max, &mut out);
+            }
             while out.len() < BATCH_BYTES {
-                if let Ok(f) = self.control.try_recv() {
-                    push(&f, max, &mut out);
-                } else if let Ok(f) = self.data.try_recv() {
-                    push(&f, max, &mut out);
-                } else {
-                    break;
+                if self.current.is_none() {
+                    match self.data.try_recv() {
+                        Ok(f) => self.current = outgoing(f),
+                        Err(_) => break,
+                    }
+                }
+                let Some(cur) = self.current.as_mut() else { break };
+                let end = (cur.offset + CHUNK_BYTES).min(cur.body.len());
+                let more = end < cur.body.len();
+                let header = Header::Data { epoch: cur.epoch, seq: cur.seq, more };
+                if let Err(e) = codec::encode(&header, &cur.body[cur.offset..end], max, &mut out) {
+                    tracing::error!("dropping an outgoing message: {e}");
+                    self.current = None;
+                    continue;
+                }
+                cur.offset = end;
+                if !more {
+                    self.current = None;
                 }
             }
             if let Err(why) = self.write(&mut out, &sent).await {
@@ -321,21 +378,12 @@ impl Writer {
         CloseReason::new("closed", "")
     }
 
-    async fn write(
-        &mut self,
-        out: &mut BytesMut,
-        sent: &metrics::Counter,
-    ) -> Result<(), CloseReason> {
+    async fn write(&mut self, out: &mut BytesMut, sent: &metrics::Counter) -> Result<(), CloseReason> {
         if out.is_empty() {
             return Ok(());
         }
         let dead_after = self.params.dead_after;
-        let stalled = || {
-            CloseReason::new(
-                "write_stall",
-                format!("a write made no progress for {dead_after:?}"),
-            )
-        };
+        let stalled = || CloseReason::new("write_stall", format!("a write made no progress for {dead_after:?}"));
         let mut off = 0;
         while off < out.len() {
             match tokio::time::timeout(dead_after, self.wr.write(&out[off..])).await {
@@ -353,6 +401,16 @@ impl Writer {
         sent.increment(out.len() as u64);
         out.clear();
         Ok(())
+    }
+}
+
+fn outgoing(f: Frame) -> Option<Outgoing> {
+    match f.header {
+        Header::Data { epoch, seq, .. } => Some(Outgoing { epoch, seq, body: f.body, offset: 0 }),
+        other => {
+            tracing::error!("non-data frame {other:?} on the data lane; dropped");
+            None
+        }
     }
 }
 

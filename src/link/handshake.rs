@@ -27,14 +27,23 @@ pub struct Identity {
     pub epoch: u64,
 }
 
+/// What a route asks of the peer in its hello.
+#[derive(Debug, Clone, Copy)]
+pub struct Offer {
+    pub links_wanted: u8,
+    pub recv_window: crate::route::Window,
+}
+
 impl Identity {
-    pub fn hello(&self, links_wanted: u8) -> Hello {
+    pub fn hello(&self, offer: Offer) -> Hello {
         Hello {
             version: PROTOCOL_VERSION,
             cluster: self.cluster.clone(),
             gateway: self.gateway.clone(),
             epoch: self.epoch,
-            links_wanted,
+            links_wanted: offer.links_wanted,
+            recv_window_messages: offer.recv_window.messages.min(u32::MAX as usize) as u32,
+            recv_window_bytes: offer.recv_window.bytes as u64,
             capabilities: CAPABILITIES.iter().map(|c| c.to_string()).collect(),
         }
     }
@@ -44,7 +53,7 @@ impl Identity {
 #[derive(Debug, Clone, Copy)]
 pub struct Admission {
     pub insecure_plaintext: bool,
-    pub links_wanted: u8,
+    pub offer: Offer,
 }
 
 /// A link that has passed every check, ready to run.
@@ -143,23 +152,15 @@ async fn within<T>(
     after: Duration,
     f: impl Future<Output = Result<T, HandshakeError>>,
 ) -> Result<T, HandshakeError> {
-    tokio::time::timeout(after, f)
-        .await
-        .unwrap_or(Err(HandshakeError::Timeout(phase, after)))
+    tokio::time::timeout(after, f).await.unwrap_or(Err(HandshakeError::Timeout(phase, after)))
 }
 
 /// Opens a TCP connection to `ep`, through `socks` if given.
-pub async fn dial(
-    ep: &Endpoint,
-    socks: Option<&Socks5>,
-    t: &Timeouts,
-) -> Result<TcpStream, HandshakeError> {
+pub async fn dial(ep: &Endpoint, socks: Option<&Socks5>, t: &Timeouts) -> Result<TcpStream, HandshakeError> {
     let Some(socks) = socks else {
         let addr = (ep.host.as_str(), ep.port);
         let tcp = within(Phase::Connect, t.connect, async {
-            TcpStream::connect(addr)
-                .await
-                .map_err(|e| HandshakeError::Connect(ep.to_string(), e))
+            TcpStream::connect(addr).await.map_err(|e| HandshakeError::Connect(ep.to_string(), e))
         })
         .await?;
         let _ = tcp.set_nodelay(true);
@@ -178,13 +179,7 @@ pub async fn dial(
         let stream = match &socks.auth {
             None => tokio_socks::tcp::Socks5Stream::connect_with_socket(tcp, target).await,
             Some((user, pass)) => {
-                tokio_socks::tcp::Socks5Stream::connect_with_password_and_socket(
-                    tcp,
-                    target,
-                    user,
-                    pass.expose(),
-                )
-                .await
+                tokio_socks::tcp::Socks5Stream::connect_with_password_and_socket(tcp, target, user, pass.expose()).await
             }
         };
         stream
@@ -211,15 +206,9 @@ pub async fn client(
     let remote = tcp.peer_addr().map(|a| a.to_string()).unwrap_or_default();
     let (io, is_tls): (BoxIo, bool) = match tls {
         Some(tls) => {
-            let name = server_name(expect).map_err(|e| HandshakeError::Identity {
-                claimed: expect.into(),
-                why: e,
-            })?;
+            let name = server_name(expect).map_err(|e| HandshakeError::Identity { claimed: expect.into(), why: e })?;
             let stream = within(Phase::Tls, t.handshake, async {
-                TlsConnector::from(tls.client.clone())
-                    .connect(name, tcp)
-                    .await
-                    .map_err(tls_error)
+                TlsConnector::from(tls.client.clone()).connect(name, tcp).await.map_err(tls_error)
             })
             .await?;
             (Box::new(stream), true)
@@ -231,19 +220,9 @@ pub async fn client(
         send_hello(&mut io, &Header::Hello(ours), max_frame).await?;
         let (peer, rest) = read_hello(&mut io, max_frame).await?;
         if peer.cluster != expect {
-            return Err(HandshakeError::WrongPeer {
-                expected: expect.into(),
-                got: peer.cluster,
-            });
+            return Err(HandshakeError::WrongPeer { expected: expect.into(), got: peer.cluster });
         }
-        Ok(Established {
-            io,
-            peer,
-            rest,
-            dialed: true,
-            tls: is_tls,
-            remote,
-        })
+        Ok(Established { io, peer, rest, dialed: true, tls: is_tls, remote })
     })
     .await
 }
@@ -261,32 +240,18 @@ pub async fn server(
     let _ = tcp.set_nodelay(true);
     let remote = tcp.peer_addr().map(|a| a.to_string()).unwrap_or_default();
     let mut first = [0u8; 1];
-    let n = within(Phase::Hello, t.handshake, async {
-        tcp.peek(&mut first).await.map_err(HandshakeError::Io)
-    })
-    .await?;
+    let n = within(Phase::Hello, t.handshake, async { tcp.peek(&mut first).await.map_err(HandshakeError::Io) }).await?;
     if n == 0 {
         return Err(HandshakeError::Io(io::ErrorKind::UnexpectedEof.into()));
     }
     // A TLS record starts with content type 22 (handshake); our preamble with 'W'.
-    let (io, certs): (
-        BoxIo,
-        Option<Vec<rustls::pki_types::CertificateDer<'static>>>,
-    ) = if first[0] == 0x16 {
+    let (io, certs): (BoxIo, Option<Vec<rustls::pki_types::CertificateDer<'static>>>) = if first[0] == 0x16 {
         let tls = tls.ok_or(HandshakeError::NoTls)?;
         let stream = within(Phase::Tls, t.handshake, async {
-            TlsAcceptor::from(tls.server.clone())
-                .accept(tcp)
-                .await
-                .map_err(tls_error)
+            TlsAcceptor::from(tls.server.clone()).accept(tcp).await.map_err(tls_error)
         })
         .await?;
-        let certs = stream
-            .get_ref()
-            .1
-            .peer_certificates()
-            .map(|c| c.to_vec())
-            .unwrap_or_default();
+        let certs = stream.get_ref().1.peer_certificates().map(|c| c.to_vec()).unwrap_or_default();
         (Box::new(stream), Some(certs))
     } else {
         (Box::new(tcp), None)
@@ -297,31 +262,12 @@ pub async fn server(
         let verdict = admit_peer(&peer, certs.as_deref(), own, admit);
         match verdict {
             Ok(admission) => {
-                send_hello(
-                    &mut io,
-                    &Header::Hello(own.hello(admission.links_wanted)),
-                    max_frame,
-                )
-                .await?;
-                Ok(Established {
-                    io,
-                    peer,
-                    rest,
-                    dialed: false,
-                    tls: certs.is_some(),
-                    remote,
-                })
+                send_hello(&mut io, &Header::Hello(own.hello(admission.offer)), max_frame).await?;
+                Ok(Established { io, peer, rest, dialed: false, tls: certs.is_some(), remote })
             }
             Err(e) => {
                 // Best effort: tell the dialer why, so its log says more than "EOF".
-                let _ = send_hello(
-                    &mut io,
-                    &Header::Goodbye {
-                        reason: e.to_string(),
-                    },
-                    max_frame,
-                )
-                .await;
+                let _ = send_hello(&mut io, &Header::Goodbye { reason: e.to_string() }, max_frame).await;
                 let _ = io.shutdown().await;
                 Err(e)
             }
@@ -337,28 +283,19 @@ fn admit_peer(
     admit: &HashMap<String, Admission>,
 ) -> Result<Admission, HandshakeError> {
     if let Some(certs) = certs {
-        peer_is(certs, &peer.cluster).map_err(|why| HandshakeError::Identity {
-            claimed: peer.cluster.clone(),
-            why,
-        })?;
+        peer_is(certs, &peer.cluster).map_err(|why| HandshakeError::Identity { claimed: peer.cluster.clone(), why })?;
     }
     if peer.cluster == own.cluster {
         return Err(HandshakeError::SelfConnect(peer.cluster.clone()));
     }
-    let admission = *admit
-        .get(&peer.cluster)
-        .ok_or_else(|| HandshakeError::NoRoute(peer.cluster.clone()))?;
+    let admission = *admit.get(&peer.cluster).ok_or_else(|| HandshakeError::NoRoute(peer.cluster.clone()))?;
     if certs.is_none() && !admission.insecure_plaintext {
         return Err(HandshakeError::PlaintextRefused(peer.cluster.clone()));
     }
     Ok(admission)
 }
 
-async fn send_hello(
-    io: &mut BoxIo,
-    header: &Header,
-    max_frame: usize,
-) -> Result<(), HandshakeError> {
+async fn send_hello(io: &mut BoxIo, header: &Header, max_frame: usize) -> Result<(), HandshakeError> {
     let mut out = BytesMut::with_capacity(128);
     out.extend_from_slice(&codec::preamble());
     codec::encode(header, &[], max_frame, &mut out)?;
@@ -368,10 +305,7 @@ async fn send_hello(
 
 /// Reads the peer's preamble and first frame, which must be a hello (or a
 /// goodbye saying why we were refused).
-async fn read_hello<S: Io + ?Sized>(
-    io: &mut S,
-    max_frame: usize,
-) -> Result<(Hello, BytesMut), HandshakeError> {
+async fn read_hello<S: Io + ?Sized>(io: &mut S, max_frame: usize) -> Result<(Hello, BytesMut), HandshakeError> {
     let mut pre = [0u8; PREAMBLE_LEN];
     io.read_exact(&mut pre).await.map_err(HandshakeError::Io)?;
     codec::check_preamble(&pre)?;
@@ -380,19 +314,13 @@ async fn read_hello<S: Io + ?Sized>(
     let mut buf = BytesMut::with_capacity(512);
     loop {
         match codec::decode(&mut buf, limit)? {
-            Some(Frame {
-                header: Header::Hello(h),
-                ..
-            }) => {
+            Some(Frame { header: Header::Hello(h), .. }) => {
                 if h.version != PROTOCOL_VERSION {
                     return Err(CodecError::Version(h.version).into());
                 }
                 return Ok((h, buf));
             }
-            Some(Frame {
-                header: Header::Goodbye { reason },
-                ..
-            }) => return Err(HandshakeError::Refused(reason)),
+            Some(Frame { header: Header::Goodbye { reason }, .. }) => return Err(HandshakeError::Refused(reason)),
             Some(other) => return Err(HandshakeError::Unexpected(format!("{:?}", other.header))),
             None => {}
         }

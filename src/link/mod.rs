@@ -33,10 +33,7 @@ pub struct CloseReason {
 
 impl CloseReason {
     pub fn new(label: &'static str, detail: impl Into<String>) -> Self {
-        CloseReason {
-            label,
-            detail: detail.into(),
-        }
+        CloseReason { label, detail: detail.into() }
     }
 }
 

@@ -74,17 +74,11 @@ pub fn check_preamble(p: &[u8; PREAMBLE_LEN]) -> Result<u16, CodecError> {
 }
 
 /// Appends one frame to `out`.
-pub fn encode(
-    header: &Header,
-    body: &[u8],
-    max: usize,
-    out: &mut BytesMut,
-) -> Result<(), CodecError> {
+pub fn encode(header: &Header, body: &[u8], max: usize, out: &mut BytesMut) -> Result<(), CodecError> {
     let start = out.len();
     out.put_u32(0);
     let mut w = out.writer();
-    bincode::serde::encode_into_std_write(header, &mut w, config())
-        .map_err(|e| CodecError::Garbage(e.to_string()))?;
+    bincode::serde::encode_into_std_write(header, &mut w, config()).map_err(|e| CodecError::Garbage(e.to_string()))?;
     let out = w.into_inner();
     out.extend_from_slice(body);
     let len = out.len() - start - LEN_PREFIX;
@@ -124,8 +118,8 @@ pub fn decode(buf: &mut BytesMut, max: usize) -> Result<Option<Frame>, CodecErro
     }
     buf.advance(LEN_PREFIX);
     let mut whole: Bytes = buf.split_to(len).freeze();
-    let (header, used): (Header, usize) = bincode::serde::decode_from_slice(&whole, config())
-        .map_err(|e| CodecError::Garbage(e.to_string()))?;
+    let (header, used): (Header, usize) =
+        bincode::serde::decode_from_slice(&whole, config()).map_err(|e| CodecError::Garbage(e.to_string()))?;
     let body = whole.split_off(used);
     if !body.is_empty() && header.is_control() {
         return Err(CodecError::Garbage("control frame with a body".into()));
@@ -143,10 +137,7 @@ pub fn check_eof(buf: &BytesMut) -> Result<(), CodecError> {
     } else {
         LEN_PREFIX
     };
-    Err(CodecError::Truncated {
-        have: buf.len(),
-        want,
-    })
+    Err(CodecError::Truncated { have: buf.len(), want })
 }
 
 #[cfg(test)]
@@ -163,6 +154,8 @@ mod tests {
             gateway: "gw1".into(),
             epoch: 42,
             links_wanted: 2,
+            recv_window_messages: 100,
+            recv_window_bytes: 1 << 20,
             capabilities: vec!["heartbeat-v1".into()],
         })
     }
@@ -171,12 +164,12 @@ mod tests {
     fn round_trip_control_and_data() {
         let mut buf = BytesMut::new();
         encode(&hello(), &[], MAX, &mut buf).unwrap();
-        encode(&Header::Data { seq: 7 }, b"payload", MAX, &mut buf).unwrap();
+        encode(&Header::Data { epoch: 1, seq: 7, more: false }, b"payload", MAX, &mut buf).unwrap();
         encode(&Header::Ping { nonce: 9 }, &[], MAX, &mut buf).unwrap();
         let a = decode(&mut buf, MAX).unwrap().unwrap();
         assert_eq!(a.header, hello());
         let b = decode(&mut buf, MAX).unwrap().unwrap();
-        assert_eq!(b.header, Header::Data { seq: 7 });
+        assert_eq!(b.header, Header::Data { epoch: 1, seq: 7, more: false });
         assert_eq!(&b.body[..], b"payload");
         let c = decode(&mut buf, MAX).unwrap().unwrap();
         assert_eq!(c.header, Header::Ping { nonce: 9 });
@@ -187,10 +180,7 @@ mod tests {
     #[test]
     fn partial_frames_wait_for_more() {
         let whole = encode_frame(
-            &Frame {
-                header: Header::Data { seq: 1 },
-                body: Bytes::from_static(b"abcdef"),
-            },
+            &Frame { header: Header::Data { epoch: 1, seq: 1, more: false }, body: Bytes::from_static(b"abcdef") },
             MAX,
         )
         .unwrap();
@@ -206,19 +196,11 @@ mod tests {
     #[test]
     fn oversize_is_rejected_from_the_prefix_alone() {
         let mut buf = BytesMut::from(&((MAX + 1) as u32).to_be_bytes()[..]);
-        assert_eq!(
-            decode(&mut buf, MAX).unwrap_err(),
-            CodecError::Oversize {
-                len: MAX + 1,
-                max: MAX
-            }
-        );
+        assert_eq!(decode(&mut buf, MAX).unwrap_err(), CodecError::Oversize { len: MAX + 1, max: MAX });
         let mut out = BytesMut::new();
         let big = vec![0u8; MAX];
         assert_eq!(
-            encode(&Header::Data { seq: 1 }, &big, MAX, &mut out)
-                .unwrap_err()
-                .reason(),
+            encode(&Header::Data { epoch: 1, seq: 1, more: false }, &big, MAX, &mut out).unwrap_err().reason(),
             "oversize"
         );
         assert!(out.is_empty(), "a refused frame leaves nothing behind");
@@ -242,7 +224,7 @@ mod tests {
     #[test]
     fn huge_length_claims_inside_a_small_frame_fail_cleanly() {
         // A Goodbye whose string claims 2^62 bytes: must error, not allocate.
-        let mut frame = vec![4u8]; // variant index of Goodbye
+        let mut frame = vec![7u8]; // variant index of Goodbye
         frame.push(253); // bincode varint marker for u64
         frame.extend_from_slice(&(1u64 << 62).to_le_bytes());
         let mut buf = BytesMut::new();

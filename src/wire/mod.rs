@@ -32,7 +32,44 @@ pub struct Hello {
     pub epoch: u64,
     /// How many links (primary + standby) the sender wants for this route.
     pub links_wanted: u8,
+    /// The most the sender will buffer of our messages not yet delivered
+    /// to its cluster: we keep our unacknowledged window within this.
+    pub recv_window_messages: u32,
+    pub recv_window_bytes: u64,
     pub capabilities: Vec<String>,
+}
+
+/// One member of a process group: an opaque identity minted by its own
+/// cluster's gateway (for Erlang, the pid's external term encoding).
+pub type Member = Vec<u8>;
+
+/// Group membership news from a peer about ITS OWN cluster.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Advert {
+    /// The cluster whose members these are; must be the sending peer.
+    pub origin: String,
+    /// Consecutive per session; a snapshot's first part may jump ahead.
+    pub counter: u64,
+    pub body: AdvertBody,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum AdvertBody {
+    /// The whole exported state, possibly in several parts; replaces what
+    /// the receiver held once the last part is in.
+    Snapshot {
+        part: u32,
+        last: bool,
+        groups: Vec<(String, Vec<Member>)>,
+    },
+    Join {
+        group: String,
+        members: Vec<Member>,
+    },
+    Leave {
+        group: String,
+        members: Vec<Member>,
+    },
 }
 
 /// Everything a frame can say besides its body.
@@ -47,10 +84,21 @@ pub enum Header {
     Pong {
         nonce: u64,
     },
-    /// Application data; the body is the payload.
+    /// Application data; the body is the payload, or a chunk of it when
+    /// `more` says further chunks of the same message follow.
     Data {
+        epoch: u64,
         seq: u64,
+        more: bool,
     },
+    /// Cumulative: every message of `epoch` up to `upto` was delivered.
+    Ack {
+        epoch: u64,
+        upto: u64,
+    },
+    Advert(Advert),
+    /// The receiver lost track of adverts; asks for a fresh snapshot.
+    Resync,
     /// The sender is closing this connection on purpose.
     Goodbye {
         reason: String,
@@ -73,9 +121,6 @@ pub struct Frame {
 
 impl Frame {
     pub fn control(header: Header) -> Self {
-        Frame {
-            header,
-            body: bytes::Bytes::new(),
-        }
+        Frame { header, body: bytes::Bytes::new() }
     }
 }

@@ -54,11 +54,7 @@ impl Forwarder {
                     conns.push(client.try_clone().unwrap());
                     conns.push(server.try_clone().unwrap());
                 }
-                pump(
-                    client.try_clone().unwrap(),
-                    server.try_clone().unwrap(),
-                    st.clone(),
-                );
+                pump(client.try_clone().unwrap(), server.try_clone().unwrap(), st.clone());
                 pump(server, client, st.clone());
             }
         });
@@ -123,14 +119,7 @@ fn pump(mut from: TcpStream, mut to: TcpStream, st: Arc<State>) {
                         break;
                     }
                 }
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                    ) =>
-                {
-                    continue
-                }
+                Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => continue,
                 Err(_) => break,
             }
         }

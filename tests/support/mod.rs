@@ -26,11 +26,7 @@ pub fn gateway_table(cluster: &str, listen: bool) -> String {
 }
 
 pub fn gateway_table_with(cluster: &str, listen: bool, extra: &str) -> String {
-    let listen = if listen {
-        "listen = \"127.0.0.1:0\"\n"
-    } else {
-        ""
-    };
+    let listen = if listen { "listen = \"127.0.0.1:0\"\n" } else { "" };
     format!("[gateway]\ncluster = \"{cluster}\"\nname = \"gw-{cluster}\"\n{listen}{FAST}{extra}\n")
 }
 
@@ -42,10 +38,7 @@ pub fn wait_for<T>(what: &str, within: Duration, mut f: impl FnMut() -> Option<T
         if let Some(v) = f() {
             return v;
         }
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {within:?} waiting for {what}"
-        );
+        assert!(Instant::now() < deadline, "timed out after {within:?} waiting for {what}");
         std::thread::sleep(pause);
         pause = (pause * 2).min(Duration::from_millis(100));
     }
@@ -59,18 +52,8 @@ pub struct Certs {
 impl Certs {
     pub fn new(clusters: &[&str]) -> Certs {
         let dir = tempfile::tempdir().unwrap();
-        let out = Command::new(BIN)
-            .arg("certs")
-            .arg("--out")
-            .arg(dir.path())
-            .args(clusters)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "wandist certs failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let out = Command::new(BIN).arg("certs").arg("--out").arg(dir.path()).args(clusters).output().unwrap();
+        assert!(out.status.success(), "wandist certs failed: {}", String::from_utf8_lossy(&out.stderr));
         Certs { dir }
     }
 
@@ -109,11 +92,7 @@ impl Gateway {
     pub fn start(name: &str, body: &str) -> Gateway {
         let dir = tempfile::tempdir().unwrap();
         let config = dir.path().join("gateway.toml");
-        std::fs::write(
-            &config,
-            format!("{body}\n[metrics]\nlisten = \"127.0.0.1:0\"\n"),
-        )
-        .unwrap();
+        std::fs::write(&config, format!("{body}\n[metrics]\nlisten = \"127.0.0.1:0\"\n")).unwrap();
         let mut child = Command::new(BIN)
             .args(["run", "--config"])
             .arg(&config)
@@ -151,9 +130,7 @@ impl Gateway {
         };
         gw.wait_log("gateway ready", SOON);
         gw.metrics_addr = addr_in(&gw.wait_log("serving metrics", SOON));
-        gw.peer_addr = gw
-            .find_log("listening for peer gateways")
-            .map(|l| addr_in(&l));
+        gw.peer_addr = gw.find_log("listening for peer gateways").map(|l| addr_in(&l));
         gw
     }
 
@@ -170,13 +147,7 @@ impl Gateway {
     }
 
     pub fn find_log(&self, needle: &str) -> Option<String> {
-        self.log
-            .0
-            .lock()
-            .unwrap()
-            .iter()
-            .find(|l| l.contains(needle))
-            .cloned()
+        self.log.0.lock().unwrap().iter().find(|l| l.contains(needle)).cloned()
     }
 
     /// Waits for a log line containing `needle`; returns it.
@@ -190,19 +161,14 @@ impl Gateway {
             }
             let now = Instant::now();
             if now >= deadline || guard.last().is_some_and(|l| l == "<<stderr closed>>") {
-                panic!(
-                    "{}: no log line with {needle:?} within {within:?}; log:\n{}",
-                    self.name,
-                    guard.join("\n")
-                );
+                panic!("{}: no log line with {needle:?} within {within:?}; log:\n{}", self.name, guard.join("\n"));
             }
             guard = cv.wait_timeout(guard, deadline - now).unwrap().0;
         }
     }
 
     pub fn metrics(&self) -> String {
-        scrape(self.metrics_addr)
-            .unwrap_or_else(|e| panic!("{}: metrics scrape failed: {e}", self.name))
+        scrape(self.metrics_addr).unwrap_or_else(|e| panic!("{}: metrics scrape failed: {e}", self.name))
     }
 
     pub fn metric(&self, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
@@ -210,24 +176,13 @@ impl Gateway {
     }
 
     /// Waits until metric `name{labels}` satisfies `ok`; returns its value.
-    pub fn wait_metric(
-        &self,
-        name: &str,
-        labels: &[(&str, &str)],
-        ok: impl Fn(f64) -> bool,
-    ) -> f64 {
-        wait_for(&format!("{}: {name}{labels:?}", self.name), SOON, || {
-            self.metric(name, labels).filter(|v| ok(*v))
-        })
+    pub fn wait_metric(&self, name: &str, labels: &[(&str, &str)], ok: impl Fn(f64) -> bool) -> f64 {
+        wait_for(&format!("{}: {name}{labels:?}", self.name), SOON, || self.metric(name, labels).filter(|v| ok(*v)))
     }
 
     /// Sends a signal to the process (by its pid, which we started).
     pub fn signal(&self, sig: &str) {
-        let st = Command::new("kill")
-            .arg(format!("-{sig}"))
-            .arg(self.pid().to_string())
-            .status()
-            .unwrap();
+        let st = Command::new("kill").arg(format!("-{sig}")).arg(self.pid().to_string()).status().unwrap();
         assert!(st.success());
     }
 
@@ -259,15 +214,10 @@ impl Drop for Gateway {
 
 /// Reads `addr=IP:PORT` out of a log line.
 pub fn addr_in(line: &str) -> SocketAddr {
-    let at = line
-        .find("addr=")
-        .unwrap_or_else(|| panic!("no addr= in {line:?}"))
-        + 5;
+    let at = line.find("addr=").unwrap_or_else(|| panic!("no addr= in {line:?}")) + 5;
     let rest = &line[at..];
     let end = rest.find(char::is_whitespace).unwrap_or(rest.len());
-    rest[..end]
-        .parse()
-        .unwrap_or_else(|e| panic!("bad address in {line:?}: {e}"))
+    rest[..end].parse().unwrap_or_else(|e| panic!("bad address in {line:?}: {e}"))
 }
 
 /// GET /metrics over plain HTTP/1.1.
@@ -278,10 +228,7 @@ pub fn scrape(addr: SocketAddr) -> std::io::Result<String> {
     let mut body = String::new();
     s.read_to_string(&mut body)?;
     let (head, body) = body.split_once("\r\n\r\n").unwrap_or(("", ""));
-    assert!(
-        head.starts_with("HTTP/1.1 200"),
-        "metrics answered {head:?}"
-    );
+    assert!(head.starts_with("HTTP/1.1 200"), "metrics answered {head:?}");
     Ok(body.to_string())
 }
 
@@ -301,11 +248,8 @@ pub fn metric_value(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f
         if n != name {
             continue;
         }
-        let have: HashMap<&str, &str> = l
-            .split(',')
-            .filter_map(|kv| kv.split_once('='))
-            .map(|(k, v)| (k, v.trim_matches('"')))
-            .collect();
+        let have: HashMap<&str, &str> =
+            l.split(',').filter_map(|kv| kv.split_once('=')).map(|(k, v)| (k, v.trim_matches('"'))).collect();
         if labels.iter().all(|(k, v)| have.get(k) == Some(v)) {
             return value.parse().ok();
         }
@@ -320,11 +264,8 @@ pub fn metric_sum(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
         .filter_map(|line| {
             let (series, value) = line.rsplit_once(' ')?;
             let n = series.split('{').next()?;
-            (n == name
-                && labels
-                    .iter()
-                    .all(|(k, v)| series.contains(&format!("{k}=\"{v}\""))))
-            .then(|| value.parse::<f64>().ok())?
+            (n == name && labels.iter().all(|(k, v)| series.contains(&format!("{k}=\"{v}\""))))
+                .then(|| value.parse::<f64>().ok())?
         })
         .sum()
 }
@@ -353,15 +294,10 @@ impl Socks5Server {
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
-            .expect(
-                "microsocks is not installed (apt-get install -y microsocks); .ci/run installs it",
-            );
+            .expect("microsocks is not installed (apt-get install -y microsocks); .ci/run installs it");
         let pid = child.id();
         let port = wait_for("microsocks to listen", SOON, || listening_port(pid));
-        Socks5Server {
-            child,
-            addr: SocketAddr::from(([127, 0, 0, 1], port)),
-        }
+        Socks5Server { child, addr: SocketAddr::from(([127, 0, 0, 1], port)) }
     }
 
     pub fn stop(&mut self) {
@@ -399,13 +335,6 @@ pub fn listening_port(pid: u32) -> Option<u16> {
 
 /// Runs `wandist check` on a file; returns (exit code, stdout).
 pub fn check(config: &Path) -> (i32, String) {
-    let out = Command::new(BIN)
-        .args(["check", "--config"])
-        .arg(config)
-        .output()
-        .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-    )
+    let out = Command::new(BIN).args(["check", "--config"]).arg(config).output().unwrap();
+    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into_owned())
 }

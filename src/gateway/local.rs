@@ -1,0 +1,94 @@
+//! The narrow interface between routes and the local cluster.
+//!
+//! The local side (the Erlang side, or a test's in-memory one) submits
+//! messages for a peer cluster through a [`RouteHandle`], reports its own
+//! cluster's group changes through [`LocalHandle`], and receives everything
+//! else as [`ToLocal`] on one bounded channel.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use tokio::sync::mpsc;
+
+use crate::membership::Change;
+use crate::route::Outcome;
+use crate::wire::Member;
+
+/// What routes tell the local side.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ToLocal {
+    /// A message from `peer` for the local cluster. Handing it over is what
+    /// the peer's confirmation means.
+    Deliver { peer: Arc<str>, payload: Bytes },
+    /// What became of a message submitted with a token.
+    Confirm { peer: Arc<str>, token: u64, outcome: Outcome },
+    /// The peer's groups changed (or were withdrawn because the route is down).
+    Members { peer: Arc<str>, change: Change },
+}
+
+/// A message for the peer, as the route task receives it.
+#[derive(Debug)]
+pub(crate) struct Submit {
+    pub payload: Bytes,
+    pub token: Option<u64>,
+}
+
+/// A change in the local cluster's own groups.
+#[derive(Debug, Clone)]
+pub(crate) enum LocalGroups {
+    Join { group: String, members: Vec<Member> },
+    Leave { group: String, members: Vec<Member> },
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("the route is gone (gateway shutting down)")]
+pub struct RouteGone;
+
+/// Sends messages to one peer cluster.
+#[derive(Debug, Clone)]
+pub struct RouteHandle {
+    pub(crate) submit: mpsc::Sender<Submit>,
+}
+
+impl RouteHandle {
+    /// Hands a message to the route; waits while its window is full. With a
+    /// token, a `ToLocal::Confirm` for it follows.
+    pub async fn submit(&self, payload: Bytes, token: Option<u64>) -> Result<(), RouteGone> {
+        self.submit.send(Submit { payload, token }).await.map_err(|_| RouteGone)
+    }
+}
+
+/// The local side's handle on the gateway: routes by peer cluster, and the
+/// place to report the local cluster's group changes.
+#[derive(Debug, Clone)]
+pub struct LocalHandle {
+    pub(crate) routes: HashMap<String, RouteHandle>,
+    pub(crate) groups: Vec<mpsc::Sender<LocalGroups>>,
+}
+
+impl LocalHandle {
+    pub fn route(&self, peer: &str) -> Option<&RouteHandle> {
+        self.routes.get(peer)
+    }
+
+    pub fn peers(&self) -> impl Iterator<Item = &str> {
+        self.routes.keys().map(String::as_str)
+    }
+
+    /// Members of the LOCAL cluster joined `group`. Never report members
+    /// learned from a peer here: that is what keeps membership non-transitive.
+    pub async fn join(&self, group: &str, members: Vec<Member>) {
+        self.broadcast(LocalGroups::Join { group: group.to_string(), members }).await
+    }
+
+    pub async fn leave(&self, group: &str, members: Vec<Member>) {
+        self.broadcast(LocalGroups::Leave { group: group.to_string(), members }).await
+    }
+
+    async fn broadcast(&self, change: LocalGroups) {
+        for tx in &self.groups {
+            let _ = tx.send(change.clone()).await;
+        }
+    }
+}
