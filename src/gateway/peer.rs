@@ -33,6 +33,8 @@ use crate::tls::Tls;
 use crate::wire::{Frame, Header, Hello};
 
 const MEMBER_GAUGES_EVERY: Duration = Duration::from_millis(200);
+/// Under load, an ack goes out at least every this many delivered messages.
+const ACK_EVERY: u64 = 256;
 
 struct Live {
     link: Link,
@@ -125,6 +127,8 @@ pub(super) struct PeerTask {
     /// every MEMBER_GAUGES_EVERY while membership churns.
     members_dirty: bool,
     members_published: Instant,
+    /// The `upto` of the last ack sent, for coalescing.
+    acked_at: u64,
     metrics: Metrics,
     rm: RouteMetrics,
     cancel: CancellationToken,
@@ -188,6 +192,7 @@ impl PeerTask {
             withdrawn: true,
             members_dirty: true,
             members_published: Instant::now(),
+            acked_at: 0,
             metrics,
             rm,
             cancel,
@@ -277,11 +282,22 @@ impl PeerTask {
         }
     }
 
+    /// Sends the cumulative ack unless more deliveries are about to follow
+    /// at once (then every ACK_EVERY messages), so an idle route acks
+    /// immediately, a busy one does not ack each message, and a stalled
+    /// local side does not hold back acks for what it already took.
     fn flush_ack(&mut self) {
         if self.primary().is_none() {
             return;
         }
         if let Some((epoch, upto)) = self.route.pending_ack() {
+            let every = ACK_EVERY.min(self.config.window.messages as u64 / 4).max(1);
+            // (After a new session `upto` restarts low: the wrap makes it due.)
+            let more_now = self.route.has_delivery() && self.inputs.to_local.capacity() > 0;
+            if more_now && upto.wrapping_sub(self.acked_at) < every {
+                return;
+            }
+            self.acked_at = upto;
             self.send_on_primary(Frame::control(Header::Ack { epoch, upto }));
             self.route.ack_sent(upto);
         }

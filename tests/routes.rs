@@ -1,0 +1,448 @@
+//! Routes end to end: gateways in this process (each with its own metrics
+//! and an in-memory local side), real mutual-TLS links over loopback, and a
+//! TCP forwarder the test controls in front of the primary endpoint.
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use support::forward::Forwarder;
+use support::inproc::{next, InProc};
+use support::*;
+use wandist::gateway::ToLocal;
+use wandist::membership::Change;
+use wandist::route::{FailReason, Outcome};
+
+fn cfg(cluster: &str, listen: bool, certs: &Certs, routes: &str) -> String {
+    format!("{}{}{routes}", gateway_table(cluster, listen), certs.tls_table(cluster))
+}
+
+fn n(i: u64) -> Bytes {
+    Bytes::copy_from_slice(&i.to_be_bytes())
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Fault {
+    Cut,
+    Blackhole,
+}
+
+/// Streams `total` messages dc1 -> dc2 while the primary path fails once.
+async fn stream_through_a_fault(fault: Fault) {
+    const TOTAL: u64 = 100_000;
+    let certs = Certs::new(&["dc1", "dc2"]);
+    let mut dc2 = InProc::start("dc2", &cfg("dc2", true, &certs, "[[route]]\ncluster = \"dc1\"\n"), 4096).await;
+    let primary_path = Forwarder::start(Some(dc2.peer_addr()));
+    // The first endpoint (through the forwarder) carries the primary; the
+    // second, direct, the standby.
+    let dc1 = InProc::start(
+        "dc1",
+        &cfg(
+            "dc1",
+            false,
+            &certs,
+            &format!(
+                "[[route]]\ncluster = \"dc2\"\nendpoints = [\"{}\", \"{}\"]\nstandby = 1\n",
+                primary_path.addr,
+                dc2.peer_addr()
+            ),
+        ),
+        4096,
+    )
+    .await;
+    dc1.wait_metric("wandist_link_up", &[("peer", "dc2"), ("role", "standby")], |v| v == 1.0).await;
+    assert!(primary_path.forwarded() >= 1);
+
+    let route = dc1.running().local.route("dc2").unwrap().clone();
+    let producer = tokio::spawn(async move {
+        for i in 0..TOTAL {
+            route.submit(n(i), None).await.unwrap();
+        }
+    });
+
+    let mut expect = 0u64;
+    let mut fault_at = None;
+    let mut stall = Duration::ZERO;
+    let mut last = Instant::now();
+    while expect < TOTAL {
+        match next(&mut dc2.rx, &format!("message {expect}")).await {
+            ToLocal::Deliver { peer, payload } => {
+                assert_eq!(&*peer, "dc1");
+                let got = u64::from_be_bytes(payload[..].try_into().unwrap());
+                assert_eq!(got, expect, "out of order or duplicated");
+                expect += 1;
+                let now = Instant::now();
+                if fault_at.is_some() {
+                    stall = stall.max(now - last);
+                }
+                last = now;
+                if expect == TOTAL / 3 {
+                    match fault {
+                        Fault::Cut => primary_path.cut(),
+                        Fault::Blackhole => primary_path.blackhole(true),
+                    }
+                    fault_at = Some(now);
+                }
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    producer.await.unwrap();
+    dc1.wait_metric("wandist_messages_delivered_total", &[("peer", "dc2")], |v| v == TOTAL as f64).await;
+    assert_eq!(dc1.metric("wandist_failovers_total", &[("peer", "dc2")]), Some(1.0));
+    assert_eq!(dc1.metric("wandist_messages_sent_total", &[("peer", "dc2")]), Some(TOTAL as f64));
+    assert_eq!(dc1.metric("wandist_unacked_messages", &[("peer", "dc2")]), Some(0.0));
+    let resent = dc1.metric("wandist_retransmitted_messages_total", &[("peer", "dc2")]).unwrap();
+    let dups = dc2.metric("wandist_duplicates_dropped_total", &[("peer", "dc1")]).unwrap();
+    println!(
+        "{fault:?}: {TOTAL} messages exactly once in order; longest gap in delivery after the fault {stall:?}; \
+         {resent} retransmitted, {dups} duplicates dropped by the receiver"
+    );
+    assert!(dc2.rx.try_recv().is_err(), "nothing more than the {TOTAL} messages");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_survives_the_primary_being_cut() {
+    stream_through_a_fault(Fault::Cut).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_survives_the_primary_being_blackholed() {
+    stream_through_a_fault(Fault::Blackhole).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn confirmations_say_delivered_and_a_peer_restart_fails_what_was_in_flight() {
+    let certs = Certs::new(&["dc1", "dc2"]);
+    // dc2's local side takes one message and then stalls: the rest stay unacked.
+    let mut dc2 = InProc::start("dc2", &cfg("dc2", true, &certs, "[[route]]\ncluster = \"dc1\"\n"), 1).await;
+    let path = Forwarder::start(Some(dc2.peer_addr()));
+    let mut dc1 = InProc::start(
+        "dc1",
+        &cfg("dc1", false, &certs, &format!("[[route]]\ncluster = \"dc2\"\nendpoints = [\"{}\"]\n", path.addr)),
+        4096,
+    )
+    .await;
+    let route = dc1.running().local.route("dc2").unwrap().clone();
+    route.submit(Bytes::from_static(b"first"), Some(1)).await.unwrap();
+    assert!(matches!(next(&mut dc2.rx, "first").await, ToLocal::Deliver { payload, .. } if payload == "first"));
+    match next(&mut dc1.rx, "confirmation").await {
+        ToLocal::Confirm { peer, token: 1, outcome: Outcome::Delivered } => assert_eq!(&*peer, "dc2"),
+        other => panic!("unexpected {other:?}"),
+    }
+    // Four more: one fills dc2's local queue, three wait inside dc2's route.
+    for token in 2..=5 {
+        route.submit(Bytes::from(format!("m{token}")), Some(token)).await.unwrap();
+    }
+    dc2.wait_metric("wandist_unacked_messages", &[("peer", "dc1")], |v| v == 0.0).await;
+    dc1.wait_metric("wandist_messages_delivered_total", &[("peer", "dc2")], |v| v >= 2.0).await;
+    let delivered_before = dc1.metric("wandist_messages_delivered_total", &[("peer", "dc2")]).unwrap() as u64;
+
+    // dc2's gateway process is replaced by a new run (new epoch).
+    dc2.stop().await;
+    let mut dc2b = InProc::start("dc2b", &cfg("dc2", true, &certs, "[[route]]\ncluster = \"dc1\"\n"), 4096).await;
+    path.set_target(dc2b.peer_addr());
+    let mut failed = Vec::new();
+    let mut confirmed = Vec::new();
+    while failed.len() + confirmed.len() < 4 {
+        match next(&mut dc1.rx, "outcomes").await {
+            ToLocal::Confirm { token, outcome: Outcome::Failed(FailReason::PeerRestarted), .. } => failed.push(token),
+            ToLocal::Confirm { token, outcome: Outcome::Delivered, .. } => confirmed.push(token),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    // What the old run confirmed is delivered; everything else is reported failed, none silently lost.
+    assert_eq!(confirmed.len() as u64, delivered_before - 1);
+    assert_eq!(failed.len() as u64, 5 - delivered_before);
+    let failed_metric = dc1
+        .wait_metric("wandist_messages_failed_total", &[("peer", "dc2"), ("reason", "peer_restarted")], |v| v >= 1.0)
+        .await;
+    assert_eq!(failed_metric as usize, failed.len());
+
+    // The new session carries new messages.
+    route.submit(Bytes::from_static(b"after"), Some(9)).await.unwrap();
+    assert!(matches!(next(&mut dc2b.rx, "after").await, ToLocal::Deliver { payload, .. } if payload == "after"));
+    assert!(matches!(
+        next(&mut dc1.rx, "confirm 9").await,
+        ToLocal::Confirm { token: 9, outcome: Outcome::Delivered, .. }
+    ));
+    dc1.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_receiver_bounds_the_senders_memory_and_the_link_stays_up() {
+    const WINDOW: u64 = 500;
+    const TOTAL: u64 = 3000;
+    let certs = Certs::new(&["dc1", "dc2"]);
+    let window = format!("window_messages = {WINDOW}\n");
+    let mut dc2 =
+        InProc::start("dc2", &cfg("dc2", true, &certs, &format!("[[route]]\ncluster = \"dc1\"\n{window}")), 16).await;
+    let dc1 = InProc::start(
+        "dc1",
+        &cfg(
+            "dc1",
+            false,
+            &certs,
+            &format!("[[route]]\ncluster = \"dc2\"\nendpoints = [\"{}\"]\n{window}", dc2.peer_addr()),
+        ),
+        4096,
+    )
+    .await;
+    let route = dc1.running().local.route("dc2").unwrap().clone();
+    let producer = tokio::spawn(async move {
+        for i in 0..TOTAL {
+            route.submit(n(i), None).await.unwrap();
+        }
+    });
+    // dc2's local side reads nothing: the window fills and the sender waits.
+    dc1.wait_metric("wandist_unacked_messages", &[("peer", "dc2")], |v| v == WINDOW as f64).await;
+    let rtt_before = dc1.metric("wandist_link_rtt_seconds_count", &[("peer", "dc2")]).unwrap_or(0.0);
+    // Stay stalled for more than twice dead_after (1.5 s): 40 heartbeats of 100 ms.
+    dc1.wait_metric("wandist_link_rtt_seconds_count", &[("peer", "dc2")], |v| v >= rtt_before + 40.0).await;
+    assert!(!producer.is_finished(), "the sender did not wait");
+    assert_eq!(dc1.metric("wandist_unacked_messages", &[("peer", "dc2")]), Some(WINDOW as f64), "window exceeded");
+    for (gw, peer) in [(&dc1, "dc2"), (&dc2, "dc1")] {
+        let m = gw.running().metrics.render();
+        assert_eq!(metric_value(&m, "wandist_link_connects_total", &[("peer", peer)]), Some(1.0), "{}", gw.name);
+        assert_eq!(metric_sum(&m, "wandist_link_disconnects_total", &[("peer", peer)]), 0.0, "{}", gw.name);
+    }
+    // The receiver resumes: everything arrives, in order.
+    for i in 0..TOTAL {
+        match next(&mut dc2.rx, "resumed delivery").await {
+            ToLocal::Deliver { payload, .. } => assert_eq!(payload, n(i)),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    producer.await.unwrap();
+}
+
+/// Collects membership changes until `pred` holds on the resulting view.
+async fn members_until(
+    gw: &mut InProc,
+    view: &mut BTreeMap<(String, String), Vec<String>>,
+    pred: impl Fn(&BTreeMap<(String, String), Vec<String>>) -> bool,
+) {
+    while !pred(view) {
+        match next(&mut gw.rx, &format!("{}: membership, have {view:?}", gw.name)).await {
+            ToLocal::Members { peer, change } => {
+                let (group, members, join) = match change {
+                    Change::Join { group, members } => (group, members, true),
+                    Change::Leave { group, members } => (group, members, false),
+                };
+                let entry = view.entry((peer.to_string(), group)).or_default();
+                for m in members {
+                    let m = String::from_utf8(m).unwrap();
+                    if join {
+                        entry.push(m);
+                    } else if let Some(i) = entry.iter().position(|x| *x == m) {
+                        entry.remove(i);
+                    }
+                }
+                entry.sort();
+            }
+            ToLocal::Deliver { peer, payload } => panic!("{}: unexpected message from {peer}: {payload:?}", gw.name),
+            other => panic!("{}: unexpected {other:?}", gw.name),
+        }
+    }
+}
+
+fn key(peer: &str, group: &str) -> (String, String) {
+    (peer.to_string(), group.to_string())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn membership_is_not_transitive_along_a_line_and_forged_adverts_are_rejected() {
+    let certs = Certs::new(&["dc1", "dc2", "dc3", "dc4"]);
+    // A line: dc1 — dc2 — dc3 (dc2 in the middle), plus dc4 for the forger.
+    let mut b = InProc::start(
+        "dc2",
+        &cfg(
+            "dc2",
+            true,
+            &certs,
+            "[[route]]\ncluster = \"dc1\"\n[[route]]\ncluster = \"dc3\"\n[[route]]\ncluster = \"dc4\"\n",
+        ),
+        4096,
+    )
+    .await;
+    let route_to_b = format!("[[route]]\ncluster = \"dc2\"\nendpoints = [\"{}\"]\n", b.peer_addr());
+    let mut a = InProc::start("dc1", &cfg("dc1", false, &certs, &route_to_b), 4096).await;
+    let mut c = InProc::start("dc3", &cfg("dc3", false, &certs, &route_to_b), 4096).await;
+    a.running().local.join("chat", vec![b"a1".to_vec()]).await;
+    b.running().local.join("chat", vec![b"b1".to_vec()]).await;
+    c.running().local.join("chat", vec![b"c1".to_vec()]).await;
+    c.running().local.join("ops", vec![b"c2".to_vec()]).await;
+
+    let mut seen_b = BTreeMap::new();
+    members_until(&mut b, &mut seen_b, |v| {
+        v.get(&key("dc1", "chat")) == Some(&vec!["a1".to_string()])
+            && v.get(&key("dc3", "chat")) == Some(&vec!["c1".to_string()])
+            && v.get(&key("dc3", "ops")) == Some(&vec!["c2".to_string()])
+    })
+    .await;
+    let mut seen_a = BTreeMap::new();
+    members_until(&mut a, &mut seen_a, |v| v.get(&key("dc2", "chat")) == Some(&vec!["b1".to_string()])).await;
+    let mut seen_c = BTreeMap::new();
+    members_until(&mut c, &mut seen_c, |v| v.get(&key("dc2", "chat")) == Some(&vec!["b1".to_string()])).await;
+    // b knows 3 members from elsewhere, yet exports only its own one.
+    b.wait_metric("wandist_members", &[("peer", "dc1"), ("direction", "exported")], |v| v == 1.0).await;
+    b.wait_metric("wandist_members", &[("peer", "dc3"), ("direction", "exported")], |v| v == 1.0).await;
+    b.wait_metric("wandist_members", &[("peer", "dc3"), ("direction", "imported")], |v| v == 2.0).await;
+
+    // A message from dc3 goes to dc2's cluster and no further.
+    c.running().local.route("dc2").unwrap().submit(Bytes::from_static(b"for dc1?"), Some(1)).await.unwrap();
+    loop {
+        match next(&mut b.rx, "dc3's message at dc2").await {
+            ToLocal::Deliver { peer, payload } => {
+                assert_eq!((&*peer, &payload[..]), ("dc3", &b"for dc1?"[..]));
+                break;
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert!(matches!(
+        next(&mut c.rx, "confirmation").await,
+        ToLocal::Confirm { token: 1, outcome: Outcome::Delivered, .. }
+    ));
+
+    // A forger with a valid dc4 certificate advertises dc1's members as if transitive.
+    let forged = wandist::wire::Advert {
+        origin: "dc1".into(),
+        counter: 1,
+        body: wandist::wire::AdvertBody::Snapshot {
+            part: 0,
+            last: true,
+            groups: vec![("chat".into(), vec![b"x".to_vec()])],
+        },
+    };
+    forge_advert(&certs, b.peer_addr(), "dc4", forged).await;
+    b.wait_metric("wandist_adverts_rejected_total", &[("peer", "dc4")], |v| v == 1.0).await;
+    assert_eq!(b.metric("wandist_members", &[("peer", "dc4"), ("direction", "imported")]), Some(0.0));
+
+    // Everything settled: nothing more arrived anywhere, and dc1 and dc3 never
+    // learned each other's members.
+    assert!(seen_a.keys().all(|(peer, _)| peer == "dc2"));
+    assert!(seen_c.keys().all(|(peer, _)| peer == "dc2"));
+    for gw in [&mut a, &mut b, &mut c] {
+        while let Ok(item) = gw.rx.try_recv() {
+            panic!("{}: unexpected {item:?}", gw.name);
+        }
+    }
+    a.wait_metric("wandist_members", &[("peer", "dc2"), ("direction", "imported")], |v| v == 1.0).await;
+    c.wait_metric("wandist_members", &[("peer", "dc2"), ("direction", "imported")], |v| v == 1.0).await;
+}
+
+/// Connects as `as_cluster` with its real certificate and sends one advert.
+async fn forge_advert(certs: &Certs, to: std::net::SocketAddr, as_cluster: &str, advert: wandist::wire::Advert) {
+    use tokio::io::AsyncWriteExt;
+    use wandist::config::{PathAt, TlsFiles};
+    use wandist::link::handshake::{self, Identity, Offer};
+    use wandist::link::Timeouts;
+    use wandist::route::Window;
+    use wandist::wire::{codec, Header};
+    let at = |f: String| PathAt { path: certs.path(&f), line: None };
+    let files = TlsFiles {
+        cert: at(format!("{as_cluster}.pem")),
+        key: at(format!("{as_cluster}.key")),
+        ca: at("ca.pem".into()),
+    };
+    let tls = wandist::tls::Tls::load(&files, Some(as_cluster), std::path::Path::new("test")).unwrap();
+    let t = Timeouts { connect: Duration::from_secs(5), handshake: Duration::from_secs(5) };
+    let me = Identity { cluster: as_cluster.into(), gateway: "forger".into(), epoch: 1 };
+    let offer = Offer { links_wanted: 1, recv_window: Window { messages: 10, bytes: 1 << 20 } };
+    let tcp = tokio::net::TcpStream::connect(to).await.unwrap();
+    let mut est = handshake::client(tcp, Some(&tls), "dc2", me.hello(offer), &t, 1 << 20).await.unwrap();
+    let mut out = bytes::BytesMut::new();
+    codec::encode(&Header::Advert(advert), &[], 1 << 20, &mut out).unwrap();
+    est.io.write_all(&out).await.unwrap();
+    est.io.flush().await.unwrap();
+    // Keep the connection open until the advert has been judged.
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        drop(est);
+    });
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn members_are_withdrawn_when_the_route_is_down_and_come_back_with_it() {
+    let certs = Certs::new(&["dc1", "dc2"]);
+    let mut dc2 = InProc::start("dc2", &cfg("dc2", true, &certs, "[[route]]\ncluster = \"dc1\"\n"), 4096).await;
+    let path = Forwarder::start(Some(dc2.peer_addr()));
+    let mut dc1 = InProc::start(
+        "dc1",
+        &cfg("dc1", false, &certs, &format!("[[route]]\ncluster = \"dc2\"\nendpoints = [\"{}\"]\n", path.addr)),
+        4096,
+    )
+    .await;
+    dc2.running().local.join("chat", vec![b"b1".to_vec(), b"b2".to_vec()]).await;
+    let mut view = BTreeMap::new();
+    let both = vec!["b1".to_string(), "b2".to_string()];
+    members_until(&mut dc1, &mut view, |v| v.get(&key("dc2", "chat")) == Some(&both)).await;
+    dc1.wait_metric("wandist_route_up", &[("peer", "dc2")], |v| v == 1.0).await;
+
+    // Every path down, and kept down.
+    path.refuse(true);
+    path.cut();
+    dc1.wait_metric("wandist_route_up", &[("peer", "dc2")], |v| v == 0.0).await;
+    let down_at = Instant::now();
+    members_until(&mut dc1, &mut view, |v| v.get(&key("dc2", "chat")).is_some_and(|m| m.is_empty())).await;
+    let withdrawn_after = down_at.elapsed();
+    assert!(withdrawn_after >= Duration::from_millis(1000), "withdrawn after {withdrawn_after:?}, before dead_after");
+    dc1.wait_metric("wandist_members", &[("peer", "dc2"), ("direction", "imported")], |v| v == 0.0).await;
+
+    // Changes while down reach dc1 with the next snapshot.
+    dc2.running().local.leave("chat", vec![b"b2".to_vec()]).await;
+    path.refuse(false);
+    members_until(&mut dc1, &mut view, |v| v.get(&key("dc2", "chat")) == Some(&vec!["b1".to_string()])).await;
+    dc1.wait_metric("wandist_route_up", &[("peer", "dc2")], |v| v == 1.0).await;
+    println!("members withdrawn {withdrawn_after:?} after the route went down (dead_after 1.5 s)");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_messages_do_not_hold_up_heartbeats_or_small_messages() {
+    const BIG: usize = 64 * 1024 * 1024;
+    let certs = Certs::new(&["dc1", "dc2"]);
+    let tight = "[[route]]\ncluster = \"dc1\"\n";
+    let mut dc2 = InProc::start("dc2", &cfg("dc2", true, &certs, tight), 4096).await;
+    let dc1 = InProc::start(
+        "dc1",
+        &cfg("dc1", false, &certs, &format!("[[route]]\ncluster = \"dc2\"\nendpoints = [\"{}\"]\n", dc2.peer_addr())),
+        4096,
+    )
+    .await;
+    let route = dc1.running().local.route("dc2").unwrap().clone();
+    let producer = tokio::spawn(async move {
+        for i in 0..3u8 {
+            let mut big = vec![i; BIG];
+            big[BIG - 1] = 0xEE;
+            route.submit(Bytes::from(big), None).await.unwrap();
+            for j in 0..100u64 {
+                route.submit(n(j), None).await.unwrap();
+            }
+        }
+    });
+    for i in 0..3u8 {
+        match next(&mut dc2.rx, "big message").await {
+            ToLocal::Deliver { payload, .. } => {
+                assert_eq!(payload.len(), BIG);
+                assert!(payload[..BIG - 1].iter().all(|&b| b == i) && payload[BIG - 1] == 0xEE, "corrupted");
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        for j in 0..100u64 {
+            assert!(matches!(next(&mut dc2.rx, "small").await, ToLocal::Deliver { payload, .. } if payload == n(j)));
+        }
+    }
+    producer.await.unwrap();
+    for (gw, peer) in [(&dc1, "dc2"), (&dc2, "dc1")] {
+        let m = gw.running().metrics.render();
+        assert_eq!(
+            metric_sum(&m, "wandist_link_disconnects_total", &[("peer", peer)]),
+            0.0,
+            "{}: a link died",
+            gw.name
+        );
+    }
+}

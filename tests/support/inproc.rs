@@ -1,0 +1,77 @@
+//! Gateways started in the test process (the library's `gateway::start`),
+//! each with its own metrics registry and an in-memory local side the test
+//! reads. Links between them are real: mutual TLS over loopback sockets.
+
+use std::time::{Duration, Instant};
+
+use tokio::sync::mpsc;
+use wandist::gateway::{self, Running, ToLocal};
+use wandist::metrics::Metrics;
+
+use super::{metric_value, SOON};
+
+pub struct InProc {
+    pub name: String,
+    pub running: Option<Running>,
+    pub rx: mpsc::Receiver<ToLocal>,
+    _dir: tempfile::TempDir,
+}
+
+impl InProc {
+    /// Starts a gateway from config text; `queue` is the size of its
+    /// to-local channel (small values let a test stall the local side).
+    pub async fn start(name: &str, body: &str, queue: usize) -> InProc {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("gateway.toml");
+        std::fs::write(&path, body).unwrap();
+        let prepared = gateway::prepare(&path).unwrap_or_else(|p| panic!("{name}: bad config: {p:?}"));
+        let (tx, rx) = mpsc::channel(queue);
+        let running = gateway::start(prepared, Metrics::new(), tx).await.unwrap();
+        InProc { name: name.to_string(), running: Some(running), rx, _dir: dir }
+    }
+
+    pub fn running(&self) -> &Running {
+        self.running.as_ref().expect("stopped")
+    }
+
+    pub fn peer_addr(&self) -> std::net::SocketAddr {
+        self.running().peers.expect("no listener")
+    }
+
+    pub fn metric(&self, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+        metric_value(&self.running().metrics.render(), name, labels)
+    }
+
+    /// Waits (asynchronously, bounded) until `name{labels}` satisfies `ok`.
+    pub async fn wait_metric(&self, name: &str, labels: &[(&str, &str)], ok: impl Fn(f64) -> bool) -> f64 {
+        let deadline = Instant::now() + SOON;
+        let mut pause = Duration::from_millis(2);
+        loop {
+            if let Some(v) = self.metric(name, labels).filter(|v| ok(*v)) {
+                return v;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{}: timed out waiting for {name}{labels:?}; now {:?}",
+                self.name,
+                self.metric(name, labels)
+            );
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_millis(50));
+        }
+    }
+
+    pub async fn stop(&mut self) {
+        if let Some(r) = self.running.take() {
+            r.stop().await;
+        }
+    }
+}
+
+/// Receives the next item, bounded by SOON.
+pub async fn next(rx: &mut mpsc::Receiver<ToLocal>, what: &str) -> ToLocal {
+    tokio::time::timeout(SOON, rx.recv())
+        .await
+        .unwrap_or_else(|_| panic!("timed out waiting for {what}"))
+        .unwrap_or_else(|| panic!("channel closed waiting for {what}"))
+}
