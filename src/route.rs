@@ -543,7 +543,7 @@ mod tests {
         assert_eq!(down, LinkDown { was_primary: true, promoted: Some(2), route_down: false });
         assert_eq!(drain(&mut r, now), vec![(2, 2, true), (2, 3, true), (2, 4, true)]);
         // Losing a standby changes nothing.
-        assert!(r.link_up(3, PEER, W).new_session == false);
+        assert!(!r.link_up(3, PEER, W).new_session);
         assert_eq!(r.link_down(3), LinkDown { was_primary: false, promoted: None, route_down: false });
         assert!(drain(&mut r, now).is_empty());
     }
