@@ -68,7 +68,8 @@ fn route(c: &mut Criterion) {
 
 fn membership(c: &mut Criterion) {
     let mut g = c.benchmark_group("membership");
-    let members: Vec<Vec<u8>> = (0..10_000u32).map(|i| format!("<0.{i}.0>@chat@10.0.0.{}", i % 200).into_bytes()).collect();
+    let members: Vec<Vec<u8>> =
+        (0..10_000u32).map(|i| format!("<0.{i}.0>@chat@10.0.0.{}", i % 200).into_bytes()).collect();
     let mut a = PeerMembership::new("a", "b", Filter::all(), Filter::all(), 1_000_000);
     for (i, m) in members.iter().enumerate() {
         a.local_join(&format!("group{}", i % 100), std::slice::from_ref(m));

@@ -72,6 +72,26 @@ pub struct Config {
     pub tls: Option<TlsFiles>,
     pub metrics: Option<MetricsConfig>,
     pub routes: Vec<RouteConfig>,
+    /// The local cluster; without it the gateway only links to peers.
+    pub erlang: Option<ErlangConfig>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ErlangConfig {
+    /// The gateway's own (hidden) node name, `name@host`.
+    pub node: String,
+    pub cookie: Secret,
+    /// Local nodes to connect to and mirror.
+    pub nodes: Vec<ErlNode>,
+    /// The `pg` scope mirrored across clusters.
+    pub scope: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ErlNode {
+    pub name: String,
+    /// Distribution port, for nodes without EPMD; otherwise asked of EPMD.
+    pub port: Option<u16>,
 }
 
 #[derive(Debug, Clone)]
@@ -236,7 +256,7 @@ impl Config {
             }
         };
         let root: &dyn TableLike = doc.as_table();
-        cx.allow_keys(root, &["gateway", "tls", "metrics", "route"], "the top level");
+        cx.allow_keys(root, &["gateway", "tls", "metrics", "route", "erlang"], "the top level");
 
         let gateway = match cx.table(root, "gateway", true) {
             Some(t) => cx.gateway(t),
@@ -245,6 +265,7 @@ impl Config {
         let tls = cx.table(root, "tls", false).and_then(|t| cx.tls(t));
         let metrics = cx.table(root, "metrics", false).and_then(|t| cx.metrics(t));
         let routes = cx.routes(root.get("route"), gateway.as_ref().map(|g| g.cluster.as_str()));
+        let erlang = cx.table(root, "erlang", false).and_then(|t| cx.erlang(t));
 
         if let Some(routes) = &routes {
             let needs_tls = routes.is_empty() || routes.iter().any(|r| !r.insecure_plaintext);
@@ -257,7 +278,7 @@ impl Config {
         }
         match (gateway, routes) {
             (Some(gateway), Some(routes)) if cx.problems.is_empty() => {
-                (Ok(Config { path: path.to_path_buf(), gateway, tls, metrics, routes }), None)
+                (Ok(Config { path: path.to_path_buf(), gateway, tls, metrics, routes, erlang }), None)
             }
             (gateway, _) => {
                 let cluster = gateway.map(|g| g.cluster).filter(|c| check_cluster_name(c).is_ok());
@@ -268,6 +289,22 @@ impl Config {
 
     pub fn route(&self, cluster: &str) -> Option<&RouteConfig> {
         self.routes.iter().find(|r| r.cluster == cluster)
+    }
+}
+
+/// An Erlang node name: `name@host`, as `erl -name`/`-sname` would accept.
+pub fn check_node_name(node: &str) -> Result<(), String> {
+    let ok = node.split_once('@').is_some_and(|(n, h)| {
+        !n.is_empty()
+            && !h.is_empty()
+            && n.len() + h.len() < 255
+            && n.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+            && h.chars().all(|c| c.is_ascii_alphanumeric() || c == '.' || c == '-' || c == ':')
+    });
+    if ok {
+        Ok(())
+    } else {
+        Err(format!("{node:?} is not an Erlang node name like name@host"))
     }
 }
 
@@ -647,6 +684,106 @@ impl Cx<'_> {
         Some(RouteConfig { cluster, endpoints, standby, insecure_plaintext, window, export, import })
     }
 
+    fn erlang(&mut self, t: &dyn TableLike) -> Option<ErlangConfig> {
+        self.allow_keys(t, &["node", "cookie", "cookie_file", "nodes", "scope"], "[erlang]");
+        let node = self.required_string(t, "node", "[erlang]");
+        if let Some((n, span)) = &node {
+            if let Err(e) = check_node_name(n) {
+                self.err(span.clone(), e);
+            }
+        }
+        let cookie = match (self.string(t, "cookie"), self.path_opt(t, "cookie_file")) {
+            (Some((c, span)), None) => {
+                if c.is_empty() || c.len() > 1024 {
+                    self.err(span, "cookie must be 1 to 1024 characters".into());
+                }
+                Some(Secret::new(c))
+            }
+            (None, Some(at)) => match std::fs::read_to_string(&at.path) {
+                Ok(text) if !text.trim().is_empty() && text.len() <= 1024 => Some(Secret::new(text.trim())),
+                Ok(_) => {
+                    self.problems.push(Problem {
+                        file: self.file.to_path_buf(),
+                        line: at.line,
+                        message: format!("{}: the cookie file must hold 1 to 1024 characters", at.path.display()),
+                    });
+                    None
+                }
+                Err(e) => {
+                    self.problems.push(Problem {
+                        file: self.file.to_path_buf(),
+                        line: at.line,
+                        message: format!("cannot read {}: {e}", at.path.display()),
+                    });
+                    None
+                }
+            },
+            (Some((_, span)), Some(_)) => {
+                self.err(span, "set cookie or cookie_file, not both".into());
+                None
+            }
+            (None, None) => {
+                self.err(None, "[erlang] needs cookie or cookie_file".into());
+                None
+            }
+        };
+        let mut nodes: Vec<ErlNode> = Vec::new();
+        const WANT: &str = "an array of \"name@host\" strings or { name = \"name@host\", port = N } tables";
+        match self.value(t, "nodes", WANT) {
+            None if t.get("nodes").is_none() => self.err(None, "missing required key \"nodes\" in [erlang]".into()),
+            None => {}
+            Some((v, span)) => match v.as_array() {
+                Some(a) => {
+                    for e in a.iter() {
+                        let at = e.span().or(span.clone());
+                        let parsed = if let Some(tbl) = e.as_inline_table() {
+                            self.allow_keys(tbl, &["name", "port"], "an Erlang node");
+                            let port = self.integer(tbl, "port", 1, 65535, 0);
+                            self.required_string(tbl, "name", "an Erlang node")
+                                .map(|(n, _)| ErlNode { name: n, port: (port > 0).then_some(port as u16) })
+                        } else {
+                            e.as_str().map(|n| ErlNode { name: n.to_string(), port: None })
+                        };
+                        match parsed {
+                            Some(n) => {
+                                if let Err(msg) = check_node_name(&n.name) {
+                                    self.err(at, msg);
+                                } else if nodes.iter().any(|m| m.name == n.name) {
+                                    self.err(at, format!("node {} is listed twice", n.name));
+                                } else if node.as_ref().is_some_and(|(me, _)| *me == n.name) {
+                                    self.err(at, format!("{} is the gateway's own node name", n.name));
+                                } else {
+                                    nodes.push(n);
+                                }
+                            }
+                            None => self.err(at, format!("nodes must be {WANT}")),
+                        }
+                    }
+                }
+                None => self.err(span, format!("\"nodes\" must be {WANT}")),
+            },
+        }
+        let scope = match self.string(t, "scope") {
+            Some((s, span)) if s.is_empty() || s.len() > 255 => {
+                self.err(span, "scope must be 1 to 255 characters".into());
+                String::new()
+            }
+            Some((s, _)) => s,
+            None => "wan".to_string(),
+        };
+        Some(ErlangConfig { node: node?.0, cookie: cookie?, nodes, scope })
+    }
+
+    fn path_opt(&mut self, t: &dyn TableLike, k: &str) -> Option<PathAt> {
+        let (s, span) = self.string(t, k)?;
+        let line = self.line(span.clone());
+        if s.is_empty() {
+            self.err(span, format!("{k:?} must not be empty"));
+            return None;
+        }
+        Some(PathAt { path: self.base.join(s), line })
+    }
+
     /// `socks5`, `socks5_username`, `socks5_password` of a route or endpoint.
     fn socks5(&mut self, t: &dyn TableLike, what: &str) -> Option<Socks5> {
         let proxy = match self.string(t, "socks5") {
@@ -881,6 +1018,37 @@ import = ["chat.*", "presence"]
         assert!(msgs.iter().any(|m| m.contains("unknown key \"addr\" in an endpoint")), "{msgs:?}");
         assert!(msgs.iter().any(|m| m.contains("missing required key \"address\"")), "{msgs:?}");
         assert!(msgs.iter().any(|m| m.contains("\"export\" must be")), "{msgs:?}");
+    }
+
+    #[test]
+    fn the_erlang_table() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("cookie"), "s3cret\n").unwrap();
+        let path = dir.path().join("gw.toml");
+        let c = Config::parse(
+            "[gateway]\ncluster = \"dc1\"\n[[route]]\ncluster = \"dc2\"\ninsecure_plaintext = true\n\
+             [erlang]\nnode = \"wandist_dc1@127.0.0.1\"\ncookie_file = \"cookie\"\n\
+             nodes = [\"chat@10.0.0.6\", { name = \"chat@10.0.0.7\", port = 4370 }]\n",
+            &path,
+        )
+        .unwrap();
+        let e = c.erlang.unwrap();
+        assert_eq!(e.cookie.expose(), "s3cret");
+        assert_eq!(e.scope, "wan");
+        assert_eq!(e.nodes[1], ErlNode { name: "chat@10.0.0.7".into(), port: Some(4370) });
+        assert!(!format!("{:?}", e.cookie).contains("s3cret"));
+
+        let problems = Config::parse(
+            "[gateway]\ncluster = \"dc1\"\n[[route]]\ncluster = \"dc2\"\ninsecure_plaintext = true\n\
+             [erlang]\nnode = \"nohost\"\ncookie = \"a\"\ncookie_file = \"b\"\nnodes = [\"x@h\", \"x@h\", 5]\n",
+            &path,
+        )
+        .unwrap_err();
+        let msgs: Vec<_> = problems.iter().map(|p| p.message.as_str()).collect();
+        for want in ["not an Erlang node name", "not both", "listed twice", "nodes must be"] {
+            assert!(msgs.iter().any(|m| m.contains(want)), "{want} in {msgs:?}");
+        }
+        assert!(msgs.iter().all(|m| !m.contains("\"a\"")));
     }
 
     #[test]

@@ -37,6 +37,11 @@ pub const GROUPS: &str = "wandist_groups";
 pub const MEMBERS: &str = "wandist_members";
 pub const ADVERTS_REJECTED: &str = "wandist_adverts_rejected_total";
 
+pub const ERLANG_NODES_CONNECTED: &str = "wandist_erlang_nodes_connected";
+pub const PROXIES: &str = "wandist_proxies";
+pub const ERLANG_MESSAGES: &str = "wandist_erlang_messages_total";
+pub const ERLANG_REJECTED: &str = "wandist_erlang_rejected_total";
+
 /// Label value for a peer whose identity is not known yet.
 pub const UNKNOWN_PEER: &str = "unknown";
 

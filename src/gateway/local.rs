@@ -25,6 +25,9 @@ pub enum ToLocal {
     Confirm { peer: Arc<str>, token: u64, outcome: Outcome },
     /// The peer's groups changed (or were withdrawn because the route is down).
     Members { peer: Arc<str>, change: Change },
+    /// The route lost every link, or the peer gateway restarted: whatever
+    /// the peer was doing for us (monitors) is gone.
+    Lost { peer: Arc<str> },
 }
 
 /// A message for the peer, as the route task receives it.

@@ -179,20 +179,47 @@ pub async fn start(
     Ok(Running { peers, metrics_addr, local, metrics, epoch: own.epoch, root, tracker, grace: g.shutdown_grace })
 }
 
-/// Runs the gateway until `shutdown` is cancelled, then drains within the
-/// configured grace period. Until the Erlang side exists, messages from
-/// peers are handed to a local side that only logs them.
-pub async fn run(prepared: Prepared, metrics: Metrics, shutdown: CancellationToken) -> Result<(), GatewayError> {
+/// Starts the gateway with its local side: the Erlang cluster of the
+/// `[erlang]` table, or (without one) a side that only logs what arrives.
+pub async fn start_with_erlang(prepared: Prepared, metrics: Metrics) -> Result<Running, GatewayError> {
+    let erlang = prepared.config.erlang.clone();
+    let g = prepared.config.gateway.clone();
     let (to_local, mut from_routes) = mpsc::channel(TO_LOCAL_QUEUE);
-    let running = start(prepared, metrics, to_local).await?;
-    let drain = tokio::spawn(async move {
-        while let Some(item) = from_routes.recv().await {
-            tracing::debug!("local side (none configured): {item:?}");
+    let running = start(prepared, metrics.clone(), to_local).await?;
+    match erlang {
+        Some(cfg) => crate::erlang::start(
+            &cfg,
+            &g,
+            running.local.clone(),
+            from_routes,
+            metrics,
+            running.root.clone(),
+            &running.tracker,
+        ),
+        None => {
+            let cancel = running.root.clone();
+            running.tracker.spawn(async move {
+                loop {
+                    tokio::select! {
+                        _ = cancel.cancelled() => return,
+                        item = from_routes.recv() => match item {
+                            Some(item) => tracing::debug!("no [erlang] configured; dropping {item:?}"),
+                            None => return,
+                        },
+                    }
+                }
+            });
         }
-    });
+    }
+    Ok(running)
+}
+
+/// Runs the gateway until `shutdown` is cancelled, then drains within the
+/// configured grace period.
+pub async fn run(prepared: Prepared, metrics: Metrics, shutdown: CancellationToken) -> Result<(), GatewayError> {
+    let running = start_with_erlang(prepared, metrics).await?;
     shutdown.cancelled().await;
     running.stop().await;
-    drain.abort();
     Ok(())
 }
 

@@ -449,6 +449,7 @@ impl PeerTask {
                 tracing::warn!(peer = %self.peer, messages = up.failed_count, "unconfirmed messages to the peer's previous run reported failed");
             }
             self.confirmations_to_local(up.failed);
+            self.outbox.push_back(ToLocal::Lost { peer: self.peer.clone() });
             let changes = self.members.peer_restarted();
             self.changes_to_local(changes);
         }
@@ -502,6 +503,7 @@ impl PeerTask {
             self.send_snapshot();
         }
         if down.route_down {
+            self.outbox.push_back(ToLocal::Lost { peer: self.peer.clone() });
             self.members.pause();
             self.down_since = Some(Instant::now());
             tracing::warn!(peer = %self.peer, "route down: no live link");

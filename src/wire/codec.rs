@@ -73,6 +73,18 @@ pub fn check_preamble(p: &[u8; PREAMBLE_LEN]) -> Result<u16, CodecError> {
     Ok(version)
 }
 
+/// Serializes a value carried inside a payload (e.g. the Erlang side's
+/// relay messages), with the same decoder limits as frame headers.
+pub fn to_vec<T: serde::Serialize>(value: &T) -> Result<Vec<u8>, CodecError> {
+    bincode::serde::encode_to_vec(value, config()).map_err(|e| CodecError::Garbage(e.to_string()))
+}
+
+/// Deserializes a value from the front of a payload; returns it and the
+/// bytes it used (what follows is the caller's: e.g. a raw body).
+pub fn from_prefix<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<(T, usize), CodecError> {
+    bincode::serde::decode_from_slice(bytes, config()).map_err(|e| CodecError::Garbage(e.to_string()))
+}
+
 /// Appends one frame to `out`.
 pub fn encode(header: &Header, body: &[u8], max: usize, out: &mut BytesMut) -> Result<(), CodecError> {
     let start = out.len();

@@ -20,7 +20,20 @@ pub struct InProc {
 impl InProc {
     /// Starts a gateway from config text; `queue` is the size of its
     /// to-local channel (small values let a test stall the local side).
+    /// Starts a gateway whose local side is its `[erlang]` cluster.
+    pub async fn start_erlang(name: &str, body: &str) -> InProc {
+        init_logging();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("gateway.toml");
+        std::fs::write(&path, body).unwrap();
+        let prepared = gateway::prepare(&path).unwrap_or_else(|p| panic!("{name}: bad config: {p:?}"));
+        let running = gateway::start_with_erlang(prepared, Metrics::new()).await.unwrap();
+        let (_tx, rx) = mpsc::channel(1);
+        InProc { name: name.to_string(), running: Some(running), rx, _dir: dir }
+    }
+
     pub async fn start(name: &str, body: &str, queue: usize) -> InProc {
+        init_logging();
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("gateway.toml");
         std::fs::write(&path, body).unwrap();
@@ -74,4 +87,15 @@ pub async fn next(rx: &mut mpsc::Receiver<ToLocal>, what: &str) -> ToLocal {
         .await
         .unwrap_or_else(|_| panic!("timed out waiting for {what}"))
         .unwrap_or_else(|| panic!("channel closed waiting for {what}"))
+}
+
+/// Logs of in-process gateways on stderr when WANDIST_TEST_LOG is set (its
+/// value is the filter, e.g. "debug").
+fn init_logging() {
+    if let Ok(filter) = std::env::var("WANDIST_TEST_LOG") {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new(if filter.is_empty() { "info".into() } else { filter }))
+            .with_test_writer()
+            .try_init();
+    }
 }

@@ -2,6 +2,7 @@
 //! readiness read from its log lines and metrics — never fixed ports or sleeps.
 #![allow(dead_code)]
 
+pub mod erl;
 pub mod forward;
 pub mod inproc;
 

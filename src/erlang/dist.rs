@@ -1,0 +1,281 @@
+//! Erlang distribution: finding a node's port through EPMD, the client side
+//! of the handshake (OTP 23+ "N" handshake, as a hidden node), and the
+//! control-message codes used once connected.
+
+use std::io;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::config::Secret;
+
+pub const DFLAG_EXTENDED_REFERENCES: u64 = 0x4;
+pub const DFLAG_DIST_MONITOR: u64 = 0x8;
+pub const DFLAG_FUN_TAGS: u64 = 0x10;
+pub const DFLAG_DIST_MONITOR_NAME: u64 = 0x20;
+pub const DFLAG_NEW_FUN_TAGS: u64 = 0x80;
+pub const DFLAG_EXTENDED_PIDS_PORTS: u64 = 0x100;
+pub const DFLAG_EXPORT_PTR_TAG: u64 = 0x200;
+pub const DFLAG_BIT_BINARIES: u64 = 0x400;
+pub const DFLAG_NEW_FLOATS: u64 = 0x800;
+pub const DFLAG_UNICODE_IO: u64 = 0x1000;
+pub const DFLAG_SMALL_ATOM_TAGS: u64 = 0x4000;
+pub const DFLAG_UTF8_ATOMS: u64 = 0x10000;
+pub const DFLAG_MAP_TAG: u64 = 0x20000;
+pub const DFLAG_BIG_CREATION: u64 = 0x40000;
+pub const DFLAG_SEND_SENDER: u64 = 0x80000;
+pub const DFLAG_BIG_SEQTRACE_LABELS: u64 = 0x100000;
+pub const DFLAG_HANDSHAKE_23: u64 = 0x1000000;
+pub const DFLAG_UNLINK_ID: u64 = 0x2000000;
+pub const DFLAG_V4_NC: u64 = 1 << 34;
+pub const DFLAG_ALIAS: u64 = 1 << 35;
+
+/// What we advertise. Hidden: no DFLAG_PUBLISHED. Never FRAGMENTS or the
+/// atom cache (not implemented: Erlang then sends whole messages with every
+/// atom spelled out). DIST_MONITOR *and* DIST_MONITOR_NAME: Erlang sends
+/// MONITOR_P (and MONITOR_P_EXIT) only to nodes that have both.
+pub const OUR_FLAGS: u64 = DFLAG_EXTENDED_REFERENCES
+    | DFLAG_DIST_MONITOR
+    | DFLAG_DIST_MONITOR_NAME
+    | DFLAG_FUN_TAGS
+    | DFLAG_NEW_FUN_TAGS
+    | DFLAG_EXTENDED_PIDS_PORTS
+    | DFLAG_EXPORT_PTR_TAG
+    | DFLAG_BIT_BINARIES
+    | DFLAG_NEW_FLOATS
+    | DFLAG_UNICODE_IO
+    | DFLAG_SMALL_ATOM_TAGS
+    | DFLAG_UTF8_ATOMS
+    | DFLAG_MAP_TAG
+    | DFLAG_BIG_CREATION
+    | DFLAG_SEND_SENDER
+    | DFLAG_BIG_SEQTRACE_LABELS
+    | DFLAG_HANDSHAKE_23
+    | DFLAG_UNLINK_ID
+    | DFLAG_V4_NC
+    | DFLAG_ALIAS;
+
+/// Flags the peer must have for us to talk to it.
+const REQUIRED: u64 = DFLAG_EXTENDED_REFERENCES
+    | DFLAG_EXTENDED_PIDS_PORTS
+    | DFLAG_UTF8_ATOMS
+    | DFLAG_NEW_FUN_TAGS
+    | DFLAG_BIG_CREATION
+    | DFLAG_HANDSHAKE_23
+    | DFLAG_MAP_TAG;
+
+// Control message codes.
+pub const LINK: i64 = 1;
+pub const SEND: i64 = 2;
+pub const EXIT: i64 = 3;
+pub const UNLINK: i64 = 4;
+pub const REG_SEND: i64 = 6;
+pub const GROUP_LEADER: i64 = 7;
+pub const EXIT2: i64 = 8;
+pub const SEND_TT: i64 = 12;
+pub const REG_SEND_TT: i64 = 16;
+pub const MONITOR_P: i64 = 19;
+pub const DEMONITOR_P: i64 = 20;
+pub const MONITOR_P_EXIT: i64 = 21;
+pub const SEND_SENDER: i64 = 22;
+pub const SEND_SENDER_TT: i64 = 23;
+pub const PAYLOAD_EXIT: i64 = 24;
+pub const PAYLOAD_EXIT2: i64 = 26;
+pub const PAYLOAD_MONITOR_P_EXIT: i64 = 28;
+pub const SPAWN_REQUEST: i64 = 29;
+pub const ALIAS_SEND: i64 = 33;
+pub const ALIAS_SEND_TT: i64 = 34;
+pub const UNLINK_ID: i64 = 35;
+pub const UNLINK_ID_ACK: i64 = 36;
+
+/// Distribution packets start with this byte when no atom cache is used.
+pub const PASS_THROUGH: u8 = 112;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DistError {
+    #[error("EPMD at {0}: {1}")]
+    Epmd(String, String),
+    #[error("cannot connect to {0}: {1}")]
+    Connect(String, io::Error),
+    #[error("handshake with {node}: {why}")]
+    Handshake { node: String, why: String },
+    #[error("{0} timed out")]
+    Timeout(&'static str),
+    #[error("{0}")]
+    Io(#[from] io::Error),
+}
+
+/// `name@host` split in two.
+pub fn split_node(node: &str) -> Option<(&str, &str)> {
+    let (n, h) = node.split_once('@')?;
+    (!n.is_empty() && !h.is_empty() && !h.contains('@')).then_some((n, h))
+}
+
+/// The EPMD port: `ERL_EPMD_PORT` as `erl` reads it, else 4369.
+pub fn epmd_port() -> u16 {
+    std::env::var("ERL_EPMD_PORT").ok().and_then(|p| p.parse().ok()).unwrap_or(4369)
+}
+
+/// Asks EPMD on the node's host for its distribution port (PORT_PLEASE2).
+pub async fn port_please(node: &str, timeout: Duration) -> Result<u16, DistError> {
+    port_please_at(node, epmd_port(), timeout).await
+}
+
+/// As `port_please`, with EPMD on a given port.
+pub async fn port_please_at(node: &str, epmd_port: u16, timeout: Duration) -> Result<u16, DistError> {
+    let (name, host) = split_node(node).ok_or_else(|| DistError::Epmd(node.into(), "not a name@host node".into()))?;
+    let epmd = format!("{host}:{epmd_port}");
+    let work = async {
+        let mut s = TcpStream::connect(&epmd).await.map_err(|e| DistError::Epmd(epmd.clone(), e.to_string()))?;
+        let mut req = Vec::with_capacity(3 + name.len());
+        req.extend_from_slice(&((1 + name.len()) as u16).to_be_bytes());
+        req.push(122);
+        req.extend_from_slice(name.as_bytes());
+        s.write_all(&req).await?;
+        let mut head = [0u8; 2];
+        s.read_exact(&mut head).await?;
+        if head[0] != 119 {
+            return Err(DistError::Epmd(epmd.clone(), format!("unexpected reply {}", head[0])));
+        }
+        if head[1] != 0 {
+            return Err(DistError::Epmd(epmd.clone(), format!("node {name:?} is not registered")));
+        }
+        let mut port = [0u8; 2];
+        s.read_exact(&mut port).await?;
+        Ok(u16::from_be_bytes(port))
+    };
+    tokio::time::timeout(timeout, work).await.map_err(|_| DistError::Timeout("EPMD lookup"))?
+}
+
+fn md5_digest(cookie: &str, challenge: u32) -> [u8; 16] {
+    let mut data = cookie.as_bytes().to_vec();
+    data.extend_from_slice(challenge.to_string().as_bytes());
+    md5(&data)
+}
+
+/// What the handshake learned about the node.
+#[derive(Debug, Clone)]
+pub struct Peer {
+    pub name: String,
+    pub flags: u64,
+    pub creation: u32,
+}
+
+async fn read_packet(s: &mut TcpStream, max: usize) -> Result<Vec<u8>, DistError> {
+    let mut len = [0u8; 2];
+    s.read_exact(&mut len).await?;
+    let len = u16::from_be_bytes(len) as usize;
+    if len == 0 || len > max {
+        return Err(DistError::Io(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("handshake packet of {len} bytes"),
+        )));
+    }
+    let mut buf = vec![0u8; len];
+    s.read_exact(&mut buf).await?;
+    Ok(buf)
+}
+
+async fn write_packet(s: &mut TcpStream, body: &[u8]) -> Result<(), DistError> {
+    let mut out = Vec::with_capacity(body.len() + 2);
+    out.extend_from_slice(&(body.len() as u16).to_be_bytes());
+    out.extend_from_slice(body);
+    s.write_all(&out).await?;
+    Ok(())
+}
+
+/// Runs the client side of the handshake on a connected stream.
+pub async fn handshake(
+    s: &mut TcpStream,
+    me: &str,
+    creation: u32,
+    expect: &str,
+    cookie: &Secret,
+) -> Result<Peer, DistError> {
+    let fail = |why: String| DistError::Handshake { node: expect.to_string(), why };
+    // send_name
+    let mut name = vec![b'N'];
+    name.extend_from_slice(&OUR_FLAGS.to_be_bytes());
+    name.extend_from_slice(&creation.to_be_bytes());
+    name.extend_from_slice(&(me.len() as u16).to_be_bytes());
+    name.extend_from_slice(me.as_bytes());
+    write_packet(s, &name).await?;
+    // recv_status
+    let status = read_packet(s, 256).await?;
+    if status.first() != Some(&b's') {
+        return Err(fail("expected a status".into()));
+    }
+    match &status[1..] {
+        b"ok" | b"ok_simultaneous" => {}
+        b"alive" => {
+            // A previous connection of ours is still known: replace it.
+            write_packet(s, b"strue").await?;
+        }
+        other => return Err(fail(format!("refused: {}", String::from_utf8_lossy(other)))),
+    }
+    // recv_challenge ('N', new format)
+    let ch = read_packet(s, 1024).await?;
+    if ch.first() != Some(&b'N') || ch.len() < 1 + 8 + 4 + 4 + 2 {
+        return Err(fail(format!("unexpected challenge packet {:?}", ch.first())));
+    }
+    let flags = u64::from_be_bytes(ch[1..9].try_into().map_err(|_| fail("short challenge".into()))?);
+    let challenge = u32::from_be_bytes(ch[9..13].try_into().map_err(|_| fail("short challenge".into()))?);
+    let their_creation = u32::from_be_bytes(ch[13..17].try_into().map_err(|_| fail("short challenge".into()))?);
+    let nlen = u16::from_be_bytes([ch[17], ch[18]]) as usize;
+    let their_name = ch.get(19..19 + nlen).ok_or_else(|| fail("short challenge".into()))?;
+    let their_name = String::from_utf8_lossy(their_name).into_owned();
+    if their_name != expect {
+        return Err(fail(format!("reached {their_name} instead")));
+    }
+    if flags & REQUIRED != REQUIRED {
+        return Err(fail(format!("node lacks required distribution flags ({flags:#x}); OTP 23 or later is needed")));
+    }
+    // send_challenge_reply
+    let ours: u32 = fastrand::u32(..);
+    let mut reply = vec![b'r'];
+    reply.extend_from_slice(&ours.to_be_bytes());
+    reply.extend_from_slice(&md5_digest(cookie.expose(), challenge));
+    write_packet(s, &reply).await?;
+    // recv_challenge_ack
+    let ack = read_packet(s, 64).await.map_err(|_| fail("no challenge ack: wrong cookie?".into()))?;
+    if ack.first() != Some(&b'a') || ack.len() != 17 {
+        return Err(fail("bad challenge ack".into()));
+    }
+    if ack[1..] != md5_digest(cookie.expose(), ours) {
+        return Err(fail("the node's cookie digest is wrong".into()));
+    }
+    Ok(Peer { name: their_name, flags, creation: their_creation })
+}
+
+fn md5(input: &[u8]) -> [u8; 16] {
+    use md5::{Digest, Md5};
+    Md5::digest(input).into()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hex(b: &[u8]) -> String {
+        b.iter().map(|x| format!("{x:02x}")).collect()
+    }
+
+    #[test]
+    fn md5_matches_rfc_1321() {
+        assert_eq!(hex(&md5(b"")), "d41d8cd98f00b204e9800998ecf8427e");
+        assert_eq!(hex(&md5(b"abc")), "900150983cd24fb0d6963f7d28e17f72");
+        assert_eq!(
+            hex(&md5(b"12345678901234567890123456789012345678901234567890123456789012345678901234567890")),
+            "57edf4a22be3c955ac49da2e2107b67a"
+        );
+    }
+
+    #[test]
+    fn node_names() {
+        assert_eq!(split_node("a@127.0.0.1"), Some(("a", "127.0.0.1")));
+        assert_eq!(split_node("a"), None);
+        assert_eq!(split_node("@h"), None);
+        assert_eq!(split_node("a@b@c"), None);
+    }
+}

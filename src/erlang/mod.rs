@@ -1,0 +1,918 @@
+//! The local cluster: the gateway as a hidden Erlang node.
+//!
+//! One task per configured node keeps a distribution connection
+//! ([`node`]); this module's [`ErlangSide`] owns everything else: the `pg`
+//! scope mirror (discovering every node's scope, tracking its local
+//! members, joining proxies for remote members), the proxy table, monitors,
+//! confirmations, and the translation of pids and references in messages
+//! crossing clusters ([`etf`]).
+//!
+//! A pid of this cluster crossing to a peer becomes a proxy there; a proxy
+//! crossing back becomes the real pid again. Proxies are never advertised:
+//! only pids of this cluster's nodes are exported (non-transitive).
+
+pub mod dist;
+pub mod etf;
+pub mod node;
+pub mod proxies;
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use self::dist::*;
+use self::etf::{Emit, Found, Pid, Ref, Term};
+use self::node::{packet, NodeEvent, NodeParams};
+use self::proxies::{Home, Table};
+use crate::config::{ErlangConfig, GatewayConfig};
+use crate::gateway::{LocalHandle, ToLocal};
+use crate::membership::Change;
+use crate::metrics::{self as m, Metrics};
+use crate::route::Outcome;
+use crate::wire::codec;
+
+/// The registered name (on the gateway's node) for confirmed sends.
+pub const CONFIRM_NAME: &str = "wandist";
+/// Proxies (pids and references) kept before the oldest unpinned go.
+const MAX_PROXIES: usize = 1_000_000;
+/// Key of the gateway's own pg peer process; proxies start above.
+const GW_KEY: u64 = 1;
+const FIRST_PROXY: u64 = 1000;
+
+/// What crosses between gateways for the Erlang side. The payload after it
+/// (a message or exit reason) is ETF with pids and refs translated.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+enum Relay {
+    /// To a pid of the receiving cluster (its encoding there).
+    Send {
+        to: Vec<u8>,
+        from: Option<Vec<u8>>,
+    },
+    /// To an alias (a reference of the receiving cluster).
+    AliasSend {
+        to: Vec<u8>,
+        from: Option<Vec<u8>>,
+    },
+    /// Start watching a pid of the receiving cluster for us.
+    Monitor {
+        target: Vec<u8>,
+    },
+    Demonitor {
+        target: Vec<u8>,
+    },
+    /// A pid of the sending cluster that we watched ended; payload = reason.
+    Down {
+        target: Vec<u8>,
+    },
+}
+
+struct NodeLink {
+    tx: Option<mpsc::Sender<Bytes>>,
+    scope: Option<Pid>,
+    /// The node's own members, per group (a pid may appear more than once).
+    members: BTreeMap<String, Vec<Pid>>,
+}
+
+struct ErlMetrics {
+    connected: metrics::Gauge,
+    proxies: metrics::Gauge,
+    to_peers: metrics::Counter,
+    from_peers: metrics::Counter,
+    metrics: Metrics,
+}
+
+impl ErlMetrics {
+    fn reject(&self, reason: &'static str) {
+        self.metrics.counter(m::ERLANG_REJECTED, &[("reason", reason)]).increment(1);
+    }
+}
+
+pub struct ErlangSide {
+    me: Arc<str>,
+    scope: String,
+    creation: u32,
+    gw: Pid,
+    gateway: LocalHandle,
+    nodes: HashMap<Arc<str>, NodeLink>,
+    table: Table,
+    /// Proxies joined into the local scopes, per group.
+    joined: BTreeMap<String, Vec<Pid>>,
+    /// Local watchers of proxies: key -> (watcher, monitor ref).
+    watched: HashMap<u64, Vec<(Pid, Ref)>>,
+    /// Monitors we hold on local pids for peers: our ref -> (peer, target).
+    held: HashMap<Ref, (Arc<str>, Pid)>,
+    /// Monitors we hold on scope processes: our ref -> node.
+    scope_monitors: HashMap<Ref, Arc<str>>,
+    next_ref: u32,
+    confirms: HashMap<u64, (Pid, Term)>,
+    next_token: u64,
+    m: ErlMetrics,
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn unhex(s: &str) -> Option<Vec<u8>> {
+    (s.len() % 2 == 0).then_some(())?;
+    (0..s.len()).step_by(2).map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok()).collect()
+}
+
+/// A pg group as a route-level group name: atoms by their text, other terms
+/// as `~` and the hex of their encoding (round-trips exactly).
+pub fn group_name(t: &Term) -> String {
+    match t {
+        Term::Atom(a) if !a.starts_with('~') => a.clone(),
+        other => format!("~{}", hex(&etf::encode(other)[1..])),
+    }
+}
+
+pub fn group_term(name: &str) -> Term {
+    name.strip_prefix('~')
+        .and_then(unhex)
+        .and_then(|b| {
+            let mut v = vec![etf::VERSION];
+            v.extend_from_slice(&b);
+            etf::decode(&v).ok().map(|(t, _)| t)
+        })
+        .unwrap_or_else(|| Term::atom(name))
+}
+
+fn pids_of(t: &Term) -> Vec<Pid> {
+    match t {
+        Term::Pid(p) => vec![p.clone()],
+        other => other.as_list().unwrap_or_default().iter().filter_map(|x| x.as_pid().cloned()).collect(),
+    }
+}
+
+/// Starts the Erlang side: one connection task per node and the central task.
+pub fn start(
+    cfg: &ErlangConfig,
+    g: &GatewayConfig,
+    gateway: LocalHandle,
+    from_gateway: mpsc::Receiver<ToLocal>,
+    metrics: Metrics,
+    cancel: CancellationToken,
+    tracker: &TaskTracker,
+) {
+    let me: Arc<str> = cfg.node.as_str().into();
+    let creation = fastrand::u32(1..);
+    let (events_tx, events) = mpsc::channel(4096);
+    let params = NodeParams {
+        me: me.clone(),
+        creation,
+        cookie: cfg.cookie.clone(),
+        max_packet: g.max_frame_bytes,
+        reconnect_min: g.reconnect_min,
+        reconnect_max: g.reconnect_max,
+    };
+    for n in &cfg.nodes {
+        tracker.spawn(node::run(n.clone(), params.clone(), events_tx.clone(), cancel.clone()));
+    }
+    let table = Table::new(me.clone(), creation, FIRST_PROXY, MAX_PROXIES);
+    let gw = table.pid(GW_KEY);
+    let m = ErlMetrics {
+        connected: metrics.gauge(m::ERLANG_NODES_CONNECTED, &[]),
+        proxies: metrics.gauge(m::PROXIES, &[]),
+        to_peers: metrics.counter(m::ERLANG_MESSAGES, &[("direction", "to_peers")]),
+        from_peers: metrics.counter(m::ERLANG_MESSAGES, &[("direction", "from_peers")]),
+        metrics,
+    };
+    m.connected.set(0.0);
+    m.proxies.set(0.0);
+    let side = ErlangSide {
+        me,
+        scope: cfg.scope.clone(),
+        creation,
+        gw,
+        gateway,
+        nodes: cfg
+            .nodes
+            .iter()
+            .map(|n| (Arc::from(n.name.as_str()), NodeLink { tx: None, scope: None, members: BTreeMap::new() }))
+            .collect(),
+        table,
+        joined: BTreeMap::new(),
+        watched: HashMap::new(),
+        held: HashMap::new(),
+        scope_monitors: HashMap::new(),
+        next_ref: 1,
+        confirms: HashMap::new(),
+        next_token: 1,
+        m,
+    };
+    tracker.spawn(side.run(events, from_gateway, cancel));
+}
+
+impl ErlangSide {
+    async fn run(
+        mut self,
+        mut events: mpsc::Receiver<NodeEvent>,
+        mut from_gateway: mpsc::Receiver<ToLocal>,
+        cancel: CancellationToken,
+    ) {
+        tracing::info!(node = %self.me, creation = self.creation, scope = %self.scope, "Erlang side started");
+        let mut rediscover = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                Some(ev) = events.recv() => self.on_node_event(ev).await,
+                Some(item) = from_gateway.recv() => self.on_gateway(item).await,
+                _ = rediscover.tick() => self.discover_missing().await,
+            }
+            self.m.proxies.set(self.table.len() as f64);
+        }
+    }
+
+    fn own_ref(&mut self) -> Ref {
+        self.next_ref = self.next_ref.wrapping_add(1);
+        Ref { node: self.me.to_string(), creation: self.creation, ids: vec![self.next_ref, 0, 0] }
+    }
+
+    /// Queues a packet to a node (waits if that node is far behind).
+    async fn send(&self, node: &str, control: Term, payload: Option<&[u8]>) -> bool {
+        let Some(tx) = self.nodes.get(node).and_then(|n| n.tx.as_ref()) else { return false };
+        tx.send(packet(&control, payload)).await.is_ok()
+    }
+
+    async fn send_msg(&self, to: &Pid, msg: &Term) -> bool {
+        let control = Term::tuple(vec![Term::Int(SEND_SENDER), Term::Pid(self.gw.clone()), Term::Pid(to.clone())]);
+        self.send(&to.node, control, Some(&etf::encode(msg))).await
+    }
+
+    async fn discover(&self, node: &str) {
+        let control =
+            Term::tuple(vec![Term::Int(REG_SEND), Term::Pid(self.gw.clone()), Term::atom(""), Term::atom(&self.scope)]);
+        let msg = Term::tuple(vec![Term::atom("discover"), Term::Pid(self.gw.clone())]);
+        self.send(node, control, Some(&etf::encode(&msg))).await;
+    }
+
+    async fn discover_missing(&mut self) {
+        let missing: Vec<Arc<str>> =
+            self.nodes.iter().filter(|(_, n)| n.tx.is_some() && n.scope.is_none()).map(|(k, _)| k.clone()).collect();
+        for node in missing {
+            self.discover(&node).await;
+        }
+    }
+
+    fn our_sync(&self) -> Term {
+        let groups = self
+            .joined
+            .iter()
+            .filter(|(_, pids)| !pids.is_empty())
+            .map(|(g, pids)| {
+                Term::tuple(vec![group_term(g), Term::list(pids.iter().cloned().map(Term::Pid).collect())])
+            })
+            .collect();
+        Term::tuple(vec![
+            Term::atom("$gen_cast"),
+            Term::tuple(vec![Term::atom("sync"), Term::Pid(self.gw.clone()), Term::list(groups)]),
+        ])
+    }
+
+    // ---- events from local nodes ----
+
+    async fn on_node_event(&mut self, ev: NodeEvent) {
+        match ev {
+            NodeEvent::Up { node, tx } => {
+                if let Some(n) = self.nodes.get_mut(&node) {
+                    n.tx = Some(tx);
+                    n.scope = None;
+                }
+                self.m.connected.set(self.nodes.values().filter(|n| n.tx.is_some()).count() as f64);
+                self.discover(&node).await;
+            }
+            NodeEvent::Down { node, why } => {
+                tracing::warn!(node = %node, "Erlang node down: {why}");
+                if let Some(n) = self.nodes.get_mut(&node) {
+                    n.tx = None;
+                    n.scope = None;
+                }
+                self.m.connected.set(self.nodes.values().filter(|n| n.tx.is_some()).count() as f64);
+                self.replace_members(&node, BTreeMap::new()).await;
+                // Erlang told its processes `noconnection` itself; forget their monitors.
+                let keys: Vec<u64> = self.watched.keys().copied().collect();
+                for k in keys {
+                    self.drop_watchers(k, |w| &*w.node == &*node).await;
+                }
+                // Monitors we held there for peers end with noconnection.
+                let gone: Vec<Ref> =
+                    self.held.iter().filter(|(_, (_, p))| &*p.node == &*node).map(|(r, _)| r.clone()).collect();
+                for r in gone {
+                    if let Some((peer, target)) = self.held.remove(&r) {
+                        let reason = etf::encode(&Term::atom("noconnection"));
+                        self.relay(&peer, Relay::Down { target: etf::pid_bytes(&target) }, &reason, None).await;
+                    }
+                }
+                self.scope_monitors.retain(|_, n| **n != *node);
+            }
+            NodeEvent::Rejected { node, why } => {
+                self.m.reject("undecodable");
+                tracing::warn!(node = %node, "dropped a distribution packet: {why}");
+            }
+            NodeEvent::Message { node, control, payload } => self.on_dist(&node, control, payload).await,
+        }
+    }
+
+    async fn on_dist(&mut self, node: &Arc<str>, control: Term, payload: Option<Bytes>) {
+        tracing::trace!(node = %node, ?control, "distribution message");
+        let Some(c) = control.as_tuple() else {
+            self.m.reject("bad_control");
+            return;
+        };
+        let code = c.first().and_then(Term::as_int).unwrap_or(-1);
+        let pid_at = |i: usize| c.get(i).and_then(Term::as_pid).cloned();
+        match code {
+            SEND | SEND_TT | SEND_SENDER | SEND_SENDER_TT => {
+                let (Some(to), Some(payload)) = (pid_at(2), payload) else { return self.m.reject("bad_control") };
+                let from = if code == SEND_SENDER || code == SEND_SENDER_TT { pid_at(1) } else { None };
+                if to == self.gw {
+                    self.on_scope_message(node, &payload).await;
+                } else if let Some(key) = self.table.pid_key(&to) {
+                    self.to_peer(key, from, &payload, None, false).await;
+                } else {
+                    self.m.reject("unknown_proxy");
+                }
+            }
+            ALIAS_SEND | ALIAS_SEND_TT => {
+                let (Some(Term::Ref(alias)), Some(payload)) = (c.get(2), payload) else {
+                    return self.m.reject("bad_control");
+                };
+                match self.table.ref_key(alias) {
+                    Some(key) => self.to_peer(key, pid_at(1), &payload, None, true).await,
+                    None => self.m.reject("unknown_proxy"),
+                }
+            }
+            REG_SEND | REG_SEND_TT => {
+                let name = c.get(3).and_then(Term::as_atom).unwrap_or("");
+                match (name, payload) {
+                    (CONFIRM_NAME, Some(payload)) => self.send_confirmed(&payload).await,
+                    _ => {
+                        self.m.reject("unknown_name");
+                        tracing::debug!(name, "message to an unknown registered name on the gateway node");
+                    }
+                }
+            }
+            MONITOR_P if matches!(c.get(2), Some(Term::Atom(_))) => {
+                // By name on the gateway node: only `wandist` exists (and never ends).
+                let (Some(watcher), Some(Term::Atom(name)), Some(Term::Ref(mref))) = (pid_at(1), c.get(2), c.get(3))
+                else {
+                    return;
+                };
+                if name != CONFIRM_NAME {
+                    let exit = Term::tuple(vec![
+                        Term::Int(MONITOR_P_EXIT),
+                        Term::atom(name),
+                        Term::Pid(watcher.clone()),
+                        Term::Ref(mref.clone()),
+                        Term::atom("noproc"),
+                    ]);
+                    self.send(&watcher.node, exit, None).await;
+                }
+            }
+            MONITOR_P => {
+                let (Some(watcher), Some(target), Some(Term::Ref(mref))) = (pid_at(1), pid_at(2), c.get(3)) else {
+                    return;
+                };
+                if target == self.gw {
+                    return; // a scope watching us: the connection itself tells it
+                }
+                match self.table.pid_key(&target).filter(|k| self.table.home(*k).is_some()) {
+                    Some(key) => self.watch(key, watcher, mref.clone()).await,
+                    None => {
+                        let exit = Term::tuple(vec![
+                            Term::Int(MONITOR_P_EXIT),
+                            Term::Pid(target),
+                            Term::Pid(watcher.clone()),
+                            Term::Ref(mref.clone()),
+                            Term::atom("noproc"),
+                        ]);
+                        self.send(&watcher.node, exit, None).await;
+                    }
+                }
+            }
+            DEMONITOR_P => {
+                let (Some(target), Some(Term::Ref(mref))) = (pid_at(2), c.get(3)) else { return };
+                if let Some(key) = self.table.pid_key(&target) {
+                    let mref = mref.clone();
+                    self.unwatch(key, &mref).await;
+                }
+            }
+            MONITOR_P_EXIT | PAYLOAD_MONITOR_P_EXIT => {
+                let Some(Term::Ref(mref)) = c.get(3) else { return };
+                let reason = if code == MONITOR_P_EXIT {
+                    c.get(4).map(etf::encode).unwrap_or_else(|| etf::encode(&Term::atom("noproc")))
+                } else {
+                    payload.map(|p| p.to_vec()).unwrap_or_else(|| etf::encode(&Term::atom("noproc")))
+                };
+                if let Some(n) = self.scope_monitors.remove(mref) {
+                    tracing::warn!(node = %n, "pg scope process ended; re-mirroring when it is back");
+                    if let Some(link) = self.nodes.get_mut(&n) {
+                        link.scope = None;
+                    }
+                    self.replace_members(&n, BTreeMap::new()).await;
+                } else if let Some((peer, target)) = self.held.remove(mref) {
+                    self.relay(&peer, Relay::Down { target: etf::pid_bytes(&target) }, &reason, None).await;
+                }
+            }
+            LINK => {
+                let (Some(from), Some(to)) = (pid_at(1), pid_at(2)) else { return };
+                // Links across clusters are refused with an immediate exit signal.
+                let reason = Term::tuple(vec![Term::atom("wandist"), Term::atom("links_not_supported")]);
+                self.send(
+                    &from.node,
+                    Term::tuple(vec![Term::Int(EXIT), Term::Pid(to), Term::Pid(from.clone()), reason]),
+                    None,
+                )
+                .await;
+            }
+            UNLINK_ID => {
+                let (Some(id), Some(from), Some(to)) = (c.get(1), pid_at(2), pid_at(3)) else { return };
+                let ack =
+                    Term::tuple(vec![Term::Int(UNLINK_ID_ACK), id.clone(), Term::Pid(to), Term::Pid(from.clone())]);
+                self.send(&from.node, ack, None).await;
+            }
+            _ => tracing::debug!(node = %node, code, "ignoring distribution control message"),
+        }
+    }
+
+    async fn on_scope_message(&mut self, node: &Arc<str>, payload: &[u8]) {
+        let Ok((msg, _)) = etf::decode(payload) else { return self.m.reject("undecodable") };
+        let t = msg.as_tuple().unwrap_or_default();
+        match (t.first().and_then(Term::as_atom), t.len()) {
+            (Some("$gen_cast"), 2) => {
+                let inner = t[1].as_tuple().unwrap_or_default();
+                if inner.first().and_then(Term::as_atom) == Some("sync") && inner.len() == 3 {
+                    let Some(scope) = inner[1].as_pid().cloned() else { return };
+                    let mut members: BTreeMap<String, Vec<Pid>> = BTreeMap::new();
+                    for g in inner[2].as_list().unwrap_or_default() {
+                        if let Some([group, pids]) = g.as_tuple().map(|x| x.to_vec()).as_deref() {
+                            let local: Vec<Pid> = pids_of(pids).into_iter().filter(|p| *p.node != *self.me).collect();
+                            members.entry(group_name(group)).or_default().extend(local);
+                        }
+                    }
+                    self.set_scope(node, scope).await;
+                    self.replace_members(node, members).await;
+                }
+            }
+            (Some("discover"), 2 | 3) => {
+                let Some(scope) = t[1].as_pid().cloned() else { return };
+                self.set_scope(node, scope.clone()).await;
+                let sync = self.our_sync();
+                self.send_msg(&scope, &sync).await;
+            }
+            (Some("join"), 4) => {
+                let group = group_name(&t[2]);
+                let pids: Vec<Pid> = pids_of(&t[3]).into_iter().filter(|p| *p.node != *self.me).collect();
+                if let Some(n) = self.nodes.get_mut(node) {
+                    n.members.entry(group.clone()).or_default().extend(pids.iter().cloned());
+                }
+                self.gateway.join(&group, pids.iter().map(etf::pid_bytes).collect()).await;
+            }
+            (Some("leave"), 4) => {
+                let pids: Vec<Pid> = pids_of(&t[2]).into_iter().filter(|p| *p.node != *self.me).collect();
+                for g in t[3].as_list().unwrap_or_default() {
+                    let group = group_name(&g);
+                    let mut gone = Vec::new();
+                    if let Some(list) = self.nodes.get_mut(node).and_then(|n| n.members.get_mut(&group)) {
+                        for p in &pids {
+                            if let Some(i) = list.iter().position(|x| x == p) {
+                                gone.push(list.remove(i));
+                            }
+                        }
+                    }
+                    if !gone.is_empty() {
+                        self.gateway.leave(&group, gone.iter().map(etf::pid_bytes).collect()).await;
+                    }
+                }
+            }
+            _ => tracing::debug!(node = %node, "ignoring a message to the gateway's scope process: {msg:?}"),
+        }
+    }
+
+    async fn set_scope(&mut self, node: &Arc<str>, scope: Pid) {
+        let known = self.nodes.get(node).and_then(|n| n.scope.clone());
+        if known.as_ref() == Some(&scope) {
+            return;
+        }
+        if let Some(n) = self.nodes.get_mut(node) {
+            n.scope = Some(scope.clone());
+        }
+        tracing::info!(node = %node, scope = %scope, "mirroring pg scope");
+        let mref = self.own_ref();
+        self.scope_monitors.insert(mref.clone(), node.clone());
+        let control =
+            Term::tuple(vec![Term::Int(MONITOR_P), Term::Pid(self.gw.clone()), Term::Pid(scope), Term::Ref(mref)]);
+        self.send(node, control, None).await;
+    }
+
+    /// Replaces what a node's scope told us, reporting the differences.
+    async fn replace_members(&mut self, node: &Arc<str>, new: BTreeMap<String, Vec<Pid>>) {
+        let Some(n) = self.nodes.get_mut(node) else { return };
+        let old = std::mem::replace(&mut n.members, new.clone());
+        for (group, pids) in &old {
+            let mut left = new.get(group).cloned().unwrap_or_default();
+            let mut gone = Vec::new();
+            for p in pids {
+                match left.iter().position(|x| x == p) {
+                    Some(i) => {
+                        left.remove(i);
+                    }
+                    None => gone.push(etf::pid_bytes(p)),
+                }
+            }
+            if !gone.is_empty() {
+                self.gateway.leave(group, gone).await;
+            }
+        }
+        for (group, pids) in &new {
+            let mut before = old.get(group).cloned().unwrap_or_default();
+            let mut came = Vec::new();
+            for p in pids {
+                match before.iter().position(|x| x == p) {
+                    Some(i) => {
+                        before.remove(i);
+                    }
+                    None => came.push(etf::pid_bytes(p)),
+                }
+            }
+            if !came.is_empty() {
+                self.gateway.join(group, came).await;
+            }
+        }
+    }
+
+    // ---- crossing to a peer ----
+
+    /// Translates a payload leaving this cluster for `peer`.
+    fn outbound(&self, peer: &Arc<str>, input: &[u8]) -> Result<Vec<u8>, etf::EtfError> {
+        let mut out = Vec::with_capacity(input.len() + 64);
+        let table = &self.table;
+        let me = &self.me;
+        etf::translate(
+            input,
+            &mut out,
+            &mut |found| {
+                let (key, is_pid) = match &found {
+                    Found::Pid(p) if *p.node != **me => return Ok(Emit::Pid(p.clone())),
+                    Found::Ref(r) if *r.node != **me => return Ok(Emit::Ref(r.clone())),
+                    Found::Pid(p) => (table.pid_key(p), true),
+                    Found::Ref(r) => (table.ref_key(r), false),
+                    _ => return Err("marker in a local payload".into()),
+                };
+                let home = key.and_then(|k| table.home(k)).ok_or("a gateway-internal identity cannot cross")?;
+                if home.peer != *peer {
+                    return Err(format!("an identity of cluster {} cannot be passed to {peer} (membership and identities are not transitive)", home.peer));
+                }
+                if is_pid {
+                    etf::pid_from_bytes(&home.bytes).map(Emit::HomePid).map_err(|e| e.to_string())
+                } else {
+                    etf::ref_from_bytes(&home.bytes).map(Emit::HomeRef).map_err(|e| e.to_string())
+                }
+            },
+            false,
+        )?;
+        Ok(out)
+    }
+
+    /// Translates a payload arriving from `peer` for this cluster.
+    fn inbound(&mut self, peer: &Arc<str>, input: &[u8]) -> Result<Vec<u8>, etf::EtfError> {
+        let mut out = Vec::with_capacity(input.len() + 64);
+        let table = &mut self.table;
+        let me = &self.me;
+        etf::translate(
+            input,
+            &mut out,
+            &mut |found| match found {
+                Found::Pid(p) => {
+                    let key = table.key_for(Home { peer: peer.clone(), bytes: etf::pid_bytes(&p) });
+                    Ok(Emit::Pid(table.pid(key)))
+                }
+                Found::Ref(r) => {
+                    let key = table.key_for(Home { peer: peer.clone(), bytes: etf::ref_bytes(&r) });
+                    Ok(Emit::Ref(table.reference(key)))
+                }
+                Found::HomePid(p) if *p.node != **me => Ok(Emit::Pid(p)),
+                Found::HomeRef(r) if *r.node != **me => Ok(Emit::Ref(r)),
+                _ => Err("a peer sent one of our own internal identities".into()),
+            },
+            true,
+        )?;
+        Ok(out)
+    }
+
+    async fn relay(&self, peer: &Arc<str>, r: Relay, body: &[u8], token: Option<u64>) -> bool {
+        let Some(route) = self.gateway.route(peer) else { return false };
+        let mut payload = match codec::to_vec(&r) {
+            Ok(p) => p,
+            Err(_) => return false,
+        };
+        payload.extend_from_slice(body);
+        route.submit(Bytes::from(payload), token).await.is_ok()
+    }
+
+    /// A message from a local process to a proxy (or an alias proxy).
+    async fn to_peer(&mut self, key: u64, from: Option<Pid>, payload: &[u8], token: Option<u64>, alias: bool) {
+        let Some(home) = self.table.home(key).cloned() else { return self.m.reject("unknown_proxy") };
+        let msg = match self.outbound(&home.peer, payload) {
+            Ok(m) => m,
+            Err(e) => {
+                self.m.reject(e.reason());
+                tracing::warn!(peer = %home.peer, "message not sent: {e}");
+                return;
+            }
+        };
+        let from = from.and_then(|f| self.outbound(&home.peer, &etf::encode(&Term::Pid(f))).ok());
+        let r = if alias {
+            Relay::AliasSend { to: home.bytes.clone(), from }
+        } else {
+            Relay::Send { to: home.bytes.clone(), from }
+        };
+        if self.relay(&home.peer, r, &msg, token).await {
+            self.m.to_peers.increment(1);
+        }
+    }
+
+    async fn send_confirmed(&mut self, payload: &[u8]) {
+        let Ok((msg, _)) = etf::decode(payload) else { return self.m.reject("undecodable") };
+        let t = msg.as_tuple().unwrap_or_default();
+        let ok = t.len() == 5 && t[0].as_atom() == Some("send_confirmed");
+        let (Some(from), Some(proxy)) =
+            (t.get(1).and_then(Term::as_pid).filter(|_| ok), t.get(3).and_then(Term::as_pid))
+        else {
+            return self.m.reject("bad_confirm_request");
+        };
+        let reply_ref = t[2].clone();
+        let Some(key) = self.table.pid_key(proxy).filter(|k| self.table.home(*k).is_some()) else {
+            let reply = Term::tuple(vec![
+                Term::atom("wandist_confirm"),
+                reply_ref,
+                Term::tuple(vec![Term::atom("failed"), Term::atom("unknown_proxy")]),
+            ]);
+            self.send_msg(from, &reply).await;
+            return;
+        };
+        let token = self.next_token;
+        self.next_token += 1;
+        self.confirms.insert(token, (from.clone(), reply_ref));
+        self.to_peer(key, Some(from.clone()), &etf::encode(&t[4]), Some(token), false).await;
+    }
+
+    // ---- monitors ----
+
+    async fn watch(&mut self, key: u64, watcher: Pid, mref: Ref) {
+        let first = !self.watched.contains_key(&key);
+        self.watched.entry(key).or_default().push((watcher, mref));
+        if first {
+            self.table.pin(key);
+            if let Some(home) = self.table.home(key).cloned() {
+                self.relay(&home.peer, Relay::Monitor { target: home.bytes }, &[], None).await;
+            }
+        }
+    }
+
+    async fn unwatch(&mut self, key: u64, mref: &Ref) {
+        if let Some(list) = self.watched.get_mut(&key) {
+            list.retain(|(_, r)| r != mref);
+            if list.is_empty() {
+                self.watched.remove(&key);
+                self.table.unpin(key);
+                if let Some(home) = self.table.home(key).cloned() {
+                    self.relay(&home.peer, Relay::Demonitor { target: home.bytes }, &[], None).await;
+                }
+            }
+        }
+    }
+
+    /// Drops watchers of `key` matching `gone` (e.g. on a node that went down).
+    async fn drop_watchers(&mut self, key: u64, gone: impl Fn(&Pid) -> bool) {
+        let refs: Vec<Ref> = self
+            .watched
+            .get(&key)
+            .map(|l| l.iter().filter(|(w, _)| gone(w)).map(|(_, r)| r.clone()).collect())
+            .unwrap_or_default();
+        for r in refs {
+            self.unwatch(key, &r).await;
+        }
+    }
+
+    /// Tells every local watcher of `key` that it is down, with `reason` (ETF).
+    async fn fire_down(&mut self, key: u64, reason: &[u8]) {
+        let Some(list) = self.watched.remove(&key) else { return };
+        self.table.unpin(key);
+        let proxy = self.table.pid(key);
+        for (watcher, mref) in list {
+            let control = Term::tuple(vec![
+                Term::Int(PAYLOAD_MONITOR_P_EXIT),
+                Term::Pid(proxy.clone()),
+                Term::Pid(watcher.clone()),
+                Term::Ref(mref),
+            ]);
+            self.send(&watcher.node, control, Some(reason)).await;
+        }
+    }
+
+    // ---- from the gateway ----
+
+    async fn on_gateway(&mut self, item: ToLocal) {
+        match item {
+            ToLocal::Deliver { peer, payload } => {
+                let (r, used) = match codec::from_prefix::<Relay>(&payload) {
+                    Ok(x) => x,
+                    Err(e) => {
+                        self.m.reject("undecodable");
+                        tracing::warn!(peer = %peer, "undecodable relay message: {e}");
+                        return;
+                    }
+                };
+                self.from_peer(&peer, r, &payload[used..]).await;
+            }
+            ToLocal::Confirm { token, outcome, .. } => {
+                let Some((from, reply_ref)) = self.confirms.remove(&token) else { return };
+                let result = match outcome {
+                    Outcome::Delivered => Term::atom("delivered"),
+                    Outcome::Failed(r) => Term::tuple(vec![Term::atom("failed"), Term::atom(r.label())]),
+                };
+                let reply = Term::tuple(vec![Term::atom("wandist_confirm"), reply_ref, result]);
+                self.send_msg(&from, &reply).await;
+            }
+            ToLocal::Members { peer, change } => self.remote_members(&peer, change).await,
+            ToLocal::Lost { peer } => {
+                let reason = etf::encode(&Term::atom("noconnection"));
+                let keys: Vec<u64> = self
+                    .watched
+                    .keys()
+                    .copied()
+                    .filter(|k| self.table.home(*k).is_some_and(|h| h.peer == peer))
+                    .collect();
+                for k in keys {
+                    self.fire_down(k, &reason).await;
+                }
+                let held: Vec<Ref> =
+                    self.held.iter().filter(|(_, (p, _))| *p == peer).map(|(r, _)| r.clone()).collect();
+                for r in held {
+                    if let Some((_, target)) = self.held.remove(&r) {
+                        let control = Term::tuple(vec![
+                            Term::Int(DEMONITOR_P),
+                            Term::Pid(self.gw.clone()),
+                            Term::Pid(target.clone()),
+                            Term::Ref(r),
+                        ]);
+                        self.send(&target.node, control, None).await;
+                    }
+                }
+            }
+        }
+    }
+
+    async fn from_peer(&mut self, peer: &Arc<str>, r: Relay, body: &[u8]) {
+        match r {
+            Relay::Send { to, from } | Relay::AliasSend { to, from } if body.is_empty() => {
+                let _ = (to, from);
+                self.m.reject("bad_relay");
+            }
+            Relay::Send { to, from } => {
+                let Ok(to) = etf::pid_from_bytes(&to) else { return self.m.reject("bad_relay") };
+                self.deliver(peer, to.node.clone(), Term::Pid(to), from, body, SEND_SENDER).await;
+            }
+            Relay::AliasSend { to, from } => {
+                let Ok(alias) = etf::ref_from_bytes(&to) else { return self.m.reject("bad_relay") };
+                self.deliver(peer, alias.node.clone(), Term::Ref(alias), from, body, ALIAS_SEND).await;
+            }
+            Relay::Monitor { target } => {
+                let Ok(target) = etf::pid_from_bytes(&target) else { return self.m.reject("bad_relay") };
+                let mref = self.own_ref();
+                let control = Term::tuple(vec![
+                    Term::Int(MONITOR_P),
+                    Term::Pid(self.gw.clone()),
+                    Term::Pid(target.clone()),
+                    Term::Ref(mref.clone()),
+                ]);
+                if self.send(&target.node, control, None).await {
+                    self.held.insert(mref, (peer.clone(), target));
+                } else {
+                    let reason = etf::encode(&Term::atom("noconnection"));
+                    self.relay(peer, Relay::Down { target: etf::pid_bytes(&target) }, &reason, None).await;
+                }
+            }
+            Relay::Demonitor { target } => {
+                let Ok(target) = etf::pid_from_bytes(&target) else { return self.m.reject("bad_relay") };
+                let found = self.held.iter().find(|(_, (p, t))| p == peer && *t == target).map(|(r, _)| r.clone());
+                if let Some(r) = found {
+                    self.held.remove(&r);
+                    let control = Term::tuple(vec![
+                        Term::Int(DEMONITOR_P),
+                        Term::Pid(self.gw.clone()),
+                        Term::Pid(target.clone()),
+                        Term::Ref(r),
+                    ]);
+                    self.send(&target.node, control, None).await;
+                }
+            }
+            Relay::Down { target } => {
+                let home = Home { peer: peer.clone(), bytes: target };
+                let key = self.table.key_for(home);
+                match self.inbound(peer, body) {
+                    Ok(reason) => self.fire_down(key, &reason).await,
+                    Err(_) => self.fire_down(key, &etf::encode(&Term::atom("noproc"))).await,
+                }
+            }
+        }
+    }
+
+    /// Hands a message from `peer` to a local process (or alias).
+    async fn deliver(
+        &mut self,
+        peer: &Arc<str>,
+        node: String,
+        to: Term,
+        from: Option<Vec<u8>>,
+        body: &[u8],
+        code: i64,
+    ) {
+        if !self.nodes.get(node.as_str()).is_some_and(|n| n.tx.is_some()) {
+            self.m.reject("node_not_connected");
+            tracing::debug!(node, "message for a node the gateway is not connected to: dropped");
+            return;
+        }
+        let msg = match self.inbound(peer, body) {
+            Ok(m) => m,
+            Err(e) => {
+                self.m.reject(e.reason());
+                tracing::warn!(peer = %peer, "message from peer not delivered: {e}");
+                return;
+            }
+        };
+        let from = match from.map(|f| self.inbound(peer, &f)) {
+            Some(Ok(f)) => etf::decode(&f).ok().and_then(|(t, _)| t.as_pid().cloned()),
+            _ => None,
+        }
+        .unwrap_or_else(|| self.gw.clone());
+        let control = Term::tuple(vec![Term::Int(code), Term::Pid(from), to]);
+        if self.send(&node, control, Some(&msg)).await {
+            self.m.from_peers.increment(1);
+        }
+    }
+
+    async fn remote_members(&mut self, peer: &Arc<str>, change: Change) {
+        let (group, members, join) = match change {
+            Change::Join { group, members } => (group, members, true),
+            Change::Leave { group, members } => (group, members, false),
+        };
+        let mut pids = Vec::new();
+        for bytes in members {
+            let key = self.table.key_for(Home { peer: peer.clone(), bytes });
+            if join {
+                self.table.pin(key);
+            } else {
+                self.table.unpin(key);
+            }
+            pids.push(self.table.pid(key));
+        }
+        let list = self.joined.entry(group.clone()).or_default();
+        if join {
+            list.extend(pids.iter().cloned());
+        } else {
+            for p in &pids {
+                if let Some(i) = list.iter().position(|x| x == p) {
+                    list.remove(i);
+                }
+            }
+        }
+        let gt = group_term(&group);
+        let pid_list = Term::list(pids.into_iter().map(Term::Pid).collect());
+        let msg = if join {
+            Term::tuple(vec![Term::atom("join"), Term::Pid(self.gw.clone()), gt, pid_list])
+        } else {
+            Term::tuple(vec![Term::atom("leave"), Term::Pid(self.gw.clone()), pid_list, Term::list(vec![gt])])
+        };
+        let scopes: Vec<Pid> = self.nodes.values().filter(|n| n.tx.is_some()).filter_map(|n| n.scope.clone()).collect();
+        for scope in scopes {
+            self.send_msg(&scope, &msg).await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn group_names_round_trip() {
+        for t in [
+            Term::atom("chat"),
+            Term::tuple(vec![Term::atom("room"), Term::Int(7)]),
+            Term::Binary(b"bin".to_vec()),
+            Term::atom("~tilde"),
+        ] {
+            assert_eq!(group_term(&group_name(&t)), t);
+        }
+        assert_eq!(group_name(&Term::atom("chat")), "chat");
+    }
+}

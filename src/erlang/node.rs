@@ -1,0 +1,207 @@
+//! One task per local Erlang node: connect (EPMD or a fixed port), run the
+//! handshake as a hidden node, then read and write distribution packets and
+//! keep the connection ticking. Reconnects with backoff; reports up, down
+//! and every message to the Erlang side.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use super::dist::{self, PASS_THROUGH};
+use super::etf::{self, Term};
+use crate::config::{ErlNode, Secret};
+use crate::link::backoff::Backoff;
+
+/// Ticks go out this often (Erlang's default net_ticktime is 60 s: it
+/// expects something every 15 s).
+const TICK: Duration = Duration::from_secs(15);
+/// A node silent this long (four missed ticks) is dropped.
+const SILENT: Duration = Duration::from_secs(75);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Packets queued toward one node before the Erlang side waits.
+const OUT_QUEUE: usize = 4096;
+
+/// What a node connection reports.
+#[derive(Debug)]
+pub enum NodeEvent {
+    Up {
+        node: Arc<str>,
+        tx: mpsc::Sender<Bytes>,
+    },
+    Down {
+        node: Arc<str>,
+        why: String,
+    },
+    /// A control message, and the message term's bytes (with version byte) if any.
+    Message {
+        node: Arc<str>,
+        control: Term,
+        payload: Option<Bytes>,
+    },
+    /// A packet we could not decode (the connection stays up).
+    Rejected {
+        node: Arc<str>,
+        why: String,
+    },
+}
+
+#[derive(Clone)]
+pub struct NodeParams {
+    pub me: Arc<str>,
+    pub creation: u32,
+    pub cookie: Secret,
+    pub max_packet: usize,
+    pub reconnect_min: Duration,
+    pub reconnect_max: Duration,
+}
+
+/// Encodes one distribution packet: length, pass-through, control, payload.
+pub fn packet(control: &Term, payload: Option<&[u8]>) -> Bytes {
+    let mut body = Vec::with_capacity(64 + payload.map_or(0, |p| p.len()));
+    body.extend_from_slice(&[0, 0, 0, 0, PASS_THROUGH]);
+    body.extend_from_slice(&etf::encode(control));
+    if let Some(p) = payload {
+        body.extend_from_slice(p);
+    }
+    let len = (body.len() - 4) as u32;
+    body[..4].copy_from_slice(&len.to_be_bytes());
+    Bytes::from(body)
+}
+
+/// Keeps one node connected until `cancel`.
+pub async fn run(node: ErlNode, p: NodeParams, events: mpsc::Sender<NodeEvent>, cancel: CancellationToken) {
+    let name: Arc<str> = node.name.as_str().into();
+    let mut backoff = Backoff::new(p.reconnect_min, p.reconnect_max);
+    loop {
+        let connected = tokio::select! {
+            _ = cancel.cancelled() => return,
+            c = connect(&node, &p) => c,
+        };
+        let why = match connected {
+            Ok(stream) => {
+                backoff.reset();
+                tracing::info!(node = %name, "connected to Erlang node (hidden)");
+                let (tx, rx) = mpsc::channel(OUT_QUEUE);
+                if events.send(NodeEvent::Up { node: name.clone(), tx }).await.is_err() {
+                    return;
+                }
+                let why = tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    why = serve(stream, &name, &p, rx, &events) => why,
+                };
+                let _ = events.send(NodeEvent::Down { node: name.clone(), why: why.clone() }).await;
+                why
+            }
+            Err(e) => e.to_string(),
+        };
+        let delay = backoff.fail(fastrand::f64());
+        tracing::warn!(node = %name, retry_in = ?delay, "Erlang node unreachable: {why}");
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep(delay) => {}
+        }
+    }
+}
+
+async fn connect(node: &ErlNode, p: &NodeParams) -> Result<TcpStream, dist::DistError> {
+    let (_, host) =
+        dist::split_node(&node.name).ok_or_else(|| dist::DistError::Epmd(node.name.clone(), "bad node name".into()))?;
+    let port = match node.port {
+        Some(port) => port,
+        None => dist::port_please(&node.name, CONNECT_TIMEOUT).await?,
+    };
+    let addr = format!("{host}:{port}");
+    let mut s = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&addr))
+        .await
+        .map_err(|_| dist::DistError::Timeout("connect"))?
+        .map_err(|e| dist::DistError::Connect(addr.clone(), e))?;
+    let _ = s.set_nodelay(true);
+    tokio::time::timeout(CONNECT_TIMEOUT, dist::handshake(&mut s, &p.me, p.creation, &node.name, &p.cookie))
+        .await
+        .map_err(|_| dist::DistError::Timeout("handshake"))??;
+    Ok(s)
+}
+
+/// Runs a connected node until it fails; returns why.
+async fn serve(
+    stream: TcpStream,
+    name: &Arc<str>,
+    p: &NodeParams,
+    mut outgoing: mpsc::Receiver<Bytes>,
+    events: &mpsc::Sender<NodeEvent>,
+) -> String {
+    let (mut rd, mut wr) = stream.into_split();
+    let writer = async {
+        let mut tick = tokio::time::interval(TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut batch = BytesMut::with_capacity(64 * 1024);
+        loop {
+            tokio::select! {
+                biased;
+                pkt = outgoing.recv() => match pkt {
+                    Some(pkt) => batch.extend_from_slice(&pkt),
+                    None => return "closed by the gateway".to_string(),
+                },
+                _ = tick.tick() => batch.extend_from_slice(&[0, 0, 0, 0]),
+            }
+            while batch.len() < 256 * 1024 {
+                match outgoing.try_recv() {
+                    Ok(pkt) => batch.extend_from_slice(&pkt),
+                    Err(_) => break,
+                }
+            }
+            if let Err(e) = wr.write_all(&batch).await {
+                return format!("write failed: {e}");
+            }
+            batch.clear();
+        }
+    };
+    let reader = async {
+        let mut len = [0u8; 4];
+        loop {
+            match tokio::time::timeout(SILENT, rd.read_exact(&mut len)).await {
+                Err(_) => return format!("silent for {SILENT:?}"),
+                Ok(Err(e)) => return format!("connection lost: {e}"),
+                Ok(Ok(_)) => {}
+            }
+            let n = u32::from_be_bytes(len) as usize;
+            if n == 0 {
+                continue; // tick
+            }
+            if n > p.max_packet {
+                return format!("packet of {n} bytes exceeds the {} byte limit", p.max_packet);
+            }
+            let mut buf = vec![0u8; n];
+            if let Err(e) = rd.read_exact(&mut buf).await {
+                return format!("connection lost: {e}");
+            }
+            tracing::trace!(node = %name, len = n, head = ?&buf[..buf.len().min(24)], "packet");
+            let ev = match parse(Bytes::from(buf)) {
+                Ok((control, payload)) => NodeEvent::Message { node: name.clone(), control, payload },
+                Err(why) => NodeEvent::Rejected { node: name.clone(), why },
+            };
+            if events.send(ev).await.is_err() {
+                return "gateway stopping".to_string();
+            }
+        }
+    };
+    tokio::select! {
+        why = writer => why,
+        why = reader => why,
+    }
+}
+
+/// Splits a packet into its control term and the message bytes.
+pub fn parse(buf: Bytes) -> Result<(Term, Option<Bytes>), String> {
+    if buf.first() != Some(&PASS_THROUGH) {
+        return Err(format!("unexpected packet type {:?} (atom cache not negotiated)", buf.first()));
+    }
+    let (control, used) = etf::decode(&buf[1..]).map_err(|e| format!("bad control message: {e}"))?;
+    let rest = buf.slice(1 + used..);
+    Ok((control, (!rest.is_empty()).then_some(rest)))
+}

@@ -1,0 +1,195 @@
+//! The Erlang side end to end: real `erl` nodes in two clusters that never
+//! connect to each other, two gateways (in this process) as hidden nodes,
+//! and applications using only pg, `!`, gen_server:call and monitor.
+
+mod support;
+
+use std::time::Duration;
+
+use support::erl::{Epmd, Erl};
+use support::inproc::InProc;
+use support::*;
+
+fn tag() -> String {
+    format!("{}_{}", std::process::id(), fastrand::u32(..))
+}
+
+async fn dist_port(epmd: &Epmd, node: &str) -> u16 {
+    wandist::erlang::dist::port_please_at(node, epmd.port, Duration::from_secs(5)).await.unwrap()
+}
+
+struct World {
+    _epmd: Epmd,
+    a1: Erl,
+    a2: Erl,
+    b1: Erl,
+    gw1: InProc,
+    gw2: InProc,
+    gw1_node: String,
+}
+
+async fn world() -> World {
+    let t = tag();
+    let epmd = Epmd::start();
+    let mut a1 = Erl::start(&format!("a1_{t}"), "cookie_a", &epmd);
+    let mut a2 = Erl::start(&format!("a2_{t}"), "cookie_a", &epmd);
+    let mut b1 = Erl::start(&format!("b1_{t}"), "cookie_b", &epmd);
+    for n in [&mut a1, &mut a2, &mut b1] {
+        assert_eq!(n.eval("{ok, _} = pg:start(wan), ok."), "ok");
+    }
+    assert_eq!(a2.eval(&format!("net_kernel:connect_node('{}').", a1.name)), "true");
+    let certs = Certs::new(&["dc1", "dc2"]);
+    let erl_table = |node: &str, cookie: &str, nodes: Vec<(String, u16)>| {
+        let nodes: Vec<String> = nodes.iter().map(|(n, p)| format!("{{ name = \"{n}\", port = {p} }}")).collect();
+        format!("[erlang]\nnode = \"{node}\"\ncookie = \"{cookie}\"\nscope = \"wan\"\nnodes = [{}]\n", nodes.join(", "))
+    };
+    let gw2_node = format!("wandist_dc2_{t}@127.0.0.1");
+    let gw2 = InProc::start_erlang(
+        "gw-dc2",
+        &format!(
+            "{}{}[[route]]\ncluster = \"dc1\"\n{}",
+            gateway_table("dc2", true),
+            certs.tls_table("dc2"),
+            erl_table(&gw2_node, "cookie_b", vec![(b1.name.clone(), dist_port(&epmd, &b1.name).await)])
+        ),
+    )
+    .await;
+    let gw1_node = format!("wandist_dc1_{t}@127.0.0.1");
+    let gw1 = InProc::start_erlang(
+        "gw-dc1",
+        &format!(
+            "{}{}[[route]]\ncluster = \"dc2\"\nendpoints = [\"{}\"]\nstandby = 1\n{}",
+            gateway_table("dc1", false),
+            certs.tls_table("dc1"),
+            gw2.peer_addr(),
+            erl_table(
+                &gw1_node,
+                "cookie_a",
+                vec![
+                    (a1.name.clone(), dist_port(&epmd, &a1.name).await),
+                    (a2.name.clone(), dist_port(&epmd, &a2.name).await)
+                ]
+            )
+        ),
+    )
+    .await;
+    gw1.wait_metric("wandist_erlang_nodes_connected", &[], |v| v == 2.0).await;
+    gw2.wait_metric("wandist_erlang_nodes_connected", &[], |v| v == 1.0).await;
+    // An echo server in dc2, found through pg.
+    assert_eq!(
+        b1.eval(
+            "Echo = spawn(fun E() -> receive {'$gen_call', From, Req} -> gen:reply(From, {echo, Req, node()}), E(); \
+             {ping, P} -> P ! {pong, node()}, E(); {big, P, B} -> P ! {big_back, erlang:md5(B), byte_size(B)}, E(); \
+             stop -> exit(bye) end end), register(echo, Echo), pg:join(wan, echo, Echo)."
+        ),
+        "ok"
+    );
+    World { _epmd: epmd, a1, a2, b1, gw1, gw2, gw1_node }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pg_members_calls_sends_and_large_messages_cross_clusters() {
+    let mut w = world().await;
+    // dc2's member shows up in pg on every dc1 node, as a proxy on the gateway's node.
+    for a in [&mut w.a1, &mut w.a2] {
+        a.eval_until("length(pg:get_members(wan, echo)).", |v| v == "1");
+    }
+    assert_eq!(w.a1.eval("node(hd(pg:get_members(wan, echo)))."), format!("'{}'", w.gw1_node));
+    // The gateway is hidden: not in nodes(), in nodes(hidden).
+    assert_eq!(w.a1.eval(&format!("lists:member('{}', nodes()).", w.gw1_node)), "false");
+    assert_eq!(w.a1.eval(&format!("lists:member('{}', nodes(hidden)).", w.gw1_node)), "true");
+    // The clusters never meet.
+    assert_eq!(w.a1.eval(&format!("lists:member('{}', nodes(connected)).", w.b1.name)), "false");
+
+    // gen_server:call (alias-based reply on OTP 24+) across clusters, unchanged.
+    let b1 = w.b1.name.clone();
+    assert_eq!(
+        w.a1.eval("gen_server:call(hd(pg:get_members(wan, echo)), hello, 5000)."),
+        format!("{{echo,hello,'{b1}'}}")
+    );
+    assert_eq!(
+        w.a2.eval("gen_server:call(hd(pg:get_members(wan, echo)), {x, [1,2]}, 5000)."),
+        format!("{{echo,{{x,[1,2]}},'{b1}'}}")
+    );
+    // A {reply_to, self()} pattern: the pid inside the message becomes a proxy in dc2.
+    assert_eq!(
+        w.a1.eval("hd(pg:get_members(wan, echo)) ! {ping, self()}, receive {pong, N} -> N after 5000 -> timeout end."),
+        format!("'{b1}'")
+    );
+    // 20 MB intact.
+    assert_eq!(
+        w.a1.eval_within(
+            "B = binary:copy(<<1,2,3,4,5>>, 4000000), hd(pg:get_members(wan, echo)) ! {big, self(), B}, \
+             receive {big_back, M, S} -> {M =:= erlang:md5(B), S} after 30000 -> timeout end.",
+            Duration::from_secs(60)
+        ),
+        "{true,20000000}"
+    );
+    // Membership the other way, and never transitive: dc2 sees dc1's member, not its own proxies.
+    assert_eq!(w.a2.eval("Chat = spawn(fun() -> receive stop -> ok end end), pg:join(wan, chat, Chat)."), "ok");
+    w.b1.eval_until("length(pg:get_members(wan, chat)).", |v| v == "1");
+    assert_eq!(w.b1.eval("length(pg:get_members(wan, echo))."), "1", "dc2 must not see its own member twice");
+    w.gw1.wait_metric("wandist_members", &[("peer", "dc2"), ("direction", "exported")], |v| v == 1.0).await;
+    assert!(w.gw1.metric("wandist_erlang_messages_total", &[("direction", "to_peers")]).unwrap() >= 4.0);
+    assert!(w.gw2.metric("wandist_proxies", &[]).unwrap() >= 1.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn monitors_links_and_confirmed_sends() {
+    let mut w = world().await;
+    w.a1.eval_until("length(pg:get_members(wan, echo)).", |v| v == "1");
+    // A confirmed send, with no library on the sender's side.
+    let confirm = format!(
+        "Ref = make_ref(), {{wandist, '{}'}} ! {{send_confirmed, self(), Ref, hd(pg:get_members(wan, echo)), {{ping, self()}}}}, \
+         receive {{wandist_confirm, Ref, R}} -> R after 5000 -> timeout end.",
+        w.gw1_node
+    );
+    assert_eq!(w.a1.eval(&confirm), "delivered");
+    assert_eq!(w.a1.eval("receive {pong, _} -> got after 5000 -> timeout end."), "got");
+
+    // monitor/2 on a proxy: DOWN with the real reason when the remote process exits...
+    assert_eq!(
+        w.b1.eval(
+            "V = spawn(fun() -> receive stop -> exit(bye) end end), register(victim, V), pg:join(wan, victim, V)."
+        ),
+        "ok"
+    );
+    w.a1.eval_until("length(pg:get_members(wan, victim)).", |v| v == "1");
+    assert_eq!(w.a1.eval("VP = hd(pg:get_members(wan, victim)), MR = erlang:monitor(process, VP), ok."), "ok");
+    w.gw2.wait_metric("wandist_erlang_messages_total", &[("direction", "from_peers")], |v| v >= 1.0).await;
+    // (the monitor request travels in order with messages; a ping round trip proves it arrived)
+    assert_eq!(
+        w.a1.eval("gen_server:call(hd(pg:get_members(wan, echo)), sync, 5000)."),
+        format!("{{echo,sync,'{}'}}", w.b1.name)
+    );
+    assert_eq!(w.b1.eval("victim ! stop, ok."), "ok");
+    assert_eq!(w.a1.eval("receive {'DOWN', MR, process, VP, Why} -> Why after 5000 -> timeout end."), "bye");
+    // ...and noproc for one that no longer exists.
+    assert_eq!(
+        w.a1.eval("MR2 = erlang:monitor(process, VP), receive {'DOWN', MR2, process, VP, Why2} -> Why2 after 5000 -> timeout end."),
+        "noproc"
+    );
+    // demonitor cleans up: no DOWN arrives after it.
+    assert_eq!(
+        w.a1.eval("MR3 = erlang:monitor(process, hd(pg:get_members(wan, echo))), erlang:demonitor(MR3), ok."),
+        "ok"
+    );
+    // Links are refused with an immediate exit signal.
+    assert_eq!(
+        w.a1.eval(
+            "process_flag(trap_exit, true), EP = hd(pg:get_members(wan, echo)), link(EP), \
+             receive {'EXIT', EP, LR} -> LR after 5000 -> timeout end."
+        ),
+        "{wandist,links_not_supported}"
+    );
+
+    // The route is lost: monitors fire noconnection, members are withdrawn.
+    assert_eq!(w.a1.eval("MR4 = erlang:monitor(process, hd(pg:get_members(wan, echo))), ok."), "ok");
+    w.gw2.stop().await;
+    assert_eq!(
+        w.a1.eval("receive {'DOWN', MR4, process, _, Why4} -> Why4 after 10000 -> timeout end."),
+        "noconnection"
+    );
+    w.a1.eval_until("length(pg:get_members(wan, echo)).", |v| v == "0");
+    w.a2.eval_until("length(pg:get_members(wan, echo)).", |v| v == "0");
+}
