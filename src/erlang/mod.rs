@@ -299,11 +299,11 @@ impl ErlangSide {
                 // Erlang told its processes `noconnection` itself; forget their monitors.
                 let keys: Vec<u64> = self.watched.keys().copied().collect();
                 for k in keys {
-                    self.drop_watchers(k, |w| &*w.node == &*node).await;
+                    self.drop_watchers(k, |w| *w.node == *node).await;
                 }
                 // Monitors we held there for peers end with noconnection.
                 let gone: Vec<Ref> =
-                    self.held.iter().filter(|(_, (_, p))| &*p.node == &*node).map(|(r, _)| r.clone()).collect();
+                    self.held.iter().filter(|(_, (_, p))| *p.node == *node).map(|(r, _)| r.clone()).collect();
                 for r in gone {
                     if let Some((peer, target)) = self.held.remove(&r) {
                         let reason = etf::encode(&Term::atom("noconnection"));
@@ -335,7 +335,7 @@ impl ErlangSide {
                 if to == self.gw {
                     self.on_scope_message(node, &payload).await;
                 } else if let Some(key) = self.table.pid_key(&to) {
-                    self.to_peer(key, from, &payload, None, false).await;
+                    self.send_to_peer(key, from, &payload, None, false).await;
                 } else {
                     self.m.reject("unknown_proxy");
                 }
@@ -345,7 +345,7 @@ impl ErlangSide {
                     return self.m.reject("bad_control");
                 };
                 match self.table.ref_key(alias) {
-                    Some(key) => self.to_peer(key, pid_at(1), &payload, None, true).await,
+                    Some(key) => self.send_to_peer(key, pid_at(1), &payload, None, true).await,
                     None => self.m.reject("unknown_proxy"),
                 }
             }
@@ -618,7 +618,7 @@ impl ErlangSide {
     }
 
     /// A message from a local process to a proxy (or an alias proxy).
-    async fn to_peer(&mut self, key: u64, from: Option<Pid>, payload: &[u8], token: Option<u64>, alias: bool) {
+    async fn send_to_peer(&mut self, key: u64, from: Option<Pid>, payload: &[u8], token: Option<u64>, alias: bool) {
         let Some(home) = self.table.home(key).cloned() else { return self.m.reject("unknown_proxy") };
         let msg = match self.outbound(&home.peer, payload) {
             Ok(m) => m,
@@ -661,7 +661,7 @@ impl ErlangSide {
         let token = self.next_token;
         self.next_token += 1;
         self.confirms.insert(token, (from.clone(), reply_ref));
-        self.to_peer(key, Some(from.clone()), &etf::encode(&t[4]), Some(token), false).await;
+        self.send_to_peer(key, Some(from.clone()), &etf::encode(&t[4]), Some(token), false).await;
     }
 
     // ---- monitors ----
@@ -731,7 +731,7 @@ impl ErlangSide {
                         return;
                     }
                 };
-                self.from_peer(&peer, r, &payload[used..]).await;
+                self.on_relay(&peer, r, &payload[used..]).await;
             }
             ToLocal::Confirm { token, outcome, .. } => {
                 let Some((from, reply_ref)) = self.confirms.remove(&token) else { return };
@@ -771,7 +771,7 @@ impl ErlangSide {
         }
     }
 
-    async fn from_peer(&mut self, peer: &Arc<str>, r: Relay, body: &[u8]) {
+    async fn on_relay(&mut self, peer: &Arc<str>, r: Relay, body: &[u8]) {
         match r {
             Relay::Send { to, from } | Relay::AliasSend { to, from } if body.is_empty() => {
                 let _ = (to, from);
@@ -836,7 +836,7 @@ impl ErlangSide {
         body: &[u8],
         code: i64,
     ) {
-        if !self.nodes.get(node.as_str()).is_some_and(|n| n.tx.is_some()) {
+        if self.nodes.get(node.as_str()).is_none_or(|n| n.tx.is_none()) {
             self.m.reject("node_not_connected");
             tracing::debug!(node, "message for a node the gateway is not connected to: dropped");
             return;

@@ -113,7 +113,7 @@ impl Table {
     }
 
     pub fn pid_key(&self, p: &Pid) -> Option<u64> {
-        (&*p.node == &*self.me && p.creation == self.creation).then(|| ((p.serial as u64) << 28) | p.id as u64)
+        (*p.node == *self.me && p.creation == self.creation).then_some(((p.serial as u64) << 28) | p.id as u64)
     }
 
     // Proxy references: three words, the key in the first two.
@@ -126,7 +126,7 @@ impl Table {
     }
 
     pub fn ref_key(&self, r: &Ref) -> Option<u64> {
-        (&*r.node == &*self.me && r.creation == self.creation && r.ids.len() == 3 && r.ids[2] == 0x5741_4e44)
+        (*r.node == *self.me && r.creation == self.creation && r.ids.len() == 3 && r.ids[2] == 0x5741_4e44)
             .then(|| r.ids[0] as u64 | ((r.ids[1] as u64) << 32))
     }
 }
