@@ -41,8 +41,10 @@ const EXPORT: u8 = 113;
 /// Gateway-only: the next pid/reference goes home (is real in the receiver's cluster).
 pub const MARK_HOME: u8 = 200;
 
-/// Nesting deeper than this in a control message is refused.
-const MAX_DEPTH: usize = 512;
+/// Nesting deeper than this in a decoded term (control messages, pg
+/// messages, confirmed-send requests) is refused; payloads are scanned
+/// iteratively and have no such limit.
+const MAX_DEPTH: usize = 128;
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Pid {
