@@ -367,6 +367,16 @@ fn term(r: &mut Reader<'_>, depth: usize) -> Result<Term, EtfError> {
             let n = r.u32()? as usize;
             Term::Binary(r.take(n)?.to_vec())
         }
+        SMALL_BIG => {
+            let n = r.u8()? as usize;
+            let sign = r.u8()?;
+            let digits = r.take(n)?;
+            let v = (n <= 8).then(|| digits.iter().rev().fold(0u64, |acc, &d| (acc << 8) | d as u64));
+            match v {
+                Some(v) if v <= i64::MAX as u64 => Term::Int(if sign == 0 { v as i64 } else { -(v as i64) }),
+                _ => Term::Raw(r.b[start..r.at].to_vec()),
+            }
+        }
         MAP => {
             let n = r.u32()? as usize;
             if n > r.b.len() - r.at {
