@@ -33,6 +33,12 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Two Erlang clusters on loopback bridged by two gateways, shown working.
+    Demo {
+        /// Messages streamed while the primary link is cut.
+        #[arg(long, default_value_t = 20_000)]
+        messages: u32,
+    },
     /// Make a development CA and one certificate per cluster in DIR.
     Certs {
         #[arg(long)]
@@ -70,12 +76,37 @@ fn main() -> ExitCode {
             }
         },
         Command::Run { config } => run(config),
+        Command::Demo { messages } => demo(messages),
     }
 }
 
-fn init_logging() {
+fn demo(messages: u32) -> ExitCode {
+    init_logging("error");
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(wandist::demo::run(messages));
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    match result {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
+        Err(e) => {
+            eprintln!("wandist demo: {e}");
+            ExitCode::from(EXIT_UNAVAILABLE)
+        }
+    }
+}
+
+/// Exit code when something the demo needs is missing (EX_UNAVAILABLE).
+const EXIT_UNAVAILABLE: u8 = 69;
+
+fn init_logging(default: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("WANDIST_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -93,7 +124,7 @@ fn run(config: PathBuf) -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
-    init_logging();
+    init_logging("info");
     let metrics = wandist::metrics::Metrics::new();
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,

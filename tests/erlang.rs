@@ -6,7 +6,7 @@ mod support;
 
 use std::time::Duration;
 
-use support::erl::{Epmd, Erl};
+use support::erl::{epmd, Epmd, Erl};
 use support::inproc::InProc;
 use support::*;
 
@@ -30,7 +30,7 @@ struct World {
 
 async fn world() -> World {
     let t = tag();
-    let epmd = Epmd::start();
+    let epmd = epmd();
     let mut a1 = Erl::start(&format!("a1_{t}"), "cookie_a", &epmd);
     let mut a2 = Erl::start(&format!("a2_{t}"), "cookie_a", &epmd);
     let mut b1 = Erl::start(&format!("b1_{t}"), "cookie_b", &epmd);
