@@ -193,3 +193,66 @@ async fn monitors_links_and_confirmed_sends() {
     w.a1.eval_until("length(pg:get_members(wan, echo)).", |v| v == "0");
     w.a2.eval_until("length(pg:get_members(wan, echo)).", |v| v == "0");
 }
+
+/// The real binary, finding nodes through EPMD (ERL_EPMD_PORT), surviving a
+/// node restart and a pg scope restart, and re-mirroring both.
+#[test]
+fn the_gateway_process_finds_nodes_through_epmd_and_survives_node_and_scope_restarts() {
+    let t = tag();
+    let epmd = epmd();
+    let mut a1 = Erl::start(&format!("a1_{t}"), "cookie_a", &epmd);
+    let mut b1 = Erl::start(&format!("b1_{t}"), "cookie_b", &epmd);
+    let b1_name = format!("b1_{t}");
+    for n in [&mut a1, &mut b1] {
+        assert_eq!(n.eval("{ok, _} = pg:start(wan), ok."), "ok");
+    }
+    let join = "P = spawn(fun L() -> receive {ping, F} -> F ! {pong, node()}, L() end end), pg:join(wan, svc, P).";
+    assert_eq!(b1.eval(join), "ok");
+    let certs = Certs::new(&["dc1", "dc2"]);
+    let env = [("ERL_EPMD_PORT", epmd.port.to_string())];
+    let gw2 = Gateway::start_with_env(
+        "gw-dc2",
+        &format!(
+            "{}{}[[route]]\ncluster = \"dc1\"\n[erlang]\nnode = \"wgw2_{t}@127.0.0.1\"\ncookie = \"cookie_b\"\nnodes = [\"{}\"]\n",
+            gateway_table("dc2", true),
+            certs.tls_table("dc2"),
+            b1.name
+        ),
+        &env,
+    );
+    let gw1 = Gateway::start_with_env(
+        "gw-dc1",
+        &format!(
+            "{}{}[[route]]\ncluster = \"dc2\"\nendpoints = [\"{}\"]\n[erlang]\nnode = \"wgw1_{t}@127.0.0.1\"\ncookie = \"cookie_a\"\nnodes = [\"{}\"]\n",
+            gateway_table("dc1", false),
+            certs.tls_table("dc1"),
+            gw2.peer_addr(),
+            a1.name
+        ),
+        &env,
+    );
+    gw1.wait_metric("wandist_erlang_nodes_connected", &[], |v| v == 1.0);
+    a1.eval_until("length(pg:get_members(wan, svc)).", |v| v == "1");
+
+    // b1 is killed and comes back (a new incarnation, a new port from EPMD).
+    b1.kill();
+    gw2.wait_metric("wandist_erlang_nodes_connected", &[], |v| v == 0.0);
+    a1.eval_until("length(pg:get_members(wan, svc)).", |v| v == "0");
+    let mut b1 = Erl::start(&b1_name, "cookie_b", &epmd);
+    assert_eq!(b1.eval("{ok, _} = pg:start(wan), ok."), "ok");
+    assert_eq!(b1.eval(join), "ok");
+    gw2.wait_metric("wandist_erlang_nodes_connected", &[], |v| v == 1.0);
+    a1.eval_until("length(pg:get_members(wan, svc)).", |v| v == "1");
+    assert_eq!(
+        a1.eval("hd(pg:get_members(wan, svc)) ! {ping, self()}, receive {pong, N1} -> N1 after 5000 -> timeout end."),
+        format!("'{}'", b1.name)
+    );
+
+    // b1's pg scope process is killed and restarted: the gateway re-mirrors it.
+    assert_eq!(b1.eval("exit(whereis(wan), kill), ok."), "ok");
+    a1.eval_until("length(pg:get_members(wan, svc)).", |v| v == "0");
+    assert_eq!(b1.eval("{ok, _} = pg:start(wan), ok."), "ok");
+    assert_eq!(b1.eval(&join.replace("P ", "P2 ").replace("P)", "P2)")), "ok");
+    a1.eval_until("length(pg:get_members(wan, svc)).", |v| v == "1");
+    gw2.wait_log("pg scope process ended", SOON);
+}

@@ -92,6 +92,11 @@ impl Gateway {
     /// Starts a gateway with `body` as its config, plus a metrics table on
     /// port 0. Returns once it has logged "gateway ready".
     pub fn start(name: &str, body: &str) -> Gateway {
+        Self::start_with_env(name, body, &[])
+    }
+
+    /// As `start`, with extra environment variables (e.g. ERL_EPMD_PORT).
+    pub fn start_with_env(name: &str, body: &str, env: &[(&str, String)]) -> Gateway {
         let dir = tempfile::tempdir().unwrap();
         let config = dir.path().join("gateway.toml");
         std::fs::write(&config, format!("{body}\n[metrics]\nlisten = \"127.0.0.1:0\"\n")).unwrap();
@@ -99,6 +104,7 @@ impl Gateway {
             .args(["run", "--config"])
             .arg(&config)
             .env("WANDIST_LOG", "info,wandist=debug")
+            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
