@@ -115,7 +115,9 @@ fn the_demo_runs_end_to_end_and_stops_what_it_started() {
     let out = Command::new(BIN).args(["demo", "--messages", "3000"]).output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "demo failed:\n{text}\n{}", String::from_utf8_lossy(&out.stderr));
-    for want in ["1. dc2's `echo` appears", "{echo,hello,", "{stats,3000,0,0}", "failovers on gw-dc1: 1", "/metrics", "demo OK"] {
+    for want in
+        ["1. dc2's `echo` appears", "{echo,hello,", "{stats,3000,0,0}", "failovers on gw-dc1: 1", "/metrics", "demo OK"]
+    {
         assert!(text.contains(want), "missing {want:?} in:\n{text}");
     }
 }

@@ -30,15 +30,7 @@ fn two_gateways_form_a_mutual_tls_link_when_only_one_can_dial() {
             certs.tls_table("dc1")
         ),
     );
-    let dc2 = Gateway::start(
-        "dc2",
-        &format!(
-            "{}{}[[route]]\ncluster = \"dc1\"\nendpoints = [\"{}\"]\n",
-            gateway_table("dc2", false),
-            certs.tls_table("dc2"),
-            dc1.peer_addr()
-        ),
-    );
+    let dc2 = Gateway::start("dc2", &dialing("dc2", &certs, "dc1", dc1.peer_addr()));
     dc1.wait_metric(UP, &labels(&primary("dc2")), |v| v == 1.0);
     dc2.wait_metric(UP, &labels(&primary("dc1")), |v| v == 1.0);
     // Heartbeats flow both ways over the one link: both sides measure RTT.
@@ -192,10 +184,7 @@ fn a_route_through_a_real_socks5_proxy_survives_the_proxy_restarting() {
 fn wrong_socks5_credentials_are_a_clear_handshake_failure() {
     let certs = Certs::new(&["dc1", "dc2"]);
     let proxy = Socks5Server::start(Some(("wan", "right")));
-    let dc1 = Gateway::start(
-        "dc1",
-        &format!("{}{}[[route]]\ncluster = \"dc2\"\n", gateway_table("dc1", true), certs.tls_table("dc1")),
-    );
+    let dc1 = Gateway::start("dc1", &accepting("dc1", &certs, "dc2"));
     let dc2 = Gateway::start("dc2", &format!(
         "{}{}[[route]]\ncluster = \"dc1\"\nendpoints = [\"{}\"]\nsocks5 = \"{}\"\nsocks5_username = \"wan\"\nsocks5_password = \"wrong\"\n",
         gateway_table("dc2", false), certs.tls_table("dc2"), dc1.peer_addr(), proxy.addr
@@ -209,19 +198,8 @@ fn wrong_socks5_credentials_are_a_clear_handshake_failure() {
 #[test]
 fn sigterm_drains_and_exits_zero_and_the_peer_hears_goodbye() {
     let certs = Certs::new(&["dc1", "dc2"]);
-    let dc1 = Gateway::start(
-        "dc1",
-        &format!("{}{}[[route]]\ncluster = \"dc2\"\n", gateway_table("dc1", true), certs.tls_table("dc1")),
-    );
-    let mut dc2 = Gateway::start(
-        "dc2",
-        &format!(
-            "{}{}[[route]]\ncluster = \"dc1\"\nendpoints = [\"{}\"]\n",
-            gateway_table("dc2", false),
-            certs.tls_table("dc2"),
-            dc1.peer_addr()
-        ),
-    );
+    let dc1 = Gateway::start("dc1", &accepting("dc1", &certs, "dc2"));
+    let mut dc2 = Gateway::start("dc2", &dialing("dc2", &certs, "dc1", dc1.peer_addr()));
     dc1.wait_metric(UP, &labels(&primary("dc2")), |v| v == 1.0);
     dc2.signal("TERM");
     // shutdown_grace_ms = 3000 in FAST; allow start-up noise on top.
@@ -235,20 +213,9 @@ fn sigterm_drains_and_exits_zero_and_the_peer_hears_goodbye() {
 #[test]
 fn a_blackholed_link_is_declared_dead_and_replaced() {
     let certs = Certs::new(&["dc1", "dc2"]);
-    let dc1 = Gateway::start(
-        "dc1",
-        &format!("{}{}[[route]]\ncluster = \"dc2\"\n", gateway_table("dc1", true), certs.tls_table("dc1")),
-    );
+    let dc1 = Gateway::start("dc1", &accepting("dc1", &certs, "dc2"));
     let path = Forwarder::start(Some(dc1.peer_addr()));
-    let dc2 = Gateway::start(
-        "dc2",
-        &format!(
-            "{}{}[[route]]\ncluster = \"dc1\"\nendpoints = [\"{}\"]\n",
-            gateway_table("dc2", false),
-            certs.tls_table("dc2"),
-            path.addr
-        ),
-    );
+    let dc2 = Gateway::start("dc2", &dialing("dc2", &certs, "dc1", path.addr));
     dc2.wait_metric(UP, &labels(&primary("dc1")), |v| v == 1.0);
     // Stop all bytes without closing anything: only heartbeats can tell.
     path.blackhole(true);
@@ -268,15 +235,7 @@ fn a_flapping_peer_is_retried_with_backoff_not_in_a_spin() {
     let flapping = Forwarder::start(None);
     flapping.refuse(true);
     let started = std::time::Instant::now();
-    let dc2 = Gateway::start(
-        "dc2",
-        &format!(
-            "{}{}[[route]]\ncluster = \"dc1\"\nendpoints = [\"{}\"]\n",
-            gateway_table("dc2", false),
-            certs.tls_table("dc2"),
-            flapping.addr
-        ),
-    );
+    let dc2 = Gateway::start("dc2", &dialing("dc2", &certs, "dc1", flapping.addr));
     dc2.wait_metric("wandist_handshake_failures_total", &[("peer", "dc1")], |v| v >= 6.0);
     // reconnect_min_ms = 50, doubling, capped at 400, each delay at least
     // half its ceiling: six failures take at least 25+50+100+200+200 ms.

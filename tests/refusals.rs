@@ -43,10 +43,7 @@ fn runtime() -> tokio::runtime::Runtime {
 #[test]
 fn a_valid_certificate_for_another_cluster_cannot_pose_as_the_peer() {
     let certs = Certs::new(&["dc1", "dc2", "dc3"]);
-    let dc1 = Gateway::start(
-        "dc1",
-        &format!("{}{}[[route]]\ncluster = \"dc2\"\n", gateway_table("dc1", true), certs.tls_table("dc1")),
-    );
+    let dc1 = Gateway::start("dc1", &accepting("dc1", &certs, "dc2"));
     let rt = runtime();
     let dc3 = tls_of(&certs, "dc3");
 
@@ -113,15 +110,7 @@ fn raw_clients_that_stall_or_send_garbage_are_cut_and_other_links_stay_up() {
             certs.tls_table("dc1")
         ),
     );
-    let dc2 = Gateway::start(
-        "dc2",
-        &format!(
-            "{}{}[[route]]\ncluster = \"dc1\"\nendpoints = [\"{}\"]\n",
-            gateway_table("dc2", false),
-            certs.tls_table("dc2"),
-            dc1.peer_addr()
-        ),
-    );
+    let dc2 = Gateway::start("dc2", &dialing("dc2", &certs, "dc1", dc1.peer_addr()));
     dc1.wait_metric("wandist_link_up", &[("peer", "dc2"), ("role", "primary")], |v| v == 1.0);
 
     // Says nothing at all: cut by the hello deadline (500 ms), not before.

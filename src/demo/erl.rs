@@ -15,7 +15,12 @@ pub const SOON: Duration = Duration::from_secs(20);
 
 /// Whether `erl` can be run at all.
 pub fn available() -> bool {
-    Command::new("erl").args(["-noshell", "-eval", "halt()."]).stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok_and(|s| s.success())
+    Command::new("erl")
+        .args(["-noshell", "-eval", "halt()."])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
 }
 
 /// `epmd -port P`, P free a moment before (bind 0, read it back, release).

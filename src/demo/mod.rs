@@ -70,7 +70,8 @@ fn metric(m: &Metrics, name: &str, labels: &str) -> f64 {
 async fn gateway(dir: &Path, name: &str, text: String) -> Result<Running, String> {
     let path = dir.join(format!("{name}.toml"));
     std::fs::write(&path, text).map_err(|e| e.to_string())?;
-    let prepared = gateway::prepare(&path).map_err(|p| p.iter().map(|p| p.to_string()).collect::<Vec<_>>().join("; "))?;
+    let prepared =
+        gateway::prepare(&path).map_err(|p| p.iter().map(|p| p.to_string()).collect::<Vec<_>>().join("; "))?;
     gateway::start_with_erlang(prepared, Metrics::new()).await.map_err(|e| e.to_string())
 }
 
@@ -81,7 +82,10 @@ async fn dist_port(epmd: &Epmd, node: &str) -> Result<u16, String> {
 /// Runs the demo; returns whether every step worked.
 pub async fn run(messages: u32) -> Result<bool, String> {
     if !erl::available() {
-        return Err("`erl` was not found. Install Erlang/OTP (Debian/Ubuntu: apt-get install -y erlang-nox) and run again.".into());
+        return Err(
+            "`erl` was not found. Install Erlang/OTP (Debian/Ubuntu: apt-get install -y erlang-nox) and run again."
+                .into(),
+        );
     }
     let dir = tempfile_dir()?;
     println!("wandist demo — two Erlang clusters that never connect to each other, bridged by two gateways\n");

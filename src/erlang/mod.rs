@@ -144,6 +144,21 @@ pub fn group_term(name: &str) -> Term {
         .unwrap_or_else(|| Term::atom(name))
 }
 
+/// `a` minus `b`, as multisets (pg counts repeated joins).
+fn minus(a: &[Pid], b: &[Pid]) -> Vec<Pid> {
+    let mut rest = b.to_vec();
+    let mut out = Vec::new();
+    for p in a {
+        match rest.iter().position(|x| x == p) {
+            Some(i) => {
+                rest.swap_remove(i);
+            }
+            None => out.push(p.clone()),
+        }
+    }
+    out
+}
+
 fn pids_of(t: &Term) -> Vec<Pid> {
     match t {
         Term::Pid(p) => vec![p.clone()],
@@ -366,14 +381,7 @@ impl ErlangSide {
                     return;
                 };
                 if name != CONFIRM_NAME {
-                    let exit = Term::tuple(vec![
-                        Term::Int(MONITOR_P_EXIT),
-                        Term::atom(name),
-                        Term::Pid(watcher.clone()),
-                        Term::Ref(mref.clone()),
-                        Term::atom("noproc"),
-                    ]);
-                    self.send(&watcher.node, exit, None).await;
+                    self.noproc(Term::atom(name), &watcher, mref).await;
                 }
             }
             MONITOR_P => {
@@ -385,16 +393,7 @@ impl ErlangSide {
                 }
                 match self.table.pid_key(&target).filter(|k| self.table.home(*k).is_some()) {
                     Some(key) => self.watch(key, watcher, mref.clone()).await,
-                    None => {
-                        let exit = Term::tuple(vec![
-                            Term::Int(MONITOR_P_EXIT),
-                            Term::Pid(target),
-                            Term::Pid(watcher.clone()),
-                            Term::Ref(mref.clone()),
-                            Term::atom("noproc"),
-                        ]);
-                        self.send(&watcher.node, exit, None).await;
-                    }
+                    None => self.noproc(Term::Pid(target), &watcher, mref).await,
                 }
             }
             DEMONITOR_P => {
@@ -440,6 +439,18 @@ impl ErlangSide {
             }
             _ => tracing::debug!(node = %node, code, "ignoring distribution control message"),
         }
+    }
+
+    /// Answers a monitor on something that does not exist here.
+    async fn noproc(&self, target: Term, watcher: &Pid, mref: &Ref) {
+        let exit = Term::tuple(vec![
+            Term::Int(MONITOR_P_EXIT),
+            target,
+            Term::Pid(watcher.clone()),
+            Term::Ref(mref.clone()),
+            Term::atom("noproc"),
+        ]);
+        self.send(&watcher.node, exit, None).await;
     }
 
     async fn on_scope_message(&mut self, node: &Arc<str>, payload: &[u8]) {
@@ -516,34 +527,17 @@ impl ErlangSide {
     async fn replace_members(&mut self, node: &Arc<str>, new: BTreeMap<String, Vec<Pid>>) {
         let Some(n) = self.nodes.get_mut(node) else { return };
         let old = std::mem::replace(&mut n.members, new.clone());
+        let empty = Vec::new();
         for (group, pids) in &old {
-            let mut left = new.get(group).cloned().unwrap_or_default();
-            let mut gone = Vec::new();
-            for p in pids {
-                match left.iter().position(|x| x == p) {
-                    Some(i) => {
-                        left.remove(i);
-                    }
-                    None => gone.push(etf::pid_bytes(p)),
-                }
-            }
+            let gone = minus(pids, new.get(group).unwrap_or(&empty));
             if !gone.is_empty() {
-                self.gateway.leave(group, gone).await;
+                self.gateway.leave(group, gone.iter().map(etf::pid_bytes).collect()).await;
             }
         }
         for (group, pids) in &new {
-            let mut before = old.get(group).cloned().unwrap_or_default();
-            let mut came = Vec::new();
-            for p in pids {
-                match before.iter().position(|x| x == p) {
-                    Some(i) => {
-                        before.remove(i);
-                    }
-                    None => came.push(etf::pid_bytes(p)),
-                }
-            }
+            let came = minus(pids, old.get(group).unwrap_or(&empty));
             if !came.is_empty() {
-                self.gateway.join(group, came).await;
+                self.gateway.join(group, came.iter().map(etf::pid_bytes).collect()).await;
             }
         }
     }
@@ -902,6 +896,13 @@ impl ErlangSide {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn multiset_difference() {
+        let p = |id| Pid { node: "n@h".into(), id, serial: 0, creation: 1 };
+        assert_eq!(minus(&[p(1), p(1), p(2)], &[p(1), p(3)]), vec![p(1), p(2)]);
+        assert_eq!(minus(&[p(1)], &[p(1), p(1)]), Vec::<Pid>::new());
+    }
 
     #[test]
     fn group_names_round_trip() {

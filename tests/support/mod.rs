@@ -22,6 +22,20 @@ pub const SOON: Duration = Duration::from_secs(20);
 /// Timing knobs that make tests quick without being flaky.
 pub const FAST: &str = "heartbeat_ms = 100\ndead_after_ms = 1500\nreconnect_min_ms = 50\nreconnect_max_ms = 400\nconnect_timeout_ms = 1000\nshutdown_grace_ms = 3000\n";
 
+/// A config: `cluster` listening on port 0, accepting a route from `peer`.
+pub fn accepting(cluster: &str, certs: &Certs, peer: &str) -> String {
+    format!("{}{}[[route]]\ncluster = \"{peer}\"\n", gateway_table(cluster, true), certs.tls_table(cluster))
+}
+
+/// A config: `cluster` (not listening) dialing `peer` at `addr`.
+pub fn dialing(cluster: &str, certs: &Certs, peer: &str, addr: impl std::fmt::Display) -> String {
+    format!(
+        "{}{}[[route]]\ncluster = \"{peer}\"\nendpoints = [\"{addr}\"]\n",
+        gateway_table(cluster, false),
+        certs.tls_table(cluster)
+    )
+}
+
 /// A `[gateway]` table with the FAST knobs; `listen` on port 0 if asked.
 pub fn gateway_table(cluster: &str, listen: bool) -> String {
     gateway_table_with(cluster, listen, "handshake_timeout_ms = 1000\n")
