@@ -121,3 +121,12 @@ fn the_demo_runs_end_to_end_and_stops_what_it_started() {
         assert!(text.contains(want), "missing {want:?} in:\n{text}");
     }
 }
+
+#[test]
+fn the_demo_says_how_to_install_erlang_when_erl_is_missing() {
+    let empty = tempfile::tempdir().unwrap();
+    let out = Command::new(BIN).arg("demo").env("PATH", empty.path()).output().unwrap();
+    assert_eq!(out.status.code(), Some(69));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("apt-get install -y erlang-nox"), "{err}");
+}

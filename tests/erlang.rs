@@ -146,6 +146,20 @@ async fn monitors_links_and_confirmed_sends() {
     );
     assert_eq!(w.a1.eval(&confirm), "delivered");
     assert_eq!(w.a1.eval("receive {pong, _} -> got after 5000 -> timeout end."), "got");
+    // Not a proxy: the confirmation says so at once.
+    assert_eq!(
+        w.a1.eval(&format!(
+            "Ref2 = make_ref(), {{wandist, '{}'}} ! {{send_confirmed, self(), Ref2, self(), hi}}, \
+             receive {{wandist_confirm, Ref2, R2}} -> R2 after 5000 -> timeout end.",
+            w.gw1_node
+        )),
+        "{failed,unknown_proxy}"
+    );
+    // A message to a name the gateway node does not have is dropped and counted;
+    // the connection stays up.
+    assert_eq!(w.a1.eval(&format!("{{no_such_name, '{}'}} ! hello, ok.", w.gw1_node)), "ok");
+    w.gw1.wait_metric("wandist_erlang_rejected_total", &[("reason", "unknown_name")], |v| v == 1.0).await;
+    assert_eq!(w.gw1.metric("wandist_erlang_nodes_connected", &[]), Some(2.0));
 
     // monitor/2 on a proxy: DOWN with the real reason when the remote process exits...
     assert_eq!(
