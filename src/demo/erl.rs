@@ -72,6 +72,11 @@ impl Erl {
     /// Starts `name@127.0.0.1` with `cookie`, registered in `epmd`; panics
     /// if it does not come up (callers are tests and the demo).
     pub fn start(name: &str, cookie: &str, epmd: &Epmd) -> Erl {
+        Self::start_with(name, cookie, epmd, &[])
+    }
+
+    /// As `start`, with extra `erl` arguments (e.g. `-proto_dist inet_tls`).
+    pub fn start_with(name: &str, cookie: &str, epmd: &Epmd, extra: &[&str]) -> Erl {
         let node = format!("{name}@127.0.0.1");
         let mut child = Command::new("erl")
             .args([
@@ -86,6 +91,7 @@ impl Erl {
                 "prevent_overlapping_partitions",
                 "false",
             ])
+            .args(extra)
             .args(["-eval", REPL])
             .env("ERL_EPMD_PORT", epmd.port.to_string())
             .stdin(Stdio::piped())

@@ -1,0 +1,288 @@
+//! End-to-end benchmark: the same two Erlang nodes connected directly (TLS
+//! distribution, then plain TCP distribution) and as two clusters bridged by
+//! two wandist gateways over mutual TLS. Measures 100 B messages/s, 64 KiB
+//! MB/s (a sender with a bounded credit window) and ping-pong round trips;
+//! for the gateways also CPU time per message and peak RSS. Prints a table
+//! of ratios and appends it to BENCHMARKS.md.
+//!
+//!     cargo bench --bench e2e            (a few minutes at most)
+//!
+//! Loopback only; every process it starts is stopped by its handle.
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use wandist::demo::erl::{Epmd, Erl};
+
+const SMALL: u64 = 200_000;
+const LARGE: u64 = 4_000;
+const PINGS: u64 = 2_000;
+
+#[derive(Debug, Default, Clone)]
+struct Figures {
+    small_per_s: f64,
+    large_mb_s: f64,
+    p50_us: f64,
+    p99_us: f64,
+}
+
+fn parse_f(s: &str) -> f64 {
+    s.trim().parse().unwrap_or_else(|_| panic!("not a number: {s}"))
+}
+
+/// Runs the three workloads from `x` against receiver expression `r` (bound as R).
+fn workloads(x: &mut Erl) -> Figures {
+    let long = Duration::from_secs(300);
+    x.eval("Small = binary:copy(<<\"x\">>, 100), Large = binary:copy(<<\"y\">>, 65536), ok.");
+    // Warm up the path (and the gateways' proxies) before measuring.
+    x.eval_within("wandist_bench:stream(R, 10000, Small, 4000).", long);
+    let us = parse_f(&x.eval_within(&format!("wandist_bench:stream(R, {SMALL}, Small, 4000)."), long));
+    let small_per_s = SMALL as f64 / (us / 1e6);
+    let us = parse_f(&x.eval_within(&format!("wandist_bench:stream(R, {LARGE}, Large, 2000)."), long));
+    let large_mb_s = (LARGE * 65536) as f64 / (us / 1e6) / 1e6;
+    let pp = x.eval_within(&format!("wandist_bench:pingpong(R, {PINGS})."), long);
+    let pp = pp.trim_matches(|c| c == '{' || c == '}');
+    let (p50, p99) = pp.split_once(',').expect("pingpong result");
+    Figures { small_per_s, large_mb_s, p50_us: parse_f(p50), p99_us: parse_f(p99) }
+}
+
+fn pa(dir: &Path) -> Vec<String> {
+    vec!["-pa".into(), dir.display().to_string()]
+}
+
+fn direct(epmd: &Epmd, beam: &Path, tag: &str, extra: &[String]) -> Figures {
+    let mut args = pa(beam);
+    args.extend(extra.iter().cloned());
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut y = Erl::start_with(&format!("y_{tag}"), "bench", epmd, &args);
+    let mut x = Erl::start_with(&format!("x_{tag}"), "bench", epmd, &args);
+    assert_eq!(y.eval("register(rcv, wandist_bench:receiver())."), "true");
+    assert_eq!(x.eval(&format!("net_kernel:connect_node('{}').", y.name)), "true");
+    assert_eq!(x.eval(&format!("R = rpc:call('{}', erlang, whereis, [rcv]), is_pid(R).", y.name)), "true");
+    workloads(&mut x)
+}
+
+struct Gw {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+}
+
+impl Gw {
+    fn start(bin: &str, config: &Path, epmd_port: u16) -> Gw {
+        let mut child = Command::new(bin)
+            .args(["run", "--config"])
+            .arg(config)
+            .env("ERL_EPMD_PORT", epmd_port.to_string())
+            .env("WANDIST_LOG", "warn,wandist::gateway=info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("cannot start wandist");
+        let (tx, lines) = mpsc::channel();
+        let err = child.stderr.take().unwrap();
+        std::thread::spawn(move || {
+            for l in BufReader::new(err).lines().map_while(Result::ok) {
+                if tx.send(l).is_err() {
+                    break;
+                }
+            }
+        });
+        Gw { child, lines }
+    }
+
+    fn wait(&self, needle: &str) -> String {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let l = self.lines.recv_timeout(deadline.saturating_duration_since(Instant::now())).expect(needle);
+            if l.contains(needle) {
+                return l;
+            }
+        }
+    }
+
+    /// (user + system CPU seconds, peak RSS in KiB) from /proc.
+    fn usage(&self) -> (f64, u64) {
+        let pid = self.child.id();
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        let after = stat.rsplit_once(')').map(|x| x.1).unwrap_or("");
+        let f: Vec<&str> = after.split_whitespace().collect();
+        let ticks = f.get(11).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0) + f.get(12).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+        let hwm = status.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1)?.parse().ok()).unwrap_or(0);
+        (ticks / 100.0, hwm)
+    }
+}
+
+impl Drop for Gw {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn addr_in(line: &str) -> String {
+    let at = line.find("addr=").expect("addr=") + 5;
+    line[at..].split_whitespace().next().unwrap_or("").to_string()
+}
+
+struct GwFigures {
+    f: Figures,
+    cpu_us_per_msg: [f64; 2],
+    rss_kib: [u64; 2],
+}
+
+fn gateway(epmd: &Epmd, beam: &Path, tag: &str, dir: &Path) -> GwFigures {
+    let bin = env!("CARGO_BIN_EXE_wandist");
+    let args = pa(beam);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut y = Erl::start_with(&format!("gy_{tag}"), "cookie_b", epmd, &args);
+    let mut x = Erl::start_with(&format!("gx_{tag}"), "cookie_a", epmd, &args);
+    for n in [&mut x, &mut y] {
+        assert_eq!(n.eval("{ok, _} = pg:start(wan), ok."), "ok");
+    }
+    assert_eq!(y.eval("pg:join(wan, bench, wandist_bench:receiver())."), "ok");
+    let tls = |c: &str| {
+        format!("[tls]\ncert = \"certs/{c}.pem\"\nkey = \"certs/{c}.key\"\nca = \"certs/ca.pem\"\n[metrics]\nlisten = \"127.0.0.1:0\"\n")
+    };
+    let c2 = dir.join("gw2.toml");
+    std::fs::write(
+        &c2,
+        format!(
+            "[gateway]\ncluster = \"dc2\"\nlisten = \"127.0.0.1:0\"\n{}[[route]]\ncluster = \"dc1\"\n[erlang]\nnode = \"wgw2_{tag}@127.0.0.1\"\ncookie = \"cookie_b\"\nnodes = [\"{}\"]\n",
+            tls("dc2"),
+            y.name
+        ),
+    )
+    .unwrap();
+    let gw2 = Gw::start(bin, &c2, epmd.port);
+    let listen = addr_in(&gw2.wait("listening for peer gateways"));
+    let c1 = dir.join("gw1.toml");
+    std::fs::write(
+        &c1,
+        format!(
+            "[gateway]\ncluster = \"dc1\"\n{}[[route]]\ncluster = \"dc2\"\nendpoints = [\"{listen}\"]\n[erlang]\nnode = \"wgw1_{tag}@127.0.0.1\"\ncookie = \"cookie_a\"\nnodes = [\"{}\"]\n",
+            tls("dc1"),
+            x.name
+        ),
+    )
+    .unwrap();
+    let gw1 = Gw::start(bin, &c1, epmd.port);
+    gw1.wait("gateway ready");
+    x.eval_until("length(pg:get_members(wan, bench)).", |v| v == "1");
+    assert_eq!(x.eval("R = hd(pg:get_members(wan, bench)), ok."), "ok");
+    let before = [gw1.usage().0, gw2.usage().0];
+    let long = Duration::from_secs(300);
+    x.eval("Small = binary:copy(<<\"x\">>, 100), Large = binary:copy(<<\"y\">>, 65536), ok.");
+    x.eval_within("wandist_bench:stream(R, 10000, Small, 4000).", long);
+    let start_cpu = [gw1.usage().0, gw2.usage().0];
+    let us = parse_f(&x.eval_within(&format!("wandist_bench:stream(R, {SMALL}, Small, 4000)."), long));
+    let end_cpu = [gw1.usage().0, gw2.usage().0];
+    let _ = before;
+    let small_per_s = SMALL as f64 / (us / 1e6);
+    let us = parse_f(&x.eval_within(&format!("wandist_bench:stream(R, {LARGE}, Large, 2000)."), long));
+    let large_mb_s = (LARGE * 65536) as f64 / (us / 1e6) / 1e6;
+    let pp = x.eval_within(&format!("wandist_bench:pingpong(R, {PINGS})."), long);
+    let pp = pp.trim_matches(|c| c == '{' || c == '}');
+    let (p50, p99) = pp.split_once(',').expect("pingpong result");
+    let cpu = [0, 1].map(|i| (end_cpu[i] - start_cpu[i]) * 1e6 / SMALL as f64);
+    let rss = [gw1.usage().1, gw2.usage().1];
+    GwFigures { f: Figures { small_per_s, large_mb_s, p50_us: parse_f(p50), p99_us: parse_f(p99) }, cpu_us_per_msg: cpu, rss_kib: rss }
+}
+
+fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| c.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string()))
+        .unwrap_or_else(|| "unknown CPU".into());
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
+    let otp = Command::new("erl")
+        .args(["-noshell", "-eval", "io:format(\"~s\", [erlang:system_info(otp_release)]), halt()."])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default();
+    format!("{cores} × {cpu}, OTP {otp}, loopback")
+}
+
+fn main() {
+    // `cargo bench` passes --bench; `cargo test --benches` would pass nothing useful: run only under bench.
+    if !std::env::args().any(|a| a == "--bench") {
+        println!("e2e: run with `cargo bench --bench e2e`");
+        return;
+    }
+    assert!(wandist::demo::erl::available(), "needs erl (apt-get install -y erlang-nox)");
+    let dir = std::env::temp_dir().join(format!("wandist-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    wandist::certs::generate(&dir.join("certs"), &["dc1".into(), "dc2".into()]).unwrap();
+    let beam = dir.join("beam");
+    std::fs::create_dir_all(&beam).unwrap();
+    let src: PathBuf = [env!("CARGO_MANIFEST_DIR"), "benches", "erl", "wandist_bench.erl"].iter().collect();
+    let st = Command::new("erlc").arg("-o").arg(&beam).arg(&src).status().expect("erlc");
+    assert!(st.success(), "erlc failed");
+    let c = dir.join("certs");
+    let optfile = dir.join("ssl_dist.conf");
+    let side = |who: &str| {
+        format!(
+            "{{{who}, [{{certfile, \"{}\"}}, {{keyfile, \"{}\"}}, {{cacertfile, \"{}\"}}, {{verify, verify_peer}}{}]}}",
+            c.join("dc1.pem").display(),
+            c.join("dc1.key").display(),
+            c.join("ca.pem").display(),
+            // Chains are verified both ways; the dev certificates name clusters,
+            // not 127.0.0.1, so the client skips only the host-name match.
+            if who == "server" {
+                ", {fail_if_no_peer_cert, true}"
+            } else {
+                ", {customize_hostname_check, [{match_fun, fun(_, _) -> true end}]}"
+            }
+        )
+    };
+    std::fs::write(&optfile, format!("[{}, {}].\n", side("server"), side("client"))).unwrap();
+    let tag = std::process::id().to_string();
+    let epmd = Epmd::start().expect("epmd");
+
+    eprintln!("e2e: direct TLS distribution…");
+    let tls_args = vec!["-proto_dist".into(), "inet_tls".into(), "-ssl_dist_optfile".into(), optfile.display().to_string()];
+    let tls = direct(&epmd, &beam, &format!("tls{tag}"), &tls_args);
+    eprintln!("e2e: direct TCP distribution…");
+    let tcp = direct(&epmd, &beam, &format!("tcp{tag}"), &[]);
+    eprintln!("e2e: two clusters through two wandist gateways (mutual TLS)…");
+    let gw = gateway(&epmd, &beam, &tag, &dir);
+
+    let row = |name: &str, f: &Figures| {
+        format!("| {name} | {:.0} | {:.1} | {:.0} | {:.0} |", f.small_per_s, f.large_mb_s, f.p50_us, f.p99_us)
+    };
+    let ratio = |name: &str, a: &Figures, b: &Figures| {
+        format!(
+            "| {name} | {:.2}x | {:.2}x | {:.2}x | {:.2}x |",
+            a.small_per_s / b.small_per_s,
+            a.large_mb_s / b.large_mb_s,
+            a.p50_us / b.p50_us,
+            a.p99_us / b.p99_us
+        )
+    };
+    let date = Command::new("date").arg("-u").arg("+%Y-%m-%d %H:%M UTC").output().map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string()).unwrap_or_default();
+    let table = format!(
+        "### {date} — {}\n\n`cargo bench --bench e2e` ({SMALL} × 100 B, {LARGE} × 64 KiB with an ack per 1000 and at most 4000 / 2000 in flight, {PINGS} pings)\n\n\
+         | path | 100 B msgs/s | 64 KiB MB/s | RTT p50 µs | RTT p99 µs |\n|---|---|---|---|---|\n{}\n{}\n{}\n{}\n{}\n\n\
+         Gateways (100 B run): CPU per message relayed {:.2} µs (sending side), {:.2} µs (receiving side); peak RSS {} KiB / {} KiB.\n\n",
+        machine(),
+        row("direct TLS dist", &tls),
+        row("direct TCP dist", &tcp),
+        row("gateways (mTLS)", &gw.f),
+        ratio("gateway / TLS", &gw.f, &tls),
+        ratio("gateway / TCP", &gw.f, &tcp),
+        gw.cpu_us_per_msg[0],
+        gw.cpu_us_per_msg[1],
+        gw.rss_kib[0],
+        gw.rss_kib[1],
+    );
+    println!("\n{table}");
+    let path: PathBuf = [env!("CARGO_MANIFEST_DIR"), "BENCHMARKS.md"].iter().collect();
+    let mut f = std::fs::OpenOptions::new().create(true).append(true).open(&path).unwrap();
+    f.write_all(table.as_bytes()).unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    eprintln!("e2e: appended to {}", path.display());
+}

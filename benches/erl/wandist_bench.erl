@@ -1,0 +1,55 @@
+%% Load generator for `cargo bench --bench e2e`: a receiver that acks every
+%% 1000 messages and answers pings, a sender with a bounded credit window,
+%% and a ping-pong round-trip measurement. Compiled at bench start.
+-module(wandist_bench).
+-export([receiver/0, stream/4, pingpong/2]).
+
+-define(ACK_EVERY, 1000).
+
+receiver() ->
+    spawn(fun() -> loop(0) end).
+
+loop(N) ->
+    receive
+        {msg, From, _Bin} ->
+            N1 = N + 1,
+            case N1 rem ?ACK_EVERY of
+                0 -> From ! {ack, N1};
+                _ -> ok
+            end,
+            loop(N1);
+        {ping, From} ->
+            From ! pong,
+            loop(N);
+        reset ->
+            loop(0)
+    end.
+
+%% Sends N messages carrying Bin, at most Window unacknowledged; returns
+%% the elapsed microseconds.
+stream(R, N, Bin, Window) ->
+    T0 = erlang:monotonic_time(microsecond),
+    send(R, N, Bin, Window, 0, 0),
+    erlang:monotonic_time(microsecond) - T0.
+
+send(_R, N, _Bin, _W, _Sent, Acked) when Acked >= N ->
+    ok;
+send(R, N, Bin, W, Sent, Acked) when Sent < N, Sent - Acked < W ->
+    R ! {msg, self(), Bin},
+    send(R, N, Bin, W, Sent + 1, Acked);
+send(R, N, Bin, W, Sent, _Acked) ->
+    receive
+        {ack, A} -> send(R, N, Bin, W, Sent, A)
+    after 30000 -> exit(stalled)
+    end.
+
+%% K round trips; returns {P50, P99} in microseconds.
+pingpong(R, K) ->
+    Ts = [one_ping(R) || _ <- lists:seq(1, K)],
+    S = lists:sort(Ts),
+    {lists:nth(max(1, K div 2), S), lists:nth(max(1, K * 99 div 100), S)}.
+
+one_ping(R) ->
+    T = erlang:monotonic_time(nanosecond),
+    R ! {ping, self()},
+    receive pong -> (erlang:monotonic_time(nanosecond) - T) / 1000 end.
