@@ -110,9 +110,14 @@ impl Gw {
         let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
         let after = stat.rsplit_once(')').map(|x| x.1).unwrap_or("");
         let f: Vec<&str> = after.split_whitespace().collect();
-        let ticks = f.get(11).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0) + f.get(12).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+        let ticks = f.get(11).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0)
+            + f.get(12).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
         let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-        let hwm = status.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1)?.parse().ok()).unwrap_or(0);
+        let hwm = status
+            .lines()
+            .find(|l| l.starts_with("VmHWM:"))
+            .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+            .unwrap_or(0);
         (ticks / 100.0, hwm)
     }
 }
@@ -190,13 +195,21 @@ fn gateway(epmd: &Epmd, beam: &Path, tag: &str, dir: &Path) -> GwFigures {
     let (p50, p99) = pp.split_once(',').expect("pingpong result");
     let cpu = [0, 1].map(|i| (end_cpu[i] - start_cpu[i]) * 1e6 / SMALL as f64);
     let rss = [gw1.usage().1, gw2.usage().1];
-    GwFigures { f: Figures { small_per_s, large_mb_s, p50_us: parse_f(p50), p99_us: parse_f(p99) }, cpu_us_per_msg: cpu, rss_kib: rss }
+    GwFigures {
+        f: Figures { small_per_s, large_mb_s, p50_us: parse_f(p50), p99_us: parse_f(p99) },
+        cpu_us_per_msg: cpu,
+        rss_kib: rss,
+    }
 }
 
 fn machine() -> String {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
-        .and_then(|c| c.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string()))
+        .and_then(|c| {
+            c.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        })
         .unwrap_or_else(|| "unknown CPU".into());
     let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
     let otp = Command::new("erl")
@@ -243,11 +256,19 @@ fn main() {
     let tag = std::process::id().to_string();
     let epmd = Epmd::start().expect("epmd");
 
-    eprintln!("e2e: direct TLS distribution…");
-    let tls_args = vec!["-proto_dist".into(), "inet_tls".into(), "-ssl_dist_optfile".into(), optfile.display().to_string()];
-    let tls = direct(&epmd, &beam, &format!("tls{tag}"), &tls_args);
-    eprintln!("e2e: direct TCP distribution…");
-    let tcp = direct(&epmd, &beam, &format!("tcp{tag}"), &[]);
+    // WANDIST_BENCH_GATEWAY_ONLY=1 skips the direct runs (for profiling) and
+    // appends nothing.
+    let gateway_only = std::env::var_os("WANDIST_BENCH_GATEWAY_ONLY").is_some();
+    let (tls, tcp) = if gateway_only {
+        (Figures::default(), Figures::default())
+    } else {
+        eprintln!("e2e: direct TLS distribution…");
+        let tls_args =
+            vec!["-proto_dist".into(), "inet_tls".into(), "-ssl_dist_optfile".into(), optfile.display().to_string()];
+        let tls = direct(&epmd, &beam, &format!("tls{tag}"), &tls_args);
+        eprintln!("e2e: direct TCP distribution…");
+        (tls, direct(&epmd, &beam, &format!("tcp{tag}"), &[]))
+    };
     eprintln!("e2e: two clusters through two wandist gateways (mutual TLS)…");
     let gw = gateway(&epmd, &beam, &tag, &dir);
 
@@ -263,7 +284,12 @@ fn main() {
             a.p99_us / b.p99_us
         )
     };
-    let date = Command::new("date").arg("-u").arg("+%Y-%m-%d %H:%M UTC").output().map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string()).unwrap_or_default();
+    let date = Command::new("date")
+        .arg("-u")
+        .arg("+%Y-%m-%d %H:%M UTC")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default();
     let table = format!(
         "### {date} — {}\n\n`cargo bench --bench e2e` ({SMALL} × 100 B, {LARGE} × 64 KiB with an ack per 1000 and at most 4000 / 2000 in flight, {PINGS} pings)\n\n\
          | path | 100 B msgs/s | 64 KiB MB/s | RTT p50 µs | RTT p99 µs |\n|---|---|---|---|---|\n{}\n{}\n{}\n{}\n{}\n\n\
@@ -280,6 +306,9 @@ fn main() {
         gw.rss_kib[1],
     );
     println!("\n{table}");
+    if gateway_only {
+        return;
+    }
     let path: PathBuf = [env!("CARGO_MANIFEST_DIR"), "BENCHMARKS.md"].iter().collect();
     let mut f = std::fs::OpenOptions::new().create(true).append(true).open(&path).unwrap();
     f.write_all(table.as_bytes()).unwrap();

@@ -13,11 +13,15 @@ fn translate(c: &mut Criterion) {
         Term::atom("$gen_call"),
         Term::tuple(vec![
             Term::Pid(pid("chat@10.0.0.6", 77)),
-            Term::List(vec![Term::atom("alias")], Box::new(Term::Ref(Ref { node: "chat@10.0.0.6".into(), creation: 7, ids: vec![1, 2, 3] }))),
+            Term::List(
+                vec![Term::atom("alias")],
+                Box::new(Term::Ref(Ref { node: "chat@10.0.0.6".into(), creation: 7, ids: vec![1, 2, 3] })),
+            ),
         ]),
         Term::tuple(vec![Term::atom("msg"), Term::Binary(vec![7; 100])]),
     ]));
-    let big = etf::encode(&Term::tuple(vec![Term::atom("msg"), Term::Pid(pid("a@h", 1)), Term::Binary(vec![1; 65536])]));
+    let big =
+        etf::encode(&Term::tuple(vec![Term::atom("msg"), Term::Pid(pid("a@h", 1)), Term::Binary(vec![1; 65536])]));
     let mut g = c.benchmark_group("etf");
     for (name, input) in [("gen_call_100B", &call), ("message_64KiB", &big)] {
         g.throughput(Throughput::Bytes(input.len() as u64));
@@ -43,7 +47,8 @@ fn translate(c: &mut Criterion) {
         });
     }
     g.bench_function("decode_control", |b| {
-        let control = etf::encode(&Term::tuple(vec![Term::Int(22), Term::Pid(pid("a@h", 1)), Term::Pid(pid("gw@h", 1000))]));
+        let control =
+            etf::encode(&Term::tuple(vec![Term::Int(22), Term::Pid(pid("a@h", 1)), Term::Pid(pid("gw@h", 1000))]));
         b.iter(|| etf::decode(&control).unwrap())
     });
     g.finish();

@@ -41,6 +41,8 @@ use crate::wire::codec;
 pub const CONFIRM_NAME: &str = "wandist";
 /// Proxies (pids and references) kept before the oldest unpinned go.
 const MAX_PROXIES: usize = 1_000_000;
+/// Events handled per wake-up before looking at the other inputs again.
+const BATCH: usize = 256;
 /// Key of the gateway's own pg peer process; proxies start above.
 const GW_KEY: u64 = 1;
 const FIRST_PROXY: u64 = 1000;
@@ -237,8 +239,21 @@ impl ErlangSide {
         loop {
             tokio::select! {
                 _ = cancel.cancelled() => return,
-                Some(ev) = events.recv() => self.on_node_event(ev).await,
-                Some(item) = from_gateway.recv() => self.on_gateway(item).await,
+                Some(ev) = events.recv() => {
+                    self.on_node_event(ev).await;
+                    // Whatever else is ready, without going round the loop.
+                    for _ in 0..BATCH {
+                        let Ok(ev) = events.try_recv() else { break };
+                        self.on_node_event(ev).await;
+                    }
+                }
+                Some(item) = from_gateway.recv() => {
+                    self.on_gateway(item).await;
+                    for _ in 0..BATCH {
+                        let Ok(item) = from_gateway.try_recv() else { break };
+                        self.on_gateway(item).await;
+                    }
+                }
                 _ = rediscover.tick() => self.discover_missing().await,
             }
             self.m.proxies.set(self.table.len() as f64);

@@ -135,7 +135,9 @@ async fn serve(
     mut outgoing: mpsc::Receiver<Bytes>,
     events: &mpsc::Sender<NodeEvent>,
 ) -> String {
-    let (mut rd, mut wr) = stream.into_split();
+    let (rd, mut wr) = stream.into_split();
+    // Erlang writes each message as its own packet: read them in bulk.
+    let mut rd = tokio::io::BufReader::with_capacity(256 * 1024, rd);
     let writer = async {
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

@@ -33,6 +33,8 @@ use crate::tls::Tls;
 use crate::wire::{Frame, Header, Hello};
 
 const MEMBER_GAUGES_EVERY: Duration = Duration::from_millis(200);
+/// The most messages moved per step without going back to the select loop.
+const PUMP_BATCH: usize = 512;
 /// Under load, an ack goes out at least every this many delivered messages.
 const ACK_EVERY: u64 = 256;
 
@@ -236,6 +238,14 @@ impl PeerTask {
                 Some(s) = self.inputs.submit.recv(), if self.route.has_room() => {
                     self.rm.sent.increment(1);
                     self.route.submit(s.payload, s.token);
+                    // Take what else is queued, up to the window, in one go.
+                    let mut n = 0;
+                    while n < PUMP_BATCH && self.route.has_room() {
+                        let Ok(s) = self.inputs.submit.try_recv() else { break };
+                        self.rm.sent.increment(1);
+                        self.route.submit(s.payload, s.token);
+                        n += 1;
+                    }
                 }
                 Some(change) = self.inputs.groups.recv() => self.on_local_groups(change),
                 Ok(permit) = async { lane.unwrap().reserve_owned().await }, if lane.is_some() => {
@@ -259,6 +269,7 @@ impl PeerTask {
                     self.withdraw();
                 }
             }
+            self.pump();
             self.flush_ack();
             self.publish_window();
             if self.members_dirty && self.members_published.elapsed() >= MEMBER_GAUGES_EVERY {
@@ -266,6 +277,38 @@ impl PeerTask {
             }
         }
         self.shutdown();
+    }
+
+    /// Moves what can move without waiting: transmissions onto the
+    /// primary's data lane and deliveries to the local side, in batches, so
+    /// a busy route does not go round the select loop once per message.
+    fn pump(&mut self) {
+        if let Some(lane) = self.primary().filter(|_| self.route.wants_transmit()).map(|l| l.data_lane()) {
+            for _ in 0..PUMP_BATCH {
+                let Ok(permit) = lane.try_reserve() else { break };
+                let Some(t) = self.route.next_transmit(Instant::now()) else { break };
+                if t.retransmit {
+                    self.rm.retransmitted.increment(1);
+                }
+                permit
+                    .send(Frame { header: Header::Data { epoch: t.epoch, seq: t.seq, more: false }, body: t.payload });
+            }
+        }
+        let to_local = self.inputs.to_local.clone();
+        for _ in 0..PUMP_BATCH {
+            if self.outbox.is_empty() && !self.route.has_delivery() {
+                break;
+            }
+            let Ok(permit) = to_local.try_reserve() else { break };
+            if let Some(item) = self.outbox.pop_front() {
+                permit.send(item);
+            } else if let Some(payload) = self.route.next_delivery() {
+                self.rm.received.increment(1);
+                permit.send(ToLocal::Deliver { peer: self.peer.clone(), payload });
+            }
+            // Under load, ack as we go rather than only at the end.
+            self.flush_ack();
+        }
     }
 
     fn primary(&self) -> Option<&Link> {
