@@ -138,6 +138,81 @@ struct GwFigures {
     f: Figures,
     cpu_us_per_msg: [f64; 2],
     rss_kib: [u64; 2],
+    members_after: Duration,
+}
+
+const MEMBERS: u32 = 10_000;
+const IDLE_LINKS: u32 = 64;
+
+/// The memory an idle link costs: a gateway accepting `IDLE_LINKS` routes
+/// (one link each, heartbeating, no traffic), RSS before and after, per link.
+fn idle_link_kib(dir: &Path) -> f64 {
+    let bin = env!("CARGO_BIN_EXE_wandist");
+    let clusters: Vec<String> = (0..IDLE_LINKS).map(|i| format!("p{i}")).collect();
+    let mut all = clusters.clone();
+    all.push("hub".into());
+    let certs = dir.join("idle-certs");
+    wandist::certs::generate(&certs, &all).unwrap();
+    let tls = |c: &str| {
+        format!("[tls]\ncert = \"{0}/{c}.pem\"\nkey = \"{0}/{c}.key\"\nca = \"{0}/ca.pem\"\n", certs.display())
+    };
+    let routes: String = clusters.iter().map(|c| format!("[[route]]\ncluster = \"{c}\"\n")).collect();
+    let hub_cfg = dir.join("hub.toml");
+    std::fs::write(&hub_cfg, format!("[gateway]\ncluster = \"hub\"\nlisten = \"127.0.0.1:0\"\n{}{routes}", tls("hub")))
+        .unwrap();
+    let hub = Gw::start(bin, &hub_cfg, 0);
+    let listen = addr_in(&hub.wait("listening for peer gateways"));
+    let settle = || {
+        // RSS after the allocator settles (two equal readings 200 ms apart).
+        let mut last = 0;
+        for _ in 0..50 {
+            std::thread::sleep(Duration::from_millis(200));
+            let now = rss_kib(hub.child.id());
+            if now == last {
+                break;
+            }
+            last = now;
+        }
+        last
+    };
+    let before = settle();
+    let spokes: Vec<Gw> = clusters
+        .iter()
+        .map(|c| {
+            let cfg = dir.join(format!("{c}.toml"));
+            std::fs::write(
+                &cfg,
+                format!(
+                    "[gateway]\ncluster = \"{c}\"\n{}[[route]]\ncluster = \"hub\"\nendpoints = [\"{listen}\"]\n",
+                    tls(c)
+                ),
+            )
+            .unwrap();
+            Gw::start(bin, &cfg, 0)
+        })
+        .collect();
+    let mut up = 0;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while up < IDLE_LINKS && Instant::now() < deadline {
+        if let Ok(l) = hub.lines.recv_timeout(Duration::from_secs(1)) {
+            if l.contains("link up") {
+                up += 1;
+            }
+        }
+    }
+    assert_eq!(up, IDLE_LINKS, "not every idle link came up");
+    let after = settle();
+    drop(spokes);
+    (after.saturating_sub(before)) as f64 / IDLE_LINKS as f64
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        .unwrap_or(0)
 }
 
 fn gateway(epmd: &Epmd, beam: &Path, tag: &str, dir: &Path) -> GwFigures {
@@ -150,6 +225,11 @@ fn gateway(epmd: &Epmd, beam: &Path, tag: &str, dir: &Path) -> GwFigures {
         assert_eq!(n.eval("{ok, _} = pg:start(wan), ok."), "ok");
     }
     assert_eq!(y.eval("pg:join(wan, bench, wandist_bench:receiver())."), "ok");
+    // 10,000 members of one group in dc2, to time how fast they reach dc1's pg.
+    assert_eq!(
+        y.eval(&format!("Many = [spawn(fun() -> receive stop -> ok end end) || _ <- lists:seq(1, {MEMBERS})], pg:join(wan, many, Many).")),
+        "ok"
+    );
     let tls = |c: &str| {
         format!("[tls]\ncert = \"certs/{c}.pem\"\nkey = \"certs/{c}.key\"\nca = \"certs/ca.pem\"\n[metrics]\nlisten = \"127.0.0.1:0\"\n")
     };
@@ -176,10 +256,16 @@ fn gateway(epmd: &Epmd, beam: &Path, tag: &str, dir: &Path) -> GwFigures {
     )
     .unwrap();
     let gw1 = Gw::start(bin, &c1, epmd.port);
-    gw1.wait("gateway ready");
+    gw1.wait("route up");
+    let route_up = Instant::now();
+    x.eval_until(&format!("length(pg:get_members(wan, many)) >= {MEMBERS}."), |v| v == "true");
+    let members_after = route_up.elapsed();
     x.eval_until("length(pg:get_members(wan, bench)).", |v| v == "1");
     assert_eq!(x.eval("R = hd(pg:get_members(wan, bench)), ok."), "ok");
     let before = [gw1.usage().0, gw2.usage().0];
+    if std::env::var_os("WANDIST_BENCH_GATEWAY_ONLY").is_some() {
+        eprintln!("e2e: gateway pids {} (sending) {} (receiving)", gw1.child.id(), gw2.child.id());
+    }
     let long = Duration::from_secs(300);
     x.eval("Small = binary:copy(<<\"x\">>, 100), Large = binary:copy(<<\"y\">>, 65536), ok.");
     x.eval_within("wandist_bench:stream(R, 10000, Small, 4000).", long);
@@ -199,6 +285,7 @@ fn gateway(epmd: &Epmd, beam: &Path, tag: &str, dir: &Path) -> GwFigures {
         f: Figures { small_per_s, large_mb_s, p50_us: parse_f(p50), p99_us: parse_f(p99) },
         cpu_us_per_msg: cpu,
         rss_kib: rss,
+        members_after,
     }
 }
 
@@ -271,6 +358,8 @@ fn main() {
     };
     eprintln!("e2e: two clusters through two wandist gateways (mutual TLS)…");
     let gw = gateway(&epmd, &beam, &tag, &dir);
+    eprintln!("e2e: the memory of {IDLE_LINKS} idle links…");
+    let idle = idle_link_kib(&dir);
 
     let row = |name: &str, f: &Figures| {
         format!("| {name} | {:.0} | {:.1} | {:.0} | {:.0} |", f.small_per_s, f.large_mb_s, f.p50_us, f.p99_us)
@@ -293,7 +382,9 @@ fn main() {
     let table = format!(
         "### {date} — {}\n\n`cargo bench --bench e2e` ({SMALL} × 100 B, {LARGE} × 64 KiB with an ack per 1000 and at most 4000 / 2000 in flight, {PINGS} pings)\n\n\
          | path | 100 B msgs/s | 64 KiB MB/s | RTT p50 µs | RTT p99 µs |\n|---|---|---|---|---|\n{}\n{}\n{}\n{}\n{}\n\n\
-         Gateways (100 B run): CPU per message relayed {:.2} µs (sending side), {:.2} µs (receiving side); peak RSS {} KiB / {} KiB.\n\n",
+         Gateways (100 B run): CPU per message relayed {:.2} µs (sending side), {:.2} µs (receiving side); peak RSS {} KiB / {} KiB.\n\
+         {MEMBERS} members of a dc2 group were all in dc1's pg {:.0} ms after the route came up. An idle link costs {:.1} KiB of RSS \
+         (a gateway with {IDLE_LINKS} idle links, heartbeating, against none).\n\n",
         machine(),
         row("direct TLS dist", &tls),
         row("direct TCP dist", &tcp),
@@ -304,6 +395,8 @@ fn main() {
         gw.cpu_us_per_msg[1],
         gw.rss_kib[0],
         gw.rss_kib[1],
+        gw.members_after.as_secs_f64() * 1000.0,
+        idle,
     );
     println!("\n{table}");
     if gateway_only {

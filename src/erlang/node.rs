@@ -23,6 +23,8 @@ const TICK: Duration = Duration::from_secs(15);
 /// A node silent this long (four missed ticks) is dropped.
 const SILENT: Duration = Duration::from_secs(75);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// A writer that wrote less than this ago is busy and batches a little more.
+const BUSY: Duration = Duration::from_micros(200);
 /// Packets queued toward one node before the Erlang side waits.
 const OUT_QUEUE: usize = 4096;
 
@@ -142,6 +144,7 @@ async fn serve(
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut batch = BytesMut::with_capacity(64 * 1024);
+        let mut last_write = std::time::Instant::now() - BUSY;
         loop {
             tokio::select! {
                 biased;
@@ -150,6 +153,11 @@ async fn serve(
                     None => return "closed by the gateway".to_string(),
                 },
                 _ = tick.tick() => batch.extend_from_slice(&[0, 0, 0, 0]),
+            }
+            // Busy (we wrote a moment ago): let producers add to this batch
+            // first. Idle: write at once.
+            if last_write.elapsed() < BUSY {
+                tokio::task::yield_now().await;
             }
             while batch.len() < 256 * 1024 {
                 match outgoing.try_recv() {
@@ -160,6 +168,7 @@ async fn serve(
             if let Err(e) = wr.write_all(&batch).await {
                 return format!("write failed: {e}");
             }
+            last_write = std::time::Instant::now();
             batch.clear();
         }
     };

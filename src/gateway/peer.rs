@@ -529,7 +529,15 @@ impl PeerTask {
         match ev {
             LinkEvent::Closed { link, reason } => self.link_closed(link, reason),
             LinkEvent::Rtt { .. } => {}
-            LinkEvent::Frame { link, frame } => self.on_frame(link, frame),
+            LinkEvent::Frames { link, frames } => {
+                for frame in frames {
+                    self.on_frame(link, frame);
+                    // Keep deliveries and acks flowing within a big batch.
+                    if self.route.undelivered().0 >= PUMP_BATCH {
+                        self.pump();
+                    }
+                }
+            }
         }
     }
 

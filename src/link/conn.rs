@@ -30,6 +30,12 @@ const CONTROL_QUEUE: usize = 4096;
 const DATA_QUEUE: usize = 1024;
 /// The writer stops gathering a batch at this size.
 const BATCH_BYTES: usize = 256 * 1024;
+/// Buffer sizes of an idle link (reader and writer); bursts grow them.
+const IDLE_BUFFER: usize = 8 * 1024;
+/// A writer that wrote less than this ago is busy and batches a little more.
+const BUSY: Duration = Duration::from_micros(200);
+/// Frames handed to the owner in one event, at most.
+const MAX_BATCH_FRAMES: usize = 1024;
 /// Data payloads are sent in chunks of at most this size.
 pub const CHUNK_BYTES: usize = 256 * 1024;
 
@@ -49,10 +55,11 @@ pub struct LinkParams {
 /// What a link tells its owner.
 #[derive(Debug)]
 pub enum LinkEvent {
-    /// A control frame for the owner, or a whole (reassembled) data message.
-    Frame {
+    /// Control frames for the owner and whole (reassembled) data messages,
+    /// in arrival order: everything decoded from one read.
+    Frames {
         link: u64,
-        frame: Frame,
+        frames: Vec<Frame>,
     },
     Rtt {
         link: u64,
@@ -192,6 +199,7 @@ impl Reader {
             tracing::warn!(peer = %peer, link = id, "closing link: bad frame from peer: {e}");
             CloseReason::new(e.reason(), e.to_string())
         };
+        let mut batch: Vec<Frame> = Vec::new();
         loop {
             loop {
                 let frame = match codec::decode(&mut self.buf, self.params.max_frame_bytes) {
@@ -227,9 +235,22 @@ impl Reader {
                     // Control frames for the owner may come between chunks.
                     _ => frame,
                 };
-                if self.events.send(LinkEvent::Frame { link: self.id, frame }).await.is_err() {
+                batch.push(frame);
+                if batch.len() >= MAX_BATCH_FRAMES {
+                    break;
+                }
+            }
+            if !batch.is_empty() {
+                let frames = std::mem::replace(&mut batch, Vec::with_capacity(64));
+                if self.events.send(LinkEvent::Frames { link: self.id, frames }).await.is_err() {
                     return CloseReason::new("shutdown", "");
                 }
+                if codec::frame_ready(&self.buf) {
+                    continue; // more whole frames already buffered
+                }
+            }
+            if self.buf.is_empty() && self.buf.capacity() > 4 * CHUNK_BYTES {
+                self.buf = BytesMut::with_capacity(IDLE_BUFFER); // after a large message
             }
             let read = tokio::select! {
                 _ = cancel.cancelled() => return CloseReason::new("closed", ""),
@@ -309,7 +330,9 @@ impl Writer {
     async fn run(mut self, shared: &Shared) -> CloseReason {
         let sent = self.params.metrics.counter(m::BYTES_SENT, &[("peer", &self.params.peer)]);
         let mut next_ping = tokio::time::Instant::now();
-        let mut out = BytesMut::with_capacity(BATCH_BYTES + CHUNK_BYTES + 1024);
+        let mut last_write = Instant::now() - BUSY;
+        // Small to start: an idle link should cost little; it grows under load.
+        let mut out = BytesMut::with_capacity(IDLE_BUFFER);
         let max = self.params.max_frame_bytes;
         loop {
             if shared.cancel.is_cancelled() {
@@ -332,8 +355,18 @@ impl Writer {
                 }
             }
             if tokio::time::Instant::now() >= next_ping {
+                // Idle since the last heartbeat: give back what a burst grew.
+                if out.is_empty() && out.capacity() > IDLE_BUFFER && last_write.elapsed() >= self.params.heartbeat {
+                    out = BytesMut::with_capacity(IDLE_BUFFER);
+                }
                 push(&Frame::control(Header::Ping { nonce: micros_since(self.epoch) }), max, &mut out);
                 next_ping = tokio::time::Instant::now() + self.params.heartbeat;
+            }
+            // Busy (we wrote a moment ago): let the route add to this batch
+            // first, so many small messages share TLS records and syscalls.
+            // Idle: write at once.
+            if last_write.elapsed() < BUSY {
+                tokio::task::yield_now().await;
             }
             // Control first, then data chunks, up to a batch.
             while let Ok(f) = self.control.try_recv() {
@@ -363,6 +396,7 @@ impl Writer {
             if let Err(why) = self.write(&mut out, &sent).await {
                 return why;
             }
+            last_write = Instant::now();
         }
         // Closing on purpose: say goodbye if we can, briefly.
         let goodbye = shared.goodbye.lock().ok().and_then(|g| g.clone());

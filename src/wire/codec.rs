@@ -139,6 +139,11 @@ pub fn decode(buf: &mut BytesMut, max: usize) -> Result<Option<Frame>, CodecErro
     Ok(Some(Frame { header, body }))
 }
 
+/// Whether `buf` already holds a whole frame (or a bad length prefix).
+pub fn frame_ready(buf: &BytesMut) -> bool {
+    buf.len() >= LEN_PREFIX && buf.len() >= LEN_PREFIX + u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize
+}
+
 /// Called at end of stream: bytes left over mean the peer cut a frame short.
 pub fn check_eof(buf: &BytesMut) -> Result<(), CodecError> {
     if buf.is_empty() {
