@@ -562,11 +562,17 @@ impl ErlangSide {
     /// Translates a payload leaving this cluster for `peer`.
     fn outbound(&self, peer: &Arc<str>, input: &[u8]) -> Result<Vec<u8>, etf::EtfError> {
         let mut out = Vec::with_capacity(input.len() + 64);
+        self.outbound_into(peer, input, &mut out)?;
+        Ok(out)
+    }
+
+    /// As `outbound`, appending to `out`.
+    fn outbound_into(&self, peer: &Arc<str>, input: &[u8], out: &mut Vec<u8>) -> Result<(), etf::EtfError> {
         let table = &self.table;
         let me = &self.me;
         etf::translate(
             input,
-            &mut out,
+            out,
             &mut |found| {
                 let (key, is_pid) = match &found {
                     Found::Pid(p) if *p.node != **me => return Ok(Emit::Pid(p.clone())),
@@ -587,7 +593,7 @@ impl ErlangSide {
             },
             false,
         )?;
-        Ok(out)
+        Ok(())
     }
 
     /// Translates a payload arriving from `peer` for this cluster.
@@ -617,33 +623,48 @@ impl ErlangSide {
     }
 
     async fn relay(&self, peer: &Arc<str>, r: Relay, body: &[u8], token: Option<u64>) -> bool {
-        let Some(route) = self.gateway.route(peer) else { return false };
-        let mut payload = match codec::to_vec(&r) {
-            Ok(p) => p,
-            Err(_) => return false,
-        };
+        let mut payload = Vec::with_capacity(64 + body.len());
+        if codec::encode_value(&r, &mut payload).is_err() {
+            return false;
+        }
         payload.extend_from_slice(body);
+        self.submit(peer, payload, token).await
+    }
+
+    async fn submit(&self, peer: &Arc<str>, payload: Vec<u8>, token: Option<u64>) -> bool {
+        let Some(route) = self.gateway.route(peer) else { return false };
         route.submit(Bytes::from(payload), token).await.is_ok()
     }
 
     /// A message from a local process to a proxy (or an alias proxy).
     async fn send_to_peer(&mut self, key: u64, from: Option<Pid>, payload: &[u8], token: Option<u64>, alias: bool) {
         let Some(home) = self.table.home(key).cloned() else { return self.m.reject("unknown_proxy") };
-        let msg = match self.outbound(&home.peer, payload) {
-            Ok(m) => m,
-            Err(e) => {
-                self.m.reject(e.reason());
-                tracing::warn!(peer = %home.peer, "message not sent: {e}");
-                return;
+        let from = from.and_then(|f| {
+            if *f.node == *self.me {
+                self.outbound(&home.peer, &etf::encode(&Term::Pid(f))).ok()
+            } else {
+                // A pid of this cluster: sent as it is (the common case).
+                let mut b = vec![etf::VERSION];
+                etf::put_pid(&mut b, &f);
+                Some(b)
             }
-        };
-        let from = from.and_then(|f| self.outbound(&home.peer, &etf::encode(&Term::Pid(f))).ok());
+        });
         let r = if alias {
             Relay::AliasSend { to: home.bytes.clone(), from }
         } else {
             Relay::Send { to: home.bytes.clone(), from }
         };
-        if self.relay(&home.peer, r, &msg, token).await {
+        // One buffer: the relay header, then the message translated into it.
+        let mut out = Vec::with_capacity(96 + payload.len());
+        if codec::encode_value(&r, &mut out).is_err() {
+            return self.m.reject("untranslatable");
+        }
+        if let Err(e) = self.outbound_into(&home.peer, payload, &mut out) {
+            self.m.reject(e.reason());
+            tracing::warn!(peer = %home.peer, "message not sent: {e}");
+            return;
+        }
+        if self.submit(&home.peer, out, token).await {
             self.m.to_peers.increment(1);
         }
     }

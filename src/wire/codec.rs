@@ -79,6 +79,13 @@ pub fn to_vec<T: serde::Serialize>(value: &T) -> Result<Vec<u8>, CodecError> {
     bincode::serde::encode_to_vec(value, config()).map_err(|e| CodecError::Garbage(e.to_string()))
 }
 
+/// Serializes a value, appending to `out`.
+pub fn encode_value<T: serde::Serialize>(value: &T, out: &mut Vec<u8>) -> Result<(), CodecError> {
+    bincode::serde::encode_into_std_write(value, out, config())
+        .map(|_| ())
+        .map_err(|e| CodecError::Garbage(e.to_string()))
+}
+
 /// Deserializes a value from the front of a payload; returns it and the
 /// bytes it used (what follows is the caller's: e.g. a raw body).
 pub fn from_prefix<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<(T, usize), CodecError> {
