@@ -41,6 +41,8 @@ use crate::wire::codec;
 pub const CONFIRM_NAME: &str = "wandist";
 /// Proxies (pids and references) kept before the oldest unpinned go.
 const MAX_PROXIES: usize = 1_000_000;
+/// Monitors held on local processes for peers, at most.
+const MAX_HELD_MONITORS: usize = 1_000_000;
 /// Events handled per wake-up before looking at the other inputs again.
 const BATCH: usize = 256;
 /// Key of the gateway's own pg peer process; proxies start above.
@@ -817,6 +819,13 @@ impl ErlangSide {
             }
             Relay::Monitor { target } => {
                 let Ok(target) = etf::pid_from_bytes(&target) else { return self.m.reject("bad_relay") };
+                if self.held.len() >= MAX_HELD_MONITORS {
+                    // A peer asking for more monitors than any real system needs.
+                    self.m.reject("too_many_monitors");
+                    let reason = etf::encode(&Term::atom("system_limit"));
+                    self.relay(peer, Relay::Down { target: etf::pid_bytes(&target) }, &reason, None).await;
+                    return;
+                }
                 let mref = self.own_ref();
                 let control = Term::tuple(vec![
                     Term::Int(MONITOR_P),
