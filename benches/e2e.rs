@@ -230,6 +230,8 @@ fn gateway(epmd: &Epmd, beam: &Path, tag: &str, dir: &Path) -> GwFigures {
         y.eval(&format!("Many = [spawn(fun() -> receive stop -> ok end end) || _ <- lists:seq(1, {MEMBERS})], pg:join(wan, many, Many).")),
         "ok"
     );
+    // WANDIST_BENCH_THREADS sets the gateways' worker_threads (default: one per CPU).
+    let threads = std::env::var("WANDIST_BENCH_THREADS").map(|t| format!("worker_threads = {t}\n")).unwrap_or_default();
     let tls = |c: &str| {
         format!("[tls]\ncert = \"certs/{c}.pem\"\nkey = \"certs/{c}.key\"\nca = \"certs/ca.pem\"\n[metrics]\nlisten = \"127.0.0.1:0\"\n")
     };
@@ -237,7 +239,7 @@ fn gateway(epmd: &Epmd, beam: &Path, tag: &str, dir: &Path) -> GwFigures {
     std::fs::write(
         &c2,
         format!(
-            "[gateway]\ncluster = \"dc2\"\nlisten = \"127.0.0.1:0\"\n{}[[route]]\ncluster = \"dc1\"\n[erlang]\nnode = \"wgw2_{tag}@127.0.0.1\"\ncookie = \"cookie_b\"\nnodes = [\"{}\"]\n",
+            "[gateway]\ncluster = \"dc2\"\nlisten = \"127.0.0.1:0\"\n{threads}{}[[route]]\ncluster = \"dc1\"\n[erlang]\nnode = \"wgw2_{tag}@127.0.0.1\"\ncookie = \"cookie_b\"\nnodes = [\"{}\"]\n",
             tls("dc2"),
             y.name
         ),
@@ -249,7 +251,7 @@ fn gateway(epmd: &Epmd, beam: &Path, tag: &str, dir: &Path) -> GwFigures {
     std::fs::write(
         &c1,
         format!(
-            "[gateway]\ncluster = \"dc1\"\n{}[[route]]\ncluster = \"dc2\"\nendpoints = [\"{listen}\"]\n[erlang]\nnode = \"wgw1_{tag}@127.0.0.1\"\ncookie = \"cookie_a\"\nnodes = [\"{}\"]\n",
+            "[gateway]\ncluster = \"dc1\"\n{threads}{}[[route]]\ncluster = \"dc2\"\nendpoints = [\"{listen}\"]\n[erlang]\nnode = \"wgw1_{tag}@127.0.0.1\"\ncookie = \"cookie_a\"\nnodes = [\"{}\"]\n",
             tls("dc1"),
             x.name
         ),

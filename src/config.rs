@@ -110,6 +110,8 @@ pub struct GatewayConfig {
     pub max_pending_handshakes: usize,
     /// Per route: more members than this from one peer is refused.
     pub max_imported_members: usize,
+    /// Runtime worker threads; 0 = one per CPU.
+    pub worker_threads: usize,
 }
 
 /// Paths to PEM files, already resolved against the config's folder, with
@@ -479,6 +481,7 @@ impl Cx<'_> {
                 "max_frame_bytes",
                 "max_pending_handshakes",
                 "max_imported_members",
+                "worker_threads",
             ],
             "[gateway]",
         );
@@ -529,6 +532,7 @@ impl Cx<'_> {
         ) as usize;
         let max_pending_handshakes = self.integer(t, "max_pending_handshakes", 1, 65_536, 256) as usize;
         let max_imported_members = self.integer(t, "max_imported_members", 1, 100_000_000, 1_000_000) as usize;
+        let worker_threads = self.integer(t, "worker_threads", 0, 1024, 0) as usize;
         let (cluster, _) = cluster?;
         Some(GatewayConfig {
             cluster,
@@ -544,6 +548,7 @@ impl Cx<'_> {
             max_frame_bytes,
             max_pending_handshakes,
             max_imported_members,
+            worker_threads,
         })
     }
 

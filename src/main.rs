@@ -7,6 +7,11 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
+/// mimalloc: the relay path allocates and frees many short buffers across
+/// threads; glibc's malloc spent measurable time there (see BENCHMARKS.md).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Exit code for a configuration that cannot be used (EX_USAGE... EX_DATAERR family).
 const EXIT_CONFIG: u8 = 64;
 
@@ -126,7 +131,12 @@ fn run(config: PathBuf) -> ExitCode {
     };
     init_logging("info");
     let metrics = wandist::metrics::Metrics::new();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let threads = prepared.config.gateway.worker_threads;
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if threads > 0 {
+        builder.worker_threads(threads);
+    }
+    let runtime = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             tracing::error!("cannot start the runtime: {e}");
