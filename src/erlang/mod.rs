@@ -601,11 +601,17 @@ impl ErlangSide {
     /// Translates a payload arriving from `peer` for this cluster.
     fn inbound(&mut self, peer: &Arc<str>, input: &[u8]) -> Result<Vec<u8>, etf::EtfError> {
         let mut out = Vec::with_capacity(input.len() + 64);
+        self.inbound_into(peer, input, &mut out)?;
+        Ok(out)
+    }
+
+    /// As `inbound`, appending to `out`.
+    fn inbound_into(&mut self, peer: &Arc<str>, input: &[u8], out: &mut Vec<u8>) -> Result<(), etf::EtfError> {
         let table = &mut self.table;
         let me = &self.me;
         etf::translate(
             input,
-            &mut out,
+            out,
             &mut |found| match found {
                 Found::Pid(p) => {
                     let key = table.key_for(Home { peer: peer.clone(), bytes: etf::pid_bytes(&p) });
@@ -621,7 +627,7 @@ impl ErlangSide {
             },
             true,
         )?;
-        Ok(out)
+        Ok(())
     }
 
     async fn relay(&self, peer: &Arc<str>, r: Relay, body: &[u8], token: Option<u64>) -> bool {
@@ -880,21 +886,24 @@ impl ErlangSide {
             tracing::debug!(node, "message for a node the gateway is not connected to: dropped");
             return;
         }
-        let msg = match self.inbound(peer, body) {
-            Ok(m) => m,
-            Err(e) => {
-                self.m.reject(e.reason());
-                tracing::warn!(peer = %peer, "message from peer not delivered: {e}");
-                return;
-            }
-        };
-        let from = match from.map(|f| self.inbound(peer, &f)) {
-            Some(Ok(f)) => etf::decode(&f).ok().and_then(|(t, _)| t.as_pid().cloned()),
-            _ => None,
+        // One buffer: length, pass-through, the control tuple, the message.
+        let mut pkt = Vec::with_capacity(96 + body.len());
+        pkt.extend_from_slice(&[0, 0, 0, 0, PASS_THROUGH, etf::VERSION, 104, 3, 97, code as u8]);
+        let from = from.and_then(|f| self.inbound(peer, &f).ok()).filter(|f| f.len() > 1);
+        match from {
+            Some(f) => pkt.extend_from_slice(&f[1..]),
+            None => etf::put_pid(&mut pkt, &self.gw),
         }
-        .unwrap_or_else(|| self.gw.clone());
-        let control = Term::tuple(vec![Term::Int(code), Term::Pid(from), to]);
-        if self.send(&node, control, Some(&msg)).await {
+        etf::put_term(&mut pkt, &to);
+        if let Err(e) = self.inbound_into(peer, body, &mut pkt) {
+            self.m.reject(e.reason());
+            tracing::warn!(peer = %peer, "message from peer not delivered: {e}");
+            return;
+        }
+        let len = (pkt.len() - 4) as u32;
+        pkt[..4].copy_from_slice(&len.to_be_bytes());
+        let Some(tx) = self.nodes.get(node.as_str()).and_then(|n| n.tx.as_ref()) else { return };
+        if tx.send(Bytes::from(pkt)).await.is_ok() {
             self.m.from_peers.increment(1);
         }
     }
