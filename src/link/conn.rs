@@ -31,7 +31,7 @@ const DATA_QUEUE: usize = 1024;
 /// The writer stops gathering a batch at this size.
 const BATCH_BYTES: usize = 256 * 1024;
 /// Buffer sizes of an idle link (reader and writer); bursts grow them.
-const IDLE_BUFFER: usize = 8 * 1024;
+const IDLE_BUFFER: usize = 2 * 1024;
 /// A writer that wrote less than this ago is busy and batches a little more.
 const BUSY: Duration = Duration::from_micros(200);
 /// Frames handed to the owner in one event, at most.
