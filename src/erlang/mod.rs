@@ -116,6 +116,8 @@ pub struct ErlangSide {
     next_ref: u32,
     confirms: HashMap<u64, (Pid, Term)>,
     next_token: u64,
+    /// Peers whose route is up (told by the routes: `Up` and `Lost`).
+    up: std::collections::HashSet<Arc<str>>,
     m: ErlMetrics,
 }
 
@@ -224,6 +226,7 @@ pub fn start(
         next_ref: 1,
         confirms: HashMap::new(),
         next_token: 1,
+        up: Default::default(),
         m,
     };
     tracker.spawn(side.run(events, from_gateway, cancel));
@@ -705,6 +708,18 @@ impl ErlangSide {
     // ---- monitors ----
 
     async fn watch(&mut self, key: u64, watcher: Pid, mref: Ref) {
+        // Route down: as with a monitor on a node that is not connected.
+        if self.table.home(key).is_some_and(|h| !self.up.contains(&h.peer)) {
+            let control = Term::tuple(vec![
+                Term::Int(MONITOR_P_EXIT),
+                Term::Pid(self.table.pid(key)),
+                Term::Pid(watcher.clone()),
+                Term::Ref(mref),
+                Term::atom("noconnection"),
+            ]);
+            self.send(&watcher.node, control, None).await;
+            return;
+        }
         let first = !self.watched.contains_key(&key);
         self.watched.entry(key).or_default().push((watcher, mref));
         if first {
@@ -781,7 +796,11 @@ impl ErlangSide {
                 self.send_msg(&from, &reply).await;
             }
             ToLocal::Members { peer, change } => self.remote_members(&peer, change).await,
+            ToLocal::Up { peer } => {
+                self.up.insert(peer);
+            }
             ToLocal::Lost { peer } => {
+                self.up.remove(&peer);
                 let reason = etf::encode(&Term::atom("noconnection"));
                 let keys: Vec<u64> = self
                     .watched

@@ -28,6 +28,8 @@ pub enum ToLocal {
     /// The route lost every link, or the peer gateway restarted: whatever
     /// the peer was doing for us (monitors) is gone.
     Lost { peer: Arc<str> },
+    /// The route has a live link again (after `Lost`, or for the first time).
+    Up { peer: Arc<str> },
 }
 
 /// A message for the peer, as the route task receives it.

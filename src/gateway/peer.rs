@@ -503,6 +503,7 @@ impl PeerTask {
             if self.down_since.take().is_some() {
                 tracing::info!(peer = %self.peer, "route up");
             }
+            self.outbox.push_back(ToLocal::Up { peer: self.peer.clone() });
             self.withdrawn = false;
             self.send_snapshot();
         }

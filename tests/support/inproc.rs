@@ -81,12 +81,18 @@ impl InProc {
     }
 }
 
-/// Receives the next item, bounded by SOON.
+/// Receives the next item, bounded by SOON; skips `Up` notices (every
+/// route sends one when it first comes up).
 pub async fn next(rx: &mut mpsc::Receiver<ToLocal>, what: &str) -> ToLocal {
-    tokio::time::timeout(SOON, rx.recv())
-        .await
-        .unwrap_or_else(|_| panic!("timed out waiting for {what}"))
-        .unwrap_or_else(|| panic!("channel closed waiting for {what}"))
+    loop {
+        let item = tokio::time::timeout(SOON, rx.recv())
+            .await
+            .unwrap_or_else(|_| panic!("timed out waiting for {what}"))
+            .unwrap_or_else(|| panic!("channel closed waiting for {what}"));
+        if !matches!(item, ToLocal::Up { .. }) {
+            return item;
+        }
+    }
 }
 
 /// Logs of in-process gateways on stderr when WANDIST_TEST_LOG is set (its
