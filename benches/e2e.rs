@@ -33,20 +33,25 @@ fn parse_f(s: &str) -> f64 {
     s.trim().parse().unwrap_or_else(|_| panic!("not a number: {s}"))
 }
 
-/// Runs the three workloads from `x` against receiver expression `r` (bound as R).
-fn workloads(x: &mut Erl) -> Figures {
+/// Runs the three workloads from `x` against the receiver bound as `R`.
+/// `cpu` is read before and after the 100 B run; returns the figures and
+/// the difference of its two readings.
+fn workloads(x: &mut Erl, mut cpu: impl FnMut() -> [f64; 2]) -> (Figures, [f64; 2]) {
     let long = Duration::from_secs(300);
     x.eval("Small = binary:copy(<<\"x\">>, 100), Large = binary:copy(<<\"y\">>, 65536), ok.");
     // Warm up the path (and the gateways' proxies) before measuring.
     x.eval_within("wandist_bench:stream(R, 10000, Small, 4000).", long);
+    let before = cpu();
     let us = parse_f(&x.eval_within(&format!("wandist_bench:stream(R, {SMALL}, Small, 4000)."), long));
+    let after = cpu();
     let small_per_s = SMALL as f64 / (us / 1e6);
     let us = parse_f(&x.eval_within(&format!("wandist_bench:stream(R, {LARGE}, Large, 2000)."), long));
     let large_mb_s = (LARGE * 65536) as f64 / (us / 1e6) / 1e6;
     let pp = x.eval_within(&format!("wandist_bench:pingpong(R, {PINGS})."), long);
     let pp = pp.trim_matches(|c| c == '{' || c == '}');
     let (p50, p99) = pp.split_once(',').expect("pingpong result");
-    Figures { small_per_s, large_mb_s, p50_us: parse_f(p50), p99_us: parse_f(p99) }
+    let f = Figures { small_per_s, large_mb_s, p50_us: parse_f(p50), p99_us: parse_f(p99) };
+    (f, [after[0] - before[0], after[1] - before[1]])
 }
 
 fn pa(dir: &Path) -> Vec<String> {
@@ -62,7 +67,7 @@ fn direct(epmd: &Epmd, beam: &Path, tag: &str, extra: &[String]) -> Figures {
     assert_eq!(y.eval("register(rcv, wandist_bench:receiver())."), "true");
     assert_eq!(x.eval(&format!("net_kernel:connect_node('{}').", y.name)), "true");
     assert_eq!(x.eval(&format!("R = rpc:call('{}', erlang, whereis, [rcv]), is_pid(R).", y.name)), "true");
-    workloads(&mut x)
+    workloads(&mut x, || [0.0, 0.0]).0
 }
 
 struct Gw {
@@ -264,31 +269,13 @@ fn gateway(epmd: &Epmd, beam: &Path, tag: &str, dir: &Path) -> GwFigures {
     let members_after = route_up.elapsed();
     x.eval_until("length(pg:get_members(wan, bench)).", |v| v == "1");
     assert_eq!(x.eval("R = hd(pg:get_members(wan, bench)), ok."), "ok");
-    let before = [gw1.usage().0, gw2.usage().0];
     if std::env::var_os("WANDIST_BENCH_GATEWAY_ONLY").is_some() {
         eprintln!("e2e: gateway pids {} (sending) {} (receiving)", gw1.child.id(), gw2.child.id());
     }
-    let long = Duration::from_secs(300);
-    x.eval("Small = binary:copy(<<\"x\">>, 100), Large = binary:copy(<<\"y\">>, 65536), ok.");
-    x.eval_within("wandist_bench:stream(R, 10000, Small, 4000).", long);
-    let start_cpu = [gw1.usage().0, gw2.usage().0];
-    let us = parse_f(&x.eval_within(&format!("wandist_bench:stream(R, {SMALL}, Small, 4000)."), long));
-    let end_cpu = [gw1.usage().0, gw2.usage().0];
-    let _ = before;
-    let small_per_s = SMALL as f64 / (us / 1e6);
-    let us = parse_f(&x.eval_within(&format!("wandist_bench:stream(R, {LARGE}, Large, 2000)."), long));
-    let large_mb_s = (LARGE * 65536) as f64 / (us / 1e6) / 1e6;
-    let pp = x.eval_within(&format!("wandist_bench:pingpong(R, {PINGS})."), long);
-    let pp = pp.trim_matches(|c| c == '{' || c == '}');
-    let (p50, p99) = pp.split_once(',').expect("pingpong result");
-    let cpu = [0, 1].map(|i| (end_cpu[i] - start_cpu[i]) * 1e6 / SMALL as f64);
+    let (f, cpu_s) = workloads(&mut x, || [gw1.usage().0, gw2.usage().0]);
+    let cpu = cpu_s.map(|s| s * 1e6 / SMALL as f64);
     let rss = [gw1.usage().1, gw2.usage().1];
-    GwFigures {
-        f: Figures { small_per_s, large_mb_s, p50_us: parse_f(p50), p99_us: parse_f(p99) },
-        cpu_us_per_msg: cpu,
-        rss_kib: rss,
-        members_after,
-    }
+    GwFigures { f, cpu_us_per_msg: cpu, rss_kib: rss, members_after }
 }
 
 fn machine() -> String {

@@ -461,6 +461,17 @@ impl ErlangSide {
         }
     }
 
+    /// Drops a monitor we hold on a local process.
+    async fn demonitor(&self, target: &Pid, mref: Ref) {
+        let control = Term::tuple(vec![
+            Term::Int(DEMONITOR_P),
+            Term::Pid(self.gw.clone()),
+            Term::Pid(target.clone()),
+            Term::Ref(mref),
+        ]);
+        self.send(&target.node, control, None).await;
+    }
+
     /// Answers a monitor on something that does not exist here.
     async fn noproc(&self, target: Term, watcher: &Pid, mref: &Ref) {
         let exit = Term::tuple(vec![
@@ -815,13 +826,7 @@ impl ErlangSide {
                     self.held.iter().filter(|(_, (p, _))| *p == peer).map(|(r, _)| r.clone()).collect();
                 for r in held {
                     if let Some((_, target)) = self.held.remove(&r) {
-                        let control = Term::tuple(vec![
-                            Term::Int(DEMONITOR_P),
-                            Term::Pid(self.gw.clone()),
-                            Term::Pid(target.clone()),
-                            Term::Ref(r),
-                        ]);
-                        self.send(&target.node, control, None).await;
+                        self.demonitor(&target, r).await;
                     }
                 }
             }
@@ -870,13 +875,7 @@ impl ErlangSide {
                 let found = self.held.iter().find(|(_, (p, t))| p == peer && *t == target).map(|(r, _)| r.clone());
                 if let Some(r) = found {
                     self.held.remove(&r);
-                    let control = Term::tuple(vec![
-                        Term::Int(DEMONITOR_P),
-                        Term::Pid(self.gw.clone()),
-                        Term::Pid(target.clone()),
-                        Term::Ref(r),
-                    ]);
-                    self.send(&target.node, control, None).await;
+                    self.demonitor(&target, r).await;
                 }
             }
             Relay::Down { target } => {
