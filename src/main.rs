@@ -9,6 +9,8 @@ use tokio_util::sync::CancellationToken;
 
 /// mimalloc: the relay path allocates and frees many short buffers across
 /// threads; glibc's malloc spent measurable time there (see BENCHMARKS.md).
+/// Run with MIMALLOC_ARENA_EAGER_COMMIT=0 (the Dockerfile does) for the
+/// smallest idle footprint.
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
