@@ -270,3 +270,93 @@ fn the_gateway_process_finds_nodes_through_epmd_and_survives_node_and_scope_rest
     a1.eval_until("length(pg:get_members(wan, svc)).", |v| v == "1");
     gw2.wait_log("pg scope process ended", SOON);
 }
+
+/// One slow peer must not hold up the others: with dc3's cluster stalled
+/// (its node stopped with SIGSTOP), dc1 still talks to dc2, and dc3 gets
+/// everything, in order, once it runs again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_peer_cluster_does_not_hold_up_the_others() {
+    let t = tag();
+    let epmd = epmd();
+    let mut a1 = Erl::start(&format!("a1_{t}"), "cookie_a", &epmd);
+    let mut b1 = Erl::start(&format!("b1_{t}"), "cookie_b", &epmd);
+    let mut c1 = Erl::start(&format!("c1_{t}"), "cookie_c", &epmd);
+    for n in [&mut a1, &mut b1, &mut c1] {
+        assert_eq!(n.eval("{ok, _} = pg:start(wan), ok."), "ok");
+    }
+    assert_eq!(
+        b1.eval("E = spawn(fun L() -> receive {'$gen_call', F, R} -> gen:reply(F, {echo, R}), L() end end), pg:join(wan, echo, E)."),
+        "ok"
+    );
+    assert_eq!(
+        c1.eval(
+            "S = spawn(fun() -> (fun L(Next) -> receive {n, Next, _} -> L(Next + 1); {get, P} -> P ! {got, Next - 1}, L(Next) end end)(1) end), \
+             register(slow, S), pg:join(wan, slow, S)."
+        ),
+        "ok"
+    );
+    let certs = Certs::new(&["dc1", "dc2", "dc3"]);
+    let erl = |node: String, cookie: &str, n: &Erl, port: u16| {
+        format!(
+            "[erlang]\nnode = \"{node}\"\ncookie = \"{cookie}\"\nnodes = [{{ name = \"{}\", port = {port} }}]\n",
+            n.name
+        )
+    };
+    let small = "window_messages = 50\n";
+    let gw2 = InProc::start_erlang(
+        "gw-dc2",
+        &format!(
+            "{}{}[[route]]\ncluster = \"dc1\"\n{}",
+            gateway_table("dc2", true),
+            certs.tls_table("dc2"),
+            erl(format!("w2_{t}@127.0.0.1"), "cookie_b", &b1, dist_port(&epmd, &b1.name).await)
+        ),
+    )
+    .await;
+    let gw3 = InProc::start_erlang(
+        "gw-dc3",
+        &format!(
+            "{}{}[[route]]\ncluster = \"dc1\"\n{small}{}",
+            gateway_table("dc3", true),
+            certs.tls_table("dc3"),
+            erl(format!("w3_{t}@127.0.0.1"), "cookie_c", &c1, dist_port(&epmd, &c1.name).await)
+        ),
+    )
+    .await;
+    let gw1 = InProc::start_erlang(
+        "gw-dc1",
+        &format!(
+            "{}{}[[route]]\ncluster = \"dc2\"\nendpoints = [\"{}\"]\n[[route]]\ncluster = \"dc3\"\nendpoints = [\"{}\"]\n{small}{}",
+            gateway_table("dc1", false),
+            certs.tls_table("dc1"),
+            gw2.peer_addr(),
+            gw3.peer_addr(),
+            erl(format!("w1_{t}@127.0.0.1"), "cookie_a", &a1, dist_port(&epmd, &a1.name).await)
+        ),
+    )
+    .await;
+    a1.eval_until("{length(pg:get_members(wan, echo)), length(pg:get_members(wan, slow))}.", |v| v == "{1,1}");
+
+    // dc3's only node stops reading: what gw-dc3 and the sockets can hold
+    // (about 13k such messages) fills, and the rest backs up to gw-dc1.
+    let stop = std::process::Command::new("kill").args(["-STOP", &c1.pid().to_string()]).status().unwrap();
+    assert!(stop.success());
+    assert_eq!(
+        a1.eval(
+            "Slow = hd(pg:get_members(wan, slow)), Blob = binary:copy(<<1>>, 2000), \
+             [Slow ! {n, I, Blob} || I <- lists:seq(1, 20000)], ok."
+        ),
+        "ok"
+    );
+    gw1.wait_metric("wandist_unacked_messages", &[("peer", "dc3")], |v| v == 50.0).await;
+    // dc2 is unaffected.
+    assert_eq!(a1.eval("gen_server:call(hd(pg:get_members(wan, echo)), hi, 5000)."), "{echo,hi}");
+    // dc3 resumes and gets all 20000, in order.
+    let cont = std::process::Command::new("kill").args(["-CONT", &c1.pid().to_string()]).status().unwrap();
+    assert!(cont.success());
+    // (REPL bindings persist: a fun keeps the pattern variable fresh.)
+    c1.eval("Got = fun() -> slow ! {get, self()}, receive {got, X1} -> X1 after 5000 -> -1 end end, ok.");
+    c1.eval_until("Got() >= 20000.", |v| v == "true");
+    assert_eq!(c1.eval("Got()."), "20000", "more than was sent, or out of order");
+    drop((gw1, gw2, gw3));
+}

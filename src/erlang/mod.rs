@@ -31,7 +31,7 @@ use self::etf::{Emit, Found, Pid, Ref, Term};
 use self::node::{packet, NodeEvent, NodeParams};
 use self::proxies::{Home, Table};
 use crate::config::{ErlangConfig, GatewayConfig};
-use crate::gateway::{LocalHandle, ToLocal};
+use crate::gateway::{LocalHandle, ToLocal, TrySubmit};
 use crate::membership::Change;
 use crate::metrics::{self as m, Metrics};
 use crate::route::Outcome;
@@ -41,6 +41,10 @@ use crate::wire::codec;
 pub const CONFIRM_NAME: &str = "wandist";
 /// Proxies (pids and references) kept before the oldest unpinned go.
 const MAX_PROXIES: usize = 1_000_000;
+/// How often pending payloads are retried when nothing else happens.
+const PENDING_RETRY: Duration = Duration::from_millis(1);
+/// Messages held per peer while its route is full, before senders wait.
+const MAX_PENDING: usize = 16_384;
 /// Monitors held on local processes for peers, at most.
 const MAX_HELD_MONITORS: usize = 1_000_000;
 /// Events handled per wake-up before looking at the other inputs again.
@@ -116,6 +120,8 @@ pub struct ErlangSide {
     next_ref: u32,
     confirms: HashMap<u64, (Pid, Term)>,
     next_token: u64,
+    /// Relay payloads waiting for a full route, per peer (bounded).
+    pending: HashMap<Arc<str>, std::collections::VecDeque<(Bytes, Option<u64>)>>,
     /// Peers whose route is up (told by the routes: `Up` and `Lost`).
     up: std::collections::HashSet<Arc<str>>,
     m: ErlMetrics,
@@ -227,6 +233,7 @@ pub fn start(
         confirms: HashMap::new(),
         next_token: 1,
         up: Default::default(),
+        pending: HashMap::new(),
         m,
     };
     tracker.spawn(side.run(events, from_gateway, cancel));
@@ -260,6 +267,10 @@ impl ErlangSide {
                     }
                 }
                 _ = rediscover.tick() => self.discover_missing().await,
+                _ = tokio::time::sleep(PENDING_RETRY), if self.has_pending() => {}
+            }
+            if self.has_pending() {
+                self.flush_pending();
             }
             self.m.proxies.set(self.table.len() as f64);
         }
@@ -644,7 +655,7 @@ impl ErlangSide {
         Ok(())
     }
 
-    async fn relay(&self, peer: &Arc<str>, r: Relay, body: &[u8], token: Option<u64>) -> bool {
+    async fn relay(&mut self, peer: &Arc<str>, r: Relay, body: &[u8], token: Option<u64>) -> bool {
         let mut payload = Vec::with_capacity(64 + body.len());
         if codec::encode_value(&r, &mut payload).is_err() {
             return false;
@@ -653,9 +664,53 @@ impl ErlangSide {
         self.submit(peer, payload, token).await
     }
 
-    async fn submit(&self, peer: &Arc<str>, payload: Vec<u8>, token: Option<u64>) -> bool {
-        let Some(route) = self.gateway.route(peer) else { return false };
-        route.submit(Bytes::from(payload), token).await.is_ok()
+    /// Hands a relay payload to the peer's route. When the route is full
+    /// (its window is), the payload waits in that peer's pending queue, so a
+    /// slow peer does not hold up the others; only when that queue is at its
+    /// bound does this wait, pushing back on the local nodes.
+    async fn submit(&mut self, peer: &Arc<str>, payload: Vec<u8>, token: Option<u64>) -> bool {
+        let Some(route) = self.gateway.route(peer).cloned() else { return false };
+        let q = self.pending.entry(peer.clone()).or_default();
+        let payload = Bytes::from(payload);
+        if q.is_empty() {
+            match route.try_submit(payload, token) {
+                Ok(()) => return true,
+                Err(TrySubmit::Gone) => return false,
+                Err(TrySubmit::Full(p, t)) => q.push_back((p, t)),
+            }
+        } else {
+            q.push_back((payload, token));
+        }
+        while self.pending.get(peer).is_some_and(|q| q.len() > MAX_PENDING) {
+            let Some((p, t)) = self.pending.get_mut(peer).and_then(|q| q.pop_front()) else { break };
+            if route.submit(p, t).await.is_err() {
+                return false;
+            }
+        }
+        true
+    }
+
+    /// Moves pending payloads to routes that have room again.
+    fn flush_pending(&mut self) {
+        for (peer, q) in self.pending.iter_mut() {
+            let Some(route) = self.gateway.route(peer) else {
+                q.clear();
+                continue;
+            };
+            while let Some((p, t)) = q.pop_front() {
+                match route.try_submit(p, t) {
+                    Ok(()) | Err(TrySubmit::Gone) => {}
+                    Err(TrySubmit::Full(p, t)) => {
+                        q.push_front((p, t));
+                        break;
+                    }
+                }
+            }
+        }
+    }
+
+    fn has_pending(&self) -> bool {
+        self.pending.values().any(|q| !q.is_empty())
     }
 
     /// A message from a local process to a proxy (or an alias proxy).

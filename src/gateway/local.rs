@@ -56,7 +56,23 @@ pub struct RouteHandle {
     pub(crate) submit: mpsc::Sender<Submit>,
 }
 
+/// Why `try_submit` did not take a message.
+#[derive(Debug)]
+pub enum TrySubmit {
+    /// The route's queue is full (its window is full too): try again later.
+    Full(Bytes, Option<u64>),
+    Gone,
+}
+
 impl RouteHandle {
+    /// Hands a message to the route if its queue has room, without waiting.
+    pub fn try_submit(&self, payload: Bytes, token: Option<u64>) -> Result<(), TrySubmit> {
+        self.submit.try_send(Submit { payload, token }).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(s) => TrySubmit::Full(s.payload, s.token),
+            mpsc::error::TrySendError::Closed(_) => TrySubmit::Gone,
+        })
+    }
+
     /// Hands a message to the route; waits while its window is full. With a
     /// token, a `ToLocal::Confirm` for it follows.
     pub async fn submit(&self, payload: Bytes, token: Option<u64>) -> Result<(), RouteGone> {

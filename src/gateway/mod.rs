@@ -5,7 +5,7 @@
 mod local;
 mod peer;
 
-pub use local::{LocalHandle, RouteGone, RouteHandle, ToLocal};
+pub use local::{LocalHandle, RouteGone, RouteHandle, ToLocal, TrySubmit};
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
