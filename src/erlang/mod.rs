@@ -81,7 +81,7 @@ enum Relay {
 }
 
 struct NodeLink {
-    tx: Option<mpsc::Sender<Bytes>>,
+    tx: Option<node::NodeTx>,
     scope: Option<Pid>,
     /// The node's own members, per group (a pid may appear more than once).
     members: BTreeMap<String, Vec<Pid>>,
@@ -284,7 +284,7 @@ impl ErlangSide {
     /// Queues a packet to a node (waits if that node is far behind).
     async fn send(&self, node: &str, control: Term, payload: Option<&[u8]>) -> bool {
         let Some(tx) = self.nodes.get(node).and_then(|n| n.tx.as_ref()) else { return false };
-        tx.send(packet(&control, payload)).await.is_ok()
+        tx.send(packet(&control, payload)).await
     }
 
     async fn send_msg(&self, to: &Pid, msg: &Term) -> bool {
@@ -976,7 +976,7 @@ impl ErlangSide {
         let len = (pkt.len() - 4) as u32;
         pkt[..4].copy_from_slice(&len.to_be_bytes());
         let Some(tx) = self.nodes.get(node.as_str()).and_then(|n| n.tx.as_ref()) else { return };
-        if tx.send(Bytes::from(pkt)).await.is_ok() {
+        if tx.send(Bytes::from(pkt)).await {
             self.m.from_peers.increment(1);
         }
     }

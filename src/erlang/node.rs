@@ -9,7 +9,7 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use super::dist::{self, PASS_THROUGH};
@@ -25,15 +25,38 @@ const SILENT: Duration = Duration::from_secs(75);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// A writer that wrote less than this ago is busy and batches a little more.
 const BUSY: Duration = Duration::from_micros(200);
-/// Packets queued toward one node before the Erlang side waits.
+/// Packets, and bytes, queued toward one node before the Erlang side waits.
 const OUT_QUEUE: usize = 4096;
+const OUT_BYTES: usize = 64 * 1024 * 1024;
+
+/// The way to one node's writer, bounded in packets and in bytes.
+#[derive(Clone, Debug)]
+pub struct NodeTx {
+    tx: mpsc::Sender<(Bytes, OwnedSemaphorePermit)>,
+    budget: Arc<Semaphore>,
+}
+
+impl NodeTx {
+    fn new() -> (NodeTx, mpsc::Receiver<(Bytes, OwnedSemaphorePermit)>) {
+        let (tx, rx) = mpsc::channel(OUT_QUEUE);
+        (NodeTx { tx, budget: Arc::new(Semaphore::new(OUT_BYTES)) }, rx)
+    }
+
+    /// Queues a packet; waits while the node is that far behind.
+    pub async fn send(&self, pkt: Bytes) -> bool {
+        // A packet larger than the whole budget takes all of it, alone.
+        let n = pkt.len().min(OUT_BYTES) as u32;
+        let Ok(permit) = self.budget.clone().acquire_many_owned(n).await else { return false };
+        self.tx.send((pkt, permit)).await.is_ok()
+    }
+}
 
 /// What a node connection reports.
 #[derive(Debug)]
 pub enum NodeEvent {
     Up {
         node: Arc<str>,
-        tx: mpsc::Sender<Bytes>,
+        tx: NodeTx,
     },
     Down {
         node: Arc<str>,
@@ -88,7 +111,7 @@ pub async fn run(node: ErlNode, p: NodeParams, events: mpsc::Sender<NodeEvent>, 
             Ok(stream) => {
                 backoff.reset();
                 tracing::info!(node = %name, "connected to Erlang node (hidden)");
-                let (tx, rx) = mpsc::channel(OUT_QUEUE);
+                let (tx, rx) = NodeTx::new();
                 if events.send(NodeEvent::Up { node: name.clone(), tx }).await.is_err() {
                     return;
                 }
@@ -134,7 +157,7 @@ async fn serve(
     stream: TcpStream,
     name: &Arc<str>,
     p: &NodeParams,
-    mut outgoing: mpsc::Receiver<Bytes>,
+    mut outgoing: mpsc::Receiver<(Bytes, OwnedSemaphorePermit)>,
     events: &mpsc::Sender<NodeEvent>,
 ) -> String {
     let (rd, mut wr) = stream.into_split();
@@ -149,7 +172,7 @@ async fn serve(
             tokio::select! {
                 biased;
                 pkt = outgoing.recv() => match pkt {
-                    Some(pkt) => batch.extend_from_slice(&pkt),
+                    Some((pkt, _permit)) => batch.extend_from_slice(&pkt),
                     None => return "closed by the gateway".to_string(),
                 },
                 _ = tick.tick() => batch.extend_from_slice(&[0, 0, 0, 0]),
@@ -161,7 +184,7 @@ async fn serve(
             }
             while batch.len() < 256 * 1024 {
                 match outgoing.try_recv() {
-                    Ok(pkt) => batch.extend_from_slice(&pkt),
+                    Ok((pkt, _permit)) => batch.extend_from_slice(&pkt),
                     Err(_) => break,
                 }
             }
