@@ -148,14 +148,7 @@ fn a_certificate_from_another_ca_is_refused_on_both_sides() {
 fn a_route_through_a_real_socks5_proxy_survives_the_proxy_restarting() {
     let certs = Certs::new(&["dc1", "dc2"]);
     let mut proxy = Socks5Server::start(Some(("wan", "s3cret-pw")));
-    let dc1 = Gateway::start(
-        "dc1",
-        &format!(
-            "{}{}[[route]]\ncluster = \"dc2\"\nendpoints = []\n",
-            gateway_table("dc1", true),
-            certs.tls_table("dc1")
-        ),
-    );
+    let dc1 = Gateway::start("dc1", &accepting("dc1", &certs, "dc2"));
     let dc2 = Gateway::start("dc2", &format!(
         "{}{}[[route]]\ncluster = \"dc1\"\nendpoints = [\"{}\"]\nsocks5 = \"{}\"\nsocks5_username = \"wan\"\nsocks5_password = \"s3cret-pw\"\n",
         gateway_table("dc2", false), certs.tls_table("dc2"), dc1.peer_addr(), proxy.addr
