@@ -68,7 +68,7 @@ async fn stream_through_a_fault(fault: Fault) {
     let mut last = Instant::now();
     while expect < TOTAL {
         match next(&mut dc2.rx, &format!("message {expect}")).await {
-            ToLocal::Deliver { peer, payload } => {
+            ToLocal::Deliver { peer, payload, .. } => {
                 assert_eq!(&*peer, "dc1");
                 let got = u64::from_be_bytes(payload[..].try_into().unwrap());
                 assert_eq!(got, expect, "out of order or duplicated");
@@ -255,7 +255,9 @@ async fn members_until(
             }
             // The route went down (or its peer restarted) or came up: membership news follows.
             ToLocal::Lost { .. } | ToLocal::Up { .. } => {}
-            ToLocal::Deliver { peer, payload } => panic!("{}: unexpected message from {peer}: {payload:?}", gw.name),
+            ToLocal::Deliver { peer, payload, .. } => {
+                panic!("{}: unexpected message from {peer}: {payload:?}", gw.name)
+            }
             other => panic!("{}: unexpected {other:?}", gw.name),
         }
     }
@@ -307,7 +309,7 @@ async fn membership_is_not_transitive_along_a_line_and_forged_adverts_are_reject
     // A message from dc3 goes to dc2's cluster and no further.
     c.running().local.route("dc2").unwrap().submit(Bytes::from_static(b"for dc1?"), Some(1)).await.unwrap();
     match next(&mut b.rx, "dc3's message at dc2").await {
-        ToLocal::Deliver { peer, payload } => assert_eq!((&*peer, &payload[..]), ("dc3", &b"for dc1?"[..])),
+        ToLocal::Deliver { peer, payload, .. } => assert_eq!((&*peer, &payload[..]), ("dc3", &b"for dc1?"[..])),
         other => panic!("unexpected {other:?}"),
     }
     assert!(matches!(
@@ -452,5 +454,38 @@ async fn large_messages_do_not_hold_up_heartbeats_or_small_messages() {
             "{}: a link died",
             gw.name
         );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_local_side_holds_at_most_its_byte_budget_of_messages() {
+    const BIG: usize = 64 * 1024 * 1024;
+    let certs = Certs::new(&["dc1", "dc2"]);
+    let mut dc2 = InProc::start("dc2", &accepting("dc2", &certs, "dc1"), 4096).await;
+    let dc1 = InProc::start("dc1", &dialing("dc1", &certs, "dc2", dc2.peer_addr()), 4096).await;
+    let route = dc1.running().local.route("dc2").unwrap().clone();
+    tokio::spawn(async move {
+        for i in 0..5u8 {
+            route.submit(Bytes::from(vec![i; BIG]), None).await.unwrap();
+        }
+    });
+    // Take four (256 MiB, the budget) and keep them: the fifth must wait.
+    let mut kept = Vec::new();
+    for i in 0..4u8 {
+        match next(&mut dc2.rx, "a big message").await {
+            ToLocal::Deliver { payload, held, .. } => {
+                assert_eq!((payload.len(), payload[0]), (BIG, i));
+                kept.push((payload, held));
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    let early = tokio::time::timeout(Duration::from_millis(1500), dc2.rx.recv()).await;
+    assert!(early.is_err(), "a fifth message was handed over beyond the budget");
+    // Done with them: the fifth comes.
+    drop(kept);
+    match next(&mut dc2.rx, "the fifth").await {
+        ToLocal::Deliver { payload, .. } => assert_eq!((payload.len(), payload[0]), (BIG, 4)),
+        other => panic!("unexpected {other:?}"),
     }
 }

@@ -841,7 +841,8 @@ impl ErlangSide {
 
     async fn on_gateway(&mut self, item: ToLocal) {
         match item {
-            ToLocal::Deliver { peer, payload } => {
+            // `_held` is released when this arm ends: the message was handed on.
+            ToLocal::Deliver { peer, payload, held: _held } => {
                 let (r, used) = match codec::from_prefix::<Relay>(&payload) {
                     Ok(x) => x,
                     Err(e) => {

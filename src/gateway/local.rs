@@ -6,6 +6,7 @@
 //! else as [`ToLocal`] on one bounded channel.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -15,12 +16,39 @@ use crate::membership::Change;
 use crate::route::Outcome;
 use crate::wire::Member;
 
+/// The payload bytes a delivered message holds against the gateway's budget
+/// for messages handed to the local side and not yet processed; released
+/// when the `ToLocal::Deliver` carrying it is dropped.
+pub struct Held {
+    counter: Arc<AtomicUsize>,
+    bytes: usize,
+}
+
+impl Held {
+    pub(crate) fn take(counter: &Arc<AtomicUsize>, bytes: usize) -> Held {
+        counter.fetch_add(bytes, Ordering::Relaxed);
+        Held { counter: counter.clone(), bytes }
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.counter.fetch_sub(self.bytes, Ordering::Relaxed);
+    }
+}
+
+impl std::fmt::Debug for Held {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Held({})", self.bytes)
+    }
+}
+
 /// What routes tell the local side.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug)]
 pub enum ToLocal {
     /// A message from `peer` for the local cluster. Handing it over is what
-    /// the peer's confirmation means.
-    Deliver { peer: Arc<str>, payload: Bytes },
+    /// the peer's confirmation means. Drop it (with its `held`) once done.
+    Deliver { peer: Arc<str>, payload: Bytes, held: Held },
     /// What became of a message submitted with a token.
     Confirm { peer: Arc<str>, token: u64, outcome: Outcome },
     /// The peer's groups changed (or were withdrawn because the route is down).

@@ -5,7 +5,7 @@
 mod local;
 mod peer;
 
-pub use local::{LocalHandle, RouteGone, RouteHandle, ToLocal, TrySubmit};
+pub use local::{Held, LocalHandle, RouteGone, RouteHandle, ToLocal, TrySubmit};
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -122,6 +122,7 @@ pub async fn start(
     let mut inbound = HashMap::new();
     let mut admit = HashMap::new();
     let mut local = LocalHandle { routes: HashMap::new(), groups: Vec::new() };
+    let held = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     for route in &config.routes {
         if route.insecure_plaintext {
             tracing::warn!(peer = %route.cluster, "route uses insecure_plaintext: traffic to and from this cluster is neither encrypted nor authenticated");
@@ -145,7 +146,13 @@ pub async fn start(
             if route.insecure_plaintext { None } else { tls.clone() },
             g,
             timeouts,
-            peer::RouteInputs { inbound: inbound_rx, submit: submit_rx, groups: groups_rx, to_local: to_local.clone() },
+            peer::RouteInputs {
+                inbound: inbound_rx,
+                submit: submit_rx,
+                groups: groups_rx,
+                to_local: to_local.clone(),
+                held: held.clone(),
+            },
             metrics.clone(),
             root.clone(),
             tracker.clone(),

@@ -20,7 +20,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::local::{LocalGroups, Submit, ToLocal};
+use super::local::{Held, LocalGroups, Submit, ToLocal};
 use crate::config::{GatewayConfig, RouteConfig};
 use crate::link::backoff::Backoff;
 use crate::link::conn::{self, Link, LinkEvent, LinkParams};
@@ -33,6 +33,11 @@ use crate::tls::Tls;
 use crate::wire::{Frame, Header, Hello};
 
 const MEMBER_GAUGES_EVERY: Duration = Duration::from_millis(200);
+/// Payload bytes the local side may hold (handed over, not yet processed),
+/// across all routes of a gateway.
+pub(super) const TO_LOCAL_BYTES: usize = 256 * 1024 * 1024;
+/// How often deliveries held back by that budget are retried.
+const HELD_RETRY: Duration = Duration::from_millis(1);
 /// The most messages moved per step without going back to the select loop.
 const PUMP_BATCH: usize = 512;
 /// Under load, an ack goes out at least every this many delivered messages.
@@ -100,6 +105,8 @@ pub(super) struct RouteInputs {
     pub submit: mpsc::Receiver<Submit>,
     pub groups: mpsc::Receiver<LocalGroups>,
     pub to_local: mpsc::Sender<ToLocal>,
+    /// Payload bytes handed to the local side and not yet dropped by it.
+    pub held: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 pub(super) struct PeerTask {
@@ -257,13 +264,12 @@ impl PeerTask {
                     }
                 }
                 Ok(permit) = async { to_local.unwrap().reserve_owned().await }, if to_local.is_some() => {
-                    if let Some(item) = self.outbox.pop_front() {
+                    if let Some(item) = self.next_local() {
                         permit.send(item);
-                    } else if let Some(payload) = self.route.next_delivery() {
-                        self.rm.received.increment(1);
-                        permit.send(ToLocal::Deliver { peer: self.peer.clone(), payload });
                     }
                 }
+                // Deliveries wait for the local side to work through what it holds.
+                _ = tokio::time::sleep(HELD_RETRY), if self.route.has_delivery() && self.over_budget() => {}
                 _ = tokio::time::sleep_until(dial_at.into()), if want_dial => self.dial(),
                 _ = tokio::time::sleep_until(withdraw_at.into()), if self.down_since.is_some() && !self.withdrawn => {
                     self.withdraw();
@@ -296,19 +302,40 @@ impl PeerTask {
         }
         let to_local = self.inputs.to_local.clone();
         for _ in 0..PUMP_BATCH {
-            if self.outbox.is_empty() && !self.route.has_delivery() {
+            if !self.local_ready() {
                 break;
             }
             let Ok(permit) = to_local.try_reserve() else { break };
-            if let Some(item) = self.outbox.pop_front() {
+            if let Some(item) = self.next_local() {
                 permit.send(item);
-            } else if let Some(payload) = self.route.next_delivery() {
-                self.rm.received.increment(1);
-                permit.send(ToLocal::Deliver { peer: self.peer.clone(), payload });
             }
             // Under load, ack as we go rather than only at the end.
             self.flush_ack();
         }
+    }
+
+    fn over_budget(&self) -> bool {
+        self.inputs.held.load(std::sync::atomic::Ordering::Relaxed) >= TO_LOCAL_BYTES
+    }
+
+    /// Whether there is something to hand to the local side now.
+    fn local_ready(&self) -> bool {
+        !self.outbox.is_empty() || (self.route.has_delivery() && !self.over_budget())
+    }
+
+    /// The next item for the local side: notices first, then messages while
+    /// the local side holds less than TO_LOCAL_BYTES of them.
+    fn next_local(&mut self) -> Option<ToLocal> {
+        if let Some(item) = self.outbox.pop_front() {
+            return Some(item);
+        }
+        if self.over_budget() {
+            return None;
+        }
+        let payload = self.route.next_delivery()?;
+        self.rm.received.increment(1);
+        let held = Held::take(&self.inputs.held, payload.len());
+        Some(ToLocal::Deliver { peer: self.peer.clone(), payload, held })
     }
 
     fn primary(&self) -> Option<&Link> {
