@@ -157,26 +157,25 @@ fn expand(members: &BTreeMap<Member, u32>) -> Vec<Member> {
     members.iter().flat_map(|(m, &n)| std::iter::repeat_n(m.clone(), n as usize)).collect()
 }
 
+/// Members of `a` beyond their count in `b`, repeated as often as they exceed it.
+fn surplus(a: &BTreeMap<Member, u32>, b: &BTreeMap<Member, u32>) -> Vec<Member> {
+    a.iter()
+        .flat_map(|(m, &n)| std::iter::repeat_n(m.clone(), n.saturating_sub(*b.get(m).unwrap_or(&0)) as usize))
+        .collect()
+}
+
 /// The joins and leaves that turn `old` into `new`.
 fn diff(old: &Table, new: &Table) -> Vec<Change> {
     let mut changes = Vec::new();
     let empty = BTreeMap::new();
     for (group, members) in old {
-        let now = new.get(group).unwrap_or(&empty);
-        let gone: Vec<Member> = members
-            .iter()
-            .flat_map(|(m, &n)| std::iter::repeat_n(m.clone(), n.saturating_sub(*now.get(m).unwrap_or(&0)) as usize))
-            .collect();
+        let gone = surplus(members, new.get(group).unwrap_or(&empty));
         if !gone.is_empty() {
             changes.push(Change::Leave { group: group.clone(), members: gone });
         }
     }
     for (group, members) in new {
-        let before = old.get(group).unwrap_or(&empty);
-        let came: Vec<Member> = members
-            .iter()
-            .flat_map(|(m, &n)| std::iter::repeat_n(m.clone(), n.saturating_sub(*before.get(m).unwrap_or(&0)) as usize))
-            .collect();
+        let came = surplus(members, old.get(group).unwrap_or(&empty));
         if !came.is_empty() {
             changes.push(Change::Join { group: group.clone(), members: came });
         }

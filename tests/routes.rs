@@ -33,7 +33,7 @@ enum Fault {
 async fn stream_through_a_fault(fault: Fault) {
     const TOTAL: u64 = 100_000;
     let certs = Certs::new(&["dc1", "dc2"]);
-    let mut dc2 = InProc::start("dc2", &cfg("dc2", true, &certs, "[[route]]\ncluster = \"dc1\"\n"), 4096).await;
+    let mut dc2 = InProc::start("dc2", &accepting("dc2", &certs, "dc1"), 4096).await;
     let primary_path = Forwarder::start(Some(dc2.peer_addr()));
     // The first endpoint (through the forwarder) carries the primary; the
     // second, direct, the standby.
@@ -119,14 +119,9 @@ async fn a_stream_survives_the_primary_being_blackholed() {
 async fn confirmations_say_delivered_and_a_peer_restart_fails_what_was_in_flight() {
     let certs = Certs::new(&["dc1", "dc2"]);
     // dc2's local side takes one message and then stalls: the rest stay unacked.
-    let mut dc2 = InProc::start("dc2", &cfg("dc2", true, &certs, "[[route]]\ncluster = \"dc1\"\n"), 1).await;
+    let mut dc2 = InProc::start("dc2", &accepting("dc2", &certs, "dc1"), 1).await;
     let path = Forwarder::start(Some(dc2.peer_addr()));
-    let mut dc1 = InProc::start(
-        "dc1",
-        &cfg("dc1", false, &certs, &format!("[[route]]\ncluster = \"dc2\"\nendpoints = [\"{}\"]\n", path.addr)),
-        4096,
-    )
-    .await;
+    let mut dc1 = InProc::start("dc1", &dialing("dc1", &certs, "dc2", path.addr), 4096).await;
     let route = dc1.running().local.route("dc2").unwrap().clone();
     route.submit(Bytes::from_static(b"first"), Some(1)).await.unwrap();
     assert!(matches!(next(&mut dc2.rx, "first").await, ToLocal::Deliver { payload, .. } if payload == "first"));
@@ -144,7 +139,7 @@ async fn confirmations_say_delivered_and_a_peer_restart_fails_what_was_in_flight
 
     // dc2's gateway process is replaced by a new run (new epoch).
     dc2.stop().await;
-    let mut dc2b = InProc::start("dc2b", &cfg("dc2", true, &certs, "[[route]]\ncluster = \"dc1\"\n"), 4096).await;
+    let mut dc2b = InProc::start("dc2b", &accepting("dc2", &certs, "dc1"), 4096).await;
     path.set_target(dc2b.peer_addr());
     let mut failed = Vec::new();
     let mut confirmed = Vec::new();
@@ -282,9 +277,8 @@ async fn membership_is_not_transitive_along_a_line_and_forged_adverts_are_reject
         4096,
     )
     .await;
-    let route_to_b = format!("[[route]]\ncluster = \"dc2\"\nendpoints = [\"{}\"]\n", b.peer_addr());
-    let mut a = InProc::start("dc1", &cfg("dc1", false, &certs, &route_to_b), 4096).await;
-    let mut c = InProc::start("dc3", &cfg("dc3", false, &certs, &route_to_b), 4096).await;
+    let mut a = InProc::start("dc1", &dialing("dc1", &certs, "dc2", b.peer_addr()), 4096).await;
+    let mut c = InProc::start("dc3", &dialing("dc3", &certs, "dc2", b.peer_addr()), 4096).await;
     a.running().local.join("chat", vec![b"a1".to_vec()]).await;
     b.running().local.join("chat", vec![b"b1".to_vec()]).await;
     c.running().local.join("chat", vec![b"c1".to_vec()]).await;
@@ -378,14 +372,9 @@ async fn forge_advert(certs: &Certs, to: std::net::SocketAddr, as_cluster: &str,
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn members_are_withdrawn_when_the_route_is_down_and_come_back_with_it() {
     let certs = Certs::new(&["dc1", "dc2"]);
-    let dc2 = InProc::start("dc2", &cfg("dc2", true, &certs, "[[route]]\ncluster = \"dc1\"\n"), 4096).await;
+    let dc2 = InProc::start("dc2", &accepting("dc2", &certs, "dc1"), 4096).await;
     let path = Forwarder::start(Some(dc2.peer_addr()));
-    let mut dc1 = InProc::start(
-        "dc1",
-        &cfg("dc1", false, &certs, &format!("[[route]]\ncluster = \"dc2\"\nendpoints = [\"{}\"]\n", path.addr)),
-        4096,
-    )
-    .await;
+    let mut dc1 = InProc::start("dc1", &dialing("dc1", &certs, "dc2", path.addr), 4096).await;
     dc2.running().local.join("chat", vec![b"b1".to_vec(), b"b2".to_vec()]).await;
     let mut view = BTreeMap::new();
     let both = vec!["b1".to_string(), "b2".to_string()];
@@ -414,14 +403,8 @@ async fn members_are_withdrawn_when_the_route_is_down_and_come_back_with_it() {
 async fn large_messages_do_not_hold_up_heartbeats_or_small_messages() {
     const BIG: usize = 64 * 1024 * 1024;
     let certs = Certs::new(&["dc1", "dc2"]);
-    let tight = "[[route]]\ncluster = \"dc1\"\n";
-    let mut dc2 = InProc::start("dc2", &cfg("dc2", true, &certs, tight), 4096).await;
-    let dc1 = InProc::start(
-        "dc1",
-        &cfg("dc1", false, &certs, &format!("[[route]]\ncluster = \"dc2\"\nendpoints = [\"{}\"]\n", dc2.peer_addr())),
-        4096,
-    )
-    .await;
+    let mut dc2 = InProc::start("dc2", &accepting("dc2", &certs, "dc1"), 4096).await;
+    let dc1 = InProc::start("dc1", &dialing("dc1", &certs, "dc2", dc2.peer_addr()), 4096).await;
     let route = dc1.running().local.route("dc2").unwrap().clone();
     let producer = tokio::spawn(async move {
         for i in 0..3u8 {

@@ -73,12 +73,6 @@ pub fn check_preamble(p: &[u8; PREAMBLE_LEN]) -> Result<u16, CodecError> {
     Ok(version)
 }
 
-/// Serializes a value carried inside a payload (e.g. the Erlang side's
-/// relay messages), with the same decoder limits as frame headers.
-pub fn to_vec<T: serde::Serialize>(value: &T) -> Result<Vec<u8>, CodecError> {
-    bincode::serde::encode_to_vec(value, config()).map_err(|e| CodecError::Garbage(e.to_string()))
-}
-
 /// Serializes a value, appending to `out`.
 pub fn encode_value<T: serde::Serialize>(value: &T, out: &mut Vec<u8>) -> Result<(), CodecError> {
     bincode::serde::encode_into_std_write(value, out, config())
