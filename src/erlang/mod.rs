@@ -412,7 +412,7 @@ impl ErlangSide {
                     return;
                 };
                 if name != CONFIRM_NAME {
-                    self.noproc(Term::atom(name), &watcher, mref).await;
+                    self.monitor_exit(Term::atom(name), &watcher, mref, "noproc").await;
                 }
             }
             MONITOR_P => {
@@ -424,7 +424,7 @@ impl ErlangSide {
                 }
                 match self.table.pid_key(&target).filter(|k| self.table.home(*k).is_some()) {
                     Some(key) => self.watch(key, watcher, mref.clone()).await,
-                    None => self.noproc(Term::Pid(target), &watcher, mref).await,
+                    None => self.monitor_exit(Term::Pid(target), &watcher, mref, "noproc").await,
                 }
             }
             DEMONITOR_P => {
@@ -483,14 +483,15 @@ impl ErlangSide {
         self.send(&target.node, control, None).await;
     }
 
-    /// Answers a monitor on something that does not exist here.
-    async fn noproc(&self, target: Term, watcher: &Pid, mref: &Ref) {
+    /// Ends a local watcher's monitor at once, with `reason` (e.g. `noproc`
+    /// for something that does not exist here).
+    async fn monitor_exit(&self, target: Term, watcher: &Pid, mref: &Ref, reason: &str) {
         let exit = Term::tuple(vec![
             Term::Int(MONITOR_P_EXIT),
             target,
             Term::Pid(watcher.clone()),
             Term::Ref(mref.clone()),
-            Term::atom("noproc"),
+            Term::atom(reason),
         ]);
         self.send(&watcher.node, exit, None).await;
     }
@@ -776,14 +777,7 @@ impl ErlangSide {
     async fn watch(&mut self, key: u64, watcher: Pid, mref: Ref) {
         // Route down: as with a monitor on a node that is not connected.
         if self.table.home(key).is_some_and(|h| !self.up.contains(&h.peer)) {
-            let control = Term::tuple(vec![
-                Term::Int(MONITOR_P_EXIT),
-                Term::Pid(self.table.pid(key)),
-                Term::Pid(watcher.clone()),
-                Term::Ref(mref),
-                Term::atom("noconnection"),
-            ]);
-            self.send(&watcher.node, control, None).await;
+            self.monitor_exit(Term::Pid(self.table.pid(key)), &watcher, &mref, "noconnection").await;
             return;
         }
         let first = !self.watched.contains_key(&key);

@@ -256,11 +256,8 @@ impl PeerTask {
                 }
                 Some(change) = self.inputs.groups.recv() => self.on_local_groups(change),
                 Ok(permit) = async { lane.unwrap().reserve_owned().await }, if lane.is_some() => {
-                    if let Some(t) = self.route.next_transmit(Instant::now()) {
-                        if t.retransmit {
-                            self.rm.retransmitted.increment(1);
-                        }
-                        permit.send(Frame { header: Header::Data { epoch: t.epoch, seq: t.seq, more: false }, body: t.payload });
+                    if let Some(frame) = self.next_data_frame() {
+                        permit.send(frame);
                     }
                 }
                 Ok(permit) = async { to_local.unwrap().reserve_owned().await }, if to_local.is_some() => {
@@ -292,12 +289,8 @@ impl PeerTask {
         if let Some(lane) = self.primary().filter(|_| self.route.wants_transmit()).map(|l| l.data_lane()) {
             for _ in 0..PUMP_BATCH {
                 let Ok(permit) = lane.try_reserve() else { break };
-                let Some(t) = self.route.next_transmit(Instant::now()) else { break };
-                if t.retransmit {
-                    self.rm.retransmitted.increment(1);
-                }
-                permit
-                    .send(Frame { header: Header::Data { epoch: t.epoch, seq: t.seq, more: false }, body: t.payload });
+                let Some(frame) = self.next_data_frame() else { break };
+                permit.send(frame);
             }
         }
         let to_local = self.inputs.to_local.clone();
@@ -312,6 +305,15 @@ impl PeerTask {
             // Under load, ack as we go rather than only at the end.
             self.flush_ack();
         }
+    }
+
+    /// The next message for the primary, as a frame.
+    fn next_data_frame(&mut self) -> Option<Frame> {
+        let t = self.route.next_transmit(Instant::now())?;
+        if t.retransmit {
+            self.rm.retransmitted.increment(1);
+        }
+        Some(Frame { header: Header::Data { epoch: t.epoch, seq: t.seq, more: false }, body: t.payload })
     }
 
     fn over_budget(&self) -> bool {
