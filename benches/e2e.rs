@@ -33,32 +33,68 @@ fn parse_f(s: &str) -> f64 {
     s.trim().parse().unwrap_or_else(|_| panic!("not a number: {s}"))
 }
 
+/// User + system CPU seconds of a process, from /proc.
+fn cpu_secs(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let after = stat.rsplit_once(')').map(|x| x.1).unwrap_or("");
+    let f: Vec<&str> = after.split_whitespace().collect();
+    let ticks = f.get(11).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0)
+        + f.get(12).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    ticks / 100.0
+}
+
+/// CPU spent during the 100 B run, in µs per message, per process.
+#[derive(Debug, Default, Clone)]
+struct Cpu {
+    /// The sending and the receiving Erlang node.
+    erl: [f64; 2],
+    /// The sending-side and the receiving-side gateway (zero for direct runs).
+    gw: [f64; 2],
+    /// Wall time of the 100 B run, µs per message.
+    wall: f64,
+}
+
+impl Cpu {
+    fn total(&self) -> f64 {
+        self.erl.iter().chain(&self.gw).sum()
+    }
+}
+
 /// Runs the three workloads from `x` against the receiver bound as `R`.
-/// `cpu` is read before and after the 100 B run; returns the figures and
-/// the difference of its two readings.
-fn workloads(x: &mut Erl, mut cpu: impl FnMut() -> [f64; 2]) -> (Figures, [f64; 2]) {
+/// `pids` are the processes whose CPU time is read around the 100 B run:
+/// sending node, receiving node, then the gateways if any.
+fn workloads(x: &mut Erl, pids: &[u32]) -> (Figures, Cpu) {
+    let cpu = || pids.iter().map(|&p| cpu_secs(p)).collect::<Vec<f64>>();
     let long = Duration::from_secs(300);
     x.eval("Small = binary:copy(<<\"x\">>, 100), Large = binary:copy(<<\"y\">>, 65536), ok.");
     // Warm up the path (and the gateways' proxies) before measuring.
     x.eval_within("wandist_bench:stream(R, 10000, Small, 4000).", long);
     let before = cpu();
-    let us = parse_f(&x.eval_within(&format!("wandist_bench:stream(R, {SMALL}, Small, 4000)."), long));
+    let small_us = parse_f(&x.eval_within(&format!("wandist_bench:stream(R, {SMALL}, Small, 4000)."), long));
     let after = cpu();
-    let small_per_s = SMALL as f64 / (us / 1e6);
+    let small_per_s = SMALL as f64 / (small_us / 1e6);
     let us = parse_f(&x.eval_within(&format!("wandist_bench:stream(R, {LARGE}, Large, 2000)."), long));
     let large_mb_s = (LARGE * 65536) as f64 / (us / 1e6) / 1e6;
     let pp = x.eval_within(&format!("wandist_bench:pingpong(R, {PINGS})."), long);
     let pp = pp.trim_matches(|c| c == '{' || c == '}');
     let (p50, p99) = pp.split_once(',').expect("pingpong result");
     let f = Figures { small_per_s, large_mb_s, p50_us: parse_f(p50), p99_us: parse_f(p99) };
-    (f, [after[0] - before[0], after[1] - before[1]])
+    let per_msg = |i: usize| after.get(i).zip(before.get(i)).map(|(a, b)| (a - b) * 1e6 / SMALL as f64).unwrap_or(0.0);
+    let cpu = Cpu { erl: [per_msg(0), per_msg(1)], gw: [per_msg(2), per_msg(3)], wall: small_us / SMALL as f64 };
+    (f, cpu)
 }
 
+/// Arguments for every Erlang node: the bench module's path, then
+/// WANDIST_BENCH_ERL_ARGS (e.g. "+sbwt none"), the same for all three paths.
 fn pa(dir: &Path) -> Vec<String> {
-    vec!["-pa".into(), dir.display().to_string()]
+    let mut args = vec!["-pa".into(), dir.display().to_string()];
+    if let Ok(extra) = std::env::var("WANDIST_BENCH_ERL_ARGS") {
+        args.extend(extra.split_whitespace().map(String::from));
+    }
+    args
 }
 
-fn direct(epmd: &Epmd, beam: &Path, tag: &str, extra: &[String]) -> Figures {
+fn direct(epmd: &Epmd, beam: &Path, tag: &str, extra: &[String]) -> (Figures, Cpu) {
     let mut args = pa(beam);
     args.extend(extra.iter().cloned());
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
@@ -67,7 +103,8 @@ fn direct(epmd: &Epmd, beam: &Path, tag: &str, extra: &[String]) -> Figures {
     assert_eq!(y.eval("register(rcv, wandist_bench:receiver())."), "true");
     assert_eq!(x.eval(&format!("net_kernel:connect_node('{}').", y.name)), "true");
     assert_eq!(x.eval(&format!("R = rpc:call('{}', erlang, whereis, [rcv]), is_pid(R).", y.name)), "true");
-    workloads(&mut x, || [0.0, 0.0]).0
+    let pids = [x.pid(), y.pid()];
+    workloads(&mut x, &pids)
 }
 
 struct Gw {
@@ -111,21 +148,16 @@ impl Gw {
         }
     }
 
-    /// (user + system CPU seconds, peak RSS in KiB) from /proc.
-    fn usage(&self) -> (f64, u64) {
+    /// Peak RSS in KiB, from /proc.
+    fn peak_rss(&self) -> u64 {
         let pid = self.child.id();
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-        let after = stat.rsplit_once(')').map(|x| x.1).unwrap_or("");
-        let f: Vec<&str> = after.split_whitespace().collect();
-        let ticks = f.get(11).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0)
-            + f.get(12).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
         let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
         let hwm = status
             .lines()
             .find(|l| l.starts_with("VmHWM:"))
             .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
             .unwrap_or(0);
-        (ticks / 100.0, hwm)
+        hwm
     }
 }
 
@@ -143,7 +175,7 @@ fn addr_in(line: &str) -> String {
 
 struct GwFigures {
     f: Figures,
-    cpu_us_per_msg: [f64; 2],
+    cpu: Cpu,
     rss_kib: [u64; 2],
     members_after: Duration,
 }
@@ -274,10 +306,10 @@ fn gateway(epmd: &Epmd, beam: &Path, tag: &str, dir: &Path) -> GwFigures {
     if std::env::var_os("WANDIST_BENCH_GATEWAY_ONLY").is_some() {
         eprintln!("e2e: gateway pids {} (sending) {} (receiving)", gw1.child.id(), gw2.child.id());
     }
-    let (f, cpu_s) = workloads(&mut x, || [gw1.usage().0, gw2.usage().0]);
-    let cpu = cpu_s.map(|s| s * 1e6 / SMALL as f64);
-    let rss = [gw1.usage().1, gw2.usage().1];
-    GwFigures { f, cpu_us_per_msg: cpu, rss_kib: rss, members_after }
+    let pids = [x.pid(), y.pid(), gw1.child.id(), gw2.child.id()];
+    let (f, cpu) = workloads(&mut x, &pids);
+    let rss = [gw1.peak_rss(), gw2.peak_rss()];
+    GwFigures { f, cpu, rss_kib: rss, members_after }
 }
 
 fn machine() -> String {
@@ -337,8 +369,8 @@ fn main() {
     // WANDIST_BENCH_GATEWAY_ONLY=1 skips the direct runs (for profiling) and
     // appends nothing.
     let gateway_only = std::env::var_os("WANDIST_BENCH_GATEWAY_ONLY").is_some();
-    let (tls, tcp) = if gateway_only {
-        (Figures::default(), Figures::default())
+    let ((tls, tls_cpu), (tcp, tcp_cpu)) = if gateway_only {
+        Default::default()
     } else {
         eprintln!("e2e: direct TLS distribution…");
         let tls_args =
@@ -364,6 +396,19 @@ fn main() {
             a.p99_us / b.p99_us
         )
     };
+    let erl_args = std::env::var("WANDIST_BENCH_ERL_ARGS").map(|a| format!("; every Erlang node with `{a}`")).unwrap_or_default();
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
+    let cpu_row = |name: &str, c: &Cpu| {
+        format!(
+            "{name} {:.2} µs (Erlang nodes {:.2} + {:.2}, gateways {:.2} + {:.2}) [{:.2} µs]",
+            c.total(),
+            c.erl[0],
+            c.erl[1],
+            c.gw[0],
+            c.gw[1],
+            c.wall
+        )
+    };
     let date = Command::new("date")
         .arg("-u")
         .arg("+%Y-%m-%d %H:%M UTC")
@@ -371,9 +416,10 @@ fn main() {
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
         .unwrap_or_default();
     let table = format!(
-        "### {date} — {}\n\n`cargo bench --bench e2e` ({SMALL} × 100 B, {LARGE} × 64 KiB with an ack per 1000 and at most 4000 / 2000 in flight, {PINGS} pings)\n\n\
+        "### {date} — {}\n\n`cargo bench --bench e2e` ({SMALL} × 100 B, {LARGE} × 64 KiB with an ack per 1000 and at most 4000 / 2000 in flight, {PINGS} pings{erl_args})\n\n\
          | path | 100 B msgs/s | 64 KiB MB/s | RTT p50 µs | RTT p99 µs |\n|---|---|---|---|---|\n{}\n{}\n{}\n{}\n{}\n\n\
          Gateways (100 B run): CPU per message relayed {:.2} µs (sending side), {:.2} µs (receiving side); peak RSS {} KiB / {} KiB.\n\
+         CPU per 100 B message (all four processes; wall time per message on {cores} CPUs in brackets): {}; {}; {}.\n\
          {MEMBERS} members of a dc2 group were all in dc1's pg {:.0} ms after the route came up. An idle link costs {:.1} KiB of RSS \
          (a gateway with {IDLE_LINKS} idle links, heartbeating, against none).\n\n",
         machine(),
@@ -382,10 +428,13 @@ fn main() {
         row("gateways (mTLS)", &gw.f),
         ratio("gateway / TLS", &gw.f, &tls),
         ratio("gateway / TCP", &gw.f, &tcp),
-        gw.cpu_us_per_msg[0],
-        gw.cpu_us_per_msg[1],
+        gw.cpu.gw[0],
+        gw.cpu.gw[1],
         gw.rss_kib[0],
         gw.rss_kib[1],
+        cpu_row("direct TLS", &tls_cpu),
+        cpu_row("direct TCP", &tcp_cpu),
+        cpu_row("gateways", &gw.cpu),
         gw.members_after.as_secs_f64() * 1000.0,
         idle,
     );
