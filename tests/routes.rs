@@ -372,7 +372,7 @@ async fn forge_advert(certs: &Certs, to: std::net::SocketAddr, as_cluster: &str,
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn members_are_withdrawn_when_the_route_is_down_and_come_back_with_it() {
     let certs = Certs::new(&["dc1", "dc2"]);
-    let dc2 = InProc::start("dc2", &accepting("dc2", &certs, "dc1"), 4096).await;
+    let mut dc2 = InProc::start("dc2", &accepting("dc2", &certs, "dc1"), 4096).await;
     let path = Forwarder::start(Some(dc2.peer_addr()));
     let mut dc1 = InProc::start("dc1", &dialing("dc1", &certs, "dc2", path.addr), 4096).await;
     dc2.running().local.join("chat", vec![b"b1".to_vec(), b"b2".to_vec()]).await;
@@ -391,12 +391,44 @@ async fn members_are_withdrawn_when_the_route_is_down_and_come_back_with_it() {
     assert!(withdrawn_after >= Duration::from_millis(1000), "withdrawn after {withdrawn_after:?}, before dead_after");
     dc1.wait_metric("wandist_members", &[("peer", "dc2"), ("direction", "imported")], |v| v == 0.0).await;
 
+    // Messages accepted while down wait in the window (the peer's run is the same).
+    let route = dc1.running().local.route("dc2").unwrap().clone();
+    for i in 0..100 {
+        route.submit(n(i), Some(i)).await.unwrap();
+    }
     // Changes while down reach dc1 with the next snapshot.
     dc2.running().local.leave("chat", vec![b"b2".to_vec()]).await;
     path.refuse(false);
     members_until(&mut dc1, &mut view, |v| v.get(&key("dc2", "chat")) == Some(&vec!["b1".to_string()])).await;
     dc1.wait_metric("wandist_route_up", &[("peer", "dc2")], |v| v == 1.0).await;
-    println!("members withdrawn {withdrawn_after:?} after the route went down (dead_after 1.5 s)");
+    let back_after = down_at.elapsed();
+    // The route came back by itself and delivers what waited, once, in order, confirmed.
+    let mut i = 0;
+    while i < 100 {
+        match next(&mut dc2.rx, &format!("message {i} after recovery")).await {
+            ToLocal::Deliver { payload, .. } => {
+                assert_eq!(payload, n(i));
+                i += 1;
+            }
+            ToLocal::Lost { .. } => {} // dc2 saw the route go down too
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    let mut confirmed = 0;
+    while confirmed < 100 {
+        match next(&mut dc1.rx, "confirmations after recovery").await {
+            ToLocal::Confirm { token, outcome: Outcome::Delivered, .. } => {
+                assert_eq!(token, confirmed, "confirmed out of order");
+                confirmed += 1;
+            }
+            ToLocal::Lost { .. } | ToLocal::Members { .. } => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    println!(
+        "members withdrawn {withdrawn_after:?} after the route went down (dead_after 1.5 s); route back {back_after:?} \
+         after the fault, 100 messages sent while down delivered and confirmed"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
