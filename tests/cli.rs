@@ -3,6 +3,7 @@
 
 mod support;
 
+use std::path::Path;
 use std::process::Command;
 
 use support::*;
@@ -132,4 +133,40 @@ fn the_demo_says_how_to_install_erlang_when_erl_is_missing() {
     assert_eq!(out.status.code(), Some(69));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("apt-get install -y erlang-nox"), "{err}");
+}
+
+/// Every file in tests/configs/invalid is rejected by `check` (exit 64) with
+/// the message its `# expect: [LINE: ]text` header names, at that line.
+#[test]
+fn every_config_in_the_invalid_folder_is_rejected_with_a_clear_message() {
+    let dir = tempfile::tempdir().unwrap();
+    wandist::certs::generate(&dir.path().join("certs"), &["dc1".into(), "dc2".into()]).unwrap();
+    let folder = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/configs/invalid");
+    let mut files: Vec<_> = std::fs::read_dir(&folder).unwrap().map(|e| e.unwrap().path()).collect();
+    files.sort();
+    assert!(files.len() >= 20, "only {} invalid configs", files.len());
+    let mut wrong = Vec::new();
+    for src in files {
+        let name = src.file_name().unwrap().to_str().unwrap().to_string();
+        let text = std::fs::read_to_string(&src).unwrap();
+        let expects: Vec<&str> = text.lines().filter_map(|l| l.strip_prefix("# expect: ")).collect();
+        assert!(!expects.is_empty(), "{name} has no '# expect:' line");
+        let path = dir.path().join(&name);
+        std::fs::write(&path, &text).unwrap();
+        let (code, out) = check(&path);
+        if code != 64 {
+            wrong.push(format!("{name}: exit {code}, output:\n{out}"));
+        }
+        for e in expects {
+            let (line, msg) = match e.split_once(": ") {
+                Some((l, m)) if l.parse::<u32>().is_ok() => (Some(l), m),
+                _ => (None, e),
+            };
+            let at = line.map(|l| format!("{name}:{l}: ")).unwrap_or_else(|| format!("{name}"));
+            if !out.lines().any(|l| l.contains(&at) && l.contains(msg)) {
+                wrong.push(format!("{name}: expected {msg:?} at {at:?}, got:\n{out}"));
+            }
+        }
+    }
+    assert!(wrong.is_empty(), "{}", wrong.join("\n"));
 }
