@@ -32,8 +32,44 @@ fn write(path: PathBuf, text: &str, private: bool) -> Result<PathBuf, CertsError
     Ok(path)
 }
 
-/// Writes DIR/ca.pem, DIR/ca.key and DIR/CLUSTER.{pem,key}; returns the paths written.
+/// Validity of the cluster certificates `wandist certs` makes by default.
+pub const DEFAULT_DAYS: i64 = 825;
+
+/// Writes DIR/ca.pem, DIR/ca.key and DIR/CLUSTER.{pem,key}, the cluster
+/// certificates valid for DEFAULT_DAYS from yesterday; returns the paths written.
 pub fn generate(out: &Path, clusters: &[String]) -> Result<Vec<PathBuf>, CertsError> {
+    generate_valid_for(out, clusters, DEFAULT_DAYS)
+}
+
+/// The civil date (year, month, day) `days` days after 1970-01-01
+/// (Howard Hinnant's days-to-civil algorithm).
+fn civil(days: i64) -> (i32, u8, u8) {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u8;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u8;
+    let y = (yoe + era * 400 + i64::from(m <= 2)) as i32;
+    (y, m, d)
+}
+
+/// As `generate`, with the cluster certificates valid from yesterday until
+/// `days` days from today. `days` ≤ 0 makes certificates that have already
+/// expired (valid for 30 days that ended `-days` days ago), for rehearsing
+/// expiry and for tests.
+pub fn generate_valid_for(out: &Path, clusters: &[String], days: i64) -> Result<Vec<PathBuf>, CertsError> {
+    let today = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| (d.as_secs() / 86_400) as i64)
+        .unwrap_or(0);
+    let (from, until) = if days > 0 { (today - 1, today + days) } else { (today + days - 30, today + days) };
+    let date = |d: i64| {
+        let (y, m, d) = civil(d);
+        rcgen::date_time_ymd(y, m, d)
+    };
     for c in clusters {
         check_cluster_name(c).map_err(CertsError::BadCluster)?;
     }
@@ -62,6 +98,8 @@ pub fn generate(out: &Path, clusters: &[String]) -> Result<Vec<PathBuf>, CertsEr
         params.distinguished_name = dn;
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+        params.not_before = date(from);
+        params.not_after = date(until);
         let cert = params.signed_by(&key, &issuer)?;
         written.push(write(out.join(format!("{cluster}.pem")), &cert.pem(), false)?);
         written.push(write(out.join(format!("{cluster}.key")), &key.serialize_pem(), true)?);
@@ -71,6 +109,15 @@ pub fn generate(out: &Path, clusters: &[String]) -> Result<Vec<PathBuf>, CertsEr
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn civil_dates() {
+        assert_eq!(super::civil(0), (1970, 1, 1));
+        assert_eq!(super::civil(-1), (1969, 12, 31));
+        assert_eq!(super::civil(19_723), (2024, 1, 1));
+        assert_eq!(super::civil(19_782), (2024, 2, 29));
+        assert_eq!(super::civil(20_414), (2025, 11, 22));
+    }
+
     use super::*;
     use crate::config::{PathAt, TlsFiles};
     use crate::tls::{peer_is, Tls};

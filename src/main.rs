@@ -50,6 +50,9 @@ enum Command {
     Certs {
         #[arg(long)]
         out: PathBuf,
+        /// Days the cluster certificates stay valid.
+        #[arg(long, default_value_t = wandist::certs::DEFAULT_DAYS, value_parser = clap::value_parser!(i64).range(1..=36_500))]
+        days: i64,
         #[arg(required = true, value_name = "CLUSTER")]
         clusters: Vec<String>,
     },
@@ -70,7 +73,7 @@ fn main() -> ExitCode {
                 ExitCode::from(EXIT_CONFIG)
             }
         },
-        Command::Certs { out, clusters } => match wandist::certs::generate(&out, &clusters) {
+        Command::Certs { out, days, clusters } => match wandist::certs::generate_valid_for(&out, &clusters, days) {
             Ok(paths) => {
                 for p in paths {
                     println!("wrote {}", p.display());

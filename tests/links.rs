@@ -145,6 +145,56 @@ fn a_certificate_from_another_ca_is_refused_on_both_sides() {
 }
 
 #[test]
+fn an_expired_certificate_is_refused_on_both_sides() {
+    let ours = Certs::new(&["dc1"]);
+    // dc2's certificate ended its 30 days of validity yesterday.
+    let expired = Certs { dir: tempfile::tempdir().unwrap() };
+    wandist::certs::generate_valid_for(expired.dir.path(), &["dc2".to_string()], -1).unwrap();
+    // Both trust both CAs, so expiry is the only thing wrong.
+    let bundle = ours.path("bundle.pem");
+    let cas = [ours.path("ca.pem"), expired.path("ca.pem")].map(|p| std::fs::read_to_string(p).unwrap());
+    std::fs::write(&bundle, cas.concat()).unwrap();
+    let dc1 = Gateway::start(
+        "dc1",
+        &format!(
+            "{}{}[[route]]\ncluster = \"dc2\"\nendpoints = []\n",
+            gateway_table("dc1", true),
+            ours.tls_table_with("dc1", &bundle)
+        ),
+    );
+    let dc2 = Gateway::start(
+        "dc2",
+        &format!(
+            "{}{}[[route]]\ncluster = \"dc1\"\nendpoints = [\"{}\"]\n",
+            gateway_table("dc2", true),
+            expired.tls_table_with("dc2", &bundle),
+            dc1.peer_addr()
+        ),
+    );
+    // The acceptor refuses the expired client certificate, with the reason in its log.
+    dc1.wait_metric("wandist_handshake_failures_total", &[("peer", "unknown"), ("reason", "tls")], |v| v >= 1.0);
+    let line = dc1.wait_log("refused incoming connection", SOON);
+    assert!(line.contains("certificate expired"), "{line}");
+    dc2.wait_metric("wandist_handshake_failures_total", &[("peer", "dc1")], |v| v >= 1.0);
+    // A dialer refuses a server holding the expired certificate.
+    let dc1b = Gateway::start(
+        "dc1b",
+        &format!(
+            "{}{}[[route]]\ncluster = \"dc2\"\nendpoints = [\"{}\"]\n",
+            gateway_table("dc1", false),
+            ours.tls_table_with("dc1", &bundle),
+            dc2.peer_addr()
+        ),
+    );
+    dc1b.wait_metric("wandist_handshake_failures_total", &[("peer", "dc2"), ("reason", "tls")], |v| v >= 1.0);
+    let line = dc1b.wait_log("cannot establish link", SOON);
+    assert!(line.contains("certificate expired"), "{line}");
+    for (gw, peer) in [(&dc1, "dc2"), (&dc2, "dc1"), (&dc1b, "dc2")] {
+        assert_eq!(gw.metric("wandist_link_connects_total", &[("peer", peer)]), Some(0.0), "{}", gw.name);
+    }
+}
+
+#[test]
 fn a_route_through_a_real_socks5_proxy_survives_the_proxy_restarting() {
     let certs = Certs::new(&["dc1", "dc2"]);
     let mut proxy = Socks5Server::start(Some(("wan", "s3cret-pw")));
@@ -186,6 +236,23 @@ fn wrong_socks5_credentials_are_a_clear_handshake_failure() {
     let line = dc2.wait_log("SOCKS5 proxy", SOON);
     assert!(!line.contains("wrong"), "password leaked: {line}");
     assert_eq!(dc2.metric(UP, &labels(&primary("dc1"))), Some(0.0));
+}
+
+#[test]
+fn a_socks5_proxy_that_refuses_the_connection_is_a_clear_handshake_failure() {
+    let certs = Certs::new(&["dc3"]);
+    let proxy = Socks5Server::start(None);
+    // Nothing listens where the proxy is asked to connect: a port we bound and released.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let dc3 = Gateway::start("dc3", &format!(
+        "{}{}[[route]]\ncluster = \"dc1\"\nendpoints = [\"{closed}\"]\nsocks5 = \"{}\"\n",
+        gateway_table("dc3", false), certs.tls_table("dc3"), proxy.addr
+    ));
+    dc3.wait_metric("wandist_handshake_failures_total", &[("peer", "dc1"), ("reason", "socks")], |v| v >= 2.0);
+    let line = dc3.wait_log("SOCKS5 proxy", SOON);
+    assert!(line.contains("refused") || line.contains("unreachable") || line.contains("failure"), "{line}");
+    assert_eq!(dc3.metric(UP, &labels(&primary("dc1"))), Some(0.0));
+    assert_eq!(dc3.metric("wandist_link_connects_total", &[("peer", "dc1")]), Some(0.0));
 }
 
 #[test]
