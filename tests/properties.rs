@@ -1,0 +1,367 @@
+//! Property tests (proptest): the route state machine between a sender and a
+//! receiver under arbitrary interleavings of submits, transmits, losses,
+//! failovers and receiver restarts; and the Erlang term translator
+//! (translate there and back is the identity, arbitrary bytes never panic).
+
+use std::collections::{BTreeSet, VecDeque};
+use std::time::Instant;
+
+use bytes::Bytes;
+use proptest::prelude::*;
+use wandist::erlang::etf::{self, Emit, Found, Pid, Ref, Term};
+use wandist::route::{DataVerdict, FailReason, LinkId, Outcome, Route, Window};
+
+// ---------------------------------------------------------------- route
+
+#[derive(Debug, Clone)]
+enum Op {
+    Submit(u8),
+    Transmit(u8),
+    /// Carry up to n data frames on link i (modulo the links up).
+    CarryData(u8, u8),
+    /// The receiver hands up to n messages to its cluster and acks.
+    Consume(u8),
+    CarryAcks(u8, u8),
+    LinkDown(u8),
+    LinkUp,
+    /// The receiving gateway process is replaced by a new run.
+    ReceiverRestart,
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        4 => (1u8..20).prop_map(Op::Submit),
+        4 => (1u8..20).prop_map(Op::Transmit),
+        4 => (any::<u8>(), 1u8..20).prop_map(|(i, n)| Op::CarryData(i, n)),
+        4 => (1u8..20).prop_map(Op::Consume),
+        3 => (any::<u8>(), 1u8..5).prop_map(|(i, n)| Op::CarryAcks(i, n)),
+        1 => any::<u8>().prop_map(Op::LinkDown),
+        1 => Just(Op::LinkUp),
+        1 => Just(Op::ReceiverRestart),
+    ]
+}
+
+struct Link {
+    id: LinkId,
+    data: VecDeque<(u64, Bytes)>,
+    acks: VecDeque<(u64, u64)>,
+}
+
+struct World {
+    now: Instant,
+    a: Route,
+    b: Route,
+    b_epoch: u64,
+    links: Vec<Link>,
+    next_link: LinkId,
+    submitted: u64,
+    /// Tokens delivered, across receiver runs.
+    delivered: Vec<u64>,
+    delivered_set: BTreeSet<u64>,
+    /// Per receiver run, the last token delivered (order within a run).
+    last_in_run: Option<u64>,
+    confirmed: BTreeSet<u64>,
+    failed: BTreeSet<u64>,
+}
+
+const A_EPOCH: u64 = 1;
+const W: Window = Window { messages: 16, bytes: 1 << 20 };
+
+impl World {
+    fn new() -> World {
+        World {
+            now: Instant::now(),
+            a: Route::new(A_EPOCH, W, W),
+            b: Route::new(1000, W, W),
+            b_epoch: 1000,
+            links: Vec::new(),
+            next_link: 1,
+            submitted: 0,
+            delivered: Vec::new(),
+            delivered_set: BTreeSet::new(),
+            last_in_run: None,
+            confirmed: BTreeSet::new(),
+            failed: BTreeSet::new(),
+        }
+    }
+
+    fn link_up(&mut self) {
+        let id = self.next_link;
+        self.next_link += 1;
+        let up = self.a.link_up(id, self.b_epoch, W);
+        for c in up.failed {
+            assert_eq!(c.outcome, Outcome::Failed(FailReason::PeerRestarted));
+            assert!(self.failed.insert(c.token), "token {} failed twice", c.token);
+        }
+        for stale in up.stale {
+            self.links.retain(|l| l.id != stale);
+        }
+        self.b.link_up(id, A_EPOCH, W);
+        self.links.push(Link { id, data: VecDeque::new(), acks: VecDeque::new() });
+    }
+
+    fn pick(&self, i: u8) -> Option<usize> {
+        (!self.links.is_empty()).then(|| i as usize % self.links.len())
+    }
+
+    fn apply(&mut self, op: &Op) {
+        match *op {
+            Op::Submit(n) => {
+                for _ in 0..n {
+                    if !self.a.has_room() {
+                        break;
+                    }
+                    let token = self.submitted;
+                    self.submitted += 1;
+                    self.a.submit(Bytes::copy_from_slice(&token.to_be_bytes()), Some(token));
+                }
+            }
+            Op::Transmit(n) => {
+                for _ in 0..n {
+                    let Some(t) = self.a.next_transmit(self.now) else { break };
+                    let link = self.links.iter_mut().find(|l| l.id == t.link).expect("transmit on a link that is up");
+                    link.data.push_back((t.seq, t.payload));
+                }
+            }
+            Op::CarryData(i, n) => {
+                let Some(i) = self.pick(i) else { return };
+                for _ in 0..n {
+                    let Some((seq, payload)) = self.links[i].data.pop_front() else { break };
+                    let id = self.links[i].id;
+                    match self.b.on_data(id, seq, payload) {
+                        Ok(DataVerdict::Accepted | DataVerdict::Duplicate | DataVerdict::Stale) => {}
+                        Err(v) => panic!("protocol violation: {v}"),
+                    }
+                }
+            }
+            Op::Consume(n) => {
+                for _ in 0..n {
+                    let Some(p) = self.b.next_delivery() else { break };
+                    let token = u64::from_be_bytes(p[..].try_into().unwrap());
+                    assert!(self.delivered_set.insert(token), "token {token} delivered twice");
+                    if let Some(last) = self.last_in_run {
+                        assert!(token > last, "token {token} after {last}: out of order");
+                    }
+                    self.last_in_run = Some(token);
+                    self.delivered.push(token);
+                }
+                if let (Some((epoch, upto)), Some(first)) = (self.b.pending_ack(), self.links.first_mut()) {
+                    first.acks.push_back((epoch, upto));
+                    self.b.ack_sent(upto);
+                }
+            }
+            Op::CarryAcks(i, n) => {
+                let Some(i) = self.pick(i) else { return };
+                for _ in 0..n {
+                    let Some((epoch, upto)) = self.links[i].acks.pop_front() else { break };
+                    let acked = self.a.on_ack(epoch, upto, self.now).expect("ack violation");
+                    for c in acked.confirmations {
+                        assert_eq!(c.outcome, Outcome::Delivered);
+                        assert!(self.delivered_set.contains(&c.token), "token {} confirmed, never delivered", c.token);
+                        assert!(self.confirmed.insert(c.token), "token {} confirmed twice", c.token);
+                    }
+                }
+            }
+            Op::LinkDown(i) => {
+                let Some(i) = self.pick(i) else { return };
+                let link = self.links.remove(i);
+                self.a.link_down(link.id);
+                self.b.link_down(link.id);
+            }
+            Op::LinkUp => {
+                if self.links.len() < 3 {
+                    self.link_up();
+                }
+            }
+            Op::ReceiverRestart => {
+                // What the old run held but had not handed over is lost with it;
+                // the sender must report those as failed, never deliver them twice.
+                self.b_epoch += 1;
+                self.b = Route::new(self.b_epoch, W, W);
+                self.last_in_run = None;
+                for l in self.links.drain(..) {
+                    self.a.link_down(l.id);
+                }
+            }
+        }
+    }
+
+    /// Heals everything and runs to quiescence.
+    fn settle(&mut self) {
+        if self.links.is_empty() {
+            self.link_up();
+        }
+        for _ in 0..10_000 {
+            let before = (self.delivered.len(), self.confirmed.len());
+            self.apply(&Op::Transmit(255));
+            for i in 0..self.links.len() as u8 {
+                self.apply(&Op::CarryData(i, 255));
+            }
+            self.apply(&Op::Consume(255));
+            for i in 0..self.links.len() as u8 {
+                self.apply(&Op::CarryAcks(i, 255));
+            }
+            if (self.delivered.len(), self.confirmed.len()) == before && !self.a.wants_transmit() {
+                break;
+            }
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 512, .. ProptestConfig::default() })]
+
+    /// Whatever happens, every message is delivered at most once and in
+    /// order within a receiver run; once the network heals, every message
+    /// is either delivered and confirmed, or reported failed (only after a
+    /// receiver restart), never both and never neither.
+    #[test]
+    fn every_message_is_delivered_once_or_reported_failed(ops in prop::collection::vec(op(), 1..200)) {
+        let mut w = World::new();
+        w.link_up();
+        for op in &ops {
+            w.apply(op);
+        }
+        w.settle();
+        prop_assert_eq!(w.a.unacked().0, 0, "messages still unacked after settling");
+        for token in 0..w.submitted {
+            let confirmed = w.confirmed.contains(&token);
+            let failed = w.failed.contains(&token);
+            prop_assert!(confirmed != failed, "token {} confirmed={} failed={}", token, confirmed, failed);
+            if confirmed {
+                prop_assert!(w.delivered_set.contains(&token));
+            }
+        }
+        if !ops.iter().any(|o| matches!(o, Op::ReceiverRestart)) {
+            prop_assert!(w.failed.is_empty());
+            prop_assert_eq!(w.delivered.clone(), (0..w.submitted).collect::<Vec<_>>());
+        }
+    }
+}
+
+// ---------------------------------------------------------------- terms
+
+fn node() -> impl Strategy<Value = String> {
+    "[a-z]{1,8}@[a-z0-9.]{1,12}"
+}
+
+fn pid() -> impl Strategy<Value = Pid> {
+    (node(), any::<u32>(), any::<u32>(), any::<u32>()).prop_map(|(node, id, serial, creation)| Pid {
+        node,
+        id,
+        serial,
+        creation,
+    })
+}
+
+fn reference() -> impl Strategy<Value = Ref> {
+    (node(), any::<u32>(), prop::collection::vec(any::<u32>(), 1..=5)).prop_map(|(node, creation, ids)| Ref {
+        node,
+        creation,
+        ids,
+    })
+}
+
+fn term() -> impl Strategy<Value = Term> {
+    let leaf = prop_oneof![
+        any::<i64>().prop_map(Term::Int),
+        (-1e300f64..1e300).prop_map(Term::Float),
+        "\\PC{0,20}".prop_map(Term::Atom),
+        pid().prop_map(Term::Pid),
+        reference().prop_map(Term::Ref),
+        Just(Term::Nil),
+        prop::collection::vec(any::<u8>(), 0..40).prop_map(Term::Str),
+        prop::collection::vec(any::<u8>(), 0..200).prop_map(Term::Binary),
+    ];
+    leaf.prop_recursive(6, 200, 8, |inner| {
+        prop_oneof![
+            prop::collection::vec(inner.clone(), 0..8).prop_map(Term::Tuple),
+            (prop::collection::vec(inner.clone(), 1..8), inner.clone()).prop_map(|(i, t)| Term::List(i, Box::new(t))),
+            prop::collection::vec((inner.clone(), inner), 0..5).prop_map(Term::Map),
+        ]
+    })
+}
+
+/// What the gateway does on the way out (a pid becomes a proxy on another
+/// node) and on the way back (the proxy becomes the pid again).
+fn out(found: Found) -> Result<Emit, String> {
+    Ok(match found {
+        Found::Pid(p) => Emit::Pid(Pid { node: format!("proxy_{}", p.node), ..p }),
+        Found::Ref(r) => Emit::Ref(Ref { node: format!("proxy_{}", r.node), ..r }),
+        other => return Err(format!("unexpected {other:?}")),
+    })
+}
+
+fn back(found: Found) -> Result<Emit, String> {
+    let strip = |n: String| n.strip_prefix("proxy_").map(String::from).ok_or_else(|| format!("not a proxy: {n}"));
+    Ok(match found {
+        Found::Pid(p) => Emit::Pid(Pid { node: strip(p.node.clone())?, ..p }),
+        Found::Ref(r) => Emit::Ref(Ref { node: strip(r.node.clone())?, ..r }),
+        other => return Err(format!("unexpected {other:?}")),
+    })
+}
+
+fn count_ids(t: &Term) -> usize {
+    match t {
+        Term::Pid(_) | Term::Ref(_) => 1,
+        Term::Tuple(items) => items.iter().map(count_ids).sum(),
+        Term::List(items, tail) => items.iter().map(count_ids).sum::<usize>() + count_ids(tail),
+        Term::Map(pairs) => pairs.iter().map(|(k, v)| count_ids(k) + count_ids(v)).sum(),
+        _ => 0,
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 1024, .. ProptestConfig::default() })]
+
+    #[test]
+    fn translating_there_and_back_is_the_identity(t in term()) {
+        let bytes = etf::encode(&t);
+        let mut seen = 0;
+        let mut there = Vec::new();
+        let used = etf::translate(&bytes, &mut there, &mut |f| { seen += 1; out(f) }, false).unwrap();
+        prop_assert_eq!(used, bytes.len());
+        prop_assert_eq!(seen, count_ids(&t));
+        if seen > 0 {
+            prop_assert_ne!(&there, &bytes);
+        }
+        let mut again = Vec::new();
+        etf::translate(&there, &mut again, &mut back, false).unwrap();
+        prop_assert_eq!(&again, &bytes);
+        // The translated term is still a valid term for Erlang.
+        let (decoded, n) = etf::decode(&there).unwrap();
+        prop_assert_eq!(n, there.len());
+        prop_assert_eq!(count_ids(&decoded), seen);
+    }
+
+    #[test]
+    fn decoding_and_encoding_again_gives_the_same_bytes(t in term()) {
+        let bytes = etf::encode(&t);
+        let (decoded, n) = etf::decode(&bytes).unwrap();
+        prop_assert_eq!(n, bytes.len());
+        prop_assert_eq!(etf::encode(&decoded), bytes);
+    }
+
+    /// Arbitrary bytes (and valid terms with bytes flipped) are an error or
+    /// a term, never a panic or a read past the end.
+    #[test]
+    fn arbitrary_bytes_never_panic(mut b in prop::collection::vec(any::<u8>(), 0..300), t in term(), flip in any::<(u16, u8)>()) {
+        for markers in [false, true] {
+            let mut o = Vec::new();
+            if let Ok(n) = etf::translate(&b, &mut o, &mut |f| Ok(match f {
+                Found::Pid(p) | Found::HomePid(p) => Emit::Pid(p),
+                Found::Ref(r) | Found::HomeRef(r) => Emit::Ref(r),
+            }), markers) {
+                prop_assert!(n <= b.len());
+            }
+        }
+        let _ = etf::decode(&b);
+        let mut enc = etf::encode(&t);
+        let at = flip.0 as usize % enc.len();
+        enc[at] ^= flip.1 | 1;
+        b = enc;
+        let mut o = Vec::new();
+        let _ = etf::translate(&b, &mut o, &mut out, false);
+        let _ = etf::decode(&b);
+    }
+}
