@@ -9,11 +9,11 @@ use std::io;
 use std::time::Duration;
 
 use bytes::BytesMut;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 
-use super::{BoxIo, Io, Timeouts};
+use super::{BoxIo, Timeouts};
 use crate::config::{Endpoint, Socks5};
 use crate::tls::{peer_is, server_name, Tls};
 use crate::wire::codec::{self, CodecError};
@@ -304,8 +304,12 @@ async fn send_hello(io: &mut BoxIo, header: &Header, max_frame: usize) -> Result
 }
 
 /// Reads the peer's preamble and first frame, which must be a hello (or a
-/// goodbye saying why we were refused).
-async fn read_hello<S: Io + ?Sized>(io: &mut S, max_frame: usize) -> Result<(Hello, BytesMut), HandshakeError> {
+/// goodbye saying why we were refused). Public for the fuzz target
+/// (`fuzz/fuzz_targets/handshake.rs`), which feeds it arbitrary bytes.
+pub async fn read_hello<S: AsyncRead + Unpin + ?Sized>(
+    io: &mut S,
+    max_frame: usize,
+) -> Result<(Hello, BytesMut), HandshakeError> {
     let mut pre = [0u8; PREAMBLE_LEN];
     io.read_exact(&mut pre).await.map_err(HandshakeError::Io)?;
     codec::check_preamble(&pre)?;

@@ -1,0 +1,85 @@
+//! What each fuzz target checks, as plain functions: the fuzz targets call
+//! them on generated inputs, and `tests/fuzz_regressions.rs` calls them on
+//! the seed corpus and on every input that ever crashed (fuzz/regressions/).
+#![allow(dead_code)]
+
+use std::sync::OnceLock;
+
+use bytes::BytesMut;
+use wandist::erlang::etf::{self, Emit, Found, Pid};
+use wandist::link::handshake;
+use wandist::wire::codec;
+
+const MAX: usize = 1 << 20;
+
+/// The frame decoder on arbitrary bytes from a peer: frames or a clear
+/// error, never a panic, never a buffer beyond the limit; a decoded frame
+/// encodes and decodes again to itself.
+pub fn frame_decoder(data: &[u8]) {
+    let mut buf = BytesMut::from(data);
+    for _ in 0..1024 {
+        match codec::decode(&mut buf, MAX) {
+            Ok(Some(frame)) => {
+                let mut again = codec::encode_frame(&frame, MAX).expect("a decoded frame encodes");
+                let back = codec::decode(&mut again, MAX).expect("re-decodes").expect("whole");
+                assert_eq!(back, frame);
+                assert!(again.is_empty());
+            }
+            Ok(None) => {
+                let _ = codec::check_eof(&buf);
+                break;
+            }
+            Err(_) => break,
+        }
+        assert!(buf.capacity() <= MAX + 4 + data.len(), "buffered beyond the limit");
+    }
+}
+
+fn runtime() -> &'static tokio::runtime::Runtime {
+    static RT: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
+    RT.get_or_init(|| tokio::runtime::Builder::new_current_thread().build().unwrap())
+}
+
+/// The accepting side's first bytes from an unauthenticated peer (after
+/// TLS, or on a plaintext route): the preamble and the hello. A hello or a
+/// clear error, never a panic or a hang (a slice ends in EOF).
+pub fn handshake(data: &[u8]) {
+    let mut io = data;
+    if let Ok((hello, _rest)) = runtime().block_on(handshake::read_hello(&mut io, 128 << 20)) {
+        assert!(hello.cluster.len() <= data.len());
+    }
+}
+
+/// The Erlang term translator on arbitrary payloads, from a local node (no
+/// markers) and from a peer gateway (markers allowed): a translated term or
+/// a clear error, never a panic; plain ETF in gives plain ETF out, which
+/// translates again to itself.
+pub fn etf_translate(data: &[u8]) {
+    for markers in [false, true] {
+        let mut out = Vec::new();
+        let mut f = |found: Found| -> Result<Emit, String> {
+            Ok(match found {
+                Found::Pid(p) => Emit::Pid(Pid { node: format!("proxy@{}", p.node.len()), ..p }),
+                Found::Ref(r) => Emit::Ref(r),
+                Found::HomePid(p) => Emit::HomePid(p),
+                Found::HomeRef(r) => Emit::HomeRef(r),
+            })
+        };
+        if let Ok(used) = etf::translate(data, &mut out, &mut f, markers) {
+            assert!(used <= data.len());
+            if !markers {
+                let mut again = Vec::new();
+                let mut same = |f: Found| -> Result<Emit, String> {
+                    Ok(match f {
+                        Found::Pid(p) => Emit::Pid(p),
+                        Found::Ref(r) => Emit::Ref(r),
+                        other => return Err(format!("{other:?}")),
+                    })
+                };
+                etf::translate(&out, &mut again, &mut same, false).expect("translated output translates again");
+                assert_eq!(again, out);
+            }
+        }
+    }
+    let _ = etf::decode(data);
+}
