@@ -396,7 +396,8 @@ fn main() {
             a.p99_us / b.p99_us
         )
     };
-    let erl_args = std::env::var("WANDIST_BENCH_ERL_ARGS").map(|a| format!("; every Erlang node with `{a}`")).unwrap_or_default();
+    let erl_args =
+        std::env::var("WANDIST_BENCH_ERL_ARGS").map(|a| format!("; every Erlang node with `{a}`")).unwrap_or_default();
     let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
     let cpu_row = |name: &str, c: &Cpu| {
         format!(

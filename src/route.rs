@@ -172,7 +172,11 @@ pub struct Route {
     unacked_bytes: usize,
 
     received_upto: u64,
+    /// Handed to the local side.
     delivered_upto: u64,
+    /// The local side is done with (e.g. written to the Erlang node's
+    /// socket): what acks, and so confirmations, promise.
+    done_upto: u64,
     ack_sent_upto: u64,
     ack_forced: bool,
     inbound: VecDeque<Bytes>,
@@ -197,6 +201,7 @@ impl Route {
             unacked_bytes: 0,
             received_upto: 0,
             delivered_upto: 0,
+            done_upto: 0,
             ack_sent_upto: 0,
             ack_forced: false,
             inbound: VecDeque::new(),
@@ -263,6 +268,7 @@ impl Route {
         self.sent_upto = 0;
         self.received_upto = 0;
         self.delivered_upto = 0;
+        self.done_upto = 0;
         self.ack_sent_upto = 0;
         self.ack_forced = false;
         self.inbound.clear();
@@ -396,19 +402,29 @@ impl Route {
         !self.inbound.is_empty()
     }
 
-    /// Takes the next message for the local cluster; call once it is handed over.
-    pub fn next_delivery(&mut self) -> Option<Bytes> {
+    /// Takes the next message for the local cluster, with its delivery
+    /// number in this session (1, 2, ...): report it to `local_done` once
+    /// the local side has finished with it.
+    pub fn next_delivery(&mut self) -> Option<(u64, Bytes)> {
         let p = self.inbound.pop_front()?;
         self.inbound_bytes -= p.len();
         self.delivered_upto += 1;
-        Some(p)
+        Some((self.delivered_upto, p))
+    }
+
+    /// The local side is done with every delivery up to `upto` (of this
+    /// session): they may be acked. A message the gateway holds but has
+    /// not finished with is never acked, so a crash cannot lose a message
+    /// its sender was told was delivered.
+    pub fn local_done(&mut self, upto: u64) {
+        self.done_upto = self.done_upto.max(upto.min(self.delivered_upto));
     }
 
     /// The ack to send, if one is due: (our view of the peer's epoch, upto).
     pub fn pending_ack(&self) -> Option<(u64, u64)> {
         let epoch = self.peer_epoch?;
-        let due = self.delivered_upto > self.ack_sent_upto || (self.ack_forced && self.delivered_upto > 0);
-        due.then_some((epoch, self.delivered_upto))
+        let due = self.done_upto > self.ack_sent_upto || (self.ack_forced && self.done_upto > 0);
+        due.then_some((epoch, self.done_upto))
     }
 
     pub fn ack_sent(&mut self, upto: u64) {
@@ -465,7 +481,8 @@ mod tests {
                     let _ = self.b.on_data(link, t.seq, t.payload).unwrap();
                 }
             }
-            while let Some(m) = self.b.next_delivery() {
+            while let Some((n, m)) = self.b.next_delivery() {
+                self.b.local_done(n);
                 self.delivered_at_b.push(m);
             }
             if let Some((epoch, upto)) = self.b.pending_ack() {
@@ -606,11 +623,14 @@ mod tests {
         r.link_up(2, PEER, W);
         assert_eq!(r.on_data(1, 1, msg(1)).unwrap(), DataVerdict::Accepted);
         assert_eq!(r.on_data(1, 2, msg(2)).unwrap(), DataVerdict::Accepted);
-        assert_eq!(r.pending_ack(), None, "acks only what was handed to the cluster");
-        assert_eq!(r.next_delivery(), Some(msg(1)));
+        assert_eq!(r.pending_ack(), None, "acks only what the local side is done with");
+        assert_eq!(r.next_delivery(), Some((1, msg(1))));
+        assert_eq!(r.pending_ack(), None, "handed over, not yet done");
+        r.local_done(1);
         assert_eq!(r.pending_ack(), Some((PEER, 1)));
-        assert_eq!(r.next_delivery(), Some(msg(2)));
-        assert_eq!(r.pending_ack(), Some((PEER, 2)));
+        assert_eq!(r.next_delivery(), Some((2, msg(2))));
+        r.local_done(7);
+        assert_eq!(r.pending_ack(), Some((PEER, 2)), "never beyond what was handed over");
         r.ack_sent(2);
         assert_eq!(r.pending_ack(), None);
         // The sender failed over and resends 1..2 on the other link.

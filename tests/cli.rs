@@ -162,7 +162,7 @@ fn every_config_in_the_invalid_folder_is_rejected_with_a_clear_message() {
                 Some((l, m)) if l.parse::<u32>().is_ok() => (Some(l), m),
                 _ => (None, e),
             };
-            let at = line.map(|l| format!("{name}:{l}: ")).unwrap_or_else(|| format!("{name}"));
+            let at = line.map(|l| format!("{name}:{l}: ")).unwrap_or_else(|| name.clone());
             if !out.lines().any(|l| l.contains(&at) && l.contains(msg)) {
                 wrong.push(format!("{name}: expected {msg:?} at {at:?}, got:\n{out}"));
             }

@@ -337,26 +337,28 @@ async fn a_stalled_peer_cluster_does_not_hold_up_the_others() {
     .await;
     a1.eval_until("{length(pg:get_members(wan, echo)), length(pg:get_members(wan, slow))}.", |v| v == "{1,1}");
 
-    // dc3's only node stops reading: what gw-dc3 and the sockets can hold
-    // (about 13k such messages) fills, and the rest backs up to gw-dc1.
+    // dc3's only node stops reading: what the sockets to it can hold fills
+    // (gw-dc3 acks a message only once it is written to c1's socket), 50
+    // wait unacked in gw-dc1's window, and the rest wait in gw-dc1's
+    // per-peer queue (16,384 messages) while other routes keep moving.
     let stop = std::process::Command::new("kill").args(["-STOP", &c1.pid().to_string()]).status().unwrap();
     assert!(stop.success());
     assert_eq!(
         a1.eval(
             "Slow = hd(pg:get_members(wan, slow)), Blob = binary:copy(<<1>>, 2000), \
-             [Slow ! {n, I, Blob} || I <- lists:seq(1, 20000)], ok."
+             [Slow ! {n, I, Blob} || I <- lists:seq(1, 15000)], ok."
         ),
         "ok"
     );
     gw1.wait_metric("wandist_unacked_messages", &[("peer", "dc3")], |v| v == 50.0).await;
     // dc2 is unaffected.
     assert_eq!(a1.eval("gen_server:call(hd(pg:get_members(wan, echo)), hi, 5000)."), "{echo,hi}");
-    // dc3 resumes and gets all 20000, in order.
+    // dc3 resumes and gets all 15000, in order.
     let cont = std::process::Command::new("kill").args(["-CONT", &c1.pid().to_string()]).status().unwrap();
     assert!(cont.success());
     // (REPL bindings persist: a fun keeps the pattern variable fresh.)
     c1.eval("Got = fun() -> slow ! {get, self()}, receive {got, X1} -> X1 after 5000 -> -1 end end, ok.");
-    c1.eval_until("Got() >= 20000.", |v| v == "true");
-    assert_eq!(c1.eval("Got()."), "20000", "more than was sent, or out of order");
+    c1.eval_until("Got() >= 15000.", |v| v == "true");
+    assert_eq!(c1.eval("Got()."), "15000", "more than was sent, or out of order");
     drop((gw1, gw2, gw3));
 }

@@ -55,7 +55,8 @@ async fn high_latency_with_jitter_keeps_the_window_full_and_never_fails_over() {
     let certs = Certs::new(&["dc1", "dc2"]);
     // A round trip of 400-500 ms: the handshake (TCP, TLS 1.3, hello) needs a few.
     let slow = "handshake_timeout_ms = 5000\n";
-    let dc2_cfg = format!("{}{}[[route]]\ncluster = \"dc1\"\n", gateway_table_with("dc2", true, slow), certs.tls_table("dc2"));
+    let dc2_cfg =
+        format!("{}{}[[route]]\ncluster = \"dc1\"\n", gateway_table_with("dc2", true, slow), certs.tls_table("dc2"));
     let mut dc2 = InProc::start("dc2", &dc2_cfg, 4096).await;
     let wan = Forwarder::start(Some(dc2.peer_addr()));
     let wan2 = Forwarder::start(Some(dc2.peer_addr()));

@@ -244,10 +244,15 @@ fn a_socks5_proxy_that_refuses_the_connection_is_a_clear_handshake_failure() {
     let proxy = Socks5Server::start(None);
     // Nothing listens where the proxy is asked to connect: a port we bound and released.
     let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
-    let dc3 = Gateway::start("dc3", &format!(
-        "{}{}[[route]]\ncluster = \"dc1\"\nendpoints = [\"{closed}\"]\nsocks5 = \"{}\"\n",
-        gateway_table("dc3", false), certs.tls_table("dc3"), proxy.addr
-    ));
+    let dc3 = Gateway::start(
+        "dc3",
+        &format!(
+            "{}{}[[route]]\ncluster = \"dc1\"\nendpoints = [\"{closed}\"]\nsocks5 = \"{}\"\n",
+            gateway_table("dc3", false),
+            certs.tls_table("dc3"),
+            proxy.addr
+        ),
+    );
     dc3.wait_metric("wandist_handshake_failures_total", &[("peer", "dc1"), ("reason", "socks")], |v| v >= 2.0);
     let line = dc3.wait_log("SOCKS5 proxy", SOON);
     assert!(line.contains("refused") || line.contains("unreachable") || line.contains("failure"), "{line}");

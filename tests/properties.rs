@@ -19,8 +19,11 @@ enum Op {
     Transmit(u8),
     /// Carry up to n data frames on link i (modulo the links up).
     CarryData(u8, u8),
-    /// The receiver hands up to n messages to its cluster and acks.
+    /// The receiver hands up to n messages to its local side...
     Consume(u8),
+    /// ...which finishes with up to n of them (writes them to the Erlang
+    /// node); the receiver acks what is finished.
+    Finish(u8),
     CarryAcks(u8, u8),
     LinkDown(u8),
     LinkUp,
@@ -34,6 +37,7 @@ fn op() -> impl Strategy<Value = Op> {
         4 => (1u8..20).prop_map(Op::Transmit),
         4 => (any::<u8>(), 1u8..20).prop_map(|(i, n)| Op::CarryData(i, n)),
         4 => (1u8..20).prop_map(Op::Consume),
+        4 => (1u8..20).prop_map(Op::Finish),
         3 => (any::<u8>(), 1u8..5).prop_map(|(i, n)| Op::CarryAcks(i, n)),
         1 => any::<u8>().prop_map(Op::LinkDown),
         1 => Just(Op::LinkUp),
@@ -55,7 +59,9 @@ struct World {
     links: Vec<Link>,
     next_link: LinkId,
     submitted: u64,
-    /// Tokens delivered, across receiver runs.
+    /// Handed to the receiver's local side, not finished: (delivery number, token).
+    handed: VecDeque<(u64, u64)>,
+    /// Tokens delivered (finished by the receiver's local side), across receiver runs.
     delivered: Vec<u64>,
     delivered_set: BTreeSet<u64>,
     /// Per receiver run, the last token delivered (order within a run).
@@ -77,6 +83,7 @@ impl World {
             links: Vec::new(),
             next_link: 1,
             submitted: 0,
+            handed: VecDeque::new(),
             delivered: Vec::new(),
             delivered_set: BTreeSet::new(),
             last_in_run: None,
@@ -136,14 +143,20 @@ impl World {
             }
             Op::Consume(n) => {
                 for _ in 0..n {
-                    let Some(p) = self.b.next_delivery() else { break };
-                    let token = u64::from_be_bytes(p[..].try_into().unwrap());
+                    let Some((seq, p)) = self.b.next_delivery() else { break };
+                    self.handed.push_back((seq, u64::from_be_bytes(p[..].try_into().unwrap())));
+                }
+            }
+            Op::Finish(n) => {
+                for _ in 0..n {
+                    let Some((seq, token)) = self.handed.pop_front() else { break };
                     assert!(self.delivered_set.insert(token), "token {token} delivered twice");
                     if let Some(last) = self.last_in_run {
                         assert!(token > last, "token {token} after {last}: out of order");
                     }
                     self.last_in_run = Some(token);
                     self.delivered.push(token);
+                    self.b.local_done(seq);
                 }
                 if let (Some((epoch, upto)), Some(first)) = (self.b.pending_ack(), self.links.first_mut()) {
                     first.acks.push_back((epoch, upto));
@@ -179,6 +192,7 @@ impl World {
                 self.b_epoch += 1;
                 self.b = Route::new(self.b_epoch, W, W);
                 self.last_in_run = None;
+                self.handed.clear();
                 for l in self.links.drain(..) {
                     self.a.link_down(l.id);
                 }
@@ -198,6 +212,7 @@ impl World {
                 self.apply(&Op::CarryData(i, 255));
             }
             self.apply(&Op::Consume(255));
+            self.apply(&Op::Finish(255));
             for i in 0..self.links.len() as u8 {
                 self.apply(&Op::CarryAcks(i, 255));
             }

@@ -31,7 +31,7 @@ use self::etf::{Emit, Found, Pid, Ref, Term};
 use self::node::{packet, NodeEvent, NodeParams};
 use self::proxies::{Home, Table};
 use crate::config::{ErlangConfig, GatewayConfig};
-use crate::gateway::{LocalHandle, ToLocal, TrySubmit};
+use crate::gateway::{Held, LocalHandle, ToLocal, TrySubmit};
 use crate::membership::Change;
 use crate::metrics::{self as m, Metrics};
 use crate::route::Outcome;
@@ -115,6 +115,9 @@ pub struct ErlangSide {
     watched: HashMap<u64, Vec<(Pid, Ref)>>,
     /// Monitors we hold on local pids for peers: our ref -> (peer, target).
     held: HashMap<Ref, (Arc<str>, Pid)>,
+    /// The delivered message being relayed: its route may ack it once the
+    /// packet carrying it is written to the node (or it is dropped).
+    delivering: Option<Held>,
     /// Monitors we hold on scope processes: our ref -> node.
     scope_monitors: HashMap<Ref, Arc<str>>,
     next_ref: u32,
@@ -228,6 +231,7 @@ pub fn start(
         joined: BTreeMap::new(),
         watched: HashMap::new(),
         held: HashMap::new(),
+        delivering: None,
         scope_monitors: HashMap::new(),
         next_ref: 1,
         confirms: HashMap::new(),
@@ -835,8 +839,9 @@ impl ErlangSide {
 
     async fn on_gateway(&mut self, item: ToLocal) {
         match item {
-            // `_held` is released when this arm ends: the message was handed on.
-            ToLocal::Deliver { peer, payload, held: _held } => {
+            // `held` goes with the packet to the node's writer (see `deliver`),
+            // or is released when this arm ends (control relays, drops).
+            ToLocal::Deliver { peer, payload, held } => {
                 let (r, used) = match codec::from_prefix::<Relay>(&payload) {
                     Ok(x) => x,
                     Err(e) => {
@@ -845,7 +850,9 @@ impl ErlangSide {
                         return;
                     }
                 };
+                self.delivering = Some(held);
                 self.on_relay(&peer, r, &payload[used..]).await;
+                self.delivering = None;
             }
             ToLocal::Confirm { token, outcome, .. } => {
                 let Some((from, reply_ref)) = self.confirms.remove(&token) else { return };
@@ -971,7 +978,7 @@ impl ErlangSide {
         let len = (pkt.len() - 4) as u32;
         pkt[..4].copy_from_slice(&len.to_be_bytes());
         let Some(tx) = self.nodes.get(node.as_str()).and_then(|n| n.tx.as_ref()) else { return };
-        if tx.send(Bytes::from(pkt)).await {
+        if tx.send_delivery(Bytes::from(pkt), self.delivering.take()).await {
             self.m.from_peers.increment(1);
         }
     }

@@ -15,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 use super::dist::{self, PASS_THROUGH};
 use super::etf::{self, Term};
 use crate::config::{ErlNode, Secret};
+use crate::gateway::Held;
 use crate::link::backoff::Backoff;
 
 /// Ticks go out this often (Erlang's default net_ticktime is 60 s: it
@@ -30,24 +31,35 @@ const OUT_QUEUE: usize = 4096;
 const OUT_BYTES: usize = 64 * 1024 * 1024;
 
 /// The way to one node's writer, bounded in packets and in bytes.
+/// A packet queued for a node, its share of the byte budget, and the
+/// delivered message it carries, if any (dropped once written).
+type Queued = (Bytes, OwnedSemaphorePermit, Option<Held>);
+
 #[derive(Clone, Debug)]
 pub struct NodeTx {
-    tx: mpsc::Sender<(Bytes, OwnedSemaphorePermit)>,
+    tx: mpsc::Sender<Queued>,
     budget: Arc<Semaphore>,
 }
 
 impl NodeTx {
-    fn new() -> (NodeTx, mpsc::Receiver<(Bytes, OwnedSemaphorePermit)>) {
+    fn new() -> (NodeTx, mpsc::Receiver<Queued>) {
         let (tx, rx) = mpsc::channel(OUT_QUEUE);
         (NodeTx { tx, budget: Arc::new(Semaphore::new(OUT_BYTES)) }, rx)
     }
 
     /// Queues a packet; waits while the node is that far behind.
     pub async fn send(&self, pkt: Bytes) -> bool {
+        self.send_delivery(pkt, None).await
+    }
+
+    /// Queues a packet carrying a message from a peer; `held` is dropped
+    /// (telling the route it may ack) once the packet is written to the
+    /// node's socket, or the connection is gone.
+    pub async fn send_delivery(&self, pkt: Bytes, held: Option<Held>) -> bool {
         // A packet larger than the whole budget takes all of it, alone.
         let n = pkt.len().min(OUT_BYTES) as u32;
         let Ok(permit) = self.budget.clone().acquire_many_owned(n).await else { return false };
-        self.tx.send((pkt, permit)).await.is_ok()
+        self.tx.send((pkt, permit, held)).await.is_ok()
     }
 }
 
@@ -157,7 +169,7 @@ async fn serve(
     stream: TcpStream,
     name: &Arc<str>,
     p: &NodeParams,
-    mut outgoing: mpsc::Receiver<(Bytes, OwnedSemaphorePermit)>,
+    mut outgoing: mpsc::Receiver<Queued>,
     events: &mpsc::Sender<NodeEvent>,
 ) -> String {
     let (rd, mut wr) = stream.into_split();
@@ -167,12 +179,17 @@ async fn serve(
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut batch = BytesMut::with_capacity(64 * 1024);
+        // Deliveries in `batch`: finished once it is written.
+        let mut carried: Vec<Held> = Vec::new();
         let mut last_write = std::time::Instant::now() - BUSY;
         loop {
             tokio::select! {
                 biased;
                 pkt = outgoing.recv() => match pkt {
-                    Some((pkt, _permit)) => batch.extend_from_slice(&pkt),
+                    Some((pkt, _permit, held)) => {
+                        batch.extend_from_slice(&pkt);
+                        carried.extend(held);
+                    }
                     None => return "closed by the gateway".to_string(),
                 },
                 _ = tick.tick() => batch.extend_from_slice(&[0, 0, 0, 0]),
@@ -184,7 +201,10 @@ async fn serve(
             }
             while batch.len() < 256 * 1024 {
                 match outgoing.try_recv() {
-                    Ok((pkt, _permit)) => batch.extend_from_slice(&pkt),
+                    Ok((pkt, _permit, held)) => {
+                        batch.extend_from_slice(&pkt);
+                        carried.extend(held);
+                    }
                     Err(_) => break,
                 }
             }
@@ -193,6 +213,7 @@ async fn serve(
             }
             last_write = std::time::Instant::now();
             batch.clear();
+            carried.clear();
         }
     };
     let reader = async {

@@ -5,35 +5,101 @@
 //! cluster's group changes through [`LocalHandle`], and receives everything
 //! else as [`ToLocal`] on one bounded channel.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Notify};
 
 use crate::membership::Change;
 use crate::route::Outcome;
 use crate::wire::Member;
 
-/// The payload bytes a delivered message holds against the gateway's budget
-/// for messages handed to the local side and not yet processed; released
-/// when the `ToLocal::Deliver` carrying it is dropped.
+/// What the local side has finished with, per route: deliveries are
+/// numbered per peer session, and a route acks only the contiguous prefix
+/// that is done, so a message still inside this gateway (queued for an
+/// Erlang node, say) is never acked and a crash cannot lose a message its
+/// sender was told was delivered.
+#[derive(Debug, Default)]
+pub(crate) struct Finished {
+    state: Mutex<FinishedState>,
+    pub(crate) notify: Notify,
+}
+
+#[derive(Debug, Default)]
+struct FinishedState {
+    /// The peer session (its epoch) the numbers belong to.
+    session: Option<u64>,
+    upto: u64,
+    /// Done out of order (e.g. written to different Erlang nodes).
+    ahead: BTreeSet<u64>,
+}
+
+impl Finished {
+    /// A new peer session: numbering starts again; older marks are ignored.
+    pub(crate) fn reset(&self, session: u64) {
+        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        *s = FinishedState { session: Some(session), upto: 0, ahead: BTreeSet::new() };
+    }
+
+    /// (session, contiguous prefix done).
+    pub(crate) fn upto(&self) -> (Option<u64>, u64) {
+        let s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        (s.session, s.upto)
+    }
+
+    fn mark(&self, session: u64, n: u64) {
+        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if s.session != Some(session) || n <= s.upto {
+            return;
+        }
+        if n != s.upto + 1 {
+            s.ahead.insert(n);
+            return;
+        }
+        s.upto = n;
+        loop {
+            let next = s.upto + 1;
+            if !s.ahead.remove(&next) {
+                break;
+            }
+            s.upto = next;
+        }
+        drop(s);
+        self.notify.notify_one();
+    }
+}
+
+/// A message handed to the local side: its payload bytes count against the
+/// gateway's budget for such messages, and dropping it tells its route the
+/// local side is done with it (delivered, or dropped for a reason it logged
+/// and counted). Keep it until then.
 pub struct Held {
     counter: Arc<AtomicUsize>,
     bytes: usize,
+    finished: Option<(Arc<Finished>, u64, u64)>,
 }
 
 impl Held {
-    pub(crate) fn take(counter: &Arc<AtomicUsize>, bytes: usize) -> Held {
+    pub(crate) fn take(
+        counter: &Arc<AtomicUsize>,
+        bytes: usize,
+        finished: &Arc<Finished>,
+        session: u64,
+        n: u64,
+    ) -> Held {
         counter.fetch_add(bytes, Ordering::Relaxed);
-        Held { counter: counter.clone(), bytes }
+        Held { counter: counter.clone(), bytes, finished: Some((finished.clone(), session, n)) }
     }
 }
 
 impl Drop for Held {
     fn drop(&mut self) {
         self.counter.fetch_sub(self.bytes, Ordering::Relaxed);
+        if let Some((f, session, n)) = self.finished.take() {
+            f.mark(session, n);
+        }
     }
 }
 
@@ -46,8 +112,9 @@ impl std::fmt::Debug for Held {
 /// What routes tell the local side.
 #[derive(Debug)]
 pub enum ToLocal {
-    /// A message from `peer` for the local cluster. Handing it over is what
-    /// the peer's confirmation means. Drop it (with its `held`) once done.
+    /// A message from `peer` for the local cluster. Dropping `held` (once
+    /// the message is written on, or dropped for a logged reason) is what
+    /// lets the route ack it, and so what the sender's confirmation means.
     Deliver { peer: Arc<str>, payload: Bytes, held: Held },
     /// What became of a message submitted with a token.
     Confirm { peer: Arc<str>, token: u64, outcome: Outcome },

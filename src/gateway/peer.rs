@@ -20,7 +20,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::local::{Held, LocalGroups, Submit, ToLocal};
+use super::local::{Finished, Held, LocalGroups, Submit, ToLocal};
 use crate::config::{GatewayConfig, RouteConfig};
 use crate::link::backoff::Backoff;
 use crate::link::conn::{self, Link, LinkEvent, LinkParams};
@@ -129,6 +129,8 @@ pub(super) struct PeerTask {
     members: PeerMembership,
     /// Confirmations and membership changes waiting for the local side.
     outbox: VecDeque<ToLocal>,
+    /// Deliveries the local side has finished with (what acks may cover).
+    finished: Arc<Finished>,
     /// When the last link went down; members are withdrawn `dead_after` later.
     down_since: Option<Instant>,
     withdrawn: bool,
@@ -197,6 +199,7 @@ impl PeerTask {
             route,
             members,
             outbox: VecDeque::new(),
+            finished: Arc::new(Finished::default()),
             down_since: Some(Instant::now()),
             withdrawn: true,
             members_dirty: true,
@@ -255,6 +258,8 @@ impl PeerTask {
                     }
                 }
                 Some(change) = self.inputs.groups.recv() => self.on_local_groups(change),
+                // The local side finished with deliveries: flush_ack below picks them up.
+                _ = self.finished.notify.notified() => {}
                 Ok(permit) = async { lane.unwrap().reserve_owned().await }, if lane.is_some() => {
                     if let Some(frame) = self.next_data_frame() {
                         permit.send(frame);
@@ -334,9 +339,10 @@ impl PeerTask {
         if self.over_budget() {
             return None;
         }
-        let payload = self.route.next_delivery()?;
+        let session = self.route.peer_epoch()?;
+        let (n, payload) = self.route.next_delivery()?;
         self.rm.received.increment(1);
-        let held = Held::take(&self.inputs.held, payload.len());
+        let held = Held::take(&self.inputs.held, payload.len(), &self.finished, session, n);
         Some(ToLocal::Deliver { peer: self.peer.clone(), payload, held })
     }
 
@@ -361,6 +367,11 @@ impl PeerTask {
     fn flush_ack(&mut self) {
         if self.primary().is_none() {
             return;
+        }
+        if let (Some(session), upto) = self.finished.upto() {
+            if self.route.peer_epoch() == Some(session) {
+                self.route.local_done(upto);
+            }
         }
         if let Some((epoch, upto)) = self.route.pending_ack() {
             let every = ACK_EVERY.min(self.config.window.messages as u64 / 4).max(1);
@@ -505,6 +516,9 @@ impl PeerTask {
         self.rm.connects.increment(1);
         let was_known = self.route.peer_epoch().is_some();
         let up = self.route.link_up(id, hello.epoch, peer_window);
+        if up.new_session {
+            self.finished.reset(hello.epoch);
+        }
         if !up.stale.is_empty() {
             tracing::warn!(peer = %self.peer, "peer gateway restarted (new epoch): a new session");
         }
