@@ -28,7 +28,7 @@ use crate::link::handshake::{self, Established, HandshakeError, Identity, Offer}
 use crate::link::Timeouts;
 use crate::membership::{Change, Filter, Pattern, PeerMembership};
 use crate::metrics::{self as m, Metrics};
-use crate::route::{Confirmation, DataVerdict, FailReason, Route, Window};
+use crate::route::{Confirmation, DataVerdict, FailReason, Outcome, Route, Window};
 use crate::tls::Tls;
 use crate::wire::{Frame, Header, Hello};
 
@@ -38,6 +38,9 @@ const MEMBER_GAUGES_EVERY: Duration = Duration::from_millis(200);
 pub(super) const TO_LOCAL_BYTES: usize = 256 * 1024 * 1024;
 /// How often deliveries held back by that budget are retried.
 const HELD_RETRY: Duration = Duration::from_millis(1);
+/// How long a stopping route waits for the local side to take the
+/// outcomes it is owed.
+const SHUTDOWN_NOTICE: Duration = Duration::from_secs(2);
 /// The most messages moved per step without going back to the select loop.
 const PUMP_BATCH: usize = 512;
 /// Under load, an ack goes out at least every this many delivered messages.
@@ -284,7 +287,7 @@ impl PeerTask {
                 self.publish_members();
             }
         }
-        self.shutdown();
+        self.shutdown().await;
     }
 
     /// Moves what can move without waiting: transmissions onto the
@@ -428,20 +431,24 @@ impl PeerTask {
         self.changes_to_local(changes);
     }
 
-    fn shutdown(&mut self) {
-        let (n, confirmations) = self.route.fail_all(FailReason::Shutdown);
+    /// Fails everything this route accepted and did not get confirmed:
+    /// unacked messages and those still queued for it. The local side gets
+    /// every outcome it is owed (bounded by SHUTDOWN_NOTICE, in case it has
+    /// stopped reading).
+    async fn shutdown(&mut self) {
+        let (mut n, mut confirmations) = self.route.fail_all(FailReason::Shutdown);
+        self.inputs.submit.close();
+        while let Ok(s) = self.inputs.submit.try_recv() {
+            n += 1;
+            if let Some(token) = s.token {
+                confirmations.push(Confirmation { token, outcome: Outcome::Failed(FailReason::Shutdown) });
+            }
+        }
         if n > 0 {
             self.metrics
                 .counter(m::MESSAGES_FAILED, &[("peer", &self.peer), ("reason", "shutdown")])
                 .increment(n as u64);
             tracing::warn!(peer = %self.peer, messages = n, "shutting down with unconfirmed messages: reported failed");
-        }
-        for c in confirmations {
-            let _ = self.inputs.to_local.try_send(ToLocal::Confirm {
-                peer: self.peer.clone(),
-                token: c.token,
-                outcome: c.outcome,
-            });
         }
         for live in &self.links {
             live.link.close("shutdown", "gateway shutting down");
@@ -449,6 +456,19 @@ impl PeerTask {
         self.links.clear();
         self.dialing.abort_all();
         self.publish();
+        // Outcomes queued for the local side, then these.
+        self.outbox.retain(|item| matches!(item, ToLocal::Confirm { .. }));
+        self.confirmations_to_local(confirmations);
+        let deadline = tokio::time::Instant::now() + SHUTDOWN_NOTICE;
+        while let Some(item) = self.outbox.pop_front() {
+            match tokio::time::timeout_at(deadline, self.inputs.to_local.send(item)).await {
+                Ok(Ok(())) => {}
+                _ => {
+                    tracing::warn!(peer = %self.peer, outcomes = self.outbox.len() + 1, "the local side did not take the outcomes of its messages");
+                    break;
+                }
+            }
+        }
     }
 
     /// Picks the next endpoint, preferring one no live link uses.
