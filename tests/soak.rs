@@ -279,8 +279,8 @@ async fn soak(secs: u64) {
     let mut failed = 0u64;
     let mut failed_but_received = 0u64;
     let mut problems = b.problems.clone();
-    for d in 0..2 {
-        for t in 0..sent[d] {
+    for (d, &n) in sent.iter().enumerate() {
+        for t in 0..n {
             let s = b.state[d][t as usize];
             match (s & CONFIRMED != 0, s & FAILED != 0) {
                 (true, false) if s & RECEIVED == 0 => {
@@ -296,7 +296,7 @@ async fn soak(secs: u64) {
                 _ => problems.push(format!("dir {d} token {t}: state {s:#b}")),
             }
         }
-        if b.state[d].len() as u64 > sent[d] && b.state[d][sent[d] as usize..].iter().any(|s| *s & RECEIVED != 0) {
+        if b.state[d].len() as u64 > n && b.state[d][n as usize..].iter().any(|s| *s & RECEIVED != 0) {
             problems.push(format!("dir {d}: received a token never sent"));
         }
     }
