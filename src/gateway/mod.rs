@@ -160,6 +160,7 @@ pub async fn start(
         tracker.spawn(task.run());
     }
 
+    tracker.spawn(metrics.clone().upkeep(root.clone()));
     let mut metrics_addr = None;
     if let Some((listener, addr)) = metrics_listener {
         metrics_addr = Some(addr);
