@@ -107,6 +107,58 @@ fn direct(epmd: &Epmd, beam: &Path, tag: &str, extra: &[String]) -> (Figures, Cp
     workloads(&mut x, &pids)
 }
 
+/// A relay that only copies bytes (a thread per direction, 256 KiB reads):
+/// what two gateways would cost if they did no work at all.
+fn relay(target: std::net::SocketAddr) -> std::net::SocketAddr {
+    use std::net::{TcpListener, TcpStream};
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for client in listener.incoming().map_while(Result::ok) {
+            let Ok(server) = TcpStream::connect(target) else { continue };
+            for (mut from, mut to) in
+                [(client.try_clone().unwrap(), server.try_clone().unwrap()), (server, client)]
+            {
+                let _ = from.set_nodelay(true);
+                std::thread::spawn(move || {
+                    let mut buf = vec![0u8; 256 * 1024];
+                    while let Ok(n) = std::io::Read::read(&mut from, &mut buf) {
+                        if n == 0 || to.write_all(&buf[..n]).is_err() {
+                            break;
+                        }
+                    }
+                    let _ = to.shutdown(std::net::Shutdown::Both);
+                });
+            }
+        }
+    });
+    addr
+}
+
+/// The floor for any pair of gateways: the same two nodes with plain TCP
+/// distribution through two byte-copying relays (x -> relay -> relay -> y),
+/// i.e. the four extra loopback legs and wake-ups a bridged path has, and
+/// none of a gateway's work. x does not listen (`-dist_listen false`) and
+/// finds y at its relay's port (`-erl_epmd_port`); y listens on a port
+/// found free by binding 0 (released just before y takes it).
+fn relayed(epmd: &Epmd, beam: &Path, tag: &str) -> (Figures, Cpu) {
+    let y_port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let mut args = pa(beam);
+    args.extend(["-erl_epmd_port".to_string(), y_port.to_string()]);
+    let y_args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut y = Erl::start_with(&format!("y_{tag}"), "bench", epmd, &y_args);
+    let near = relay(relay(([127, 0, 0, 1], y_port).into()));
+    let mut args = pa(beam);
+    args.extend(["-erl_epmd_port".into(), near.port().to_string(), "-dist_listen".into(), "false".into()]);
+    let x_args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut x = Erl::start_with(&format!("x_{tag}"), "bench", epmd, &x_args);
+    assert_eq!(y.eval("register(rcv, wandist_bench:receiver())."), "true");
+    assert_eq!(x.eval(&format!("net_kernel:connect_node('{}').", y.name)), "true");
+    assert_eq!(x.eval(&format!("R = rpc:call('{}', erlang, whereis, [rcv]), is_pid(R).", y.name)), "true");
+    let pids = [x.pid(), y.pid()];
+    workloads(&mut x, &pids)
+}
+
 struct Gw {
     child: Child,
     lines: mpsc::Receiver<String>,
@@ -369,7 +421,7 @@ fn main() {
     // WANDIST_BENCH_GATEWAY_ONLY=1 skips the direct runs (for profiling) and
     // appends nothing.
     let gateway_only = std::env::var_os("WANDIST_BENCH_GATEWAY_ONLY").is_some();
-    let ((tls, tls_cpu), (tcp, tcp_cpu)) = if gateway_only {
+    let ((tls, tls_cpu), (tcp, tcp_cpu), (floor, floor_cpu)) = if gateway_only {
         Default::default()
     } else {
         eprintln!("e2e: direct TLS distribution…");
@@ -377,7 +429,9 @@ fn main() {
             vec!["-proto_dist".into(), "inet_tls".into(), "-ssl_dist_optfile".into(), optfile.display().to_string()];
         let tls = direct(&epmd, &beam, &format!("tls{tag}"), &tls_args);
         eprintln!("e2e: direct TCP distribution…");
-        (tls, direct(&epmd, &beam, &format!("tcp{tag}"), &[]))
+        let tcp = direct(&epmd, &beam, &format!("tcp{tag}"), &[]);
+        eprintln!("e2e: TCP distribution through two byte-copying relays (the floor)…");
+        (tls, tcp, relayed(&epmd, &beam, &format!("relay{tag}")))
     };
     eprintln!("e2e: two clusters through two wandist gateways (mutual TLS)…");
     let gw = gateway(&epmd, &beam, &tag, &dir);
@@ -418,23 +472,27 @@ fn main() {
         .unwrap_or_default();
     let table = format!(
         "### {date} — {}\n\n`cargo bench --bench e2e` ({SMALL} × 100 B, {LARGE} × 64 KiB with an ack per 1000 and at most 4000 / 2000 in flight, {PINGS} pings{erl_args})\n\n\
-         | path | 100 B msgs/s | 64 KiB MB/s | RTT p50 µs | RTT p99 µs |\n|---|---|---|---|---|\n{}\n{}\n{}\n{}\n{}\n\n\
+         | path | 100 B msgs/s | 64 KiB MB/s | RTT p50 µs | RTT p99 µs |\n|---|---|---|---|---|\n{}\n{}\n{}\n{}\n{}\n{}\n{}\n{}\n\n\
          Gateways (100 B run): CPU per message relayed {:.2} µs (sending side), {:.2} µs (receiving side); peak RSS {} KiB / {} KiB.\n\
-         CPU per 100 B message (all four processes; wall time per message on {cores} CPUs in brackets): {}; {}; {}.\n\
+         CPU per 100 B message (all four processes; wall time per message on {cores} CPUs in brackets): {}; {}; {}; {}.\n\
          {MEMBERS} members of a dc2 group were all in dc1's pg {:.0} ms after the route came up. An idle link costs {:.1} KiB of RSS \
          (a gateway with {IDLE_LINKS} idle links, heartbeating, against none).\n\n",
         machine(),
         row("direct TLS dist", &tls),
         row("direct TCP dist", &tcp),
+        row("TCP dist via 2 byte-copying relays (floor)", &floor),
         row("gateways (mTLS)", &gw.f),
         ratio("gateway / TLS", &gw.f, &tls),
         ratio("gateway / TCP", &gw.f, &tcp),
+        ratio("floor / TLS", &floor, &tls),
+        ratio("gateway / floor", &gw.f, &floor),
         gw.cpu.gw[0],
         gw.cpu.gw[1],
         gw.rss_kib[0],
         gw.rss_kib[1],
         cpu_row("direct TLS", &tls_cpu),
         cpu_row("direct TCP", &tcp_cpu),
+        cpu_row("via relays", &floor_cpu),
         cpu_row("gateways", &gw.cpu),
         gw.members_after.as_secs_f64() * 1000.0,
         idle,
