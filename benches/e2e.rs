@@ -116,9 +116,7 @@ fn relay(target: std::net::SocketAddr) -> std::net::SocketAddr {
     std::thread::spawn(move || {
         for client in listener.incoming().map_while(Result::ok) {
             let Ok(server) = TcpStream::connect(target) else { continue };
-            for (mut from, mut to) in
-                [(client.try_clone().unwrap(), server.try_clone().unwrap()), (server, client)]
-            {
+            for (mut from, mut to) in [(client.try_clone().unwrap(), server.try_clone().unwrap()), (server, client)] {
                 let _ = from.set_nodelay(true);
                 std::thread::spawn(move || {
                     let mut buf = vec![0u8; 256 * 1024];

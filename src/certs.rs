@@ -41,33 +41,15 @@ pub fn generate(out: &Path, clusters: &[String]) -> Result<Vec<PathBuf>, CertsEr
     generate_valid_for(out, clusters, DEFAULT_DAYS)
 }
 
-/// The civil date (year, month, day) `days` days after 1970-01-01
-/// (Howard Hinnant's days-to-civil algorithm).
-fn civil(days: i64) -> (i32, u8, u8) {
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = (doy - (153 * mp + 2) / 5 + 1) as u8;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u8;
-    let y = (yoe + era * 400 + i64::from(m <= 2)) as i32;
-    (y, m, d)
-}
-
 /// As `generate`, with the cluster certificates valid from yesterday until
 /// `days` days from today. `days` ≤ 0 makes certificates that have already
 /// expired (valid for 30 days that ended `-days` days ago), for rehearsing
 /// expiry and for tests.
 pub fn generate_valid_for(out: &Path, clusters: &[String], days: i64) -> Result<Vec<PathBuf>, CertsError> {
-    let today = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| (d.as_secs() / 86_400) as i64)
-        .unwrap_or(0);
+    let today = crate::date::today();
     let (from, until) = if days > 0 { (today - 1, today + days) } else { (today + days - 30, today + days) };
     let date = |d: i64| {
-        let (y, m, d) = civil(d);
+        let (y, m, d) = crate::date::civil(d);
         rcgen::date_time_ymd(y, m, d)
     };
     for c in clusters {
@@ -109,15 +91,6 @@ pub fn generate_valid_for(out: &Path, clusters: &[String], days: i64) -> Result<
 
 #[cfg(test)]
 mod tests {
-    #[test]
-    fn civil_dates() {
-        assert_eq!(super::civil(0), (1970, 1, 1));
-        assert_eq!(super::civil(-1), (1969, 12, 31));
-        assert_eq!(super::civil(19_723), (2024, 1, 1));
-        assert_eq!(super::civil(19_782), (2024, 2, 29));
-        assert_eq!(super::civil(20_414), (2025, 11, 22));
-    }
-
     use super::*;
     use crate::config::{PathAt, TlsFiles};
     use crate::tls::{peer_is, Tls};
@@ -137,6 +110,29 @@ mod tests {
         peer_is(&chain, "dc2").unwrap();
         peer_is(&chain, "localhost").unwrap();
         assert!(peer_is(&chain, "dc1").is_err());
+    }
+
+    #[test]
+    fn validity_is_read_back_and_an_expired_own_certificate_is_a_problem() {
+        let dir = tempfile::tempdir().unwrap();
+        let today = crate::date::today();
+        for days in [10, 825, -1] {
+            generate_valid_for(dir.path(), &["dc1".into()], days).unwrap();
+            let pem = std::fs::read(dir.path().join("dc1.pem")).unwrap();
+            let chain: Vec<_> = rustls_pemfile::certs(&mut &pem[..]).collect::<Result<_, _>>().unwrap();
+            assert_eq!(crate::tls::not_after(&chain[0]).unwrap(), (today + days) * 86_400, "{days} days");
+            // Every truncation is an error, never a panic.
+            for end in 0..chain[0].len() {
+                let cut = rustls::pki_types::CertificateDer::from(&chain[0][..end]);
+                assert!(crate::tls::not_after(&cut).is_err(), "a certificate cut at {end} bytes parsed");
+            }
+        }
+        let at = |f: &str| PathAt { path: dir.path().join(f), line: Some(4) };
+        let files = TlsFiles { cert: at("dc1.pem"), key: at("dc1.key"), ca: at("ca.pem") };
+        let problems = Tls::load(&files, Some("dc1"), Path::new("x.toml")).unwrap_err();
+        let expired = crate::date::ymd((today - 1) * 86_400);
+        assert!(problems[0].message.contains(&format!("certificate expired on {expired}")), "{problems:?}");
+        assert_eq!(problems[0].line, Some(4));
     }
 
     #[test]

@@ -5,6 +5,7 @@
 
 pub mod certs;
 pub mod config;
+pub mod date;
 pub mod demo;
 pub mod erlang;
 pub mod gateway;

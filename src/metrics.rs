@@ -37,6 +37,8 @@ pub const GROUPS: &str = "wandist_groups";
 pub const MEMBERS: &str = "wandist_members";
 pub const ADVERTS_REJECTED: &str = "wandist_adverts_rejected_total";
 
+pub const CERT_EXPIRY: &str = "wandist_certificate_expiry_seconds";
+
 pub const ERLANG_NODES_CONNECTED: &str = "wandist_erlang_nodes_connected";
 pub const PROXIES: &str = "wandist_proxies";
 pub const ERLANG_MESSAGES: &str = "wandist_erlang_messages_total";
@@ -56,6 +58,12 @@ enum Kind {
 
 const HELP: &[(&str, Kind, Option<Unit>, &str)] = &[
     (LINK_UP, Kind::Gauge, None, "Links up to a peer cluster, by role (primary: 0 or 1; standby: count)."),
+    (
+        CERT_EXPIRY,
+        Kind::Gauge,
+        Some(Unit::Seconds),
+        "When this gateway's certificate expires (unix time); alert on it minus time().",
+    ),
     (LINK_RTT, Kind::Histogram, Some(Unit::Seconds), "Heartbeat round-trip time per peer cluster."),
     (LINK_CONNECTS, Kind::Counter, None, "Links established (handshake completed) per peer cluster."),
     (LINK_DISCONNECTS, Kind::Counter, None, "Links lost per peer cluster, by reason."),

@@ -23,6 +23,8 @@ const MAX_PEM_BYTES: u64 = 1024 * 1024;
 pub struct Tls {
     pub client: Arc<ClientConfig>,
     pub server: Arc<ServerConfig>,
+    /// When this gateway's own certificate expires (unix seconds).
+    pub not_after: i64,
 }
 
 impl std::fmt::Debug for Tls {
@@ -70,8 +72,9 @@ fn key(at: &PathAt, config: &Path) -> Result<PrivateKeyDer<'static>, Problem> {
 
 impl Tls {
     /// Loads and checks everything: files, PEM, key/cert match, and that our
-    /// own certificate names our cluster (peers would refuse us otherwise).
-    /// Reports every problem found. Without `own_cluster`, skips the name check.
+    /// own certificate names our cluster and has not expired (peers would
+    /// refuse us otherwise). Reports every problem found. Without
+    /// `own_cluster`, skips those identity checks (only loads the material).
     pub fn load(files: &TlsFiles, own_cluster: Option<&str>, config: &Path) -> Result<Tls, Vec<Problem>> {
         let mut problems = Vec::new();
         let chain = certs(&files.cert, config).map_err(|p| problems.push(p)).ok();
@@ -82,6 +85,26 @@ impl Tls {
         };
 
         let problem = |at: &PathAt, message: String| Problem { file: config.to_path_buf(), line: at.line, message };
+        let not_after = match chain.first().map(not_after) {
+            Some(Ok(t)) => t,
+            Some(Err(e)) => {
+                problems.push(problem(&files.cert, format!("{}: {e}", files.cert.path.display())));
+                0
+            }
+            None => 0,
+        };
+        let now =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0);
+        if own_cluster.is_some() && not_after > 0 && not_after <= now {
+            problems.push(problem(
+                &files.cert,
+                format!(
+                    "{}: certificate expired on {}; peers would refuse this gateway",
+                    files.cert.path.display(),
+                    crate::date::ymd(not_after)
+                ),
+            ));
+        }
         if let Some(own) = own_cluster {
             if let Err(e) = peer_is(&chain, own) {
                 problems.push(problem(
@@ -127,7 +150,7 @@ impl Tls {
                 )]
             })?;
         client.alpn_protocols = vec![ALPN.to_vec()];
-        Ok(Tls { client: Arc::new(client), server: Arc::new(server) })
+        Ok(Tls { client: Arc::new(client), server: Arc::new(server), not_after })
     }
 }
 
@@ -144,4 +167,68 @@ pub fn peer_is(chain: &[CertificateDer<'_>], cluster: &str) -> Result<(), String
     let name = server_name(cluster)?;
     rustls::client::verify_server_name(&parsed, &name)
         .map_err(|_| format!("certificate does not name cluster {cluster:?}"))
+}
+
+/// The end of a certificate's validity (notAfter), in unix seconds: a
+/// bounded walk of the DER down to TBSCertificate.validity.
+pub fn not_after(cert: &CertificateDer<'_>) -> Result<i64, String> {
+    let bad = |what: &str| format!("unparseable certificate ({what})");
+    let (tag, cert, _) = der(cert.as_ref()).ok_or_else(|| bad("outer"))?;
+    let (tbs_tag, tbs, _) = der(cert).filter(|_| tag == 0x30).ok_or_else(|| bad("tbsCertificate"))?;
+    if tbs_tag != 0x30 {
+        return Err(bad("tbsCertificate"));
+    }
+    let mut rest = tbs;
+    // [0] version (optional), serialNumber, signature, issuer, then validity.
+    let mut item = der(rest).ok_or_else(|| bad("version"))?;
+    if item.0 == 0xa0 {
+        rest = item.2;
+        item = der(rest).ok_or_else(|| bad("serial"))?;
+    }
+    for what in ["signature", "issuer", "validity"] {
+        rest = item.2;
+        item = der(rest).ok_or_else(|| bad(what))?;
+    }
+    let (vtag, validity, _) = item;
+    if vtag != 0x30 {
+        return Err(bad("validity"));
+    }
+    let (_, _, after) = der(validity).ok_or_else(|| bad("notBefore"))?;
+    let (ttag, time, _) = der(after).ok_or_else(|| bad("notAfter"))?;
+    let text = std::str::from_utf8(time).map_err(|_| bad("notAfter"))?;
+    let digits = |s: &str| s.parse::<i64>().map_err(|_| bad("notAfter"));
+    let (year, rest) = match (ttag, text.len()) {
+        (0x17, 13) => {
+            let yy = digits(&text[..2])?;
+            (if yy < 50 { 2000 + yy } else { 1900 + yy }, &text[2..])
+        }
+        (0x18, 15) => (digits(&text[..4])?, &text[4..]),
+        _ => return Err(bad("notAfter time format")),
+    };
+    if !rest.ends_with('Z') {
+        return Err(bad("notAfter time zone"));
+    }
+    let (mo, d, h, mi, sec) =
+        (digits(&rest[0..2])?, digits(&rest[2..4])?, digits(&rest[4..6])?, digits(&rest[6..8])?, digits(&rest[8..10])?);
+    if !(1..=12).contains(&mo) || !(1..=31).contains(&d) || h > 23 || mi > 59 || sec > 60 {
+        return Err(bad("notAfter out of range"));
+    }
+    let days = crate::date::days_from_civil(year as i32, mo as u8, d as u8);
+    Ok(days * 86_400 + h * 3600 + mi * 60 + sec)
+}
+
+/// One DER item: (tag, contents, what follows). None if malformed.
+fn der(b: &[u8]) -> Option<(u8, &[u8], &[u8])> {
+    let (&tag, b) = b.split_first()?;
+    let (&first, b) = b.split_first()?;
+    let (len, b) = if first < 0x80 {
+        (first as usize, b)
+    } else {
+        let n = (first & 0x7f) as usize;
+        if n == 0 || n > 4 || b.len() < n {
+            return None;
+        }
+        (b[..n].iter().fold(0usize, |acc, x| (acc << 8) | *x as usize), &b[n..])
+    };
+    (b.len() >= len).then(|| (tag, &b[..len], &b[len..]))
 }

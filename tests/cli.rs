@@ -141,6 +141,7 @@ fn the_demo_says_how_to_install_erlang_when_erl_is_missing() {
 fn every_config_in_the_invalid_folder_is_rejected_with_a_clear_message() {
     let dir = tempfile::tempdir().unwrap();
     wandist::certs::generate(&dir.path().join("certs"), &["dc1".into(), "dc2".into()]).unwrap();
+    wandist::certs::generate_valid_for(&dir.path().join("certs-expired"), &["dc1".into()], -1).unwrap();
     let folder = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/configs/invalid");
     let mut files: Vec<_> = std::fs::read_dir(&folder).unwrap().map(|e| e.unwrap().path()).collect();
     files.sort();
@@ -169,4 +170,35 @@ fn every_config_in_the_invalid_folder_is_rejected_with_a_clear_message() {
         }
     }
     assert!(wrong.is_empty(), "{}", wrong.join("\n"));
+}
+
+/// `certs --days` sets the validity; the gateway exports its certificate's
+/// expiry as a metric and warns at start when it is near.
+#[test]
+fn a_certificate_near_expiry_is_logged_and_its_expiry_is_a_metric() {
+    let certs = Certs { dir: tempfile::tempdir().unwrap() };
+    let out = Command::new(BIN)
+        .args(["certs", "--days", "10", "--out"])
+        .arg(certs.dir.path())
+        .args(["dc1", "dc2"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let dc1 = Gateway::start("dc1", &accepting("dc1", &certs, "dc2"));
+    let line = dc1.wait_log("certificate expires soon", SOON);
+    assert!(line.contains("days_left=9") || line.contains("days_left=10"), "{line}");
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as f64;
+    let expiry = dc1.metric("wandist_certificate_expiry_seconds", &[]).unwrap();
+    let days = (expiry - now) / 86_400.0;
+    assert!((9.0..=10.0).contains(&days), "expires in {days} days");
+    // The default validity does not warn.
+    let fresh = Certs::new(&["dc1", "dc2"]);
+    let dc1b = Gateway::start("dc1b", &accepting("dc1", &fresh, "dc2"));
+    assert!(dc1b.find_log("expires soon").is_none());
+    let days = (dc1b.metric("wandist_certificate_expiry_seconds", &[]).unwrap() - now) / 86_400.0;
+    assert!((824.0..=825.0).contains(&days), "expires in {days} days");
+    // Out of range.
+    let out =
+        Command::new(BIN).args(["certs", "--days", "0", "--out"]).arg(certs.dir.path()).arg("dc1").output().unwrap();
+    assert!(!out.status.success());
 }

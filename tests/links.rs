@@ -144,41 +144,6 @@ fn a_certificate_from_another_ca_is_refused_on_both_sides() {
     }
 }
 
-/// A gateway config: `cluster` (listening on port 0 if asked) with `tls`
-/// and one route to `peer` at `endpoints` (a TOML array body).
-fn routed(cluster: &str, listen: bool, tls: &str, peer: &str, endpoints: &str) -> String {
-    format!("{}{tls}[[route]]\ncluster = \"{peer}\"\nendpoints = [{endpoints}]\n", gateway_table(cluster, listen))
-}
-
-#[test]
-fn an_expired_certificate_is_refused_on_both_sides() {
-    let ours = Certs::new(&["dc1"]);
-    // dc2's certificate ended its 30 days of validity yesterday.
-    let expired = Certs { dir: tempfile::tempdir().unwrap() };
-    wandist::certs::generate_valid_for(expired.dir.path(), &["dc2".to_string()], -1).unwrap();
-    // Both trust both CAs, so expiry is the only thing wrong.
-    let bundle = ours.path("bundle.pem");
-    let cas = [ours.path("ca.pem"), expired.path("ca.pem")].map(|p| std::fs::read_to_string(p).unwrap());
-    std::fs::write(&bundle, cas.concat()).unwrap();
-    let dc1 = Gateway::start("dc1", &routed("dc1", true, &ours.tls_table_with("dc1", &bundle), "dc2", ""));
-    let endpoint = format!("\"{}\"", dc1.peer_addr());
-    let dc2 = Gateway::start("dc2", &routed("dc2", true, &expired.tls_table_with("dc2", &bundle), "dc1", &endpoint));
-    // The acceptor refuses the expired client certificate, with the reason in its log.
-    dc1.wait_metric("wandist_handshake_failures_total", &[("peer", "unknown"), ("reason", "tls")], |v| v >= 1.0);
-    let line = dc1.wait_log("refused incoming connection", SOON);
-    assert!(line.contains("certificate expired"), "{line}");
-    dc2.wait_metric("wandist_handshake_failures_total", &[("peer", "dc1")], |v| v >= 1.0);
-    // A dialer refuses a server holding the expired certificate.
-    let endpoint = format!("\"{}\"", dc2.peer_addr());
-    let dc1b = Gateway::start("dc1b", &routed("dc1", false, &ours.tls_table_with("dc1", &bundle), "dc2", &endpoint));
-    dc1b.wait_metric("wandist_handshake_failures_total", &[("peer", "dc2"), ("reason", "tls")], |v| v >= 1.0);
-    let line = dc1b.wait_log("cannot establish link", SOON);
-    assert!(line.contains("certificate expired"), "{line}");
-    for (gw, peer) in [(&dc1, "dc2"), (&dc2, "dc1"), (&dc1b, "dc2")] {
-        assert_eq!(gw.metric("wandist_link_connects_total", &[("peer", peer)]), Some(0.0), "{}", gw.name);
-    }
-}
-
 #[test]
 fn a_route_through_a_real_socks5_proxy_survives_the_proxy_restarting() {
     let certs = Certs::new(&["dc1", "dc2"]);

@@ -85,6 +85,67 @@ fn a_valid_certificate_for_another_cluster_cannot_pose_as_the_peer() {
     assert_eq!(dialer.metric("wandist_link_up", &[("peer", "dc2"), ("role", "primary")]), Some(0.0));
 }
 
+#[test]
+fn an_expired_certificate_is_refused_on_both_sides() {
+    let ours = Certs::new(&["dc1"]);
+    // dc2's certificate ended its 30 days of validity yesterday (a gateway
+    // will not even start with it, so a raw handshake presents it).
+    let expired = Certs { dir: tempfile::tempdir().unwrap() };
+    wandist::certs::generate_valid_for(expired.dir.path(), &["dc2".to_string()], -1).unwrap();
+    // dc1 trusts both CAs, so expiry is the only thing wrong.
+    let bundle = ours.path("bundle.pem");
+    let cas = [ours.path("ca.pem"), expired.path("ca.pem")].map(|p| std::fs::read_to_string(p).unwrap());
+    std::fs::write(&bundle, cas.concat()).unwrap();
+    let at = |p: std::path::PathBuf| PathAt { path: p, line: None };
+    let files =
+        TlsFiles { cert: at(expired.path("dc2.pem")), key: at(expired.path("dc2.key")), ca: at(bundle.clone()) };
+    let dc2 = Tls::load(&files, None, Path::new("test")).unwrap();
+    let rt = runtime();
+
+    // Accepting side: dc1 refuses the expired client certificate.
+    let dc1 = Gateway::start(
+        "dc1",
+        &format!("{}{}[[route]]\ncluster = \"dc2\"\n", gateway_table("dc1", true), ours.tls_table_with("dc1", &bundle)),
+    );
+    let err = rt
+        .block_on(async {
+            let tcp = tokio::net::TcpStream::connect(dc1.peer_addr()).await.unwrap();
+            handshake::client(tcp, Some(&dc2), "dc1", identity("dc2").hello(OFFER), &T, MAX).await
+        })
+        .err()
+        .expect("dc1 accepted an expired certificate");
+    dc1.wait_metric("wandist_handshake_failures_total", &[("peer", "unknown"), ("reason", "tls")], |v| v == 1.0);
+    let line = dc1.wait_log("refused incoming connection", SOON);
+    assert!(line.contains("certificate expired"), "{line}");
+    // (TLS 1.3: the client learns it from dc1's alert, during the hello.)
+    assert!(err.to_string().contains("CertificateExpired"), "{err}");
+
+    // Dialing side: dc1 dials a server holding the expired certificate.
+    let fake = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
+    let fake_addr = fake.local_addr().unwrap();
+    let admit: HashMap<String, Admission> =
+        [("dc1".to_string(), Admission { insecure_plaintext: false, offer: OFFER })].into();
+    let server = rt.spawn(async move {
+        let (tcp, _) = fake.accept().await.unwrap();
+        handshake::server(tcp, Some(&dc2), &identity("dc2"), &admit, &T, MAX).await.err()
+    });
+    let dialer = Gateway::start(
+        "dc1-dialer",
+        &format!(
+            "{}{}[[route]]\ncluster = \"dc2\"\nendpoints = [\"{fake_addr}\"]\n",
+            gateway_table("dc1", false),
+            ours.tls_table_with("dc1", &bundle)
+        ),
+    );
+    dialer.wait_metric("wandist_handshake_failures_total", &[("peer", "dc2"), ("reason", "tls")], |v| v >= 1.0);
+    let line = dialer.wait_log("cannot establish link", SOON);
+    assert!(line.contains("certificate expired"), "{line}");
+    assert!(rt.block_on(server).unwrap().is_some(), "the fake server completed a handshake");
+    for (gw, peer) in [(&dc1, "dc2"), (&dialer, "dc2")] {
+        assert_eq!(gw.metric("wandist_link_connects_total", &[("peer", peer)]), Some(0.0), "{}", gw.name);
+    }
+}
+
 fn expect_cut(mut s: TcpStream, what: &str) -> Duration {
     let start = Instant::now();
     s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();

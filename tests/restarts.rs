@@ -103,10 +103,17 @@ fn kill_a_gateway_under_load(victim: Victim) {
         Victim::Acceptor => (&mut gw2, gw2_cfg.clone(), &gw1),
         Victim::Dialer => (&mut gw1, gw1_cfg.clone(), &gw2),
     };
+    // Frozen first, so messages are certainly sent to it and unconfirmed
+    // when it dies: after SIGSTOP it acks nothing more, so 50 messages the
+    // survivor takes after that can only be reported failed or go to the
+    // next run.
+    let peer = if survivor_gw_is_1 { "dc2" } else { "dc1" };
+    victim_gw.signal("STOP");
+    let sent = survivor.metric("wandist_messages_sent_total", &[("peer", peer)]).unwrap_or(0.0);
+    survivor.wait_metric("wandist_messages_sent_total", &[("peer", peer)], |v| v >= sent + 50.0);
     let st = std::process::Command::new("kill").args(["-KILL", &victim_gw.pid().to_string()]).status().unwrap();
     assert!(st.success());
     assert!(victim_gw.wait_exit(SOON).is_some(), "the victim did not die");
-    let peer = if survivor_gw_is_1 { "dc2" } else { "dc1" };
     survivor.wait_metric("wandist_route_up", &[("peer", peer)], |v| v == 0.0);
     // Erlang processes see the remote member go: DOWN noconnection, and pg
     // drops it (its gateway node left the cluster, or the route withdrew it).
@@ -143,7 +150,16 @@ fn kill_a_gateway_under_load(victim: Victim) {
         assert!(*r >= 1 && *r <= N);
     }
     // Not silent: what the dead run may have taken is reported, in Erlang and in metrics.
-    assert!(!failed.is_empty(), "nothing reported failed after a kill -9 under load");
+    assert!(
+        !failed.is_empty(),
+        "nothing reported failed after a kill -9 under load; survivor metrics:\n{}",
+        survivor
+            .metrics()
+            .lines()
+            .filter(|l| l.contains("messages") || l.contains("unacked"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
     let metric = survivor.metric("wandist_messages_failed_total", &[("peer", peer), ("reason", "peer_restarted")]);
     assert!(metric.unwrap_or(0.0) >= failed.len() as f64, "failed metric {metric:?} < {}", failed.len());
     // Received but reported failed: delivered by the dead run before it could confirm.

@@ -97,6 +97,9 @@ pub const TO_LOCAL_QUEUE: usize = 4096;
 
 /// Starts the gateway: binds its listeners, starts one task per route, and
 /// returns. Everything for the local cluster arrives on `to_local`.
+/// A certificate expiring within this many days is logged at start.
+const CERT_WARN_DAYS: i64 = 30;
+
 pub async fn start(
     prepared: Prepared,
     metrics: Metrics,
@@ -108,6 +111,13 @@ pub async fn start(
     let tracker = TaskTracker::new();
     let own = Arc::new(Identity { cluster: g.cluster.clone(), gateway: g.name.clone(), epoch: new_epoch() });
     let timeouts = Timeouts { connect: g.connect_timeout, handshake: g.handshake_timeout };
+    if let Some(tls) = &tls {
+        metrics.gauge(m::CERT_EXPIRY, &[]).set(tls.not_after as f64);
+        let left = tls.not_after - crate::date::today() * 86_400;
+        if left < CERT_WARN_DAYS * 86_400 {
+            tracing::warn!(expires = %crate::date::ymd(tls.not_after), days_left = left / 86_400, "this gateway's certificate expires soon: renew it (peers refuse expired certificates)");
+        }
+    }
 
     // Bind everything before starting anything, so a bad address fails fast.
     let metrics_listener = match &config.metrics {
