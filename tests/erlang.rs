@@ -208,6 +208,36 @@ async fn monitors_links_and_confirmed_sends() {
     w.a2.eval_until("length(pg:get_members(wan, echo)).", |v| v == "0");
 }
 
+/// `delivered` means the destination node has the message: while b1 is
+/// frozen (SIGSTOP) its socket still takes bytes, but no confirmation comes;
+/// once it runs again, the confirmation does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_confirmation_means_the_receiving_node_has_the_message() {
+    let mut w = world().await;
+    w.a1.eval_until("length(pg:get_members(wan, echo)).", |v| v == "1");
+    let send = |r: &str| {
+        format!(
+            "{r} = make_ref(), {{wandist, '{}'}} ! {{send_confirmed, self(), {r}, hd(pg:get_members(wan, echo)), {{ping, self()}}}}, ok.",
+            w.gw1_node
+        )
+    };
+    // Warm: a confirmed send while b1 runs.
+    assert_eq!(w.a1.eval(&send("R0")), "ok");
+    assert_eq!(w.a1.eval("receive {wandist_confirm, R0, C0} -> C0 after 5000 -> timeout end."), "delivered");
+    let pid = w.b1.pid().to_string();
+    assert!(std::process::Command::new("kill").args(["-STOP", &pid]).status().unwrap().success());
+    assert_eq!(w.a1.eval(&send("R1")), "ok");
+    // gw-dc2 has queued it on its connection to b1 (it counts it), but b1 has not taken it.
+    w.gw2.wait_metric("wandist_erlang_messages_total", &[("direction", "from_peers")], |v| v >= 2.0).await;
+    assert_eq!(
+        w.a1.eval("receive {wandist_confirm, R1, C1} -> C1 after 1000 -> none end."),
+        "none",
+        "confirmed while the receiving node could not have the message"
+    );
+    assert!(std::process::Command::new("kill").args(["-CONT", &pid]).status().unwrap().success());
+    assert_eq!(w.a1.eval("receive {wandist_confirm, R1, C2} -> C2 after 5000 -> timeout end."), "delivered");
+}
+
 /// The real binary, finding nodes through EPMD (ERL_EPMD_PORT), surviving a
 /// node restart and a pg scope restart, and re-mirroring both.
 #[test]

@@ -28,6 +28,10 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const BUSY: Duration = Duration::from_micros(200);
 /// Packets, and bytes, queued toward one node before the Erlang side waits.
 const OUT_QUEUE: usize = 4096;
+/// Tags the references of delivery barriers (their second word).
+const BARRIER_TAG: u32 = 0xB0B0_0001;
+/// A registered name no node has: a monitor on it is answered at once.
+const BARRIER_NAME: &str = "wandist_delivery_barrier";
 const OUT_BYTES: usize = 64 * 1024 * 1024;
 
 /// The way to one node's writer, bounded in packets and in bytes.
@@ -164,6 +168,60 @@ async fn connect(node: &ErlNode, p: &NodeParams) -> Result<TcpStream, dist::Dist
     Ok(s)
 }
 
+/// Delivery barriers: after a batch carrying messages from peers, the
+/// writer adds a MONITOR_P on a name nobody has registered. The node answers
+/// MONITOR_P_EXIT noproc once it has handled everything before it on this
+/// connection, i.e. put those messages into their receivers' queues; only
+/// then are the batch's `Held`s dropped, letting the routes ack them. So a
+/// gateway killed at any moment has acked nothing the node did not take.
+#[derive(Default)]
+struct Barriers {
+    next: u32,
+    /// (barrier id, the deliveries it covers), oldest first.
+    waiting: std::collections::VecDeque<(u32, Vec<Held>)>,
+}
+
+impl Barriers {
+    fn reference(p: &NodeParams, id: u32) -> etf::Ref {
+        etf::Ref { node: p.me.to_string(), creation: p.creation, ids: vec![id, BARRIER_TAG, 0] }
+    }
+
+    /// Appends a barrier packet covering `carried` to `batch`.
+    fn add(&mut self, p: &NodeParams, batch: &mut BytesMut, carried: &mut Vec<Held>) {
+        self.next = self.next.wrapping_add(1);
+        let from = etf::Pid { node: p.me.to_string(), id: 0, serial: 0, creation: p.creation };
+        let control = Term::tuple(vec![
+            Term::Int(dist::MONITOR_P),
+            Term::Pid(from),
+            Term::atom(BARRIER_NAME),
+            Term::Ref(Self::reference(p, self.next)),
+        ]);
+        batch.extend_from_slice(&packet(&control, None));
+        self.waiting.push_back((self.next, std::mem::take(carried)));
+    }
+
+    /// If `control` answers one of our barriers, releases it and every
+    /// earlier one (answers come in order) and returns true.
+    fn answered(&mut self, p: &NodeParams, control: &Term) -> bool {
+        let Some(t) = control.as_tuple() else { return false };
+        let (Some(dist::MONITOR_P_EXIT), Some(Term::Ref(r))) = (t.first().and_then(Term::as_int), t.get(3)) else {
+            return false;
+        };
+        if r.ids.get(1) != Some(&BARRIER_TAG) || *r.node != *p.me {
+            return false;
+        }
+        let id = r.ids[0];
+        while let Some((first, _)) = self.waiting.front() {
+            let done = *first == id;
+            self.waiting.pop_front();
+            if done {
+                break;
+            }
+        }
+        true
+    }
+}
+
 /// Runs a connected node until it fails; returns why.
 async fn serve(
     stream: TcpStream,
@@ -175,6 +233,7 @@ async fn serve(
     let (rd, mut wr) = stream.into_split();
     // Erlang writes each message as its own packet: read them in bulk.
     let mut rd = tokio::io::BufReader::with_capacity(256 * 1024, rd);
+    let barriers = std::sync::Mutex::new(Barriers::default());
     let writer = async {
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -208,12 +267,14 @@ async fn serve(
                     Err(_) => break,
                 }
             }
+            if !carried.is_empty() {
+                barriers.lock().unwrap_or_else(|e| e.into_inner()).add(p, &mut batch, &mut carried);
+            }
             if let Err(e) = wr.write_all(&batch).await {
                 return format!("write failed: {e}");
             }
             last_write = std::time::Instant::now();
             batch.clear();
-            carried.clear();
         }
     };
     let reader = async {
@@ -237,6 +298,9 @@ async fn serve(
             }
             tracing::trace!(node = %name, len = n, head = ?&buf[..buf.len().min(24)], "packet");
             let ev = match parse(Bytes::from(buf)) {
+                Ok((control, _)) if barriers.lock().unwrap_or_else(|e| e.into_inner()).answered(p, &control) => {
+                    continue
+                }
                 Ok((control, payload)) => NodeEvent::Message { node: name.clone(), control, payload },
                 Err(why) => NodeEvent::Rejected { node: name.clone(), why },
             };
