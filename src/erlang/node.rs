@@ -211,6 +211,9 @@ impl Barriers {
             return false;
         }
         let id = r.ids[0];
+        if !self.waiting.iter().any(|(i, _)| *i == id) {
+            return true; // not (or no longer) waiting: ignore, release nothing
+        }
         while let Some((first, _)) = self.waiting.front() {
             let done = *first == id;
             self.waiting.pop_front();
@@ -238,7 +241,7 @@ async fn serve(
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut batch = BytesMut::with_capacity(64 * 1024);
-        // Deliveries in `batch`: finished once it is written.
+        // Deliveries in `batch`: finished once the node answers the barrier after it.
         let mut carried: Vec<Held> = Vec::new();
         let mut last_write = std::time::Instant::now() - BUSY;
         loop {
@@ -323,4 +326,68 @@ pub fn parse(buf: Bytes) -> Result<(Term, Option<Bytes>), String> {
     let (control, used) = etf::decode(&buf[1..]).map_err(|e| format!("bad control message: {e}"))?;
     let rest = buf.slice(1 + used..);
     Ok((control, (!rest.is_empty()).then_some(rest)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn params() -> NodeParams {
+        NodeParams {
+            me: "gw@127.0.0.1".into(),
+            creation: 7,
+            cookie: Secret::new("c"),
+            max_packet: 1 << 20,
+            reconnect_min: Duration::from_millis(1),
+            reconnect_max: Duration::from_millis(2),
+        }
+    }
+
+    fn answer(p: &NodeParams, id: u32) -> Term {
+        Term::tuple(vec![
+            Term::Int(dist::MONITOR_P_EXIT),
+            Term::atom(BARRIER_NAME),
+            Term::Pid(etf::Pid { node: p.me.to_string(), id: 0, serial: 0, creation: p.creation }),
+            Term::Ref(Barriers::reference(p, id)),
+            Term::atom("noproc"),
+        ])
+    }
+
+    #[test]
+    fn barriers_release_in_order_and_ignore_what_is_not_theirs() {
+        let p = params();
+        let mut b = Barriers::default();
+        let mut batch = BytesMut::new();
+        for _ in 0..3 {
+            b.add(&p, &mut batch, &mut Vec::new());
+        }
+        // The packets are MONITOR_P on the unregistered name, with our refs.
+        let mut rest = batch.clone().freeze();
+        for id in 1..=3u32 {
+            let len = u32::from_be_bytes(rest[..4].try_into().unwrap()) as usize;
+            let (control, payload) = parse(rest.slice(4..4 + len)).unwrap();
+            assert!(payload.is_none());
+            let t = control.as_tuple().unwrap();
+            assert_eq!(t[0].as_int(), Some(dist::MONITOR_P));
+            assert_eq!(t[2].as_atom(), Some(BARRIER_NAME));
+            assert_eq!(t[3], Term::Ref(Barriers::reference(&p, id)));
+            rest = rest.slice(4 + len..);
+        }
+        // An answer for someone else's monitor, or an unknown barrier, releases nothing.
+        let other = Term::tuple(vec![
+            Term::Int(dist::MONITOR_P_EXIT),
+            Term::atom("x"),
+            Term::atom("y"),
+            Term::Ref(etf::Ref { node: p.me.to_string(), creation: 7, ids: vec![2, 0, 0] }),
+            Term::atom("noproc"),
+        ]);
+        assert!(!b.answered(&p, &other));
+        assert!(b.answered(&p, &answer(&p, 99)));
+        assert_eq!(b.waiting.len(), 3);
+        // The second answer releases the first two (answers come in order).
+        assert!(b.answered(&p, &answer(&p, 2)));
+        assert_eq!(b.waiting.iter().map(|w| w.0).collect::<Vec<_>>(), vec![3]);
+        assert!(b.answered(&p, &answer(&p, 3)));
+        assert!(b.waiting.is_empty());
+    }
 }

@@ -113,8 +113,9 @@ impl std::fmt::Debug for Held {
 #[derive(Debug)]
 pub enum ToLocal {
     /// A message from `peer` for the local cluster. Dropping `held` (once
-    /// the message is written on, or dropped for a logged reason) is what
-    /// lets the route ack it, and so what the sender's confirmation means.
+    /// the destination has the message, or it was dropped for a logged
+    /// reason) is what lets the route ack it, and so what the sender's
+    /// confirmation means.
     Deliver { peer: Arc<str>, payload: Bytes, held: Held },
     /// What became of a message submitted with a token.
     Confirm { peer: Arc<str>, token: u64, outcome: Outcome },
