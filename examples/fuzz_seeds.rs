@@ -49,6 +49,7 @@ fn main() {
         ("leave", Frame::control(advert(AdvertBody::Leave { group: "chat".into(), members: vec![b"m".to_vec()] }))),
         ("resync", Frame::control(Header::Resync)),
         ("goodbye", Frame::control(Header::Goodbye { reason: "shutdown".into() })),
+        ("reject", Frame::control(Header::Reject { epoch: 9, seqs: vec![2, 5, 6] })),
     ];
     let dir = out.join("frame_decoder");
     std::fs::create_dir_all(&dir).unwrap();

@@ -48,6 +48,9 @@ pub enum FailReason {
     PeerRestarted,
     /// This gateway is shutting down with the message unacknowledged.
     Shutdown,
+    /// The peer gateway could not hand the message to its cluster (e.g.
+    /// its destination node is not connected).
+    Undeliverable,
 }
 
 impl FailReason {
@@ -55,6 +58,7 @@ impl FailReason {
         match self {
             FailReason::PeerRestarted => "peer_restarted",
             FailReason::Shutdown => "shutdown",
+            FailReason::Undeliverable => "undeliverable",
         }
     }
 }
@@ -80,6 +84,8 @@ pub enum Violation {
     Overflow(Window),
     #[error("ack for seq {upto}, but only {sent} were ever sent")]
     AckBeyondSent { upto: u64, sent: u64 },
+    #[error("reject for seq {seq}, which is not sent and unacked")]
+    BadReject { seq: u64 },
 }
 
 impl Violation {
@@ -88,6 +94,7 @@ impl Violation {
             Violation::Gap { .. } => "gap",
             Violation::Overflow(_) => "overflow",
             Violation::AckBeyondSent { .. } => "bad_ack",
+            Violation::BadReject { .. } => "bad_reject",
         }
     }
 }
@@ -99,6 +106,8 @@ struct Pending {
     token: Option<u64>,
     /// When it was first handed to a link; None = never sent.
     first_sent: Option<Instant>,
+    /// The peer reported it could not deliver it.
+    undeliverable: bool,
 }
 
 /// The result of a link coming up.
@@ -147,7 +156,10 @@ pub struct Transmit {
 /// The effect of an ack.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Acked {
+    /// Delivered.
     pub messages: usize,
+    /// Acked, but reported undeliverable by the peer before.
+    pub undeliverable: usize,
     pub confirmations: Vec<Confirmation>,
     /// First transmission to ack, per acked message.
     pub latencies: Vec<Duration>,
@@ -179,6 +191,12 @@ pub struct Route {
     done_upto: u64,
     ack_sent_upto: u64,
     ack_forced: bool,
+    /// Deliveries the local side could not deliver, not yet told the peer.
+    rejects_new: Vec<u64>,
+    /// Rejects told the peer that it may not have processed yet.
+    rejects_sent: VecDeque<u64>,
+    /// The primary changed: tell `rejects_sent` again before the next ack.
+    rejects_resend: bool,
     inbound: VecDeque<Bytes>,
     inbound_bytes: usize,
 }
@@ -204,6 +222,9 @@ impl Route {
             done_upto: 0,
             ack_sent_upto: 0,
             ack_forced: false,
+            rejects_new: Vec::new(),
+            rejects_sent: VecDeque::new(),
+            rejects_resend: false,
             inbound: VecDeque::new(),
             inbound_bytes: 0,
         }
@@ -242,6 +263,7 @@ impl Route {
             out.primary = true;
             self.sent_upto = self.acked_upto;
             self.ack_forced = true;
+            self.rejects_resend = true;
         }
         self.links.push((link, peer_epoch));
         out
@@ -271,6 +293,8 @@ impl Route {
         self.done_upto = 0;
         self.ack_sent_upto = 0;
         self.ack_forced = false;
+        self.rejects_new.clear();
+        self.rejects_sent.clear();
         self.inbound.clear();
         self.inbound_bytes = 0;
     }
@@ -283,6 +307,7 @@ impl Route {
             // Whatever the dead primary carried may be lost: send it all again.
             self.sent_upto = self.acked_upto;
             self.ack_forced = true;
+            self.rejects_resend = true;
             out.promoted = self.primary();
         }
         out.route_down = self.links.is_empty();
@@ -308,7 +333,7 @@ impl Route {
         let seq = self.next_seq;
         self.next_seq += 1;
         self.unacked_bytes += payload.len();
-        self.unacked.push_back(Pending { seq, payload, token, first_sent: None });
+        self.unacked.push_back(Pending { seq, payload, token, first_sent: None, undeliverable: false });
         seq
     }
 
@@ -341,17 +366,48 @@ impl Route {
         while self.unacked.front().is_some_and(|p| p.seq <= upto) {
             let Some(p) = self.unacked.pop_front() else { break };
             self.unacked_bytes -= p.payload.len();
-            out.messages += 1;
+            let outcome = if p.undeliverable {
+                out.undeliverable += 1;
+                Outcome::Failed(FailReason::Undeliverable)
+            } else {
+                out.messages += 1;
+                Outcome::Delivered
+            };
             if let Some(t) = p.first_sent {
                 out.latencies.push(now.saturating_duration_since(t));
             }
             if let Some(token) = p.token {
-                out.confirmations.push(Confirmation { token, outcome: Outcome::Delivered });
+                out.confirmations.push(Confirmation { token, outcome });
             }
         }
         self.acked_upto = upto;
         self.sent_upto = self.sent_upto.max(upto);
         Ok(out)
+    }
+
+    /// The peer could not deliver these messages of our session `epoch`;
+    /// they are reported failed when acked. Each must have been sent; ones
+    /// already acked are old news (the peer repeats its rejects after a
+    /// failover, in case the link that carried them died).
+    pub fn on_reject(&mut self, epoch: u64, seqs: &[u64]) -> Result<usize, Violation> {
+        if epoch != self.our_epoch {
+            return Ok(0);
+        }
+        let mut n = 0;
+        for &seq in seqs {
+            if seq <= self.acked_upto {
+                continue;
+            }
+            let i = seq - self.acked_upto - 1;
+            match self.unacked.get_mut(i as usize) {
+                Some(p) if p.seq == seq && p.first_sent.is_some() => {
+                    n += usize::from(!p.undeliverable);
+                    p.undeliverable = true;
+                }
+                _ => return Err(Violation::BadReject { seq }),
+            }
+        }
+        Ok(n)
     }
 
     /// Fails everything still held (gateway shutting down).
@@ -432,6 +488,34 @@ impl Route {
         self.ack_forced = false;
     }
 
+    /// The local side could not deliver these deliveries (numbers as
+    /// `next_delivery` gave them, which are the peer's seqs).
+    pub fn local_undeliverable(&mut self, seqs: impl IntoIterator<Item = u64>) {
+        self.rejects_new.extend(seqs);
+    }
+
+    /// The rejects to send before an ack for `upto`: the new ones it
+    /// covers, and after a change of primary every one the peer may not
+    /// have processed (the link that carried them may have died with them).
+    /// A reject is forgotten once we received a seq a whole receive window
+    /// past it: the peer sent that only after processing an ack beyond it,
+    /// and rejects travel ahead of acks.
+    pub fn take_rejects(&mut self, upto: u64) -> Vec<u64> {
+        let (now, later): (Vec<u64>, Vec<u64>) = self.rejects_new.drain(..).partition(|s| *s <= upto);
+        self.rejects_new = later;
+        let mut say = Vec::new();
+        if std::mem::take(&mut self.rejects_resend) {
+            say.extend(self.rejects_sent.iter().copied());
+        }
+        say.extend(&now);
+        self.rejects_sent.extend(now);
+        let horizon = self.received_upto.saturating_sub(self.recv_window.messages as u64);
+        while self.rejects_sent.front().is_some_and(|s| *s <= horizon) {
+            self.rejects_sent.pop_front();
+        }
+        say
+    }
+
     pub fn undelivered(&self) -> (usize, usize) {
         (self.inbound.len(), self.inbound_bytes)
     }
@@ -508,6 +592,29 @@ mod tests {
         assert_eq!(acked.confirmations.iter().map(|c| c.token).collect::<Vec<_>>(), vec![0, 1]);
         assert!(acked.confirmations.iter().all(|c| c.outcome == Outcome::Delivered));
         assert_eq!(r.unacked(), (1, 10));
+    }
+
+    #[test]
+    fn messages_the_peer_rejects_are_reported_failed_when_acked() {
+        let mut r = route();
+        let now = Instant::now();
+        r.link_up(1, PEER, W);
+        for i in 0..4 {
+            r.submit(msg(i), Some(i as u64));
+        }
+        drain(&mut r, now);
+        assert_eq!(r.on_reject(OURS, &[2, 3]), Ok(2));
+        assert_eq!(r.on_reject(OURS + 1, &[1]), Ok(0), "another run of ours: ignored");
+        let acked = r.on_ack(OURS, 3, now).unwrap();
+        assert_eq!((acked.messages, acked.undeliverable), (1, 2));
+        let outcomes: Vec<_> = acked.confirmations.iter().map(|c| (c.token, c.outcome.clone())).collect();
+        let failed = Outcome::Failed(FailReason::Undeliverable);
+        assert_eq!(outcomes, vec![(0, Outcome::Delivered), (1, failed.clone()), (2, failed)]);
+        // Acked already: old news (repeated after a failover). Never sent: a violation.
+        assert_eq!(r.on_reject(OURS, &[2, 3]), Ok(0));
+        assert_eq!(r.on_reject(OURS, &[9]), Err(Violation::BadReject { seq: 9 }));
+        r.submit(msg(5), None);
+        assert_eq!(r.on_reject(OURS, &[5]), Err(Violation::BadReject { seq: 5 }), "not sent yet");
     }
 
     #[test]

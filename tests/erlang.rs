@@ -238,6 +238,29 @@ async fn a_confirmation_means_the_receiving_node_has_the_message() {
     assert_eq!(w.a1.eval("receive {wandist_confirm, R1, C2} -> C2 after 5000 -> timeout end."), "delivered");
 }
 
+/// A confirmed send the receiving gateway cannot deliver (the destination
+/// node is gone) is reported `{failed, undeliverable}`, not `delivered`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_confirmed_send_to_a_node_that_is_gone_fails_as_undeliverable() {
+    let mut w = world().await;
+    w.a1.eval_until("length(pg:get_members(wan, echo)).", |v| v == "1");
+    assert_eq!(w.a1.eval("Gone = hd(pg:get_members(wan, echo)), ok."), "ok");
+    w.b1.kill();
+    w.gw2.wait_metric("wandist_erlang_nodes_connected", &[], |v| v == 0.0).await;
+    assert_eq!(
+        w.a1.eval(&format!(
+            "Rg = make_ref(), {{wandist, '{}'}} ! {{send_confirmed, self(), Rg, Gone, hello}}, \
+             receive {{wandist_confirm, Rg, Cg}} -> Cg after 5000 -> timeout end.",
+            w.gw1_node
+        )),
+        "{failed,undeliverable}"
+    );
+    w.gw1
+        .wait_metric("wandist_messages_failed_total", &[("peer", "dc2"), ("reason", "undeliverable")], |v| v == 1.0)
+        .await;
+    w.gw2.wait_metric("wandist_erlang_rejected_total", &[("reason", "node_not_connected")], |v| v >= 1.0).await;
+}
+
 /// The real binary, finding nodes through EPMD (ERL_EPMD_PORT), surviving a
 /// node restart and a pg scope restart, and re-mirroring both.
 #[test]

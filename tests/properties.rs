@@ -22,8 +22,9 @@ enum Op {
     /// The receiver hands up to n messages to its local side...
     Consume(u8),
     /// ...which finishes with up to n of them (writes them to the Erlang
-    /// node); the receiver acks what is finished.
-    Finish(u8),
+    /// node; with `true`, cannot deliver them); the receiver sends its
+    /// rejects and acks what is finished.
+    Finish(u8, bool),
     CarryAcks(u8, u8),
     LinkDown(u8),
     LinkUp,
@@ -37,7 +38,8 @@ fn op() -> impl Strategy<Value = Op> {
         4 => (1u8..20).prop_map(Op::Transmit),
         4 => (any::<u8>(), 1u8..20).prop_map(|(i, n)| Op::CarryData(i, n)),
         4 => (1u8..20).prop_map(Op::Consume),
-        4 => (1u8..20).prop_map(Op::Finish),
+        4 => (1u8..20).prop_map(|n| Op::Finish(n, false)),
+        1 => (1u8..4).prop_map(|n| Op::Finish(n, true)),
         3 => (any::<u8>(), 1u8..5).prop_map(|(i, n)| Op::CarryAcks(i, n)),
         1 => any::<u8>().prop_map(Op::LinkDown),
         1 => Just(Op::LinkUp),
@@ -45,10 +47,16 @@ fn op() -> impl Strategy<Value = Op> {
     ]
 }
 
+enum Back {
+    Ack(u64, u64),
+    Reject(u64, Vec<u64>),
+}
+
 struct Link {
     id: LinkId,
     data: VecDeque<(u64, Bytes)>,
-    acks: VecDeque<(u64, u64)>,
+    /// Receiver to sender, in order.
+    acks: VecDeque<Back>,
 }
 
 struct World {
@@ -68,6 +76,8 @@ struct World {
     last_in_run: Option<u64>,
     confirmed: BTreeSet<u64>,
     failed: BTreeSet<u64>,
+    /// Finished by the receiver's local side as undeliverable.
+    undeliverable: BTreeSet<u64>,
 }
 
 const A_EPOCH: u64 = 1;
@@ -89,6 +99,7 @@ impl World {
             last_in_run: None,
             confirmed: BTreeSet::new(),
             failed: BTreeSet::new(),
+            undeliverable: BTreeSet::new(),
         }
     }
 
@@ -147,7 +158,7 @@ impl World {
                     self.handed.push_back((seq, u64::from_be_bytes(p[..].try_into().unwrap())));
                 }
             }
-            Op::Finish(n) => {
+            Op::Finish(n, undeliverable) => {
                 for _ in 0..n {
                     let Some((seq, token)) = self.handed.pop_front() else { break };
                     assert!(self.delivered_set.insert(token), "token {token} delivered twice");
@@ -156,22 +167,59 @@ impl World {
                     }
                     self.last_in_run = Some(token);
                     self.delivered.push(token);
+                    if undeliverable {
+                        self.undeliverable.insert(token);
+                        self.b.local_undeliverable([seq]);
+                    }
                     self.b.local_done(seq);
                 }
-                if let (Some((epoch, upto)), Some(first)) = (self.b.pending_ack(), self.links.first_mut()) {
-                    first.acks.push_back((epoch, upto));
+                if let (Some((epoch, upto)), false) = (self.b.pending_ack(), self.links.is_empty()) {
+                    let rejects = self.b.take_rejects(upto);
+                    let first = &mut self.links[0];
+                    if !rejects.is_empty() {
+                        first.acks.push_back(Back::Reject(epoch, rejects));
+                    }
+                    first.acks.push_back(Back::Ack(epoch, upto));
                     self.b.ack_sent(upto);
                 }
             }
             Op::CarryAcks(i, n) => {
                 let Some(i) = self.pick(i) else { return };
                 for _ in 0..n {
-                    let Some((epoch, upto)) = self.links[i].acks.pop_front() else { break };
+                    let (epoch, upto) = match self.links[i].acks.pop_front() {
+                        None => break,
+                        Some(Back::Reject(epoch, seqs)) => {
+                            self.a.on_reject(epoch, &seqs).expect("reject violation");
+                            continue;
+                        }
+                        Some(Back::Ack(epoch, upto)) => (epoch, upto),
+                    };
                     let acked = self.a.on_ack(epoch, upto, self.now).expect("ack violation");
                     for c in acked.confirmations {
-                        assert_eq!(c.outcome, Outcome::Delivered);
-                        assert!(self.delivered_set.contains(&c.token), "token {} confirmed, never delivered", c.token);
-                        assert!(self.confirmed.insert(c.token), "token {} confirmed twice", c.token);
+                        match c.outcome {
+                            Outcome::Delivered => {
+                                assert!(
+                                    self.delivered_set.contains(&c.token),
+                                    "token {} confirmed, never delivered",
+                                    c.token
+                                );
+                                assert!(
+                                    !self.undeliverable.contains(&c.token),
+                                    "token {} undeliverable, confirmed delivered",
+                                    c.token
+                                );
+                                assert!(self.confirmed.insert(c.token), "token {} confirmed twice", c.token);
+                            }
+                            Outcome::Failed(FailReason::Undeliverable) => {
+                                assert!(
+                                    self.undeliverable.contains(&c.token),
+                                    "token {} reported undeliverable",
+                                    c.token
+                                );
+                                assert!(self.failed.insert(c.token), "token {} failed twice", c.token);
+                            }
+                            other => panic!("token {}: {other:?} on an ack", c.token),
+                        }
                     }
                 }
             }
@@ -212,7 +260,7 @@ impl World {
                 self.apply(&Op::CarryData(i, 255));
             }
             self.apply(&Op::Consume(255));
-            self.apply(&Op::Finish(255));
+            self.apply(&Op::Finish(255, false));
             for i in 0..self.links.len() as u8 {
                 self.apply(&Op::CarryAcks(i, 255));
             }
@@ -243,12 +291,13 @@ proptest! {
             let confirmed = w.confirmed.contains(&token);
             let failed = w.failed.contains(&token);
             prop_assert!(confirmed != failed, "token {} confirmed={} failed={}", token, confirmed, failed);
+            prop_assert!(!(confirmed && w.undeliverable.contains(&token)));
             if confirmed {
                 prop_assert!(w.delivered_set.contains(&token));
             }
         }
         if !ops.iter().any(|o| matches!(o, Op::ReceiverRestart)) {
-            prop_assert!(w.failed.is_empty());
+            prop_assert!(w.failed.iter().all(|t| w.undeliverable.contains(t)));
             prop_assert_eq!(w.delivered.clone(), (0..w.submitted).collect::<Vec<_>>());
         }
     }

@@ -508,3 +508,45 @@ async fn the_local_side_holds_at_most_its_byte_budget_of_messages() {
         other => panic!("unexpected {other:?}"),
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_the_receiving_side_cannot_deliver_is_reported_failed_not_delivered() {
+    let certs = Certs::new(&["dc1", "dc2"]);
+    let mut dc2 = InProc::start("dc2", &accepting("dc2", &certs, "dc1"), 4096).await;
+    let mut dc1 = InProc::start("dc1", &dialing("dc1", &certs, "dc2", dc2.peer_addr()), 4096).await;
+    let route = dc1.running().local.route("dc2").unwrap().clone();
+    for token in 1..=3u64 {
+        route.submit(n(token), Some(token)).await.unwrap();
+    }
+    // dc2's local side delivers 1 and 3, and cannot deliver 2.
+    for token in 1..=3u64 {
+        match next(&mut dc2.rx, "a message").await {
+            ToLocal::Deliver { payload, mut held, .. } => {
+                assert_eq!(payload, n(token));
+                if token == 2 {
+                    held.undeliverable();
+                }
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    let mut outcomes = BTreeMap::new();
+    while outcomes.len() < 3 {
+        match next(&mut dc1.rx, "outcomes").await {
+            ToLocal::Confirm { token, outcome, .. } => assert!(outcomes.insert(token, outcome).is_none()),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(outcomes[&1], Outcome::Delivered);
+    assert_eq!(outcomes[&2], Outcome::Failed(FailReason::Undeliverable));
+    assert_eq!(outcomes[&3], Outcome::Delivered);
+    let m = dc1.running().metrics.render();
+    assert_eq!(
+        metric_value(&m, "wandist_messages_failed_total", &[("peer", "dc2"), ("reason", "undeliverable")]),
+        Some(1.0)
+    );
+    assert_eq!(metric_value(&m, "wandist_messages_delivered_total", &[("peer", "dc2")]), Some(2.0));
+    // The link is fine.
+    assert_eq!(metric_sum(&m, "wandist_link_disconnects_total", &[("peer", "dc2")]), 0.0);
+    dc1.stop().await;
+}

@@ -946,6 +946,13 @@ impl ErlangSide {
         }
     }
 
+    /// The message being relayed cannot be delivered: its sender is told.
+    fn undeliverable(&mut self) {
+        if let Some(h) = self.delivering.as_mut() {
+            h.undeliverable();
+        }
+    }
+
     /// Hands a message from `peer` to a local process (or alias).
     async fn deliver(
         &mut self,
@@ -957,6 +964,7 @@ impl ErlangSide {
         code: i64,
     ) {
         if self.nodes.get(node.as_str()).is_none_or(|n| n.tx.is_none()) {
+            self.undeliverable();
             self.m.reject("node_not_connected");
             tracing::debug!(node, "message for a node the gateway is not connected to: dropped");
             return;
@@ -971,13 +979,16 @@ impl ErlangSide {
         }
         etf::put_term(&mut pkt, &to);
         if let Err(e) = self.inbound_into(peer, body, &mut pkt) {
+            self.undeliverable();
             self.m.reject(e.reason());
             tracing::warn!(peer = %peer, "message from peer not delivered: {e}");
             return;
         }
         let len = (pkt.len() - 4) as u32;
         pkt[..4].copy_from_slice(&len.to_be_bytes());
-        let Some(tx) = self.nodes.get(node.as_str()).and_then(|n| n.tx.as_ref()) else { return };
+        let Some(tx) = self.nodes.get(node.as_str()).and_then(|n| n.tx.as_ref()) else {
+            return self.undeliverable();
+        };
         if tx.send_delivery(Bytes::from(pkt), self.delivering.take()).await {
             self.m.from_peers.increment(1);
         }

@@ -34,13 +34,26 @@ struct FinishedState {
     upto: u64,
     /// Done out of order (e.g. written to different Erlang nodes).
     ahead: BTreeSet<u64>,
+    /// Done, but the local side could not deliver them.
+    undeliverable: Vec<u64>,
 }
 
 impl Finished {
     /// A new peer session: numbering starts again; older marks are ignored.
     pub(crate) fn reset(&self, session: u64) {
         let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        *s = FinishedState { session: Some(session), upto: 0, ahead: BTreeSet::new() };
+        *s = FinishedState { session: Some(session), ..Default::default() };
+    }
+
+    /// Deliveries up to `upto` of `session` the local side could not deliver.
+    pub(crate) fn take_undeliverable(&self, session: u64, upto: u64) -> Vec<u64> {
+        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if s.session != Some(session) {
+            return Vec::new();
+        }
+        let (now, later): (Vec<u64>, Vec<u64>) = s.undeliverable.drain(..).partition(|n| *n <= upto);
+        s.undeliverable = later;
+        now
     }
 
     /// (session, contiguous prefix done).
@@ -49,10 +62,13 @@ impl Finished {
         (s.session, s.upto)
     }
 
-    fn mark(&self, session: u64, n: u64) {
+    fn mark(&self, session: u64, n: u64, undeliverable: bool) {
         let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
         if s.session != Some(session) || n <= s.upto {
             return;
+        }
+        if undeliverable {
+            s.undeliverable.push(n);
         }
         if n != s.upto + 1 {
             s.ahead.insert(n);
@@ -79,6 +95,7 @@ pub struct Held {
     counter: Arc<AtomicUsize>,
     bytes: usize,
     finished: Option<(Arc<Finished>, u64, u64)>,
+    undeliverable: bool,
 }
 
 impl Held {
@@ -90,7 +107,14 @@ impl Held {
         n: u64,
     ) -> Held {
         counter.fetch_add(bytes, Ordering::Relaxed);
-        Held { counter: counter.clone(), bytes, finished: Some((finished.clone(), session, n)) }
+        Held { counter: counter.clone(), bytes, finished: Some((finished.clone(), session, n)), undeliverable: false }
+    }
+
+    /// The local side could not deliver this message (it logged and counted
+    /// why): its sender is told it failed, `undeliverable`, instead of
+    /// delivered (when the peer gateway understands that).
+    pub fn undeliverable(&mut self) {
+        self.undeliverable = true;
     }
 }
 
@@ -98,7 +122,7 @@ impl Drop for Held {
     fn drop(&mut self) {
         self.counter.fetch_sub(self.bytes, Ordering::Relaxed);
         if let Some((f, session, n)) = self.finished.take() {
-            f.mark(session, n);
+            f.mark(session, n, self.undeliverable);
         }
     }
 }

@@ -30,7 +30,7 @@ use crate::membership::{Change, Filter, Pattern, PeerMembership};
 use crate::metrics::{self as m, Metrics};
 use crate::route::{Confirmation, DataVerdict, FailReason, Outcome, Route, Window};
 use crate::tls::Tls;
-use crate::wire::{Frame, Header, Hello};
+use crate::wire::{Frame, Header, Hello, CAP_REJECT};
 
 const MEMBER_GAUGES_EVERY: Duration = Duration::from_millis(200);
 /// Payload bytes the local side may hold (handed over, not yet processed),
@@ -41,6 +41,8 @@ const HELD_RETRY: Duration = Duration::from_millis(1);
 /// How long a stopping route waits for the local side to take the
 /// outcomes it is owed.
 const SHUTDOWN_NOTICE: Duration = Duration::from_secs(2);
+/// Sequence numbers per `Reject` frame.
+const REJECT_CHUNK: usize = 4096;
 /// The most messages moved per step without going back to the select loop.
 const PUMP_BATCH: usize = 512;
 /// Under load, an ack goes out at least every this many delivered messages.
@@ -134,6 +136,8 @@ pub(super) struct PeerTask {
     outbox: VecDeque<ToLocal>,
     /// Deliveries the local side has finished with (what acks may cover).
     finished: Arc<Finished>,
+    /// The peer understands `Reject` (capability `reject-v1`).
+    peer_rejects: bool,
     /// When the last link went down; members are withdrawn `dead_after` later.
     down_since: Option<Instant>,
     withdrawn: bool,
@@ -203,6 +207,7 @@ impl PeerTask {
             members,
             outbox: VecDeque::new(),
             finished: Arc::new(Finished::default()),
+            peer_rejects: false,
             down_since: Some(Instant::now()),
             withdrawn: true,
             members_dirty: true,
@@ -383,6 +388,15 @@ impl PeerTask {
             if more_now && upto.wrapping_sub(self.acked_at) < every {
                 return;
             }
+            // What could not be delivered is said first, so the ack after it
+            // confirms the rest. (A peer without `reject-v1` sees them acked.)
+            self.route.local_undeliverable(self.finished.take_undeliverable(epoch, upto));
+            let rejects = self.route.take_rejects(upto);
+            if self.peer_rejects {
+                for seqs in rejects.chunks(REJECT_CHUNK) {
+                    self.send_on_primary(Frame::control(Header::Reject { epoch, seqs: seqs.to_vec() }));
+                }
+            }
             self.acked_at = upto;
             self.send_on_primary(Frame::control(Header::Ack { epoch, upto }));
             self.route.ack_sent(upto);
@@ -536,6 +550,7 @@ impl PeerTask {
         self.rm.connects.increment(1);
         let was_known = self.route.peer_epoch().is_some();
         let up = self.route.link_up(id, hello.epoch, peer_window);
+        self.peer_rejects = hello.capabilities.iter().any(|c| c == CAP_REJECT);
         if up.new_session {
             self.finished.reset(hello.epoch);
         }
@@ -657,6 +672,14 @@ impl PeerTask {
             Header::Ack { epoch, upto } => match self.route.on_ack(epoch, upto, Instant::now()) {
                 Ok(acked) => {
                     self.rm.delivered.increment(acked.messages as u64);
+                    if acked.undeliverable > 0 {
+                        self.metrics
+                            .counter(
+                                m::MESSAGES_FAILED,
+                                &[("peer", &self.peer), ("reason", FailReason::Undeliverable.label())],
+                            )
+                            .increment(acked.undeliverable as u64);
+                    }
                     for l in &acked.latencies {
                         self.rm.ack_latency.record(l.as_secs_f64());
                     }
@@ -680,6 +703,11 @@ impl PeerTask {
                 }
             }
             Header::Resync => self.send_snapshot(),
+            Header::Reject { epoch, seqs } => {
+                if let Err(v) = self.route.on_reject(epoch, &seqs) {
+                    self.violation(link, v.label(), v.to_string());
+                }
+            }
             other => tracing::debug!(peer = %self.peer, "ignoring {other:?}"),
         }
     }

@@ -18,7 +18,10 @@ pub const MAGIC: [u8; 4] = *b"WDST";
 pub const PREAMBLE_LEN: usize = 6;
 
 /// Capabilities this build announces in its hello.
-pub const CAPABILITIES: &[&str] = &["heartbeat-v1"];
+/// What this build speaks beyond the base protocol, told in the hello.
+/// `reject-v1`: the `Reject` frame (sent only to peers that list it).
+pub const CAPABILITIES: &[&str] = &["heartbeat-v1", "reject-v1"];
+pub const CAP_REJECT: &str = "reject-v1";
 
 /// The first frame each side sends after the preamble.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -102,6 +105,13 @@ pub enum Header {
     /// The sender is closing this connection on purpose.
     Goodbye {
         reason: String,
+    },
+    /// Messages (by seq, of the receiver's session `epoch`) the receiving
+    /// gateway could not hand to its cluster; sent before the ack covering
+    /// them, so their senders learn they failed. Only to `reject-v1` peers.
+    Reject {
+        epoch: u64,
+        seqs: Vec<u64>,
     },
 }
 
