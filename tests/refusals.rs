@@ -40,6 +40,31 @@ fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap()
 }
 
+/// A server claiming to be dc2 with `tls`, and a dc1 gateway (`tls_table`)
+/// dialing it; the server task returns its handshake error, if any.
+fn dial_a_fake_dc2(
+    rt: &tokio::runtime::Runtime,
+    tls: Tls,
+    tls_table: &str,
+) -> (tokio::task::JoinHandle<Option<HandshakeError>>, Gateway) {
+    let fake = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
+    let fake_addr = fake.local_addr().unwrap();
+    let admit: HashMap<String, Admission> =
+        [("dc1".to_string(), Admission { insecure_plaintext: false, offer: OFFER })].into();
+    let server = rt.spawn(async move {
+        let (tcp, _) = fake.accept().await.unwrap();
+        handshake::server(tcp, Some(&tls), &identity("dc2"), &admit, &T, MAX).await.err()
+    });
+    let dialer = Gateway::start(
+        "dc1-dialer",
+        &format!(
+            "{}{tls_table}[[route]]\ncluster = \"dc2\"\nendpoints = [\"{fake_addr}\"]\n",
+            gateway_table("dc1", false)
+        ),
+    );
+    (server, dialer)
+}
+
 #[test]
 fn a_valid_certificate_for_another_cluster_cannot_pose_as_the_peer() {
     let certs = Certs::new(&["dc1", "dc2", "dc3"]);
@@ -61,22 +86,7 @@ fn a_valid_certificate_for_another_cluster_cannot_pose_as_the_peer() {
     assert!(line.contains("dc2") && line.contains("does not name"), "{line}");
 
     // Dialing side: dc1 dials "dc2" and meets a server holding dc3's certificate.
-    let fake = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
-    let fake_addr = fake.local_addr().unwrap();
-    let admit: HashMap<String, Admission> =
-        [("dc1".to_string(), Admission { insecure_plaintext: false, offer: OFFER })].into();
-    let server = rt.spawn(async move {
-        let (tcp, _) = fake.accept().await.unwrap();
-        handshake::server(tcp, Some(&dc3), &identity("dc2"), &admit, &T, MAX).await.err()
-    });
-    let dialer = Gateway::start(
-        "dc1-dialer",
-        &format!(
-            "{}{}[[route]]\ncluster = \"dc2\"\nendpoints = [\"{fake_addr}\"]\n",
-            gateway_table("dc1", false),
-            certs.tls_table("dc1")
-        ),
-    );
+    let (server, dialer) = dial_a_fake_dc2(&rt, dc3, &certs.tls_table("dc1"));
     dialer.wait_metric("wandist_handshake_failures_total", &[("peer", "dc2"), ("reason", "tls")], |v| v >= 1.0);
     let line = dialer.wait_log("cannot establish link", SOON);
     assert!(line.contains("NotValidForName") || line.contains("not valid for"), "{line}");
@@ -121,22 +131,7 @@ fn an_expired_certificate_is_refused_on_both_sides() {
     assert!(err.to_string().contains("CertificateExpired"), "{err}");
 
     // Dialing side: dc1 dials a server holding the expired certificate.
-    let fake = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
-    let fake_addr = fake.local_addr().unwrap();
-    let admit: HashMap<String, Admission> =
-        [("dc1".to_string(), Admission { insecure_plaintext: false, offer: OFFER })].into();
-    let server = rt.spawn(async move {
-        let (tcp, _) = fake.accept().await.unwrap();
-        handshake::server(tcp, Some(&dc2), &identity("dc2"), &admit, &T, MAX).await.err()
-    });
-    let dialer = Gateway::start(
-        "dc1-dialer",
-        &format!(
-            "{}{}[[route]]\ncluster = \"dc2\"\nendpoints = [\"{fake_addr}\"]\n",
-            gateway_table("dc1", false),
-            ours.tls_table_with("dc1", &bundle)
-        ),
-    );
+    let (server, dialer) = dial_a_fake_dc2(&rt, dc2, &ours.tls_table_with("dc1", &bundle));
     dialer.wait_metric("wandist_handshake_failures_total", &[("peer", "dc2"), ("reason", "tls")], |v| v >= 1.0);
     let line = dialer.wait_log("cannot establish link", SOON);
     assert!(line.contains("certificate expired"), "{line}");
