@@ -10,7 +10,9 @@ use support::forward::Forwarder;
 use support::*;
 
 const N: u32 = 20_000;
-const OUTSTANDING: u32 = 500;
+/// Unconfirmed messages the sender allows: all of them, so the gateway
+/// always has more to send while the victim is frozen.
+const OUTSTANDING: u32 = N;
 
 fn tag() -> String {
     format!("{}_{}", std::process::id(), fastrand::u32(..))
@@ -104,13 +106,13 @@ fn kill_a_gateway_under_load(victim: Victim) {
         Victim::Dialer => (&mut gw1, gw1_cfg.clone(), &gw2),
     };
     // Frozen first, so messages are certainly sent to it and unconfirmed
-    // when it dies: after SIGSTOP it acks nothing more, so 50 messages the
-    // survivor takes after that can only be reported failed or go to the
-    // next run.
+    // when it dies: after SIGSTOP it acks nothing more, so what the survivor
+    // writes to it after that (16 KiB: far more than heartbeats) can only be
+    // reported failed.
     let peer = if survivor_gw_is_1 { "dc2" } else { "dc1" };
     victim_gw.signal("STOP");
-    let sent = survivor.metric("wandist_messages_sent_total", &[("peer", peer)]).unwrap_or(0.0);
-    survivor.wait_metric("wandist_messages_sent_total", &[("peer", peer)], |v| v >= sent + 50.0);
+    let written = survivor.metric("wandist_bytes_sent_total", &[("peer", peer)]).unwrap_or(0.0);
+    survivor.wait_metric("wandist_bytes_sent_total", &[("peer", peer)], |v| v >= written + 16384.0);
     let st = std::process::Command::new("kill").args(["-KILL", &victim_gw.pid().to_string()]).status().unwrap();
     assert!(st.success());
     assert!(victim_gw.wait_exit(SOON).is_some(), "the victim did not die");

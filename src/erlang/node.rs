@@ -24,8 +24,6 @@ const TICK: Duration = Duration::from_secs(15);
 /// A node silent this long (four missed ticks) is dropped.
 const SILENT: Duration = Duration::from_secs(75);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-/// A writer that wrote less than this ago is busy and batches a little more.
-const BUSY: Duration = Duration::from_micros(200);
 /// Packets, and bytes, queued toward one node before the Erlang side waits.
 const OUT_QUEUE: usize = 4096;
 /// Tags the references of delivery barriers (their second word).
@@ -243,7 +241,6 @@ async fn serve(
         let mut batch = BytesMut::with_capacity(64 * 1024);
         // Deliveries in `batch`: finished once the node answers the barrier after it.
         let mut carried: Vec<Held> = Vec::new();
-        let mut last_write = std::time::Instant::now() - BUSY;
         loop {
             tokio::select! {
                 biased;
@@ -256,11 +253,7 @@ async fn serve(
                 },
                 _ = tick.tick() => batch.extend_from_slice(&[0, 0, 0, 0]),
             }
-            // Busy (we wrote a moment ago): let producers add to this batch
-            // first. Idle: write at once.
-            if last_write.elapsed() < BUSY {
-                tokio::task::yield_now().await;
-            }
+            // Write at once, with whatever else is already queued.
             while batch.len() < 256 * 1024 {
                 match outgoing.try_recv() {
                     Ok((pkt, _permit, held)) => {
@@ -276,7 +269,6 @@ async fn serve(
             if let Err(e) = wr.write_all(&batch).await {
                 return format!("write failed: {e}");
             }
-            last_write = std::time::Instant::now();
             batch.clear();
         }
     };
