@@ -186,8 +186,8 @@ pub struct Route {
     received_upto: u64,
     /// Handed to the local side.
     delivered_upto: u64,
-    /// The local side is done with (e.g. written to the Erlang node's
-    /// socket): what acks, and so confirmations, promise.
+    /// The local side is done with (e.g. taken by the Erlang node): what
+    /// acks, and so confirmations, promise.
     done_upto: u64,
     ack_sent_upto: u64,
     ack_forced: bool,

@@ -391,7 +391,7 @@ async fn a_stalled_peer_cluster_does_not_hold_up_the_others() {
     a1.eval_until("{length(pg:get_members(wan, echo)), length(pg:get_members(wan, slow))}.", |v| v == "{1,1}");
 
     // dc3's only node stops reading: what the sockets to it can hold fills
-    // (gw-dc3 acks a message only once it is written to c1's socket), 50
+    // (gw-dc3 acks a message only once c1 has taken it), 50
     // wait unacked in gw-dc1's window, and the rest wait in gw-dc1's
     // per-peer queue (16,384 messages) while other routes keep moving.
     let stop = std::process::Command::new("kill").args(["-STOP", &c1.pid().to_string()]).status().unwrap();

@@ -116,7 +116,7 @@ pub struct ErlangSide {
     /// Monitors we hold on local pids for peers: our ref -> (peer, target).
     held: HashMap<Ref, (Arc<str>, Pid)>,
     /// The delivered message being relayed: its route may ack it once the
-    /// packet carrying it is written to the node (or it is dropped).
+    /// node has the packet carrying it (or it is dropped).
     delivering: Option<Held>,
     /// Monitors we hold on scope processes: our ref -> node.
     scope_monitors: HashMap<Ref, Arc<str>>,

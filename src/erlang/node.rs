@@ -55,8 +55,9 @@ impl NodeTx {
     }
 
     /// Queues a packet carrying a message from a peer; `held` is dropped
-    /// (telling the route it may ack) once the packet is written to the
-    /// node's socket, or the connection is gone.
+    /// (telling the route it may ack) once the node has answered the
+    /// delivery barrier written after it (see `Barriers`), or the
+    /// connection is gone.
     pub async fn send_delivery(&self, pkt: Bytes, held: Option<Held>) -> bool {
         // A packet larger than the whole budget takes all of it, alone.
         let n = pkt.len().min(OUT_BYTES) as u32;

@@ -32,7 +32,7 @@ struct FinishedState {
     /// The peer session (its epoch) the numbers belong to.
     session: Option<u64>,
     upto: u64,
-    /// Done out of order (e.g. written to different Erlang nodes).
+    /// Done out of order (e.g. sent to different Erlang nodes).
     ahead: BTreeSet<u64>,
     /// Done, but the local side could not deliver them.
     undeliverable: Vec<u64>,
