@@ -45,15 +45,14 @@ impl Finished {
         *s = FinishedState { session: Some(session), ..Default::default() };
     }
 
-    /// Deliveries up to `upto` of `session` the local side could not deliver.
-    pub(crate) fn take_undeliverable(&self, session: u64, upto: u64) -> Vec<u64> {
+    /// Deliveries of `session` the local side could not deliver, so far
+    /// (the route holds them until an ack covers them).
+    pub(crate) fn take_undeliverable(&self, session: u64) -> Vec<u64> {
         let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
         if s.session != Some(session) {
             return Vec::new();
         }
-        let (now, later): (Vec<u64>, Vec<u64>) = s.undeliverable.drain(..).partition(|n| *n <= upto);
-        s.undeliverable = later;
-        now
+        std::mem::take(&mut s.undeliverable)
     }
 
     /// (session, contiguous prefix done).

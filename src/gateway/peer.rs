@@ -390,7 +390,7 @@ impl PeerTask {
             }
             // What could not be delivered is said first, so the ack after it
             // confirms the rest. (A peer without `reject-v1` sees them acked.)
-            self.route.local_undeliverable(self.finished.take_undeliverable(epoch, upto));
+            self.route.local_undeliverable(self.finished.take_undeliverable(epoch));
             let rejects = self.route.take_rejects(upto);
             if self.peer_rejects {
                 for seqs in rejects.chunks(REJECT_CHUNK) {
