@@ -27,12 +27,14 @@ pub fn days_from_civil(y: i32, m: u8, d: u8) -> i64 {
     era * 146_097 + doe - 719_468
 }
 
+/// Now, in seconds since 1970-01-01 (unix time).
+pub fn now_secs() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
+}
+
 /// Today, in days since 1970-01-01.
 pub fn today() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| (d.as_secs() / 86_400) as i64)
-        .unwrap_or(0)
+    now_secs() / 86_400
 }
 
 /// "YYYY-MM-DD" of a unix time in seconds.

@@ -93,9 +93,7 @@ impl Tls {
             }
             None => 0,
         };
-        let now =
-            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0);
-        if own_cluster.is_some() && not_after > 0 && not_after <= now {
+        if own_cluster.is_some() && not_after > 0 && not_after <= crate::date::now_secs() {
             problems.push(problem(
                 &files.cert,
                 format!(
