@@ -94,17 +94,27 @@ fn pa(dir: &Path) -> Vec<String> {
     args
 }
 
-fn direct(epmd: &Epmd, beam: &Path, tag: &str, extra: &[String]) -> (Figures, Cpu) {
+/// A bench node `name` with the bench module's path and `extra` arguments.
+fn bench_node(epmd: &Epmd, beam: &Path, name: &str, extra: &[String]) -> Erl {
     let mut args = pa(beam);
     args.extend(extra.iter().cloned());
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let mut y = Erl::start_with(&format!("y_{tag}"), "bench", epmd, &args);
-    let mut x = Erl::start_with(&format!("x_{tag}"), "bench", epmd, &args);
+    Erl::start_with(name, "bench", epmd, &args)
+}
+
+/// Connects x to y, finds y's receiver from x, and runs the workloads.
+fn connect_and_measure(mut x: Erl, mut y: Erl) -> (Figures, Cpu) {
     assert_eq!(y.eval("register(rcv, wandist_bench:receiver())."), "true");
     assert_eq!(x.eval(&format!("net_kernel:connect_node('{}').", y.name)), "true");
     assert_eq!(x.eval(&format!("R = rpc:call('{}', erlang, whereis, [rcv]), is_pid(R).", y.name)), "true");
     let pids = [x.pid(), y.pid()];
     workloads(&mut x, &pids)
+}
+
+fn direct(epmd: &Epmd, beam: &Path, tag: &str, extra: &[String]) -> (Figures, Cpu) {
+    let y = bench_node(epmd, beam, &format!("y_{tag}"), extra);
+    let x = bench_node(epmd, beam, &format!("x_{tag}"), extra);
+    connect_and_measure(x, y)
 }
 
 /// A relay that only copies bytes (a thread per direction, 256 KiB reads):
@@ -141,20 +151,11 @@ fn relay(target: std::net::SocketAddr) -> std::net::SocketAddr {
 /// found free by binding 0 (released just before y takes it).
 fn relayed(epmd: &Epmd, beam: &Path, tag: &str) -> (Figures, Cpu) {
     let y_port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let mut args = pa(beam);
-    args.extend(["-erl_epmd_port".to_string(), y_port.to_string()]);
-    let y_args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let mut y = Erl::start_with(&format!("y_{tag}"), "bench", epmd, &y_args);
+    let y = bench_node(epmd, beam, &format!("y_{tag}"), &["-erl_epmd_port".into(), y_port.to_string()]);
     let near = relay(relay(([127, 0, 0, 1], y_port).into()));
-    let mut args = pa(beam);
-    args.extend(["-erl_epmd_port".into(), near.port().to_string(), "-dist_listen".into(), "false".into()]);
-    let x_args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let mut x = Erl::start_with(&format!("x_{tag}"), "bench", epmd, &x_args);
-    assert_eq!(y.eval("register(rcv, wandist_bench:receiver())."), "true");
-    assert_eq!(x.eval(&format!("net_kernel:connect_node('{}').", y.name)), "true");
-    assert_eq!(x.eval(&format!("R = rpc:call('{}', erlang, whereis, [rcv]), is_pid(R).", y.name)), "true");
-    let pids = [x.pid(), y.pid()];
-    workloads(&mut x, &pids)
+    let x_args = ["-erl_epmd_port".into(), near.port().to_string(), "-dist_listen".into(), "false".into()];
+    let x = bench_node(epmd, beam, &format!("x_{tag}"), &x_args);
+    connect_and_measure(x, y)
 }
 
 struct Gw {
