@@ -31,6 +31,15 @@ const BARRIER_TAG: u32 = 0xB0B0_0001;
 /// A registered name no node has: a monitor on it is answered at once.
 const BARRIER_NAME: &str = "wandist_delivery_barrier";
 const OUT_BYTES: usize = 64 * 1024 * 1024;
+/// A delivery barrier follows the oldest delivery it covers by at most about
+/// this much (plus the timer's 1 ms grain). It rides on the next write when
+/// one comes sooner, so a steady flow gets one barrier per interval and a
+/// lone message one barrier of its own: confirmations wait up to ~2 ms more,
+/// and a round trip through the gateway does not pay for a barrier and an
+/// ack on every message (BENCHMARKS.md, "Round trip").
+const BARRIER_DELAY: Duration = Duration::from_millis(1);
+/// ... or once this many deliveries wait for one.
+const BARRIER_EVERY: usize = 4096;
 
 /// The way to one node's writer, bounded in packets and in bytes.
 /// A packet queued for a node, its share of the byte budget, and the
@@ -167,8 +176,9 @@ async fn connect(node: &ErlNode, p: &NodeParams) -> Result<TcpStream, dist::Dist
     Ok(s)
 }
 
-/// Delivery barriers: after a batch carrying messages from peers, the
-/// writer adds a MONITOR_P on a name nobody has registered. The node answers
+/// Delivery barriers: after messages from peers (with the next write, or on
+/// its own BARRIER_DELAY after the first, see `BarrierDue`), the writer adds
+/// a MONITOR_P on a name nobody has registered. The node answers
 /// MONITOR_P_EXIT noproc once it has handled everything before it on this
 /// connection, i.e. put those messages into their receivers' queues; only
 /// then are the batch's `Held`s dropped, letting the routes ack them. So a
@@ -224,6 +234,32 @@ impl Barriers {
     }
 }
 
+/// When the next delivery barrier goes out (see BARRIER_DELAY): the writer
+/// asks before each write, with the deliveries no barrier covers yet.
+#[derive(Default)]
+struct BarrierDue(Option<std::time::Instant>);
+
+impl BarrierDue {
+    /// True when the barrier goes with this write: BARRIER_DELAY after the
+    /// first uncovered delivery was written, or at once for BARRIER_EVERY.
+    fn now(&mut self, now: std::time::Instant, uncovered: usize) -> bool {
+        if uncovered == 0 {
+            return false;
+        }
+        let due = *self.0.get_or_insert(now + BARRIER_DELAY);
+        let go = now >= due || uncovered >= BARRIER_EVERY;
+        if go {
+            self.0 = None;
+        }
+        go
+    }
+
+    /// When the writer must wake to send a barrier on its own, if ever.
+    fn at(&self) -> Option<std::time::Instant> {
+        self.0
+    }
+}
+
 /// Runs a connected node until it fails; returns why.
 async fn serve(
     stream: TcpStream,
@@ -240,8 +276,10 @@ async fn serve(
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut batch = BytesMut::with_capacity(64 * 1024);
-        // Deliveries in `batch`: finished once the node answers the barrier after it.
+        // Deliveries written and not yet covered by a barrier: finished once
+        // the node answers the barrier written after them.
         let mut carried: Vec<Held> = Vec::new();
+        let mut due = BarrierDue::default();
         loop {
             tokio::select! {
                 biased;
@@ -252,6 +290,8 @@ async fn serve(
                     }
                     None => return "closed by the gateway".to_string(),
                 },
+                _ = tokio::time::sleep_until(due.at().unwrap_or_else(std::time::Instant::now).into()),
+                    if due.at().is_some() => {}
                 _ = tick.tick() => batch.extend_from_slice(&[0, 0, 0, 0]),
             }
             // Write at once, with whatever else is already queued.
@@ -264,8 +304,11 @@ async fn serve(
                     Err(_) => break,
                 }
             }
-            if !carried.is_empty() {
+            if due.now(std::time::Instant::now(), carried.len()) {
                 barriers.lock().unwrap_or_else(|e| e.into_inner()).add(p, &mut batch, &mut carried);
+            }
+            if batch.is_empty() {
+                continue;
             }
             if let Err(e) = wr.write_all(&batch).await {
                 return format!("write failed: {e}");
@@ -344,6 +387,27 @@ mod tests {
             Term::Ref(Barriers::reference(p, id)),
             Term::atom("noproc"),
         ])
+    }
+
+    #[test]
+    fn a_barrier_waits_for_later_writes_but_not_longer_than_its_delay() {
+        let t0 = std::time::Instant::now();
+        let mut due = BarrierDue::default();
+        assert!(!due.now(t0, 0), "nothing to cover, no barrier");
+        assert_eq!(due.at(), None);
+        // A first delivery: no barrier yet, a deadline BARRIER_DELAY away.
+        assert!(!due.now(t0, 1));
+        assert_eq!(due.at(), Some(t0 + BARRIER_DELAY));
+        // Writes before the deadline add to what it will cover; the deadline stays.
+        assert!(!due.now(t0 + BARRIER_DELAY / 2, 5));
+        assert_eq!(due.at(), Some(t0 + BARRIER_DELAY));
+        // At the deadline (the writer's timer, or a write then) the barrier goes.
+        assert!(due.now(t0 + BARRIER_DELAY, 5));
+        assert_eq!(due.at(), None);
+        // Enough waiting deliveries send it at once.
+        assert!(!due.now(t0, 1));
+        assert!(due.now(t0, BARRIER_EVERY));
+        assert_eq!(due.at(), None);
     }
 
     #[test]
