@@ -203,9 +203,10 @@ impl<'a> Reader<'a> {
             t => return Err(EtfError::Tag(t)),
         };
         let bytes = self.take(len)?;
-        if latin1 {
+        if latin1 && !bytes.is_ascii() {
             Ok(bytes.iter().map(|&c| c as char).collect())
         } else {
+            // ASCII (nearly every atom, every node name) is the same in both.
             String::from_utf8(bytes.to_vec()).map_err(|_| EtfError::BadAtom)
         }
     }
@@ -252,6 +253,7 @@ pub fn put_atom(out: &mut Vec<u8>, a: &str) {
 }
 
 pub fn put_pid(out: &mut Vec<u8>, p: &Pid) {
+    out.reserve(16 + p.node.len());
     out.push(NEW_PID);
     put_atom(out, &p.node);
     out.extend_from_slice(&p.id.to_be_bytes());
@@ -708,6 +710,19 @@ mod tests {
 
     fn pid(node: &str, id: u32) -> Pid {
         Pid { node: node.into(), id, serial: 0, creation: 7 }
+    }
+
+    #[test]
+    fn latin1_atoms_decode_to_the_same_characters() {
+        // 'café' and 'cafe' as ATOM_EXT (Latin-1), and as SMALL_ATOM (Latin-1).
+        for (tag, head) in [(ATOM, vec![0u8, 4]), (SMALL_ATOM, vec![4u8])] {
+            for (bytes, text) in [(&b"caf\xe9"[..], "café"), (&b"cafe"[..], "cafe")] {
+                let mut b = vec![VERSION, tag];
+                b.extend_from_slice(&head);
+                b.extend_from_slice(bytes);
+                assert_eq!(decode(&b).unwrap(), (Term::atom(text), b.len()));
+            }
+        }
     }
 
     #[test]

@@ -55,27 +55,38 @@ const FIRST_PROXY: u64 = 1000;
 
 /// What crosses between gateways for the Erlang side. The payload after it
 /// (a message or exit reason) is ETF with pids and refs translated.
+///
+/// The byte fields are `serde_bytes`: the same bytes on the wire as a
+/// sequence of u8 (bincode writes a length, then one byte each), but
+/// decoded as one slice, not byte by byte (`relay_bytes_are_unchanged_on_the_wire`).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 enum Relay {
     /// To a pid of the receiving cluster (its encoding there).
     Send {
+        #[serde(with = "serde_bytes")]
         to: Vec<u8>,
+        #[serde(with = "serde_bytes")]
         from: Option<Vec<u8>>,
     },
     /// To an alias (a reference of the receiving cluster).
     AliasSend {
+        #[serde(with = "serde_bytes")]
         to: Vec<u8>,
+        #[serde(with = "serde_bytes")]
         from: Option<Vec<u8>>,
     },
     /// Start watching a pid of the receiving cluster for us.
     Monitor {
+        #[serde(with = "serde_bytes")]
         target: Vec<u8>,
     },
     Demonitor {
+        #[serde(with = "serde_bytes")]
         target: Vec<u8>,
     },
     /// A pid of the sending cluster that we watched ended; payload = reason.
     Down {
+        #[serde(with = "serde_bytes")]
         target: Vec<u8>,
     },
 }
@@ -252,9 +263,12 @@ impl ErlangSide {
     ) {
         tracing::info!(node = %self.me, creation = self.creation, scope = %self.scope, "Erlang side started");
         let mut rediscover = tokio::time::interval(Duration::from_secs(1));
+        // Made once, not on every turn of the loop.
+        let cancelled = cancel.cancelled();
+        tokio::pin!(cancelled);
         loop {
             tokio::select! {
-                _ = cancel.cancelled() => return,
+                _ = &mut cancelled => return,
                 Some(ev) = events.recv() => {
                     self.on_node_event(ev).await;
                     // Whatever else is ready, without going round the loop.
@@ -271,7 +285,8 @@ impl ErlangSide {
                     }
                 }
                 _ = rediscover.tick() => self.discover_missing().await,
-                _ = tokio::time::sleep(PENDING_RETRY), if self.has_pending() => {}
+                // (An async block: the timer is made only when something is pending.)
+                _ = async { tokio::time::sleep(PENDING_RETRY).await }, if self.has_pending() => {}
             }
             if self.has_pending() {
                 self.flush_pending();
@@ -1042,6 +1057,38 @@ mod tests {
         let p = |id| Pid { node: "n@h".into(), id, serial: 0, creation: 1 };
         assert_eq!(minus(&[p(1), p(1), p(2)], &[p(1), p(3)]), vec![p(1), p(2)]);
         assert_eq!(minus(&[p(1)], &[p(1), p(1)]), Vec::<Pid>::new());
+    }
+
+    /// The relay header as older gateways wrote it: plain `Vec<u8>` fields.
+    #[derive(Serialize, Deserialize, Debug, PartialEq)]
+    enum OldRelay {
+        Send { to: Vec<u8>, from: Option<Vec<u8>> },
+        AliasSend { to: Vec<u8>, from: Option<Vec<u8>> },
+        Monitor { target: Vec<u8> },
+        Demonitor { target: Vec<u8> },
+        Down { target: Vec<u8> },
+    }
+
+    #[test]
+    fn relay_bytes_are_unchanged_on_the_wire() {
+        let long: Vec<u8> = (0..=255u8).cycle().take(300).collect();
+        let pairs = [
+            (Relay::Send { to: long.clone(), from: Some(vec![131, 88]) }, OldRelay::Send { to: long.clone(), from: Some(vec![131, 88]) }),
+            (Relay::AliasSend { to: vec![1], from: None }, OldRelay::AliasSend { to: vec![1], from: None }),
+            (Relay::Monitor { target: vec![] }, OldRelay::Monitor { target: vec![] }),
+            (Relay::Demonitor { target: vec![9; 3] }, OldRelay::Demonitor { target: vec![9; 3] }),
+            (Relay::Down { target: long.clone() }, OldRelay::Down { target: long }),
+        ];
+        for (new, old) in pairs {
+            let (mut a, mut b) = (Vec::new(), Vec::new());
+            codec::encode_value(&new, &mut a).unwrap();
+            codec::encode_value(&old, &mut b).unwrap();
+            assert_eq!(a, b, "{new:?}");
+            let (back, used) = codec::from_prefix::<OldRelay>(&a).unwrap();
+            assert_eq!((back, used), (old, a.len()));
+            let (again, _) = codec::from_prefix::<Relay>(&b).unwrap();
+            assert_eq!(format!("{again:?}"), format!("{new:?}"));
+        }
     }
 
     #[test]

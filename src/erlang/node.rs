@@ -290,7 +290,8 @@ async fn serve(
                     }
                     None => return "closed by the gateway".to_string(),
                 },
-                _ = tokio::time::sleep_until(due.at().unwrap_or_else(std::time::Instant::now).into()),
+                // (An async block: no timer is made unless a barrier is due.)
+                _ = async { tokio::time::sleep_until(due.at().unwrap_or_else(std::time::Instant::now).into()).await },
                     if due.at().is_some() => {}
                 _ = tick.tick() => batch.extend_from_slice(&[0, 0, 0, 0]),
             }
@@ -318,12 +319,32 @@ async fn serve(
     };
     let reader = async {
         let mut len = [0u8; 4];
+        // One timer for the connection, moved only when it fires (not one
+        // per packet): the node is silent once SILENT passed since a packet.
+        let mut heard = std::time::Instant::now();
+        let silent = tokio::time::sleep(SILENT);
+        tokio::pin!(silent);
         loop {
-            match tokio::time::timeout(SILENT, rd.read_exact(&mut len)).await {
-                Err(_) => return format!("silent for {SILENT:?}"),
-                Ok(Err(e)) => return format!("connection lost: {e}"),
-                Ok(Ok(_)) => {}
+            let got = {
+                let read = rd.read_exact(&mut len);
+                tokio::pin!(read);
+                loop {
+                    tokio::select! {
+                        biased;
+                        r = &mut read => break r,
+                        _ = &mut silent => {
+                            if heard.elapsed() >= SILENT {
+                                return format!("silent for {SILENT:?}");
+                            }
+                            silent.as_mut().reset((heard + SILENT).into());
+                        }
+                    }
+                }
+            };
+            if let Err(e) = got {
+                return format!("connection lost: {e}");
             }
+            heard = std::time::Instant::now();
             let n = u32::from_be_bytes(len) as usize;
             if n == 0 {
                 continue; // tick

@@ -227,22 +227,26 @@ impl PeerTask {
 
     pub(super) async fn run(mut self) {
         self.publish();
-        let far = Duration::from_secs(3600);
+        // Futures that live as long as the loop, not made afresh on each turn
+        // (a Notified made and dropped per turn costs two lock round trips).
+        let cancel = self.cancel.clone();
+        let cancelled = cancel.cancelled();
+        tokio::pin!(cancelled);
+        let finished = self.finished.clone();
+        let local_done = finished.notify.notified();
+        tokio::pin!(local_done);
         loop {
             let want_dial = !self.config.endpoints.is_empty()
                 && self.dialing.is_empty()
                 && self.links.len() < self.config.links_wanted() as usize;
-            let dial_at = if want_dial { self.next_dial } else { Instant::now() + far };
-            let withdraw_at = match self.down_since {
-                Some(t) if !self.withdrawn => t + self.params.dead_after,
-                _ => Instant::now() + far,
-            };
+            let dial_at = self.next_dial;
+            let withdraw_at = self.down_since.filter(|_| !self.withdrawn).map(|t| t + self.params.dead_after);
             // Room on the primary's data lane, and on the local side, is
             // reserved before anything is taken out of the route state.
             let lane = self.primary().filter(|_| self.route.wants_transmit()).map(|l| l.data_lane());
             let to_local = (!self.outbox.is_empty() || self.route.has_delivery()).then(|| self.inputs.to_local.clone());
             tokio::select! {
-                _ = self.cancel.cancelled() => break,
+                _ = &mut cancelled => break,
                 Some(est) = self.inputs.inbound.recv() => self.adopt(est, None),
                 Some(joined) = self.dialing.join_next(), if !self.dialing.is_empty() => match joined {
                     Ok((ep, Ok(est))) => {
@@ -267,7 +271,7 @@ impl PeerTask {
                 }
                 Some(change) = self.inputs.groups.recv() => self.on_local_groups(change),
                 // The local side finished with deliveries: flush_ack below picks them up.
-                _ = self.finished.notify.notified() => {}
+                _ = &mut local_done => local_done.set(finished.notify.notified()),
                 Ok(permit) = async { lane.unwrap().reserve_owned().await }, if lane.is_some() => {
                     if let Some(frame) = self.next_data_frame() {
                         permit.send(frame);
@@ -279,9 +283,10 @@ impl PeerTask {
                     }
                 }
                 // Deliveries wait for the local side to work through what it holds.
-                _ = tokio::time::sleep(HELD_RETRY), if self.route.has_delivery() && self.over_budget() => {}
-                _ = tokio::time::sleep_until(dial_at.into()), if want_dial => self.dial(),
-                _ = tokio::time::sleep_until(withdraw_at.into()), if self.down_since.is_some() && !self.withdrawn => {
+                // (Async blocks: a timer is made only when its branch is enabled.)
+                _ = async { tokio::time::sleep(HELD_RETRY).await }, if self.route.has_delivery() && self.over_budget() => {}
+                _ = async { tokio::time::sleep_until(dial_at.into()).await }, if want_dial => self.dial(),
+                _ = async { tokio::time::sleep_until(withdraw_at.unwrap_or(dial_at).into()).await }, if withdraw_at.is_some() => {
                     self.withdraw();
                 }
             }
