@@ -13,5 +13,6 @@ pub mod link;
 pub mod membership;
 pub mod metrics;
 pub mod route;
+pub mod stop;
 pub mod tls;
 pub mod wire;

@@ -264,8 +264,7 @@ impl ErlangSide {
         tracing::info!(node = %self.me, creation = self.creation, scope = %self.scope, "Erlang side started");
         let mut rediscover = tokio::time::interval(Duration::from_secs(1));
         // Made once, not on every turn of the loop.
-        let cancelled = cancel.cancelled();
-        tokio::pin!(cancelled);
+        let mut cancelled = crate::stop::on_cancel(&cancel);
         loop {
             tokio::select! {
                 _ = &mut cancelled => return,

@@ -126,6 +126,7 @@ pub fn packet(control: &Term, payload: Option<&[u8]>) -> Bytes {
 pub async fn run(node: ErlNode, p: NodeParams, events: mpsc::Sender<NodeEvent>, cancel: CancellationToken) {
     let name: Arc<str> = node.name.as_str().into();
     let mut backoff = Backoff::new(p.reconnect_min, p.reconnect_max);
+    let mut stop = crate::stop::on_cancel(&cancel);
     loop {
         let connected = tokio::select! {
             _ = cancel.cancelled() => return,
@@ -140,7 +141,7 @@ pub async fn run(node: ErlNode, p: NodeParams, events: mpsc::Sender<NodeEvent>, 
                     return;
                 }
                 let why = tokio::select! {
-                    _ = cancel.cancelled() => return,
+                    _ = &mut stop => return,
                     why = serve(stream, &name, &p, rx, &events) => why,
                 };
                 let _ = events.send(NodeEvent::Down { node: name.clone(), why: why.clone() }).await;

@@ -228,10 +228,9 @@ impl PeerTask {
     pub(super) async fn run(mut self) {
         self.publish();
         // Futures that live as long as the loop, not made afresh on each turn
-        // (a Notified made and dropped per turn costs two lock round trips).
-        let cancel = self.cancel.clone();
-        let cancelled = cancel.cancelled();
-        tokio::pin!(cancelled);
+        // (a Notified made and dropped per turn costs two lock round trips;
+        // cancellation comes through `stop::on_cancel`, cheap to poll).
+        let mut cancelled = crate::stop::on_cancel(&self.cancel);
         let finished = self.finished.clone();
         let local_done = finished.notify.notified();
         tokio::pin!(local_done);

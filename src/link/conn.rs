@@ -9,14 +9,13 @@
 //! arrived for `dead_after`; the writer does the same for a write that makes
 //! no progress that long. Either way the link closes once, with one reason.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
-use tokio::sync::mpsc;
-use tokio_util::sync::CancellationToken;
+use tokio::sync::{mpsc, oneshot};
 use tokio_util::task::TaskTracker;
 
 use super::handshake::Established;
@@ -80,16 +79,38 @@ pub struct Link {
 
 #[derive(Debug)]
 struct Shared {
-    cancel: CancellationToken,
+    closed: AtomicBool,
+    /// Dropped on close, which wakes the reader's and the writer's
+    /// `oneshot::Receiver`. (Cheaper to poll on every wake-up than a
+    /// CancellationToken, whose future takes two locks per poll.)
+    stop: Mutex<Vec<oneshot::Sender<()>>>,
     reason: OnceLock<CloseReason>,
     /// Set when we close on purpose: the writer says goodbye with it.
     goodbye: Mutex<Option<String>>,
 }
 
 impl Shared {
+    /// With the receivers the reader and the writer wait on.
+    fn new() -> (Shared, oneshot::Receiver<()>, oneshot::Receiver<()>) {
+        let (r_tx, r_rx) = oneshot::channel();
+        let (w_tx, w_rx) = oneshot::channel();
+        let shared = Shared {
+            closed: AtomicBool::new(false),
+            stop: Mutex::new(vec![r_tx, w_tx]),
+            reason: OnceLock::new(),
+            goodbye: Mutex::new(None),
+        };
+        (shared, r_rx, w_rx)
+    }
+
     fn close(&self, reason: CloseReason) {
         let _ = self.reason.set(reason);
-        self.cancel.cancel();
+        self.closed.store(true, Ordering::Release);
+        self.stop.lock().unwrap_or_else(|e| e.into_inner()).clear();
+    }
+
+    fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire)
     }
 }
 
@@ -113,7 +134,7 @@ impl Link {
     }
 
     pub fn is_closed(&self) -> bool {
-        self.shared.cancel.is_cancelled()
+        self.shared.is_closed()
     }
 }
 
@@ -130,8 +151,8 @@ pub fn spawn(est: Established, params: LinkParams, events: mpsc::Sender<LinkEven
     let id = NEXT_LINK_ID.fetch_add(1, Ordering::Relaxed);
     let (control_tx, control_rx) = mpsc::channel(CONTROL_QUEUE);
     let (data_tx, data_rx) = mpsc::channel(DATA_QUEUE);
-    let shared =
-        Arc::new(Shared { cancel: CancellationToken::new(), reason: OnceLock::new(), goodbye: Mutex::new(None) });
+    let (shared, reader_stop, writer_stop) = Shared::new();
+    let shared = Arc::new(shared);
     let (rd, wr) = tokio::io::split(est.io);
     let epoch = Instant::now();
     let reader = Reader {
@@ -151,12 +172,12 @@ pub fn spawn(est: Established, params: LinkParams, events: mpsc::Sender<LinkEven
     // poll the other. Either one ending closes the link (`shared.close`),
     // which stops the other.
     let writer = tracker.spawn(async move {
-        let why = writer.run(&writer_shared).await;
+        let why = writer.run(&writer_shared, writer_stop).await;
         writer_shared.close(why);
     });
     tracker.spawn(async move {
         let shared = task_shared;
-        let why = reader.run(&shared.cancel).await;
+        let why = reader.run(reader_stop).await;
         shared.close(why);
         let _ = writer.await;
         let reason = shared.reason.get().cloned().unwrap_or_else(|| CloseReason::new("closed", ""));
@@ -188,7 +209,7 @@ struct Reader {
 }
 
 impl Reader {
-    async fn run(mut self, cancel: &CancellationToken) -> CloseReason {
+    async fn run(mut self, mut stop: oneshot::Receiver<()>) -> CloseReason {
         let peer = self.params.peer.clone();
         let metrics = self.params.metrics.clone();
         let received = metrics.counter(m::BYTES_RECEIVED, &[("peer", &peer)]);
@@ -200,11 +221,9 @@ impl Reader {
             CloseReason::new(e.reason(), e.to_string())
         };
         let mut batch: Vec<Frame> = Vec::new();
-        // One cancellation future and one deadline timer for the life of the
-        // link, not one of each per read (measured: a few % of a relayed
-        // message's instructions). The timer moves only when it fires.
-        let cancelled = cancel.cancelled();
-        tokio::pin!(cancelled);
+        // One deadline timer for the life of the link, not one per read
+        // (measured: a few % of a relayed message's instructions). It
+        // moves only when it fires.
         let dead_after = self.params.dead_after;
         let mut heard = Instant::now();
         let dead = tokio::time::sleep(dead_after);
@@ -262,7 +281,7 @@ impl Reader {
                 self.buf = BytesMut::with_capacity(IDLE_BUFFER); // after a large message
             }
             let read = tokio::select! {
-                _ = &mut cancelled => return CloseReason::new("closed", ""),
+                _ = &mut stop => return CloseReason::new("closed", ""),
                 _ = &mut dead => {
                     if heard.elapsed() >= dead_after {
                         return CloseReason::new("dead", format!("nothing received for {dead_after:?}"));
@@ -343,7 +362,7 @@ struct Writer {
 }
 
 impl Writer {
-    async fn run(mut self, shared: &Shared) -> CloseReason {
+    async fn run(mut self, shared: &Shared, mut stop: oneshot::Receiver<()>) -> CloseReason {
         let sent = self.params.metrics.counter(m::BYTES_SENT, &[("peer", &self.params.peer)]);
         let mut next_ping = tokio::time::Instant::now();
         let mut last_write = Instant::now();
@@ -351,19 +370,17 @@ impl Writer {
         let mut out = BytesMut::with_capacity(IDLE_BUFFER);
         let max = self.params.max_frame_bytes;
         // Made once, not per wait (see the reader).
-        let cancelled = shared.cancel.cancelled();
-        tokio::pin!(cancelled);
         let ping = tokio::time::sleep_until(next_ping);
         tokio::pin!(ping);
         loop {
-            if shared.cancel.is_cancelled() {
+            if shared.is_closed() {
                 break;
             }
             // Wait only when there is nothing left to write.
             if self.current.is_none() {
                 tokio::select! {
                     biased;
-                    _ = &mut cancelled => break,
+                    _ = &mut stop => break,
                     f = self.control.recv() => match f {
                         Some(f) => push(&f, max, &mut out),
                         None => break,
