@@ -1,6 +1,8 @@
 //! End-to-end benchmark: the same two Erlang nodes connected directly (TLS
-//! distribution, then plain TCP distribution) and as two clusters bridged by
-//! two wandist gateways over mutual TLS. Measures 100 B messages/s, 64 KiB
+//! distribution, then plain TCP distribution), through two relays that do
+//! no work (the floors: byte-copying threads; Tokio relays with mutual TLS
+//! between them) and as two clusters bridged by two wandist gateways over
+//! mutual TLS. Measures 100 B messages/s, 64 KiB
 //! MB/s (a sender with a bounded credit window) and ping-pong round trips;
 //! for the gateways also CPU time per message and peak RSS. Prints a table
 //! of ratios and appends it to BENCHMARKS.md.
@@ -103,18 +105,20 @@ fn bench_node(epmd: &Epmd, beam: &Path, name: &str, extra: &[String]) -> Erl {
 }
 
 /// Connects x to y, finds y's receiver from x, and runs the workloads.
-fn connect_and_measure(mut x: Erl, mut y: Erl) -> (Figures, Cpu) {
+/// `relays`: the process whose CPU time counts as the relays' (this one,
+/// for the in-process relays of the floors).
+fn connect_and_measure(mut x: Erl, mut y: Erl, relays: Option<u32>) -> (Figures, Cpu) {
     assert_eq!(y.eval("register(rcv, wandist_bench:receiver())."), "true");
     assert_eq!(x.eval(&format!("net_kernel:connect_node('{}').", y.name)), "true");
     assert_eq!(x.eval(&format!("R = rpc:call('{}', erlang, whereis, [rcv]), is_pid(R).", y.name)), "true");
-    let pids = [x.pid(), y.pid()];
+    let pids: Vec<u32> = [x.pid(), y.pid()].into_iter().chain(relays).collect();
     workloads(&mut x, &pids)
 }
 
 fn direct(epmd: &Epmd, beam: &Path, tag: &str, extra: &[String]) -> (Figures, Cpu) {
     let y = bench_node(epmd, beam, &format!("y_{tag}"), extra);
     let x = bench_node(epmd, beam, &format!("x_{tag}"), extra);
-    connect_and_measure(x, y)
+    connect_and_measure(x, y, None)
 }
 
 /// A relay that only copies bytes (a thread per direction, 256 KiB reads):
@@ -143,19 +147,85 @@ fn relay(target: std::net::SocketAddr) -> std::net::SocketAddr {
     addr
 }
 
-/// The floor for any pair of gateways: the same two nodes with plain TCP
-/// distribution through two byte-copying relays (x -> relay -> relay -> y),
-/// i.e. the four extra loopback legs and wake-ups a bridged path has, and
-/// none of a gateway's work. x does not listen (`-dist_listen false`) and
-/// finds y at its relay's port (`-erl_epmd_port`); y listens on a port
-/// found free by binding 0 (released just before y takes it).
-fn relayed(epmd: &Epmd, beam: &Path, tag: &str) -> (Figures, Cpu) {
+/// Which end of the TLS floor's encrypted leg a relay is.
+enum TlsEnd {
+    /// Accepts TLS (as dc2), forwards in plain.
+    Accept(std::sync::Arc<rustls::ServerConfig>),
+    /// Accepts plain, forwards over TLS (as dc1, to dc2).
+    Dial(std::sync::Arc<rustls::ClientConfig>),
+}
+
+/// A relay with one TLS end, on a Tokio runtime of its own with two workers
+/// (as a gateway has on this machine): `tokio::io::copy_bidirectional`, no
+/// other work. Two of them make the TLS floor.
+fn tls_relay(target: std::net::SocketAddr, end: TlsEnd) -> std::net::SocketAddr {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+        rt.block_on(async move {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            tx.send(listener.local_addr().unwrap()).unwrap();
+            while let Ok((client, _)) = listener.accept().await {
+                let Ok(server) = tokio::net::TcpStream::connect(target).await else { continue };
+                let _ = client.set_nodelay(true);
+                let _ = server.set_nodelay(true);
+                let end = match &end {
+                    TlsEnd::Accept(c) => TlsEnd::Accept(c.clone()),
+                    TlsEnd::Dial(c) => TlsEnd::Dial(c.clone()),
+                };
+                tokio::spawn(async move {
+                    match end {
+                        TlsEnd::Accept(config) => {
+                            let Ok(mut client) = tokio_rustls::TlsAcceptor::from(config).accept(client).await else {
+                                return;
+                            };
+                            let mut server = server;
+                            let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                        }
+                        TlsEnd::Dial(config) => {
+                            let name = wandist::tls::server_name("dc2").unwrap();
+                            let Ok(mut server) = tokio_rustls::TlsConnector::from(config).connect(name, server).await
+                            else {
+                                return;
+                            };
+                            let mut client = client;
+                            let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                        }
+                    }
+                });
+            }
+        });
+    });
+    rx.recv().unwrap()
+}
+
+/// The dev certificates of `cluster`, as a gateway loads them.
+fn tls_of(certs: &Path, cluster: &str) -> wandist::tls::Tls {
+    let at = |f: String| wandist::config::PathAt { path: certs.join(f), line: None };
+    let files =
+        wandist::config::TlsFiles { cert: at(format!("{cluster}.pem")), key: at(format!("{cluster}.key")), ca: at("ca.pem".into()) };
+    wandist::tls::Tls::load(&files, Some(cluster), Path::new("bench")).unwrap_or_else(|p| panic!("{p:?}"))
+}
+
+/// The floors for any pair of gateways: the same two nodes with plain TCP
+/// distribution through two relays (x -> relay -> relay -> y), i.e. the
+/// four extra loopback legs and wake-ups a bridged path has. `chain` builds
+/// the relays toward y's address and returns the near one's. x does not
+/// listen (`-dist_listen false`) and finds y at the near relay's port
+/// (`-erl_epmd_port`); y listens on a port found free by binding 0
+/// (released just before y takes it).
+fn relayed(
+    epmd: &Epmd,
+    beam: &Path,
+    tag: &str,
+    chain: impl FnOnce(std::net::SocketAddr) -> std::net::SocketAddr,
+) -> (Figures, Cpu) {
     let y_port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let y = bench_node(epmd, beam, &format!("y_{tag}"), &["-erl_epmd_port".into(), y_port.to_string()]);
-    let near = relay(relay(([127, 0, 0, 1], y_port).into()));
+    let near = chain(([127, 0, 0, 1], y_port).into());
     let x_args = ["-erl_epmd_port".into(), near.port().to_string(), "-dist_listen".into(), "false".into()];
     let x = bench_node(epmd, beam, &format!("x_{tag}"), &x_args);
-    connect_and_measure(x, y)
+    connect_and_measure(x, y, Some(std::process::id()))
 }
 
 struct Gw {
@@ -420,7 +490,7 @@ fn main() {
     // WANDIST_BENCH_GATEWAY_ONLY=1 skips the direct runs (for profiling) and
     // appends nothing.
     let gateway_only = std::env::var_os("WANDIST_BENCH_GATEWAY_ONLY").is_some();
-    let ((tls, tls_cpu), (tcp, tcp_cpu), (floor, floor_cpu)) = if gateway_only {
+    let ((tls, tls_cpu), (tcp, tcp_cpu), (floor, floor_cpu), (tls_floor, tls_floor_cpu)) = if gateway_only {
         Default::default()
     } else {
         eprintln!("e2e: direct TLS distribution…");
@@ -430,7 +500,13 @@ fn main() {
         eprintln!("e2e: direct TCP distribution…");
         let tcp = direct(&epmd, &beam, &format!("tcp{tag}"), &[]);
         eprintln!("e2e: TCP distribution through two byte-copying relays (the floor)…");
-        (tls, tcp, relayed(&epmd, &beam, &format!("relay{tag}")))
+        let floor = relayed(&epmd, &beam, &format!("relay{tag}"), |y| relay(relay(y)));
+        eprintln!("e2e: the same through two Tokio relays with mutual TLS between them (the TLS floor)…");
+        let (dc1, dc2) = (tls_of(&c, "dc1"), tls_of(&c, "dc2"));
+        let tls_floor = relayed(&epmd, &beam, &format!("tlsrelay{tag}"), |y| {
+            tls_relay(tls_relay(y, TlsEnd::Accept(dc2.server.clone())), TlsEnd::Dial(dc1.client.clone()))
+        });
+        (tls, tcp, floor, tls_floor)
     };
     eprintln!("e2e: two clusters through two wandist gateways (mutual TLS)…");
     let gw = gateway(&epmd, &beam, &tag, &dir);
@@ -454,7 +530,7 @@ fn main() {
     let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
     let cpu_row = |name: &str, c: &Cpu| {
         format!(
-            "{name} {:.2} µs (Erlang nodes {:.2} + {:.2}, gateways {:.2} + {:.2}) [{:.2} µs]",
+            "{name} {:.2} µs (Erlang nodes {:.2} + {:.2}, gateways or relays {:.2} + {:.2}) [{:.2} µs]",
             c.total(),
             c.erl[0],
             c.erl[1],
@@ -471,20 +547,23 @@ fn main() {
         .unwrap_or_default();
     let table = format!(
         "### {date} — {}\n\n`cargo bench --bench e2e` ({SMALL} × 100 B, {LARGE} × 64 KiB with an ack per 1000 and at most 4000 / 2000 in flight, {PINGS} pings{erl_args})\n\n\
-         | path | 100 B msgs/s | 64 KiB MB/s | RTT p50 µs | RTT p99 µs |\n|---|---|---|---|---|\n{}\n{}\n{}\n{}\n{}\n{}\n{}\n{}\n\n\
+         | path | 100 B msgs/s | 64 KiB MB/s | RTT p50 µs | RTT p99 µs |\n|---|---|---|---|---|\n{}\n{}\n{}\n{}\n{}\n{}\n{}\n{}\n{}\n{}\n{}\n\n\
          Gateways (100 B run): CPU per message relayed {:.2} µs (sending side), {:.2} µs (receiving side); peak RSS {} KiB / {} KiB.\n\
-         CPU per 100 B message (all four processes; wall time per message on {cores} CPUs in brackets): {}; {}; {}; {}.\n\
+         CPU per 100 B message (the Erlang nodes, and the gateways or both relays; wall time per message on {cores} CPUs in brackets): {}; {}; {}; {}; {}.\n\
          {MEMBERS} members of a dc2 group were all in dc1's pg {:.0} ms after the route came up. An idle link costs {:.1} KiB of RSS \
          (a gateway with {IDLE_LINKS} idle links, heartbeating, against none).\n\n",
         machine(),
         row("direct TLS dist", &tls),
         row("direct TCP dist", &tcp),
         row("TCP dist via 2 byte-copying relays (floor)", &floor),
+        row("TCP dist via 2 relays, mTLS between them (TLS floor)", &tls_floor),
         row("gateways (mTLS)", &gw.f),
         ratio("gateway / TLS", &gw.f, &tls),
         ratio("gateway / TCP", &gw.f, &tcp),
         ratio("floor / TLS", &floor, &tls),
+        ratio("TLS floor / TLS", &tls_floor, &tls),
         ratio("gateway / floor", &gw.f, &floor),
+        ratio("gateway / TLS floor", &gw.f, &tls_floor),
         gw.cpu.gw[0],
         gw.cpu.gw[1],
         gw.rss_kib[0],
@@ -492,6 +571,7 @@ fn main() {
         cpu_row("direct TLS", &tls_cpu),
         cpu_row("direct TCP", &tcp_cpu),
         cpu_row("via relays", &floor_cpu),
+        cpu_row("via TLS relays", &tls_floor_cpu),
         cpu_row("gateways", &gw.cpu),
         gw.members_after.as_secs_f64() * 1000.0,
         idle,
