@@ -306,7 +306,8 @@ proptest! {
 // ---------------------------------------------------------------- terms
 
 fn node() -> impl Strategy<Value = String> {
-    "[a-z]{1,8}@[a-z0-9.]{1,12}"
+    // Some non-ASCII: node names may be UTF-8 atoms.
+    "[a-zé]{1,8}@[a-z0-9.]{1,12}"
 }
 
 fn pid() -> impl Strategy<Value = Pid> {
