@@ -202,8 +202,11 @@ fn tls_relay(target: std::net::SocketAddr, end: TlsEnd) -> std::net::SocketAddr 
 /// The dev certificates of `cluster`, as a gateway loads them.
 fn tls_of(certs: &Path, cluster: &str) -> wandist::tls::Tls {
     let at = |f: String| wandist::config::PathAt { path: certs.join(f), line: None };
-    let files =
-        wandist::config::TlsFiles { cert: at(format!("{cluster}.pem")), key: at(format!("{cluster}.key")), ca: at("ca.pem".into()) };
+    let files = wandist::config::TlsFiles {
+        cert: at(format!("{cluster}.pem")),
+        key: at(format!("{cluster}.key")),
+        ca: at("ca.pem".into()),
+    };
     wandist::tls::Tls::load(&files, Some(cluster), Path::new("bench")).unwrap_or_else(|p| panic!("{p:?}"))
 }
 
@@ -234,8 +237,20 @@ struct Gw {
 }
 
 impl Gw {
-    fn start(bin: &str, config: &Path, epmd_port: u16) -> Gw {
-        let mut child = Command::new(bin)
+    /// Starts `wandist run`; under callgrind (instrumentation off until
+    /// switched on) when `callgrind` names its output file.
+    fn start(bin: &str, config: &Path, epmd_port: u16, callgrind: Option<&Path>) -> Gw {
+        let mut cmd = match callgrind {
+            Some(out) => {
+                let mut c = Command::new("valgrind");
+                c.args(["--tool=callgrind", "--instr-atstart=no"])
+                    .arg(format!("--callgrind-out-file={}", out.display()));
+                c.arg(bin);
+                c
+            }
+            None => Command::new(bin),
+        };
+        let mut child = cmd
             .args(["run", "--config"])
             .arg(config)
             .env("ERL_EPMD_PORT", epmd_port.to_string())
@@ -320,7 +335,7 @@ fn idle_link_kib(dir: &Path) -> f64 {
     let hub_cfg = dir.join("hub.toml");
     std::fs::write(&hub_cfg, format!("[gateway]\ncluster = \"hub\"\nlisten = \"127.0.0.1:0\"\n{}{routes}", tls("hub")))
         .unwrap();
-    let hub = Gw::start(bin, &hub_cfg, 0);
+    let hub = Gw::start(bin, &hub_cfg, 0, None);
     let listen = addr_in(&hub.wait("listening for peer gateways"));
     let settle = || {
         // RSS after the allocator settles (two equal readings 200 ms apart).
@@ -348,7 +363,7 @@ fn idle_link_kib(dir: &Path) -> f64 {
                 ),
             )
             .unwrap();
-            Gw::start(bin, &cfg, 0)
+            Gw::start(bin, &cfg, 0, None)
         })
         .collect();
     let mut up = 0;
@@ -405,7 +420,9 @@ fn gateway(epmd: &Epmd, beam: &Path, tag: &str, dir: &Path) -> GwFigures {
         ),
     )
     .unwrap();
-    let gw2 = Gw::start(bin, &c2, epmd.port);
+    let profile = Profile::wanted();
+    let callgrind_out = dir.join("callgrind.out");
+    let gw2 = Gw::start(bin, &c2, epmd.port, profile.map(|_| callgrind_out.as_path()));
     let listen = addr_in(&gw2.wait("listening for peer gateways"));
     let c1 = dir.join("gw1.toml");
     std::fs::write(
@@ -417,7 +434,7 @@ fn gateway(epmd: &Epmd, beam: &Path, tag: &str, dir: &Path) -> GwFigures {
         ),
     )
     .unwrap();
-    let gw1 = Gw::start(bin, &c1, epmd.port);
+    let gw1 = Gw::start(bin, &c1, epmd.port, None);
     gw1.wait("route up");
     let route_up = Instant::now();
     x.eval_until(&format!("length(pg:get_members(wan, many)) >= {MEMBERS}."), |v| v == "true");
@@ -427,10 +444,70 @@ fn gateway(epmd: &Epmd, beam: &Path, tag: &str, dir: &Path) -> GwFigures {
     if std::env::var_os("WANDIST_BENCH_GATEWAY_ONLY").is_some() {
         eprintln!("e2e: gateway pids {} (sending) {} (receiving)", gw1.child.id(), gw2.child.id());
     }
+    if let Some(what) = profile {
+        what.run(&mut x, gw2.child.id(), &callgrind_out);
+        return GwFigures { f: Figures::default(), cpu: Cpu::default(), rss_kib: [0, 0], members_after };
+    }
     let pids = [x.pid(), y.pid(), gw1.child.id(), gw2.child.id()];
     let (f, cpu) = workloads(&mut x, &pids);
     let rss = [gw1.peak_rss(), gw2.peak_rss()];
     GwFigures { f, cpu, rss_kib: rss, members_after }
+}
+
+/// WANDIST_BENCH_CALLGRIND=pingpong|small: instead of the workloads, count
+/// the receiving gateway's instructions (valgrind's callgrind, switched on
+/// for the workload only) per gateway pass of a ping-pong, or per 100 B
+/// message of a stream. Instruction counts repeat from run to run where
+/// times do not (BENCHMARKS.md, "Round trip").
+#[derive(Clone, Copy)]
+enum Profile {
+    PingPong,
+    Small,
+}
+
+impl Profile {
+    fn wanted() -> Option<Profile> {
+        match std::env::var("WANDIST_BENCH_CALLGRIND").ok()?.as_str() {
+            "pingpong" => Some(Profile::PingPong),
+            "small" => Some(Profile::Small),
+            other => panic!("WANDIST_BENCH_CALLGRIND={other}: say pingpong or small"),
+        }
+    }
+
+    fn run(self, x: &mut Erl, gateway: u32, out: &Path) {
+        let long = Duration::from_secs(600);
+        x.eval("Small = binary:copy(<<\"x\">>, 100), ok.");
+        x.eval_within("wandist_bench:stream(R, 10000, Small, 4000).", long);
+        let control = |args: &[&str]| {
+            let st = Command::new("callgrind_control").args(args).arg(gateway.to_string()).status();
+            assert!(st.is_ok_and(|s| s.success()), "callgrind_control {args:?} failed");
+        };
+        control(&["-i", "on"]);
+        // A gateway takes two passes of each round trip; a message of a stream, one.
+        let (call, units, per) = match self {
+            Profile::PingPong => ("wandist_bench:pingpong(R, 5000).", 10_000, "gateway pass of a ping-pong"),
+            Profile::Small => ("wandist_bench:stream(R, 20000, Small, 4000).", 20_000, "100 B message of a stream"),
+        };
+        x.eval_within(call, long);
+        control(&["-d"]);
+        let dump = std::fs::read_dir(out.parent().unwrap())
+            .unwrap()
+            .filter_map(Result::ok)
+            .map(|e| e.path())
+            .find(|p| p.to_string_lossy().starts_with(&format!("{}.", out.display())))
+            .expect("no callgrind dump");
+        let text = std::fs::read_to_string(&dump).unwrap();
+        let total: u64 = text
+            .lines()
+            .find_map(|l| l.strip_prefix("summary: "))
+            .and_then(|v| v.trim().parse().ok())
+            .expect("no summary line in the callgrind dump");
+        println!(
+            "\ne2e: the receiving gateway ran {} instructions per {per} ({total} in all; dump {})",
+            total / units,
+            dump.display()
+        );
+    }
 }
 
 fn machine() -> String {
@@ -489,7 +566,8 @@ fn main() {
 
     // WANDIST_BENCH_GATEWAY_ONLY=1 skips the direct runs (for profiling) and
     // appends nothing.
-    let gateway_only = std::env::var_os("WANDIST_BENCH_GATEWAY_ONLY").is_some();
+    let gateway_only = std::env::var_os("WANDIST_BENCH_GATEWAY_ONLY").is_some()
+        || std::env::var_os("WANDIST_BENCH_CALLGRIND").is_some();
     let ((tls, tls_cpu), (tcp, tcp_cpu), (floor, floor_cpu), (tls_floor, tls_floor_cpu)) = if gateway_only {
         Default::default()
     } else {
@@ -510,6 +588,9 @@ fn main() {
     };
     eprintln!("e2e: two clusters through two wandist gateways (mutual TLS)…");
     let gw = gateway(&epmd, &beam, &tag, &dir);
+    if Profile::wanted().is_some() {
+        return;
+    }
     eprintln!("e2e: the memory of {IDLE_LINKS} idle links…");
     let idle = idle_link_kib(&dir);
 
@@ -541,7 +622,7 @@ fn main() {
     };
     let date = Command::new("date")
         .arg("-u")
-        .arg("+%Y-%m-%d %H:%M UTC")
+        .arg("+%Y-%m-%d %H:%M:%S UTC")
         .output()
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
         .unwrap_or_default();

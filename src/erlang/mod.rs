@@ -1072,7 +1072,10 @@ mod tests {
     fn relay_bytes_are_unchanged_on_the_wire() {
         let long: Vec<u8> = (0..=255u8).cycle().take(300).collect();
         let pairs = [
-            (Relay::Send { to: long.clone(), from: Some(vec![131, 88]) }, OldRelay::Send { to: long.clone(), from: Some(vec![131, 88]) }),
+            (
+                Relay::Send { to: long.clone(), from: Some(vec![131, 88]) },
+                OldRelay::Send { to: long.clone(), from: Some(vec![131, 88]) },
+            ),
             (Relay::AliasSend { to: vec![1], from: None }, OldRelay::AliasSend { to: vec![1], from: None }),
             (Relay::Monitor { target: vec![] }, OldRelay::Monitor { target: vec![] }),
             (Relay::Demonitor { target: vec![9; 3] }, OldRelay::Demonitor { target: vec![9; 3] }),
