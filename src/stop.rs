@@ -44,7 +44,7 @@ mod tests {
     #[tokio::test]
     async fn the_watcher_ends_when_the_receiver_is_dropped() {
         let token = CancellationToken::new();
-        let (before, _) = (tokio::runtime::Handle::current().metrics().num_alive_tasks(), ());
+        let before = tokio::runtime::Handle::current().metrics().num_alive_tasks();
         drop(on_cancel(&token));
         for _ in 0..100 {
             if tokio::runtime::Handle::current().metrics().num_alive_tasks() == before {

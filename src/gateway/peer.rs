@@ -285,7 +285,7 @@ impl PeerTask {
                 // (Async blocks: a timer is made only when its branch is enabled.)
                 _ = async { tokio::time::sleep(HELD_RETRY).await }, if self.route.has_delivery() && self.over_budget() => {}
                 _ = async { tokio::time::sleep_until(dial_at.into()).await }, if want_dial => self.dial(),
-                _ = async { tokio::time::sleep_until(withdraw_at.unwrap_or(dial_at).into()).await }, if withdraw_at.is_some() => {
+                _ = async { tokio::time::sleep_until(withdraw_at.unwrap_or_else(Instant::now).into()).await }, if withdraw_at.is_some() => {
                     self.withdraw();
                 }
             }

@@ -9,7 +9,7 @@
 //! arrived for `dead_after`; the writer does the same for a write that makes
 //! no progress that long. Either way the link closes once, with one reason.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -79,7 +79,6 @@ pub struct Link {
 
 #[derive(Debug)]
 struct Shared {
-    closed: AtomicBool,
     /// Dropped on close, which wakes the reader's and the writer's
     /// `oneshot::Receiver`. (Cheaper to poll on every wake-up than a
     /// CancellationToken, whose future takes two locks per poll.)
@@ -94,23 +93,18 @@ impl Shared {
     fn new() -> (Shared, oneshot::Receiver<()>, oneshot::Receiver<()>) {
         let (r_tx, r_rx) = oneshot::channel();
         let (w_tx, w_rx) = oneshot::channel();
-        let shared = Shared {
-            closed: AtomicBool::new(false),
-            stop: Mutex::new(vec![r_tx, w_tx]),
-            reason: OnceLock::new(),
-            goodbye: Mutex::new(None),
-        };
+        let shared = Shared { stop: Mutex::new(vec![r_tx, w_tx]), reason: OnceLock::new(), goodbye: Mutex::new(None) };
         (shared, r_rx, w_rx)
     }
 
     fn close(&self, reason: CloseReason) {
         let _ = self.reason.set(reason);
-        self.closed.store(true, Ordering::Release);
         self.stop.lock().unwrap_or_else(|e| e.into_inner()).clear();
     }
 
+    /// Closed once a reason is set (`close` sets it first).
     fn is_closed(&self) -> bool {
-        self.closed.load(Ordering::Acquire)
+        self.reason.get().is_some()
     }
 }
 
