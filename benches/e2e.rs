@@ -62,15 +62,20 @@ impl Cpu {
     }
 }
 
+/// Binds the messages (`Small`, `Large`) on `x` and warms up the path (and
+/// the gateways' proxies) before anything is measured.
+fn warm_up(x: &mut Erl) {
+    x.eval("Small = binary:copy(<<\"x\">>, 100), Large = binary:copy(<<\"y\">>, 65536), ok.");
+    x.eval_within("wandist_bench:stream(R, 10000, Small, 4000).", Duration::from_secs(300));
+}
+
 /// Runs the three workloads from `x` against the receiver bound as `R`.
 /// `pids` are the processes whose CPU time is read around the 100 B run:
 /// sending node, receiving node, then the gateways if any.
 fn workloads(x: &mut Erl, pids: &[u32]) -> (Figures, Cpu) {
     let cpu = || pids.iter().map(|&p| cpu_secs(p)).collect::<Vec<f64>>();
     let long = Duration::from_secs(300);
-    x.eval("Small = binary:copy(<<\"x\">>, 100), Large = binary:copy(<<\"y\">>, 65536), ok.");
-    // Warm up the path (and the gateways' proxies) before measuring.
-    x.eval_within("wandist_bench:stream(R, 10000, Small, 4000).", long);
+    warm_up(x);
     let before = cpu();
     let small_us = parse_f(&x.eval_within(&format!("wandist_bench:stream(R, {SMALL}, Small, 4000)."), long));
     let after = cpu();
@@ -148,6 +153,7 @@ fn relay(target: std::net::SocketAddr) -> std::net::SocketAddr {
 }
 
 /// Which end of the TLS floor's encrypted leg a relay is.
+#[derive(Clone)]
 enum TlsEnd {
     /// Accepts TLS (as dc2), forwards in plain.
     Accept(std::sync::Arc<rustls::ServerConfig>),
@@ -169,10 +175,7 @@ fn tls_relay(target: std::net::SocketAddr, end: TlsEnd) -> std::net::SocketAddr 
                 let Ok(server) = tokio::net::TcpStream::connect(target).await else { continue };
                 let _ = client.set_nodelay(true);
                 let _ = server.set_nodelay(true);
-                let end = match &end {
-                    TlsEnd::Accept(c) => TlsEnd::Accept(c.clone()),
-                    TlsEnd::Dial(c) => TlsEnd::Dial(c.clone()),
-                };
+                let end = end.clone();
                 tokio::spawn(async move {
                     match end {
                         TlsEnd::Accept(config) => {
@@ -476,8 +479,7 @@ impl Profile {
 
     fn run(self, x: &mut Erl, gateway: u32, out: &Path) {
         let long = Duration::from_secs(600);
-        x.eval("Small = binary:copy(<<\"x\">>, 100), ok.");
-        x.eval_within("wandist_bench:stream(R, 10000, Small, 4000).", long);
+        warm_up(x);
         let control = |args: &[&str]| {
             let st = Command::new("callgrind_control").args(args).arg(gateway.to_string()).status();
             assert!(st.is_ok_and(|s| s.success()), "callgrind_control {args:?} failed");
