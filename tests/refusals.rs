@@ -36,6 +36,16 @@ fn identity(cluster: &str) -> Identity {
     Identity { cluster: cluster.into(), gateway: "impostor".into(), epoch: 7 }
 }
 
+/// A raw client with `tls` claiming to be `claim`, handshaking with dc1 at `addr`.
+async fn claim_to_dc1(
+    addr: std::net::SocketAddr,
+    tls: &Tls,
+    claim: &str,
+) -> Result<handshake::Established, HandshakeError> {
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    handshake::client(tcp, Some(tls), "dc1", identity(claim).hello(OFFER), &T, MAX).await
+}
+
 fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap()
 }
@@ -73,13 +83,7 @@ fn a_valid_certificate_for_another_cluster_cannot_pose_as_the_peer() {
     let dc3 = tls_of(&certs, "dc3");
 
     // Accepting side: dc3's certificate, claiming to be dc2.
-    let err = rt
-        .block_on(async {
-            let tcp = tokio::net::TcpStream::connect(dc1.peer_addr()).await.unwrap();
-            handshake::client(tcp, Some(&dc3), "dc1", identity("dc2").hello(OFFER), &T, MAX).await
-        })
-        .err()
-        .expect("dc1 accepted an impostor");
+    let err = rt.block_on(claim_to_dc1(dc1.peer_addr(), &dc3, "dc2")).err().expect("dc1 accepted an impostor");
     assert!(matches!(&err, HandshakeError::Refused(why) if why.contains("does not name cluster \"dc2\"")), "{err}");
     dc1.wait_metric("wandist_handshake_failures_total", &[("peer", "unknown"), ("reason", "identity")], |v| v == 1.0);
     let line = dc1.wait_log("refused incoming connection", SOON);
@@ -117,13 +121,8 @@ fn an_expired_certificate_is_refused_on_both_sides() {
         "dc1",
         &format!("{}{}[[route]]\ncluster = \"dc2\"\n", gateway_table("dc1", true), ours.tls_table_with("dc1", &bundle)),
     );
-    let err = rt
-        .block_on(async {
-            let tcp = tokio::net::TcpStream::connect(dc1.peer_addr()).await.unwrap();
-            handshake::client(tcp, Some(&dc2), "dc1", identity("dc2").hello(OFFER), &T, MAX).await
-        })
-        .err()
-        .expect("dc1 accepted an expired certificate");
+    let err =
+        rt.block_on(claim_to_dc1(dc1.peer_addr(), &dc2, "dc2")).err().expect("dc1 accepted an expired certificate");
     dc1.wait_metric("wandist_handshake_failures_total", &[("peer", "unknown"), ("reason", "tls")], |v| v == 1.0);
     let line = dc1.wait_log("refused incoming connection", SOON);
     assert!(line.contains("certificate expired"), "{line}");
@@ -222,9 +221,7 @@ fn raw_clients_that_stall_or_send_garbage_are_cut_and_other_links_stay_up() {
     {
         let closed = rt.block_on(async {
             use tokio::io::{AsyncReadExt, AsyncWriteExt};
-            let tcp = tokio::net::TcpStream::connect(dc1.peer_addr()).await.unwrap();
-            let mut est =
-                handshake::client(tcp, Some(&dc3), "dc1", identity("dc3").hello(OFFER), &T, MAX).await.unwrap();
+            let mut est = claim_to_dc1(dc1.peer_addr(), &dc3, "dc3").await.unwrap();
             est.io.write_all(&bytes).await.unwrap();
             est.io.flush().await.unwrap();
             let mut sink = vec![0u8; 4096];
