@@ -18,6 +18,16 @@ async fn dist_port(epmd: &Epmd, node: &str) -> u16 {
     wandist::erlang::dist::port_please_at(node, epmd.port, Duration::from_secs(5)).await.unwrap()
 }
 
+/// The `[erlang]` table of a gateway named `node` joining `nodes` (found at
+/// their ports through `epmd`), mirroring the scope `wan`.
+async fn erl_table(epmd: &Epmd, node: &str, cookie: &str, nodes: &[&Erl]) -> String {
+    let mut entries = Vec::new();
+    for n in nodes {
+        entries.push(format!("{{ name = \"{}\", port = {} }}", n.name, dist_port(epmd, &n.name).await));
+    }
+    format!("[erlang]\nnode = \"{node}\"\ncookie = \"{cookie}\"\nscope = \"wan\"\nnodes = [{}]\n", entries.join(", "))
+}
+
 struct World {
     _epmd: Epmd,
     a1: Erl,
@@ -39,10 +49,6 @@ async fn world() -> World {
     }
     assert_eq!(a2.eval(&format!("net_kernel:connect_node('{}').", a1.name)), "true");
     let certs = Certs::new(&["dc1", "dc2"]);
-    let erl_table = |node: &str, cookie: &str, nodes: Vec<(String, u16)>| {
-        let nodes: Vec<String> = nodes.iter().map(|(n, p)| format!("{{ name = \"{n}\", port = {p} }}")).collect();
-        format!("[erlang]\nnode = \"{node}\"\ncookie = \"{cookie}\"\nscope = \"wan\"\nnodes = [{}]\n", nodes.join(", "))
-    };
     let gw2_node = format!("wandist_dc2_{t}@127.0.0.1");
     let gw2 = InProc::start_erlang(
         "gw-dc2",
@@ -50,7 +56,7 @@ async fn world() -> World {
             "{}{}[[route]]\ncluster = \"dc1\"\n{}",
             gateway_table("dc2", true),
             certs.tls_table("dc2"),
-            erl_table(&gw2_node, "cookie_b", vec![(b1.name.clone(), dist_port(&epmd, &b1.name).await)])
+            erl_table(&epmd, &gw2_node, "cookie_b", &[&b1]).await
         ),
     )
     .await;
@@ -62,14 +68,7 @@ async fn world() -> World {
             gateway_table("dc1", false),
             certs.tls_table("dc1"),
             gw2.peer_addr(),
-            erl_table(
-                &gw1_node,
-                "cookie_a",
-                vec![
-                    (a1.name.clone(), dist_port(&epmd, &a1.name).await),
-                    (a2.name.clone(), dist_port(&epmd, &a2.name).await)
-                ]
-            )
+            erl_table(&epmd, &gw1_node, "cookie_a", &[&a1, &a2]).await
         ),
     )
     .await;
@@ -349,12 +348,6 @@ async fn a_stalled_peer_cluster_does_not_hold_up_the_others() {
         "ok"
     );
     let certs = Certs::new(&["dc1", "dc2", "dc3"]);
-    let erl = |node: String, cookie: &str, n: &Erl, port: u16| {
-        format!(
-            "[erlang]\nnode = \"{node}\"\ncookie = \"{cookie}\"\nnodes = [{{ name = \"{}\", port = {port} }}]\n",
-            n.name
-        )
-    };
     let small = "window_messages = 50\n";
     let gw2 = InProc::start_erlang(
         "gw-dc2",
@@ -362,7 +355,7 @@ async fn a_stalled_peer_cluster_does_not_hold_up_the_others() {
             "{}{}[[route]]\ncluster = \"dc1\"\n{}",
             gateway_table("dc2", true),
             certs.tls_table("dc2"),
-            erl(format!("w2_{t}@127.0.0.1"), "cookie_b", &b1, dist_port(&epmd, &b1.name).await)
+            erl_table(&epmd, &format!("w2_{t}@127.0.0.1"), "cookie_b", &[&b1]).await
         ),
     )
     .await;
@@ -372,7 +365,7 @@ async fn a_stalled_peer_cluster_does_not_hold_up_the_others() {
             "{}{}[[route]]\ncluster = \"dc1\"\n{small}{}",
             gateway_table("dc3", true),
             certs.tls_table("dc3"),
-            erl(format!("w3_{t}@127.0.0.1"), "cookie_c", &c1, dist_port(&epmd, &c1.name).await)
+            erl_table(&epmd, &format!("w3_{t}@127.0.0.1"), "cookie_c", &[&c1]).await
         ),
     )
     .await;
@@ -384,7 +377,7 @@ async fn a_stalled_peer_cluster_does_not_hold_up_the_others() {
             certs.tls_table("dc1"),
             gw2.peer_addr(),
             gw3.peer_addr(),
-            erl(format!("w1_{t}@127.0.0.1"), "cookie_a", &a1, dist_port(&epmd, &a1.name).await)
+            erl_table(&epmd, &format!("w1_{t}@127.0.0.1"), "cookie_a", &[&a1]).await
         ),
     )
     .await;
