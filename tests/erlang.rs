@@ -28,6 +28,13 @@ async fn erl_table(epmd: &Epmd, node: &str, cookie: &str, nodes: &[&Erl]) -> Str
     format!("[erlang]\nnode = \"{node}\"\ncookie = \"{cookie}\"\nscope = \"wan\"\nnodes = [{}]\n", entries.join(", "))
 }
 
+/// An in-process gateway of `cluster` (accepting peers if `listen`) with
+/// these `[[route]]` tables and this `[erlang]` table.
+async fn erlang_gateway(certs: &Certs, cluster: &str, listen: bool, routes: &str, erlang: &str) -> InProc {
+    let config = format!("{}{}{routes}{erlang}", gateway_table(cluster, listen), certs.tls_table(cluster));
+    InProc::start_erlang(&format!("gw-{cluster}"), &config).await
+}
+
 struct World {
     _epmd: Epmd,
     a1: Erl,
@@ -50,26 +57,21 @@ async fn world() -> World {
     assert_eq!(a2.eval(&format!("net_kernel:connect_node('{}').", a1.name)), "true");
     let certs = Certs::new(&["dc1", "dc2"]);
     let gw2_node = format!("wandist_dc2_{t}@127.0.0.1");
-    let gw2 = InProc::start_erlang(
-        "gw-dc2",
-        &format!(
-            "{}{}[[route]]\ncluster = \"dc1\"\n{}",
-            gateway_table("dc2", true),
-            certs.tls_table("dc2"),
-            erl_table(&epmd, &gw2_node, "cookie_b", &[&b1]).await
-        ),
+    let gw2 = erlang_gateway(
+        &certs,
+        "dc2",
+        true,
+        "[[route]]\ncluster = \"dc1\"\n",
+        &erl_table(&epmd, &gw2_node, "cookie_b", &[&b1]).await,
     )
     .await;
     let gw1_node = format!("wandist_dc1_{t}@127.0.0.1");
-    let gw1 = InProc::start_erlang(
-        "gw-dc1",
-        &format!(
-            "{}{}[[route]]\ncluster = \"dc2\"\nendpoints = [\"{}\"]\nstandby = 1\n{}",
-            gateway_table("dc1", false),
-            certs.tls_table("dc1"),
-            gw2.peer_addr(),
-            erl_table(&epmd, &gw1_node, "cookie_a", &[&a1, &a2]).await
-        ),
+    let gw1 = erlang_gateway(
+        &certs,
+        "dc1",
+        false,
+        &format!("[[route]]\ncluster = \"dc2\"\nendpoints = [\"{}\"]\nstandby = 1\n", gw2.peer_addr()),
+        &erl_table(&epmd, &gw1_node, "cookie_a", &[&a1, &a2]).await,
     )
     .await;
     gw1.wait_metric("wandist_erlang_nodes_connected", &[], |v| v == 2.0).await;
@@ -349,38 +351,29 @@ async fn a_stalled_peer_cluster_does_not_hold_up_the_others() {
     );
     let certs = Certs::new(&["dc1", "dc2", "dc3"]);
     let small = "window_messages = 50\n";
-    let gw2 = InProc::start_erlang(
-        "gw-dc2",
-        &format!(
-            "{}{}[[route]]\ncluster = \"dc1\"\n{}",
-            gateway_table("dc2", true),
-            certs.tls_table("dc2"),
-            erl_table(&epmd, &format!("w2_{t}@127.0.0.1"), "cookie_b", &[&b1]).await
-        ),
+    let gw2 = erlang_gateway(
+        &certs,
+        "dc2",
+        true,
+        "[[route]]\ncluster = \"dc1\"\n",
+        &erl_table(&epmd, &format!("w2_{t}@127.0.0.1"), "cookie_b", &[&b1]).await,
     )
     .await;
-    let gw3 = InProc::start_erlang(
-        "gw-dc3",
-        &format!(
-            "{}{}[[route]]\ncluster = \"dc1\"\n{small}{}",
-            gateway_table("dc3", true),
-            certs.tls_table("dc3"),
-            erl_table(&epmd, &format!("w3_{t}@127.0.0.1"), "cookie_c", &[&c1]).await
-        ),
+    let gw3 = erlang_gateway(
+        &certs,
+        "dc3",
+        true,
+        &format!("[[route]]\ncluster = \"dc1\"\n{small}"),
+        &erl_table(&epmd, &format!("w3_{t}@127.0.0.1"), "cookie_c", &[&c1]).await,
     )
     .await;
-    let gw1 = InProc::start_erlang(
-        "gw-dc1",
-        &format!(
-            "{}{}[[route]]\ncluster = \"dc2\"\nendpoints = [\"{}\"]\n[[route]]\ncluster = \"dc3\"\nendpoints = [\"{}\"]\n{small}{}",
-            gateway_table("dc1", false),
-            certs.tls_table("dc1"),
-            gw2.peer_addr(),
-            gw3.peer_addr(),
-            erl_table(&epmd, &format!("w1_{t}@127.0.0.1"), "cookie_a", &[&a1]).await
-        ),
-    )
-    .await;
+    let routes = format!(
+        "[[route]]\ncluster = \"dc2\"\nendpoints = [\"{}\"]\n[[route]]\ncluster = \"dc3\"\nendpoints = [\"{}\"]\n{small}",
+        gw2.peer_addr(),
+        gw3.peer_addr()
+    );
+    let erlang = erl_table(&epmd, &format!("w1_{t}@127.0.0.1"), "cookie_a", &[&a1]).await;
+    let gw1 = erlang_gateway(&certs, "dc1", false, &routes, &erlang).await;
     a1.eval_until("{length(pg:get_members(wan, echo)), length(pg:get_members(wan, slow))}.", |v| v == "{1,1}");
 
     // dc3's only node stops reading: what the sockets to it can hold fills
