@@ -21,7 +21,11 @@ use wandist::demo::erl::{Epmd, Erl};
 
 const SMALL: u64 = 200_000;
 const LARGE: u64 = 4_000;
-const PINGS: u64 = 2_000;
+/// Round trips per path, measured in ROUNDS blocks taken in turn across
+/// the paths (all kept running), so that every path sees the same spells
+/// of a noisy machine.
+const PINGS: u64 = 5_000;
+const ROUNDS: u64 = 10;
 
 #[derive(Debug, Default, Clone)]
 struct Figures {
@@ -69,7 +73,40 @@ fn warm_up(x: &mut Erl) {
     x.eval_within("wandist_bench:stream(R, 10000, Small, 4000).", Duration::from_secs(300));
 }
 
-/// Runs the three workloads from `x` against the receiver bound as `R`.
+/// A path whose processes stay up until the round trips are measured:
+/// `x` (with the receiver bound as `R`) and whatever else must live.
+struct Live {
+    x: Erl,
+    _keep: Vec<Box<dyn std::any::Any>>,
+}
+
+/// Ping-pong round trips through every path, PINGS / ROUNDS at a time,
+/// the paths taken in turn (and in a rotated order each round); each
+/// path's p50 and p99 over all its samples go into its figures.
+fn round_trips(paths: &mut [(&mut Live, &mut Figures)]) {
+    let per_round = PINGS / ROUNDS;
+    let mut samples: Vec<Vec<f64>> = vec![Vec::with_capacity(PINGS as usize); paths.len()];
+    for round in 0..ROUNDS as usize {
+        for k in 0..paths.len() {
+            let i = (round + k) % paths.len();
+            let out = paths[i]
+                .0
+                .x
+                .eval_within(&format!("wandist_bench:round_trips(R, {per_round})."), Duration::from_secs(300));
+            let got: Vec<f64> = out.trim_matches(|c| c == '[' || c == ']').split(',').map(parse_f).collect();
+            assert_eq!(got.len() as u64, per_round, "round trips: {out}");
+            samples[i].extend(got);
+        }
+    }
+    for ((_, f), mut s) in paths.iter_mut().zip(samples) {
+        s.sort_by(f64::total_cmp);
+        let at = |q: usize| s[(s.len() * q / 100).min(s.len() - 1)];
+        f.p50_us = at(50);
+        f.p99_us = at(99);
+    }
+}
+
+/// Runs the two streaming workloads from `x` against the receiver bound as `R`.
 /// `pids` are the processes whose CPU time is read around the 100 B run:
 /// sending node, receiving node, then the gateways if any.
 fn workloads(x: &mut Erl, pids: &[u32]) -> (Figures, Cpu) {
@@ -82,10 +119,8 @@ fn workloads(x: &mut Erl, pids: &[u32]) -> (Figures, Cpu) {
     let small_per_s = SMALL as f64 / (small_us / 1e6);
     let us = parse_f(&x.eval_within(&format!("wandist_bench:stream(R, {LARGE}, Large, 2000)."), long));
     let large_mb_s = (LARGE * 65536) as f64 / (us / 1e6) / 1e6;
-    let pp = x.eval_within(&format!("wandist_bench:pingpong(R, {PINGS})."), long);
-    let pp = pp.trim_matches(|c| c == '{' || c == '}');
-    let (p50, p99) = pp.split_once(',').expect("pingpong result");
-    let f = Figures { small_per_s, large_mb_s, p50_us: parse_f(p50), p99_us: parse_f(p99) };
+    // Round trips come later, interleaved across the paths (`round_trips`).
+    let f = Figures { small_per_s, large_mb_s, p50_us: 0.0, p99_us: 0.0 };
     let per_msg = |i: usize| after.get(i).zip(before.get(i)).map(|(a, b)| (a - b) * 1e6 / SMALL as f64).unwrap_or(0.0);
     let cpu = Cpu { erl: [per_msg(0), per_msg(1)], gw: [per_msg(2), per_msg(3)], wall: small_us / SMALL as f64 };
     (f, cpu)
@@ -112,15 +147,16 @@ fn bench_node(epmd: &Epmd, beam: &Path, name: &str, extra: &[String]) -> Erl {
 /// Connects x to y, finds y's receiver from x, and runs the workloads.
 /// `relays`: the process whose CPU time counts as the relays' (this one,
 /// for the in-process relays of the floors).
-fn connect_and_measure(mut x: Erl, mut y: Erl, relays: Option<u32>) -> (Figures, Cpu) {
+fn connect_and_measure(mut x: Erl, mut y: Erl, relays: Option<u32>) -> (Figures, Cpu, Live) {
     assert_eq!(y.eval("register(rcv, wandist_bench:receiver())."), "true");
     assert_eq!(x.eval(&format!("net_kernel:connect_node('{}').", y.name)), "true");
     assert_eq!(x.eval(&format!("R = rpc:call('{}', erlang, whereis, [rcv]), is_pid(R).", y.name)), "true");
     let pids: Vec<u32> = [x.pid(), y.pid()].into_iter().chain(relays).collect();
-    workloads(&mut x, &pids)
+    let (f, cpu) = workloads(&mut x, &pids);
+    (f, cpu, Live { x, _keep: vec![Box::new(y)] })
 }
 
-fn direct(epmd: &Epmd, beam: &Path, tag: &str, extra: &[String]) -> (Figures, Cpu) {
+fn direct(epmd: &Epmd, beam: &Path, tag: &str, extra: &[String]) -> (Figures, Cpu, Live) {
     let y = bench_node(epmd, beam, &format!("y_{tag}"), extra);
     let x = bench_node(epmd, beam, &format!("x_{tag}"), extra);
     connect_and_measure(x, y, None)
@@ -225,7 +261,7 @@ fn relayed(
     beam: &Path,
     tag: &str,
     chain: impl FnOnce(std::net::SocketAddr) -> std::net::SocketAddr,
-) -> (Figures, Cpu) {
+) -> (Figures, Cpu, Live) {
     let y_port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let y = bench_node(epmd, beam, &format!("y_{tag}"), &["-erl_epmd_port".into(), y_port.to_string()]);
     let near = chain(([127, 0, 0, 1], y_port).into());
@@ -317,6 +353,8 @@ struct GwFigures {
     cpu: Cpu,
     rss_kib: [u64; 2],
     members_after: Duration,
+    /// The nodes and gateways, kept up for the round trips.
+    live: Option<Live>,
 }
 
 const MEMBERS: u32 = 10_000;
@@ -449,12 +487,13 @@ fn gateway(epmd: &Epmd, beam: &Path, tag: &str, dir: &Path) -> GwFigures {
     }
     if let Some(what) = profile {
         what.run(&mut x, gw2.child.id(), &callgrind_out);
-        return GwFigures { f: Figures::default(), cpu: Cpu::default(), rss_kib: [0, 0], members_after };
+        return GwFigures { f: Figures::default(), cpu: Cpu::default(), rss_kib: [0, 0], members_after, live: None };
     }
     let pids = [x.pid(), y.pid(), gw1.child.id(), gw2.child.id()];
     let (f, cpu) = workloads(&mut x, &pids);
     let rss = [gw1.peak_rss(), gw2.peak_rss()];
-    GwFigures { f, cpu, rss_kib: rss, members_after }
+    let live = Live { x, _keep: vec![Box::new(y), Box::new(gw1), Box::new(gw2)] };
+    GwFigures { f, cpu, rss_kib: rss, members_after, live: Some(live) }
 }
 
 /// WANDIST_BENCH_CALLGRIND=pingpong|small: instead of the workloads, count
@@ -570,8 +609,8 @@ fn main() {
     // appends nothing.
     let gateway_only = std::env::var_os("WANDIST_BENCH_GATEWAY_ONLY").is_some()
         || std::env::var_os("WANDIST_BENCH_CALLGRIND").is_some();
-    let ((tls, tls_cpu), (tcp, tcp_cpu), (floor, floor_cpu), (tls_floor, tls_floor_cpu)) = if gateway_only {
-        Default::default()
+    let mut direct_paths = if gateway_only {
+        None
     } else {
         eprintln!("e2e: direct TLS distribution…");
         let tls_args =
@@ -586,13 +625,24 @@ fn main() {
         let tls_floor = relayed(&epmd, &beam, &format!("tlsrelay{tag}"), |y| {
             tls_relay(tls_relay(y, TlsEnd::Accept(dc2.server.clone())), TlsEnd::Dial(dc1.client.clone()))
         });
-        (tls, tcp, floor, tls_floor)
+        Some([tls, tcp, floor, tls_floor])
     };
     eprintln!("e2e: two clusters through two wandist gateways (mutual TLS)…");
-    let gw = gateway(&epmd, &beam, &tag, &dir);
+    let mut gw = gateway(&epmd, &beam, &tag, &dir);
     if Profile::wanted().is_some() {
         return;
     }
+    eprintln!("e2e: round trips, {ROUNDS} blocks of {} through each path in turn…", PINGS / ROUNDS);
+    let mut gw_live = gw.live.take().expect("the gateway path is up");
+    let mut paths: Vec<(&mut Live, &mut Figures)> = vec![(&mut gw_live, &mut gw.f)];
+    if let Some(d) = direct_paths.as_mut() {
+        paths.extend(d.iter_mut().map(|(f, _, live)| (live, f)));
+    }
+    round_trips(&mut paths);
+    drop(paths);
+    drop(gw_live);
+    let [(tls, tls_cpu), (tcp, tcp_cpu), (floor, floor_cpu), (tls_floor, tls_floor_cpu)] =
+        direct_paths.map(|d| d.map(|(f, c, _)| (f, c))).unwrap_or_default();
     eprintln!("e2e: the memory of {IDLE_LINKS} idle links…");
     let idle = idle_link_kib(&dir);
 
@@ -629,7 +679,7 @@ fn main() {
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
         .unwrap_or_default();
     let table = format!(
-        "### {date} — {}\n\n`cargo bench --bench e2e` ({SMALL} × 100 B, {LARGE} × 64 KiB with an ack per 1000 and at most 4000 / 2000 in flight, {PINGS} pings{erl_args})\n\n\
+        "### {date} — {}\n\n`cargo bench --bench e2e` ({SMALL} × 100 B, {LARGE} × 64 KiB with an ack per 1000 and at most 4000 / 2000 in flight, {PINGS} pings in {ROUNDS} blocks per path, the paths in turn{erl_args})\n\n\
          | path | 100 B msgs/s | 64 KiB MB/s | RTT p50 µs | RTT p99 µs |\n|---|---|---|---|---|\n{}\n{}\n{}\n{}\n{}\n{}\n{}\n{}\n{}\n{}\n{}\n\n\
          Gateways (100 B run): CPU per message relayed {:.2} µs (sending side), {:.2} µs (receiving side); peak RSS {} KiB / {} KiB.\n\
          CPU per 100 B message (the Erlang nodes, and the gateways or both relays; wall time per message on {cores} CPUs in brackets): {}; {}; {}; {}; {}.\n\

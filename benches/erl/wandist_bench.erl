@@ -2,7 +2,7 @@
 %% 1000 messages and answers pings, a sender with a bounded credit window,
 %% and a ping-pong round-trip measurement. Compiled at bench start.
 -module(wandist_bench).
--export([receiver/0, stream/4, pingpong/2]).
+-export([receiver/0, stream/4, pingpong/2, round_trips/2]).
 
 -define(ACK_EVERY, 1000).
 
@@ -48,6 +48,11 @@ pingpong(R, K) ->
     Ts = [one_ping(R) || _ <- lists:seq(1, K)],
     S = lists:sort(Ts),
     {lists:nth(max(1, K div 2), S), lists:nth(max(1, K * 99 div 100), S)}.
+
+%% K round trips; returns each in microseconds (the bench pools them
+%% across blocks and paths taken in turn).
+round_trips(R, K) ->
+    [one_ping(R) || _ <- lists:seq(1, K)].
 
 one_ping(R) ->
     T = erlang:monotonic_time(nanosecond),
