@@ -16,7 +16,9 @@ pub mod etf;
 pub mod node;
 pub mod proxies;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
+
+use foldhash::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -137,7 +139,7 @@ pub struct ErlangSide {
     /// Relay payloads waiting for a full route, per peer (bounded).
     pending: HashMap<Arc<str>, std::collections::VecDeque<(Bytes, Option<u64>)>>,
     /// Peers whose route is up (told by the routes: `Up` and `Lost`).
-    up: std::collections::HashSet<Arc<str>>,
+    up: HashSet<Arc<str>>,
     m: ErlMetrics,
 }
 
@@ -240,15 +242,15 @@ pub fn start(
             .collect(),
         table,
         joined: BTreeMap::new(),
-        watched: HashMap::new(),
-        held: HashMap::new(),
+        watched: HashMap::default(),
+        held: HashMap::default(),
         delivering: None,
-        scope_monitors: HashMap::new(),
+        scope_monitors: HashMap::default(),
         next_ref: 1,
-        confirms: HashMap::new(),
+        confirms: HashMap::default(),
         next_token: 1,
         up: Default::default(),
-        pending: HashMap::new(),
+        pending: HashMap::default(),
         m,
     };
     tracker.spawn(side.run(events, from_gateway, cancel));

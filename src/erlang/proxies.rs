@@ -4,7 +4,9 @@
 //! monitor) are forgotten; a message to a forgotten proxy is dropped and
 //! counted.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
+
+use foldhash::HashMap;
 use std::sync::Arc;
 
 use super::etf::{Pid, Ref};
@@ -35,9 +37,9 @@ impl Table {
             me,
             creation,
             next: first,
-            by_key: HashMap::new(),
-            by_home: HashMap::new(),
-            pins: HashMap::new(),
+            by_key: HashMap::default(),
+            by_home: HashMap::default(),
+            pins: HashMap::default(),
             order: VecDeque::new(),
             max,
         }
