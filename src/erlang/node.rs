@@ -272,8 +272,14 @@ async fn serve(
     let (rd, mut wr) = stream.into_split();
     // Erlang writes each message as its own packet: read them in bulk.
     let mut rd = tokio::io::BufReader::with_capacity(256 * 1024, rd);
-    let barriers = std::sync::Mutex::new(Barriers::default());
-    let writer = async {
+    let barriers = Arc::new(std::sync::Mutex::new(Barriers::default()));
+    // The writer is a task of its own, so that a packet to write does not
+    // poll the reader, nor a packet read the writer (aborted, dropping the
+    // deliveries it holds, when this returns).
+    let writer_barriers = barriers.clone();
+    let p_writer = p.clone();
+    let writer = async move {
+        let (barriers, p) = (writer_barriers, &p_writer);
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut batch = BytesMut::with_capacity(64 * 1024);
@@ -375,8 +381,9 @@ async fn serve(
             }
         }
     };
+    let mut writer = tokio_util::task::AbortOnDropHandle::new(tokio::spawn(writer));
     tokio::select! {
-        why = writer => why,
+        why = &mut writer => why.unwrap_or_else(|e| format!("writer failed: {e}")),
         why = reader => why,
     }
 }
