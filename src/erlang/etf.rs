@@ -210,6 +210,36 @@ impl<'a> Reader<'a> {
             String::from_utf8(bytes.to_vec()).map_err(|_| EtfError::BadAtom)
         }
     }
+    /// An atom's text where it lies; `None` for a Latin-1 atom with
+    /// non-ASCII bytes (its text differs from its bytes).
+    fn atom_str(&mut self) -> Result<Option<&'a str>, EtfError> {
+        let tag = self.u8()?;
+        let (len, latin1) = match tag {
+            ATOM => (self.u16()? as usize, true),
+            SMALL_ATOM => (self.u8()? as usize, true),
+            ATOM_UTF8 => (self.u16()? as usize, false),
+            SMALL_ATOM_UTF8 => (self.u8()? as usize, false),
+            t => return Err(EtfError::Tag(t)),
+        };
+        let bytes = self.take(len)?;
+        if latin1 && !bytes.is_ascii() {
+            return Ok(None);
+        }
+        std::str::from_utf8(bytes).map(Some).map_err(|_| EtfError::BadAtom)
+    }
+    /// A pid (from its tag) where it lies; `None` as `atom_str`.
+    fn pid_view(&mut self) -> Result<Option<PidView<'a>>, EtfError> {
+        let start = self.at;
+        let tag = self.u8()?;
+        if tag != NEW_PID && tag != PID {
+            return Err(EtfError::Tag(tag));
+        }
+        let Some(node) = self.atom_str()? else { return Ok(None) };
+        let id = self.u32()?;
+        let serial = self.u32()?;
+        let creation = if tag == NEW_PID { self.u32()? } else { self.u8()? as u32 };
+        Ok(Some(PidView { bytes: &self.b[start..self.at], node, id, serial, creation }))
+    }
     /// A pid after its tag.
     fn pid(&mut self, tag: u8) -> Result<Pid, EtfError> {
         let node = self.atom()?;
@@ -239,6 +269,42 @@ impl<'a> Reader<'a> {
             }
         }
     }
+}
+
+/// A pid read where it lies: its encoding, and its parts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PidView<'a> {
+    pub bytes: &'a [u8],
+    pub node: &'a str,
+    pub id: u32,
+    pub serial: u32,
+    pub creation: u32,
+}
+
+/// The control term `{SEND_SENDER, From, To}` with two pids, read in place
+/// (no `Term` built): the shape of nearly every message a local process
+/// sends to a proxy. `len` is the control term's length in bytes, its
+/// version byte included.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SendSender<'a> {
+    pub from: PidView<'a>,
+    pub to: PidView<'a>,
+    pub len: usize,
+}
+
+/// `control` (a control term with its version byte, and what follows it)
+/// as `{SEND_SENDER, From, To}`, or `None` when it is anything else, which
+/// the general decoder then reads (so this only has to be right, not
+/// complete).
+pub fn send_sender(control: &[u8]) -> Option<SendSender<'_>> {
+    const SEND_SENDER: u8 = 22;
+    if control.get(..5)? != [VERSION, SMALL_TUPLE, 3, SMALL_INTEGER, SEND_SENDER] {
+        return None;
+    }
+    let mut r = Reader { b: control, at: 5 };
+    let from = r.pid_view().ok()??;
+    let to = r.pid_view().ok()??;
+    Some(SendSender { from, to, len: r.at })
 }
 
 pub fn put_atom(out: &mut Vec<u8>, a: &str) {
@@ -710,6 +776,43 @@ mod tests {
 
     fn pid(node: &str, id: u32) -> Pid {
         Pid { node: node.into(), id, serial: 0, creation: 7 }
+    }
+
+    #[test]
+    fn send_sender_is_read_in_place_and_agrees_with_the_decoder() {
+        let from = Pid { node: "a@h".into(), id: 5, serial: 1, creation: 9 };
+        let to = Pid { node: "gw@h".into(), id: 70, serial: 2, creation: 3 };
+        let control = Term::tuple(vec![Term::Int(22), Term::Pid(from.clone()), Term::Pid(to.clone())]);
+        let mut b = encode(&control);
+        let len = b.len();
+        b.extend_from_slice(&encode(&Term::atom("msg")));
+        let ss = send_sender(&b).expect("a SEND_SENDER");
+        assert_eq!(ss.len, len);
+        assert_eq!((ss.from.node, ss.from.id, ss.from.serial, ss.from.creation), ("a@h", 5, 1, 9));
+        assert_eq!((ss.to.node, ss.to.id, ss.to.serial, ss.to.creation), ("gw@h", 70, 2, 3));
+        assert_eq!(ss.from.bytes, pid_bytes(&from));
+        assert_eq!(ss.to.bytes, pid_bytes(&to));
+        // The old PID_EXT form (one-byte creation) and Latin-1 atoms read too.
+        let mut old = vec![VERSION, SMALL_TUPLE, 3, SMALL_INTEGER, 22, PID, SMALL_ATOM, 3];
+        old.extend_from_slice(b"a@h");
+        old.extend_from_slice(&[0, 0, 0, 5, 0, 0, 0, 1, 9]);
+        old.extend_from_slice(&b[5 + pid_bytes(&from).len()..]);
+        let ss = send_sender(&old).expect("a SEND_SENDER with an old pid");
+        assert_eq!((ss.from.node, ss.from.id, ss.from.creation), ("a@h", 5, 9));
+        // Anything else is left to the decoder: other controls, other
+        // shapes, a Latin-1 node name that is not ASCII, truncation.
+        let other = encode(&Term::tuple(vec![Term::Int(6), Term::Pid(from.clone()), Term::atom(""), Term::atom("x")]));
+        assert_eq!(send_sender(&other), None);
+        let alias = encode(&Term::tuple(vec![Term::Int(22), Term::Pid(from.clone()), Term::atom("x")]));
+        assert_eq!(send_sender(&alias), None);
+        let mut latin1 = vec![VERSION, SMALL_TUPLE, 3, SMALL_INTEGER, 22, NEW_PID, SMALL_ATOM, 3, b'a', 0xe9, b'h'];
+        latin1.extend_from_slice(&[0; 12]);
+        latin1.extend_from_slice(&b[5 + pid_bytes(&from).len()..]);
+        assert_eq!(send_sender(&latin1), None);
+        assert!(decode(&latin1).is_ok(), "the decoder reads what the fast path leaves");
+        for cut in 0..len {
+            assert_eq!(send_sender(&b[..cut]), None, "cut at {cut}");
+        }
     }
 
     #[test]

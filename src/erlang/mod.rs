@@ -256,6 +256,14 @@ pub fn start(
     tracker.spawn(side.run(events, from_gateway, cancel));
 }
 
+/// Who sent a message to a proxy.
+enum Sender {
+    Pid(Pid),
+    /// The encoding of a pid of this cluster on another node than ours, as
+    /// the node sent it (`NodeEvent::Send`).
+    Encoded(Bytes),
+}
+
 impl ErlangSide {
     async fn run(
         mut self,
@@ -383,6 +391,19 @@ impl ErlangSide {
                 tracing::warn!(node = %node, "dropped a distribution packet: {why}");
             }
             NodeEvent::Message { node, control, payload } => self.on_dist(&node, control, payload).await,
+            NodeEvent::Send { node, from, to, payload } => self.on_send(&node, from, to, &payload).await,
+        }
+    }
+
+    /// `on_dist` for `{SEND_SENDER, From, To}` to a pid on our node from one
+    /// of this cluster's (`NodeEvent::Send`): the same outcome, no terms built.
+    async fn on_send(&mut self, node: &Arc<str>, from: Bytes, (id, serial, creation): (u32, u32, u32), payload: &[u8]) {
+        if (id, serial, creation) == (self.gw.id, self.gw.serial, self.gw.creation) {
+            self.on_scope_message(node, payload).await;
+        } else if let Some(key) = self.table.pid_key_parts(id, serial, creation) {
+            self.send_to_peer(key, Some(Sender::Encoded(from)), payload, None, false).await;
+        } else {
+            self.m.reject("unknown_proxy");
         }
     }
 
@@ -397,7 +418,8 @@ impl ErlangSide {
         match code {
             SEND | SEND_TT | SEND_SENDER | SEND_SENDER_TT => {
                 let (Some(to), Some(payload)) = (pid_at(2), payload) else { return self.m.reject("bad_control") };
-                let from = if code == SEND_SENDER || code == SEND_SENDER_TT { pid_at(1) } else { None };
+                let from =
+                    if code == SEND_SENDER || code == SEND_SENDER_TT { pid_at(1).map(Sender::Pid) } else { None };
                 if to == self.gw {
                     self.on_scope_message(node, &payload).await;
                 } else if let Some(key) = self.table.pid_key(&to) {
@@ -411,7 +433,7 @@ impl ErlangSide {
                     return self.m.reject("bad_control");
                 };
                 match self.table.ref_key(alias) {
-                    Some(key) => self.send_to_peer(key, pid_at(1), &payload, None, true).await,
+                    Some(key) => self.send_to_peer(key, pid_at(1).map(Sender::Pid), &payload, None, true).await,
                     None => self.m.reject("unknown_proxy"),
                 }
             }
@@ -735,17 +757,17 @@ impl ErlangSide {
     }
 
     /// A message from a local process to a proxy (or an alias proxy).
-    async fn send_to_peer(&mut self, key: u64, from: Option<Pid>, payload: &[u8], token: Option<u64>, alias: bool) {
+    async fn send_to_peer(&mut self, key: u64, from: Option<Sender>, payload: &[u8], token: Option<u64>, alias: bool) {
         let Some(home) = self.table.home(key).cloned() else { return self.m.reject("unknown_proxy") };
-        let from = from.and_then(|f| {
-            if *f.node == *self.me {
-                self.outbound(&home.peer, &etf::encode(&Term::Pid(f))).ok()
-            } else {
-                // A pid of this cluster: sent as it is (the common case).
+        let from = from.and_then(|f| match f {
+            Sender::Pid(f) if *f.node == *self.me => self.outbound(&home.peer, &etf::encode(&Term::Pid(f))).ok(),
+            // A pid of this cluster: sent as it is (the common case).
+            Sender::Pid(f) => {
                 let mut b = vec![etf::VERSION];
                 etf::put_pid(&mut b, &f);
                 Some(b)
             }
+            Sender::Encoded(f) => Some([&[etf::VERSION][..], &f].concat()),
         });
         let r = if alias {
             Relay::AliasSend { to: home.bytes.clone(), from }
@@ -789,7 +811,7 @@ impl ErlangSide {
         let token = self.next_token;
         self.next_token += 1;
         self.confirms.insert(token, (from.clone(), reply_ref));
-        self.send_to_peer(key, Some(from.clone()), &etf::encode(&t[4]), Some(token), false).await;
+        self.send_to_peer(key, Some(Sender::Pid(from.clone())), &etf::encode(&t[4]), Some(token), false).await;
     }
 
     // ---- monitors ----

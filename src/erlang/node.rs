@@ -92,6 +92,18 @@ pub enum NodeEvent {
         control: Term,
         payload: Option<Bytes>,
     },
+    /// `{SEND_SENDER, From, To}` from a pid of this cluster to a pid on the
+    /// gateway's own node, with its message: read in place, no terms built
+    /// (most of what nodes send the gateway; BENCHMARKS.md, "Round trip").
+    Send {
+        node: Arc<str>,
+        /// The sender's pid, as the node encoded it.
+        from: Bytes,
+        /// The receiving pid's id, serial and creation (its node is ours).
+        to: (u32, u32, u32),
+        /// The message term's bytes (with version byte).
+        payload: Bytes,
+    },
     /// A packet we could not decode (the connection stays up).
     Rejected {
         node: Arc<str>,
@@ -369,7 +381,14 @@ async fn serve(
                 }
             }
             tracing::trace!(node = %name, len = n, head = ?&buf[..buf.len().min(24)], "packet");
-            let ev = match parse(buf.freeze()) {
+            let buf = buf.freeze();
+            if let Some(ev) = fast_send(&buf, name, &p.me) {
+                if events.send(ev).await.is_err() {
+                    return "gateway stopping".to_string();
+                }
+                continue;
+            }
+            let ev = match parse(buf) {
                 Ok((control, _)) if barriers.lock().unwrap_or_else(|e| e.into_inner()).answered(p, &control) => {
                     continue
                 }
@@ -386,6 +405,28 @@ async fn serve(
         why = &mut writer => why.unwrap_or_else(|e| format!("writer failed: {e}")),
         why = reader => why,
     }
+}
+
+/// A packet that is `{SEND_SENDER, From, To}` to a pid on `me` from a pid
+/// elsewhere, with a message, as a `NodeEvent::Send`; `None` for every
+/// other packet (`parse` and the Erlang side's general path take those).
+fn fast_send(buf: &Bytes, node: &Arc<str>, me: &str) -> Option<NodeEvent> {
+    if buf.first() != Some(&PASS_THROUGH) {
+        return None;
+    }
+    let ss = etf::send_sender(&buf[1..])?;
+    let payload_at = 1 + ss.len;
+    if ss.to.node != me || ss.from.node == me || payload_at >= buf.len() {
+        return None;
+    }
+    // The sender's pid follows the packet type and the tuple's five bytes.
+    let from_at = 1 + 5;
+    Some(NodeEvent::Send {
+        node: node.clone(),
+        from: buf.slice(from_at..from_at + ss.from.bytes.len()),
+        to: (ss.to.id, ss.to.serial, ss.to.creation),
+        payload: buf.slice(payload_at..),
+    })
 }
 
 /// Splits a packet into its control term and the message bytes.
@@ -421,6 +462,49 @@ mod tests {
             Term::Ref(Barriers::reference(p, id)),
             Term::atom("noproc"),
         ])
+    }
+
+    #[test]
+    fn sends_to_the_gateways_node_take_the_fast_path_and_nothing_else_does() {
+        let me = "gw@h";
+        let node: Arc<str> = "a@h".into();
+        let a = etf::Pid { node: "a@h".into(), id: 5, serial: 1, creation: 9 };
+        let proxy = etf::Pid { node: me.into(), id: 70, serial: 2, creation: 3 };
+        let pkt = |from: &etf::Pid, to: &etf::Pid, msg: Option<&Term>| {
+            let control =
+                Term::tuple(vec![Term::Int(dist::SEND_SENDER), Term::Pid(from.clone()), Term::Pid(to.clone())]);
+            let mut p = packet(&control, msg.map(etf::encode).as_deref()).to_vec();
+            p.drain(..4);
+            Bytes::from(p)
+        };
+        let msg = Term::tuple(vec![Term::atom("ping"), Term::Pid(a.clone())]);
+        let buf = pkt(&a, &proxy, Some(&msg));
+        match fast_send(&buf, &node, me) {
+            Some(NodeEvent::Send { node: n, from, to, payload }) => {
+                assert_eq!(n, node);
+                assert_eq!(&from[..], &etf::pid_bytes(&a)[..]);
+                assert_eq!(to, (70, 2, 3));
+                assert_eq!(&payload[..], &etf::encode(&msg)[..]);
+                // The general path reads the same packet the same way.
+                let (control, general) = parse(buf.clone()).unwrap();
+                assert_eq!(general.as_deref(), Some(&payload[..]));
+                assert_eq!(control.as_tuple().unwrap()[1], Term::Pid(a.clone()));
+            }
+            other => panic!("expected the fast path, got {other:?}"),
+        }
+        // To a pid elsewhere, from the gateway's node, without a message, or
+        // another control message: the general path.
+        let b = etf::Pid { node: "b@h".into(), ..a.clone() };
+        assert!(fast_send(&pkt(&a, &b, Some(&msg)), &node, me).is_none());
+        assert!(fast_send(&pkt(&proxy, &proxy, Some(&msg)), &node, me).is_none());
+        assert!(fast_send(&pkt(&a, &proxy, None), &node, me).is_none());
+        let mut reg = packet(
+            &Term::tuple(vec![Term::Int(dist::REG_SEND), Term::Pid(a), Term::atom(""), Term::atom("x")]),
+            Some(&etf::encode(&msg)),
+        )
+        .to_vec();
+        reg.drain(..4);
+        assert!(fast_send(&Bytes::from(reg), &node, me).is_none());
     }
 
     #[test]

@@ -115,7 +115,15 @@ impl Table {
     }
 
     pub fn pid_key(&self, p: &Pid) -> Option<u64> {
-        (*p.node == *self.me && p.creation == self.creation).then_some(((p.serial as u64) << 28) | p.id as u64)
+        if *p.node != *self.me {
+            return None;
+        }
+        self.pid_key_parts(p.id, p.serial, p.creation)
+    }
+
+    /// `pid_key` for a pid on our node, given its parts.
+    pub fn pid_key_parts(&self, id: u32, serial: u32, creation: u32) -> Option<u64> {
+        (creation == self.creation).then_some(((serial as u64) << 28) | id as u64)
     }
 
     // Proxy references: three words, the key in the first two.
