@@ -210,6 +210,16 @@ impl<'a> Reader<'a> {
             String::from_utf8(bytes.to_vec()).map_err(|_| EtfError::BadAtom)
         }
     }
+    /// Moves past an atom, checking only its tag and length.
+    fn atom_extent(&mut self) -> Result<(), EtfError> {
+        let len = match self.u8()? {
+            ATOM | ATOM_UTF8 => self.u16()? as usize,
+            SMALL_ATOM | SMALL_ATOM_UTF8 => self.u8()? as usize,
+            t => return Err(EtfError::Tag(t)),
+        };
+        self.take(len)?;
+        Ok(())
+    }
     /// An atom's text where it lies; `None` for a Latin-1 atom with
     /// non-ASCII bytes (its text differs from its bytes).
     fn atom_str(&mut self) -> Result<Option<&'a str>, EtfError> {
@@ -319,12 +329,17 @@ pub fn put_atom(out: &mut Vec<u8>, a: &str) {
 }
 
 pub fn put_pid(out: &mut Vec<u8>, p: &Pid) {
-    out.reserve(16 + p.node.len());
+    put_pid_parts(out, &p.node, p.id, p.serial, p.creation);
+}
+
+/// `put_pid` for a pid given by its parts.
+pub fn put_pid_parts(out: &mut Vec<u8>, node: &str, id: u32, serial: u32, creation: u32) {
+    out.reserve(16 + node.len());
     out.push(NEW_PID);
-    put_atom(out, &p.node);
-    out.extend_from_slice(&p.id.to_be_bytes());
-    out.extend_from_slice(&p.serial.to_be_bytes());
-    out.extend_from_slice(&p.creation.to_be_bytes());
+    put_atom(out, node);
+    out.extend_from_slice(&id.to_be_bytes());
+    out.extend_from_slice(&serial.to_be_bytes());
+    out.extend_from_slice(&creation.to_be_bytes());
 }
 
 pub fn put_ref(out: &mut Vec<u8>, r: &Ref) {
@@ -472,7 +487,7 @@ fn skip(r: &mut Reader<'_>) -> Result<(), EtfError> {
     let mut none = |_: Found| -> Result<Emit, String> { Err("no pids or references expected here".into()) };
     let start = r.at;
     let mut sub = Reader { b: &r.b[start..], at: 0 };
-    scan_one(&mut sub, &mut out, &mut none, false)?;
+    scan_one(&mut sub, &mut out, &mut Closure(&mut none), false)?;
     r.at = start + sub.at;
     Ok(())
 }
@@ -605,22 +620,47 @@ pub fn translate(
     f: &mut dyn FnMut(Found) -> Result<Emit, String>,
     markers: bool,
 ) -> Result<usize, EtfError> {
+    translate_with(input, out, &mut Closure(f), markers)
+}
+
+/// What `translate_with` asks about each pid and reference it finds.
+pub trait Translator {
+    /// A pid's encoding as found (its tag included, the node's name not
+    /// checked): write what replaces it to `out` and say true if this
+    /// knows it without its being decoded; false has it decoded and given
+    /// to `found`.
+    fn known_pid(&mut self, _encoded: &[u8], _out: &mut Vec<u8>) -> bool {
+        false
+    }
+    fn found(&mut self, found: Found) -> Result<Emit, String>;
+}
+
+struct Closure<'f>(&'f mut dyn FnMut(Found) -> Result<Emit, String>);
+
+impl Translator for Closure<'_> {
+    fn found(&mut self, found: Found) -> Result<Emit, String> {
+        (self.0)(found)
+    }
+}
+
+/// `translate`, asking `t`.
+pub fn translate_with(
+    input: &[u8],
+    out: &mut Vec<u8>,
+    t: &mut dyn Translator,
+    markers: bool,
+) -> Result<usize, EtfError> {
     let mut r = Reader { b: input, at: 0 };
     let v = r.u8()?;
     if v != VERSION {
         return Err(EtfError::Version(v));
     }
     out.push(VERSION);
-    scan_one(&mut r, out, f, markers)?;
+    scan_one(&mut r, out, t, markers)?;
     Ok(r.at)
 }
 
-fn scan_one(
-    r: &mut Reader<'_>,
-    out: &mut Vec<u8>,
-    f: &mut dyn FnMut(Found) -> Result<Emit, String>,
-    markers: bool,
-) -> Result<(), EtfError> {
+fn scan_one(r: &mut Reader<'_>, out: &mut Vec<u8>, t: &mut dyn Translator, markers: bool) -> Result<(), EtfError> {
     let mut todo: Vec<Task> = vec![Task::Terms(1)];
     loop {
         match todo.last_mut() {
@@ -664,12 +704,19 @@ fn scan_one(
                 copy_from(r, out);
             }
             PID | NEW_PID => {
-                let p = r.pid(tag)?;
-                emit(out, f(Found::Pid(p)).map_err(EtfError::Refused)?);
+                // Its extent first: a known pid is replaced without decoding.
+                let after_tag = r.at;
+                r.atom_extent()?;
+                r.take(if tag == NEW_PID { 12 } else { 9 })?;
+                if !t.known_pid(&r.b[start..r.at], out) {
+                    r.at = after_tag;
+                    let p = r.pid(tag)?;
+                    emit(out, t.found(Found::Pid(p)).map_err(EtfError::Refused)?);
+                }
             }
             REFERENCE | NEW_REFERENCE | NEWER_REFERENCE => {
                 let x = r.reference(tag)?;
-                emit(out, f(Found::Ref(x)).map_err(EtfError::Refused)?);
+                emit(out, t.found(Found::Ref(x)).map_err(EtfError::Refused)?);
             }
             MARK_HOME if markers => {
                 let inner = r.u8()?;
@@ -678,7 +725,7 @@ fn scan_one(
                     REFERENCE | NEW_REFERENCE | NEWER_REFERENCE => Found::HomeRef(r.reference(inner)?),
                     t => return Err(EtfError::Tag(t)),
                 };
-                emit(out, f(found).map_err(EtfError::Refused)?);
+                emit(out, t.found(found).map_err(EtfError::Refused)?);
             }
             PORT => {
                 r.atom()?;
@@ -776,6 +823,54 @@ mod tests {
 
     fn pid(node: &str, id: u32) -> Pid {
         Pid { node: node.into(), id, serial: 0, creation: 7 }
+    }
+
+    #[test]
+    fn known_pids_are_replaced_by_their_bytes_and_the_rest_decoded() {
+        struct KnowsOne {
+            known: Vec<u8>,
+            asked: Vec<Vec<u8>>,
+            found: usize,
+        }
+        impl Translator for KnowsOne {
+            fn known_pid(&mut self, encoded: &[u8], out: &mut Vec<u8>) -> bool {
+                self.asked.push(encoded.to_vec());
+                let hit = encoded == self.known;
+                if hit {
+                    put_pid(out, &pid("proxy@gw", 1));
+                }
+                hit
+            }
+            fn found(&mut self, found: Found) -> Result<Emit, String> {
+                self.found += 1;
+                match found {
+                    Found::Pid(_) => Ok(Emit::Pid(pid("proxy@gw", 2))),
+                    _ => Err("no".into()),
+                }
+            }
+        }
+        let a = pid("a@dc2", 10);
+        let old_b = {
+            // b in the old PID_EXT form: decoded, whatever the hook says.
+            let mut v = vec![PID, SMALL_ATOM, 5];
+            v.extend_from_slice(b"b@dc2");
+            v.extend_from_slice(&[0, 0, 0, 11, 0, 0, 0, 0, 7]);
+            v
+        };
+        let mut input = vec![VERSION, SMALL_TUPLE, 3];
+        input.extend_from_slice(&encode(&Term::atom("m"))[1..]);
+        input.extend_from_slice(&pid_bytes(&a));
+        input.extend_from_slice(&old_b);
+        let mut t = KnowsOne { known: pid_bytes(&a), asked: Vec::new(), found: 0 };
+        let mut out = Vec::new();
+        assert_eq!(translate_with(&input, &mut out, &mut t, false).unwrap(), input.len());
+        assert_eq!(t.asked, vec![pid_bytes(&a), old_b.clone()], "each pid's exact encoding");
+        assert_eq!(t.found, 1, "only the unknown one decoded");
+        let want = Term::tuple(vec![Term::atom("m"), Term::Pid(pid("proxy@gw", 1)), Term::Pid(pid("proxy@gw", 2))]);
+        assert_eq!(out, encode(&want));
+        // A truncated pid is an error either way.
+        let cut = &input[..input.len() - 3];
+        assert!(translate_with(cut, &mut Vec::new(), &mut t, false).is_err());
     }
 
     #[test]

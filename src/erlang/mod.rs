@@ -256,6 +256,45 @@ pub fn start(
     tracker.spawn(side.run(events, from_gateway, cancel));
 }
 
+/// Translates what a peer sends into this cluster's terms: its pids and
+/// references become proxies (minted on first sight), ours marked as going
+/// home become ours again.
+struct Inbound<'a> {
+    table: &'a mut proxies::Table,
+    peer: &'a Arc<str>,
+    me: &'a str,
+}
+
+impl etf::Translator for Inbound<'_> {
+    /// A pid the peer's gateway wrote (always as `etf::pid_bytes` does)
+    /// that already has a proxy: found by its bytes, nothing decoded.
+    fn known_pid(&mut self, encoded: &[u8], out: &mut Vec<u8>) -> bool {
+        match self.table.known(self.peer, encoded) {
+            Some(key) => {
+                self.table.put_pid(out, key);
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn found(&mut self, found: Found) -> Result<Emit, String> {
+        match found {
+            Found::Pid(p) => {
+                let key = self.table.key_for(Home { peer: self.peer.clone(), bytes: etf::pid_bytes(&p) });
+                Ok(Emit::Pid(self.table.pid(key)))
+            }
+            Found::Ref(r) => {
+                let key = self.table.key_for(Home { peer: self.peer.clone(), bytes: etf::ref_bytes(&r) });
+                Ok(Emit::Ref(self.table.reference(key)))
+            }
+            Found::HomePid(p) if *p.node != *self.me => Ok(Emit::Pid(p)),
+            Found::HomeRef(r) if *r.node != *self.me => Ok(Emit::Ref(r)),
+            _ => Err("a peer sent one of our own internal identities".into()),
+        }
+    }
+}
+
 /// Who sent a message to a proxy.
 enum Sender {
     Pid(Pid),
@@ -675,26 +714,8 @@ impl ErlangSide {
 
     /// As `inbound`, appending to `out`.
     fn inbound_into(&mut self, peer: &Arc<str>, input: &[u8], out: &mut Vec<u8>) -> Result<(), etf::EtfError> {
-        let table = &mut self.table;
-        let me = &self.me;
-        etf::translate(
-            input,
-            out,
-            &mut |found| match found {
-                Found::Pid(p) => {
-                    let key = table.key_for(Home { peer: peer.clone(), bytes: etf::pid_bytes(&p) });
-                    Ok(Emit::Pid(table.pid(key)))
-                }
-                Found::Ref(r) => {
-                    let key = table.key_for(Home { peer: peer.clone(), bytes: etf::ref_bytes(&r) });
-                    Ok(Emit::Ref(table.reference(key)))
-                }
-                Found::HomePid(p) if *p.node != **me => Ok(Emit::Pid(p)),
-                Found::HomeRef(r) if *r.node != **me => Ok(Emit::Ref(r)),
-                _ => Err("a peer sent one of our own internal identities".into()),
-            },
-            true,
-        )?;
+        let mut t = Inbound { table: &mut self.table, peer, me: &self.me };
+        etf::translate_with(input, out, &mut t, true)?;
         Ok(())
     }
 
@@ -1010,10 +1031,14 @@ impl ErlangSide {
         // One buffer: length, pass-through, the control tuple, the message.
         let mut pkt = Vec::with_capacity(96 + body.len());
         pkt.extend_from_slice(&[0, 0, 0, 0, PASS_THROUGH, etf::VERSION, 104, 3, 97, code as u8]);
-        let from = from.and_then(|f| self.inbound(peer, &f).ok()).filter(|f| f.len() > 1);
-        match from {
-            Some(f) => pkt.extend_from_slice(&f[1..]),
-            None => etf::put_pid(&mut pkt, &self.gw),
+        // The sender, translated in place (its version byte then dropped),
+        // or the gateway itself.
+        let mark = pkt.len();
+        if from.is_some_and(|f| self.inbound_into(peer, &f, &mut pkt).is_ok() && pkt.len() > mark + 1) {
+            pkt.remove(mark);
+        } else {
+            pkt.truncate(mark);
+            etf::put_pid(&mut pkt, &self.gw);
         }
         etf::put_term(&mut pkt, &to);
         if let Err(e) = self.inbound_into(peer, body, &mut pkt) {

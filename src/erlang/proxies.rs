@@ -9,7 +9,7 @@ use std::collections::VecDeque;
 use foldhash::HashMap;
 use std::sync::Arc;
 
-use super::etf::{Pid, Ref};
+use super::etf::{self, Pid, Ref};
 
 /// Where a proxy points: the peer cluster and the identity's encoding there.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -24,7 +24,9 @@ pub struct Table {
     creation: u32,
     next: u64,
     by_key: HashMap<u64, Home>,
-    by_home: HashMap<Home, u64>,
+    /// Peer, then the identity's encoding there: looked up by borrowed
+    /// bytes (`known`), no `Home` built.
+    by_home: HashMap<Arc<str>, HashMap<Vec<u8>, u64>>,
     pins: HashMap<u64, u32>,
     order: VecDeque<u64>,
     max: usize,
@@ -55,16 +57,22 @@ impl Table {
 
     /// The key for `home`, minting one if needed.
     pub fn key_for(&mut self, home: Home) -> u64 {
-        if let Some(&k) = self.by_home.get(&home) {
+        if let Some(k) = self.known(&home.peer, &home.bytes) {
             return k;
         }
         self.evict();
         let k = self.next;
         self.next += 1;
-        self.by_key.insert(k, home.clone());
-        self.by_home.insert(home, k);
+        self.by_home.entry(home.peer.clone()).or_default().insert(home.bytes.clone(), k);
+        self.by_key.insert(k, home);
         self.order.push_back(k);
         k
+    }
+
+    /// The key of `peer`'s identity encoded as `bytes`, if it has one
+    /// (`bytes` as `etf::pid_bytes` or `etf::ref_bytes` write them).
+    pub fn known(&self, peer: &str, bytes: &[u8]) -> Option<u64> {
+        self.by_home.get(peer)?.get(bytes).copied()
     }
 
     pub fn home(&self, key: u64) -> Option<&Home> {
@@ -94,7 +102,12 @@ impl Table {
                 continue;
             }
             if let Some(home) = self.by_key.remove(&k) {
-                self.by_home.remove(&home);
+                if let Some(of_peer) = self.by_home.get_mut(&home.peer) {
+                    of_peer.remove(&home.bytes);
+                    if of_peer.is_empty() {
+                        self.by_home.remove(&home.peer);
+                    }
+                }
             }
         }
     }
@@ -104,14 +117,20 @@ impl Table {
         self.by_key.iter().filter(|(_, h)| &*h.peer == peer).map(|(k, _)| *k).collect()
     }
 
+    /// Writes the proxy pid for `key` as `etf::put_pid` writes `pid(key)`.
+    pub fn put_pid(&self, out: &mut Vec<u8>, key: u64) {
+        let (id, serial) = Self::pid_parts(key);
+        etf::put_pid_parts(out, &self.me, id, serial, self.creation);
+    }
+
+    fn pid_parts(key: u64) -> (u32, u32) {
+        ((key & 0x0fff_ffff) as u32, (key >> 28) as u32)
+    }
+
     // Proxy pids: id holds the low 28 bits of the key, serial the rest.
     pub fn pid(&self, key: u64) -> Pid {
-        Pid {
-            node: self.me.to_string(),
-            id: (key & 0x0fff_ffff) as u32,
-            serial: (key >> 28) as u32,
-            creation: self.creation,
-        }
+        let (id, serial) = Self::pid_parts(key);
+        Pid { node: self.me.to_string(), id, serial, creation: self.creation }
     }
 
     pub fn pid_key(&self, p: &Pid) -> Option<u64> {
@@ -177,5 +196,24 @@ mod tests {
         assert!(t.home(a).is_some(), "pinned survives");
         assert!(t.home(b).is_none(), "oldest unpinned goes");
         assert_eq!(t.keys_of("p").len(), 3);
+        // What was forgotten is not known any more; what stays is.
+        assert_eq!(t.known("p", &[2]), None);
+        assert_eq!(t.known("p", &[1]), Some(a));
+        assert_eq!(t.known("q", &[1]), None);
+    }
+
+    #[test]
+    fn known_identities_are_found_by_their_bytes_and_written_in_place() {
+        let mut t = Table::new("gw@h".into(), 9, 100, 10);
+        let p = Pid { node: "x@dc2".into(), id: 3, serial: 0, creation: 1 };
+        assert_eq!(t.known("dc2", &etf::pid_bytes(&p)), None);
+        let k = t.key_for(Home { peer: "dc2".into(), bytes: etf::pid_bytes(&p) });
+        assert_eq!(t.known("dc2", &etf::pid_bytes(&p)), Some(k));
+        assert_eq!(t.known("dc3", &etf::pid_bytes(&p)), None);
+        for key in [k, 1 << 40] {
+            let mut out = Vec::new();
+            t.put_pid(&mut out, key);
+            assert_eq!(out, etf::pid_bytes(&t.pid(key)));
+        }
     }
 }
