@@ -733,18 +733,21 @@ impl ErlangSide {
     /// slow peer does not hold up the others; only when that queue is at its
     /// bound does this wait, pushing back on the local nodes.
     async fn submit(&mut self, peer: &Arc<str>, payload: Vec<u8>, token: Option<u64>) -> bool {
-        let Some(route) = self.gateway.route(peer).cloned() else { return false };
-        let q = self.pending.entry(peer.clone()).or_default();
+        let Some(route) = self.gateway.route(peer) else { return false };
         let payload = Bytes::from(payload);
-        if q.is_empty() {
+        // Straight to the route unless earlier ones wait (the common case:
+        // no clone of the handle, no entry made).
+        let (payload, token) = if self.pending.get(peer).is_none_or(|q| q.is_empty()) {
             match route.try_submit(payload, token) {
                 Ok(()) => return true,
                 Err(TrySubmit::Gone) => return false,
-                Err(TrySubmit::Full(p, t)) => q.push_back((p, t)),
+                Err(TrySubmit::Full(p, t)) => (p, t),
             }
         } else {
-            q.push_back((payload, token));
-        }
+            (payload, token)
+        };
+        let route = route.clone();
+        self.pending.entry(peer.clone()).or_default().push_back((payload, token));
         while self.pending.get(peer).is_some_and(|q| q.len() > MAX_PENDING) {
             let Some((p, t)) = self.pending.get_mut(peer).and_then(|q| q.pop_front()) else { break };
             if route.submit(p, t).await.is_err() {
@@ -779,9 +782,10 @@ impl ErlangSide {
 
     /// A message from a local process to a proxy (or an alias proxy).
     async fn send_to_peer(&mut self, key: u64, from: Option<Sender>, payload: &[u8], token: Option<u64>, alias: bool) {
-        let Some(home) = self.table.home(key).cloned() else { return self.m.reject("unknown_proxy") };
+        let Some(home) = self.table.home(key) else { return self.m.reject("unknown_proxy") };
+        let (peer, to) = (home.peer.clone(), home.bytes.clone());
         let from = from.and_then(|f| match f {
-            Sender::Pid(f) if *f.node == *self.me => self.outbound(&home.peer, &etf::encode(&Term::Pid(f))).ok(),
+            Sender::Pid(f) if *f.node == *self.me => self.outbound(&peer, &etf::encode(&Term::Pid(f))).ok(),
             // A pid of this cluster: sent as it is (the common case).
             Sender::Pid(f) => {
                 let mut b = vec![etf::VERSION];
@@ -790,22 +794,18 @@ impl ErlangSide {
             }
             Sender::Encoded(f) => Some([&[etf::VERSION][..], &f].concat()),
         });
-        let r = if alias {
-            Relay::AliasSend { to: home.bytes.clone(), from }
-        } else {
-            Relay::Send { to: home.bytes.clone(), from }
-        };
+        let r = if alias { Relay::AliasSend { to, from } } else { Relay::Send { to, from } };
         // One buffer: the relay header, then the message translated into it.
         let mut out = Vec::with_capacity(96 + payload.len());
         if codec::encode_value(&r, &mut out).is_err() {
             return self.m.reject("untranslatable");
         }
-        if let Err(e) = self.outbound_into(&home.peer, payload, &mut out) {
+        if let Err(e) = self.outbound_into(&peer, payload, &mut out) {
             self.m.reject(e.reason());
-            tracing::warn!(peer = %home.peer, "message not sent: {e}");
+            tracing::warn!(peer = %peer, "message not sent: {e}");
             return;
         }
-        if self.submit(&home.peer, out, token).await {
+        if self.submit(&peer, out, token).await {
             self.m.to_peers.increment(1);
         }
     }
@@ -956,12 +956,12 @@ impl ErlangSide {
                 self.m.reject("bad_relay");
             }
             Relay::Send { to, from } => {
-                let Ok(to) = etf::pid_from_bytes(&to) else { return self.m.reject("bad_relay") };
-                self.deliver(peer, to.node.clone(), Term::Pid(to), from, body, SEND_SENDER).await;
+                let Ok(pid) = etf::pid_from_bytes(&to) else { return self.m.reject("bad_relay") };
+                self.deliver(peer, &pid.node, &to, from, body, SEND_SENDER).await;
             }
             Relay::AliasSend { to, from } => {
                 let Ok(alias) = etf::ref_from_bytes(&to) else { return self.m.reject("bad_relay") };
-                self.deliver(peer, alias.node.clone(), Term::Ref(alias), from, body, ALIAS_SEND).await;
+                self.deliver(peer, &alias.node, &to, from, body, ALIAS_SEND).await;
             }
             Relay::Monitor { target } => {
                 let Ok(target) = etf::pid_from_bytes(&target) else { return self.m.reject("bad_relay") };
@@ -1013,16 +1013,10 @@ impl ErlangSide {
     }
 
     /// Hands a message from `peer` to a local process (or alias).
-    async fn deliver(
-        &mut self,
-        peer: &Arc<str>,
-        node: String,
-        to: Term,
-        from: Option<Vec<u8>>,
-        body: &[u8],
-        code: i64,
-    ) {
-        if self.nodes.get(node.as_str()).is_none_or(|n| n.tx.is_none()) {
+    /// `to` is the receiver's encoding (a pid or an alias, checked by the
+    /// caller), on `node`.
+    async fn deliver(&mut self, peer: &Arc<str>, node: &str, to: &[u8], from: Option<Vec<u8>>, body: &[u8], code: i64) {
+        if self.nodes.get(node).is_none_or(|n| n.tx.is_none()) {
             self.undeliverable();
             self.m.reject("node_not_connected");
             tracing::debug!(node, "message for a node the gateway is not connected to: dropped");
@@ -1040,7 +1034,7 @@ impl ErlangSide {
             pkt.truncate(mark);
             etf::put_pid(&mut pkt, &self.gw);
         }
-        etf::put_term(&mut pkt, &to);
+        pkt.extend_from_slice(to);
         if let Err(e) = self.inbound_into(peer, body, &mut pkt) {
             self.undeliverable();
             self.m.reject(e.reason());
@@ -1049,7 +1043,7 @@ impl ErlangSide {
         }
         let len = (pkt.len() - 4) as u32;
         pkt[..4].copy_from_slice(&len.to_be_bytes());
-        let Some(tx) = self.nodes.get(node.as_str()).and_then(|n| n.tx.as_ref()) else {
+        let Some(tx) = self.nodes.get(node).and_then(|n| n.tx.as_ref()) else {
             return self.undeliverable();
         };
         if tx.send_delivery(Bytes::from(pkt), self.delivering.take()).await {
