@@ -158,6 +158,14 @@ pub(crate) struct Submit {
     pub token: Option<u64>,
 }
 
+/// What else a route task is told, in one queue (so that its loop polls
+/// one channel for both): a link the listener accepted for it, or a change
+/// in the local cluster's own groups.
+pub(crate) enum RouteControl {
+    Adopt(Box<crate::link::handshake::Established>),
+    Groups(LocalGroups),
+}
+
 /// A change in the local cluster's own groups.
 #[derive(Debug, Clone)]
 pub(crate) enum LocalGroups {
@@ -204,7 +212,7 @@ impl RouteHandle {
 #[derive(Debug, Clone)]
 pub struct LocalHandle {
     pub(crate) routes: HashMap<String, RouteHandle>,
-    pub(crate) groups: Vec<mpsc::Sender<LocalGroups>>,
+    pub(crate) groups: Vec<mpsc::Sender<RouteControl>>,
 }
 
 impl LocalHandle {
@@ -228,7 +236,7 @@ impl LocalHandle {
 
     async fn broadcast(&self, change: LocalGroups) {
         for tx in &self.groups {
-            let _ = tx.send(change.clone()).await;
+            let _ = tx.send(RouteControl::Groups(change.clone())).await;
         }
     }
 }

@@ -18,10 +18,11 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::{Config, Problem};
-use crate::link::handshake::{self, Admission, Established, Identity, Offer};
+use crate::link::handshake::{self, Admission, Identity, Offer};
 use crate::link::Timeouts;
 use crate::metrics::{self as m, Metrics};
 use crate::tls::Tls;
+use local::RouteControl;
 
 /// A configuration with everything `run` needs loaded and checked: what
 /// `wandist check` validates, without binding a port.
@@ -144,12 +145,11 @@ pub async fn start(
                 offer: Offer { links_wanted: route.links_wanted(), recv_window: route.window },
             },
         );
-        let (inbound_tx, inbound_rx) = mpsc::channel(16);
-        inbound.insert(route.cluster.clone(), inbound_tx);
         let (submit_tx, submit_rx) = mpsc::channel(SUBMIT_QUEUE);
-        let (groups_tx, groups_rx) = mpsc::channel(GROUPS_QUEUE);
+        let (control_tx, control_rx) = mpsc::channel(CONTROL_QUEUE);
+        inbound.insert(route.cluster.clone(), control_tx.clone());
         local.routes.insert(route.cluster.clone(), RouteHandle { submit: submit_tx });
-        local.groups.push(groups_tx);
+        local.groups.push(control_tx);
         let task = peer::PeerTask::new(
             route.clone(),
             own.clone(),
@@ -157,9 +157,8 @@ pub async fn start(
             g,
             timeouts,
             peer::RouteInputs {
-                inbound: inbound_rx,
                 submit: submit_rx,
-                groups: groups_rx,
+                control: control_rx,
                 to_local: to_local.clone(),
                 held: held.clone(),
             },
@@ -244,7 +243,8 @@ pub async fn run(prepared: Prepared, metrics: Metrics, shutdown: CancellationTok
 /// Messages the local side may queue toward a route beyond its window.
 const SUBMIT_QUEUE: usize = 256;
 /// Local group changes queued per route.
-const GROUPS_QUEUE: usize = 1024;
+/// Accepted links and local group changes queued for one route task.
+const CONTROL_QUEUE: usize = 1024;
 
 fn new_epoch() -> u64 {
     let t =
@@ -258,7 +258,7 @@ struct Acceptor {
     tls: Option<Tls>,
     own: Arc<Identity>,
     admit: Arc<HashMap<String, Admission>>,
-    inbound: Arc<HashMap<String, mpsc::Sender<Established>>>,
+    inbound: Arc<HashMap<String, mpsc::Sender<RouteControl>>>,
     timeouts: Timeouts,
     max_frame: usize,
     pending: Arc<Semaphore>,
@@ -307,7 +307,7 @@ impl Acceptor {
                 let Some(tx) = self.inbound.get(&est.peer.cluster) else {
                     return;
                 };
-                if tx.send(est).await.is_err() {
+                if tx.send(RouteControl::Adopt(Box::new(est))).await.is_err() {
                     tracing::debug!(%remote, "route gone while handing over a link");
                 }
             }

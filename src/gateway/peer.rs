@@ -20,7 +20,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::local::{Finished, Held, LocalGroups, Submit, ToLocal};
+use super::local::{Finished, Held, LocalGroups, RouteControl, Submit, ToLocal};
 use crate::config::{GatewayConfig, RouteConfig};
 use crate::link::backoff::Backoff;
 use crate::link::conn::{self, Link, LinkEvent, LinkParams};
@@ -106,9 +106,9 @@ impl RouteMetrics {
 
 /// Where a route task gets its inputs.
 pub(super) struct RouteInputs {
-    pub inbound: mpsc::Receiver<Established>,
     pub submit: mpsc::Receiver<Submit>,
-    pub groups: mpsc::Receiver<LocalGroups>,
+    /// Accepted links and local group changes.
+    pub control: mpsc::Receiver<RouteControl>,
     pub to_local: mpsc::Sender<ToLocal>,
     /// Payload bytes handed to the local side and not yet dropped by it.
     pub held: Arc<std::sync::atomic::AtomicUsize>,
@@ -246,7 +246,10 @@ impl PeerTask {
             let to_local = (!self.outbox.is_empty() || self.route.has_delivery()).then(|| self.inputs.to_local.clone());
             tokio::select! {
                 _ = &mut cancelled => break,
-                Some(est) = self.inputs.inbound.recv() => self.adopt(est, None),
+                Some(c) = self.inputs.control.recv() => match c {
+                    RouteControl::Adopt(est) => self.adopt(*est, None),
+                    RouteControl::Groups(change) => self.on_local_groups(change),
+                },
                 Some(joined) = self.dialing.join_next(), if !self.dialing.is_empty() => match joined {
                     Ok((ep, Ok(est))) => {
                         self.next_dial = Instant::now();
@@ -268,7 +271,6 @@ impl PeerTask {
                         n += 1;
                     }
                 }
-                Some(change) = self.inputs.groups.recv() => self.on_local_groups(change),
                 // The local side finished with deliveries: flush_ack below picks them up.
                 _ = &mut local_done => local_done.set(finished.notify.notified()),
                 Ok(permit) = async { lane.unwrap().reserve_owned().await }, if lane.is_some() => {
