@@ -133,6 +133,9 @@ pub struct ErlangSide {
     delivering: Option<Held>,
     /// Monitors we hold on scope processes: our ref -> node.
     scope_monitors: HashMap<Ref, Arc<str>>,
+    /// Some connected node's scope may be unknown: rediscovery runs (its
+    /// timer is not polled on every turn otherwise).
+    undiscovered: bool,
     next_ref: u32,
     confirms: HashMap<u64, (Pid, Term)>,
     next_token: u64,
@@ -246,6 +249,7 @@ pub fn start(
         held: HashMap::default(),
         delivering: None,
         scope_monitors: HashMap::default(),
+        undiscovered: true,
         next_ref: 1,
         confirms: HashMap::default(),
         next_token: 1,
@@ -312,6 +316,8 @@ impl ErlangSide {
     ) {
         tracing::info!(node = %self.me, creation = self.creation, scope = %self.scope, "Erlang side started");
         let mut rediscover = tokio::time::interval(Duration::from_secs(1));
+        // Not polled while every scope is known: one tick then, not a burst.
+        rediscover.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         // Made once, not on every turn of the loop.
         let mut cancelled = crate::stop::on_cancel(&cancel);
         loop {
@@ -332,7 +338,7 @@ impl ErlangSide {
                         self.on_gateway(item).await;
                     }
                 }
-                _ = rediscover.tick() => self.discover_missing().await,
+                _ = rediscover.tick(), if self.undiscovered => self.discover_missing().await,
                 // (An async block: the timer is made only when something is pending.)
                 _ = async { tokio::time::sleep(PENDING_RETRY).await }, if self.has_pending() => {}
             }
@@ -369,6 +375,7 @@ impl ErlangSide {
     async fn discover_missing(&mut self) {
         let missing: Vec<Arc<str>> =
             self.nodes.iter().filter(|(_, n)| n.tx.is_some() && n.scope.is_none()).map(|(k, _)| k.clone()).collect();
+        self.undiscovered = !missing.is_empty();
         for node in missing {
             self.discover(&node).await;
         }
@@ -398,6 +405,7 @@ impl ErlangSide {
                     n.tx = Some(tx);
                     n.scope = None;
                 }
+                self.undiscovered = true;
                 self.m.connected.set(self.nodes.values().filter(|n| n.tx.is_some()).count() as f64);
                 self.discover(&node).await;
             }
@@ -527,6 +535,7 @@ impl ErlangSide {
                     if let Some(link) = self.nodes.get_mut(&n) {
                         link.scope = None;
                     }
+                    self.undiscovered = true;
                     self.replace_members(&n, BTreeMap::new()).await;
                 } else if let Some((peer, target)) = self.held.remove(mref) {
                     self.relay(&peer, Relay::Down { target: etf::pid_bytes(&target) }, &reason, None).await;
