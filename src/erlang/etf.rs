@@ -193,16 +193,19 @@ impl<'a> Reader<'a> {
         let s = self.take(4)?;
         Ok(u32::from_be_bytes([s[0], s[1], s[2], s[3]]))
     }
-    fn atom(&mut self) -> Result<String, EtfError> {
-        let tag = self.u8()?;
-        let (len, latin1) = match tag {
+    /// An atom's bytes, and whether they are Latin-1 (else UTF-8).
+    fn atom_bytes(&mut self) -> Result<(&'a [u8], bool), EtfError> {
+        let (len, latin1) = match self.u8()? {
             ATOM => (self.u16()? as usize, true),
             SMALL_ATOM => (self.u8()? as usize, true),
             ATOM_UTF8 => (self.u16()? as usize, false),
             SMALL_ATOM_UTF8 => (self.u8()? as usize, false),
             t => return Err(EtfError::Tag(t)),
         };
-        let bytes = self.take(len)?;
+        Ok((self.take(len)?, latin1))
+    }
+    fn atom(&mut self) -> Result<String, EtfError> {
+        let (bytes, latin1) = self.atom_bytes()?;
         if latin1 && !bytes.is_ascii() {
             Ok(bytes.iter().map(|&c| c as char).collect())
         } else {
@@ -212,26 +215,12 @@ impl<'a> Reader<'a> {
     }
     /// Moves past an atom, checking only its tag and length.
     fn atom_extent(&mut self) -> Result<(), EtfError> {
-        let len = match self.u8()? {
-            ATOM | ATOM_UTF8 => self.u16()? as usize,
-            SMALL_ATOM | SMALL_ATOM_UTF8 => self.u8()? as usize,
-            t => return Err(EtfError::Tag(t)),
-        };
-        self.take(len)?;
-        Ok(())
+        self.atom_bytes().map(|_| ())
     }
     /// An atom's text where it lies; `None` for a Latin-1 atom with
     /// non-ASCII bytes (its text differs from its bytes).
     fn atom_str(&mut self) -> Result<Option<&'a str>, EtfError> {
-        let tag = self.u8()?;
-        let (len, latin1) = match tag {
-            ATOM => (self.u16()? as usize, true),
-            SMALL_ATOM => (self.u8()? as usize, true),
-            ATOM_UTF8 => (self.u16()? as usize, false),
-            SMALL_ATOM_UTF8 => (self.u8()? as usize, false),
-            t => return Err(EtfError::Tag(t)),
-        };
-        let bytes = self.take(len)?;
+        let (bytes, latin1) = self.atom_bytes()?;
         if latin1 && !bytes.is_ascii() {
             return Ok(None);
         }
