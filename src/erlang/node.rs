@@ -338,32 +338,20 @@ async fn serve(
     };
     let reader = async {
         let mut len = [0u8; 4];
-        // One timer for the connection, moved only when it fires (not one
-        // per packet): the node is silent once SILENT passed since a packet.
-        let mut heard = std::time::Instant::now();
-        let silent = tokio::time::sleep(SILENT);
-        tokio::pin!(silent);
+        // One timer for the connection, not one per packet: the node is
+        // silent once SILENT passed since a packet.
+        let mut silence = crate::stop::Silence::new(SILENT);
         loop {
-            let got = {
-                let read = rd.read_exact(&mut len);
-                tokio::pin!(read);
-                loop {
-                    tokio::select! {
-                        biased;
-                        r = &mut read => break r,
-                        _ = &mut silent => {
-                            if heard.elapsed() >= SILENT {
-                                return format!("silent for {SILENT:?}");
-                            }
-                            silent.as_mut().reset((heard + SILENT).into());
-                        }
-                    }
-                }
+            let got = tokio::select! {
+                biased;
+                r = rd.read_exact(&mut len) => r,
+                // (Leaves the connection, so the partial read does not matter.)
+                _ = silence.elapsed() => return format!("silent for {SILENT:?}"),
             };
             if let Err(e) = got {
                 return format!("connection lost: {e}");
             }
-            heard = std::time::Instant::now();
+            silence.heard();
             let n = u32::from_be_bytes(len) as usize;
             if n == 0 {
                 continue; // tick
@@ -419,11 +407,9 @@ fn fast_send(buf: &Bytes, node: &Arc<str>, me: &str) -> Option<NodeEvent> {
     if ss.to.node != me || ss.from.node == me || payload_at >= buf.len() {
         return None;
     }
-    // The sender's pid follows the packet type and the tuple's five bytes.
-    let from_at = 1 + 5;
     Some(NodeEvent::Send {
         node: node.clone(),
-        from: buf.slice(from_at..from_at + ss.from.bytes.len()),
+        from: buf.slice_ref(ss.from.bytes),
         to: (ss.to.id, ss.to.serial, ss.to.creation),
         payload: buf.slice(payload_at..),
     })

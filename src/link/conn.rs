@@ -216,12 +216,9 @@ impl Reader {
         };
         let mut batch: Vec<Frame> = Vec::new();
         // One deadline timer for the life of the link, not one per read
-        // (measured: a few % of a relayed message's instructions). It
-        // moves only when it fires.
+        // (measured: a few % of a relayed message's instructions).
         let dead_after = self.params.dead_after;
-        let mut heard = Instant::now();
-        let dead = tokio::time::sleep(dead_after);
-        tokio::pin!(dead);
+        let mut silence = crate::stop::Silence::new(dead_after);
         loop {
             loop {
                 let frame = match codec::decode(&mut self.buf, self.params.max_frame_bytes) {
@@ -276,12 +273,8 @@ impl Reader {
             }
             let read = tokio::select! {
                 _ = &mut stop => return CloseReason::new("closed", ""),
-                _ = &mut dead => {
-                    if heard.elapsed() >= dead_after {
-                        return CloseReason::new("dead", format!("nothing received for {dead_after:?}"));
-                    }
-                    dead.as_mut().reset((heard + dead_after).into());
-                    continue;
+                _ = silence.elapsed() => {
+                    return CloseReason::new("dead", format!("nothing received for {dead_after:?}"));
                 }
                 r = self.rd.read_buf(&mut self.buf) => r,
             };
@@ -293,7 +286,7 @@ impl Reader {
                     };
                 }
                 Ok(n) => {
-                    heard = Instant::now();
+                    silence.heard();
                     received.increment(n as u64);
                 }
                 Err(e) => return CloseReason::new("io", e.to_string()),
@@ -358,13 +351,13 @@ struct Writer {
 impl Writer {
     async fn run(mut self, shared: &Shared, mut stop: oneshot::Receiver<()>) -> CloseReason {
         let sent = self.params.metrics.counter(m::BYTES_SENT, &[("peer", &self.params.peer)]);
-        let mut next_ping = tokio::time::Instant::now();
         let mut last_write = Instant::now();
         // Small to start: an idle link should cost little; it grows under load.
         let mut out = BytesMut::with_capacity(IDLE_BUFFER);
         let max = self.params.max_frame_bytes;
-        // Made once, not per wait (see the reader).
-        let ping = tokio::time::sleep_until(next_ping);
+        // Made once, not per wait (see the reader); its deadline is when the
+        // next heartbeat is due (the first at once).
+        let ping = tokio::time::sleep_until(tokio::time::Instant::now());
         tokio::pin!(ping);
         loop {
             if shared.is_closed() {
@@ -386,14 +379,13 @@ impl Writer {
                     },
                 }
             }
-            if tokio::time::Instant::now() >= next_ping {
+            if tokio::time::Instant::now() >= ping.deadline() {
                 // Idle since the last heartbeat: give back what a burst grew.
                 if out.is_empty() && out.capacity() > IDLE_BUFFER && last_write.elapsed() >= self.params.heartbeat {
                     out = BytesMut::with_capacity(IDLE_BUFFER);
                 }
                 push(&Frame::control(Header::Ping { nonce: micros_since(self.epoch) }), max, &mut out);
-                next_ping = tokio::time::Instant::now() + self.params.heartbeat;
-                ping.as_mut().reset(next_ping);
+                ping.as_mut().reset(tokio::time::Instant::now() + self.params.heartbeat);
             }
             // Write at once, with whatever else is already queued (no waiting
             // for a batch to grow: measured, it only added latency).
