@@ -296,8 +296,7 @@ pub struct SendSender<'a> {
 /// the general decoder then reads (so this only has to be right, not
 /// complete).
 pub fn send_sender(control: &[u8]) -> Option<SendSender<'_>> {
-    const SEND_SENDER: u8 = 22;
-    if control.get(..5)? != [VERSION, SMALL_TUPLE, 3, SMALL_INTEGER, SEND_SENDER] {
+    if control.get(..5)? != [VERSION, SMALL_TUPLE, 3, SMALL_INTEGER, super::dist::SEND_SENDER as u8] {
         return None;
     }
     let mut r = Reader { b: control, at: 5 };

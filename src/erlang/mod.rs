@@ -438,17 +438,26 @@ impl ErlangSide {
                 tracing::warn!(node = %node, "dropped a distribution packet: {why}");
             }
             NodeEvent::Message { node, control, payload } => self.on_dist(&node, control, payload).await,
-            NodeEvent::Send { node, from, to, payload } => self.on_send(&node, from, to, &payload).await,
+            NodeEvent::Send { node, from, to, payload } => {
+                self.send_to_our_pid(&node, to, Some(Sender::Encoded(from)), &payload).await
+            }
         }
     }
 
-    /// `on_dist` for `{SEND_SENDER, From, To}` to a pid on our node from one
-    /// of this cluster's (`NodeEvent::Send`): the same outcome, no terms built.
-    async fn on_send(&mut self, node: &Arc<str>, from: Bytes, (id, serial, creation): (u32, u32, u32), payload: &[u8]) {
+    /// A message from `node` to the pid on our node with this id, serial
+    /// and creation: to our scope process, or through a proxy to its peer.
+    /// (`SEND*` control messages, read as terms or in place.)
+    async fn send_to_our_pid(
+        &mut self,
+        node: &Arc<str>,
+        (id, serial, creation): (u32, u32, u32),
+        from: Option<Sender>,
+        payload: &[u8],
+    ) {
         if (id, serial, creation) == (self.gw.id, self.gw.serial, self.gw.creation) {
             self.on_scope_message(node, payload).await;
         } else if let Some(key) = self.table.pid_key_parts(id, serial, creation) {
-            self.send_to_peer(key, Some(Sender::Encoded(from)), payload, None, false).await;
+            self.send_to_peer(key, from, payload, None, false).await;
         } else {
             self.m.reject("unknown_proxy");
         }
@@ -467,10 +476,8 @@ impl ErlangSide {
                 let (Some(to), Some(payload)) = (pid_at(2), payload) else { return self.m.reject("bad_control") };
                 let from =
                     if code == SEND_SENDER || code == SEND_SENDER_TT { pid_at(1).map(Sender::Pid) } else { None };
-                if to == self.gw {
-                    self.on_scope_message(node, &payload).await;
-                } else if let Some(key) = self.table.pid_key(&to) {
-                    self.send_to_peer(key, from, &payload, None, false).await;
+                if *to.node == *self.me {
+                    self.send_to_our_pid(node, (to.id, to.serial, to.creation), from, &payload).await;
                 } else {
                     self.m.reject("unknown_proxy");
                 }
