@@ -45,8 +45,7 @@ send(R, N, Bin, W, Sent, _Acked) ->
 
 %% K round trips; returns {P50, P99} in microseconds.
 pingpong(R, K) ->
-    Ts = [one_ping(R) || _ <- lists:seq(1, K)],
-    S = lists:sort(Ts),
+    S = lists:sort(round_trips(R, K)),
     {lists:nth(max(1, K div 2), S), lists:nth(max(1, K * 99 div 100), S)}.
 
 %% K round trips; returns each in microseconds (the bench pools them
