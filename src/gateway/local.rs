@@ -151,7 +151,7 @@ pub enum ToLocal {
     Up { peer: Arc<str> },
 }
 
-/// A message for the peer, as the route task receives it.
+/// A message for the peer, queued while the route's window is full.
 #[derive(Debug)]
 pub(crate) struct Submit {
     pub payload: Bytes,
@@ -180,7 +180,7 @@ pub struct RouteGone;
 /// Sends messages to one peer cluster.
 #[derive(Debug, Clone)]
 pub struct RouteHandle {
-    pub(crate) submit: mpsc::Sender<Submit>,
+    pub(crate) core: Arc<super::core::RouteCore>,
 }
 
 /// Why `try_submit` did not take a message.
@@ -192,18 +192,17 @@ pub enum TrySubmit {
 }
 
 impl RouteHandle {
-    /// Hands a message to the route if its queue has room, without waiting.
+    /// Hands a message to the route if its window or queue has room,
+    /// without waiting. With room in the window (and nothing queued before
+    /// it) the message is on its way to the peer when this returns.
     pub fn try_submit(&self, payload: Bytes, token: Option<u64>) -> Result<(), TrySubmit> {
-        self.submit.try_send(Submit { payload, token }).map_err(|e| match e {
-            mpsc::error::TrySendError::Full(s) => TrySubmit::Full(s.payload, s.token),
-            mpsc::error::TrySendError::Closed(_) => TrySubmit::Gone,
-        })
+        self.core.try_submit(payload, token)
     }
 
-    /// Hands a message to the route; waits while its window is full. With a
-    /// token, a `ToLocal::Confirm` for it follows.
+    /// Hands a message to the route; waits while its window and queue are
+    /// full. With a token, a `ToLocal::Confirm` for it follows.
     pub async fn submit(&self, payload: Bytes, token: Option<u64>) -> Result<(), RouteGone> {
-        self.submit.send(Submit { payload, token }).await.map_err(|_| RouteGone)
+        self.core.submit(payload, token).await
     }
 }
 

@@ -2,6 +2,7 @@
 //! per route, the WAN listener, the metrics endpoint — under one
 //! cancellation root, and drains them on shutdown.
 
+mod core;
 mod local;
 mod peer;
 
@@ -145,10 +146,8 @@ pub async fn start(
                 offer: Offer { links_wanted: route.links_wanted(), recv_window: route.window },
             },
         );
-        let (submit_tx, submit_rx) = mpsc::channel(SUBMIT_QUEUE);
         let (control_tx, control_rx) = mpsc::channel(CONTROL_QUEUE);
         inbound.insert(route.cluster.clone(), control_tx.clone());
-        local.routes.insert(route.cluster.clone(), RouteHandle { submit: submit_tx });
         local.groups.push(control_tx);
         let task = peer::PeerTask::new(
             route.clone(),
@@ -156,16 +155,12 @@ pub async fn start(
             if route.insecure_plaintext { None } else { tls.clone() },
             g,
             timeouts,
-            peer::RouteInputs {
-                submit: submit_rx,
-                control: control_rx,
-                to_local: to_local.clone(),
-                held: held.clone(),
-            },
+            peer::RouteInputs { control: control_rx, to_local: to_local.clone(), held: held.clone() },
             metrics.clone(),
             root.clone(),
             tracker.clone(),
         );
+        local.routes.insert(route.cluster.clone(), task.handle());
         tracker.spawn(task.run());
     }
 
@@ -240,9 +235,6 @@ pub async fn run(prepared: Prepared, metrics: Metrics, shutdown: CancellationTok
     Ok(())
 }
 
-/// Messages the local side may queue toward a route beyond its window.
-const SUBMIT_QUEUE: usize = 256;
-/// Local group changes queued per route.
 /// Accepted links and local group changes queued for one route task.
 const CONTROL_QUEUE: usize = 1024;
 

@@ -10,7 +10,6 @@
 //! either side wants, newest first; the other side never trims, so the two
 //! cannot fight.
 
-use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -20,7 +19,8 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::local::{Finished, Held, LocalGroups, RouteControl, Submit, ToLocal};
+use super::core::RouteCore;
+use super::local::{LocalGroups, RouteControl, RouteHandle, ToLocal};
 use crate::config::{GatewayConfig, RouteConfig};
 use crate::link::backoff::Backoff;
 use crate::link::conn::{self, Link, LinkEvent, LinkParams};
@@ -104,9 +104,9 @@ impl RouteMetrics {
     }
 }
 
-/// Where a route task gets its inputs.
+/// Where a route task gets its inputs (messages to send come through
+/// its `RouteCore`, see `handle`).
 pub(super) struct RouteInputs {
-    pub submit: mpsc::Receiver<Submit>,
     /// Accepted links and local group changes.
     pub control: mpsc::Receiver<RouteControl>,
     pub to_local: mpsc::Sender<ToLocal>,
@@ -130,12 +130,9 @@ pub(super) struct PeerTask {
     backoff: Backoff,
     next_dial: Instant,
     next_endpoint: usize,
-    route: Route,
+    /// The route state and what the data path shares with it.
+    core: Arc<RouteCore>,
     members: PeerMembership,
-    /// Confirmations and membership changes waiting for the local side.
-    outbox: VecDeque<ToLocal>,
-    /// Deliveries the local side has finished with (what acks may cover).
-    finished: Arc<Finished>,
     /// The peer understands `Reject` (capability `reject-v1`).
     peer_rejects: bool,
     /// When the last link went down; members are withdrawn `dead_after` later.
@@ -151,6 +148,22 @@ pub(super) struct PeerTask {
     rm: RouteMetrics,
     cancel: CancellationToken,
     tracker: TaskTracker,
+}
+
+fn member_items(peer: &Arc<str>, changes: Vec<Change>) -> impl Iterator<Item = ToLocal> + '_ {
+    changes.into_iter().map(|change| ToLocal::Members { peer: peer.clone(), change })
+}
+
+fn confirm_items(peer: &Arc<str>, confirmations: Vec<Confirmation>) -> impl Iterator<Item = ToLocal> + '_ {
+    confirmations.into_iter().map(|c| ToLocal::Confirm { peer: peer.clone(), token: c.token, outcome: c.outcome })
+}
+
+impl Drop for PeerTask {
+    /// However the task ends (shutdown, or a panic), submitters are told
+    /// the route is gone rather than left waiting for room.
+    fn drop(&mut self) {
+        self.core.mark_closed();
+    }
 }
 
 fn filter(patterns: &[String]) -> Filter {
@@ -172,14 +185,23 @@ impl PeerTask {
     ) -> Self {
         let (events_tx, events) = mpsc::channel(1024);
         let peer: Arc<str> = config.cluster.as_str().into();
+        let route = Route::new(own.epoch, config.window, config.window);
+        let rm = RouteMetrics::new(&metrics, &config.cluster);
+        let core = Arc::new(RouteCore::new(
+            route,
+            peer.clone(),
+            inputs.to_local.clone(),
+            inputs.held.clone(),
+            [rm.sent.clone(), rm.received.clone(), rm.retransmitted.clone()],
+        ));
         let params = LinkParams {
             heartbeat: g.heartbeat,
             dead_after: g.dead_after,
             max_frame_bytes: g.max_frame_bytes,
             peer: config.cluster.clone(),
             metrics: metrics.clone(),
+            sink: Some(core.clone()),
         };
-        let route = Route::new(own.epoch, config.window, config.window);
         let members = PeerMembership::new(
             &own.cluster,
             &config.cluster,
@@ -187,7 +209,6 @@ impl PeerTask {
             filter(&config.import),
             g.max_imported_members,
         );
-        let rm = RouteMetrics::new(&metrics, &config.cluster);
         PeerTask {
             peer,
             own,
@@ -203,10 +224,8 @@ impl PeerTask {
             backoff: Backoff::new(g.reconnect_min, g.reconnect_max),
             next_dial: Instant::now(),
             next_endpoint: 0,
-            route,
+            core,
             members,
-            outbox: VecDeque::new(),
-            finished: Arc::new(Finished::default()),
             peer_rejects: false,
             down_since: Some(Instant::now()),
             withdrawn: true,
@@ -221,6 +240,11 @@ impl PeerTask {
         }
     }
 
+    /// The local side's handle for sending to this route's peer.
+    pub(super) fn handle(&self) -> RouteHandle {
+        RouteHandle { core: self.core.clone() }
+    }
+
     fn offer(&self) -> Offer {
         Offer { links_wanted: self.config.links_wanted(), recv_window: self.config.window }
     }
@@ -231,9 +255,11 @@ impl PeerTask {
         // (a Notified made and dropped per turn costs two lock round trips;
         // cancellation comes through `stop::on_cancel`, cheap to poll).
         let mut cancelled = crate::stop::on_cancel(&self.cancel);
-        let finished = self.finished.clone();
-        let local_done = finished.notify.notified();
+        let core = self.core.clone();
+        let local_done = core.finished.notify.notified();
         tokio::pin!(local_done);
+        let woken = core.wake.notified();
+        tokio::pin!(woken);
         loop {
             let want_dial = !self.config.endpoints.is_empty()
                 && self.dialing.is_empty()
@@ -242,8 +268,13 @@ impl PeerTask {
             let withdraw_at = self.down_since.filter(|_| !self.withdrawn).map(|t| t + self.params.dead_after);
             // Room on the primary's data lane, and on the local side, is
             // reserved before anything is taken out of the route state.
-            let lane = self.primary().filter(|_| self.route.wants_transmit()).map(|l| l.data_lane());
-            let to_local = (!self.outbox.is_empty() || self.route.has_delivery()).then(|| self.inputs.to_local.clone());
+            let (lane, to_local, held_back) = {
+                let st = core.lock();
+                let lane = RouteCore::primary_lane(&st).filter(|_| st.route.wants_transmit()).cloned();
+                let local = !st.outbox.is_empty() || st.route.has_delivery();
+                let held_back = st.route.has_delivery() && core.over_budget();
+                (lane, local.then(|| self.inputs.to_local.clone()), held_back)
+            };
             tokio::select! {
                 _ = &mut cancelled => break,
                 Some(c) = self.inputs.control.recv() => match c {
@@ -259,33 +290,25 @@ impl PeerTask {
                     Err(e) => tracing::error!(peer = %self.peer, "dial task failed: {e}"),
                 },
                 Some(ev) = self.events.recv() => self.on_event(ev),
-                Some(s) = self.inputs.submit.recv(), if self.route.has_room() => {
-                    self.rm.sent.increment(1);
-                    self.route.submit(s.payload, s.token);
-                    // Take what else is queued, up to the window, in one go.
-                    let mut n = 0;
-                    while n < PUMP_BATCH && self.route.has_room() {
-                        let Ok(s) = self.inputs.submit.try_recv() else { break };
-                        self.rm.sent.increment(1);
-                        self.route.submit(s.payload, s.token);
-                        n += 1;
-                    }
-                }
+                // The data path left work (queued submits, a full lane or local queue).
+                _ = &mut woken => woken.set(core.wake.notified()),
                 // The local side finished with deliveries: flush_ack below picks them up.
-                _ = &mut local_done => local_done.set(finished.notify.notified()),
+                _ = &mut local_done => local_done.set(core.finished.notify.notified()),
                 Ok(permit) = async { lane.unwrap().reserve_owned().await }, if lane.is_some() => {
-                    if let Some(frame) = self.next_data_frame() {
+                    let mut st = core.lock();
+                    if let Some(frame) = core.data_frame(&mut st) {
                         permit.send(frame);
                     }
                 }
                 Ok(permit) = async { to_local.unwrap().reserve_owned().await }, if to_local.is_some() => {
-                    if let Some(item) = self.next_local() {
+                    let mut st = core.lock();
+                    if let Some(item) = core.next_local(&mut st) {
                         permit.send(item);
                     }
                 }
                 // Deliveries wait for the local side to work through what it holds.
                 // (Async blocks: a timer is made only when its branch is enabled.)
-                _ = async { tokio::time::sleep(HELD_RETRY).await }, if self.route.has_delivery() && self.over_budget() => {}
+                _ = async { tokio::time::sleep(HELD_RETRY).await }, if held_back => {}
                 _ = async { tokio::time::sleep_until(dial_at.into()).await }, if want_dial => self.dial(),
                 _ = async { tokio::time::sleep_until(withdraw_at.unwrap_or_else(Instant::now).into()).await }, if withdraw_at.is_some() => {
                     self.withdraw();
@@ -301,67 +324,36 @@ impl PeerTask {
         self.shutdown().await;
     }
 
-    /// Moves what can move without waiting: transmissions onto the
-    /// primary's data lane and deliveries to the local side, in batches, so
-    /// a busy route does not go round the select loop once per message.
+    /// Moves what can move without waiting: queued submits into the window,
+    /// transmissions onto the primary's data lane and deliveries to the
+    /// local side, in batches, so a busy route does not go round the select
+    /// loop once per message.
     fn pump(&mut self) {
-        if let Some(lane) = self.primary().filter(|_| self.route.wants_transmit()).map(|l| l.data_lane()) {
-            for _ in 0..PUMP_BATCH {
-                let Ok(permit) = lane.try_reserve() else { break };
-                let Some(frame) = self.next_data_frame() else { break };
-                permit.send(frame);
-            }
+        let core = self.core.clone();
+        {
+            let mut st = core.lock();
+            core.admit_pending(&mut st);
+            core.transmit(&mut st, false);
         }
-        let to_local = self.inputs.to_local.clone();
         for _ in 0..PUMP_BATCH {
-            if !self.local_ready() {
-                break;
-            }
-            let Ok(permit) = to_local.try_reserve() else { break };
-            if let Some(item) = self.next_local() {
-                permit.send(item);
+            {
+                let mut st = core.lock();
+                if !core.local_ready(&st) {
+                    break;
+                }
+                let Ok(permit) = self.inputs.to_local.try_reserve() else { break };
+                match core.next_local(&mut st) {
+                    Some(item) => permit.send(item),
+                    None => break,
+                }
             }
             // Under load, ack as we go rather than only at the end.
             self.flush_ack();
         }
     }
 
-    /// The next message for the primary, as a frame.
-    fn next_data_frame(&mut self) -> Option<Frame> {
-        let t = self.route.next_transmit(Instant::now())?;
-        if t.retransmit {
-            self.rm.retransmitted.increment(1);
-        }
-        Some(Frame { header: Header::Data { epoch: t.epoch, seq: t.seq, more: false }, body: t.payload })
-    }
-
-    fn over_budget(&self) -> bool {
-        self.inputs.held.load(std::sync::atomic::Ordering::Relaxed) >= TO_LOCAL_BYTES
-    }
-
-    /// Whether there is something to hand to the local side now.
-    fn local_ready(&self) -> bool {
-        !self.outbox.is_empty() || (self.route.has_delivery() && !self.over_budget())
-    }
-
-    /// The next item for the local side: notices first, then messages while
-    /// the local side holds less than TO_LOCAL_BYTES of them.
-    fn next_local(&mut self) -> Option<ToLocal> {
-        if let Some(item) = self.outbox.pop_front() {
-            return Some(item);
-        }
-        if self.over_budget() {
-            return None;
-        }
-        let session = self.route.peer_epoch()?;
-        let (n, payload) = self.route.next_delivery()?;
-        self.rm.received.increment(1);
-        let held = Held::take(&self.inputs.held, payload.len(), &self.finished, session, n);
-        Some(ToLocal::Deliver { peer: self.peer.clone(), payload, held })
-    }
-
     fn primary(&self) -> Option<&Link> {
-        let id = self.route.primary()?;
+        let id = self.core.lock().route.primary()?;
         self.links.iter().find(|l| l.link.id == id).map(|l| &l.link)
     }
 
@@ -382,31 +374,33 @@ impl PeerTask {
         if self.primary().is_none() {
             return;
         }
-        if let (Some(session), upto) = self.finished.upto() {
-            if self.route.peer_epoch() == Some(session) {
-                self.route.local_done(upto);
+        let (session, done) = self.core.finished.upto();
+        let (epoch, upto, rejects) = {
+            let mut st = self.core.lock();
+            if session.is_some() && st.route.peer_epoch() == session {
+                st.route.local_done(done);
             }
-        }
-        if let Some((epoch, upto)) = self.route.pending_ack() {
+            let Some((epoch, upto)) = st.route.pending_ack() else { return };
             let every = ACK_EVERY.min(self.config.window.messages as u64 / 4).max(1);
             // (After a new session `upto` restarts low: the wrap makes it due.)
-            let more_now = self.route.has_delivery() && self.inputs.to_local.capacity() > 0;
+            let more_now = st.route.has_delivery() && self.inputs.to_local.capacity() > 0;
             if more_now && upto.wrapping_sub(self.acked_at) < every {
                 return;
             }
             // What could not be delivered is said first, so the ack after it
             // confirms the rest. (A peer without `reject-v1` sees them acked.)
-            self.route.local_undeliverable(self.finished.take_undeliverable(epoch));
-            let rejects = self.route.take_rejects(upto);
-            if self.peer_rejects {
-                for seqs in rejects.chunks(REJECT_CHUNK) {
-                    self.send_on_primary(Frame::control(Header::Reject { epoch, seqs: seqs.to_vec() }));
-                }
+            st.route.local_undeliverable(self.core.finished.take_undeliverable(epoch));
+            let rejects = st.route.take_rejects(upto);
+            st.route.ack_sent(upto);
+            (epoch, upto, rejects)
+        };
+        if self.peer_rejects {
+            for seqs in rejects.chunks(REJECT_CHUNK) {
+                self.send_on_primary(Frame::control(Header::Reject { epoch, seqs: seqs.to_vec() }));
             }
-            self.acked_at = upto;
-            self.send_on_primary(Frame::control(Header::Ack { epoch, upto }));
-            self.route.ack_sent(upto);
         }
+        self.acked_at = upto;
+        self.send_on_primary(Frame::control(Header::Ack { epoch, upto }));
     }
 
     fn send_snapshot(&mut self) {
@@ -428,18 +422,16 @@ impl PeerTask {
     }
 
     fn changes_to_local(&mut self, changes: Vec<Change>) {
-        let peer = self.peer.clone();
-        self.outbox.extend(changes.into_iter().map(|change| ToLocal::Members { peer: peer.clone(), change }));
         self.members_dirty = true;
+        if !changes.is_empty() {
+            self.core.lock().outbox.extend(member_items(&self.peer, changes));
+        }
     }
 
     fn confirmations_to_local(&mut self, confirmations: Vec<Confirmation>) {
-        let peer = self.peer.clone();
-        self.outbox.extend(confirmations.into_iter().map(|c| ToLocal::Confirm {
-            peer: peer.clone(),
-            token: c.token,
-            outcome: c.outcome,
-        }));
+        if !confirmations.is_empty() {
+            self.core.lock().outbox.extend(confirm_items(&self.peer, confirmations));
+        }
     }
 
     fn withdraw(&mut self) {
@@ -456,9 +448,8 @@ impl PeerTask {
     /// every outcome it is owed (bounded by SHUTDOWN_NOTICE, in case it has
     /// stopped reading).
     async fn shutdown(&mut self) {
-        let (mut n, mut confirmations) = self.route.fail_all(FailReason::Shutdown);
-        self.inputs.submit.close();
-        while let Ok(s) = self.inputs.submit.try_recv() {
+        let (mut n, mut confirmations, queued) = self.core.close(FailReason::Shutdown);
+        for s in queued {
             n += 1;
             if let Some(token) = s.token {
                 confirmations.push(Confirmation { token, outcome: Outcome::Failed(FailReason::Shutdown) });
@@ -477,14 +468,15 @@ impl PeerTask {
         self.dialing.abort_all();
         self.publish();
         // Outcomes queued for the local side, then these.
-        self.outbox.retain(|item| matches!(item, ToLocal::Confirm { .. }));
         self.confirmations_to_local(confirmations);
+        let mut outbox = std::mem::take(&mut self.core.lock().outbox);
+        outbox.retain(|item| matches!(item, ToLocal::Confirm { .. }));
         let deadline = tokio::time::Instant::now() + SHUTDOWN_NOTICE;
-        while let Some(item) = self.outbox.pop_front() {
+        while let Some(item) = outbox.pop_front() {
             match tokio::time::timeout_at(deadline, self.inputs.to_local.send(item)).await {
                 Ok(Ok(())) => {}
                 _ => {
-                    tracing::warn!(peer = %self.peer, outcomes = self.outbox.len() + 1, "the local side did not take the outcomes of its messages");
+                    tracing::warn!(peer = %self.peer, outcomes = outbox.len() + 1, "the local side did not take the outcomes of its messages");
                     break;
                 }
             }
@@ -554,12 +546,30 @@ impl PeerTask {
         let link = conn::spawn(est, self.params.clone(), self.events_tx.clone(), &self.tracker);
         let id = link.id;
         self.rm.connects.increment(1);
-        let was_known = self.route.peer_epoch().is_some();
-        let up = self.route.link_up(id, hello.epoch, peer_window);
+        // One step under the lock, so the link's reader cannot hand the
+        // local side a message of a new session before the notices that
+        // go with it (`Lost` for the old run, `Up`).
+        let (was_known, up) = {
+            let mut st = self.core.lock();
+            st.lanes.push((id, link.data_lane()));
+            let was_known = st.route.peer_epoch().is_some();
+            let mut up = st.route.link_up(id, hello.epoch, peer_window);
+            if up.new_session {
+                self.core.finished.reset(hello.epoch);
+            }
+            if up.new_session && was_known {
+                let failed = std::mem::take(&mut up.failed);
+                st.outbox.extend(confirm_items(&self.peer, failed));
+                st.outbox.push_back(ToLocal::Lost { peer: self.peer.clone() });
+                let changes = self.members.peer_restarted();
+                st.outbox.extend(member_items(&self.peer, changes));
+            }
+            if up.primary {
+                st.outbox.push_back(ToLocal::Up { peer: self.peer.clone() });
+            }
+            (was_known, up)
+        };
         self.peer_rejects = hello.capabilities.iter().any(|c| c == CAP_REJECT);
-        if up.new_session {
-            self.finished.reset(hello.epoch);
-        }
         if !up.stale.is_empty() {
             tracing::warn!(peer = %self.peer, "peer gateway restarted (new epoch): a new session");
         }
@@ -575,10 +585,7 @@ impl PeerTask {
                     .increment(up.failed_count as u64);
                 tracing::warn!(peer = %self.peer, messages = up.failed_count, "unconfirmed messages to the peer's previous run reported failed");
             }
-            self.confirmations_to_local(up.failed);
-            self.outbox.push_back(ToLocal::Lost { peer: self.peer.clone() });
-            let changes = self.members.peer_restarted();
-            self.changes_to_local(changes);
+            self.members_dirty = true;
         }
         let role = if up.primary { "primary" } else { "standby" };
         tracing::info!(peer = %self.peer, link = id, role, "link up {info}");
@@ -587,7 +594,6 @@ impl PeerTask {
             if self.down_since.take().is_some() {
                 tracing::info!(peer = %self.peer, "route up");
             }
-            self.outbox.push_back(ToLocal::Up { peer: self.peer.clone() });
             self.withdrawn = false;
             self.send_snapshot();
         }
@@ -618,10 +624,14 @@ impl PeerTask {
                 for frame in frames {
                     self.on_frame(link, frame);
                     // Keep deliveries and acks flowing within a big batch.
-                    if self.route.undelivered().0 >= PUMP_BATCH {
+                    let undelivered = self.core.lock().route.undelivered().0;
+                    if undelivered >= PUMP_BATCH {
                         self.pump();
                     }
                 }
+                // The link's later frames may take the data path again.
+                let mut st = self.core.lock();
+                st.events_queued = st.events_queued.saturating_sub(1);
             }
         }
     }
@@ -630,7 +640,15 @@ impl PeerTask {
         let Some(pos) = self.links.iter().position(|l| l.link.id == link) else { return };
         let live = self.links.remove(pos);
         self.metrics.counter(m::LINK_DISCONNECTS, &[("peer", &self.peer), ("reason", reason.label)]).increment(1);
-        let down = self.route.link_down(link);
+        let down = {
+            let mut st = self.core.lock();
+            st.lanes.retain(|(l, _)| *l != link);
+            let down = st.route.link_down(link);
+            if down.route_down {
+                st.outbox.push_back(ToLocal::Lost { peer: self.peer.clone() });
+            }
+            down
+        };
         let role = if down.was_primary { "primary" } else { "standby" };
         tracing::warn!(peer = %self.peer, link, role, reason = reason.label, "link down: {reason}");
         if let Some(promoted) = down.promoted {
@@ -639,7 +657,6 @@ impl PeerTask {
             self.send_snapshot();
         }
         if down.route_down {
-            self.outbox.push_back(ToLocal::Lost { peer: self.peer.clone() });
             self.members.pause();
             self.down_since = Some(Instant::now());
             tracing::warn!(peer = %self.peer, "route down: no live link");
@@ -666,33 +683,23 @@ impl PeerTask {
     fn on_frame(&mut self, link: u64, frame: Frame) {
         match frame.header {
             Header::Data { epoch, seq, .. } => {
-                if Some(epoch) != self.route.peer_epoch() {
-                    return; // from a previous run of the peer, on a stale link
-                }
-                match self.route.on_data(link, seq, frame.body) {
+                let verdict = {
+                    let mut st = self.core.lock();
+                    if Some(epoch) != st.route.peer_epoch() {
+                        return; // from a previous run of the peer, on a stale link
+                    }
+                    st.route.on_data(link, seq, frame.body)
+                };
+                match verdict {
                     Ok(DataVerdict::Accepted) | Ok(DataVerdict::Stale) => {}
                     Ok(DataVerdict::Duplicate) => self.rm.duplicates.increment(1),
                     Err(v) => self.violation(link, v.label(), v.to_string()),
                 }
             }
-            Header::Ack { epoch, upto } => match self.route.on_ack(epoch, upto, Instant::now()) {
-                Ok(acked) => {
-                    self.rm.delivered.increment(acked.messages as u64);
-                    if acked.undeliverable > 0 {
-                        self.metrics
-                            .counter(
-                                m::MESSAGES_FAILED,
-                                &[("peer", &self.peer), ("reason", FailReason::Undeliverable.label())],
-                            )
-                            .increment(acked.undeliverable as u64);
-                    }
-                    for l in &acked.latencies {
-                        self.rm.ack_latency.record(l.as_secs_f64());
-                    }
-                    self.confirmations_to_local(acked.confirmations);
-                }
-                Err(v) => self.violation(link, v.label(), v.to_string()),
-            },
+            Header::Ack { epoch, upto } => {
+                let acked = self.core.lock().route.on_ack(epoch, upto, Instant::now());
+                self.on_acked(link, acked);
+            }
             Header::Advert(advert) => {
                 let origin = advert.origin.clone();
                 match self.members.on_advert(advert) {
@@ -710,7 +717,8 @@ impl PeerTask {
             }
             Header::Resync => self.send_snapshot(),
             Header::Reject { epoch, seqs } => {
-                if let Err(v) = self.route.on_reject(epoch, &seqs) {
+                let rejected = self.core.lock().route.on_reject(epoch, &seqs);
+                if let Err(v) = rejected {
                     self.violation(link, v.label(), v.to_string());
                 }
             }
@@ -718,17 +726,39 @@ impl PeerTask {
         }
     }
 
+    fn on_acked(&mut self, link: u64, acked: Result<crate::route::Acked, crate::route::Violation>) {
+        match acked {
+            Ok(acked) => {
+                self.rm.delivered.increment(acked.messages as u64);
+                if acked.undeliverable > 0 {
+                    self.metrics
+                        .counter(
+                            m::MESSAGES_FAILED,
+                            &[("peer", &self.peer), ("reason", FailReason::Undeliverable.label())],
+                        )
+                        .increment(acked.undeliverable as u64);
+                }
+                for l in &acked.latencies {
+                    self.rm.ack_latency.record(l.as_secs_f64());
+                }
+                self.confirmations_to_local(acked.confirmations);
+            }
+            Err(v) => self.violation(link, v.label(), v.to_string()),
+        }
+    }
+
     fn publish(&mut self) {
         let up = self.links.iter().filter(|l| !l.link.is_closed()).count();
-        self.rm.primary_up.set(if self.route.is_up() { 1.0 } else { 0.0 });
+        let route_up = if self.core.lock().route.is_up() { 1.0 } else { 0.0 };
+        self.rm.primary_up.set(route_up);
         self.rm.standby_up.set(up.saturating_sub(1) as f64);
-        self.rm.route_up.set(if self.route.is_up() { 1.0 } else { 0.0 });
+        self.rm.route_up.set(route_up);
         self.publish_window();
         self.publish_members();
     }
 
     fn publish_window(&self) {
-        let (n, bytes) = self.route.unacked();
+        let (n, bytes) = self.core.lock().route.unacked();
         self.rm.unacked_messages.set(n as f64);
         self.rm.unacked_bytes.set(bytes as f64);
     }

@@ -47,6 +47,17 @@ pub struct LinkParams {
     /// The peer cluster, for metric labels and logs.
     pub peer: String,
     pub metrics: Metrics,
+    /// Takes frames in the reader's task before they become an event.
+    pub sink: Option<Arc<dyn FrameSink>>,
+}
+
+/// The owner's way to handle frames right in the reader's task, without a
+/// hop through its own (the data path of a route, `gateway::core`).
+pub trait FrameSink: Send + Sync + std::fmt::Debug {
+    /// Takes what it handles from `frames` (whole data messages, in arrival
+    /// order with control frames) and leaves the rest, in order; what is
+    /// left, the reader hands to the owner as one `LinkEvent::Frames`.
+    fn take(&self, link: u64, frames: &mut Vec<Frame>);
 }
 
 /// What a link tells its owner.
@@ -259,14 +270,17 @@ impl Reader {
                     break;
                 }
             }
+            if let (false, Some(sink)) = (batch.is_empty(), &self.params.sink) {
+                sink.take(self.id, &mut batch);
+            }
             if !batch.is_empty() {
                 let frames = std::mem::replace(&mut batch, Vec::with_capacity(64));
                 if self.events.send(LinkEvent::Frames { link: self.id, frames }).await.is_err() {
                     return CloseReason::new("shutdown", "");
                 }
-                if codec::frame_ready(&self.buf) {
-                    continue; // more whole frames already buffered
-                }
+            }
+            if codec::frame_ready(&self.buf) {
+                continue; // more whole frames already buffered
             }
             if self.buf.is_empty() && self.buf.capacity() > 4 * CHUNK_BYTES {
                 self.buf = BytesMut::with_capacity(IDLE_BUFFER); // after a large message
