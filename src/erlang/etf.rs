@@ -217,23 +217,36 @@ impl<'a> Reader<'a> {
     fn atom_extent(&mut self) -> Result<(), EtfError> {
         self.atom_bytes().map(|_| ())
     }
-    /// An atom's text where it lies; `None` for a Latin-1 atom with
-    /// non-ASCII bytes (its text differs from its bytes).
-    fn atom_str(&mut self) -> Result<Option<&'a str>, EtfError> {
+    /// Moves past an atom, checking what `atom` checks, without making
+    /// its text.
+    fn atom_checked(&mut self) -> Result<(), EtfError> {
         let (bytes, latin1) = self.atom_bytes()?;
-        if latin1 && !bytes.is_ascii() {
+        if !latin1 && !bytes.is_ascii() && std::str::from_utf8(bytes).is_err() {
+            return Err(EtfError::BadAtom);
+        }
+        Ok(())
+    }
+    /// An atom's text where it lies, as checked UTF-8 bytes (the cheap
+    /// ASCII check first); `None` for a Latin-1 atom with non-ASCII bytes
+    /// (its text differs from its bytes).
+    fn atom_text(&mut self) -> Result<Option<&'a [u8]>, EtfError> {
+        let (bytes, latin1) = self.atom_bytes()?;
+        if bytes.is_ascii() {
+            return Ok(Some(bytes));
+        }
+        if latin1 {
             return Ok(None);
         }
-        std::str::from_utf8(bytes).map(Some).map_err(|_| EtfError::BadAtom)
+        std::str::from_utf8(bytes).map(|t| Some(t.as_bytes())).map_err(|_| EtfError::BadAtom)
     }
-    /// A pid (from its tag) where it lies; `None` as `atom_str`.
+    /// A pid (from its tag) where it lies; `None` as `atom_text`.
     fn pid_view(&mut self) -> Result<Option<PidView<'a>>, EtfError> {
         let start = self.at;
         let tag = self.u8()?;
         if tag != NEW_PID && tag != PID {
             return Err(EtfError::Tag(tag));
         }
-        let Some(node) = self.atom_str()? else { return Ok(None) };
+        let Some(node) = self.atom_text()? else { return Ok(None) };
         let id = self.u32()?;
         let serial = self.u32()?;
         let creation = if tag == NEW_PID { self.u32()? } else { self.u8()? as u32 };
@@ -274,7 +287,8 @@ impl<'a> Reader<'a> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PidView<'a> {
     pub bytes: &'a [u8],
-    pub node: &'a str,
+    /// The node's name, UTF-8 (checked), as bytes: for comparing.
+    pub node: &'a [u8],
     pub id: u32,
     pub serial: u32,
     pub creation: u32,
@@ -688,7 +702,7 @@ fn scan_one(r: &mut Reader<'_>, out: &mut Vec<u8>, t: &mut dyn Translator, marke
             }
             ATOM | SMALL_ATOM | ATOM_UTF8 | SMALL_ATOM_UTF8 => {
                 r.at = start;
-                r.atom()?;
+                r.atom_checked()?;
                 copy_from(r, out);
             }
             PID | NEW_PID => {
@@ -871,8 +885,8 @@ mod tests {
         b.extend_from_slice(&encode(&Term::atom("msg")));
         let ss = send_sender(&b).expect("a SEND_SENDER");
         assert_eq!(ss.len, len);
-        assert_eq!((ss.from.node, ss.from.id, ss.from.serial, ss.from.creation), ("a@h", 5, 1, 9));
-        assert_eq!((ss.to.node, ss.to.id, ss.to.serial, ss.to.creation), ("gw@h", 70, 2, 3));
+        assert_eq!((ss.from.node, ss.from.id, ss.from.serial, ss.from.creation), (&b"a@h"[..], 5, 1, 9));
+        assert_eq!((ss.to.node, ss.to.id, ss.to.serial, ss.to.creation), (&b"gw@h"[..], 70, 2, 3));
         assert_eq!(ss.from.bytes, pid_bytes(&from));
         assert_eq!(ss.to.bytes, pid_bytes(&to));
         // The old PID_EXT form (one-byte creation) and Latin-1 atoms read too.
@@ -881,7 +895,7 @@ mod tests {
         old.extend_from_slice(&[0, 0, 0, 5, 0, 0, 0, 1, 9]);
         old.extend_from_slice(&b[5 + pid_bytes(&from).len()..]);
         let ss = send_sender(&old).expect("a SEND_SENDER with an old pid");
-        assert_eq!((ss.from.node, ss.from.id, ss.from.creation), ("a@h", 5, 9));
+        assert_eq!((ss.from.node, ss.from.id, ss.from.creation), (&b"a@h"[..], 5, 9));
         // Anything else is left to the decoder: other controls, other
         // shapes, a Latin-1 node name that is not ASCII, truncation.
         let other = encode(&Term::tuple(vec![Term::Int(6), Term::Pid(from.clone()), Term::atom(""), Term::atom("x")]));
@@ -1028,10 +1042,19 @@ mod tests {
             vec![VERSION, 82, 1], // atom cache refs are never advertised
             vec![VERSION, MARK_HOME, NEW_PID],
             vec![VERSION, NEWER_REFERENCE, 0, 200, SMALL_ATOM_UTF8, 1, b'a'],
+            vec![VERSION, SMALL_ATOM_UTF8, 2, 0xc3, 0x28], // not UTF-8
+            vec![VERSION, SMALL_TUPLE, 2, SMALL_ATOM_UTF8, 1, b'a', SMALL_ATOM_UTF8, 1, 0xff],
         ];
         for c in cases {
             assert!(translate(&c, &mut Vec::new(), &mut |_| Ok(Emit::Pid(pid("x", 1))), false).is_err(), "{c:?}");
             assert!(decode(&c).is_err(), "{c:?}");
+        }
+        // What the decoder accepts, the scanner copies: Latin-1 and UTF-8 atoms.
+        for ok in [vec![VERSION, SMALL_ATOM, 2, b'a', 0xe9], vec![VERSION, SMALL_ATOM_UTF8, 2, 0xc3, 0xa9]] {
+            assert!(decode(&ok).is_ok(), "{ok:?}");
+            let mut out = Vec::new();
+            translate(&ok, &mut out, &mut |_| unreachable!(), false).unwrap();
+            assert_eq!(out, ok);
         }
         // Deep nesting is refused by the decoder, and scanned iteratively.
         let mut deep = vec![VERSION];

@@ -404,7 +404,7 @@ fn fast_send(buf: &Bytes, node: &Arc<str>, me: &str) -> Option<NodeEvent> {
     }
     let ss = etf::send_sender(&buf[1..])?;
     let payload_at = 1 + ss.len;
-    if ss.to.node != me || ss.from.node == me || payload_at >= buf.len() {
+    if ss.to.node != me.as_bytes() || ss.from.node == me.as_bytes() || payload_at >= buf.len() {
         return None;
     }
     Some(NodeEvent::Send {
