@@ -223,27 +223,28 @@ impl Barriers {
     }
 
     /// If `control` answers one of our barriers, releases it and every
-    /// earlier one (answers come in order) and returns true.
-    fn answered(&mut self, p: &NodeParams, control: &Term) -> bool {
-        let Some(t) = control.as_tuple() else { return false };
+    /// earlier one (answers come in order): the deliveries they covered,
+    /// for the caller to finish (outside the lock this is kept under).
+    fn answered(&mut self, p: &NodeParams, control: &Term) -> Option<Vec<Held>> {
+        let t = control.as_tuple()?;
         let (Some(dist::MONITOR_P_EXIT), Some(Term::Ref(r))) = (t.first().and_then(Term::as_int), t.get(3)) else {
-            return false;
+            return None;
         };
         if r.ids.get(1) != Some(&BARRIER_TAG) || *r.node != *p.me {
-            return false;
+            return None;
         }
         let id = r.ids[0];
+        let mut released = Vec::new();
         if !self.waiting.iter().any(|(i, _)| *i == id) {
-            return true; // not (or no longer) waiting: ignore, release nothing
+            return Some(released); // not (or no longer) waiting: ignore, release nothing
         }
-        while let Some((first, _)) = self.waiting.front() {
-            let done = *first == id;
-            self.waiting.pop_front();
-            if done {
+        while let Some((first, held)) = self.waiting.pop_front() {
+            released.extend(held);
+            if first == id {
                 break;
             }
         }
-        true
+        Some(released)
     }
 }
 
@@ -377,10 +378,15 @@ async fn serve(
                 continue;
             }
             let ev = match parse(buf) {
-                Ok((control, _)) if barriers.lock().unwrap_or_else(|e| e.into_inner()).answered(p, &control) => {
-                    continue
+                Ok((control, payload)) => {
+                    let answered = barriers.lock().unwrap_or_else(|e| e.into_inner()).answered(p, &control);
+                    if let Some(done) = answered {
+                        // The node has these: their routes ack them now.
+                        Held::finish_all(done);
+                        continue;
+                    }
+                    NodeEvent::Message { node: name.clone(), control, payload }
                 }
-                Ok((control, payload)) => NodeEvent::Message { node: name.clone(), control, payload },
                 Err(why) => NodeEvent::Rejected { node: name.clone(), why },
             };
             if events.send(ev).await.is_err() {
@@ -519,8 +525,12 @@ mod tests {
         let p = params();
         let mut b = Barriers::default();
         let mut batch = BytesMut::new();
-        for _ in 0..3 {
-            b.add(&p, &mut batch, &mut Vec::new());
+        // Each barrier covers one delivery of session 5.
+        let finished = Arc::new(crate::gateway::Finished::default());
+        finished.reset(5);
+        let counter = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        for n in 1..=3 {
+            b.add(&p, &mut batch, &mut vec![Held::take(&counter, 10, &finished, 5, n)]);
         }
         // The packets are MONITOR_P on the unregistered name, with our refs.
         let mut rest = batch.clone().freeze();
@@ -542,13 +552,19 @@ mod tests {
             Term::Ref(etf::Ref { node: p.me.to_string(), creation: 7, ids: vec![2, 0, 0] }),
             Term::atom("noproc"),
         ]);
-        assert!(!b.answered(&p, &other));
-        assert!(b.answered(&p, &answer(&p, 99)));
+        assert!(b.answered(&p, &other).is_none());
+        assert!(b.answered(&p, &answer(&p, 99)).is_some_and(|r| r.is_empty()));
         assert_eq!(b.waiting.len(), 3);
-        // The second answer releases the first two (answers come in order).
-        assert!(b.answered(&p, &answer(&p, 2)));
+        // The second answer releases the first two (answers come in order);
+        // finishing them lets the route ack both.
+        let released = b.answered(&p, &answer(&p, 2)).unwrap();
+        assert_eq!(released.len(), 2);
         assert_eq!(b.waiting.iter().map(|w| w.0).collect::<Vec<_>>(), vec![3]);
-        assert!(b.answered(&p, &answer(&p, 3)));
+        assert_eq!(finished.upto(), (Some(5), 0));
+        Held::finish_all(released);
+        assert_eq!(finished.upto(), (Some(5), 2));
+        assert_eq!(counter.load(std::sync::atomic::Ordering::Relaxed), 10, "the third is still held");
+        assert_eq!(b.answered(&p, &answer(&p, 3)).map(|r| r.len()), Some(1));
         assert!(b.waiting.is_empty());
     }
 }

@@ -20,14 +20,34 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
 use bytes::Bytes;
-use metrics::Counter;
+use metrics::{Counter, Gauge, Histogram};
 use tokio::sync::{mpsc, Notify};
 
 use super::local::{Finished, Held, RouteGone, Submit, ToLocal, TrySubmit};
 use super::peer::TO_LOCAL_BYTES;
-use crate::link::conn::FrameSink;
-use crate::route::{Confirmation, DataVerdict, FailReason, Route};
+use crate::link::conn::{FrameSink, Lanes};
+use crate::route::{Confirmation, DataVerdict, FailReason, Route, Violation};
 use crate::wire::{Frame, Header};
+
+/// Sequence numbers per `Reject` frame.
+const REJECT_CHUNK: usize = 4096;
+/// Under load, an ack goes out at least every this many delivered messages.
+const ACK_EVERY: u64 = 256;
+
+/// The route metrics the data path keeps up to date.
+pub(super) struct DataMetrics {
+    pub sent: Counter,
+    /// Handed to the local side.
+    pub received: Counter,
+    pub retransmitted: Counter,
+    /// Acked by the peer as delivered.
+    pub delivered: Counter,
+    /// Acked by the peer as undeliverable (failed, reason undeliverable).
+    pub undeliverable: Counter,
+    pub ack_latency: Histogram,
+    pub unacked_messages: Gauge,
+    pub unacked_bytes: Gauge,
+}
 
 /// Messages the local side may queue toward a route beyond its window.
 pub(super) const SUBMIT_QUEUE: usize = 256;
@@ -44,9 +64,9 @@ pub(crate) struct RouteCore {
     pub(super) held: Arc<AtomicUsize>,
     /// Deliveries the local side has finished with (what acks may cover).
     pub(super) finished: Arc<Finished>,
-    pub(super) sent: Counter,
-    pub(super) received: Counter,
-    pub(super) retransmitted: Counter,
+    m: DataMetrics,
+    /// Under load, ack at least every this many delivered messages.
+    ack_every: u64,
 }
 
 pub(crate) struct CoreState {
@@ -56,13 +76,17 @@ pub(crate) struct CoreState {
     pub pending: VecDeque<Submit>,
     /// The route is shutting down: no more submits, no more deliveries.
     pub closed: bool,
-    /// Data lanes of the live links, by link id.
-    pub lanes: Vec<(u64, mpsc::Sender<Frame>)>,
+    /// The lanes of the live links.
+    pub lanes: Vec<Lanes>,
     /// Notices for the local side; deliveries wait behind them.
     pub outbox: VecDeque<ToLocal>,
     /// Batches of frames a link left for the route task and it has not
     /// handled yet: while any, later frames wait their turn behind them.
     pub events_queued: usize,
+    /// The `upto` of the last ack sent, for coalescing.
+    pub acked_at: u64,
+    /// The peer understands `Reject` (capability `reject-v1`).
+    pub peer_rejects: bool,
 }
 
 impl std::fmt::Debug for RouteCore {
@@ -72,16 +96,17 @@ impl std::fmt::Debug for RouteCore {
 }
 
 impl RouteCore {
-    /// `counters`: messages sent, received (handed to the local side) and retransmitted.
+    /// `window_messages`: the route's receive window, which sets how often
+    /// a busy route acks.
     pub(super) fn new(
         route: Route,
         peer: Arc<str>,
         to_local: mpsc::Sender<ToLocal>,
         held: Arc<AtomicUsize>,
-        counters: [Counter; 3],
-    ) -> Self {
-        let [sent, received, retransmitted] = counters;
-        RouteCore {
+        m: DataMetrics,
+        window_messages: usize,
+    ) -> Arc<Self> {
+        Arc::new_cyclic(|me| RouteCore {
             state: Mutex::new(CoreState {
                 route,
                 pending: VecDeque::new(),
@@ -89,17 +114,18 @@ impl RouteCore {
                 lanes: Vec::new(),
                 outbox: VecDeque::new(),
                 events_queued: 0,
+                acked_at: 0,
+                peer_rejects: false,
             }),
             wake: Notify::new(),
             room: Notify::new(),
             peer,
             to_local,
             held,
-            finished: Arc::new(Finished::default()),
-            sent,
-            received,
-            retransmitted,
-        }
+            finished: Arc::new(Finished::for_route(me.clone())),
+            m,
+            ack_every: ACK_EVERY.min(window_messages as u64 / 4).max(1),
+        })
     }
 
     pub(super) fn lock(&self) -> MutexGuard<'_, CoreState> {
@@ -115,7 +141,7 @@ impl RouteCore {
             return Err(TrySubmit::Gone);
         }
         if st.pending.is_empty() && st.route.has_room() {
-            self.sent.increment(1);
+            self.m.sent.increment(1);
             st.route.submit(payload, token);
             self.transmit(&mut st, true);
             return Ok(());
@@ -152,7 +178,7 @@ impl RouteCore {
         let mut moved = false;
         while st.route.has_room() {
             let Some(s) = st.pending.pop_front() else { break };
-            self.sent.increment(1);
+            self.m.sent.increment(1);
             st.route.submit(s.payload, s.token);
             moved = true;
         }
@@ -184,15 +210,15 @@ impl RouteCore {
     pub(super) fn data_frame(&self, st: &mut CoreState) -> Option<Frame> {
         let t = st.route.next_transmit(Instant::now())?;
         if t.retransmit {
-            self.retransmitted.increment(1);
+            self.m.retransmitted.increment(1);
         }
         Some(Frame { header: Header::Data { epoch: t.epoch, seq: t.seq, more: false }, body: t.payload })
     }
 
-    /// The primary's data lane.
-    pub(super) fn primary_lane(st: &CoreState) -> Option<&mpsc::Sender<Frame>> {
+    /// The primary's lanes.
+    pub(super) fn primary_lanes(st: &CoreState) -> Option<&Lanes> {
         let id = st.route.primary()?;
-        st.lanes.iter().find(|(l, _)| *l == id).map(|(_, lane)| lane)
+        st.lanes.iter().find(|l| l.id == id)
     }
 
     /// Puts what the route wants to transmit on the primary's data lane
@@ -200,7 +226,7 @@ impl RouteCore {
     /// (woken if `wake`).
     pub(super) fn transmit(&self, st: &mut CoreState, wake: bool) {
         let mut left = false;
-        if let Some(lane) = Self::primary_lane(st).cloned() {
+        if let Some(lane) = Self::primary_lanes(st).map(|l| l.data.clone()) {
             while st.route.wants_transmit() {
                 let Ok(permit) = lane.try_reserve() else {
                     left = true;
@@ -212,6 +238,80 @@ impl RouteCore {
         }
         if left && wake {
             self.wake.notify_one();
+        }
+    }
+
+    pub(super) fn publish_window(&self, st: &CoreState) {
+        let (n, bytes) = st.route.unacked();
+        self.m.unacked_messages.set(n as f64);
+        self.m.unacked_bytes.set(bytes as f64);
+    }
+
+    // ---- acks ----
+
+    /// A cumulative ack from the peer: frees window, moves queued submits
+    /// in and sends them, and queues the confirmations for the local side.
+    pub(super) fn on_ack(&self, st: &mut CoreState, epoch: u64, upto: u64) -> Result<(), Violation> {
+        let acked = st.route.on_ack(epoch, upto, Instant::now())?;
+        self.m.delivered.increment(acked.messages as u64);
+        if acked.undeliverable > 0 {
+            self.m.undeliverable.increment(acked.undeliverable as u64);
+        }
+        for l in &acked.latencies {
+            self.m.ack_latency.record(l.as_secs_f64());
+        }
+        let peer = &self.peer;
+        st.outbox.extend(acked.confirmations.into_iter().map(|c| ToLocal::Confirm {
+            peer: peer.clone(),
+            token: c.token,
+            outcome: c.outcome,
+        }));
+        self.admit_pending(st);
+        self.transmit(st, true);
+        self.publish_window(st);
+        Ok(())
+    }
+
+    /// Sends the cumulative ack for what the local side finished with,
+    /// unless more deliveries are about to follow at once (then every
+    /// `ack_every` messages): an idle route acks at once, a busy one not
+    /// for each message, and a stalled local side does not hold back acks
+    /// for what it already took. Nothing without a primary.
+    pub(super) fn flush_ack(&self, st: &mut CoreState) {
+        let Some(primary) = st.route.primary().and_then(|id| st.lanes.iter().position(|l| l.id == id)) else {
+            return;
+        };
+        let (session, done) = self.finished.upto();
+        if session.is_some() && st.route.peer_epoch() == session {
+            st.route.local_done(done);
+        }
+        let Some((epoch, upto)) = st.route.pending_ack() else { return };
+        // (After a new session `upto` restarts low: the wrap makes it due.)
+        let more_now = st.route.has_delivery() && self.to_local.capacity() > 0;
+        if more_now && upto.wrapping_sub(st.acked_at) < self.ack_every {
+            return;
+        }
+        // What could not be delivered is said first, so the ack after it
+        // confirms the rest. (A peer without `reject-v1` sees them acked.)
+        st.route.local_undeliverable(self.finished.take_undeliverable(epoch));
+        let rejects = st.route.take_rejects(upto);
+        let lanes = &st.lanes[primary];
+        if st.peer_rejects {
+            for seqs in rejects.chunks(REJECT_CHUNK) {
+                lanes.send_control(Frame::control(Header::Reject { epoch, seqs: seqs.to_vec() }));
+            }
+        }
+        lanes.send_control(Frame::control(Header::Ack { epoch, upto }));
+        st.acked_at = upto;
+        st.route.ack_sent(upto);
+    }
+
+    /// Acks what the local side just finished with, from its task (after a
+    /// batch of deliveries was confirmed taken), not the route task's.
+    pub(crate) fn ack_now(&self) {
+        let mut st = self.lock();
+        if !st.closed {
+            self.flush_ack(&mut st);
         }
     }
 
@@ -237,7 +337,7 @@ impl RouteCore {
         }
         let session = st.route.peer_epoch()?;
         let (n, payload) = st.route.next_delivery()?;
-        self.received.increment(1);
+        self.m.received.increment(1);
         let held = Held::take(&self.held, payload.len(), &self.finished, session, n);
         Some(ToLocal::Deliver { peer: self.peer.clone(), payload, held })
     }
@@ -259,10 +359,11 @@ impl RouteCore {
 
 impl FrameSink for RouteCore {
     /// Takes whole data messages that are next in order, straight into the
-    /// route and on to the local side. Leaves the rest in order for the
-    /// route task: control frames, anything after a membership advert, and
-    /// any data frame that is not simply accepted (duplicate, stale, or a
-    /// violation, which the route task handles and reports).
+    /// route and on to the local side, and acks, up to the first frame it
+    /// leaves: any other control frame (advert, reject, resync), or a data
+    /// or ack frame that is not simply accepted (duplicate, stale, or a
+    /// violation, which the route task handles and reports). That frame
+    /// and all after it go to the route task, in order.
     fn take(&self, link: u64, frames: &mut Vec<Frame>) {
         let mut st = self.lock();
         if st.events_queued > 0 || st.closed || st.route.peer_epoch().is_none() {
@@ -284,9 +385,17 @@ impl FrameSink for RouteCore {
                     }
                     taking = false;
                 }
-                // Adverts and deliveries reach the local side in order.
-                Header::Advert(_) | Header::Data { .. } => taking = false,
-                _ => {}
+                Header::Ack { epoch, upto } => {
+                    if self.on_ack(&mut st, epoch, upto).is_ok() {
+                        took = true;
+                        return false;
+                    }
+                    taking = false;
+                }
+                // Everything after a frame left for the route task waits
+                // for it: adverts before later deliveries, a reject before
+                // the ack that follows it.
+                _ => taking = false,
             }
             true
         });
@@ -302,15 +411,29 @@ impl FrameSink for RouteCore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::route::Window;
+    use crate::route::{Outcome, Window};
 
     const LINK: u64 = 7;
     const PEER_EPOCH: u64 = 9;
 
     struct Fixture {
-        core: RouteCore,
+        core: Arc<RouteCore>,
         lane: mpsc::Receiver<Frame>,
+        control: mpsc::Receiver<Frame>,
         local: mpsc::Receiver<ToLocal>,
+    }
+
+    fn data_metrics() -> DataMetrics {
+        DataMetrics {
+            sent: Counter::noop(),
+            received: Counter::noop(),
+            retransmitted: Counter::noop(),
+            delivered: Counter::noop(),
+            undeliverable: Counter::noop(),
+            ack_latency: Histogram::noop(),
+            unacked_messages: Gauge::noop(),
+            unacked_bytes: Gauge::noop(),
+        }
     }
 
     /// A route up on one link, with a send window of `window` messages and
@@ -320,17 +443,11 @@ mod tests {
         let mut route = Route::new(1, w, Window { messages: 64, bytes: 1 << 20 });
         assert!(route.link_up(LINK, PEER_EPOCH, w).primary);
         let (to_local, local) = mpsc::channel(local_room);
-        let core = RouteCore::new(
-            route,
-            "dc2".into(),
-            to_local,
-            Arc::default(),
-            [Counter::noop(), Counter::noop(), Counter::noop()],
-        );
+        let core = RouteCore::new(route, "dc2".into(), to_local, Arc::default(), data_metrics(), 64);
         core.finished.reset(PEER_EPOCH);
-        let (lane_tx, lane) = mpsc::channel(16);
-        core.lock().lanes.push((LINK, lane_tx));
-        Fixture { core, lane, local }
+        let (lanes, control, lane) = Lanes::detached(LINK, 16);
+        core.lock().lanes.push(lanes);
+        Fixture { core, lane, control, local }
     }
 
     fn data(seq: u64) -> Frame {
@@ -417,14 +534,14 @@ mod tests {
     #[test]
     fn data_is_taken_in_order_and_control_frames_are_left() {
         let mut f = fixture(8, 8);
-        let mut frames = vec![Frame::control(Header::Ack { epoch: 1, upto: 0 }), data(1), data(2)];
+        let mut frames = vec![data(1), data(2), Frame::control(Header::Resync), data(3)];
         f.core.take(LINK, &mut frames);
-        assert_eq!(frames.len(), 1);
-        assert!(matches!(frames[0].header, Header::Ack { .. }));
+        assert_eq!(frames.len(), 2, "the resync and what follows it are left");
+        assert!(matches!(frames[0].header, Header::Resync));
         assert_eq!(local_items(&mut f.local), ["msg 1", "msg 2"]);
-        // The ack is now queued for the route task: later data waits behind it.
+        // They are now queued for the route task: later data waits behind them.
         assert_eq!(f.core.lock().events_queued, 1);
-        let mut later = vec![data(3)];
+        let mut later = vec![data(4)];
         f.core.take(LINK, &mut later);
         assert_eq!(later.len(), 1);
         assert_eq!(f.core.lock().events_queued, 2);
@@ -478,5 +595,58 @@ mod tests {
         assert_eq!(local_items(&mut f.local), ["msg 1"]);
         f.core.take(LINK, &mut vec![data(3)]);
         assert_eq!(local_items(&mut f.local), ["msg 2"]);
+    }
+
+    #[test]
+    fn acks_free_the_window_send_what_waited_and_confirm() {
+        let mut f = fixture(2, 8);
+        for i in 1..=4u8 {
+            f.core.try_submit(Bytes::from(vec![i]), Some(i as u64)).unwrap();
+        }
+        assert_eq!(seqs_on(&mut f.lane), [1, 2]);
+        let mut frames = vec![Frame::control(Header::Ack { epoch: 1, upto: 2 })];
+        f.core.take(LINK, &mut frames);
+        assert!(frames.is_empty(), "the ack is taken");
+        assert_eq!(seqs_on(&mut f.lane), [3, 4], "what waited goes out");
+        let confirmed: Vec<(u64, Outcome)> = std::iter::from_fn(|| f.local.try_recv().ok())
+            .map(|item| match item {
+                ToLocal::Confirm { token, outcome, .. } => (token, outcome),
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(confirmed, [(1, Outcome::Delivered), (2, Outcome::Delivered)]);
+        // An ack beyond what was sent is the route task's to report.
+        let mut bad = vec![Frame::control(Header::Ack { epoch: 1, upto: 9 })];
+        f.core.take(LINK, &mut bad);
+        assert_eq!(bad.len(), 1);
+        assert_eq!(f.core.lock().route.unacked().0, 2);
+        // A reject is the route task's, and so is the ack after it (which
+        // must see the reject first).
+        f.core.lock().events_queued = 0;
+        let mut frames = vec![
+            Frame::control(Header::Reject { epoch: 1, seqs: vec![3] }),
+            Frame::control(Header::Ack { epoch: 1, upto: 3 }),
+        ];
+        f.core.take(LINK, &mut frames);
+        assert_eq!(frames.len(), 2);
+        assert_eq!(f.core.lock().route.unacked().0, 2);
+    }
+
+    #[test]
+    fn a_finished_batch_is_acked_once_at_once() {
+        let mut f = fixture(8, 8);
+        f.core.take(LINK, &mut vec![data(1), data(2), data(3)]);
+        let held: Vec<Held> = std::iter::from_fn(|| f.local.try_recv().ok())
+            .map(|item| match item {
+                ToLocal::Deliver { held, .. } => held,
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(held.len(), 3);
+        assert!(f.control.try_recv().is_err(), "nothing is acked before the local side is done");
+        Held::finish_all(held);
+        let acks: Vec<Header> = std::iter::from_fn(|| f.control.try_recv().ok()).map(|fr| fr.header).collect();
+        assert_eq!(acks, [Header::Ack { epoch: PEER_EPOCH, upto: 3 }]);
+        assert!(!woken(&f.core), "no route task needed");
     }
 }

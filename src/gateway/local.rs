@@ -7,7 +7,7 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 
 use bytes::Bytes;
 use tokio::sync::{mpsc, Notify};
@@ -24,7 +24,10 @@ use crate::wire::Member;
 #[derive(Debug, Default)]
 pub(crate) struct Finished {
     state: Mutex<FinishedState>,
+    /// Told when the prefix grows outside a batch (`Held::finish_all`).
     pub(crate) notify: Notify,
+    /// The route, to ack a finished batch at once.
+    route: Weak<super::core::RouteCore>,
 }
 
 #[derive(Debug, Default)]
@@ -39,6 +42,19 @@ struct FinishedState {
 }
 
 impl Finished {
+    pub(crate) fn for_route(route: Weak<super::core::RouteCore>) -> Finished {
+        Finished { route, ..Default::default() }
+    }
+
+    /// A batch of deliveries is finished: ack them now, in the caller's
+    /// task (or have the route task do it, if the route is gone).
+    fn flush(&self) {
+        match self.route.upgrade() {
+            Some(core) => core.ack_now(),
+            None => self.notify.notify_one(),
+        }
+    }
+
     /// A new peer session: numbering starts again; older marks are ignored.
     pub(crate) fn reset(&self, session: u64) {
         let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
@@ -61,7 +77,9 @@ impl Finished {
         (s.session, s.upto)
     }
 
-    fn mark(&self, session: u64, n: u64, undeliverable: bool) {
+    /// Marks delivery `n` finished; tells the route task when the prefix
+    /// grew, if `notify`.
+    fn mark(&self, session: u64, n: u64, undeliverable: bool, notify: bool) {
         let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
         if s.session != Some(session) || n <= s.upto {
             return;
@@ -82,7 +100,9 @@ impl Finished {
             s.upto = next;
         }
         drop(s);
-        self.notify.notify_one();
+        if notify {
+            self.notify.notify_one();
+        }
     }
 }
 
@@ -117,12 +137,34 @@ impl Held {
     }
 }
 
+impl Held {
+    /// Finished with a whole batch (say, everything a delivery barrier
+    /// covered): each route involved acks once, right away, in this task.
+    pub fn finish_all(batch: impl IntoIterator<Item = Held>) {
+        let mut routes: Vec<Arc<Finished>> = Vec::new();
+        for mut held in batch {
+            if let Some(f) = held.release(false) {
+                if !routes.iter().any(|r| Arc::ptr_eq(r, &f)) {
+                    routes.push(f);
+                }
+            }
+        }
+        for f in routes {
+            f.flush();
+        }
+    }
+
+    fn release(&mut self, notify: bool) -> Option<Arc<Finished>> {
+        self.counter.fetch_sub(std::mem::take(&mut self.bytes), Ordering::Relaxed);
+        let (f, session, n) = self.finished.take()?;
+        f.mark(session, n, self.undeliverable, notify);
+        Some(f)
+    }
+}
+
 impl Drop for Held {
     fn drop(&mut self) {
-        self.counter.fetch_sub(self.bytes, Ordering::Relaxed);
-        if let Some((f, session, n)) = self.finished.take() {
-            f.mark(session, n, self.undeliverable);
-        }
+        self.release(true);
     }
 }
 

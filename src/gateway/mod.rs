@@ -6,6 +6,8 @@ mod core;
 mod local;
 mod peer;
 
+#[cfg(test)]
+pub(crate) use local::Finished;
 pub use local::{Held, LocalHandle, RouteGone, RouteHandle, ToLocal, TrySubmit};
 
 use std::collections::HashMap;

@@ -19,7 +19,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::core::RouteCore;
+use super::core::{DataMetrics, RouteCore};
 use super::local::{LocalGroups, RouteControl, RouteHandle, ToLocal};
 use crate::config::{GatewayConfig, RouteConfig};
 use crate::link::backoff::Backoff;
@@ -41,12 +41,8 @@ const HELD_RETRY: Duration = Duration::from_millis(1);
 /// How long a stopping route waits for the local side to take the
 /// outcomes it is owed.
 const SHUTDOWN_NOTICE: Duration = Duration::from_secs(2);
-/// Sequence numbers per `Reject` frame.
-const REJECT_CHUNK: usize = 4096;
 /// The most messages moved per step without going back to the select loop.
 const PUMP_BATCH: usize = 512;
-/// Under load, an ack goes out at least every this many delivered messages.
-const ACK_EVERY: u64 = 256;
 
 struct Live {
     link: Link,
@@ -133,8 +129,6 @@ pub(super) struct PeerTask {
     /// The route state and what the data path shares with it.
     core: Arc<RouteCore>,
     members: PeerMembership,
-    /// The peer understands `Reject` (capability `reject-v1`).
-    peer_rejects: bool,
     /// When the last link went down; members are withdrawn `dead_after` later.
     down_since: Option<Instant>,
     withdrawn: bool,
@@ -142,8 +136,6 @@ pub(super) struct PeerTask {
     /// every MEMBER_GAUGES_EVERY while membership churns.
     members_dirty: bool,
     members_published: Instant,
-    /// The `upto` of the last ack sent, for coalescing.
-    acked_at: u64,
     metrics: Metrics,
     rm: RouteMetrics,
     cancel: CancellationToken,
@@ -187,13 +179,25 @@ impl PeerTask {
         let peer: Arc<str> = config.cluster.as_str().into();
         let route = Route::new(own.epoch, config.window, config.window);
         let rm = RouteMetrics::new(&metrics, &config.cluster);
-        let core = Arc::new(RouteCore::new(
+        let data_metrics = DataMetrics {
+            sent: rm.sent.clone(),
+            received: rm.received.clone(),
+            retransmitted: rm.retransmitted.clone(),
+            delivered: rm.delivered.clone(),
+            undeliverable: metrics
+                .counter(m::MESSAGES_FAILED, &[("peer", &peer), ("reason", FailReason::Undeliverable.label())]),
+            ack_latency: rm.ack_latency.clone(),
+            unacked_messages: rm.unacked_messages.clone(),
+            unacked_bytes: rm.unacked_bytes.clone(),
+        };
+        let core = RouteCore::new(
             route,
             peer.clone(),
             inputs.to_local.clone(),
             inputs.held.clone(),
-            [rm.sent.clone(), rm.received.clone(), rm.retransmitted.clone()],
-        ));
+            data_metrics,
+            config.window.messages,
+        );
         let params = LinkParams {
             heartbeat: g.heartbeat,
             dead_after: g.dead_after,
@@ -226,12 +230,10 @@ impl PeerTask {
             next_endpoint: 0,
             core,
             members,
-            peer_rejects: false,
             down_since: Some(Instant::now()),
             withdrawn: true,
             members_dirty: true,
             members_published: Instant::now(),
-            acked_at: 0,
             metrics,
             rm,
             cancel,
@@ -270,7 +272,7 @@ impl PeerTask {
             // reserved before anything is taken out of the route state.
             let (lane, to_local, held_back) = {
                 let st = core.lock();
-                let lane = RouteCore::primary_lane(&st).filter(|_| st.route.wants_transmit()).cloned();
+                let lane = RouteCore::primary_lanes(&st).filter(|_| st.route.wants_transmit()).map(|l| l.data.clone());
                 let local = !st.outbox.is_empty() || st.route.has_delivery();
                 let held_back = st.route.has_delivery() && core.over_budget();
                 (lane, local.then(|| self.inputs.to_local.clone()), held_back)
@@ -366,41 +368,10 @@ impl PeerTask {
         }
     }
 
-    /// Sends the cumulative ack unless more deliveries are about to follow
-    /// at once (then every ACK_EVERY messages), so an idle route acks
-    /// immediately, a busy one does not ack each message, and a stalled
-    /// local side does not hold back acks for what it already took.
+    /// Acks what the local side finished with (see `RouteCore::flush_ack`).
     fn flush_ack(&mut self) {
-        if self.primary().is_none() {
-            return;
-        }
-        let (session, done) = self.core.finished.upto();
-        let (epoch, upto, rejects) = {
-            let mut st = self.core.lock();
-            if session.is_some() && st.route.peer_epoch() == session {
-                st.route.local_done(done);
-            }
-            let Some((epoch, upto)) = st.route.pending_ack() else { return };
-            let every = ACK_EVERY.min(self.config.window.messages as u64 / 4).max(1);
-            // (After a new session `upto` restarts low: the wrap makes it due.)
-            let more_now = st.route.has_delivery() && self.inputs.to_local.capacity() > 0;
-            if more_now && upto.wrapping_sub(self.acked_at) < every {
-                return;
-            }
-            // What could not be delivered is said first, so the ack after it
-            // confirms the rest. (A peer without `reject-v1` sees them acked.)
-            st.route.local_undeliverable(self.core.finished.take_undeliverable(epoch));
-            let rejects = st.route.take_rejects(upto);
-            st.route.ack_sent(upto);
-            (epoch, upto, rejects)
-        };
-        if self.peer_rejects {
-            for seqs in rejects.chunks(REJECT_CHUNK) {
-                self.send_on_primary(Frame::control(Header::Reject { epoch, seqs: seqs.to_vec() }));
-            }
-        }
-        self.acked_at = upto;
-        self.send_on_primary(Frame::control(Header::Ack { epoch, upto }));
+        let mut st = self.core.lock();
+        self.core.flush_ack(&mut st);
     }
 
     fn send_snapshot(&mut self) {
@@ -551,7 +522,8 @@ impl PeerTask {
         // go with it (`Lost` for the old run, `Up`).
         let (was_known, up) = {
             let mut st = self.core.lock();
-            st.lanes.push((id, link.data_lane()));
+            st.lanes.push(link.lanes());
+            st.peer_rejects = hello.capabilities.iter().any(|c| c == CAP_REJECT);
             let was_known = st.route.peer_epoch().is_some();
             let mut up = st.route.link_up(id, hello.epoch, peer_window);
             if up.new_session {
@@ -569,7 +541,6 @@ impl PeerTask {
             }
             (was_known, up)
         };
-        self.peer_rejects = hello.capabilities.iter().any(|c| c == CAP_REJECT);
         if !up.stale.is_empty() {
             tracing::warn!(peer = %self.peer, "peer gateway restarted (new epoch): a new session");
         }
@@ -642,7 +613,7 @@ impl PeerTask {
         self.metrics.counter(m::LINK_DISCONNECTS, &[("peer", &self.peer), ("reason", reason.label)]).increment(1);
         let down = {
             let mut st = self.core.lock();
-            st.lanes.retain(|(l, _)| *l != link);
+            st.lanes.retain(|l| l.id != link);
             let down = st.route.link_down(link);
             if down.route_down {
                 st.outbox.push_back(ToLocal::Lost { peer: self.peer.clone() });
@@ -697,8 +668,13 @@ impl PeerTask {
                 }
             }
             Header::Ack { epoch, upto } => {
-                let acked = self.core.lock().route.on_ack(epoch, upto, Instant::now());
-                self.on_acked(link, acked);
+                let acked = {
+                    let mut st = self.core.lock();
+                    self.core.on_ack(&mut st, epoch, upto)
+                };
+                if let Err(v) = acked {
+                    self.violation(link, v.label(), v.to_string());
+                }
             }
             Header::Advert(advert) => {
                 let origin = advert.origin.clone();
@@ -726,27 +702,6 @@ impl PeerTask {
         }
     }
 
-    fn on_acked(&mut self, link: u64, acked: Result<crate::route::Acked, crate::route::Violation>) {
-        match acked {
-            Ok(acked) => {
-                self.rm.delivered.increment(acked.messages as u64);
-                if acked.undeliverable > 0 {
-                    self.metrics
-                        .counter(
-                            m::MESSAGES_FAILED,
-                            &[("peer", &self.peer), ("reason", FailReason::Undeliverable.label())],
-                        )
-                        .increment(acked.undeliverable as u64);
-                }
-                for l in &acked.latencies {
-                    self.rm.ack_latency.record(l.as_secs_f64());
-                }
-                self.confirmations_to_local(acked.confirmations);
-            }
-            Err(v) => self.violation(link, v.label(), v.to_string()),
-        }
-    }
-
     fn publish(&mut self) {
         let up = self.links.iter().filter(|l| !l.link.is_closed()).count();
         let route_up = if self.core.lock().route.is_up() { 1.0 } else { 0.0 };
@@ -758,9 +713,8 @@ impl PeerTask {
     }
 
     fn publish_window(&self) {
-        let (n, bytes) = self.core.lock().route.unacked();
-        self.rm.unacked_messages.set(n as f64);
-        self.rm.unacked_bytes.set(bytes as f64);
+        let st = self.core.lock();
+        self.core.publish_window(&st);
     }
 
     fn publish_members(&mut self) {

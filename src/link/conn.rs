@@ -113,9 +113,53 @@ impl Shared {
         self.stop.lock().unwrap_or_else(|e| e.into_inner()).clear();
     }
 
+    /// Closes on purpose: the writer tells the peer why.
+    fn close_saying(&self, label: &'static str, why: &str) {
+        if let Ok(mut g) = self.goodbye.lock() {
+            g.get_or_insert_with(|| why.to_string());
+        }
+        self.close(CloseReason::new(label, why));
+    }
+
     /// Closed once a reason is set (`close` sets it first).
     fn is_closed(&self) -> bool {
         self.reason.get().is_some()
+    }
+}
+
+/// A link's two lanes, for sending from elsewhere than its owner (the
+/// data path). Unlike the `Link` handle, dropping these does not close the
+/// link.
+#[derive(Debug, Clone)]
+pub struct Lanes {
+    pub id: u64,
+    control: mpsc::Sender<Frame>,
+    /// For senders that reserve room before committing a frame.
+    pub data: mpsc::Sender<Frame>,
+    shared: Arc<Shared>,
+}
+
+impl Lanes {
+    /// Lanes of no running link, with their receiving ends (tests).
+    #[cfg(test)]
+    pub(crate) fn detached(id: u64, room: usize) -> (Lanes, mpsc::Receiver<Frame>, mpsc::Receiver<Frame>) {
+        let (control, control_rx) = mpsc::channel(room);
+        let (data, data_rx) = mpsc::channel(room);
+        let (shared, _, _) = Shared::new();
+        (Lanes { id, control, data, shared: Arc::new(shared) }, control_rx, data_rx)
+    }
+
+    /// Queues a control frame. A control lane thousands of frames behind
+    /// means the link is not healthy: it is closed (failover resends data
+    /// and membership from scratch), and this returns false.
+    pub fn send_control(&self, frame: Frame) -> bool {
+        if self.control.try_send(frame).is_ok() {
+            return true;
+        }
+        if !self.shared.is_closed() {
+            self.shared.close_saying("control_overflow", "control frames backed up");
+        }
+        false
     }
 }
 
@@ -125,17 +169,14 @@ impl Link {
         self.control.try_send(frame).is_ok()
     }
 
-    /// The data lane, for owners that reserve room before committing a frame.
-    pub fn data_lane(&self) -> mpsc::Sender<Frame> {
-        self.data.clone()
+    /// The link's lanes, to send on without this handle.
+    pub fn lanes(&self) -> Lanes {
+        Lanes { id: self.id, control: self.control.clone(), data: self.data.clone(), shared: self.shared.clone() }
     }
 
     /// Closes the link, telling the peer why.
     pub fn close(&self, label: &'static str, why: &str) {
-        if let Ok(mut g) = self.shared.goodbye.lock() {
-            g.get_or_insert_with(|| why.to_string());
-        }
-        self.shared.close(CloseReason::new(label, why));
+        self.shared.close_saying(label, why);
     }
 
     pub fn is_closed(&self) -> bool {
