@@ -31,6 +31,8 @@ const DATA_QUEUE: usize = 1024;
 const BATCH_BYTES: usize = 256 * 1024;
 /// Buffer sizes of an idle link (reader and writer); bursts grow them.
 const IDLE_BUFFER: usize = 2 * 1024;
+/// A busy link reads up to this much per read.
+const READ_MAX: usize = 64 * 1024;
 /// Frames handed to the owner in one event, at most.
 const MAX_BATCH_FRAMES: usize = 1024;
 /// Data payloads are sent in chunks of at most this size.
@@ -271,6 +273,7 @@ impl Reader {
         // (measured: a few % of a relayed message's instructions).
         let dead_after = self.params.dead_after;
         let mut silence = crate::stop::Silence::new(dead_after);
+        let mut read_size = IDLE_BUFFER;
         loop {
             loop {
                 let frame = match codec::decode(&mut self.buf, self.params.max_frame_bytes) {
@@ -326,6 +329,15 @@ impl Reader {
             if self.buf.is_empty() && self.buf.capacity() > 4 * CHUNK_BYTES {
                 self.buf = BytesMut::with_capacity(IDLE_BUFFER); // after a large message
             }
+            // Room for a read of `read_size`. (Messages handed on share
+            // the buffer, so a reserve often means a new one: asking for
+            // just the rest of a frame, or letting read_buf add 64 bytes,
+            // made a busy link read a frame at a time.)
+            let spare = self.buf.capacity() - self.buf.len();
+            if spare < read_size / 2 {
+                self.buf.reserve(read_size);
+            }
+            let offered = self.buf.capacity() - self.buf.len();
             let read = tokio::select! {
                 _ = &mut stop => return CloseReason::new("closed", ""),
                 _ = silence.elapsed() => {
@@ -343,6 +355,12 @@ impl Reader {
                 Ok(n) => {
                     silence.heard();
                     received.increment(n as u64);
+                    // A read that filled what was offered: read more at a time.
+                    if n == offered {
+                        read_size = (read_size * 2).min(READ_MAX);
+                    } else if n < IDLE_BUFFER / 2 {
+                        read_size = IDLE_BUFFER;
+                    }
                 }
                 Err(e) => return CloseReason::new("io", e.to_string()),
             }
