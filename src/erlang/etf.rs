@@ -663,7 +663,9 @@ pub fn translate_with(
 }
 
 fn scan_one(r: &mut Reader<'_>, out: &mut Vec<u8>, t: &mut dyn Translator, markers: bool) -> Result<(), EtfError> {
-    let mut todo: Vec<Task> = vec![Task::Terms(1)];
+    // Room for a few levels of nesting up front (growing it showed per message).
+    let mut todo: Vec<Task> = Vec::with_capacity(8);
+    todo.push(Task::Terms(1));
     loop {
         match todo.last_mut() {
             None => return Ok(()),
