@@ -108,4 +108,20 @@ pub fn etf_translate(data: &[u8]) {
         etf::translate_with(&out, &mut again, &mut Known, false).expect("translated output translates again");
     }
     let _ = etf::decode(data);
+    // The in-place readers agree with the decoder wherever they read anything.
+    if let Some(ss) = etf::send_sender(data) {
+        let (t, used) = etf::decode(data).expect("what send_sender reads decodes");
+        assert_eq!(used, ss.len);
+        let t = t.as_tuple().expect("a tuple");
+        for (term, view) in [(&t[1], ss.from), (&t[2], ss.to)] {
+            let p = term.as_pid().expect("a pid");
+            assert_eq!((p.node.as_bytes(), p.id, p.serial, p.creation), (view.node, view.id, view.serial, view.creation));
+        }
+    }
+    if let Some((node, ids)) = etf::name_monitor_exit_ref(data) {
+        let (t, _) = etf::decode(data).expect("what name_monitor_exit_ref reads decodes");
+        let Some(etf::Term::Ref(r)) = t.as_tuple().and_then(|t| t.get(3)) else { panic!("no ref in {t:?}") };
+        assert_eq!(r.node.as_bytes(), node);
+        assert_eq!(r.ids.iter().flat_map(|w| w.to_be_bytes()).collect::<Vec<u8>>(), ids);
+    }
 }

@@ -319,11 +319,12 @@ pub fn send_sender(control: &[u8]) -> Option<SendSender<'_>> {
     Some(SendSender { from, to, len: r.at })
 }
 
-/// The reference of a control term `{MONITOR_P_EXIT, Name, Pid, Ref, _}`
-/// (a monitor on a registered name ended), read in place: its node's name
-/// (checked UTF-8, as bytes) and its words; `None` for anything else, which
-/// the general decoder then reads (so this only has to be right, not
-/// complete). What delivery barriers come back as.
+/// The reference of a control term `{MONITOR_P_EXIT, Name, Pid, Ref,
+/// Reason}` with atoms for name and reason (a monitor on a registered name
+/// ended), read in place: its node's name (checked UTF-8, as bytes) and its
+/// words; `None` for anything else, which the general decoder then reads (so
+/// this only has to be right, not complete). What delivery barriers come
+/// back as.
 pub fn name_monitor_exit_ref(control: &[u8]) -> Option<(&[u8], &[u8])> {
     if control.get(..5)? != [VERSION, SMALL_TUPLE, 5, SMALL_INTEGER, super::dist::MONITOR_P_EXIT as u8] {
         return None;
@@ -335,9 +336,13 @@ pub fn name_monitor_exit_ref(control: &[u8]) -> Option<(&[u8], &[u8])> {
         return None;
     }
     let words = r.u16().ok()? as usize;
+    if !(1..=5).contains(&words) {
+        return None;
+    }
     let node = r.atom_text().ok()??;
     r.u32().ok()?;
     let ids = r.take(4 * words).ok()?;
+    r.atom_checked().ok()?;
     Some((node, ids))
 }
 
