@@ -115,7 +115,10 @@ pub fn etf_translate(data: &[u8]) {
         let t = t.as_tuple().expect("a tuple");
         for (term, view) in [(&t[1], ss.from), (&t[2], ss.to)] {
             let p = term.as_pid().expect("a pid");
-            assert_eq!((p.node.as_bytes(), p.id, p.serial, p.creation), (view.node, view.id, view.serial, view.creation));
+            assert_eq!(
+                (p.node.as_bytes(), p.id, p.serial, p.creation),
+                (view.node, view.id, view.serial, view.creation)
+            );
         }
     }
     if let Some((node, ids)) = etf::name_monitor_exit_ref(data) {
