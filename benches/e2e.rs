@@ -197,13 +197,16 @@ enum TlsEnd {
     Dial(std::sync::Arc<rustls::ClientConfig>),
 }
 
-/// A relay with one TLS end, on a Tokio runtime of its own with two workers
-/// (as a gateway has on this machine): `tokio::io::copy_bidirectional`, no
-/// other work. Two of them make the TLS floor.
+/// A relay with one TLS end, on a Tokio runtime of its own with as many
+/// workers as a gateway has on this machine by default:
+/// `tokio::io::copy_bidirectional`, no other work. Two of them make the TLS
+/// floor.
 fn tls_relay(target: std::net::SocketAddr, end: TlsEnd) -> std::net::SocketAddr {
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+        let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+        let workers = wandist::gateway::worker_threads(0, cpus);
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(workers).enable_all().build().unwrap();
         rt.block_on(async move {
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
             tx.send(listener.local_addr().unwrap()).unwrap();
@@ -446,7 +449,7 @@ fn gateway(epmd: &Epmd, beam: &Path, tag: &str, dir: &Path) -> GwFigures {
         y.eval(&format!("Many = [spawn(fun() -> receive stop -> ok end end) || _ <- lists:seq(1, {MEMBERS})], pg:join(wan, many, Many).")),
         "ok"
     );
-    // WANDIST_BENCH_THREADS sets the gateways' worker_threads (default: one per CPU).
+    // WANDIST_BENCH_THREADS sets the gateways' worker_threads (default: the gateway's own, `gateway::worker_threads`).
     let threads = std::env::var("WANDIST_BENCH_THREADS").map(|t| format!("worker_threads = {t}\n")).unwrap_or_default();
     let tls = |c: &str| {
         format!("[tls]\ncert = \"certs/{c}.pem\"\nkey = \"certs/{c}.key\"\nca = \"certs/ca.pem\"\n[metrics]\nlisten = \"127.0.0.1:0\"\n")

@@ -110,7 +110,7 @@ pub struct GatewayConfig {
     pub max_pending_handshakes: usize,
     /// Per route: more members than this from one peer is refused.
     pub max_imported_members: usize,
-    /// Runtime worker threads; 0 = one per CPU.
+    /// Runtime worker threads; 0 = automatic (`gateway::worker_threads`).
     pub worker_threads: usize,
 }
 

@@ -136,11 +136,10 @@ fn run(config: PathBuf) -> ExitCode {
     };
     init_logging("info");
     let metrics = wandist::metrics::Metrics::new();
-    let threads = prepared.config.gateway.worker_threads;
+    let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let threads = wandist::gateway::worker_threads(prepared.config.gateway.worker_threads, cpus);
     let mut builder = tokio::runtime::Builder::new_multi_thread();
-    if threads > 0 {
-        builder.worker_threads(threads);
-    }
+    builder.worker_threads(threads);
     let runtime = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {

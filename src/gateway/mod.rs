@@ -237,6 +237,19 @@ pub async fn run(prepared: Prepared, metrics: Metrics, shutdown: CancellationTok
     Ok(())
 }
 
+/// The runtime's worker threads: as configured, or (0) one per CPU, but one
+/// in all on a host with two CPUs or fewer. There the second worker mostly
+/// adds hand-offs between CPUs: measured on two CPUs shared with the Erlang
+/// nodes, one worker gave a shorter, steadier round trip, more 100 B
+/// messages/s and less CPU per message (BENCHMARKS.md).
+pub fn worker_threads(configured: usize, cpus: usize) -> usize {
+    match configured {
+        0 if cpus <= 2 => 1,
+        0 => cpus,
+        n => n,
+    }
+}
+
 /// Accepted links and local group changes queued for one route task.
 const CONTROL_QUEUE: usize = 1024;
 
@@ -313,4 +326,18 @@ impl Acceptor {
 fn count_refusal(metrics: &Metrics, e: &handshake::HandshakeError, remote: SocketAddr) {
     metrics.counter(m::HANDSHAKE_FAILURES, &[("peer", m::UNKNOWN_PEER), ("reason", e.reason())]).increment(1);
     tracing::warn!(%remote, reason = e.reason(), "refused incoming connection: {e}");
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn worker_threads_default_to_one_per_cpu_but_one_on_small_hosts() {
+        assert_eq!(super::worker_threads(0, 1), 1);
+        assert_eq!(super::worker_threads(0, 2), 1);
+        assert_eq!(super::worker_threads(0, 3), 3);
+        assert_eq!(super::worker_threads(0, 16), 16);
+        // What the config says, always.
+        assert_eq!(super::worker_threads(2, 2), 2);
+        assert_eq!(super::worker_threads(5, 64), 5);
+    }
 }
