@@ -1,9 +1,11 @@
 //! One task per route: the async shell around [`Route`] and
 //! [`PeerMembership`]. It keeps the wanted number of links to the peer
 //! (dialing with backoff when it has endpoints, adopting links the listener
-//! accepted), moves frames and time in and out of the route state, and
-//! publishes the route's metrics. It never waits on the local side: what is
-//! for the local cluster queues here, bounded by the windows.
+//! accepted), handles link failures and failover, membership, timers, and
+//! whatever the data path (`super::core`) leaves it, and publishes the
+//! route's metrics. Messages and acks normally go through the route state
+//! without this task. It never waits on the local side: what is for the
+//! local cluster queues in the route state, bounded by the windows.
 //!
 //! Both sides may dial; they still form one set of links per pair of
 //! clusters. The side whose cluster name sorts first trims links beyond what
@@ -354,17 +356,11 @@ impl PeerTask {
         }
     }
 
-    fn primary(&self) -> Option<&Link> {
-        let id = self.core.lock().route.primary()?;
-        self.links.iter().find(|l| l.link.id == id).map(|l| &l.link)
-    }
-
+    /// Queues a control frame on the primary (a lane far behind closes it).
     fn send_on_primary(&mut self, frame: Frame) {
-        let Some(link) = self.primary() else { return };
-        if !link.send_control(frame) {
-            // The control lane is thousands of frames behind: this link is
-            // not healthy. Failover resends data and membership from scratch.
-            link.close("control_overflow", "control frames backed up");
+        let st = self.core.lock();
+        if let Some(lanes) = RouteCore::primary_lanes(&st) {
+            lanes.send_control(frame);
         }
     }
 

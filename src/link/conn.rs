@@ -166,11 +166,6 @@ impl Lanes {
 }
 
 impl Link {
-    /// Queues a control frame; false if the link is gone or hopelessly behind.
-    pub fn send_control(&self, frame: Frame) -> bool {
-        self.control.try_send(frame).is_ok()
-    }
-
     /// The link's lanes, to send on without this handle.
     pub fn lanes(&self) -> Lanes {
         Lanes { id: self.id, control: self.control.clone(), data: self.data.clone(), shared: self.shared.clone() }
