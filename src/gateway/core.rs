@@ -3,16 +3,19 @@
 //! A message the local side submits goes into the route state and onto the
 //! primary link's data lane in the submitter's task; a whole data message a
 //! link reads goes into the route state and on to the local side in the
-//! link's reader task. Neither passes through the route task, which does
-//! everything else (links, failover, retransmits, acks, membership, timers)
-//! and picks up whatever the data path could not finish — a full lane, a
-//! full local queue, messages waiting for window — when `wake` tells it to.
+//! link's reader task; the peer's acks are applied there too, and what the
+//! local side finished with is acked from its task (`ack_now`). None of it
+//! passes through the route task, which does everything else (links,
+//! failover, retransmits, membership, timers) and picks up whatever the
+//! data path could not finish — a full lane, a full local queue, messages
+//! waiting for window, frames it does not take — when `wake` tells it to.
 //!
-//! Order is kept by two rules, both decided under the lock: a submit goes
-//! straight in only while nothing waits in `pending`, and a link's frames
-//! are taken only while no earlier batch waits for the route task
-//! (`events_queued`). Items for the local side are sent under the lock, so
-//! a delivery never overtakes a notice (`Lost`, `Members`) queued before it.
+//! Order is kept by rules decided under the lock: a submit goes straight in
+//! only while nothing waits in `pending`; a link's frames are taken only
+//! while no earlier batch waits for the route task (`events_queued`), and
+//! every frame after one left for it waits too. Items for the local side
+//! are sent under the lock, so a delivery never overtakes a notice (`Lost`,
+//! `Members`) queued before it.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -26,6 +29,7 @@ use tokio::sync::{mpsc, Notify};
 use super::local::{Finished, Held, RouteGone, Submit, ToLocal, TrySubmit};
 use super::peer::TO_LOCAL_BYTES;
 use crate::link::conn::{FrameSink, Lanes};
+use crate::membership::Change;
 use crate::route::{Confirmation, DataVerdict, FailReason, Route, Violation};
 use crate::wire::{Frame, Header};
 
@@ -51,6 +55,16 @@ pub(super) struct DataMetrics {
 
 /// Messages the local side may queue toward a route beyond its window.
 pub(super) const SUBMIT_QUEUE: usize = 256;
+
+/// Membership changes of `peer`, as items for the local side.
+pub(super) fn member_items(peer: &Arc<str>, changes: Vec<Change>) -> impl Iterator<Item = ToLocal> + '_ {
+    changes.into_iter().map(|change| ToLocal::Members { peer: peer.clone(), change })
+}
+
+/// Outcomes of messages to `peer`, as items for the local side.
+pub(super) fn confirm_items(peer: &Arc<str>, confirmations: Vec<Confirmation>) -> impl Iterator<Item = ToLocal> + '_ {
+    confirmations.into_iter().map(|c| ToLocal::Confirm { peer: peer.clone(), token: c.token, outcome: c.outcome })
+}
 
 pub(crate) struct RouteCore {
     state: Mutex<CoreState>,
@@ -207,8 +221,8 @@ impl RouteCore {
     }
 
     /// The next message for the primary, as a frame.
-    pub(super) fn data_frame(&self, st: &mut CoreState) -> Option<Frame> {
-        let t = st.route.next_transmit(Instant::now())?;
+    pub(super) fn data_frame(&self, route: &mut Route) -> Option<Frame> {
+        let t = route.next_transmit(Instant::now())?;
         if t.retransmit {
             self.m.retransmitted.increment(1);
         }
@@ -226,13 +240,14 @@ impl RouteCore {
     /// (woken if `wake`).
     pub(super) fn transmit(&self, st: &mut CoreState, wake: bool) {
         let mut left = false;
-        if let Some(lane) = Self::primary_lanes(st).map(|l| l.data.clone()) {
-            while st.route.wants_transmit() {
-                let Ok(permit) = lane.try_reserve() else {
+        let CoreState { route, lanes, .. } = st;
+        if let Some(lane) = route.primary().and_then(|id| lanes.iter().find(|l| l.id == id)) {
+            while route.wants_transmit() {
+                let Ok(permit) = lane.data.try_reserve() else {
                     left = true;
                     break;
                 };
-                let Some(frame) = self.data_frame(st) else { break };
+                let Some(frame) = self.data_frame(route) else { break };
                 permit.send(frame);
             }
         }
@@ -260,12 +275,7 @@ impl RouteCore {
         for l in &acked.latencies {
             self.m.ack_latency.record(l.as_secs_f64());
         }
-        let peer = &self.peer;
-        st.outbox.extend(acked.confirmations.into_iter().map(|c| ToLocal::Confirm {
-            peer: peer.clone(),
-            token: c.token,
-            outcome: c.outcome,
-        }));
+        st.outbox.extend(confirm_items(&self.peer, acked.confirmations));
         self.admit_pending(st);
         self.transmit(st, true);
         self.publish_window(st);
@@ -366,11 +376,11 @@ impl FrameSink for RouteCore {
     /// and all after it go to the route task, in order.
     fn take(&self, link: u64, frames: &mut Vec<Frame>) {
         let mut st = self.lock();
-        if st.events_queued > 0 || st.closed || st.route.peer_epoch().is_none() {
+        let session = st.route.peer_epoch();
+        if st.events_queued > 0 || st.closed || session.is_none() {
             st.events_queued += 1;
             return;
         }
-        let session = st.route.peer_epoch();
         let mut taking = true;
         let mut took = false;
         frames.retain(|f| {

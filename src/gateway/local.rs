@@ -135,9 +135,7 @@ impl Held {
     pub fn undeliverable(&mut self) {
         self.undeliverable = true;
     }
-}
 
-impl Held {
     /// Finished with a whole batch (say, everything a delivery barrier
     /// covered): each route involved acks once, right away, in this task.
     pub fn finish_all(batch: impl IntoIterator<Item = Held>) {

@@ -21,7 +21,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::core::{DataMetrics, RouteCore};
+use super::core::{confirm_items, member_items, DataMetrics, RouteCore};
 use super::local::{LocalGroups, RouteControl, RouteHandle, ToLocal};
 use crate::config::{GatewayConfig, RouteConfig};
 use crate::link::backoff::Backoff;
@@ -120,7 +120,8 @@ pub(super) struct PeerTask {
     params: LinkParams,
     timeouts: Timeouts,
     max_frame: usize,
-    inputs: RouteInputs,
+    /// Accepted links and local group changes.
+    control: mpsc::Receiver<RouteControl>,
     events_tx: mpsc::Sender<LinkEvent>,
     events: mpsc::Receiver<LinkEvent>,
     links: Vec<Live>,
@@ -142,14 +143,6 @@ pub(super) struct PeerTask {
     rm: RouteMetrics,
     cancel: CancellationToken,
     tracker: TaskTracker,
-}
-
-fn member_items(peer: &Arc<str>, changes: Vec<Change>) -> impl Iterator<Item = ToLocal> + '_ {
-    changes.into_iter().map(|change| ToLocal::Members { peer: peer.clone(), change })
-}
-
-fn confirm_items(peer: &Arc<str>, confirmations: Vec<Confirmation>) -> impl Iterator<Item = ToLocal> + '_ {
-    confirmations.into_iter().map(|c| ToLocal::Confirm { peer: peer.clone(), token: c.token, outcome: c.outcome })
 }
 
 impl Drop for PeerTask {
@@ -192,14 +185,8 @@ impl PeerTask {
             unacked_messages: rm.unacked_messages.clone(),
             unacked_bytes: rm.unacked_bytes.clone(),
         };
-        let core = RouteCore::new(
-            route,
-            peer.clone(),
-            inputs.to_local.clone(),
-            inputs.held.clone(),
-            data_metrics,
-            config.window.messages,
-        );
+        let core =
+            RouteCore::new(route, peer.clone(), inputs.to_local, inputs.held, data_metrics, config.window.messages);
         let params = LinkParams {
             heartbeat: g.heartbeat,
             dead_after: g.dead_after,
@@ -222,7 +209,7 @@ impl PeerTask {
             params,
             timeouts,
             max_frame: g.max_frame_bytes,
-            inputs,
+            control: inputs.control,
             events_tx,
             events,
             links: Vec::new(),
@@ -277,11 +264,11 @@ impl PeerTask {
                 let lane = RouteCore::primary_lanes(&st).filter(|_| st.route.wants_transmit()).map(|l| l.data.clone());
                 let local = !st.outbox.is_empty() || st.route.has_delivery();
                 let held_back = st.route.has_delivery() && core.over_budget();
-                (lane, local.then(|| self.inputs.to_local.clone()), held_back)
+                (lane, local.then(|| core.to_local.clone()), held_back)
             };
             tokio::select! {
                 _ = &mut cancelled => break,
-                Some(c) = self.inputs.control.recv() => match c {
+                Some(c) = self.control.recv() => match c {
                     RouteControl::Adopt(est) => self.adopt(*est, None),
                     RouteControl::Groups(change) => self.on_local_groups(change),
                 },
@@ -300,7 +287,7 @@ impl PeerTask {
                 _ = &mut local_done => local_done.set(core.finished.notify.notified()),
                 Ok(permit) = async { lane.unwrap().reserve_owned().await }, if lane.is_some() => {
                     let mut st = core.lock();
-                    if let Some(frame) = core.data_frame(&mut st) {
+                    if let Some(frame) = core.data_frame(&mut st.route) {
                         permit.send(frame);
                     }
                 }
@@ -345,7 +332,7 @@ impl PeerTask {
                 if !core.local_ready(&st) {
                     break;
                 }
-                let Ok(permit) = self.inputs.to_local.try_reserve() else { break };
+                let Ok(permit) = core.to_local.try_reserve() else { break };
                 match core.next_local(&mut st) {
                     Some(item) => permit.send(item),
                     None => break,
@@ -440,7 +427,7 @@ impl PeerTask {
         outbox.retain(|item| matches!(item, ToLocal::Confirm { .. }));
         let deadline = tokio::time::Instant::now() + SHUTDOWN_NOTICE;
         while let Some(item) = outbox.pop_front() {
-            match tokio::time::timeout_at(deadline, self.inputs.to_local.send(item)).await {
+            match tokio::time::timeout_at(deadline, self.core.to_local.send(item)).await {
                 Ok(Ok(())) => {}
                 _ => {
                     tracing::warn!(peer = %self.peer, outcomes = outbox.len() + 1, "the local side did not take the outcomes of its messages");
