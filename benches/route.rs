@@ -5,8 +5,9 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
-use wandist::membership::{Filter, PeerMembership};
+use wandist::membership::{Filter, ImportLimits, PeerMembership};
 use wandist::route::{Route, Window};
+use wandist::wire::Handle;
 
 const W: Window = Window { messages: 65_536, bytes: 64 << 20 };
 
@@ -68,16 +69,15 @@ fn route(c: &mut Criterion) {
 
 fn membership(c: &mut Criterion) {
     let mut g = c.benchmark_group("membership");
-    let members: Vec<Vec<u8>> =
-        (0..10_000u32).map(|i| format!("<0.{i}.0>@chat@10.0.0.{}", i % 200).into_bytes()).collect();
-    let mut a = PeerMembership::new("a", "b", Filter::all(), Filter::all(), 1_000_000);
+    let members: Vec<Handle> = (1..=10_000u64).map(Handle).collect();
+    let mut a = PeerMembership::new("a", "b", Filter::all(), Filter::all(), ImportLimits::DEFAULT);
     for (i, m) in members.iter().enumerate() {
         a.local_join(&format!("group{}", i % 100), std::slice::from_ref(m));
     }
     g.throughput(Throughput::Elements(10_000));
     g.bench_function("snapshot_10k_members_apply", |b| {
         b.iter(|| {
-            let mut recv = PeerMembership::new("b", "a", Filter::all(), Filter::all(), 1_000_000);
+            let mut recv = PeerMembership::new("b", "a", Filter::all(), Filter::all(), ImportLimits::DEFAULT);
             let mut joined = 0;
             for part in a.snapshot() {
                 for c in recv.on_advert(part).unwrap().changes {
@@ -91,15 +91,16 @@ fn membership(c: &mut Criterion) {
     });
     g.throughput(Throughput::Elements(1));
     g.bench_function("delta_join_apply", |b| {
-        let mut send = PeerMembership::new("a", "b", Filter::all(), Filter::all(), 10_000_000);
-        let mut recv = PeerMembership::new("b", "a", Filter::all(), Filter::all(), 10_000_000);
+        let big = ImportLimits { members: 100_000_000, ..ImportLimits::DEFAULT };
+        let mut send = PeerMembership::new("a", "b", Filter::all(), Filter::all(), big);
+        let mut recv = PeerMembership::new("b", "a", Filter::all(), Filter::all(), big);
         for p in send.snapshot() {
             recv.on_advert(p).unwrap();
         }
         let mut i = 0u64;
         b.iter(|| {
             i += 1;
-            let d = send.local_join("g", &[i.to_be_bytes().to_vec()]).unwrap();
+            let d = send.local_join("g", &[Handle(i)]).unwrap();
             recv.on_advert(d).unwrap();
         })
     });

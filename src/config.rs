@@ -146,10 +146,57 @@ pub struct RouteConfig {
     /// Group-name patterns exported to / imported from this peer.
     pub export: Vec<String>,
     pub import: Vec<String>,
+    pub limits: Limits,
 }
 
 /// Default per-route window: enough to keep a 200 ms link busy.
 pub const DEFAULT_WINDOW: Window = Window { messages: 65_536, bytes: 64 * 1024 * 1024 };
+
+/// What one peer may make this gateway hold (SECURITY.md, "Per-peer
+/// limits"). Each is a `[[route]]` key (`max_` and the field name; atoms:
+/// `max_peer_atoms`); a refusal at any of them is counted with the peer's
+/// name and costs that peer only.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Links to the peer at once, whoever dialed.
+    pub links: u8,
+    /// Proxies for the peer's processes and references.
+    pub proxies: usize,
+    /// Handles issued to the peer for ours.
+    pub handles: usize,
+    /// Monitors the gateway holds on local processes for the peer.
+    pub monitors: usize,
+    /// Imported groups, members, and bytes (names + 8 per member).
+    pub groups: usize,
+    pub members: usize,
+    pub member_bytes: usize,
+    /// Messages (and bytes) queued for the peer beyond its window.
+    pub pending: usize,
+    pub pending_bytes: usize,
+    /// Distinct atoms the peer may bring to the local nodes.
+    pub atoms: usize,
+}
+
+impl Limits {
+    pub const DEFAULT: Limits = Limits {
+        links: 1 + MAX_STANDBY,
+        proxies: 1_100_000,
+        handles: 1_100_000,
+        monitors: 100_000,
+        groups: 100_000,
+        members: 1_000_000,
+        member_bytes: 64 * 1024 * 1024,
+        pending: 16_384,
+        pending_bytes: 64 * 1024 * 1024,
+        atoms: 10_000,
+    };
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits::DEFAULT
+    }
+}
 
 /// One way to reach a peer gateway: an address, maybe through a proxy.
 #[derive(Debug, Clone)]
@@ -266,7 +313,11 @@ impl Config {
         };
         let tls = cx.table(root, "tls", false).and_then(|t| cx.tls(t));
         let metrics = cx.table(root, "metrics", false).and_then(|t| cx.metrics(t));
-        let routes = cx.routes(root.get("route"), gateway.as_ref().map(|g| g.cluster.as_str()));
+        let routes = cx.routes(
+            root.get("route"),
+            gateway.as_ref().map(|g| g.cluster.as_str()),
+            gateway.as_ref().map_or(Limits::DEFAULT.members, |g| g.max_imported_members),
+        );
         let erlang = cx.table(root, "erlang", false).and_then(|t| cx.erlang(t));
 
         if let Some(routes) = &routes {
@@ -568,7 +619,7 @@ impl Cx<'_> {
         Some(MetricsConfig { listen: self.socket_addr(t, "listen")? })
     }
 
-    fn routes(&mut self, item: Option<&Item>, own: Option<&str>) -> Option<Vec<RouteConfig>> {
+    fn routes(&mut self, item: Option<&Item>, own: Option<&str>, members: usize) -> Option<Vec<RouteConfig>> {
         let Some(item) = item else {
             return Some(Vec::new());
         };
@@ -589,14 +640,20 @@ impl Cx<'_> {
         let mut seen = BTreeSet::new();
         let mut routes = Vec::new();
         for t in tables {
-            if let Some(r) = self.route(t, own, &mut seen) {
+            if let Some(r) = self.route(t, own, &mut seen, members) {
                 routes.push(r);
             }
         }
         Some(routes)
     }
 
-    fn route(&mut self, t: &dyn TableLike, own: Option<&str>, seen: &mut BTreeSet<String>) -> Option<RouteConfig> {
+    fn route(
+        &mut self,
+        t: &dyn TableLike,
+        own: Option<&str>,
+        seen: &mut BTreeSet<String>,
+        default_members: usize,
+    ) -> Option<RouteConfig> {
         self.allow_keys(
             t,
             &[
@@ -611,6 +668,16 @@ impl Cx<'_> {
                 "window_bytes",
                 "export",
                 "import",
+                "max_links",
+                "max_proxies",
+                "max_handles",
+                "max_monitors",
+                "max_groups",
+                "max_members",
+                "max_member_bytes",
+                "max_pending",
+                "max_pending_bytes",
+                "max_peer_atoms",
             ],
             "[[route]]",
         );
@@ -685,8 +752,45 @@ impl Cx<'_> {
         };
         let export = self.patterns(t, "export");
         let import = self.patterns(t, "import");
+        let limits = self.limits(t, standby, default_members);
         let (cluster, _) = cluster?;
-        Some(RouteConfig { cluster, endpoints, standby, insecure_plaintext, window, export, import })
+        Some(RouteConfig { cluster, endpoints, standby, insecure_plaintext, window, export, import, limits })
+    }
+
+    /// The per-peer limits of a route (every key optional).
+    fn limits(&mut self, t: &dyn TableLike, standby: u8, default_members: usize) -> Limits {
+        let d = Limits::DEFAULT;
+        let mut n = |k: &str, min: i64, max: i64, default: usize| self.integer(t, k, min, max, default as i64) as usize;
+        let members = n("max_members", 1, 100_000_000, default_members);
+        let l = Limits {
+            links: n("max_links", 1, 64, d.links as usize) as u8,
+            members,
+            // A proxy per imported member, and room for the rest.
+            proxies: n("max_proxies", 1, 200_000_000, members + 100_000),
+            handles: n("max_handles", 1, 200_000_000, d.handles),
+            monitors: n("max_monitors", 0, 100_000_000, d.monitors),
+            groups: n("max_groups", 1, 100_000_000, d.groups),
+            member_bytes: n("max_member_bytes", 1024, 1 << 40, d.member_bytes),
+            pending: n("max_pending", 1, 100_000_000, d.pending),
+            pending_bytes: n("max_pending_bytes", 1024, 1 << 40, d.pending_bytes),
+            atoms: n("max_peer_atoms", 0, 10_000_000, d.atoms),
+        };
+        if usize::from(standby) + 1 > usize::from(l.links) {
+            self.err(
+                Self::key_span(t, "max_links").or_else(|| Self::key_span(t, "standby")),
+                format!("max_links = {} leaves no room for 1 + standby = {} links", l.links, standby + 1),
+            );
+        }
+        if l.proxies < l.members {
+            self.err(
+                Self::key_span(t, "max_proxies"),
+                format!(
+                    "max_proxies ({}) must be at least max_members ({}): every imported member is a proxy",
+                    l.proxies, l.members
+                ),
+            );
+        }
+        l
     }
 
     fn erlang(&mut self, t: &dyn TableLike) -> Option<ErlangConfig> {

@@ -8,7 +8,13 @@
 //!
 //! Adverts are numbered. A session starts with a snapshot (possibly in
 //! parts), then ordered deltas; a receiver that sees a gap asks for a new
-//! snapshot. Members are counted, as `pg` counts repeated joins.
+//! snapshot. Members are handles of the advertising gateway, counted as
+//! `pg` counts repeated joins.
+//!
+//! What a peer may make us hold is bounded ([`ImportLimits`]): members,
+//! groups and bytes (group names plus 8 per member), counting a snapshot
+//! still arriving in parts; a group name the local side cannot use (for
+//! Erlang: not an atom a node accepts) is refused and never imported.
 
 use std::collections::BTreeMap;
 
@@ -16,6 +22,28 @@ use crate::wire::{Advert, AdvertBody, Member};
 
 /// Snapshot parts are cut at about this many bytes of member data.
 const PART_BYTES: usize = 256 * 1024;
+/// What one member costs in the byte count (its handle).
+const MEMBER_BYTES: usize = 8;
+
+/// How much one peer may make us import.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ImportLimits {
+    pub members: usize,
+    pub groups: usize,
+    /// Group names' bytes plus 8 per member.
+    pub bytes: usize,
+}
+
+impl ImportLimits {
+    pub const DEFAULT: ImportLimits = ImportLimits { members: 1_000_000, groups: 100_000, bytes: 64 * 1024 * 1024 };
+}
+
+/// Whether a group name is one the local side can use.
+pub type GroupCheck = fn(&str) -> Result<(), &'static str>;
+
+fn any_group(_: &str) -> Result<(), &'static str> {
+    Ok(())
+}
 
 /// A group-name pattern: `*` matches any run of characters, `?` one.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -66,6 +94,10 @@ impl Filter {
         Filter(patterns)
     }
 
+    pub fn from_patterns(patterns: &[String]) -> Filter {
+        Filter(patterns.iter().map(|p| Pattern::new(p.as_str())).collect())
+    }
+
     pub fn allows(&self, group: &str) -> bool {
         self.0.iter().any(|p| p.matches(group))
     }
@@ -84,6 +116,22 @@ pub enum Rejected {
     NotOwnCluster,
     #[error("advert would exceed {0} imported members")]
     TooManyMembers(usize),
+    #[error("advert would exceed {0} imported groups")]
+    TooManyGroups(usize),
+    #[error("advert would exceed {0} bytes of imported membership")]
+    TooManyBytes(usize),
+}
+
+impl Rejected {
+    /// The metric label.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Rejected::NotOwnCluster => "not_own_cluster",
+            Rejected::TooManyMembers(_) => "member_limit",
+            Rejected::TooManyGroups(_) => "group_limit",
+            Rejected::TooManyBytes(_) => "byte_limit",
+        }
+    }
 }
 
 /// The outcome of an accepted (or ignored) advert.
@@ -92,9 +140,34 @@ pub struct Applied {
     pub changes: Vec<Change>,
     /// We lost track: ask the peer for a fresh snapshot.
     pub resync: bool,
+    /// Groups left out because the local side cannot use their names
+    /// (the name, cut to 64 bytes, and why).
+    pub refused: Vec<(String, &'static str)>,
 }
 
 type Table = BTreeMap<String, BTreeMap<Member, u32>>;
+
+/// What a table holds: (members, groups, bytes).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+struct Size {
+    members: usize,
+    groups: usize,
+    bytes: usize,
+}
+
+impl Size {
+    fn over(&self, l: &ImportLimits) -> Option<Rejected> {
+        if self.members > l.members {
+            Some(Rejected::TooManyMembers(l.members))
+        } else if self.groups > l.groups {
+            Some(Rejected::TooManyGroups(l.groups))
+        } else if self.bytes > l.bytes {
+            Some(Rejected::TooManyBytes(l.bytes))
+        } else {
+            None
+        }
+    }
+}
 
 #[derive(Debug)]
 pub struct PeerMembership {
@@ -102,12 +175,14 @@ pub struct PeerMembership {
     own: String,
     export: Filter,
     import: Filter,
-    max_members: usize,
+    limits: ImportLimits,
+    check: GroupCheck,
     local: Table,
+    local_size: Size,
     out_counter: u64,
     live: bool,
     imported: Table,
-    imported_members: usize,
+    imported_size: Size,
     in_counter: Option<u64>,
     partial: Option<Partial>,
 }
@@ -117,19 +192,31 @@ struct Partial {
     counter: u64,
     next_part: u32,
     table: Table,
-    members: usize,
+    size: Size,
 }
 
-fn add(table: &mut Table, group: &str, members: &[Member]) -> usize {
-    let entry = table.entry(group.to_string()).or_default();
-    for m in members {
-        *entry.entry(m.clone()).or_insert(0) += 1;
+/// Adds members (to `size` too).
+fn add(table: &mut Table, size: &mut Size, group: &str, members: &[Member]) {
+    if members.is_empty() {
+        return;
     }
-    members.len()
+    let entry = match table.get_mut(group) {
+        Some(e) => e,
+        None => {
+            size.groups += 1;
+            size.bytes += group.len();
+            table.entry(group.to_string()).or_default()
+        }
+    };
+    for m in members {
+        *entry.entry(*m).or_insert(0) += 1;
+    }
+    size.members += members.len();
+    size.bytes += MEMBER_BYTES * members.len();
 }
 
-/// Removes members; returns those that were there.
-fn remove(table: &mut Table, group: &str, members: &[Member]) -> Vec<Member> {
+/// Removes members (from `size` too); returns those that were there.
+fn remove(table: &mut Table, size: &mut Size, group: &str, members: &[Member]) -> Vec<Member> {
     let mut gone = Vec::new();
     if let Some(entry) = table.get_mut(group) {
         for m in members {
@@ -138,13 +225,17 @@ fn remove(table: &mut Table, group: &str, members: &[Member]) -> Vec<Member> {
                 if *n == 0 {
                     entry.remove(m);
                 }
-                gone.push(m.clone());
+                gone.push(*m);
             }
         }
         if entry.is_empty() {
             table.remove(group);
+            size.groups -= 1;
+            size.bytes -= group.len();
         }
     }
+    size.members -= gone.len();
+    size.bytes -= MEMBER_BYTES * gone.len();
     gone
 }
 
@@ -154,14 +245,12 @@ fn count(table: &Table) -> usize {
 }
 
 fn expand(members: &BTreeMap<Member, u32>) -> Vec<Member> {
-    members.iter().flat_map(|(m, &n)| std::iter::repeat_n(m.clone(), n as usize)).collect()
+    members.iter().flat_map(|(m, &n)| std::iter::repeat_n(*m, n as usize)).collect()
 }
 
 /// Members of `a` beyond their count in `b`, repeated as often as they exceed it.
 fn surplus(a: &BTreeMap<Member, u32>, b: &BTreeMap<Member, u32>) -> Vec<Member> {
-    a.iter()
-        .flat_map(|(m, &n)| std::iter::repeat_n(m.clone(), n.saturating_sub(*b.get(m).unwrap_or(&0)) as usize))
-        .collect()
+    a.iter().flat_map(|(m, &n)| std::iter::repeat_n(*m, n.saturating_sub(*b.get(m).unwrap_or(&0)) as usize)).collect()
 }
 
 /// The joins and leaves that turn `old` into `new`.
@@ -183,22 +272,39 @@ fn diff(old: &Table, new: &Table) -> Vec<Change> {
     changes
 }
 
+/// A group name cut to 64 bytes for a log line (on a character boundary).
+fn shown(group: &str) -> String {
+    let mut end = group.len().min(64);
+    while !group.is_char_boundary(end) {
+        end -= 1;
+    }
+    group[..end].to_string()
+}
+
 impl PeerMembership {
-    pub fn new(own: &str, peer: &str, export: Filter, import: Filter, max_members: usize) -> PeerMembership {
+    pub fn new(own: &str, peer: &str, export: Filter, import: Filter, limits: ImportLimits) -> PeerMembership {
         PeerMembership {
             peer: peer.to_string(),
             own: own.to_string(),
             export,
             import,
-            max_members,
+            limits,
+            check: any_group,
             local: Table::new(),
+            local_size: Size::default(),
             out_counter: 0,
             live: false,
             imported: Table::new(),
-            imported_members: 0,
+            imported_size: Size::default(),
             in_counter: None,
             partial: None,
         }
+    }
+
+    /// Refuses imported groups whose names `check` refuses.
+    pub fn with_check(mut self, check: GroupCheck) -> PeerMembership {
+        self.check = check;
+        self
     }
 
     fn advert(&mut self, body: AdvertBody) -> Advert {
@@ -210,13 +316,13 @@ impl PeerMembership {
 
     /// Members of our own cluster joined; returns the delta for the peer.
     pub fn local_join(&mut self, group: &str, members: &[Member]) -> Option<Advert> {
-        add(&mut self.local, group, members);
+        add(&mut self.local, &mut self.local_size, group, members);
         (self.live && self.export.allows(group) && !members.is_empty())
             .then(|| self.advert(AdvertBody::Join { group: group.to_string(), members: members.to_vec() }))
     }
 
     pub fn local_leave(&mut self, group: &str, members: &[Member]) -> Option<Advert> {
-        let gone = remove(&mut self.local, group, members);
+        let gone = remove(&mut self.local, &mut self.local_size, group, members);
         (self.live && self.export.allows(group) && !gone.is_empty())
             .then(|| self.advert(AdvertBody::Leave { group: group.to_string(), members: gone }))
     }
@@ -228,7 +334,7 @@ impl PeerMembership {
         let exported: Vec<(String, Vec<Member>)> =
             self.local.iter().filter(|(g, _)| self.export.allows(g)).map(|(g, m)| (g.clone(), expand(m))).collect();
         for (group, members) in exported {
-            let bytes: usize = group.len() + members.iter().map(|m| m.len() + 2).sum::<usize>();
+            let bytes: usize = group.len() + MEMBER_BYTES * members.len();
             if size > 0 && size + bytes > PART_BYTES {
                 parts.push(Vec::new());
                 size = 0;
@@ -265,10 +371,25 @@ impl PeerMembership {
     /// come back with the next snapshot.
     pub fn withdraw(&mut self) -> Vec<Change> {
         let old = std::mem::take(&mut self.imported);
-        self.imported_members = 0;
+        self.imported_size = Size::default();
         self.in_counter = None;
         self.partial = None;
         diff(&old, &Table::new())
+    }
+
+    /// Whether we take `group` from this peer: passes `import`, and the
+    /// local side can use its name (else it goes to `refused`).
+    fn wanted(&self, group: &str, refused: &mut Vec<(String, &'static str)>) -> bool {
+        if !self.import.allows(group) {
+            return false;
+        }
+        match (self.check)(group) {
+            Ok(()) => true,
+            Err(why) => {
+                refused.push((shown(group), why));
+                false
+            }
+        }
     }
 
     pub fn on_advert(&mut self, a: Advert) -> Result<Applied, Rejected> {
@@ -276,39 +397,44 @@ impl PeerMembership {
             return Err(Rejected::NotOwnCluster);
         }
         let stale = |last: Option<u64>| last.is_some_and(|l| a.counter <= l);
+        let resync = || Ok(Applied { resync: true, ..Default::default() });
+        let mut refused = Vec::new();
         match a.body {
             AdvertBody::Snapshot { part, last, groups } => {
                 if part == 0 {
                     if stale(self.in_counter) {
                         return Ok(Applied::default());
                     }
-                    self.partial = Some(Partial { counter: a.counter, next_part: 0, table: Table::new(), members: 0 });
+                    self.partial =
+                        Some(Partial { counter: a.counter, next_part: 0, table: Table::new(), size: Size::default() });
                 }
-                let Some(p) = self.partial.as_mut() else { return Ok(Applied { changes: vec![], resync: true }) };
+                let Some(p) = self.partial.as_ref() else { return resync() };
                 if p.next_part != part || (part > 0 && a.counter != p.counter + 1) {
                     self.partial = None;
-                    return Ok(Applied { changes: vec![], resync: true });
+                    return resync();
                 }
+                let groups: Vec<_> = groups.into_iter().filter(|(g, _)| self.wanted(g, &mut refused)).collect();
+                let Some(p) = self.partial.as_mut() else { return resync() };
                 p.counter = a.counter;
                 p.next_part += 1;
                 for (group, members) in groups {
-                    if self.import.allows(&group) {
-                        p.members += add(&mut p.table, &group, &members);
+                    add(&mut p.table, &mut p.size, &group, &members);
+                    // Checked as it grows: a snapshot that never ends
+                    // holds no more than a whole one may.
+                    if let Some(over) = p.size.over(&self.limits) {
+                        self.partial = None;
+                        return Err(over);
                     }
                 }
-                if p.members > self.max_members {
-                    self.partial = None;
-                    return Err(Rejected::TooManyMembers(self.max_members));
-                }
                 if !last {
-                    return Ok(Applied::default());
+                    return Ok(Applied { refused, ..Default::default() });
                 }
                 let Some(p) = self.partial.take() else { return Ok(Applied::default()) };
                 let changes = diff(&self.imported, &p.table);
                 self.imported = p.table;
-                self.imported_members = p.members;
+                self.imported_size = p.size;
                 self.in_counter = Some(p.counter);
-                Ok(Applied { changes, resync: false })
+                Ok(Applied { changes, resync: false, refused })
             }
             body => {
                 let newest = self.partial.as_ref().map(|p| p.counter).or(self.in_counter);
@@ -317,25 +443,31 @@ impl PeerMembership {
                 }
                 if self.partial.is_some() || self.in_counter.map(|c| c + 1) != Some(a.counter) {
                     self.partial = None;
-                    return Ok(Applied { changes: vec![], resync: true });
+                    return resync();
                 }
                 self.in_counter = Some(a.counter);
                 let change = match body {
-                    AdvertBody::Join { group, members } if self.import.allows(&group) => {
-                        if self.imported_members + members.len() > self.max_members {
-                            return Err(Rejected::TooManyMembers(self.max_members));
+                    AdvertBody::Join { group, members } if self.wanted(&group, &mut refused) => {
+                        let mut after = self.imported_size;
+                        after.members += members.len();
+                        after.bytes += MEMBER_BYTES * members.len();
+                        if !self.imported.contains_key(&group) && !members.is_empty() {
+                            after.groups += 1;
+                            after.bytes += group.len();
                         }
-                        self.imported_members += add(&mut self.imported, &group, &members);
-                        Some(Change::Join { group, members })
+                        if let Some(over) = after.over(&self.limits) {
+                            return Err(over);
+                        }
+                        add(&mut self.imported, &mut self.imported_size, &group, &members);
+                        (!members.is_empty()).then_some(Change::Join { group, members })
                     }
                     AdvertBody::Leave { group, members } if self.import.allows(&group) => {
-                        let gone = remove(&mut self.imported, &group, &members);
-                        self.imported_members -= gone.len();
+                        let gone = remove(&mut self.imported, &mut self.imported_size, &group, &members);
                         (!gone.is_empty()).then_some(Change::Leave { group, members: gone })
                     }
                     _ => None,
                 };
-                Ok(Applied { changes: change.into_iter().collect(), resync: false })
+                Ok(Applied { changes: change.into_iter().collect(), resync: false, refused })
             }
         }
     }
@@ -348,7 +480,7 @@ impl PeerMembership {
 
     /// (groups, members) imported from this peer.
     pub fn imported(&self) -> (usize, usize) {
-        (self.imported.len(), self.imported_members)
+        (self.imported_size.groups, self.imported_size.members)
     }
 
     pub fn imported_table(&self) -> impl Iterator<Item = (&str, Vec<Member>)> {
@@ -357,7 +489,10 @@ impl PeerMembership {
 
     #[cfg(test)]
     fn check(&self) {
-        assert_eq!(self.imported_members, count(&self.imported));
+        assert_eq!(self.imported_size.members, count(&self.imported));
+        assert_eq!(self.imported_size.groups, self.imported.len());
+        let bytes: usize = self.imported.keys().map(|g| g.len()).sum::<usize>() + MEMBER_BYTES * count(&self.imported);
+        assert_eq!(self.imported_size.bytes, bytes);
     }
 }
 
@@ -365,14 +500,18 @@ impl PeerMembership {
 mod tests {
     use super::*;
 
-    fn m(s: &str) -> Member {
-        s.as_bytes().to_vec()
+    fn m(n: u64) -> Member {
+        crate::wire::Handle(n)
+    }
+
+    fn limit(members: usize) -> ImportLimits {
+        ImportLimits { members, ..ImportLimits::DEFAULT }
     }
 
     fn pair() -> (PeerMembership, PeerMembership) {
         (
-            PeerMembership::new("a", "b", Filter::all(), Filter::all(), 1000),
-            PeerMembership::new("b", "a", Filter::all(), Filter::all(), 1000),
+            PeerMembership::new("a", "b", Filter::all(), Filter::all(), limit(1000)),
+            PeerMembership::new("b", "a", Filter::all(), Filter::all(), limit(1000)),
         )
     }
 
@@ -402,33 +541,33 @@ mod tests {
     #[test]
     fn snapshot_then_deltas() {
         let (mut a, mut b) = pair();
-        assert_eq!(a.local_join("chat", &[m("p1")]), None, "no deltas before the session's snapshot");
+        assert_eq!(a.local_join("chat", &[m(1)]), None, "no deltas before the session's snapshot");
         let changes = send(&mut b, a.snapshot());
-        assert_eq!(changes, vec![Change::Join { group: "chat".into(), members: vec![m("p1")] }]);
-        let d = a.local_join("chat", &[m("p2"), m("p2")]).unwrap();
-        assert_eq!(send(&mut b, vec![d]), vec![Change::Join { group: "chat".into(), members: vec![m("p2"), m("p2")] }]);
-        let d = a.local_leave("chat", &[m("p2")]).unwrap();
-        assert_eq!(send(&mut b, vec![d]), vec![Change::Leave { group: "chat".into(), members: vec![m("p2")] }]);
+        assert_eq!(changes, vec![Change::Join { group: "chat".into(), members: vec![m(1)] }]);
+        let d = a.local_join("chat", &[m(2), m(2)]).unwrap();
+        assert_eq!(send(&mut b, vec![d]), vec![Change::Join { group: "chat".into(), members: vec![m(2), m(2)] }]);
+        let d = a.local_leave("chat", &[m(2)]).unwrap();
+        assert_eq!(send(&mut b, vec![d]), vec![Change::Leave { group: "chat".into(), members: vec![m(2)] }]);
         assert_eq!(b.imported(), (1, 2));
         assert_eq!(a.exported(), (1, 2));
         // Leaving what is not there says nothing.
-        assert_eq!(a.local_leave("chat", &[m("nobody")]), None);
+        assert_eq!(a.local_leave("chat", &[m(99)]), None);
     }
 
     #[test]
     fn a_new_snapshot_replaces_by_difference() {
         let (mut a, mut b) = pair();
-        a.local_join("g1", &[m("x"), m("y")]);
+        a.local_join("g1", &[m(24), m(25)]);
         send(&mut b, a.snapshot());
         a.pause();
-        a.local_leave("g1", &[m("x")]);
-        a.local_join("g2", &[m("z")]);
+        a.local_leave("g1", &[m(24)]);
+        a.local_join("g2", &[m(26)]);
         let changes = send(&mut b, a.snapshot());
         assert_eq!(
             changes,
             vec![
-                Change::Leave { group: "g1".into(), members: vec![m("x")] },
-                Change::Join { group: "g2".into(), members: vec![m("z")] },
+                Change::Leave { group: "g1".into(), members: vec![m(24)] },
+                Change::Join { group: "g2".into(), members: vec![m(26)] },
             ]
         );
     }
@@ -436,10 +575,9 @@ mod tests {
     #[test]
     fn large_snapshots_come_in_parts() {
         let (mut a, mut b) = pair();
-        let mut b_big = PeerMembership::new("b", "a", Filter::all(), Filter::all(), 100_000);
-        for g in 0..100 {
-            let members: Vec<Member> =
-                (0..100).map(|i| format!("{g:03}-{i:03}-{}", "x".repeat(40)).into_bytes()).collect();
+        let mut b_big = PeerMembership::new("b", "a", Filter::all(), Filter::all(), limit(100_000));
+        for g in 0..100u64 {
+            let members: Vec<Member> = (0..500).map(|i| m(1000 * g + i)).collect();
             a.local_join(&format!("group{g}"), &members);
         }
         let parts = a.snapshot();
@@ -450,7 +588,7 @@ mod tests {
             let applied = b_big.on_advert(p).unwrap();
             assert_eq!(applied.changes.is_empty(), i + 1 < n);
         }
-        assert_eq!(b_big.imported(), (100, 10_000));
+        assert_eq!(b_big.imported(), (100, 50_000));
         // The same snapshot is too big for a receiver limited to 1000 members.
         let mut last = Ok(Applied::default());
         for p in a.snapshot() {
@@ -468,7 +606,7 @@ mod tests {
         let forged = Advert {
             origin: "c".into(),
             counter: 1,
-            body: AdvertBody::Snapshot { part: 0, last: true, groups: vec![("g".into(), vec![m("x")])] },
+            body: AdvertBody::Snapshot { part: 0, last: true, groups: vec![("g".into(), vec![m(24)])] },
         };
         assert_eq!(b.on_advert(forged), Err(Rejected::NotOwnCluster));
         assert_eq!(b.imported(), (0, 0));
@@ -478,31 +616,31 @@ mod tests {
     fn imported_members_never_reach_exports() {
         // b learns a's members; what b exports to c is only b's own.
         let (mut a, mut b) = pair();
-        let mut b_to_c = PeerMembership::new("b", "c", Filter::all(), Filter::all(), 1000);
-        a.local_join("chat", &[m("a-member")]);
+        let mut b_to_c = PeerMembership::new("b", "c", Filter::all(), Filter::all(), limit(1000));
+        a.local_join("chat", &[m(100)]);
         send(&mut b, a.snapshot());
-        b_to_c.local_join("chat", &[m("b-member")]);
+        b_to_c.local_join("chat", &[m(200)]);
         let snap = b_to_c.snapshot();
         let AdvertBody::Snapshot { groups, .. } = &snap[0].body else { panic!() };
-        assert_eq!(groups, &vec![("chat".to_string(), vec![m("b-member")])]);
+        assert_eq!(groups, &vec![("chat".to_string(), vec![m(200)])]);
         assert_eq!(snap[0].origin, "b");
     }
 
     #[test]
     fn filters_apply_both_ways() {
-        let mut a = PeerMembership::new("a", "b", Filter::new(vec![Pattern::new("pub.*")]), Filter::all(), 1000);
-        let mut b = PeerMembership::new("b", "a", Filter::all(), Filter::new(vec![Pattern::new("*.eu")]), 1000);
-        a.local_join("pub.eu", &[m("1")]);
-        a.local_join("pub.us", &[m("2")]);
-        a.local_join("private.eu", &[m("3")]);
+        let mut a = PeerMembership::new("a", "b", Filter::new(vec![Pattern::new("pub.*")]), Filter::all(), limit(1000));
+        let mut b = PeerMembership::new("b", "a", Filter::all(), Filter::new(vec![Pattern::new("*.eu")]), limit(1000));
+        a.local_join("pub.eu", &[m(1)]);
+        a.local_join("pub.us", &[m(2)]);
+        a.local_join("private.eu", &[m(3)]);
         assert_eq!(a.exported(), (2, 2));
         send(&mut b, a.snapshot());
-        assert_eq!(b.imported_table().collect::<Vec<_>>(), vec![("pub.eu", vec![m("1")])]);
-        assert_eq!(a.local_join("private.x", &[m("4")]), None, "not exported: no delta");
-        let d = a.local_join("pub.us", &[m("5")]).unwrap();
+        assert_eq!(b.imported_table().collect::<Vec<_>>(), vec![("pub.eu", vec![m(1)])]);
+        assert_eq!(a.local_join("private.x", &[m(4)]), None, "not exported: no delta");
+        let d = a.local_join("pub.us", &[m(5)]).unwrap();
         assert_eq!(send(&mut b, vec![d]), vec![], "not imported: no change");
         // The counter still advanced: the next delta applies.
-        let d = a.local_join("pub.eu", &[m("6")]).unwrap();
+        let d = a.local_join("pub.eu", &[m(6)]).unwrap();
         assert_eq!(send(&mut b, vec![d]).len(), 1);
     }
 
@@ -510,13 +648,13 @@ mod tests {
     fn gaps_ask_for_a_resync_and_stale_adverts_are_ignored() {
         let (mut a, mut b) = pair();
         send(&mut b, a.snapshot());
-        let lost = a.local_join("g", &[m("1")]).unwrap();
-        let next = a.local_join("g", &[m("2")]).unwrap();
+        let lost = a.local_join("g", &[m(1)]).unwrap();
+        let next = a.local_join("g", &[m(2)]).unwrap();
         let applied = b.on_advert(next).unwrap();
         assert!(applied.resync && applied.changes.is_empty());
         // The fresh snapshot fixes everything; the lost delta, arriving late, is stale.
         let changes = send(&mut b, a.snapshot());
-        assert_eq!(changes, vec![Change::Join { group: "g".into(), members: vec![m("1"), m("2")] }]);
+        assert_eq!(changes, vec![Change::Join { group: "g".into(), members: vec![m(1), m(2)] }]);
         assert_eq!(b.on_advert(lost).unwrap(), Applied::default());
         assert_eq!(b.imported(), (1, 2));
     }
@@ -524,33 +662,109 @@ mod tests {
     #[test]
     fn withdraw_and_restore() {
         let (mut a, mut b) = pair();
-        a.local_join("g", &[m("1"), m("2")]);
+        a.local_join("g", &[m(1), m(2)]);
         send(&mut b, a.snapshot());
-        assert_eq!(b.withdraw(), vec![Change::Leave { group: "g".into(), members: vec![m("1"), m("2")] }]);
+        assert_eq!(b.withdraw(), vec![Change::Leave { group: "g".into(), members: vec![m(1), m(2)] }]);
         assert_eq!(b.imported(), (0, 0));
         a.pause();
-        assert_eq!(send(&mut b, a.snapshot()), vec![Change::Join { group: "g".into(), members: vec![m("1"), m("2")] }]);
+        assert_eq!(send(&mut b, a.snapshot()), vec![Change::Join { group: "g".into(), members: vec![m(1), m(2)] }]);
     }
 
     #[test]
     fn a_restarted_peer_starts_over_and_its_low_counters_are_accepted() {
         let (mut a, mut b) = pair();
-        a.local_join("g", &[m("1")]);
+        a.local_join("g", &[m(1)]);
         for _ in 0..5 {
             send(&mut b, a.snapshot());
         }
-        let mut a2 = PeerMembership::new("a", "b", Filter::all(), Filter::all(), 1000);
-        a2.local_join("h", &[m("9")]);
-        assert_eq!(b.peer_restarted(), vec![Change::Leave { group: "g".into(), members: vec![m("1")] }]);
-        assert_eq!(send(&mut b, a2.snapshot()), vec![Change::Join { group: "h".into(), members: vec![m("9")] }]);
+        let mut a2 = PeerMembership::new("a", "b", Filter::all(), Filter::all(), limit(1000));
+        a2.local_join("h", &[m(9)]);
+        assert_eq!(b.peer_restarted(), vec![Change::Leave { group: "g".into(), members: vec![m(1)] }]);
+        assert_eq!(send(&mut b, a2.snapshot()), vec![Change::Join { group: "h".into(), members: vec![m(9)] }]);
     }
 
     #[test]
     fn member_limits_are_enforced() {
-        let mut a = PeerMembership::new("a", "b", Filter::all(), Filter::all(), 1000);
-        let mut b = PeerMembership::new("b", "a", Filter::all(), Filter::all(), 3);
-        a.local_join("g", &[m("1"), m("2"), m("3"), m("4")]);
+        let mut a = PeerMembership::new("a", "b", Filter::all(), Filter::all(), limit(1000));
+        let mut b = PeerMembership::new("b", "a", Filter::all(), Filter::all(), limit(3));
+        a.local_join("g", &[m(1), m(2), m(3), m(4)]);
         assert_eq!(b.on_advert(a.snapshot().remove(0)), Err(Rejected::TooManyMembers(3)));
         assert_eq!(b.imported(), (0, 0));
+    }
+
+    #[test]
+    fn group_and_byte_limits_hold_for_snapshots_and_deltas() {
+        let mut a = PeerMembership::new("a", "b", Filter::all(), Filter::all(), ImportLimits::DEFAULT);
+        let few_groups = ImportLimits { groups: 2, ..ImportLimits::DEFAULT };
+        let mut b = PeerMembership::new("b", "a", Filter::all(), Filter::all(), few_groups);
+        a.local_join("g1", &[m(1)]);
+        a.local_join("g2", &[m(2)]);
+        send(&mut b, a.snapshot());
+        b.check();
+        let d = a.local_join("g3", &[m(3)]).unwrap();
+        assert_eq!(b.on_advert(d), Err(Rejected::TooManyGroups(2)));
+        assert_eq!(b.imported(), (2, 2), "nothing of the refused delta is kept");
+        // The refused delta is dropped (counted by the caller), and the next
+        // one applies: another member of a group already there is fine.
+        let d = a.local_join("g1", &[m(4)]).unwrap();
+        assert_eq!(send(&mut b, vec![d]), vec![Change::Join { group: "g1".into(), members: vec![m(4)] }]);
+        // Bytes: names count too.
+        let tight = ImportLimits { bytes: 40, ..ImportLimits::DEFAULT };
+        let mut c = PeerMembership::new("b", "a", Filter::all(), Filter::all(), tight);
+        let mut a2 = PeerMembership::new("a", "b", Filter::all(), Filter::all(), ImportLimits::DEFAULT);
+        a2.local_join(&"n".repeat(30), &[m(1)]); // 30 + 8 bytes
+        send(&mut c, a2.snapshot());
+        a2.local_join("x", &[m(2)]); // + 1 + 8: over 40
+        a2.pause();
+        assert_eq!(c.on_advert(a2.snapshot().remove(0)), Err(Rejected::TooManyBytes(40)));
+        assert_eq!(c.imported(), (1, 1));
+        c.check();
+    }
+
+    /// A snapshot whose last part never comes holds no more than a whole
+    /// snapshot may: each part counts as it arrives.
+    #[test]
+    fn a_snapshot_that_never_ends_is_bounded() {
+        let mut b = PeerMembership::new("b", "a", Filter::all(), Filter::all(), limit(1000));
+        let part = |n: u32, members: std::ops::Range<u64>| Advert {
+            origin: "a".into(),
+            counter: 1 + n as u64,
+            body: AdvertBody::Snapshot {
+                part: n,
+                last: false,
+                groups: vec![(format!("g{n}"), members.map(m).collect())],
+            },
+        };
+        for n in 0..3 {
+            assert!(b.on_advert(part(n, 0..300)).unwrap().changes.is_empty());
+        }
+        assert_eq!(b.on_advert(part(3, 0..300)), Err(Rejected::TooManyMembers(1000)));
+        assert!(b.partial.is_none(), "the unfinished snapshot is dropped");
+        assert_eq!(b.imported(), (0, 0));
+    }
+
+    #[test]
+    fn groups_the_local_side_cannot_use_are_refused_and_never_imported() {
+        fn short(g: &str) -> Result<(), &'static str> {
+            if g.len() > 10 {
+                Err("too long")
+            } else {
+                Ok(())
+            }
+        }
+        let mut a = PeerMembership::new("a", "b", Filter::all(), Filter::all(), ImportLimits::DEFAULT);
+        let mut b =
+            PeerMembership::new("b", "a", Filter::all(), Filter::all(), ImportLimits::DEFAULT).with_check(short);
+        let long = "x".repeat(300);
+        a.local_join("ok", &[m(1)]);
+        a.local_join(&long, &[m(2)]);
+        let applied = b.on_advert(a.snapshot().remove(0)).unwrap();
+        assert_eq!(applied.changes, vec![Change::Join { group: "ok".into(), members: vec![m(1)] }]);
+        assert_eq!(applied.refused, vec![("x".repeat(64), "too long")]);
+        let d = a.local_join(&long, &[m(3)]).unwrap();
+        let applied = b.on_advert(d).unwrap();
+        assert!(applied.changes.is_empty() && applied.refused.len() == 1);
+        assert_eq!(b.imported(), (1, 1));
+        b.check();
     }
 }

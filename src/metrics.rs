@@ -43,9 +43,14 @@ pub const ERLANG_NODES_CONNECTED: &str = "wandist_erlang_nodes_connected";
 pub const PROXIES: &str = "wandist_proxies";
 pub const ERLANG_MESSAGES: &str = "wandist_erlang_messages_total";
 pub const ERLANG_REJECTED: &str = "wandist_erlang_rejected_total";
+pub const PEER_QUOTA_USED: &str = "wandist_peer_quota_used";
+pub const PEER_QUOTA_LIMIT: &str = "wandist_peer_quota_limit";
+pub const METRICS_CONNECTIONS_REFUSED: &str = "wandist_metrics_connections_refused_total";
 
 /// Label value for a peer whose identity is not known yet.
 pub const UNKNOWN_PEER: &str = "unknown";
+/// Label value for what a local node (not a peer) sent.
+pub const LOCAL_PEER: &str = "local";
 
 const LATENCY_BUCKETS: &[f64] =
     &[0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0];
@@ -88,7 +93,24 @@ const HELP: &[(&str, Kind, Option<Unit>, &str)] = &[
         ADVERTS_REJECTED,
         Kind::Counter,
         None,
-        "Membership adverts refused: not about the peer's own cluster, or too large.",
+        "Membership adverts (or groups in them) refused, by reason: not the peer's own cluster, over a limit, a bad group name.",
+    ),
+    (ERLANG_NODES_CONNECTED, Kind::Gauge, None, "Local Erlang nodes connected."),
+    (PROXIES, Kind::Gauge, None, "Proxy pids and references held, for all peers."),
+    (ERLANG_MESSAGES, Kind::Counter, None, "Erlang messages relayed, by direction."),
+    (
+        ERLANG_REJECTED,
+        Kind::Counter,
+        None,
+        "Messages and packets dropped on the Erlang side, by peer (or local) and reason (forged, stale_handle, atom_budget, ...).",
+    ),
+    (PEER_QUOTA_USED, Kind::Gauge, None, "How much of a per-peer quota is in use (proxies, handles, monitors, atoms, pending)."),
+    (PEER_QUOTA_LIMIT, Kind::Gauge, None, "The per-peer quota configured for the route."),
+    (
+        METRICS_CONNECTIONS_REFUSED,
+        Kind::Counter,
+        None,
+        "Connections to the metrics endpoint refused (over its connection cap).",
     ),
 ];
 

@@ -50,3 +50,8 @@ fn handshake_corpus_and_regressions() {
 fn etf_translate_corpus_and_regressions() {
     run("etf_translate", checks::etf_translate);
 }
+
+#[test]
+fn relay_corpus_and_regressions() {
+    run("relay", checks::relay);
+}

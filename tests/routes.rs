@@ -14,6 +14,7 @@ use support::*;
 use wandist::gateway::ToLocal;
 use wandist::membership::Change;
 use wandist::route::{FailReason, Outcome};
+use wandist::wire::Handle;
 
 fn cfg(cluster: &str, listen: bool, certs: &Certs, routes: &str) -> String {
     format!("{}{}{routes}", gateway_table(cluster, listen), certs.tls_table(cluster))
@@ -240,7 +241,7 @@ async fn members_until(
                 };
                 let entry = view.entry((peer.to_string(), group)).or_default();
                 for m in members {
-                    let m = String::from_utf8(m).unwrap();
+                    let m = m.0.to_string();
                     if join {
                         entry.push(m);
                     } else if let Some(i) = entry.iter().position(|x| *x == m) {
@@ -280,22 +281,26 @@ async fn membership_is_not_transitive_along_a_line_and_forged_adverts_are_reject
     .await;
     let mut a = InProc::start("dc1", &dialing("dc1", &certs, "dc2", b.peer_addr()), 4096).await;
     let mut c = InProc::start("dc3", &dialing("dc3", &certs, "dc2", b.peer_addr()), 4096).await;
-    a.running().local.join("chat", vec![b"a1".to_vec()]).await;
-    b.running().local.join("chat", vec![b"b1".to_vec()]).await;
-    c.running().local.join("chat", vec![b"c1".to_vec()]).await;
-    c.running().local.join("ops", vec![b"c2".to_vec()]).await;
+    // Members are handles each gateway issued to the peer it tells (here:
+    // a1 = 11, b1 = 21, c1 = 31, c2 = 32).
+    a.running().local.join("dc2", "chat", vec![Handle(11)]).await;
+    for peer in ["dc1", "dc3"] {
+        b.running().local.join(peer, "chat", vec![Handle(21)]).await;
+    }
+    c.running().local.join("dc2", "chat", vec![Handle(31)]).await;
+    c.running().local.join("dc2", "ops", vec![Handle(32)]).await;
 
     let mut seen_b = BTreeMap::new();
     members_until(&mut b, &mut seen_b, |v| {
-        v.get(&key("dc1", "chat")) == Some(&vec!["a1".to_string()])
-            && v.get(&key("dc3", "chat")) == Some(&vec!["c1".to_string()])
-            && v.get(&key("dc3", "ops")) == Some(&vec!["c2".to_string()])
+        v.get(&key("dc1", "chat")) == Some(&vec!["11".to_string()])
+            && v.get(&key("dc3", "chat")) == Some(&vec!["31".to_string()])
+            && v.get(&key("dc3", "ops")) == Some(&vec!["32".to_string()])
     })
     .await;
     let mut seen_a = BTreeMap::new();
-    members_until(&mut a, &mut seen_a, |v| v.get(&key("dc2", "chat")) == Some(&vec!["b1".to_string()])).await;
+    members_until(&mut a, &mut seen_a, |v| v.get(&key("dc2", "chat")) == Some(&vec!["21".to_string()])).await;
     let mut seen_c = BTreeMap::new();
-    members_until(&mut c, &mut seen_c, |v| v.get(&key("dc2", "chat")) == Some(&vec!["b1".to_string()])).await;
+    members_until(&mut c, &mut seen_c, |v| v.get(&key("dc2", "chat")) == Some(&vec!["21".to_string()])).await;
     // b knows 3 members from elsewhere, yet exports only its own one.
     b.wait_metric("wandist_members", &[("peer", "dc1"), ("direction", "exported")], |v| v == 1.0).await;
     b.wait_metric("wandist_members", &[("peer", "dc3"), ("direction", "exported")], |v| v == 1.0).await;
@@ -319,7 +324,7 @@ async fn membership_is_not_transitive_along_a_line_and_forged_adverts_are_reject
         body: wandist::wire::AdvertBody::Snapshot {
             part: 0,
             last: true,
-            groups: vec![("chat".into(), vec![b"x".to_vec()])],
+            groups: vec![("chat".into(), vec![Handle(99)])],
         },
     };
     forge_advert(&certs, b.peer_addr(), "dc4", forged).await;
@@ -376,9 +381,9 @@ async fn members_are_withdrawn_when_the_route_is_down_and_come_back_with_it() {
     let mut dc2 = InProc::start("dc2", &accepting("dc2", &certs, "dc1"), 4096).await;
     let path = Forwarder::start(Some(dc2.peer_addr()));
     let mut dc1 = InProc::start("dc1", &dialing("dc1", &certs, "dc2", path.addr), 4096).await;
-    dc2.running().local.join("chat", vec![b"b1".to_vec(), b"b2".to_vec()]).await;
+    dc2.running().local.join("dc1", "chat", vec![Handle(21), Handle(22)]).await;
     let mut view = BTreeMap::new();
-    let both = vec!["b1".to_string(), "b2".to_string()];
+    let both = vec!["21".to_string(), "22".to_string()];
     members_until(&mut dc1, &mut view, |v| v.get(&key("dc2", "chat")) == Some(&both)).await;
     dc1.wait_metric("wandist_route_up", &[("peer", "dc2")], |v| v == 1.0).await;
 
@@ -398,9 +403,9 @@ async fn members_are_withdrawn_when_the_route_is_down_and_come_back_with_it() {
         route.submit(n(i), Some(i)).await.unwrap();
     }
     // Changes while down reach dc1 with the next snapshot.
-    dc2.running().local.leave("chat", vec![b"b2".to_vec()]).await;
+    dc2.running().local.leave("dc1", "chat", vec![Handle(22)]).await;
     path.refuse(false);
-    members_until(&mut dc1, &mut view, |v| v.get(&key("dc2", "chat")) == Some(&vec!["b1".to_string()])).await;
+    members_until(&mut dc1, &mut view, |v| v.get(&key("dc2", "chat")) == Some(&vec!["21".to_string()])).await;
     dc1.wait_metric("wandist_route_up", &[("peer", "dc2")], |v| v == 1.0).await;
     let back_after = down_at.elapsed();
     // The route came back by itself and delivers what waited, once, in order, confirmed.

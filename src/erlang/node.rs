@@ -73,6 +73,33 @@ impl NodeTx {
         let Ok(permit) = self.budget.clone().acquire_many_owned(n).await else { return false };
         self.tx.send((pkt, permit, held)).await.is_ok()
     }
+
+    /// Queues a packet if the node's queue has room now; otherwise gives
+    /// it back (`Full`), or says the connection is gone (`Closed`).
+    pub fn try_send_delivery(&self, pkt: Bytes, held: Option<Held>) -> Result<(), TrySend> {
+        let n = pkt.len().min(OUT_BYTES) as u32;
+        let permit = match self.budget.clone().try_acquire_many_owned(n) {
+            Ok(p) => p,
+            Err(tokio::sync::TryAcquireError::NoPermits) => return Err(TrySend::Full(pkt, held)),
+            Err(tokio::sync::TryAcquireError::Closed) => return Err(TrySend::Closed(held)),
+        };
+        match self.tx.try_send((pkt, permit, held)) {
+            Ok(()) => Ok(()),
+            Err(mpsc::error::TrySendError::Full((pkt, _, held))) => Err(TrySend::Full(pkt, held)),
+            Err(mpsc::error::TrySendError::Closed((_, _, held))) => Err(TrySend::Closed(held)),
+        }
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.tx.is_closed()
+    }
+}
+
+/// Why `try_send_delivery` did not queue a packet.
+#[derive(Debug)]
+pub enum TrySend {
+    Full(Bytes, Option<Held>),
+    Closed(Option<Held>),
 }
 
 /// What a node connection reports.

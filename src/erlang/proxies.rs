@@ -1,49 +1,69 @@
-//! Proxy identities: pids and references minted on the gateway's own node
-//! that stand for processes and references of a peer cluster. Bounded: past
-//! the limit, the oldest proxies not pinned (by group membership or a
-//! monitor) are forgotten; a message to a forgotten proxy is dropped and
-//! counted.
+//! Proxies: pids and references minted on the gateway's own node that
+//! stand for processes and references of a peer cluster, each known here
+//! by the handle that peer's gateway gave it.
+//!
+//! Every peer has its own quota: past it, that peer's oldest unpinned
+//! proxy is forgotten (pinned by membership or a local monitor), and with
+//! all of them pinned a new one is refused ([`Refusal::ProxyQuota`]) — one
+//! peer never evicts another's proxies (a reply alias, say). Proxies
+//! belong to one run of the peer (its session): a restarted peer numbers
+//! its handles afresh, so its old proxies are forgotten, as the pids of a
+//! restarted node die with it. Keys are never reused.
 
-use std::collections::VecDeque;
-
-use foldhash::HashMap;
 use std::sync::Arc;
 
-use super::etf::{self, Pid, Ref};
+use foldhash::HashMap;
 
-/// Where a proxy points: the peer cluster and the identity's encoding there.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+use super::etf::{self, Kind, Pid, Ref, Refusal};
+use super::evict::{current, Order, Slot};
+use crate::wire::Handle;
+
+/// A route's index among the gateway's peers.
+pub type PeerIx = usize;
+
+/// Where a proxy points: the peer, its handle there, pid or reference.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Home {
-    pub peer: Arc<str>,
-    pub bytes: Vec<u8>,
+    pub peer: PeerIx,
+    pub handle: Handle,
+    pub kind: Kind,
 }
 
 #[derive(Debug)]
-pub struct Table {
-    me: Arc<str>,
-    creation: u32,
-    next: u64,
-    by_key: HashMap<u64, Home>,
-    /// Peer, then the identity's encoding there: looked up by borrowed
-    /// bytes (`known`), no `Home` built.
-    by_home: HashMap<Arc<str>, HashMap<Vec<u8>, u64>>,
-    pins: HashMap<u64, u32>,
-    order: VecDeque<u64>,
+struct Entry {
+    home: Home,
+    slot: Slot,
+}
+
+#[derive(Debug, Default)]
+struct PeerTable {
+    by_handle: HashMap<(u64, Kind), u64>,
+    order: Order,
     max: usize,
 }
 
-impl Table {
-    /// Keys start at `first` (lower ones are the gateway's own processes).
-    pub fn new(me: Arc<str>, creation: u32, first: u64, max: usize) -> Table {
-        Table {
+/// Tags proxy references (their third word).
+const REF_TAG: u32 = 0x5741_4e44;
+
+#[derive(Debug)]
+pub struct Proxies {
+    me: Arc<str>,
+    creation: u32,
+    next: u64,
+    by_key: HashMap<u64, Entry>,
+    peers: Vec<PeerTable>,
+}
+
+impl Proxies {
+    /// Keys start at `first` (lower ones are the gateway's own processes);
+    /// `quotas[peer]` proxies at most per peer.
+    pub fn new(me: Arc<str>, creation: u32, first: u64, quotas: &[usize]) -> Proxies {
+        Proxies {
             me,
             creation,
             next: first,
             by_key: HashMap::default(),
-            by_home: HashMap::default(),
-            pins: HashMap::default(),
-            order: VecDeque::new(),
-            max,
+            peers: quotas.iter().map(|&max| PeerTable { max: max.max(1), ..Default::default() }).collect(),
         }
     }
 
@@ -55,66 +75,87 @@ impl Table {
         self.by_key.is_empty()
     }
 
-    /// The key for `home`, minting one if needed.
-    pub fn key_for(&mut self, home: Home) -> u64 {
-        if let Some(k) = self.known(&home.peer, &home.bytes) {
-            return k;
+    pub fn len_of(&self, peer: PeerIx) -> usize {
+        self.peers.get(peer).map_or(0, |p| p.by_handle.len())
+    }
+
+    /// The proxy for `peer`'s identity `handle`, minting one if needed.
+    pub fn mint(&mut self, peer: PeerIx, handle: Handle, kind: Kind) -> Result<u64, Refusal> {
+        let Some(table) = self.peers.get(peer) else { return Err(Refusal::Forged) };
+        if let Some(&k) = table.by_handle.get(&(handle.0, kind)) {
+            return Ok(k);
         }
-        self.evict();
+        if table.by_handle.len() >= table.max && !self.evict_one(peer) {
+            return Err(Refusal::ProxyQuota);
+        }
         let k = self.next;
         self.next += 1;
-        self.by_home.entry(home.peer.clone()).or_default().insert(home.bytes.clone(), k);
-        self.by_key.insert(k, home);
-        self.order.push_back(k);
-        k
+        let table = &mut self.peers[peer];
+        table.by_handle.insert((handle.0, kind), k);
+        let slot = table.order.insert(k);
+        self.by_key.insert(k, Entry { home: Home { peer, handle, kind }, slot });
+        Ok(k)
     }
 
-    /// The key of `peer`'s identity encoded as `bytes`, if it has one
-    /// (`bytes` as `etf::pid_bytes` or `etf::ref_bytes` write them).
-    pub fn known(&self, peer: &str, bytes: &[u8]) -> Option<u64> {
-        self.by_home.get(peer)?.get(bytes).copied()
+    /// The proxy for `peer`'s identity `handle`, if there is one.
+    pub fn find(&self, peer: PeerIx, handle: Handle, kind: Kind) -> Option<u64> {
+        self.peers.get(peer)?.by_handle.get(&(handle.0, kind)).copied()
     }
 
-    pub fn home(&self, key: u64) -> Option<&Home> {
-        self.by_key.get(&key)
+    pub fn home(&self, key: u64) -> Option<Home> {
+        self.by_key.get(&key).map(|e| e.home)
     }
 
     pub fn pin(&mut self, key: u64) {
-        *self.pins.entry(key).or_insert(0) += 1;
+        let Some(e) = self.by_key.get_mut(&key) else { return };
+        if let Some(t) = self.peers.get_mut(e.home.peer) {
+            t.order.pin(&mut e.slot);
+        }
     }
 
     pub fn unpin(&mut self, key: u64) {
-        if let Some(n) = self.pins.get_mut(&key) {
-            *n -= 1;
-            if *n == 0 {
-                self.pins.remove(&key);
-            }
+        let Some((peer, mut slot)) = self.by_key.get(&key).map(|e| (e.home.peer, e.slot)) else { return };
+        let entries = &self.by_key;
+        if let Some(t) = self.peers.get_mut(peer) {
+            t.order.unpin(key, &mut slot, |k, g| current(entries.get(&k).map(|e| &e.slot), g));
+        }
+        if let Some(e) = self.by_key.get_mut(&key) {
+            e.slot = slot;
         }
     }
 
-    fn evict(&mut self) {
-        let mut scanned = 0;
-        while self.by_key.len() >= self.max && scanned < self.order.len() {
-            let Some(k) = self.order.pop_front() else { break };
-            if self.pins.contains_key(&k) {
-                self.order.push_back(k);
-                scanned += 1;
-                continue;
-            }
-            if let Some(home) = self.by_key.remove(&k) {
-                if let Some(of_peer) = self.by_home.get_mut(&home.peer) {
-                    of_peer.remove(&home.bytes);
-                    if of_peer.is_empty() {
-                        self.by_home.remove(&home.peer);
-                    }
-                }
-            }
+    fn evict_one(&mut self, peer: PeerIx) -> bool {
+        let entries = &self.by_key;
+        let Some(t) = self.peers.get_mut(peer) else { return false };
+        let Some(k) = t.order.pop(|k, g| current(entries.get(&k).map(|e| &e.slot), g)) else { return false };
+        if let Some(e) = self.by_key.remove(&k) {
+            t.by_handle.remove(&(e.home.handle.0, e.home.kind));
         }
+        true
     }
 
-    /// Every key pointing into `peer`.
-    pub fn keys_of(&self, peer: &str) -> Vec<u64> {
-        self.by_key.iter().filter(|(_, h)| &*h.peer == peer).map(|(k, _)| *k).collect()
+    /// Forgets every proxy of `peer` (a new run of it: its handles are
+    /// numbered afresh). Returns how many.
+    pub fn forget_peer(&mut self, peer: PeerIx) -> usize {
+        let Some(t) = self.peers.get_mut(peer) else { return 0 };
+        let n = t.by_handle.len();
+        for (_, k) in t.by_handle.drain() {
+            self.by_key.remove(&k);
+        }
+        t.order = Order::default();
+        n
+    }
+
+    // ---- what proxies look like on the gateway's node ----
+
+    /// Proxy pids: the id holds the low 28 bits of the key, the serial the rest.
+    fn pid_parts(key: u64) -> (u32, u32) {
+        ((key & 0x0fff_ffff) as u32, (key >> 28) as u32)
+    }
+
+    pub fn pid(&self, key: u64) -> Pid {
+        let (id, serial) = Self::pid_parts(key);
+        Pid { node: self.me.to_string(), id, serial, creation: self.creation }
     }
 
     /// Writes the proxy pid for `key` as `etf::put_pid` writes `pid(key)`.
@@ -123,40 +164,35 @@ impl Table {
         etf::put_pid_parts(out, &self.me, id, serial, self.creation);
     }
 
-    fn pid_parts(key: u64) -> (u32, u32) {
-        ((key & 0x0fff_ffff) as u32, (key >> 28) as u32)
-    }
-
-    // Proxy pids: id holds the low 28 bits of the key, serial the rest.
-    pub fn pid(&self, key: u64) -> Pid {
-        let (id, serial) = Self::pid_parts(key);
-        Pid { node: self.me.to_string(), id, serial, creation: self.creation }
-    }
-
-    pub fn pid_key(&self, p: &Pid) -> Option<u64> {
-        if *p.node != *self.me {
-            return None;
-        }
-        self.pid_key_parts(p.id, p.serial, p.creation)
-    }
-
-    /// `pid_key` for a pid on our node, given its parts.
+    /// The key of a pid on our node, given its parts (whether or not a
+    /// proxy has it now).
     pub fn pid_key_parts(&self, id: u32, serial: u32, creation: u32) -> Option<u64> {
         (creation == self.creation).then_some(((serial as u64) << 28) | id as u64)
     }
 
-    // Proxy references: three words, the key in the first two.
+    pub fn pid_key(&self, p: &Pid) -> Option<u64> {
+        (*p.node == *self.me).then(|| self.pid_key_parts(p.id, p.serial, p.creation))?
+    }
+
+    /// Proxy references: three words, the key in the first two.
     pub fn reference(&self, key: u64) -> Ref {
-        Ref {
-            node: self.me.to_string(),
-            creation: self.creation,
-            ids: vec![key as u32, (key >> 32) as u32, 0x5741_4e44],
-        }
+        Ref { node: self.me.to_string(), creation: self.creation, ids: vec![key as u32, (key >> 32) as u32, REF_TAG] }
+    }
+
+    pub fn put_ref(&self, out: &mut Vec<u8>, key: u64) {
+        etf::put_ref_parts(out, &self.me, self.creation, &[key as u32, (key >> 32) as u32, REF_TAG]);
+    }
+
+    /// The key of a reference on our node that has a proxy's shape.
+    pub fn ref_key_parts(&self, node: &[u8], creation: u32, words: &[u8]) -> Option<u64> {
+        let w = |i: usize| u32::from_be_bytes([words[4 * i], words[4 * i + 1], words[4 * i + 2], words[4 * i + 3]]);
+        (node == self.me.as_bytes() && creation == self.creation && words.len() == 12 && w(2) == REF_TAG)
+            .then(|| w(0) as u64 | ((w(1) as u64) << 32))
     }
 
     pub fn ref_key(&self, r: &Ref) -> Option<u64> {
-        (*r.node == *self.me && r.creation == self.creation && r.ids.len() == 3 && r.ids[2] == 0x5741_4e44)
-            .then(|| r.ids[0] as u64 | ((r.ids[1] as u64) << 32))
+        let words: Vec<u8> = r.ids.iter().flat_map(|w| w.to_be_bytes()).collect();
+        self.ref_key_parts(r.node.as_bytes(), r.creation, &words)
     }
 }
 
@@ -164,56 +200,71 @@ impl Table {
 mod tests {
     use super::*;
 
-    fn home(peer: &str, b: u8) -> Home {
-        Home { peer: peer.into(), bytes: vec![b] }
+    fn table(quotas: &[usize]) -> Proxies {
+        Proxies::new("gw@h".into(), 9, 100, quotas)
     }
 
     #[test]
     fn minting_is_stable_and_reversible() {
-        let mut t = Table::new("gw@h".into(), 9, 100, 10);
-        let k = t.key_for(home("dc2", 1));
-        assert_eq!(t.key_for(home("dc2", 1)), k);
-        assert_ne!(t.key_for(home("dc3", 1)), k);
+        let mut t = table(&[10, 10]);
+        let k = t.mint(0, Handle(1), Kind::Pid).unwrap();
+        assert_eq!(t.mint(0, Handle(1), Kind::Pid).unwrap(), k);
+        assert_ne!(t.mint(1, Handle(1), Kind::Pid).unwrap(), k, "another peer's handle 1 is another identity");
+        assert_ne!(t.mint(0, Handle(1), Kind::Ref).unwrap(), k, "and so is a reference");
         let p = t.pid(k);
         assert_eq!(t.pid_key(&p), Some(k));
-        assert_eq!(t.home(k), Some(&home("dc2", 1)));
+        assert_eq!(t.home(k), Some(Home { peer: 0, handle: Handle(1), kind: Kind::Pid }));
         let r = t.reference(k);
         assert_eq!(t.ref_key(&r), Some(k));
         assert_eq!(t.pid_key(&Pid { creation: 8, ..p }), None, "another incarnation");
         let big = 1u64 << 40;
         assert_eq!(t.pid_key(&t.pid(big)), Some(big));
+        let mut out = Vec::new();
+        t.put_pid(&mut out, big);
+        assert_eq!(out, etf::pid_bytes(&t.pid(big)));
+        let mut out = Vec::new();
+        t.put_ref(&mut out, big);
+        assert_eq!(out, etf::ref_bytes(&t.reference(big)));
+        assert_eq!(t.find(0, Handle(1), Kind::Pid), Some(k));
+        assert_eq!(t.find(0, Handle(2), Kind::Pid), None);
+        assert_eq!(t.mint(7, Handle(1), Kind::Pid), Err(Refusal::Forged), "no such peer");
     }
 
     #[test]
-    fn bounded_with_pinned_entries_kept() {
-        let mut t = Table::new("gw@h".into(), 9, 100, 3);
-        let a = t.key_for(home("p", 1));
-        t.pin(a);
-        let b = t.key_for(home("p", 2));
-        t.key_for(home("p", 3));
-        t.key_for(home("p", 4));
-        assert_eq!(t.len(), 3);
-        assert!(t.home(a).is_some(), "pinned survives");
-        assert!(t.home(b).is_none(), "oldest unpinned goes");
-        assert_eq!(t.keys_of("p").len(), 3);
-        // What was forgotten is not known any more; what stays is.
-        assert_eq!(t.known("p", &[2]), None);
-        assert_eq!(t.known("p", &[1]), Some(a));
-        assert_eq!(t.known("q", &[1]), None);
-    }
-
-    #[test]
-    fn known_identities_are_found_by_their_bytes_and_written_in_place() {
-        let mut t = Table::new("gw@h".into(), 9, 100, 10);
-        let p = Pid { node: "x@dc2".into(), id: 3, serial: 0, creation: 1 };
-        assert_eq!(t.known("dc2", &etf::pid_bytes(&p)), None);
-        let k = t.key_for(Home { peer: "dc2".into(), bytes: etf::pid_bytes(&p) });
-        assert_eq!(t.known("dc2", &etf::pid_bytes(&p)), Some(k));
-        assert_eq!(t.known("dc3", &etf::pid_bytes(&p)), None);
-        for key in [k, 1 << 40] {
-            let mut out = Vec::new();
-            t.put_pid(&mut out, key);
-            assert_eq!(out, etf::pid_bytes(&t.pid(key)));
+    fn each_peer_has_its_own_quota() {
+        let mut t = table(&[3, 2]);
+        // Peer 1 holds a reply alias; peer 0 floods.
+        let alias = t.mint(1, Handle(1), Kind::Ref).unwrap();
+        let pinned = t.mint(0, Handle(1), Kind::Pid).unwrap();
+        t.pin(pinned);
+        for h in 2..1000 {
+            t.mint(0, Handle(h), Kind::Pid).unwrap();
         }
+        assert_eq!(t.len_of(0), 3);
+        assert!(t.home(alias).is_some(), "another peer's flood evicts nothing of peer 1");
+        assert!(t.home(pinned).is_some(), "pinned stays");
+        assert!(t.find(0, Handle(2), Kind::Pid).is_none(), "the oldest unpinned went");
+        assert!(t.find(0, Handle(999), Kind::Pid).is_some());
+        // All of peer 1's pinned: refused, and peer 0 unaffected.
+        let other = t.mint(1, Handle(2), Kind::Pid).unwrap();
+        t.pin(alias);
+        t.pin(other);
+        assert_eq!(t.mint(1, Handle(3), Kind::Pid), Err(Refusal::ProxyQuota));
+        assert!(t.mint(0, Handle(5000), Kind::Pid).is_ok());
+        t.unpin(other);
+        assert!(t.mint(1, Handle(3), Kind::Pid).is_ok());
+        assert!(t.home(other).is_none());
+    }
+
+    #[test]
+    fn a_new_run_of_the_peer_forgets_its_proxies() {
+        let mut t = table(&[10, 10]);
+        let a = t.mint(0, Handle(1), Kind::Pid).unwrap();
+        let b = t.mint(1, Handle(1), Kind::Pid).unwrap();
+        t.pin(a);
+        assert_eq!(t.forget_peer(0), 1);
+        assert!(t.home(a).is_none() && t.home(b).is_some());
+        let a2 = t.mint(0, Handle(1), Kind::Pid).unwrap();
+        assert!(a2 > b, "keys are never reused");
     }
 }

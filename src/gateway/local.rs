@@ -2,8 +2,10 @@
 //!
 //! The local side (the Erlang side, or a test's in-memory one) submits
 //! messages for a peer cluster through a [`RouteHandle`], reports its own
-//! cluster's group changes through [`LocalHandle`], and receives everything
-//! else as [`ToLocal`] on one bounded channel.
+//! cluster's group changes to each route (as handles issued to that peer),
+//! and receives everything else as [`ToLocal`], on one bounded [`Inbox`]
+//! per route: so it can serve the routes in turn, and a busy peer's items
+//! never queue ahead of another's.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -129,6 +131,17 @@ impl Held {
         Held { counter: counter.clone(), bytes, finished: Some((finished.clone(), session, n)), undeliverable: false }
     }
 
+    /// A message no route waits for (tests and fuzzing drive the local
+    /// side with these).
+    pub fn detached() -> Held {
+        Held { counter: Arc::default(), bytes: 0, finished: None, undeliverable: false }
+    }
+
+    /// Whether the local side reported this message undeliverable.
+    pub fn is_undeliverable(&self) -> bool {
+        self.undeliverable
+    }
+
     /// The local side could not deliver this message (it logged and counted
     /// why): its sender is told it failed, `undeliverable`, instead of
     /// delivered (when the peer gateway understands that).
@@ -187,8 +200,17 @@ pub enum ToLocal {
     /// The route lost every link, or the peer gateway restarted: whatever
     /// the peer was doing for us (monitors) is gone.
     Lost { peer: Arc<str> },
-    /// The route has a live link again (after `Lost`, or for the first time).
-    Up { peer: Arc<str> },
+    /// The route has a live link again (after `Lost`, or for the first
+    /// time), to the peer's run `epoch`: a new epoch means a new run, whose
+    /// handles mean nothing of the old one's.
+    Up { peer: Arc<str>, epoch: u64 },
+}
+
+/// One route's queue toward the local side.
+#[derive(Debug)]
+pub struct Inbox {
+    pub peer: Arc<str>,
+    pub rx: mpsc::Receiver<ToLocal>,
 }
 
 /// A message for the peer, queued while the route's window is full.
@@ -206,9 +228,10 @@ pub(crate) enum RouteControl {
     Groups(LocalGroups),
 }
 
-/// A change in the local cluster's own groups.
-#[derive(Debug, Clone)]
-pub(crate) enum LocalGroups {
+/// A change in the local cluster's own groups, for one peer: its members
+/// are handles the local side issued to that peer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LocalGroups {
     Join { group: String, members: Vec<Member> },
     Leave { group: String, members: Vec<Member> },
 }
@@ -217,10 +240,19 @@ pub(crate) enum LocalGroups {
 #[error("the route is gone (gateway shutting down)")]
 pub struct RouteGone;
 
-/// Sends messages to one peer cluster.
+/// Sends messages (and the local cluster's group changes) to one peer cluster.
 #[derive(Debug, Clone)]
 pub struct RouteHandle {
     pub(crate) core: Arc<super::core::RouteCore>,
+    pub(crate) control: mpsc::Sender<RouteControl>,
+}
+
+/// Why `try_groups` did not take a change.
+#[derive(Debug)]
+pub enum TryGroups {
+    /// The route's control queue is full: try again later.
+    Full(LocalGroups),
+    Gone,
 }
 
 /// Why `try_submit` did not take a message.
@@ -244,14 +276,28 @@ impl RouteHandle {
     pub async fn submit(&self, payload: Bytes, token: Option<u64>) -> Result<(), RouteGone> {
         self.core.submit(payload, token).await
     }
+
+    /// Reports a change in the local cluster's groups without waiting.
+    /// Never report members learned from a peer here: that is what keeps
+    /// membership non-transitive.
+    pub fn try_groups(&self, change: LocalGroups) -> Result<(), TryGroups> {
+        match self.control.try_send(RouteControl::Groups(change)) {
+            Ok(()) => Ok(()),
+            Err(mpsc::error::TrySendError::Full(RouteControl::Groups(c))) => Err(TryGroups::Full(c)),
+            Err(_) => Err(TryGroups::Gone),
+        }
+    }
+
+    /// Reports a change in the local cluster's groups; waits for room.
+    pub async fn groups(&self, change: LocalGroups) -> Result<(), RouteGone> {
+        self.control.send(RouteControl::Groups(change)).await.map_err(|_| RouteGone)
+    }
 }
 
-/// The local side's handle on the gateway: routes by peer cluster, and the
-/// place to report the local cluster's group changes.
+/// The local side's handle on the gateway: routes by peer cluster.
 #[derive(Debug, Clone)]
 pub struct LocalHandle {
     pub(crate) routes: HashMap<String, RouteHandle>,
-    pub(crate) groups: Vec<mpsc::Sender<RouteControl>>,
 }
 
 impl LocalHandle {
@@ -263,19 +309,17 @@ impl LocalHandle {
         self.routes.keys().map(String::as_str)
     }
 
-    /// Members of the LOCAL cluster joined `group`. Never report members
-    /// learned from a peer here: that is what keeps membership non-transitive.
-    pub async fn join(&self, group: &str, members: Vec<Member>) {
-        self.broadcast(LocalGroups::Join { group: group.to_string(), members }).await
+    /// Members of the LOCAL cluster joined `group`, as handles issued to
+    /// `peer` (see `RouteHandle::try_groups`).
+    pub async fn join(&self, peer: &str, group: &str, members: Vec<Member>) {
+        if let Some(r) = self.routes.get(peer) {
+            let _ = r.groups(LocalGroups::Join { group: group.to_string(), members }).await;
+        }
     }
 
-    pub async fn leave(&self, group: &str, members: Vec<Member>) {
-        self.broadcast(LocalGroups::Leave { group: group.to_string(), members }).await
-    }
-
-    async fn broadcast(&self, change: LocalGroups) {
-        for tx in &self.groups {
-            let _ = tx.send(RouteControl::Groups(change.clone())).await;
+    pub async fn leave(&self, peer: &str, group: &str, members: Vec<Member>) {
+        if let Some(r) = self.routes.get(peer) {
+            let _ = r.groups(LocalGroups::Leave { group: group.to_string(), members }).await;
         }
     }
 }

@@ -8,7 +8,7 @@ mod peer;
 
 #[cfg(test)]
 pub(crate) use local::Finished;
-pub use local::{Held, LocalHandle, RouteGone, RouteHandle, ToLocal, TrySubmit};
+pub use local::{Held, Inbox, LocalGroups, LocalHandle, RouteGone, RouteHandle, ToLocal, TryGroups, TrySubmit};
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -76,6 +76,8 @@ pub struct Running {
     /// The metrics endpoint's address, if configured.
     pub metrics_addr: Option<SocketAddr>,
     pub local: LocalHandle,
+    /// Each route's queue toward the local side (for it to take).
+    pub inboxes: Vec<Inbox>,
     pub metrics: Metrics,
     pub epoch: u64,
     root: CancellationToken,
@@ -84,6 +86,12 @@ pub struct Running {
 }
 
 impl Running {
+    /// The routes' inboxes merged into one channel (`merge`), for a local
+    /// side that does not need them apart.
+    pub fn merged_inbox(&mut self, queue: usize) -> mpsc::Receiver<ToLocal> {
+        merge(std::mem::take(&mut self.inboxes), queue, &self.tracker)
+    }
+
     /// Closes every link (with a goodbye), fails what is unconfirmed, and
     /// waits up to the grace period for the tasks to finish.
     pub async fn stop(self) {
@@ -96,19 +104,16 @@ impl Running {
     }
 }
 
-/// Size of the channel carrying everything routes hand to the local side.
+/// Size of each route's queue toward the local side.
 pub const TO_LOCAL_QUEUE: usize = 4096;
 
-/// Starts the gateway: binds its listeners, starts one task per route, and
-/// returns. Everything for the local cluster arrives on `to_local`.
 /// A certificate expiring within this many days is logged at start.
 const CERT_WARN_DAYS: i64 = 30;
 
-pub async fn start(
-    prepared: Prepared,
-    metrics: Metrics,
-    to_local: mpsc::Sender<ToLocal>,
-) -> Result<Running, GatewayError> {
+/// Starts the gateway: binds its listeners, starts one task per route, and
+/// returns. Everything for the local cluster arrives in `Running::inboxes`,
+/// one per route, each holding up to `queue` items.
+pub async fn start(prepared: Prepared, metrics: Metrics, queue: usize) -> Result<Running, GatewayError> {
     let Prepared { config, tls } = prepared;
     let g = &config.gateway;
     let root = CancellationToken::new();
@@ -135,7 +140,8 @@ pub async fn start(
 
     let mut inbound = HashMap::new();
     let mut admit = HashMap::new();
-    let mut local = LocalHandle { routes: HashMap::new(), groups: Vec::new() };
+    let mut local = LocalHandle { routes: HashMap::new() };
+    let mut inboxes = Vec::new();
     let held = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     for route in &config.routes {
         if route.insecure_plaintext {
@@ -150,19 +156,20 @@ pub async fn start(
         );
         let (control_tx, control_rx) = mpsc::channel(CONTROL_QUEUE);
         inbound.insert(route.cluster.clone(), control_tx.clone());
-        local.groups.push(control_tx);
+        let (to_local, rx) = mpsc::channel(queue.max(1));
+        inboxes.push(Inbox { peer: route.cluster.as_str().into(), rx });
         let task = peer::PeerTask::new(
             route.clone(),
             own.clone(),
             if route.insecure_plaintext { None } else { tls.clone() },
             g,
             timeouts,
-            peer::RouteInputs { control: control_rx, to_local: to_local.clone(), held: held.clone() },
+            peer::RouteInputs { control: control_rx, to_local, held: held.clone() },
             metrics.clone(),
             root.clone(),
             tracker.clone(),
         );
-        local.routes.insert(route.cluster.clone(), task.handle());
+        local.routes.insert(route.cluster.clone(), task.handle(control_tx));
         tracker.spawn(task.run());
     }
 
@@ -190,7 +197,35 @@ pub async fn start(
         tracker.spawn(acceptor.run(listener, root.clone(), tracker.clone()));
     }
     tracing::info!(cluster = %own.cluster, gateway = %own.gateway, routes = config.routes.len(), "gateway ready");
-    Ok(Running { peers, metrics_addr, local, metrics, epoch: own.epoch, root, tracker, grace: g.shutdown_grace })
+    Ok(Running {
+        peers,
+        metrics_addr,
+        local,
+        inboxes,
+        metrics,
+        epoch: own.epoch,
+        root,
+        tracker,
+        grace: g.shutdown_grace,
+    })
+}
+
+/// Merges the routes' inboxes into one channel (a local side that does
+/// not need them apart: tests, the logging sink). Each route's items keep
+/// their order; a forwarding task per route holds at most one item.
+pub fn merge(inboxes: Vec<Inbox>, queue: usize, tracker: &TaskTracker) -> mpsc::Receiver<ToLocal> {
+    let (tx, rx) = mpsc::channel(queue.max(1));
+    for mut inbox in inboxes {
+        let tx = tx.clone();
+        tracker.spawn(async move {
+            while let Some(item) = inbox.rx.recv().await {
+                if tx.send(item).await.is_err() {
+                    return;
+                }
+            }
+        });
+    }
+    rx
 }
 
 /// Starts the gateway with its local side: the Erlang cluster of the
@@ -198,19 +233,22 @@ pub async fn start(
 pub async fn start_with_erlang(prepared: Prepared, metrics: Metrics) -> Result<Running, GatewayError> {
     let erlang = prepared.config.erlang.clone();
     let g = prepared.config.gateway.clone();
-    let (to_local, mut from_routes) = mpsc::channel(TO_LOCAL_QUEUE);
-    let running = start(prepared, metrics.clone(), to_local).await?;
+    let routes = prepared.config.routes.clone();
+    let mut running = start(prepared, metrics.clone(), TO_LOCAL_QUEUE).await?;
+    let inboxes = std::mem::take(&mut running.inboxes);
     match erlang {
         Some(cfg) => crate::erlang::start(
             &cfg,
             &g,
+            &routes,
             running.local.clone(),
-            from_routes,
+            inboxes,
             metrics,
             running.root.clone(),
             &running.tracker,
         ),
         None => {
+            let mut from_routes = merge(inboxes, TO_LOCAL_QUEUE, &running.tracker);
             let cancel = running.root.clone();
             running.tracker.spawn(async move {
                 loop {

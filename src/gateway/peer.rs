@@ -28,7 +28,7 @@ use crate::link::backoff::Backoff;
 use crate::link::conn::{self, Link, LinkEvent, LinkParams};
 use crate::link::handshake::{self, Established, HandshakeError, Identity, Offer};
 use crate::link::Timeouts;
-use crate::membership::{Change, Filter, Pattern, PeerMembership};
+use crate::membership::{Change, Filter, ImportLimits, PeerMembership};
 use crate::metrics::{self as m, Metrics};
 use crate::route::{Confirmation, DataVerdict, FailReason, Outcome, Route, Window};
 use crate::tls::Tls;
@@ -153,10 +153,6 @@ impl Drop for PeerTask {
     }
 }
 
-fn filter(patterns: &[String]) -> Filter {
-    Filter::new(patterns.iter().map(|p| Pattern::new(p.as_str())).collect())
-}
-
 impl PeerTask {
     #[allow(clippy::too_many_arguments)]
     pub(super) fn new(
@@ -195,13 +191,15 @@ impl PeerTask {
             metrics: metrics.clone(),
             sink: Some(core.clone()),
         };
+        let l = config.limits;
         let members = PeerMembership::new(
             &own.cluster,
             &config.cluster,
-            filter(&config.export),
-            filter(&config.import),
-            g.max_imported_members,
-        );
+            Filter::from_patterns(&config.export),
+            Filter::from_patterns(&config.import),
+            ImportLimits { members: l.members, groups: l.groups, bytes: l.member_bytes },
+        )
+        .with_check(crate::erlang::groups::check);
         PeerTask {
             peer,
             own,
@@ -231,9 +229,10 @@ impl PeerTask {
         }
     }
 
-    /// The local side's handle for sending to this route's peer.
-    pub(super) fn handle(&self) -> RouteHandle {
-        RouteHandle { core: self.core.clone() }
+    /// The local side's handle for sending to this route's peer
+    /// (`control`: the sending end of this task's control queue).
+    pub(super) fn handle(&self, control: mpsc::Sender<RouteControl>) -> RouteHandle {
+        RouteHandle { core: self.core.clone(), control }
     }
 
     fn offer(&self) -> Offer {
@@ -520,7 +519,7 @@ impl PeerTask {
                 st.outbox.extend(member_items(&self.peer, changes));
             }
             if up.primary {
-                st.outbox.push_back(ToLocal::Up { peer: self.peer.clone() });
+                st.outbox.push_back(ToLocal::Up { peer: self.peer.clone(), epoch: hello.epoch });
             }
             (was_known, up)
         };

@@ -4,14 +4,20 @@
 //! side — `b"WDST"` and the protocol version — then carries frames. A frame is
 //! a 4-byte big-endian length, a serialized [`Header`], and an opaque body
 //! (payload bytes, never run through the serializer). Encoding lives in
-//! [`codec`], the only module that knows the serializer.
+//! [`codec`], the only module that knows the serializer. What the Erlang
+//! side puts in a data frame's body is a [`relay`] header and a payload.
+//! docs/PROTOCOL.md describes all of it, precisely enough to write a peer.
 
 pub mod codec;
+pub mod relay;
 
 use serde::{Deserialize, Serialize};
 
-/// The protocol version this build speaks.
-pub const PROTOCOL_VERSION: u16 = 1;
+/// The protocol version this build speaks. 2: identities cross only as
+/// handles the receiving gateway can resolve (capability addressing);
+/// version 1 sent raw pids, and a version-1 peer is refused in the
+/// preamble with a clear reason.
+pub const PROTOCOL_VERSION: u16 = 2;
 /// First bytes on every connection, before the version.
 pub const MAGIC: [u8; 4] = *b"WDST";
 /// Magic plus a big-endian u16 version.
@@ -42,9 +48,21 @@ pub struct Hello {
     pub capabilities: Vec<String>,
 }
 
-/// One member of a process group: an opaque identity minted by its own
-/// cluster's gateway (for Erlang, the pid's external term encoding).
-pub type Member = Vec<u8>;
+/// An identity as a gateway names it to one peer: a number it issued to
+/// that peer alone (never reused, resolved only through the issuer's table
+/// for that peer). Group members are handles of the advertising gateway.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Handle(pub u64);
+
+impl std::fmt::Display for Handle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "#{}", self.0)
+    }
+}
+
+/// One member of a process group: a handle of the gateway advertising it.
+pub type Member = Handle;
 
 /// Group membership news from a peer about ITS OWN cluster.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

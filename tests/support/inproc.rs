@@ -38,8 +38,10 @@ impl InProc {
         let path = dir.path().join("gateway.toml");
         std::fs::write(&path, body).unwrap();
         let prepared = gateway::prepare(&path).unwrap_or_else(|p| panic!("{name}: bad config: {p:?}"));
-        let (tx, rx) = mpsc::channel(queue);
-        let running = gateway::start(prepared, Metrics::new(), tx).await.unwrap();
+        let mut running = gateway::start(prepared, Metrics::new(), queue).await.unwrap();
+        // One queue of `queue` items (the routes' inboxes merged; each
+        // route's forwarder holds one more item at most).
+        let rx = running.merged_inbox(queue);
         InProc { name: name.to_string(), running: Some(running), rx, _dir: dir }
     }
 

@@ -1,0 +1,1080 @@
+//! The Erlang side's decisions, as plain state with no I/O and no clock:
+//! events from the local nodes and from the routes go in, [`Effect`]s come
+//! out (packets for nodes, relays for peers, membership for routes), which
+//! the async shell (`super::shell`) carries out.
+//!
+//! The trust boundary is here. A peer names our processes and references
+//! only by handles this gateway issued to it ([`Handles`], one table per
+//! peer): the destination of a message, an alias, a monitor's target, an
+//! identity going home inside a payload. Anything else is refused
+//! (`forged`, or `stale_handle` for one issued and since forgotten),
+//! counted with the peer's name, logged at most once per period, and
+//! reported back to the peer as undeliverable. A peer's own identities
+//! become proxies within its quota; its atoms count against its budget;
+//! its monitors against its share.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use foldhash::HashMap;
+
+use super::atoms::Atoms;
+use super::control::{Control, Target};
+use super::dist::{ALIAS_SEND, PASS_THROUGH, SEND_SENDER};
+use super::etf::{self, scan, Kind, Pid, PidView, Ref, RefView, Refusal, Source, Term};
+use super::groups;
+use super::handles::Handles;
+use super::mirror::{self, LocalChange, Mirror};
+use super::monitors::{Held as HeldMonitors, Monitor, Watchers};
+use super::node::packet;
+use super::proxies::{PeerIx, Proxies};
+use crate::config::Limits;
+use crate::gateway::{Held, LocalGroups, ToLocal};
+use crate::membership::{Change, Filter};
+use crate::metrics::{self as m, Metrics};
+use crate::ratelog::RateLog;
+use crate::route::Outcome;
+use crate::wire::relay::Relay;
+use crate::wire::{codec, Handle};
+
+/// The registered name (on the gateway's node) for confirmed sends.
+pub const CONFIRM_NAME: &str = "wandist";
+/// Key of the gateway's own pg peer process; proxies start above.
+const GW_KEY: u64 = 1;
+const FIRST_PROXY: u64 = 1000;
+/// Tags the third word of the gateway's own references, by use.
+const SCOPE_MONITOR: u32 = 0x5343_4f50;
+const HELD_MONITOR: u32 = 0x4d4f_4e49;
+/// Members of a membership change applied per step (see `work`).
+pub const MEMBERS_PER_STEP: usize = mirror::PIDS_PER_MESSAGE;
+
+/// What the shell is to do.
+#[derive(Debug)]
+pub enum Effect {
+    /// A distribution packet for a local node (with the delivery it carries).
+    Node { node: Arc<str>, packet: Bytes, held: Option<Held> },
+    /// A relay for a peer's route. `data`: a message (bounded by the
+    /// peer's queue), else a monitor signal (always taken).
+    Peer { peer: PeerIx, payload: Bytes, token: Option<u64>, data: bool },
+    /// The local cluster's members, as handles issued to that peer.
+    Groups { peer: PeerIx, change: LocalGroups },
+}
+
+/// One route as the Erlang side knows it.
+#[derive(Debug, Clone)]
+pub struct PeerSetup {
+    pub name: Arc<str>,
+    pub export: Filter,
+    pub limits: Limits,
+}
+
+/// Where the core is.
+#[derive(Debug, Clone)]
+pub struct Setup {
+    pub me: Arc<str>,
+    pub creation: u32,
+    pub scope: String,
+    pub nodes: Vec<Arc<str>>,
+    pub peers: Vec<PeerSetup>,
+}
+
+/// A membership change of a peer, applied in steps.
+#[derive(Debug)]
+struct Job {
+    group: String,
+    /// The group term's encoding (no version byte).
+    term: Vec<u8>,
+    join: bool,
+    members: Vec<Handle>,
+    done: usize,
+}
+
+#[derive(Debug)]
+struct Peer {
+    name: Arc<str>,
+    export: Filter,
+    up: bool,
+    /// The peer's run (epoch) our proxies of it belong to.
+    session: Option<u64>,
+    /// What this gateway issued to the peer: the only names it has for us.
+    exports: Handles,
+    atoms: Atoms,
+    max_monitors: usize,
+    jobs: VecDeque<Job>,
+}
+
+/// Who sent a message to a proxy.
+#[derive(Debug, Clone)]
+pub enum Sender {
+    Pid(Pid),
+    /// A pid's encoding, as the node wrote it.
+    Encoded(Bytes),
+}
+
+/// The metric handles the core counts on.
+struct Counters {
+    metrics: Metrics,
+    to_peers: metrics::Counter,
+    from_peers: metrics::Counter,
+    rejected: HashMap<(Option<PeerIx>, &'static str), metrics::Counter>,
+}
+
+pub struct Core {
+    me: Arc<str>,
+    creation: u32,
+    gw: Pid,
+    scope: String,
+    peers: Vec<Peer>,
+    by_name: HashMap<Arc<str>, PeerIx>,
+    proxies: Proxies,
+    mirror: Mirror,
+    watchers: Watchers,
+    held: HeldMonitors,
+    /// Monitors on local scope processes: reference id -> node.
+    scope_monitors: HashMap<u64, Arc<str>>,
+    /// Confirmed sends waiting for their outcome: token -> (who, their ref).
+    confirms: HashMap<u64, (Pid, Term)>,
+    next_token: u64,
+    next_ref: u64,
+    out: Vec<Effect>,
+    counters: Counters,
+    log: RateLog<(Option<PeerIx>, &'static str)>,
+}
+
+impl std::fmt::Debug for Core {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Core({})", self.me)
+    }
+}
+
+/// Translates a payload leaving for `peer`: our identities become handles
+/// issued to it; its own proxies go home as its handles.
+struct Outbound<'a> {
+    me: &'a str,
+    peer: PeerIx,
+    proxies: &'a Proxies,
+    exports: &'a mut Handles,
+}
+
+impl scan::Translator for Outbound<'_> {
+    fn pid(&mut self, p: PidView<'_>, out: &mut Vec<u8>) -> Result<(), Refusal> {
+        if *p.node_utf8() == *self.me.as_bytes() {
+            let home = self.proxies.pid_key_parts(p.id, p.serial, p.creation).and_then(|k| self.proxies.home(k));
+            return match home {
+                Some(h) if h.peer == self.peer && h.kind == Kind::Pid => {
+                    etf::put_handle(out, etf::HOME_PID, h.handle.0);
+                    Ok(())
+                }
+                Some(_) => Err(Refusal::Transitive),
+                None => Err(Refusal::Internal),
+            };
+        }
+        let h = self.exports.issue(Kind::Pid, &p.canonical())?;
+        etf::put_handle(out, etf::PEER_PID, h.0);
+        Ok(())
+    }
+
+    fn reference(&mut self, r: RefView<'_>, out: &mut Vec<u8>) -> Result<(), Refusal> {
+        if *r.node_utf8() == *self.me.as_bytes() {
+            let home =
+                self.proxies.ref_key_parts(&r.node_utf8(), r.creation, r.words).and_then(|k| self.proxies.home(k));
+            return match home {
+                Some(h) if h.peer == self.peer && h.kind == Kind::Ref => {
+                    etf::put_handle(out, etf::HOME_REF, h.handle.0);
+                    Ok(())
+                }
+                Some(_) => Err(Refusal::Transitive),
+                None => Err(Refusal::Internal),
+            };
+        }
+        let h = self.exports.issue(Kind::Ref, &r.canonical())?;
+        etf::put_handle(out, etf::PEER_REF, h.0);
+        Ok(())
+    }
+}
+
+/// Translates a payload arriving from `peer`: its identities become
+/// proxies (within its quota), ours are resolved through what we issued
+/// to it, and its atoms count against its budget.
+struct Inbound<'a> {
+    peer: PeerIx,
+    proxies: &'a mut Proxies,
+    exports: &'a Handles,
+    atoms: &'a mut Atoms,
+}
+
+impl scan::Translator for Inbound<'_> {
+    fn handle(&mut self, kind: Kind, home: bool, h: u64, out: &mut Vec<u8>) -> Result<(), Refusal> {
+        if home {
+            out.extend_from_slice(self.exports.resolve(Handle(h), kind)?);
+            return Ok(());
+        }
+        let key = self.proxies.mint(self.peer, Handle(h), kind)?;
+        match kind {
+            Kind::Pid => self.proxies.put_pid(out, key),
+            Kind::Ref => self.proxies.put_ref(out, key),
+        }
+        Ok(())
+    }
+
+    fn atom(&mut self, text: &[u8]) -> Result<(), Refusal> {
+        self.atoms.admit(text)
+    }
+}
+
+/// `{wandist_confirm, Ref, Result}`.
+fn confirm_reply(reply_ref: Term, result: Term) -> Term {
+    Term::tuple(vec![Term::atom("wandist_confirm"), reply_ref, result])
+}
+
+fn failed(reason: &str) -> Term {
+    Term::tuple(vec![Term::atom("failed"), Term::atom(reason)])
+}
+
+impl Core {
+    pub fn new(setup: Setup, metrics: Metrics) -> Core {
+        let quotas: Vec<usize> = setup.peers.iter().map(|p| p.limits.proxies).collect();
+        let proxies = Proxies::new(setup.me.clone(), setup.creation, FIRST_PROXY, &quotas);
+        let gw = proxies.pid(GW_KEY);
+        let peers: Vec<Peer> = setup
+            .peers
+            .iter()
+            .map(|p| Peer {
+                name: p.name.clone(),
+                export: p.export.clone(),
+                up: false,
+                session: None,
+                exports: Handles::new(p.limits.handles),
+                atoms: Atoms::new(p.limits.atoms),
+                max_monitors: p.limits.monitors,
+                jobs: VecDeque::new(),
+            })
+            .collect();
+        let counters = Counters {
+            to_peers: metrics.counter(m::ERLANG_MESSAGES, &[("direction", "to_peers")]),
+            from_peers: metrics.counter(m::ERLANG_MESSAGES, &[("direction", "from_peers")]),
+            rejected: HashMap::default(),
+            metrics,
+        };
+        Core {
+            by_name: peers.iter().enumerate().map(|(i, p)| (p.name.clone(), i)).collect(),
+            held: HeldMonitors::new(peers.len()),
+            me: setup.me,
+            creation: setup.creation,
+            gw,
+            scope: setup.scope,
+            peers,
+            proxies,
+            mirror: Mirror::new(setup.nodes),
+            watchers: Watchers::default(),
+            scope_monitors: HashMap::default(),
+            confirms: HashMap::default(),
+            next_token: 1,
+            next_ref: 1,
+            out: Vec::new(),
+            counters,
+            log: RateLog::default(),
+        }
+    }
+
+    /// What the shell is to do, in order.
+    pub fn take_effects(&mut self) -> Vec<Effect> {
+        std::mem::take(&mut self.out)
+    }
+
+    pub fn gw(&self) -> &Pid {
+        &self.gw
+    }
+
+    pub fn peer_index(&self, name: &str) -> Option<PeerIx> {
+        self.by_name.get(name).copied()
+    }
+
+    pub fn peer_name(&self, p: PeerIx) -> &Arc<str> {
+        &self.peers[p].name
+    }
+
+    pub fn proxies(&self) -> usize {
+        self.proxies.len()
+    }
+
+    /// (proxies, handles, monitors held, atoms) of one peer, for gauges.
+    pub fn usage(&self, p: PeerIx) -> (usize, usize, usize, usize) {
+        let peer = &self.peers[p];
+        (self.proxies.len_of(p), peer.exports.len(), self.held.count(p), peer.atoms.len())
+    }
+
+    /// Membership changes of `p` still being applied: its later items wait.
+    pub fn busy(&self, p: PeerIx) -> bool {
+        !self.peers[p].jobs.is_empty()
+    }
+
+    pub fn undiscovered(&self) -> bool {
+        !self.mirror.undiscovered().is_empty()
+    }
+
+    // ---- counting and saying ----
+
+    /// Counts a rejection (`peer`: whose it was, if a peer's), and says so
+    /// at most once per period.
+    fn reject(&mut self, peer: Option<PeerIx>, reason: &'static str, what: impl FnOnce() -> String) {
+        let label = peer.map(|p| self.peers[p].name.to_string()).unwrap_or_else(|| m::LOCAL_PEER.to_string());
+        let metrics = &self.counters.metrics;
+        self.counters
+            .rejected
+            .entry((peer, reason))
+            .or_insert_with(|| metrics.counter(m::ERLANG_REJECTED, &[("peer", &label), ("reason", reason)]))
+            .increment(1);
+        if let Some(held_back) = self.log.allow(&(peer, reason)) {
+            tracing::warn!(peer = %label, reason, held_back, "{}", what());
+        }
+    }
+
+    fn own_ref(&mut self, tag: u32) -> (u64, Ref) {
+        let id = self.next_ref;
+        self.next_ref += 1;
+        (id, Ref { node: self.me.to_string(), creation: self.creation, ids: vec![id as u32, (id >> 32) as u32, tag] })
+    }
+
+    fn own_ref_id(&self, r: &Ref, tag: u32) -> Option<u64> {
+        (*r.node == *self.me && r.creation == self.creation && r.ids.len() == 3 && r.ids[2] == tag)
+            .then(|| r.ids[0] as u64 | ((r.ids[1] as u64) << 32))
+    }
+
+    // ---- to nodes ----
+
+    /// Queues a control message (and payload) for a connected node.
+    fn send_to_node(&mut self, node: &str, control: Control, payload: Option<&[u8]>) -> bool {
+        let Some(node) = self.mirror.node(node) else { return false };
+        self.out.push(Effect::Node { node, packet: packet(&control.term(), payload), held: None });
+        true
+    }
+
+    fn send_msg(&mut self, to: &Pid, msg: &[u8]) -> bool {
+        let control = Control::SendSender { from: self.gw.clone(), to: to.clone() };
+        self.send_to_node(&to.node.clone(), control, Some(msg))
+    }
+
+    fn discover(&mut self, node: &str) {
+        let control = Control::RegSend { from: self.gw.clone(), name: self.scope.clone() };
+        self.send_to_node(node, control, Some(&mirror::discover(&self.gw)));
+    }
+
+    // ---- events from local nodes ----
+
+    pub fn node_up(&mut self, node: &Arc<str>) {
+        self.mirror.connected(node);
+        self.discover(node);
+    }
+
+    /// Discovers the scopes of connected nodes not known yet (on a timer).
+    pub fn rediscover(&mut self) {
+        for node in self.mirror.undiscovered() {
+            self.discover(&node);
+        }
+    }
+
+    pub fn node_down(&mut self, node: &Arc<str>) {
+        for c in self.mirror.disconnected(node) {
+            self.local_change(c);
+        }
+        // Erlang told its processes `noconnection` itself; forget their monitors.
+        for key in self.watchers.node_down(node) {
+            self.unwatched(key);
+        }
+        // Monitors held there for peers end with noconnection.
+        for (_, mon) in self.held.take_node(node) {
+            self.peers[mon.peer].exports.unpin(mon.target);
+            let reason = etf::encode(&Term::atom("noconnection"));
+            self.relay(mon.peer, Relay::Down { target: mon.target }, &reason, None, false);
+        }
+        self.scope_monitors.retain(|_, n| **n != **node);
+    }
+
+    /// `{SEND_SENDER, From, To}` read in place: to a pid on our node.
+    pub fn node_send(&mut self, node: &Arc<str>, from: Bytes, to: (u32, u32, u32), payload: &[u8]) {
+        self.send_to_our_pid(node, to, Some(Sender::Encoded(from)), payload);
+    }
+
+    pub fn node_control(&mut self, node: &Arc<str>, control: Term, payload: Option<Bytes>) {
+        let c = match Control::parse(&control) {
+            Ok(c) => c,
+            Err(e) => return self.reject(None, "bad_control", || format!("from node {node}: {e}")),
+        };
+        match c {
+            Control::Send { to } | Control::SendSender { to, .. } if *to.node != *self.me => {
+                self.reject(None, "unknown_proxy", || format!("from node {node}: a message for {to} reached the gateway"));
+            }
+            Control::Send { to } => {
+                let Some(payload) = payload else { return self.reject(None, "bad_control", String::new) };
+                self.send_to_our_pid(node, (to.id, to.serial, to.creation), None, &payload);
+            }
+            Control::SendSender { from, to } => {
+                let Some(payload) = payload else { return self.reject(None, "bad_control", String::new) };
+                self.send_to_our_pid(node, (to.id, to.serial, to.creation), Some(Sender::Pid(from)), &payload);
+            }
+            Control::AliasSend { from, alias } => {
+                let Some(payload) = payload else { return self.reject(None, "bad_control", String::new) };
+                match self.proxies.ref_key(&alias) {
+                    Some(key) => self.send_to_peer(key, Some(Sender::Pid(from)), &payload, None, true),
+                    None => self.reject(None, "unknown_proxy", || format!("from node {node}: an alias the gateway never made")),
+                }
+            }
+            Control::RegSend { from, name } => match (name.as_str(), payload) {
+                (CONFIRM_NAME, Some(payload)) => self.send_confirmed(&from, &payload),
+                _ => self.reject(None, "unknown_name", || format!("from node {node}: a message to {name:?} on the gateway's node, which has only {CONFIRM_NAME:?}")),
+            },
+            Control::MonitorP { watcher, target: Target::Name(name), mref } => {
+                // Only `wandist` exists on the gateway's node (and never ends).
+                if name != CONFIRM_NAME {
+                    self.monitor_exit(Target::Name(name), &watcher, &mref, "noproc");
+                }
+            }
+            Control::MonitorP { watcher, target: Target::Pid(target), mref } => {
+                if target == self.gw {
+                    return; // a scope watching us: the connection itself tells it
+                }
+                let home = self.proxies.pid_key(&target).and_then(|k| Some((k, self.proxies.home(k)?)));
+                match home {
+                    Some((key, h)) if h.kind == Kind::Pid => self.watch(key, h.peer, h.handle, watcher, mref),
+                    _ => self.monitor_exit(Target::Pid(target), &watcher, &mref, "noproc"),
+                }
+            }
+            Control::DemonitorP { target: Target::Pid(target), mref, .. } => {
+                if let Some(key) = self.proxies.pid_key(&target) {
+                    if self.watchers.remove(key, &mref) {
+                        self.unwatched(key);
+                    }
+                }
+            }
+            Control::MonitorPExit { mref, reason, .. } => self.monitor_ended(node, &mref, etf::encode(&reason)),
+            Control::PayloadMonitorPExit { mref, .. } => {
+                let reason = payload.map(|p| p.to_vec()).unwrap_or_else(|| etf::encode(&Term::atom("noproc")));
+                self.monitor_ended(node, &mref, reason)
+            }
+            Control::Link { from, to } => {
+                // Links across clusters are refused with an immediate exit signal.
+                let reason = Term::tuple(vec![Term::atom("wandist"), Term::atom("links_not_supported")]);
+                self.send_to_node(&from.node.clone(), Control::Exit { from: to, to: from, reason }, None);
+            }
+            Control::UnlinkId { id, from, to } => {
+                self.send_to_node(&from.node.clone(), Control::UnlinkIdAck { id, from: to, to: from }, None);
+            }
+            other => tracing::debug!(node = %node, ?other, "ignoring a distribution control message"),
+        }
+    }
+
+    /// A node sent something the connection could not read (it stays up).
+    pub fn node_rejected(&mut self, node: &Arc<str>, why: &str) {
+        self.reject(None, "undecodable", || format!("from node {node}: dropped a distribution packet: {why}"));
+    }
+
+    /// A message from `node` to the pid on our node with these parts: to
+    /// our scope process, or through a proxy to its peer.
+    fn send_to_our_pid(
+        &mut self,
+        node: &Arc<str>,
+        (id, serial, creation): (u32, u32, u32),
+        from: Option<Sender>,
+        payload: &[u8],
+    ) {
+        if (id, serial, creation) == (self.gw.id, self.gw.serial, self.gw.creation) {
+            self.on_scope_message(node, payload);
+        } else if let Some(key) = self.proxies.pid_key_parts(id, serial, creation) {
+            self.send_to_peer(key, from, payload, None, false);
+        } else {
+            self.reject(None, "unknown_proxy", || {
+                format!("from node {node}: a message to a pid of an earlier run of the gateway")
+            });
+        }
+    }
+
+    /// A monitor the gateway holds ended: a scope, or one held for a peer.
+    fn monitor_ended(&mut self, node: &Arc<str>, mref: &Ref, reason: Vec<u8>) {
+        if let Some(n) = self.own_ref_id(mref, SCOPE_MONITOR).and_then(|id| self.scope_monitors.remove(&id)) {
+            tracing::warn!(node = %n, "pg scope process ended; re-mirroring when it is back");
+            for c in self.mirror.scope_ended(&n) {
+                self.local_change(c);
+            }
+        } else if let Some(mon) = self.own_ref_id(mref, HELD_MONITOR).and_then(|id| self.held.remove(id)) {
+            self.peers[mon.peer].exports.unpin(mon.target);
+            self.relay(mon.peer, Relay::Down { target: mon.target }, &reason, None, false);
+        } else {
+            tracing::debug!(node = %node, "an exit for a monitor the gateway does not hold");
+        }
+    }
+
+    /// Ends a local watcher's monitor at once, with `reason`.
+    fn monitor_exit(&mut self, target: Target, watcher: &Pid, mref: &Ref, reason: &str) {
+        let exit =
+            Control::MonitorPExit { target, watcher: watcher.clone(), mref: mref.clone(), reason: Term::atom(reason) };
+        self.send_to_node(&watcher.node.clone(), exit, None);
+    }
+
+    // ---- confirmed sends ----
+
+    /// `{send_confirmed, From, Ref, Proxy, Msg}` to `wandist`: exactly one
+    /// `{wandist_confirm, Ref, Result}` goes back to From, whatever happens.
+    fn send_confirmed(&mut self, sender: &Pid, payload: &[u8]) {
+        let msg = match etf::decode(payload) {
+            Ok((t, _)) => t,
+            Err(_) => {
+                return self
+                    .reject(None, "bad_confirm_request", || format!("an undecodable confirmed send from {sender}"))
+            }
+        };
+        let t = msg.as_tuple().unwrap_or_default();
+        let well_formed = t.len() == 5 && t[0].as_atom() == Some("send_confirmed");
+        let from = t.get(1).and_then(Term::as_pid).cloned();
+        // Anyone who can be answered is: a request that is not well formed
+        // gets {failed, bad_request}.
+        let Some(from) = from.filter(|_| t.len() >= 3) else {
+            return self.reject(None, "bad_confirm_request", || {
+                format!("a confirmed send from {sender} with nobody to answer")
+            });
+        };
+        let reply_ref = t[2].clone();
+        if !well_formed {
+            self.reject(None, "bad_confirm_request", || format!("a malformed confirmed send from {sender}"));
+            return self.answer(&from, reply_ref, failed("bad_request"));
+        }
+        let key = t[3]
+            .as_pid()
+            .and_then(|p| self.proxies.pid_key(p))
+            .filter(|k| self.proxies.home(*k).is_some_and(|h| h.kind == Kind::Pid));
+        let Some(key) = key else { return self.answer(&from, reply_ref, failed("unknown_proxy")) };
+        let token = self.next_token;
+        self.next_token += 1;
+        self.confirms.insert(token, (from.clone(), reply_ref));
+        self.send_to_peer(key, Some(Sender::Pid(from)), &etf::encode(&t[4]), Some(token), false);
+    }
+
+    fn answer(&mut self, to: &Pid, reply_ref: Term, result: Term) {
+        self.send_msg(to, &etf::encode(&confirm_reply(reply_ref, result)));
+    }
+
+    /// The outcome of a confirmed send, to whoever asked.
+    fn confirm(&mut self, token: u64, result: Term) {
+        if let Some((from, reply_ref)) = self.confirms.remove(&token) {
+            self.answer(&from, reply_ref, result);
+        }
+    }
+
+    /// The shell could not hand a message to its peer's route: a confirmed
+    /// one is answered now.
+    pub fn not_sent(&mut self, peer: PeerIx, token: Option<u64>, reason: &'static str) {
+        self.reject(Some(peer), reason, || "a message for the peer was not sent".to_string());
+        if let Some(t) = token {
+            self.confirm(t, failed(reason));
+        }
+    }
+
+    // ---- crossing to a peer ----
+
+    /// A message from a local process to a proxy (or an alias proxy).
+    fn send_to_peer(&mut self, key: u64, from: Option<Sender>, payload: &[u8], token: Option<u64>, alias: bool) {
+        let kind = if alias { Kind::Ref } else { Kind::Pid };
+        let Some(home) = self.proxies.home(key).filter(|h| h.kind == kind) else {
+            self.reject(None, "unknown_proxy", || {
+                "a message to a proxy the gateway has forgotten (or never made)".into()
+            });
+            if let Some(t) = token {
+                self.confirm(t, failed("unknown_proxy"));
+            }
+            return;
+        };
+        let p = home.peer;
+        let me = self.me.clone();
+        let sender = match from {
+            None => Ok(None),
+            Some(Sender::Pid(f)) if *f.node == *me => Ok(None),
+            Some(Sender::Pid(f)) => self.peers[p].exports.issue(Kind::Pid, &etf::pid_bytes(&f)).map(Some),
+            Some(Sender::Encoded(bytes)) => {
+                let view = etf::pid_view_of(&bytes);
+                match view {
+                    Some(v) if *v.node_utf8() == *me.as_bytes() => Ok(None),
+                    Some(v) => self.peers[p].exports.issue(Kind::Pid, &v.canonical()).map(Some),
+                    None => Ok(None),
+                }
+            }
+        };
+        let from = match sender {
+            Ok(f) => f,
+            Err(r) => return self.not_sent(p, token, r.label()),
+        };
+        let relay =
+            if alias { Relay::AliasSend { to: home.handle, from } } else { Relay::Send { to: home.handle, from } };
+        // One buffer: the relay header, then the message translated into it.
+        let mut out = Vec::with_capacity(32 + payload.len());
+        if codec::encode_value(&relay, &mut out).is_err() {
+            return self.not_sent(p, token, "untranslatable");
+        }
+        let peer = &mut self.peers[p];
+        let mut t = Outbound { me: &me, peer: p, proxies: &self.proxies, exports: &mut peer.exports };
+        if let Err(e) = scan::translate(payload, &mut out, &mut t, Source::Node) {
+            let name = peer.name.clone();
+            self.reject(Some(p), e.reason(), || format!("a message for {name} not sent: {e}"));
+            if let Some(t) = token {
+                self.confirm(t, failed(e.reason()));
+            }
+            return;
+        }
+        self.counters.to_peers.increment(1);
+        self.out.push(Effect::Peer { peer: p, payload: Bytes::from(out), token, data: true });
+    }
+
+    /// A monitor signal (or other relay) for a peer; `body` is a term from
+    /// our side (translated for the peer).
+    fn relay(&mut self, p: PeerIx, r: Relay, body: &[u8], token: Option<u64>, data: bool) {
+        let mut out = Vec::with_capacity(32 + body.len());
+        if codec::encode_value(&r, &mut out).is_err() {
+            return;
+        }
+        if !body.is_empty() {
+            let me = self.me.clone();
+            let mark = out.len();
+            let mut t = Outbound { me: &me, peer: p, proxies: &self.proxies, exports: &mut self.peers[p].exports };
+            if scan::translate(body, &mut out, &mut t, Source::Node).is_err() {
+                // An exit reason that cannot cross (it names a third
+                // cluster's process, say): said in general terms.
+                out.truncate(mark);
+                out.extend_from_slice(&etf::encode(&Term::tuple(vec![
+                    Term::atom("wandist"),
+                    Term::atom("untranslatable_reason"),
+                ])));
+            }
+        }
+        self.out.push(Effect::Peer { peer: p, payload: Bytes::from(out), token, data });
+    }
+
+    // ---- local watchers of proxies ----
+
+    fn watch(&mut self, key: u64, p: PeerIx, handle: Handle, watcher: Pid, mref: Ref) {
+        // Route down: as with a monitor on a node that is not connected.
+        if !self.peers[p].up {
+            return self.monitor_exit(Target::Pid(self.proxies.pid(key)), &watcher, &mref, "noconnection");
+        }
+        if self.watchers.add(key, watcher, mref) {
+            self.proxies.pin(key);
+            self.relay(p, Relay::Monitor { target: handle }, &[], None, false);
+        }
+    }
+
+    /// Proxy `key` lost its last local watcher.
+    fn unwatched(&mut self, key: u64) {
+        let Some(home) = self.proxies.home(key) else { return };
+        self.proxies.unpin(key);
+        self.relay(home.peer, Relay::Demonitor { target: home.handle }, &[], None, false);
+    }
+
+    /// Tells every local watcher of `key` that it is down, with `reason` (ETF).
+    fn fire_down(&mut self, key: u64, reason: &[u8]) {
+        let list = self.watchers.take(key);
+        if list.is_empty() {
+            return;
+        }
+        self.proxies.unpin(key);
+        let proxy = self.proxies.pid(key);
+        for (watcher, mref) in list {
+            let control =
+                Control::PayloadMonitorPExit { target: Target::Pid(proxy.clone()), watcher: watcher.clone(), mref };
+            self.send_to_node(&watcher.node, control, Some(reason));
+        }
+    }
+
+    // ---- the local scopes ----
+
+    fn on_scope_message(&mut self, node: &Arc<str>, payload: &[u8]) {
+        let msg = match etf::decode(payload) {
+            Ok((t, _)) => t,
+            Err(e) => return self.reject(None, "undecodable", || format!("from node {node}: a scope message: {e}")),
+        };
+        let t = msg.as_tuple().unwrap_or_default();
+        match (t.first().and_then(Term::as_atom), t.len()) {
+            (Some("$gen_cast"), 2) => {
+                let inner = t[1].as_tuple().unwrap_or_default();
+                if inner.first().and_then(Term::as_atom) != Some("sync") || inner.len() != 3 {
+                    return tracing::debug!(node = %node, "ignoring a cast to the gateway's scope process");
+                }
+                let Some(scope) = inner[1].as_pid().cloned() else { return };
+                let mut groups = Vec::new();
+                for g in inner[2].as_list().unwrap_or_default() {
+                    if let Some([group, pids]) = g.as_tuple() {
+                        if let Some(name) = self.exportable(node, group) {
+                            groups.push((name, self.member_pids(pids)));
+                        }
+                    }
+                }
+                self.set_scope(node, &scope);
+                for c in self.mirror.replace(node, groups) {
+                    self.local_change(c);
+                }
+            }
+            (Some("discover"), 2 | 3) => {
+                let Some(scope) = t[1].as_pid().cloned() else { return };
+                self.set_scope(node, &scope);
+                self.sync_scope(node, &scope);
+            }
+            (Some("join"), 4) => {
+                let Some(name) = self.exportable(node, &t[2]) else { return };
+                let pids = self.member_pids(&t[3]);
+                if let Some(c) = self.mirror.join(node, &name, pids) {
+                    self.local_change(c);
+                }
+            }
+            (Some("leave"), 4) => {
+                let pids = self.member_pids(&t[2]);
+                let groups: Vec<String> =
+                    t[3].as_list().unwrap_or_default().iter().filter_map(groups::name_of).collect();
+                for c in self.mirror.leave(node, &pids, &groups) {
+                    self.local_change(c);
+                }
+            }
+            _ => tracing::debug!(node = %node, "ignoring a message to the gateway's scope process: {msg:?}"),
+        }
+    }
+
+    /// A local group's name for peers, or None (said) if it may not cross.
+    fn exportable(&mut self, node: &Arc<str>, group: &Term) -> Option<String> {
+        let name = groups::name_of(group);
+        if name.is_none() {
+            self.reject(None, "group_not_exported", || {
+                format!("from node {node}: a pg group holding a pid or reference stays in this cluster: {group:?}")
+            });
+        }
+        name
+    }
+
+    /// The members a scope message names: pids of this cluster, canonical.
+    fn member_pids(&self, t: &Term) -> Vec<Vec<u8>> {
+        let list = match t {
+            Term::Pid(p) => vec![Term::Pid(p.clone())],
+            other => other.as_list().unwrap_or_default(),
+        };
+        list.iter().filter_map(Term::as_pid).filter(|p| *p.node != *self.me).map(etf::pid_bytes).collect()
+    }
+
+    fn set_scope(&mut self, node: &Arc<str>, scope: &Pid) {
+        if !self.mirror.set_scope(node, scope) {
+            return;
+        }
+        tracing::info!(node = %node, scope = %scope, "mirroring pg scope");
+        let (id, mref) = self.own_ref(SCOPE_MONITOR);
+        self.scope_monitors.insert(id, node.clone());
+        let control = Control::MonitorP { watcher: self.gw.clone(), target: Target::Pid(scope.clone()), mref };
+        self.send_to_node(node, control, None);
+    }
+
+    /// Answers a scope's discover: everything the gateway joined (an empty
+    /// sync, then joins in messages of PIDS_PER_MESSAGE).
+    fn sync_scope(&mut self, node: &Arc<str>, scope: &Pid) {
+        let mut packets = vec![mirror::empty_sync(&self.gw)];
+        for (group, keys) in self.mirror.joined() {
+            let term = etf::encode(&groups::term_of(group))[1..].to_vec();
+            let keys: Vec<u64> = keys.collect();
+            for chunk in keys.chunks(mirror::PIDS_PER_MESSAGE) {
+                packets.push(mirror::join(&self.gw, &term, chunk, |out, k| self.proxies.put_pid(out, k)));
+            }
+        }
+        for msg in packets {
+            self.send_msg(scope, &msg);
+        }
+        let _ = node;
+    }
+
+    /// Local members joined or left: each peer that may see the group gets
+    /// them as handles issued to it (pinned while they are members).
+    fn local_change(&mut self, c: LocalChange) {
+        for p in 0..self.peers.len() {
+            if !self.peers[p].export.allows(&c.group) {
+                continue;
+            }
+            let mut handles = Vec::with_capacity(c.members.len());
+            let mut refused = 0;
+            let exports = &mut self.peers[p].exports;
+            for m in &c.members {
+                if c.join {
+                    match exports.issue(Kind::Pid, m) {
+                        Ok(h) => {
+                            exports.pin(h);
+                            handles.push(h);
+                        }
+                        Err(_) => refused += 1,
+                    }
+                } else if let Some(h) = exports.find(m) {
+                    exports.unpin(h);
+                    handles.push(h);
+                }
+            }
+            if refused > 0 {
+                self.reject(Some(p), "handle_quota", || {
+                    format!(
+                        "{refused} members of {:?} not exported: the handles issued to the peer are at their quota",
+                        c.group
+                    )
+                });
+            }
+            if handles.is_empty() {
+                continue;
+            }
+            let change = if c.join {
+                LocalGroups::Join { group: c.group.clone(), members: handles }
+            } else {
+                LocalGroups::Leave { group: c.group.clone(), members: handles }
+            };
+            self.out.push(Effect::Groups { peer: p, change });
+        }
+    }
+
+    // ---- from the routes ----
+
+    pub fn from_route(&mut self, p: PeerIx, item: ToLocal) {
+        match item {
+            ToLocal::Deliver { payload, held, .. } => self.on_relay(p, &payload, held),
+            ToLocal::Confirm { token, outcome, .. } => {
+                let result = match outcome {
+                    Outcome::Delivered => Term::atom("delivered"),
+                    Outcome::Failed(r) => failed(r.label()),
+                };
+                self.confirm(token, result);
+            }
+            ToLocal::Members { change, .. } => {
+                let (group, members, join) = match change {
+                    Change::Join { group, members } => (group, members, true),
+                    Change::Leave { group, members } => (group, members, false),
+                };
+                if join {
+                    // The group's atoms stay in every node's table: they count.
+                    let atoms = groups::atoms(&group);
+                    if let Err(r) = atoms.iter().try_for_each(|a| self.peers[p].atoms.admit(a.as_bytes())) {
+                        let name = self.peers[p].name.clone();
+                        return self
+                            .reject(Some(p), r.label(), || format!("members of a group of {name} not imported: {r}"));
+                    }
+                }
+                let term = etf::encode(&groups::term_of(&group))[1..].to_vec();
+                self.peers[p].jobs.push_back(Job { group, term, join, members, done: 0 });
+                self.work(p);
+            }
+            ToLocal::Up { epoch, .. } => {
+                let peer = &mut self.peers[p];
+                peer.up = true;
+                if peer.session != Some(epoch) {
+                    if peer.session.is_some() {
+                        // A new run of the peer numbers its handles afresh.
+                        let n = self.proxies.forget_peer(p);
+                        tracing::info!(peer = %peer.name, proxies = n, "peer gateway restarted: its old proxies are forgotten");
+                    }
+                    peer.session = Some(epoch);
+                }
+            }
+            ToLocal::Lost { .. } => {
+                self.peers[p].up = false;
+                let reason = etf::encode(&Term::atom("noconnection"));
+                let proxies = &self.proxies;
+                for key in self.watchers.keys(|k| proxies.home(k).is_some_and(|h| h.peer == p)) {
+                    self.fire_down(key, &reason);
+                }
+                for (id, mon) in self.held.take_peer(p) {
+                    self.peers[p].exports.unpin(mon.target);
+                    let mref = Ref {
+                        node: self.me.to_string(),
+                        creation: self.creation,
+                        ids: vec![id as u32, (id >> 32) as u32, HELD_MONITOR],
+                    };
+                    let control =
+                        Control::DemonitorP { watcher: self.gw.clone(), target: Target::Pid(mon.pid.clone()), mref };
+                    self.send_to_node(&mon.pid.node, control, None);
+                }
+            }
+        }
+    }
+
+    /// Applies up to MEMBERS_PER_STEP members of `p`'s oldest membership
+    /// change (so a million-member snapshot never holds up other peers'
+    /// messages for long). The shell calls it again while `busy(p)`.
+    pub fn work(&mut self, p: PeerIx) {
+        let Some(job) = self.peers[p].jobs.front_mut() else { return };
+        let end = (job.done + MEMBERS_PER_STEP).min(job.members.len());
+        let slice: Vec<Handle> = job.members[job.done..end].to_vec();
+        job.done = end;
+        let (group, term, join) = (job.group.clone(), job.term.clone(), job.join);
+        if end == job.members.len() {
+            self.peers[p].jobs.pop_front();
+        }
+        let mut keys = Vec::with_capacity(slice.len());
+        if join {
+            let mut refused = 0;
+            for h in slice {
+                match self.proxies.mint(p, h, Kind::Pid) {
+                    Ok(k) => {
+                        self.proxies.pin(k);
+                        keys.push(k);
+                    }
+                    Err(_) => refused += 1,
+                }
+            }
+            if refused > 0 {
+                let name = self.peers[p].name.clone();
+                self.reject(Some(p), "proxy_quota", || {
+                    format!("{refused} members of {name} not imported: its proxies are at their quota")
+                });
+            }
+            self.mirror.remote_join(&group, &keys);
+        } else {
+            let found: Vec<u64> = slice.iter().filter_map(|&h| self.proxies.find(p, h, Kind::Pid)).collect();
+            keys = self.mirror.remote_leave(&group, &found);
+            for &k in &keys {
+                self.proxies.unpin(k);
+            }
+        }
+        if keys.is_empty() {
+            return;
+        }
+        for (_, scope) in self.mirror.scopes() {
+            let msg = if join {
+                mirror::join(&self.gw, &term, &keys, |out, k| self.proxies.put_pid(out, k))
+            } else {
+                mirror::leave(&self.gw, &term, &keys, |out, k| self.proxies.put_pid(out, k))
+            };
+            self.send_msg(&scope, &msg);
+        }
+    }
+
+    fn on_relay(&mut self, p: PeerIx, payload: &[u8], held: Held) {
+        let (relay, used) = match codec::from_prefix::<Relay>(payload) {
+            Ok(x) => x,
+            Err(e) => return self.undeliverable(p, held, "bad_relay", &format!("an undecodable relay: {e}")),
+        };
+        let body = &payload[used..];
+        match relay {
+            Relay::Send { to, from } => self.deliver(p, to, from, body, false, held),
+            Relay::AliasSend { to, from } => self.deliver(p, to, from, body, true, held),
+            Relay::Monitor { target } => self.peer_monitors(p, target),
+            Relay::Demonitor { target } => {
+                if let Some(id) = self.held.find(p, target) {
+                    if let Some(mon) = self.held.remove(id) {
+                        self.peers[p].exports.unpin(target);
+                        let mref = Ref {
+                            node: self.me.to_string(),
+                            creation: self.creation,
+                            ids: vec![id as u32, (id >> 32) as u32, HELD_MONITOR],
+                        };
+                        let control = Control::DemonitorP {
+                            watcher: self.gw.clone(),
+                            target: Target::Pid(mon.pid.clone()),
+                            mref,
+                        };
+                        self.send_to_node(&mon.pid.node, control, None);
+                    }
+                }
+            }
+            Relay::Down { target } => {
+                // Only a proxy that exists is told: a Down never mints one.
+                let Some(key) = self.proxies.find(p, target, Kind::Pid) else {
+                    return tracing::debug!(peer = %self.peers[p].name, %target, "a down for a process nobody here watches");
+                };
+                let reason = self.inbound(p, body).unwrap_or_else(|_| etf::encode(&Term::atom("noproc")));
+                self.fire_down(key, &reason);
+            }
+        }
+    }
+
+    /// A message from peer `p` could not be delivered: counted, said (at
+    /// most once per period), and reported back to the peer.
+    fn undeliverable(&mut self, p: PeerIx, mut held: Held, reason: &'static str, what: &str) {
+        held.undeliverable();
+        let name = self.peers[p].name.clone();
+        self.reject(Some(p), reason, || format!("a message from {name} not delivered: {what}"));
+    }
+
+    /// Translates a payload from `p` on its own (an exit reason).
+    fn inbound(&mut self, p: PeerIx, body: &[u8]) -> Result<Vec<u8>, etf::EtfError> {
+        let mut out = Vec::with_capacity(body.len() + 16);
+        let peer = &mut self.peers[p];
+        let mut t = Inbound { peer: p, proxies: &mut self.proxies, exports: &peer.exports, atoms: &mut peer.atoms };
+        scan::translate(body, &mut out, &mut t, Source::Peer)?;
+        Ok(out)
+    }
+
+    /// Hands a message from peer `p` to a process (or alias) of ours it
+    /// was given.
+    fn deliver(&mut self, p: PeerIx, to: Handle, from: Option<Handle>, body: &[u8], alias: bool, held: Held) {
+        if body.is_empty() {
+            return self.undeliverable(p, held, "bad_relay", "a message without a body");
+        }
+        let kind = if alias { Kind::Ref } else { Kind::Pid };
+        let local = match self.peers[p].exports.resolve(to, kind) {
+            Ok(l) => l.clone(),
+            Err(r) => return self.undeliverable(p, held, r.label(), &format!("its destination {to}: {r}")),
+        };
+        let node = etf::node_of(&local).and_then(|n| std::str::from_utf8(n).ok()).and_then(|n| self.mirror.node(n));
+        let Some(node) = node else {
+            return self.undeliverable(
+                p,
+                held,
+                "node_not_connected",
+                "its destination's node is not connected to the gateway",
+            );
+        };
+        // One buffer: length, pass-through, the control tuple, the message.
+        let code = if alias { ALIAS_SEND } else { SEND_SENDER };
+        let mut pkt = Vec::with_capacity(96 + body.len());
+        pkt.extend_from_slice(&[0, 0, 0, 0, PASS_THROUGH, etf::VERSION, 104, 3, 97, code as u8]);
+        let sender = match from {
+            Some(h) => self.proxies.mint(p, h, Kind::Pid),
+            None => Ok(GW_KEY),
+        };
+        match sender {
+            Ok(k) => self.proxies.put_pid(&mut pkt, k),
+            Err(r) => return self.undeliverable(p, held, r.label(), &format!("its sender: {r}")),
+        }
+        pkt.extend_from_slice(&local);
+        let peer = &mut self.peers[p];
+        let mut t = Inbound { peer: p, proxies: &mut self.proxies, exports: &peer.exports, atoms: &mut peer.atoms };
+        if let Err(e) = scan::translate(body, &mut pkt, &mut t, Source::Peer) {
+            return self.undeliverable(p, held, e.reason(), &e.to_string());
+        }
+        let len = (pkt.len() - 4) as u32;
+        pkt[..4].copy_from_slice(&len.to_be_bytes());
+        self.counters.from_peers.increment(1);
+        self.out.push(Effect::Node { node, packet: Bytes::from(pkt), held: Some(held) });
+    }
+
+    /// Peer `p` asks to watch one of our processes it was given.
+    fn peer_monitors(&mut self, p: PeerIx, target: Handle) {
+        let down = |core: &mut Core, reason: &str| {
+            let r = etf::encode(&Term::atom(reason));
+            core.relay(p, Relay::Down { target }, &r, None, false);
+        };
+        let local = match self.peers[p].exports.resolve(target, Kind::Pid) {
+            Ok(l) => l.clone(),
+            Err(r) => {
+                let name = self.peers[p].name.clone();
+                self.reject(Some(p), r.label(), || format!("a monitor from {name} on {target}: {r}"));
+                return down(self, "noproc");
+            }
+        };
+        if self.held.find(p, target).is_some() {
+            return; // one monitor per process and peer is enough
+        }
+        if self.held.count(p) >= self.peers[p].max_monitors {
+            let name = self.peers[p].name.clone();
+            self.reject(Some(p), "monitor_quota", || format!("{name} holds as many monitors as it may"));
+            return down(self, "system_limit");
+        }
+        let Ok(pid) = etf::pid_from_bytes(&local) else { return down(self, "noproc") };
+        let (id, mref) = self.own_ref(HELD_MONITOR);
+        let control = Control::MonitorP { watcher: self.gw.clone(), target: Target::Pid(pid.clone()), mref };
+        if self.send_to_node(&pid.node.clone(), control, None) {
+            self.held.add(id, Monitor { peer: p, target, pid });
+            self.peers[p].exports.pin(target);
+        } else {
+            down(self, "noconnection");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

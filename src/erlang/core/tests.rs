@@ -1,0 +1,548 @@
+//! The Erlang side's decisions without nodes or sockets: what a peer may
+//! reach, what it may make us hold, what crosses and how.
+
+use std::sync::atomic::AtomicUsize;
+
+use proptest::prelude::*;
+
+use super::*;
+use crate::gateway::Finished;
+
+const A1: &str = "a1@h";
+const ME: &str = "gw@h";
+const EPOCH: u64 = 77;
+
+struct World {
+    core: Core,
+    metrics: Metrics,
+    a1: Arc<str>,
+    finished: Arc<Finished>,
+    counter: Arc<AtomicUsize>,
+    next_delivery: u64,
+    /// Effects other than node packets, kept for `relays_to`.
+    other: Vec<Effect>,
+}
+
+fn limits() -> Limits {
+    Limits { proxies: 50, handles: 50, monitors: 3, atoms: 20, ..Limits::DEFAULT }
+}
+
+fn local(id: u32) -> Pid {
+    Pid { node: A1.into(), id, serial: 0, creation: 1 }
+}
+
+fn world() -> World {
+    world_with(limits())
+}
+
+fn world_with(l: Limits) -> World {
+    let metrics = Metrics::new();
+    let peers =
+        ["dc2", "dc3"].iter().map(|n| PeerSetup { name: (*n).into(), export: Filter::all(), limits: l }).collect();
+    let setup = Setup { me: ME.into(), creation: 9, scope: "wan".into(), nodes: vec![A1.into()], peers };
+    let mut core = Core::new(setup, metrics.clone());
+    let a1: Arc<str> = A1.into();
+    core.node_up(&a1);
+    for p in 0..2 {
+        core.from_route(p, ToLocal::Up { peer: core.peer_name(p).clone(), epoch: EPOCH });
+    }
+    core.take_effects();
+    let finished = Arc::new(Finished::default());
+    finished.reset(EPOCH);
+    World { core, metrics, a1, finished, counter: Arc::default(), next_delivery: 1, other: Vec::new() }
+}
+
+/// A message payload: `{msg, Term}`.
+fn msg(t: Term) -> Vec<u8> {
+    etf::encode(&Term::tuple(vec![Term::atom("msg"), t]))
+}
+
+impl World {
+    fn rejected(&self, peer: &str, reason: &str) -> f64 {
+        crate::test_support::metric(&self.metrics.render(), m::ERLANG_REJECTED, &[("peer", peer), ("reason", reason)])
+            .unwrap_or(0.0)
+    }
+
+    /// Peer `p`'s member with handle `h` joins group `g` (its proxy, pinned).
+    fn peer_member(&mut self, p: PeerIx, g: &str, h: u64) -> Pid {
+        let change = Change::Join { group: g.into(), members: vec![Handle(h)] };
+        self.core.from_route(p, ToLocal::Members { peer: self.core.peer_name(p).clone(), change });
+        self.core.take_effects();
+        let key = self.core.proxies.find(p, Handle(h), Kind::Pid).unwrap();
+        self.core.proxies.pid(key)
+    }
+
+    /// `from` (on a1) sends `payload` to `proxy`; returns what goes to
+    /// the peer: (peer, relay, body).
+    fn send(&mut self, from: &Pid, proxy: &Pid, payload: &[u8]) -> Option<(PeerIx, Relay, Vec<u8>)> {
+        let control = Control::SendSender { from: from.clone(), to: proxy.clone() }.term();
+        self.core.node_control(&self.a1.clone(), control, Some(Bytes::copy_from_slice(payload)));
+        self.core.take_effects().into_iter().find_map(|e| match e {
+            Effect::Peer { peer, payload, .. } => {
+                let (r, used) = codec::from_prefix::<Relay>(&payload).unwrap();
+                Some((peer, r, payload[used..].to_vec()))
+            }
+            _ => None,
+        })
+    }
+
+    /// Peer `p` relays `relay` + `body`; returns the packets for nodes and
+    /// whether the message was reported undeliverable.
+    fn relay(&mut self, p: PeerIx, relay: Relay, body: &[u8]) -> (Vec<(Arc<str>, Bytes)>, bool) {
+        let mut payload = Vec::new();
+        codec::encode_value(&relay, &mut payload).unwrap();
+        payload.extend_from_slice(body);
+        let n = self.next_delivery;
+        self.next_delivery += 1;
+        let held = Held::take(&self.counter, payload.len(), &self.finished, EPOCH, n);
+        self.core
+            .from_route(p, ToLocal::Deliver { peer: self.core.peer_name(p).clone(), payload: payload.into(), held });
+        let mut packets = Vec::new();
+        for e in self.core.take_effects() {
+            match e {
+                Effect::Node { node, packet, .. } => packets.push((node, packet)),
+                other => self.other.push(other),
+            }
+        }
+        let undeliverable = self.finished.take_undeliverable(EPOCH).contains(&n);
+        (packets, undeliverable)
+    }
+
+    fn relays_to(&mut self) -> Vec<(PeerIx, Relay, Vec<u8>)> {
+        let mut effects = std::mem::take(&mut self.other);
+        effects.extend(self.core.take_effects());
+        effects
+            .into_iter()
+            .filter_map(|e| match e {
+                Effect::Peer { peer, payload, .. } => {
+                    let (r, used) = codec::from_prefix::<Relay>(&payload).unwrap();
+                    Some((peer, r, payload[used..].to_vec()))
+                }
+                _ => None,
+            })
+            .collect()
+    }
+}
+
+/// The control term and payload of a distribution packet.
+fn open(packet: &[u8]) -> (Control, Term) {
+    let (control, used) = etf::decode(&packet[5..]).unwrap();
+    let (payload, _) = etf::decode(&packet[5 + used..]).unwrap();
+    (Control::parse(&control).unwrap(), payload)
+}
+
+fn body(t: &[(u8, u64)]) -> Vec<u8> {
+    let mut v = vec![etf::VERSION, 104, t.len() as u8];
+    for &(tag, h) in t {
+        etf::put_handle(&mut v, tag, h);
+    }
+    v
+}
+
+#[test]
+fn a_sender_gets_a_handle_and_only_that_handle_reaches_it() {
+    let mut w = world();
+    let proxy = w.peer_member(0, "echo", 7);
+    let p = local(100);
+    let (peer, relay, _) = w.send(&p, &proxy, &msg(Term::atom("hi"))).unwrap();
+    assert_eq!(peer, 0);
+    let Relay::Send { to: Handle(7), from: Some(h) } = relay else { panic!("{relay:?}") };
+    // The peer answers through the handle it was given: delivered to p,
+    // from a proxy of the peer's sender.
+    let (packets, undeliverable) = w.relay(0, Relay::Send { to: h, from: Some(Handle(9)) }, &msg(Term::atom("re")));
+    assert!(!undeliverable);
+    assert_eq!(packets.len(), 1);
+    let (node, packet) = &packets[0];
+    assert_eq!(&**node, A1);
+    let (control, payload) = open(packet);
+    let Control::SendSender { from, to } = control else { panic!() };
+    assert_eq!(to, p);
+    assert_eq!(from.node, ME, "the sender is a proxy");
+    assert_eq!(payload, Term::tuple(vec![Term::atom("msg"), Term::atom("re")]));
+    // The same handle means nothing from another peer.
+    let (packets, undeliverable) = w.relay(1, Relay::Send { to: h, from: None }, &msg(Term::atom("x")));
+    assert!(packets.is_empty() && undeliverable);
+    assert_eq!(w.rejected("dc3", "forged"), 1.0);
+}
+
+/// What was found: a peer that knew node names and creations could reach
+/// `rex` (`<0.53.0>`) or `init` (`<0.0.0>`) by writing the pid. Now there
+/// is nothing to write a pid with: every handle not issued to the peer is
+/// refused, counted, and reported back undeliverable.
+#[test]
+fn forged_destinations_never_reach_a_node() {
+    let mut w = world();
+    let proxy = w.peer_member(0, "echo", 7);
+    w.send(&local(100), &proxy, &msg(Term::atom("hi"))).unwrap();
+    let cast = etf::encode(&Term::tuple(vec![
+        Term::atom("$gen_cast"),
+        Term::tuple(vec![Term::atom("cast"), Term::atom("os"), Term::atom("cmd")]),
+    ]));
+    for to in [0, 2, 3, 53, 1000, u64::MAX] {
+        let (packets, undeliverable) = w.relay(0, Relay::Send { to: Handle(to), from: None }, &cast);
+        assert!(packets.is_empty(), "handle {to} reached a node");
+        assert!(undeliverable);
+        let (packets, _) = w.relay(0, Relay::AliasSend { to: Handle(to), from: None }, &cast);
+        assert!(packets.is_empty());
+    }
+    assert_eq!(w.rejected("dc2", "forged"), 12.0);
+    // A pid written out in a payload, going "home": forged too.
+    let rex = etf::encode(&Term::tuple(vec![Term::atom("x"), Term::Pid(local(53))]));
+    let (packets, undeliverable) = w.relay(0, Relay::Send { to: Handle(1), from: None }, &rex);
+    assert!(packets.is_empty() && undeliverable);
+    assert_eq!(w.rejected("dc2", "forged"), 13.0);
+    // A home handle inside a payload that was never issued.
+    let (packets, _) = w.relay(0, Relay::Send { to: Handle(1), from: None }, &body(&[(etf::HOME_PID, 40)]));
+    assert!(packets.is_empty());
+    // A handle of a pid used as an alias (or the other way): forged.
+    let (packets, _) = w.relay(0, Relay::AliasSend { to: Handle(1), from: None }, &msg(Term::Nil));
+    assert!(packets.is_empty());
+    assert_eq!(w.rejected("dc2", "forged"), 15.0);
+    assert_eq!(w.rejected("dc3", "forged"), 0.0, "counted against the peer that did it");
+}
+
+#[test]
+fn a_call_across_clusters_replies_through_the_alias_it_was_given() {
+    let mut w = world();
+    let server = w.peer_member(0, "echo", 7);
+    let caller = local(100);
+    let alias = Ref { node: A1.into(), creation: 1, ids: vec![5, 6, 7] };
+    // {'$gen_call', {Caller, [alias | Alias]}, ping}
+    let call = etf::encode(&Term::tuple(vec![
+        Term::atom("$gen_call"),
+        Term::tuple(vec![
+            Term::Pid(caller.clone()),
+            Term::List(vec![Term::atom("alias")], Box::new(Term::Ref(alias.clone()))),
+        ]),
+        Term::atom("ping"),
+    ]));
+    let (_, relay, body) = w.send(&caller, &server, &call).unwrap();
+    let Relay::Send { to: Handle(7), from: Some(from) } = relay else { panic!() };
+    // The payload names the caller and the alias by handles only.
+    let handles: Vec<(u8, u64)> = body
+        .windows(9)
+        .filter(|b| b[0] == etf::PEER_PID || b[0] == etf::PEER_REF)
+        .map(|b| (b[0], u64::from_be_bytes(b[1..9].try_into().unwrap())))
+        .collect();
+    assert!(handles.contains(&(etf::PEER_PID, from.0)), "{handles:?}");
+    let alias_handle = handles.iter().find(|(t, _)| *t == etf::PEER_REF).unwrap().1;
+    assert!(!body.windows(A1.len()).any(|b| b == A1.as_bytes()), "no node name crosses");
+    // The reply to the alias reaches the caller's node as ALIAS_SEND.
+    let (packets, undeliverable) =
+        w.relay(0, Relay::AliasSend { to: Handle(alias_handle), from: Some(Handle(7)) }, &msg(Term::atom("pong")));
+    assert!(!undeliverable);
+    let (control, _) = open(&packets[0].1);
+    assert!(matches!(control, Control::AliasSend { alias: a, .. } if a == alias));
+}
+
+#[test]
+fn monitors_down_and_demonitor_go_only_through_handles() {
+    let mut w = world();
+    let proxy = w.peer_member(0, "echo", 7);
+    let p = local(100);
+    let (_, relay, _) = w.send(&p, &proxy, &msg(Term::atom("hi"))).unwrap();
+    let Relay::Send { from: Some(h), .. } = relay else { panic!() };
+    // A monitor on a forged target: noproc back, counted, nothing asked of a node.
+    let (packets, _) = w.relay(0, Relay::Monitor { target: Handle(999) }, &[]);
+    assert!(packets.is_empty());
+    let back = w.relays_to();
+    assert!(matches!(&back[..], [(0, Relay::Down { target: Handle(999) }, _)]), "{back:?}");
+    assert_eq!(w.rejected("dc2", "forged"), 1.0);
+    // On the process it was given: a monitor on the node, once.
+    let (packets, _) = w.relay(0, Relay::Monitor { target: h }, &[]);
+    assert!(matches!(open_control(&packets[0].1), Control::MonitorP { target: Target::Pid(t), .. } if t == p));
+    let (again, _) = w.relay(0, Relay::Monitor { target: h }, &[]);
+    assert!(again.is_empty(), "one monitor per process and peer");
+    // Demonitor by the same handle; a forged one does nothing.
+    let (none, _) = w.relay(0, Relay::Demonitor { target: Handle(12345) }, &[]);
+    assert!(none.is_empty());
+    let (packets, _) = w.relay(0, Relay::Demonitor { target: h }, &[]);
+    assert!(matches!(open_control(&packets[0].1), Control::DemonitorP { .. }));
+    // A Down for a process nobody here watches mints nothing.
+    let before = w.core.proxies();
+    for t in 1000..1100 {
+        w.relay(0, Relay::Down { target: Handle(t) }, &etf::encode(&Term::atom("bye")));
+    }
+    assert_eq!(w.core.proxies(), before);
+    // The monitor quota (3 here): the fourth is refused with system_limit.
+    for id in 200..204 {
+        let (_, r, _) = w.send(&local(id), &proxy, &msg(Term::Nil)).unwrap();
+        let Relay::Send { from: Some(h), .. } = r else { panic!() };
+        w.relay(0, Relay::Monitor { target: h }, &[]);
+    }
+    assert_eq!(w.core.usage(0).2, 3);
+    assert_eq!(w.rejected("dc2", "monitor_quota"), 1.0);
+}
+
+fn open_control(packet: &[u8]) -> Control {
+    let (control, _) = etf::decode(&packet[5..]).unwrap();
+    Control::parse(&control).unwrap()
+}
+
+#[test]
+fn each_peer_has_its_own_atom_budget() {
+    let mut w = world();
+    let proxy = w.peer_member(0, "echo", 7);
+    let (_, relay, _) = w.send(&local(100), &proxy, &msg(Term::atom("hi"))).unwrap();
+    let Relay::Send { from: Some(h), .. } = relay else { panic!() };
+    let atoms = |from: usize, n: usize| {
+        etf::encode(&Term::list((from..from + n).map(|i| Term::atom(&format!("atom{i}"))).collect()))
+    };
+    // 20 distinct atoms allowed; the group name "echo" took one.
+    let (packets, _) = w.relay(0, Relay::Send { to: h, from: None }, &atoms(0, 19));
+    assert_eq!(packets.len(), 1);
+    let (packets, undeliverable) = w.relay(0, Relay::Send { to: h, from: None }, &atoms(100, 1));
+    assert!(packets.is_empty() && undeliverable);
+    assert_eq!(w.rejected("dc2", "atom_budget"), 1.0);
+    // Known atoms still pass; the other peer's budget is its own.
+    let (packets, _) = w.relay(0, Relay::Send { to: h, from: None }, &atoms(0, 19));
+    assert_eq!(packets.len(), 1);
+    // Group names count too: past the budget, the group is not imported.
+    let change = Change::Join { group: "brand_new_group".into(), members: vec![Handle(8)] };
+    w.core.from_route(0, ToLocal::Members { peer: "dc2".into(), change });
+    assert!(w.core.proxies.find(0, Handle(8), Kind::Pid).is_none());
+    assert_eq!(w.rejected("dc2", "atom_budget"), 2.0);
+}
+
+#[test]
+fn one_peer_flooding_proxies_evicts_only_its_own() {
+    let mut w = world();
+    // dc3 holds a reply alias; dc2 floods identities.
+    let proxy3 = w.peer_member(1, "svc", 1);
+    let (_, relay, _) = w.send(&local(100), &proxy3, &msg(Term::Nil)).unwrap();
+    let Relay::Send { from: Some(h3), .. } = relay else { panic!() };
+    w.relay(1, Relay::Send { to: h3, from: None }, &body(&[(etf::PEER_REF, 42)]));
+    let alias3 = w.core.proxies.find(1, Handle(42), Kind::Ref).unwrap();
+    let proxy2 = w.peer_member(0, "echo", 7);
+    let (_, relay, _) = w.send(&local(101), &proxy2, &msg(Term::Nil)).unwrap();
+    let Relay::Send { from: Some(h2), .. } = relay else { panic!() };
+    for n in 0..1000 {
+        let (packets, _) = w.relay(0, Relay::Send { to: h2, from: Some(Handle(10_000 + n)) }, &msg(Term::Nil));
+        assert_eq!(packets.len(), 1, "each message still goes, its sender's proxy within the quota");
+    }
+    assert_eq!(w.core.usage(0).0, 50);
+    assert!(w.core.proxies.home(alias3).is_some(), "dc3's alias survives dc2's flood");
+    assert!(w.core.proxies.find(0, Handle(7), Kind::Pid).is_some(), "dc2's member is pinned");
+}
+
+#[test]
+fn group_membership_is_applied_in_steps_and_leaves_are_cheap() {
+    let mut w = world_with(Limits { proxies: 200_000, ..limits() });
+    // A scope on a1, so joins are sent to it.
+    let scope = Pid { node: A1.into(), id: 50, serial: 0, creation: 1 };
+    w.core.on_scope_message(&w.a1.clone(), &etf::encode(&Term::tuple(vec![Term::atom("discover"), Term::Pid(scope)])));
+    w.core.take_effects();
+    let members: Vec<Handle> = (1..=100_000).map(Handle).collect();
+    let change = Change::Join { group: "big".into(), members: members.clone() };
+    w.core.from_route(0, ToLocal::Members { peer: "dc2".into(), change });
+    let mut steps = 1;
+    let mut messages = w.core.take_effects().len();
+    while w.core.busy(0) {
+        w.core.work(0);
+        messages += w.core.take_effects().len();
+        steps += 1;
+    }
+    assert_eq!(steps, 100_000usize.div_ceil(MEMBERS_PER_STEP));
+    assert_eq!(messages, steps, "one join message per step to the one scope");
+    assert_eq!(w.core.mirror.joined_count(), 100_000);
+    let change = Change::Leave { group: "big".into(), members };
+    w.core.from_route(0, ToLocal::Members { peer: "dc2".into(), change });
+    while w.core.busy(0) {
+        w.core.work(0);
+    }
+    assert_eq!(w.core.mirror.joined_count(), 0);
+    assert_eq!(w.core.usage(0).0, 100_000, "unpinned, kept until evicted");
+}
+
+#[test]
+fn local_members_cross_as_handles_and_groups_holding_pids_stay_home() {
+    let mut w = world();
+    let scope = Pid { node: A1.into(), id: 50, serial: 0, creation: 1 };
+    let room = Term::tuple(vec![Term::atom("room"), Term::Pid(local(5))]);
+    let sync = Term::tuple(vec![
+        Term::atom("$gen_cast"),
+        Term::tuple(vec![
+            Term::atom("sync"),
+            Term::Pid(scope),
+            Term::list(vec![
+                Term::tuple(vec![Term::atom("chat"), Term::list(vec![Term::Pid(local(1)), Term::Pid(local(1))])]),
+                Term::tuple(vec![room, Term::list(vec![Term::Pid(local(2))])]),
+            ]),
+        ]),
+    ]);
+    w.core.on_scope_message(&w.a1.clone(), &etf::encode(&sync));
+    let groups: Vec<(PeerIx, LocalGroups)> = w
+        .core
+        .take_effects()
+        .into_iter()
+        .filter_map(|e| match e {
+            Effect::Groups { peer, change } => Some((peer, change)),
+            _ => None,
+        })
+        .collect();
+    // Each peer gets "chat" with the member twice, by a handle of its own.
+    assert_eq!(groups.len(), 2);
+    for (p, change) in &groups {
+        let LocalGroups::Join { group, members } = change else { panic!() };
+        assert_eq!(group, "chat");
+        assert_eq!(members.len(), 2);
+        assert_eq!(members[0], members[1]);
+        let local_pid = w.core.peers[*p].exports.resolve(members[0], Kind::Pid).unwrap();
+        assert_eq!(&local_pid[..], &etf::pid_bytes(&local(1))[..]);
+    }
+    assert_eq!(w.rejected("local", "group_not_exported"), 1.0);
+}
+
+#[test]
+fn a_new_run_of_the_peer_forgets_its_proxies() {
+    let mut w = world();
+    let old = w.peer_member(0, "echo", 7);
+    let p = local(100);
+    assert!(w.send(&p, &old, &msg(Term::Nil)).is_some());
+    w.core.from_route(0, ToLocal::Lost { peer: "dc2".into() });
+    w.core.from_route(0, ToLocal::Up { peer: "dc2".into(), epoch: EPOCH + 1 });
+    w.core.take_effects();
+    // A message to the old run's proxy goes nowhere: its handle 7 may be
+    // someone else in the new run.
+    assert!(w.send(&p, &old, &msg(Term::Nil)).is_none());
+    assert_eq!(w.rejected("local", "unknown_proxy"), 1.0);
+}
+
+#[test]
+fn confirmed_sends_always_get_one_answer() {
+    let mut w = world();
+    let proxy = w.peer_member(0, "echo", 7);
+    let me = local(100);
+    let r = Term::Ref(Ref { node: A1.into(), creation: 1, ids: vec![1] });
+    let request = |to: Term, extra: bool| {
+        let mut items = vec![Term::atom("send_confirmed"), Term::Pid(me.clone()), r.clone(), to, Term::atom("m")];
+        if extra {
+            items.push(Term::Nil);
+        }
+        etf::encode(&Term::tuple(items))
+    };
+    let answers = |w: &mut World, payload: Vec<u8>| -> Vec<Term> {
+        let control = Control::RegSend { from: me.clone(), name: CONFIRM_NAME.into() }.term();
+        w.core.node_control(&w.a1.clone(), control, Some(payload.into()));
+        w.core
+            .take_effects()
+            .into_iter()
+            .filter_map(|e| match e {
+                Effect::Node { packet, .. } => Some(open(&packet).1),
+                _ => None,
+            })
+            .collect()
+    };
+    let reply = |result: Term| Term::tuple(vec![Term::atom("wandist_confirm"), r.clone(), result]);
+    assert_eq!(answers(&mut w, request(Term::Pid(me.clone()), false)), vec![reply(failed("unknown_proxy"))]);
+    assert_eq!(answers(&mut w, request(Term::atom("not_a_pid"), false)), vec![reply(failed("unknown_proxy"))]);
+    assert_eq!(answers(&mut w, request(Term::Pid(proxy.clone()), true)), vec![reply(failed("bad_request"))]);
+    assert!(answers(&mut w, request(Term::Pid(proxy), false)).is_empty(), "sent: the answer comes with the outcome");
+    w.core.from_route(0, ToLocal::Confirm { peer: "dc2".into(), token: 1, outcome: Outcome::Delivered });
+    let out: Vec<Term> = w
+        .core
+        .take_effects()
+        .into_iter()
+        .filter_map(|e| match e {
+            Effect::Node { packet, .. } => Some(open(&packet).1),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(out, vec![reply(Term::atom("delivered"))]);
+}
+
+// ---- the property ----
+
+#[derive(Debug, Clone)]
+enum Step {
+    /// Local process `i` sends to peer `p`'s member (a handle is issued).
+    Out {
+        p: u8,
+        i: u8,
+    },
+    /// Peer `p` relays to handle `h` (Send or alias), maybe with home
+    /// handles inside.
+    In {
+        p: u8,
+        h: u64,
+        alias: bool,
+        inside: Vec<(bool, u64)>,
+    },
+    Monitor {
+        p: u8,
+        h: u64,
+    },
+    Down {
+        p: u8,
+        h: u64,
+    },
+}
+
+fn step() -> impl Strategy<Value = Step> {
+    prop_oneof![
+        2 => (0u8..2, 0u8..8).prop_map(|(p, i)| Step::Out { p, i }),
+        4 => (0u8..2, 0u64..40, any::<bool>(), prop::collection::vec((any::<bool>(), 0u64..40), 0..3))
+            .prop_map(|(p, h, alias, inside)| Step::In { p, h, alias, inside }),
+        1 => (0u8..2, 0u64..40).prop_map(|(p, h)| Step::Monitor { p, h }),
+        1 => (0u8..2, 0u64..40).prop_map(|(p, h)| Step::Down { p, h }),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+    /// No sequence of inbound relays reaches a pid (or reference) that was
+    /// never issued to the peer that sent them: every packet the core
+    /// writes to a node, on a peer's behalf, is addressed to (and names
+    /// only) identities that crossed to that very peer.
+    #[test]
+    fn no_inbound_relay_reaches_what_was_not_issued_to_its_peer(steps in prop::collection::vec(step(), 1..60)) {
+        let mut w = world_with(Limits { proxies: 1000, handles: 1000, monitors: 1000, atoms: 1000, ..Limits::DEFAULT });
+        let proxies: Vec<Pid> = (0..2).map(|p| w.peer_member(p, "g", 1)).collect();
+        // What crossed to each peer (canonical encodings).
+        let mut issued: [Vec<Vec<u8>>; 2] = [Vec::new(), Vec::new()];
+        for s in steps {
+            match s {
+                Step::Out { p, i } => {
+                    let pid = local(100 + i as u32);
+                    let alias = Ref { node: A1.into(), creation: 1, ids: vec![i as u32, 0, 0] };
+                    let payload = etf::encode(&Term::tuple(vec![Term::Pid(pid.clone()), Term::Ref(alias.clone())]));
+                    if w.send(&pid, &proxies[p as usize], &payload).is_some() {
+                        issued[p as usize].push(etf::pid_bytes(&pid));
+                        issued[p as usize].push(etf::ref_bytes(&alias));
+                    }
+                }
+                Step::In { p, h, alias, inside } => {
+                    let tags: Vec<(u8, u64)> = inside.iter().map(|&(r, h)| (if r { etf::HOME_REF } else { etf::HOME_PID }, h)).collect();
+                    let relay = if alias { Relay::AliasSend { to: Handle(h), from: Some(Handle(3)) } } else { Relay::Send { to: Handle(h), from: None } };
+                    let (packets, _) = w.relay(p as usize, relay, &body(&tags));
+                    for (_, packet) in packets {
+                        let (control, payload) = open(&packet);
+                        let dest = match control {
+                            Control::SendSender { to, .. } => etf::pid_bytes(&to),
+                            Control::AliasSend { alias, .. } => etf::ref_bytes(&alias),
+                            other => panic!("{other:?}"),
+                        };
+                        prop_assert!(issued[p as usize].contains(&dest), "delivered to something never given to peer {}", p);
+                        for t in payload.as_tuple().unwrap() {
+                            let b = match t { Term::Pid(x) if x.node == A1 => etf::pid_bytes(x), Term::Ref(x) if x.node == A1 => etf::ref_bytes(x), _ => continue };
+                            prop_assert!(issued[p as usize].contains(&b), "named something never given to peer {}", p);
+                        }
+                    }
+                }
+                Step::Monitor { p, h } => {
+                    let (packets, _) = w.relay(p as usize, Relay::Monitor { target: Handle(h) }, &[]);
+                    for (_, packet) in packets {
+                        let Control::MonitorP { target: Target::Pid(t), .. } = open_control(&packet) else { panic!() };
+                        prop_assert!(issued[p as usize].contains(&etf::pid_bytes(&t)));
+                    }
+                }
+                Step::Down { p, h } => {
+                    let before = w.core.proxies();
+                    w.relay(p as usize, Relay::Down { target: Handle(h) }, &etf::encode(&Term::atom("x")));
+                    prop_assert_eq!(w.core.proxies(), before, "a Down minted a proxy");
+                }
+            }
+        }
+    }
+}

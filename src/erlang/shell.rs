@@ -1,0 +1,541 @@
+//! The Erlang side's async shell around [`Core`]: it owns the channels —
+//! one inbox per local node connection and one per route — and carries out
+//! the core's effects, never waiting on one node or one peer while others
+//! have work.
+//!
+//! Fairness: inboxes are served in turn, a batch at a time. A source whose
+//! effects cannot all be carried out now (a node's queue is full, a peer's
+//! queue is at its bound) keeps the rest as its backlog and is not read
+//! again until the backlog moves: that node (or route) waits, the others
+//! go on. A peer whose queue has not moved for SHED_AFTER is shedding: its
+//! messages fail at once (`overload`, counted and confirmed failed) until
+//! its queue is half empty again, so a peer that stops acknowledging cannot
+//! hold up the local nodes sending to it for good. A peer whose membership
+//! change is being applied (in steps, see `Core::work`) is not read until
+//! it is done, which keeps its messages in order behind it.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::task::Poll;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use foldhash::HashMap;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::core::{Core, Effect, PeerSetup, Setup};
+use super::node::{self, NodeEvent, NodeParams, NodeTx, TrySend};
+use super::proxies::PeerIx;
+use crate::config::{ErlangConfig, GatewayConfig, RouteConfig};
+use crate::gateway::{Inbox, LocalHandle, RouteHandle, ToLocal, TryGroups, TrySubmit};
+use crate::membership::Filter;
+use crate::metrics::{self as m, Metrics};
+
+/// Items taken from one inbox before the next is served.
+const BATCH: usize = 32;
+/// Events a node connection may queue for the shell before its reader waits.
+const NODE_INBOX: usize = 1024;
+/// How often blocked effects and queued messages are retried.
+const RETRY: Duration = Duration::from_millis(1);
+/// A peer whose queue has not moved this long while full is shedding.
+const SHED_AFTER: Duration = Duration::from_secs(5);
+/// How often the per-peer gauges are refreshed.
+const GAUGES_EVERY: Duration = Duration::from_secs(1);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Src {
+    Node(usize),
+    Route(PeerIx),
+}
+
+struct NodeSlot {
+    name: Arc<str>,
+    rx: mpsc::Receiver<NodeEvent>,
+    tx: Option<NodeTx>,
+    backlog: VecDeque<Effect>,
+}
+
+struct RouteSlot {
+    rx: mpsc::Receiver<ToLocal>,
+    handle: Option<RouteHandle>,
+    backlog: VecDeque<Effect>,
+    /// Messages the route's window had no room for, oldest first.
+    pending: VecDeque<(Bytes, Option<u64>)>,
+    pending_bytes: usize,
+    max_pending: usize,
+    max_pending_bytes: usize,
+    /// When the queue last moved (or was empty).
+    moved: Instant,
+    shedding: bool,
+    failed_overload: metrics::Counter,
+    gauges: [metrics::Gauge; 5],
+}
+
+impl RouteSlot {
+    fn full(&self) -> bool {
+        self.pending.len() >= self.max_pending || self.pending_bytes >= self.max_pending_bytes
+    }
+
+    fn half_empty(&self) -> bool {
+        self.pending.len() <= self.max_pending / 2 && self.pending_bytes <= self.max_pending_bytes / 2
+    }
+}
+
+struct Shell {
+    core: Core,
+    nodes: Vec<NodeSlot>,
+    node_ix: HashMap<Arc<str>, usize>,
+    routes: Vec<RouteSlot>,
+    connected: metrics::Gauge,
+    proxies: metrics::Gauge,
+}
+
+/// Starts the Erlang side: one connection task per node and the shell.
+/// `inboxes` are the routes' queues toward the local side, one per route.
+#[allow(clippy::too_many_arguments)] // the parts of the gateway it plugs into, each once
+pub fn start(
+    cfg: &ErlangConfig,
+    g: &GatewayConfig,
+    routes: &[RouteConfig],
+    local: LocalHandle,
+    inboxes: Vec<Inbox>,
+    metrics: Metrics,
+    cancel: CancellationToken,
+    tracker: &TaskTracker,
+) {
+    let me: Arc<str> = cfg.node.as_str().into();
+    let creation = fastrand::u32(1..);
+    let params = NodeParams {
+        me: me.clone(),
+        creation,
+        cookie: cfg.cookie.clone(),
+        max_packet: g.max_frame_bytes,
+        reconnect_min: g.reconnect_min,
+        reconnect_max: g.reconnect_max,
+    };
+    let mut nodes = Vec::new();
+    for n in &cfg.nodes {
+        let (tx, rx) = mpsc::channel(NODE_INBOX);
+        tracker.spawn(node::run(n.clone(), params.clone(), tx, cancel.clone()));
+        nodes.push(NodeSlot { name: n.name.as_str().into(), rx, tx: None, backlog: VecDeque::new() });
+    }
+    let mut peers = Vec::new();
+    let mut slots = Vec::new();
+    for inbox in inboxes {
+        let Some(route) = routes.iter().find(|r| *r.cluster == *inbox.peer) else { continue };
+        peers.push(PeerSetup {
+            name: inbox.peer.clone(),
+            export: Filter::from_patterns(&route.export),
+            limits: route.limits,
+        });
+        let peer = &*inbox.peer;
+        let gauge = |quota| metrics.gauge(m::PEER_QUOTA_USED, &[("peer", peer), ("quota", quota)]);
+        for (quota, limit) in [
+            ("proxies", route.limits.proxies),
+            ("handles", route.limits.handles),
+            ("monitors", route.limits.monitors),
+            ("atoms", route.limits.atoms),
+            ("pending", route.limits.pending),
+        ] {
+            metrics.gauge(m::PEER_QUOTA_LIMIT, &[("peer", peer), ("quota", quota)]).set(limit as f64);
+        }
+        slots.push(RouteSlot {
+            rx: inbox.rx,
+            handle: local.route(peer).cloned(),
+            backlog: VecDeque::new(),
+            pending: VecDeque::new(),
+            pending_bytes: 0,
+            max_pending: route.limits.pending,
+            max_pending_bytes: route.limits.pending_bytes,
+            moved: Instant::now(),
+            shedding: false,
+            failed_overload: metrics.counter(m::MESSAGES_FAILED, &[("peer", peer), ("reason", "overload")]),
+            gauges: [gauge("proxies"), gauge("handles"), gauge("monitors"), gauge("atoms"), gauge("pending")],
+        });
+    }
+    let setup = Setup {
+        me: me.clone(),
+        creation,
+        scope: cfg.scope.clone(),
+        nodes: nodes.iter().map(|n| n.name.clone()).collect(),
+        peers,
+    };
+    let shell = Shell {
+        node_ix: nodes.iter().enumerate().map(|(i, n)| (n.name.clone(), i)).collect(),
+        nodes,
+        routes: slots,
+        connected: metrics.gauge(m::ERLANG_NODES_CONNECTED, &[]),
+        proxies: metrics.gauge(m::PROXIES, &[]),
+        core: Core::new(setup, metrics),
+    };
+    shell.connected.set(0.0);
+    shell.proxies.set(0.0);
+    tracing::info!(node = %me, creation, scope = %cfg.scope, "Erlang side started");
+    tracker.spawn(shell.run(cancel));
+}
+
+/// What the shell waits for.
+enum Input {
+    Node(usize, NodeEvent),
+    Route(PeerIx, ToLocal),
+}
+
+impl Shell {
+    async fn run(mut self, cancel: CancellationToken) {
+        let mut cancelled = crate::stop::on_cancel(&cancel);
+        let mut rediscover = tokio::time::interval(Duration::from_secs(1));
+        // Not polled while every scope is known: one tick then, not a burst.
+        rediscover.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut gauges = tokio::time::interval(GAUGES_EVERY);
+        gauges.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut cursor = 0usize;
+        loop {
+            self.retry();
+            let mut progressed = self.step_jobs();
+            progressed |= self.take_ready(&mut cursor);
+            if progressed {
+                self.proxies.set(self.core.proxies() as f64);
+                // Others (links, nodes' writers) get their turn between rounds.
+                tokio::task::yield_now().await;
+                continue;
+            }
+            let waiting = self.waiting();
+            let undiscovered = self.core.undiscovered();
+            let input = {
+                let this = &mut self;
+                let start = cursor;
+                let wait = std::future::poll_fn(|cx| this.poll_input(cx, start));
+                tokio::select! {
+                    _ = &mut cancelled => return,
+                    input = wait => Some(input),
+                    _ = async { tokio::time::sleep(RETRY).await }, if waiting => None,
+                    _ = rediscover.tick(), if undiscovered => {
+                        self.core.rediscover();
+                        self.run_effects(None);
+                        None
+                    }
+                    _ = gauges.tick() => {
+                        self.publish();
+                        None
+                    }
+                }
+            };
+            if let Some(input) = input {
+                cursor = self.handle(input).wrapping_add(1);
+            }
+            self.proxies.set(self.core.proxies() as f64);
+        }
+    }
+
+    /// Sources that may be read now, from `start` round.
+    fn sources(&self, start: usize) -> impl Iterator<Item = Src> + '_ {
+        let n = self.nodes.len() + self.routes.len();
+        (0..n).map(move |i| (start + i) % n).filter_map(move |i| {
+            let src = if i < self.nodes.len() { Src::Node(i) } else { Src::Route(i - self.nodes.len()) };
+            self.readable(src).then_some(src)
+        })
+    }
+
+    fn readable(&self, src: Src) -> bool {
+        match src {
+            Src::Node(i) => self.nodes[i].backlog.is_empty(),
+            Src::Route(p) => self.routes[p].backlog.is_empty() && !self.core.busy(p),
+        }
+    }
+
+    fn index(&self, src: Src) -> usize {
+        match src {
+            Src::Node(i) => i,
+            Src::Route(p) => self.nodes.len() + p,
+        }
+    }
+
+    fn poll_input(&mut self, cx: &mut std::task::Context<'_>, start: usize) -> Poll<Input> {
+        let srcs: Vec<Src> = self.sources(start).collect();
+        for src in srcs {
+            match src {
+                Src::Node(i) => {
+                    if let Poll::Ready(Some(ev)) = self.nodes[i].rx.poll_recv(cx) {
+                        return Poll::Ready(Input::Node(i, ev));
+                    }
+                }
+                Src::Route(p) => {
+                    if let Poll::Ready(Some(item)) = self.routes[p].rx.poll_recv(cx) {
+                        return Poll::Ready(Input::Route(p, item));
+                    }
+                }
+            }
+        }
+        Poll::Pending
+    }
+
+    /// Handles one input and whatever else that source has ready, up to a
+    /// batch; returns the source's index in the round.
+    fn handle(&mut self, input: Input) -> usize {
+        let src = match input {
+            Input::Node(i, ev) => {
+                self.node_event(i, ev);
+                Src::Node(i)
+            }
+            Input::Route(p, item) => {
+                self.core.from_route(p, item);
+                self.run_effects(Some(Src::Route(p)));
+                Src::Route(p)
+            }
+        };
+        self.drain(src, BATCH - 1);
+        self.index(src)
+    }
+
+    /// Takes up to BATCH ready items from every readable source, in turn,
+    /// without waiting; true if any.
+    fn take_ready(&mut self, cursor: &mut usize) -> bool {
+        let srcs: Vec<Src> = self.sources(*cursor).collect();
+        let mut any = false;
+        for src in srcs {
+            any |= self.drain(src, BATCH) > 0;
+        }
+        *cursor = cursor.wrapping_add(1);
+        any
+    }
+
+    /// Up to `n` items from `src` while it stays readable; how many.
+    fn drain(&mut self, src: Src, n: usize) -> usize {
+        let mut done = 0;
+        while done < n && self.readable(src) {
+            match src {
+                Src::Node(i) => match self.nodes[i].rx.try_recv() {
+                    Ok(ev) => self.node_event(i, ev),
+                    Err(_) => break,
+                },
+                Src::Route(p) => match self.routes[p].rx.try_recv() {
+                    Ok(item) => {
+                        self.core.from_route(p, item);
+                        self.run_effects(Some(src));
+                    }
+                    Err(_) => break,
+                },
+            }
+            done += 1;
+        }
+        done
+    }
+
+    fn node_event(&mut self, i: usize, ev: NodeEvent) {
+        let name = self.nodes[i].name.clone();
+        match ev {
+            NodeEvent::Up { tx, .. } => {
+                self.nodes[i].tx = Some(tx);
+                self.core.node_up(&name);
+                self.publish_nodes();
+            }
+            NodeEvent::Down { why, .. } => {
+                self.nodes[i].tx = None;
+                tracing::warn!(node = %name, "Erlang node connection lost: {why}");
+                self.core.node_down(&name);
+                self.publish_nodes();
+            }
+            NodeEvent::Message { control, payload, .. } => self.core.node_control(&name, control, payload),
+            NodeEvent::Send { from, to, payload, .. } => self.core.node_send(&name, from, to, &payload),
+            NodeEvent::Rejected { why, .. } => self.core.node_rejected(&name, &why),
+        }
+        self.run_effects(Some(Src::Node(i)));
+    }
+
+    /// One step of each busy peer's membership change; true if any.
+    fn step_jobs(&mut self) -> bool {
+        let mut any = false;
+        for p in 0..self.routes.len() {
+            if self.core.busy(p) && self.routes[p].backlog.is_empty() {
+                self.core.work(p);
+                self.run_effects(Some(Src::Route(p)));
+                any = true;
+            }
+        }
+        any
+    }
+
+    fn backlog(&mut self, src: Src) -> &mut VecDeque<Effect> {
+        match src {
+            Src::Node(i) => &mut self.nodes[i].backlog,
+            Src::Route(p) => &mut self.routes[p].backlog,
+        }
+    }
+
+    /// Carries out the core's effects for `src` (in order behind its
+    /// backlog); what cannot go now becomes its backlog. Effects of no
+    /// source (timers) never wait: they are of the kinds that do not block
+    /// or are dropped with the reason counted.
+    fn run_effects(&mut self, src: Option<Src>) {
+        let mut effects: VecDeque<Effect> = self.core.take_effects().into();
+        if let Some(s) = src {
+            if !self.backlog(s).is_empty() {
+                self.backlog(s).extend(effects);
+                return;
+            }
+        }
+        while let Some(e) = effects.pop_front() {
+            match self.try_effect(e) {
+                Ok(()) => effects.extend(self.core.take_effects()),
+                Err(e) => {
+                    let Some(s) = src else {
+                        // (A discover to a node whose queue is full: the
+                        // next tick sends another.)
+                        continue;
+                    };
+                    let b = self.backlog(s);
+                    b.push_back(e);
+                    b.extend(effects);
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Carries out one effect now, or gives it back.
+    fn try_effect(&mut self, e: Effect) -> Result<(), Effect> {
+        match e {
+            Effect::Node { node, packet, held } => {
+                let tx = self.node_ix.get(&node).and_then(|&i| self.nodes[i].tx.as_ref());
+                let Some(tx) = tx else {
+                    if let Some(mut h) = held {
+                        h.undeliverable();
+                    }
+                    return Ok(());
+                };
+                match tx.try_send_delivery(packet, held) {
+                    Ok(()) => Ok(()),
+                    Err(TrySend::Full(packet, held)) => Err(Effect::Node { node, packet, held }),
+                    Err(TrySend::Closed(held)) => {
+                        if let Some(mut h) = held {
+                            h.undeliverable();
+                        }
+                        Ok(())
+                    }
+                }
+            }
+            Effect::Peer { peer, payload, token, data } => {
+                let slot = &mut self.routes[peer];
+                if data && slot.shedding {
+                    slot.failed_overload.increment(1);
+                    self.core.not_sent(peer, token, "overload");
+                    return Ok(());
+                }
+                let Some(handle) = slot.handle.as_ref() else { return Ok(()) };
+                if slot.pending.is_empty() {
+                    slot.moved = Instant::now();
+                    match handle.try_submit(payload, token) {
+                        Ok(()) => return Ok(()),
+                        Err(TrySubmit::Gone) => {
+                            self.core.not_sent(peer, token, "shutdown");
+                            return Ok(());
+                        }
+                        Err(TrySubmit::Full(payload, token)) => {
+                            slot.pending_bytes += payload.len();
+                            slot.pending.push_back((payload, token));
+                            return Ok(());
+                        }
+                    }
+                }
+                if data && slot.full() {
+                    return Err(Effect::Peer { peer, payload, token, data });
+                }
+                slot.pending_bytes += payload.len();
+                slot.pending.push_back((payload, token));
+                Ok(())
+            }
+            Effect::Groups { peer, change } => {
+                let Some(handle) = self.routes[peer].handle.as_ref() else { return Ok(()) };
+                match handle.try_groups(change) {
+                    Ok(()) | Err(TryGroups::Gone) => Ok(()),
+                    Err(TryGroups::Full(change)) => Err(Effect::Groups { peer, change }),
+                }
+            }
+        }
+    }
+
+    /// Moves queued messages to routes with room, retries backlogs, and
+    /// sheds peers whose queues have not moved for SHED_AFTER.
+    fn retry(&mut self) {
+        let now = Instant::now();
+        for p in 0..self.routes.len() {
+            let slot = &mut self.routes[p];
+            let Some(handle) = slot.handle.as_ref() else { continue };
+            while let Some((payload, token)) = slot.pending.pop_front() {
+                let len = payload.len();
+                match handle.try_submit(payload, token) {
+                    Ok(()) => {
+                        slot.pending_bytes -= len;
+                        slot.moved = now;
+                    }
+                    Err(TrySubmit::Full(payload, token)) => {
+                        slot.pending.push_front((payload, token));
+                        break;
+                    }
+                    Err(TrySubmit::Gone) => {
+                        slot.pending_bytes -= len;
+                        self.core.not_sent(p, token, "shutdown");
+                        self.run_effects(None);
+                        break;
+                    }
+                }
+            }
+            let slot = &mut self.routes[p];
+            if slot.pending.is_empty() {
+                slot.moved = now;
+            }
+            if !slot.shedding && slot.full() && now.duration_since(slot.moved) >= SHED_AFTER {
+                slot.shedding = true;
+                tracing::warn!(peer = %self.core.peer_name(p), queued = slot.pending.len(), "the peer has taken nothing for {SHED_AFTER:?} with its queue full: its messages fail (overload) until it catches up");
+            } else if slot.shedding && slot.half_empty() {
+                slot.shedding = false;
+                tracing::info!(peer = %self.core.peer_name(p), "the peer is catching up: its messages are accepted again");
+            }
+        }
+        let srcs: Vec<Src> = (0..self.nodes.len())
+            .map(Src::Node)
+            .chain((0..self.routes.len()).map(Src::Route))
+            .filter(|&s| match s {
+                Src::Node(i) => !self.nodes[i].backlog.is_empty(),
+                Src::Route(p) => !self.routes[p].backlog.is_empty(),
+            })
+            .collect();
+        for src in srcs {
+            let effects: Vec<Effect> = std::mem::take(self.backlog(src)).into();
+            let mut effects: VecDeque<Effect> = effects.into();
+            while let Some(e) = effects.pop_front() {
+                match self.try_effect(e) {
+                    Ok(()) => effects.extend(self.core.take_effects()),
+                    Err(e) => {
+                        let b = self.backlog(src);
+                        b.push_back(e);
+                        b.extend(effects);
+                        break;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Something is blocked or queued: retry soon.
+    fn waiting(&self) -> bool {
+        self.nodes.iter().any(|n| !n.backlog.is_empty())
+            || self.routes.iter().any(|r| !r.backlog.is_empty() || !r.pending.is_empty())
+    }
+
+    fn publish_nodes(&self) {
+        self.connected.set(self.nodes.iter().filter(|n| n.tx.is_some()).count() as f64);
+    }
+
+    fn publish(&self) {
+        self.proxies.set(self.core.proxies() as f64);
+        for (p, slot) in self.routes.iter().enumerate() {
+            let (proxies, handles, monitors, atoms) = self.core.usage(p);
+            for (g, v) in slot.gauges.iter().zip([proxies, handles, monitors, atoms, slot.pending.len()]) {
+                g.set(v as f64);
+            }
+        }
+    }
+}
