@@ -20,15 +20,33 @@ pub enum CertsError {
     Io { path: PathBuf, source: std::io::Error },
 }
 
+/// Writes a file; a private one is created with mode 0600 from the start
+/// (never readable by others, not even for a moment), in a new file
+/// renamed over the old, so a key that was once too open is replaced by
+/// one that is not.
 fn write(path: PathBuf, text: &str, private: bool) -> Result<PathBuf, CertsError> {
-    std::fs::write(&path, text).map_err(|source| CertsError::Io { path: path.clone(), source })?;
-    #[cfg(unix)]
-    if private {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
-            .map_err(|source| CertsError::Io { path: path.clone(), source })?;
+    let io = |source| CertsError::Io { path: path.clone(), source };
+    if !private {
+        std::fs::write(&path, text).map_err(io)?;
+        return Ok(path);
     }
-    let _ = private;
+    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+    let mut open = std::fs::OpenOptions::new();
+    open.write(true).create_new(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        open.mode(0o600);
+    }
+    let written = open.open(&tmp).and_then(|mut f| {
+        use std::io::Write;
+        f.write_all(text.as_bytes())?;
+        f.sync_all()
+    });
+    if let Err(e) = written.and_then(|()| std::fs::rename(&tmp, &path)) {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(io(e));
+    }
     Ok(path)
 }
 
@@ -133,6 +151,30 @@ mod tests {
         let expired = crate::date::ymd((today - 1) * 86_400);
         assert!(problems[0].message.contains(&format!("certificate expired on {expired}")), "{problems:?}");
         assert_eq!(problems[0].line, Some(4));
+    }
+
+    /// Keys are 0600 from the moment they exist, even where an old key
+    /// was more open; a key others may read is refused when loaded.
+    #[test]
+    fn keys_are_private_and_open_keys_are_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("dc1.key"), "old").unwrap();
+        std::fs::set_permissions(dir.path().join("dc1.key"), std::fs::Permissions::from_mode(0o644)).unwrap();
+        generate(dir.path(), &["dc1".into()]).unwrap();
+        let mode = |f: &str| std::fs::metadata(dir.path().join(f)).unwrap().permissions().mode() & 0o777;
+        assert_eq!((mode("ca.key"), mode("dc1.key"), mode("dc1.pem")), (0o600, 0o600, 0o644));
+        assert!(std::fs::read_dir(dir.path()).unwrap().all(|e| !e
+            .unwrap()
+            .file_name()
+            .to_string_lossy()
+            .contains("tmp")));
+        let at = |f: &str| PathAt { path: dir.path().join(f), line: Some(2) };
+        let files = TlsFiles { cert: at("dc1.pem"), key: at("dc1.key"), ca: at("ca.pem") };
+        Tls::load(&files, Some("dc1"), Path::new("x.toml")).unwrap();
+        std::fs::set_permissions(dir.path().join("dc1.key"), std::fs::Permissions::from_mode(0o640)).unwrap();
+        let problems = Tls::load(&files, Some("dc1"), Path::new("x.toml")).unwrap_err();
+        assert!(problems[0].message.contains("mode 0640"), "{problems:?}");
     }
 
     #[test]

@@ -808,7 +808,7 @@ impl Cx<'_> {
                 }
                 Some(Secret::new(c))
             }
-            (None, Some(at)) => match std::fs::read_to_string(&at.path) {
+            (None, Some(at)) => match owner_only(&at.path).and_then(|()| std::fs::read_to_string(&at.path)) {
                 Ok(text) if !text.trim().is_empty() && text.len() <= 1024 => Some(Secret::new(text.trim())),
                 Ok(_) => {
                     self.problems.push(Problem {
@@ -942,6 +942,28 @@ impl Cx<'_> {
             }
         }
     }
+}
+
+/// Refuses a secret (a cookie file, a private key) that group or others
+/// may access, as Erlang refuses such a cookie file: an error naming the
+/// file, its mode and the fix.
+pub fn owner_only(path: &Path) -> std::io::Result<()> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(path)?.permissions().mode() & 0o777;
+        if mode & 0o077 != 0 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::PermissionDenied,
+                format!(
+                    "it is accessible by group or others (mode {mode:04o}); it holds a secret: chmod 600 {} (Erlang refuses such a cookie file too)",
+                    path.display()
+                ),
+            ));
+        }
+    }
+    let _ = path;
+    Ok(())
 }
 
 fn default_gateway_name() -> String {
@@ -1133,6 +1155,7 @@ import = ["chat.*", "presence"]
     fn the_erlang_table() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("cookie"), "s3cret\n").unwrap();
+        set_mode(&dir.path().join("cookie"), 0o600);
         let path = dir.path().join("gw.toml");
         let c = Config::parse(
             "[gateway]\ncluster = \"dc1\"\n[[route]]\ncluster = \"dc2\"\ninsecure_plaintext = true\n\
@@ -1158,6 +1181,35 @@ import = ["chat.*", "presence"]
             assert!(msgs.iter().any(|m| m.contains(want)), "{want} in {msgs:?}");
         }
         assert!(msgs.iter().all(|m| !m.contains("\"a\"")));
+    }
+
+    fn set_mode(path: &Path, mode: u32) {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+    }
+
+    /// As Erlang does: a cookie file group or others may read is refused,
+    /// with the file, its mode and the fix in the message.
+    #[test]
+    fn a_cookie_file_others_may_read_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let cookie = dir.path().join("cookie");
+        std::fs::write(&cookie, "s3cret").unwrap();
+        let path = dir.path().join("gw.toml");
+        let text = "[gateway]\ncluster = \"dc1\"\n[[route]]\ncluster = \"dc2\"\ninsecure_plaintext = true\n\
+             [erlang]\nnode = \"gw@h\"\ncookie_file = \"cookie\"\nnodes = [\"a@h\"]\n";
+        for mode in [0o644, 0o640, 0o604, 0o660] {
+            set_mode(&cookie, mode);
+            let problems = Config::parse(text, &path).unwrap_err();
+            let m = &problems[0].message;
+            assert!(m.contains(&format!("mode {mode:04o}")) && m.contains("chmod 600"), "{m}");
+            assert!(!m.contains("s3cret"));
+            assert_eq!(problems[0].line, Some(8));
+        }
+        for mode in [0o600, 0o400] {
+            set_mode(&cookie, mode);
+            assert!(Config::parse(text, &path).is_ok(), "{mode:o}");
+        }
     }
 
     #[test]

@@ -199,11 +199,22 @@ impl Metrics {
     }
 }
 
-/// Serves `/metrics` until `cancel`. Requests are bounded in size and time.
 /// How often histogram samples are folded into summaries.
 const UPKEEP: Duration = Duration::from_secs(1);
+/// Connections the metrics endpoint serves at once; more are closed at once
+/// (and counted): anyone who can reach the port could otherwise hold
+/// file descriptors without end.
+pub const MAX_CONNECTIONS: usize = 64;
+/// A request must have arrived whole within this.
+const READ_DEADLINE: Duration = Duration::from_secs(2);
+/// And its answer been written within this.
+const ANSWER_DEADLINE: Duration = Duration::from_secs(10);
 
+/// Serves `/metrics` and `/healthz` until `cancel`: at most
+/// MAX_CONNECTIONS at once, each bounded in size and time.
 pub async fn serve(listener: TcpListener, metrics: Metrics, cancel: CancellationToken, tracker: TaskTracker) {
+    let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let refused = metrics.counter(METRICS_CONNECTIONS_REFUSED, &[]);
     loop {
         let accepted = tokio::select! {
             _ = cancel.cancelled() => return,
@@ -211,9 +222,15 @@ pub async fn serve(listener: TcpListener, metrics: Metrics, cancel: Cancellation
         };
         match accepted {
             Ok((stream, peer)) => {
+                let Ok(slot) = slots.clone().try_acquire_owned() else {
+                    refused.increment(1);
+                    drop(stream);
+                    continue;
+                };
                 let metrics = metrics.clone();
                 tracker.spawn(async move {
-                    if let Err(e) = tokio::time::timeout(Duration::from_secs(10), answer(stream, &metrics)).await {
+                    let _slot = slot;
+                    if let Err(e) = tokio::time::timeout(ANSWER_DEADLINE, answer(stream, &metrics)).await {
                         tracing::debug!(%peer, "metrics request timed out: {e}");
                     }
                 });
@@ -229,10 +246,11 @@ pub async fn serve(listener: TcpListener, metrics: Metrics, cancel: Cancellation
 async fn answer(mut stream: TcpStream, metrics: &Metrics) {
     let mut buf = Vec::with_capacity(1024);
     let mut chunk = [0u8; 1024];
+    let deadline = tokio::time::Instant::now() + READ_DEADLINE;
     while !buf.windows(4).any(|w| w == b"\r\n\r\n") && buf.len() < 8192 {
-        match stream.read(&mut chunk).await {
-            Ok(0) | Err(_) => return,
-            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        match tokio::time::timeout_at(deadline, stream.read(&mut chunk)).await {
+            Ok(Ok(0)) | Ok(Err(_)) | Err(_) => return,
+            Ok(Ok(n)) => buf.extend_from_slice(&chunk[..n]),
         }
     }
     let line = buf.split(|&b| b == b'\n').next().unwrap_or_default();

@@ -63,8 +63,11 @@ fn certs(at: &PathAt, config: &Path) -> Result<Vec<CertificateDer<'static>>, Pro
 }
 
 fn key(at: &PathAt, config: &Path) -> Result<PrivateKeyDer<'static>, Problem> {
-    let pem = read_pem(at, config)?;
     let problem = |message: String| Problem { file: config.to_path_buf(), line: at.line, message };
+    if std::fs::metadata(&at.path).is_ok() {
+        crate::config::owner_only(&at.path).map_err(|e| problem(format!("{}: {e}", at.path.display())))?;
+    }
+    let pem = read_pem(at, config)?;
     rustls_pemfile::private_key(&mut BufReader::new(&pem[..]))
         .map_err(|e| problem(format!("{}: bad PEM: {e}", at.path.display())))?
         .ok_or_else(|| problem(format!("{}: no PRIVATE KEY found", at.path.display())))

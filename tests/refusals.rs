@@ -190,11 +190,16 @@ fn raw_clients_that_stall_or_send_garbage_are_cut_and_other_links_stay_up() {
     expect_cut(http, "HTTP client");
     dc1.wait_metric("wandist_handshake_failures_total", &[("peer", "unknown"), ("reason", "bad_magic")], |v| v == 1.0);
 
-    // A future protocol version.
-    let mut future = TcpStream::connect(dc1.peer_addr()).unwrap();
-    future.write_all(b"WDST\x00\x63").unwrap();
-    expect_cut(future, "wrong version");
-    dc1.wait_metric("wandist_handshake_failures_total", &[("peer", "unknown"), ("reason", "version")], |v| v == 1.0);
+    // A future protocol version, and the previous one (version 1 named
+    // processes by their pids): refused, with the versions in the log.
+    for (n, version) in [(1.0, b"WDST\x00\x63"), (2.0, b"WDST\x00\x01")] {
+        let mut other = TcpStream::connect(dc1.peer_addr()).unwrap();
+        other.write_all(version).unwrap();
+        expect_cut(other, "wrong version");
+        dc1.wait_metric("wandist_handshake_failures_total", &[("peer", "unknown"), ("reason", "version")], |v| v == n);
+    }
+    let line = dc1.wait_log("peer speaks protocol version 99", SOON);
+    assert!(line.contains("this gateway speaks 2"), "{line}");
 
     // A hello claiming 4 GiB.
     let mut oversize = TcpStream::connect(dc1.peer_addr()).unwrap();
@@ -327,4 +332,81 @@ fn a_dialer_never_hangs_on_a_silent_peer_or_proxy() {
     let line = dc1.wait_log("SOCKS5 negotiation timed out after 300ms", SOON);
     assert!(line.contains("dc4"), "{line}");
     drop(silent);
+}
+
+/// Before a peer is known, it costs at most one handshake deadline, however
+/// it spreads its stalls over TLS and the hello; refusals are counted, and
+/// said once per reason per period, not once per connection.
+#[test]
+fn an_unknown_client_gets_one_deadline_and_refusals_do_not_flood_the_log() {
+    let certs = Certs::new(&["dc1", "dc3"]);
+    let dc1 = Gateway::start(
+        "dc1",
+        &format!(
+            "{}{}[[route]]\ncluster = \"dc3\"\n",
+            gateway_table_with("dc1", true, "handshake_timeout_ms = 1000\n"),
+            certs.tls_table("dc1")
+        ),
+    );
+    // Waits 700 ms, completes TLS (with a certificate dc1 trusts), then
+    // stalls before its hello: cut when the one deadline ends (1 s after
+    // connecting), not a fresh one after TLS.
+    let rt = runtime();
+    let dc3 = tls_of(&certs, "dc3");
+    let addr = dc1.peer_addr();
+    let cut_after = rt.block_on(async move {
+        use tokio::io::AsyncReadExt;
+        let start = Instant::now();
+        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        let name = wandist::tls::server_name("dc1").unwrap();
+        let mut tls = tokio_rustls::TlsConnector::from(dc3.client.clone()).connect(name, tcp).await.unwrap();
+        let mut buf = [0u8; 256];
+        loop {
+            match tokio::time::timeout(Duration::from_secs(10), tls.read(&mut buf)).await {
+                Ok(Ok(0)) | Ok(Err(_)) => return start.elapsed(),
+                Ok(Ok(_)) => {}
+                Err(_) => panic!("not cut within 10 s"),
+            }
+        }
+    });
+    assert!(cut_after >= Duration::from_millis(900), "cut after {cut_after:?}, before the deadline");
+    assert!(cut_after < Duration::from_millis(1500), "cut after {cut_after:?}: a second deadline after TLS");
+    dc1.wait_metric("wandist_handshake_failures_total", &[("peer", "unknown"), ("reason", "hello_timeout")], |v| {
+        v == 1.0
+    });
+
+    // Thirty clients speaking HTTP: thirty refusals counted, one line said.
+    for _ in 0..30 {
+        let mut http = TcpStream::connect(dc1.peer_addr()).unwrap();
+        http.write_all(b"GET / HTTP/1.1\r\n\r\n").unwrap();
+        expect_cut(http, "HTTP client");
+    }
+    dc1.wait_metric("wandist_handshake_failures_total", &[("peer", "unknown"), ("reason", "bad_magic")], |v| v == 30.0);
+    let lines =
+        dc1.logs().iter().filter(|l| l.contains("refused incoming connection") && l.contains("bad_magic")).count();
+    assert!((1..=2).contains(&lines), "{lines} log lines for 30 refusals");
+}
+
+/// The metrics endpoint serves at most 64 connections at once; more are
+/// closed at once and counted, and an idle one is closed after 2 s.
+#[test]
+fn the_metrics_endpoint_caps_its_connections() {
+    let certs = Certs::new(&["dc1", "dc2"]);
+    let dc1 = Gateway::start("dc1", &accepting("dc1", &certs, "dc2"));
+    let idle: Vec<TcpStream> = (0..64).map(|_| TcpStream::connect(dc1.metrics_addr).unwrap()).collect();
+    // (each accepted and waiting for a request)
+    std::thread::sleep(Duration::from_millis(200));
+    for _ in 0..10 {
+        let extra = TcpStream::connect(dc1.metrics_addr).unwrap();
+        let took = expect_cut(extra, "a connection over the cap");
+        assert!(took < Duration::from_secs(1), "over the cap, yet held {took:?}");
+    }
+    // The idle ones are closed by the read deadline.
+    for s in idle {
+        let took = expect_cut(s, "an idle metrics connection");
+        assert!(took < Duration::from_secs(5), "idle for {took:?}");
+    }
+    let refused = dc1.wait_metric("wandist_metrics_connections_refused_total", &[], |v| v >= 10.0);
+    assert!(refused < 20.0, "{refused}");
 }

@@ -231,8 +231,9 @@ pub async fn handshake(
     if flags & REQUIRED != REQUIRED {
         return Err(fail(format!("node lacks required distribution flags ({flags:#x}); OTP 23 or later is needed")));
     }
-    // send_challenge_reply
-    let ours: u32 = fastrand::u32(..);
+    // send_challenge_reply: our challenge from the system's CSPRNG (a
+    // predictable one would let a recorded digest be replayed).
+    let ours = challenge_u32().map_err(|_| fail("no secure random numbers for the challenge".into()))?;
     let mut reply = vec![b'r'];
     reply.extend_from_slice(&ours.to_be_bytes());
     reply.extend_from_slice(&md5_digest(cookie.expose(), challenge));
@@ -246,6 +247,14 @@ pub async fn handshake(
         return Err(fail("the node's cookie digest is wrong".into()));
     }
     Ok(Peer { name: their_name, flags, creation: their_creation })
+}
+
+/// A challenge from the operating system's CSPRNG.
+fn challenge_u32() -> Result<u32, ring::error::Unspecified> {
+    use ring::rand::{SecureRandom, SystemRandom};
+    let mut b = [0u8; 4];
+    SystemRandom::new().fill(&mut b)?;
+    Ok(u32::from_be_bytes(b))
 }
 
 fn md5(input: &[u8]) -> [u8; 16] {

@@ -193,6 +193,7 @@ pub async fn start(prepared: Prepared, metrics: Metrics, queue: usize) -> Result
             max_frame: g.max_frame_bytes,
             pending: Arc::new(Semaphore::new(g.max_pending_handshakes)),
             metrics: metrics.clone(),
+            refusals: std::sync::Mutex::new(crate::ratelog::RateLog::default()),
         };
         tracker.spawn(acceptor.run(listener, root.clone(), tracker.clone()));
     }
@@ -308,6 +309,8 @@ struct Acceptor {
     max_frame: usize,
     pending: Arc<Semaphore>,
     metrics: Metrics,
+    /// Refusals are said at most once per reason per period.
+    refusals: std::sync::Mutex<crate::ratelog::RateLog<&'static str>>,
 }
 
 impl Acceptor {
@@ -330,7 +333,7 @@ impl Acceptor {
                 }
             };
             let Ok(permit) = this.pending.clone().try_acquire_owned() else {
-                count_refusal(&this.metrics, &handshake::HandshakeError::Overload, remote);
+                this.refused(&handshake::HandshakeError::Overload, remote);
                 drop(tcp);
                 continue;
             };
@@ -356,14 +359,21 @@ impl Acceptor {
                     tracing::debug!(%remote, "route gone while handing over a link");
                 }
             }
-            Err(e) => count_refusal(&self.metrics, &e, remote),
+            Err(e) => self.refused(&e, remote),
         }
     }
-}
 
-fn count_refusal(metrics: &Metrics, e: &handshake::HandshakeError, remote: SocketAddr) {
-    metrics.counter(m::HANDSHAKE_FAILURES, &[("peer", m::UNKNOWN_PEER), ("reason", e.reason())]).increment(1);
-    tracing::warn!(%remote, reason = e.reason(), "refused incoming connection: {e}");
+    /// Counts a refused connection, and says so at most once per reason
+    /// per period (with how many were held back): anyone can connect, so
+    /// refusals must not be a log flood.
+    fn refused(&self, e: &handshake::HandshakeError, remote: SocketAddr) {
+        let reason = e.reason();
+        self.metrics.counter(m::HANDSHAKE_FAILURES, &[("peer", m::UNKNOWN_PEER), ("reason", reason)]).increment(1);
+        let said = self.refusals.lock().unwrap_or_else(|p| p.into_inner()).allow(&reason);
+        if let Some(held_back) = said {
+            tracing::warn!(%remote, reason, held_back, "refused incoming connection: {e}");
+        }
+    }
 }
 
 #[cfg(test)]

@@ -71,7 +71,6 @@ struct RouteMetrics {
     groups_imported: Gauge,
     members_exported: Gauge,
     members_imported: Gauge,
-    adverts_rejected: Counter,
     connects: Counter,
 }
 
@@ -96,7 +95,6 @@ impl RouteMetrics {
             groups_imported: g(m::GROUPS, ("direction", "imported")),
             members_exported: g(m::MEMBERS, ("direction", "exported")),
             members_imported: g(m::MEMBERS, ("direction", "imported")),
-            adverts_rejected: m.counter(m::ADVERTS_REJECTED, &p),
             connects: m.counter(m::LINK_CONNECTS, &p),
         }
     }
@@ -141,6 +139,8 @@ pub(super) struct PeerTask {
     members_published: Instant,
     metrics: Metrics,
     rm: RouteMetrics,
+    /// Log lines a peer can cause many of, said once per period.
+    refusals: crate::ratelog::RateLog<&'static str>,
     cancel: CancellationToken,
     tracker: TaskTracker,
 }
@@ -223,6 +223,7 @@ impl PeerTask {
             members_published: Instant::now(),
             metrics,
             rm,
+            refusals: crate::ratelog::RateLog::default(),
             cancel,
             tracker,
             config,
@@ -498,6 +499,18 @@ impl PeerTask {
         };
         let link = conn::spawn(est, self.params.clone(), self.events_tx.clone(), &self.tracker);
         let id = link.id;
+        // A hard cap, whoever dialed: a peer cannot make this route hold
+        // more links than configured (the side that sorts first trims to
+        // what both want; this bounds the other side too).
+        let max = usize::from(self.config.limits.links);
+        if self.links.iter().filter(|l| !l.link.is_closed()).count() >= max {
+            self.metrics.counter(m::HANDSHAKE_FAILURES, &[("peer", &self.peer), ("reason", "link_limit")]).increment(1);
+            if let Some(held_back) = self.refusals.allow(&"link_limit") {
+                tracing::warn!(peer = %self.peer, max, held_back, "refused a link {info}: the route holds as many links as it may (max_links)");
+            }
+            link.close("link_limit", "the route holds as many links as it may");
+            return;
+        }
         self.rm.connects.increment(1);
         // One step under the lock, so the link's reader cannot hand the
         // local side a message of a new session before the notices that
@@ -560,8 +573,14 @@ impl PeerTask {
         if self.own.cluster.as_str() > &*self.peer {
             return;
         }
-        let target =
-            self.links.iter().map(|l| l.peer_wants).max().unwrap_or(0).max(self.config.links_wanted()) as usize;
+        let target = self
+            .links
+            .iter()
+            .map(|l| l.peer_wants)
+            .max()
+            .unwrap_or(0)
+            .max(self.config.links_wanted())
+            .min(self.config.limits.links) as usize;
         let open: Vec<&Live> = self.links.iter().filter(|l| !l.link.is_closed()).collect();
         for l in open.iter().skip(target) {
             tracing::info!(peer = %self.peer, link = l.link.id, "closing surplus link (both sides dialed)");
@@ -603,7 +622,10 @@ impl PeerTask {
             down
         };
         let role = if down.was_primary { "primary" } else { "standby" };
-        tracing::warn!(peer = %self.peer, link, role, reason = reason.label, "link down: {reason}");
+        // (A peer that keeps failing its links would otherwise fill the log.)
+        if let Some(held_back) = self.refusals.allow(&reason.label) {
+            tracing::warn!(peer = %self.peer, link, role, reason = reason.label, held_back, "link down: {reason}");
+        }
         if let Some(promoted) = down.promoted {
             self.rm.failovers.increment(1);
             tracing::warn!(peer = %self.peer, from = link, to = promoted, "failover: standby promoted to primary");
@@ -626,7 +648,9 @@ impl PeerTask {
     }
 
     fn violation(&mut self, link: u64, label: &'static str, why: String) {
-        tracing::warn!(peer = %self.peer, link, "closing link: protocol violation: {why}");
+        if let Some(held_back) = self.refusals.allow(&label) {
+            tracing::warn!(peer = %self.peer, link, held_back, "closing link: protocol violation: {why}");
+        }
         self.metrics.counter(m::FRAMES_REJECTED, &[("peer", &self.peer), ("reason", label)]).increment(1);
         if let Some(l) = self.links.iter().find(|l| l.link.id == link) {
             l.link.close(label, &why);
@@ -665,12 +689,12 @@ impl PeerTask {
                         if applied.resync {
                             self.send_on_primary(Frame::control(Header::Resync));
                         }
+                        for (group, why) in &applied.refused {
+                            self.advert_rejected("bad_group", || format!("group {group:?} not imported: {why}"));
+                        }
                         self.changes_to_local(applied.changes);
                     }
-                    Err(e) => {
-                        self.rm.adverts_rejected.increment(1);
-                        tracing::warn!(peer = %self.peer, origin = %origin, "advert rejected: {e}");
-                    }
+                    Err(e) => self.advert_rejected(e.label(), || format!("advert from {origin} rejected: {e}")),
                 }
             }
             Header::Resync => self.send_snapshot(),
@@ -681,6 +705,15 @@ impl PeerTask {
                 }
             }
             other => tracing::debug!(peer = %self.peer, "ignoring {other:?}"),
+        }
+    }
+
+    /// Counts a refused advert (or group in one) and says so at most once
+    /// per reason per period.
+    fn advert_rejected(&mut self, reason: &'static str, what: impl FnOnce() -> String) {
+        self.metrics.counter(m::ADVERTS_REJECTED, &[("peer", &self.peer), ("reason", reason)]).increment(1);
+        if let Some(held_back) = self.refusals.allow(&reason) {
+            tracing::warn!(peer = %self.peer, reason, held_back, "{}", what());
         }
     }
 

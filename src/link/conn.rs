@@ -260,7 +260,8 @@ impl Reader {
         let id = self.id;
         let reject = |e: &codec::CodecError| {
             metrics.counter(m::FRAMES_REJECTED, &[("peer", &peer), ("reason", e.reason())]).increment(1);
-            tracing::warn!(peer = %peer, link = id, "closing link: bad frame from peer: {e}");
+            // (Said by the route task with the link's end, once per period.)
+            tracing::debug!(peer = %peer, link = id, "closing link: bad frame from peer: {e}");
             CloseReason::new(e.reason(), e.to_string())
         };
         let mut batch: Vec<Frame> = Vec::new();

@@ -155,6 +155,17 @@ async fn within<T>(
     tokio::time::timeout(after, f).await.unwrap_or(Err(HandshakeError::Timeout(phase, after)))
 }
 
+/// Runs one phase of a handshake that must be done by `deadline` as a
+/// whole (`total` is what the error reports).
+async fn until<T>(
+    phase: Phase,
+    deadline: tokio::time::Instant,
+    total: Duration,
+    f: impl Future<Output = Result<T, HandshakeError>>,
+) -> Result<T, HandshakeError> {
+    tokio::time::timeout_at(deadline, f).await.unwrap_or(Err(HandshakeError::Timeout(phase, total)))
+}
+
 /// Opens a TCP connection to `ep`, through `socks` if given.
 pub async fn dial(ep: &Endpoint, socks: Option<&Socks5>, t: &Timeouts) -> Result<TcpStream, HandshakeError> {
     let Some(socks) = socks else {
@@ -204,10 +215,12 @@ pub async fn client(
     max_frame: usize,
 ) -> Result<Established, HandshakeError> {
     let remote = tcp.peer_addr().map(|a| a.to_string()).unwrap_or_default();
+    // One deadline for TLS and the hellos together.
+    let deadline = tokio::time::Instant::now() + t.handshake;
     let (io, is_tls): (BoxIo, bool) = match tls {
         Some(tls) => {
             let name = server_name(expect).map_err(|e| HandshakeError::Identity { claimed: expect.into(), why: e })?;
-            let stream = within(Phase::Tls, t.handshake, async {
+            let stream = until(Phase::Tls, deadline, t.handshake, async {
                 TlsConnector::from(tls.client.clone()).connect(name, tcp).await.map_err(tls_error)
             })
             .await?;
@@ -215,7 +228,7 @@ pub async fn client(
         }
         None => (Box::new(tcp), false),
     };
-    within(Phase::Hello, t.handshake, async move {
+    until(Phase::Hello, deadline, t.handshake, async move {
         let mut io = io;
         send_hello(&mut io, &Header::Hello(ours), max_frame).await?;
         let (peer, rest) = read_hello(&mut io, max_frame).await?;
@@ -239,15 +252,21 @@ pub async fn server(
 ) -> Result<Established, HandshakeError> {
     let _ = tcp.set_nodelay(true);
     let remote = tcp.peer_addr().map(|a| a.to_string()).unwrap_or_default();
+    // One deadline for everything before the peer is known: a silent or
+    // slow client holds a handshake slot this long at most, whatever phase
+    // it stalls in.
+    let deadline = tokio::time::Instant::now() + t.handshake;
     let mut first = [0u8; 1];
-    let n = within(Phase::Hello, t.handshake, async { tcp.peek(&mut first).await.map_err(HandshakeError::Io) }).await?;
+    let n =
+        until(Phase::Hello, deadline, t.handshake, async { tcp.peek(&mut first).await.map_err(HandshakeError::Io) })
+            .await?;
     if n == 0 {
         return Err(HandshakeError::Io(io::ErrorKind::UnexpectedEof.into()));
     }
     // A TLS record starts with content type 22 (handshake); our preamble with 'W'.
     let (io, certs): (BoxIo, Option<Vec<rustls::pki_types::CertificateDer<'static>>>) = if first[0] == 0x16 {
         let tls = tls.ok_or(HandshakeError::NoTls)?;
-        let stream = within(Phase::Tls, t.handshake, async {
+        let stream = until(Phase::Tls, deadline, t.handshake, async {
             TlsAcceptor::from(tls.server.clone()).accept(tcp).await.map_err(tls_error)
         })
         .await?;
@@ -256,7 +275,7 @@ pub async fn server(
     } else {
         (Box::new(tcp), None)
     };
-    within(Phase::Hello, t.handshake, async move {
+    until(Phase::Hello, deadline, t.handshake, async move {
         let mut io = io;
         let (peer, rest) = read_hello(&mut io, max_frame).await?;
         let verdict = admit_peer(&peer, certs.as_deref(), own, admit);

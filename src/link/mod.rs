@@ -20,7 +20,9 @@ pub type BoxIo = Box<dyn Io>;
 pub struct Timeouts {
     /// TCP connect (to the peer, or to the SOCKS5 proxy).
     pub connect: Duration,
-    /// Each of: SOCKS5 negotiation, TLS handshake, hello exchange.
+    /// The SOCKS5 negotiation; then, as one deadline, TLS and the hello
+    /// exchange (for an accepted connection: everything before the peer
+    /// is known).
     pub handshake: Duration,
 }
 

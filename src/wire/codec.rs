@@ -36,7 +36,7 @@ pub enum CodecError {
     Garbage(String),
     #[error("not a wandist connection (bad magic {0:02x?})")]
     BadMagic([u8; 4]),
-    #[error("peer speaks protocol version {0}, this gateway speaks {PROTOCOL_VERSION}")]
+    #[error("peer speaks protocol version {0}, this gateway speaks {PROTOCOL_VERSION}: both gateways must run a release of the same protocol version (CHANGELOG and docs/PROTOCOL.md say which)")]
     Version(u16),
 }
 

@@ -8,3 +8,23 @@ pub fn epmd() -> Epmd {
     assert!(wandist::demo::erl::available(), "erl is not installed: apt-get install -y erlang-nox (.ci/run does)");
     Epmd::start().expect("cannot start epmd")
 }
+
+/// A node's distribution port, from the test's EPMD.
+pub async fn dist_port(epmd: &Epmd, node: &str) -> u16 {
+    wandist::erlang::dist::port_please_at(node, epmd.port, std::time::Duration::from_secs(5)).await.unwrap()
+}
+
+/// The `[erlang]` table of a gateway named `node` joining `nodes` (at
+/// their ports, from `epmd`), mirroring the scope `wan`.
+pub async fn erl_table(epmd: &Epmd, node: &str, cookie: &str, nodes: &[&Erl]) -> String {
+    let mut entries = Vec::new();
+    for n in nodes {
+        entries.push(format!("{{ name = \"{}\", port = {} }}", n.name, dist_port(epmd, &n.name).await));
+    }
+    format!("[erlang]\nnode = \"{node}\"\ncookie = \"{cookie}\"\nscope = \"wan\"\nnodes = [{}]\n", entries.join(", "))
+}
+
+/// A tag unique to this test run, for node names.
+pub fn tag() -> String {
+    format!("{}_{}", std::process::id(), fastrand::u32(..))
+}

@@ -5,6 +5,7 @@
 pub mod erl;
 pub mod forward;
 pub mod inproc;
+pub mod raw;
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
