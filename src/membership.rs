@@ -24,6 +24,12 @@ use crate::wire::{Advert, AdvertBody, Member};
 const PART_BYTES: usize = 256 * 1024;
 /// What one member costs in the byte count (its handle).
 const MEMBER_BYTES: usize = 8;
+/// Members per delta this side sends (larger changes go as several).
+pub const ADVERT_MEMBERS: usize = PART_BYTES / MEMBER_BYTES;
+/// Members one advert (a delta, or one snapshot part) may carry: work per
+/// advert is bounded, so one peer's membership never holds up a route
+/// task, or the thread it runs on, for long.
+pub const MAX_ADVERT_MEMBERS: usize = 2 * ADVERT_MEMBERS;
 
 /// How much one peer may make us import.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -120,6 +126,8 @@ pub enum Rejected {
     TooManyGroups(usize),
     #[error("advert would exceed {0} bytes of imported membership")]
     TooManyBytes(usize),
+    #[error("one advert of {0} members (at most {MAX_ADVERT_MEMBERS} per advert)")]
+    TooLarge(usize),
 }
 
 impl Rejected {
@@ -130,6 +138,7 @@ impl Rejected {
             Rejected::TooManyMembers(_) => "member_limit",
             Rejected::TooManyGroups(_) => "group_limit",
             Rejected::TooManyBytes(_) => "byte_limit",
+            Rejected::TooLarge(_) => "advert_size",
         }
     }
 }
@@ -327,21 +336,24 @@ impl PeerMembership {
             .then(|| self.advert(AdvertBody::Leave { group: group.to_string(), members: gone }))
     }
 
-    /// Everything we export, as snapshot parts; deltas follow from now on.
+    /// Everything we export, as snapshot parts of about PART_BYTES (a
+    /// large group spread over several); deltas follow from now on.
     pub fn snapshot(&mut self) -> Vec<Advert> {
         let mut parts: Vec<Vec<(String, Vec<Member>)>> = vec![Vec::new()];
         let mut size = 0;
         let exported: Vec<(String, Vec<Member>)> =
             self.local.iter().filter(|(g, _)| self.export.allows(g)).map(|(g, m)| (g.clone(), expand(m))).collect();
         for (group, members) in exported {
-            let bytes: usize = group.len() + MEMBER_BYTES * members.len();
-            if size > 0 && size + bytes > PART_BYTES {
-                parts.push(Vec::new());
-                size = 0;
-            }
-            size += bytes;
-            if let Some(last) = parts.last_mut() {
-                last.push((group, members));
+            for chunk in members.chunks(ADVERT_MEMBERS) {
+                let bytes: usize = group.len() + MEMBER_BYTES * chunk.len();
+                if size > 0 && size + bytes > PART_BYTES {
+                    parts.push(Vec::new());
+                    size = 0;
+                }
+                size += bytes;
+                if let Some(last) = parts.last_mut() {
+                    last.push((group.clone(), chunk.to_vec()));
+                }
             }
         }
         self.live = true;
@@ -395,6 +407,14 @@ impl PeerMembership {
     pub fn on_advert(&mut self, a: Advert) -> Result<Applied, Rejected> {
         if a.origin != self.peer {
             return Err(Rejected::NotOwnCluster);
+        }
+        let carried = match &a.body {
+            AdvertBody::Snapshot { groups, .. } => groups.iter().map(|(_, m)| m.len()).sum(),
+            AdvertBody::Join { members, .. } | AdvertBody::Leave { members, .. } => members.len(),
+        };
+        if carried > MAX_ADVERT_MEMBERS {
+            self.partial = None;
+            return Err(Rejected::TooLarge(carried));
         }
         let stale = |last: Option<u64>| last.is_some_and(|l| a.counter <= l);
         let resync = || Ok(Applied { resync: true, ..Default::default() });
@@ -723,6 +743,31 @@ mod tests {
 
     /// A snapshot whose last part never comes holds no more than a whole
     /// snapshot may: each part counts as it arrives.
+    #[test]
+    fn large_groups_are_spread_over_parts_and_oversized_adverts_refused() {
+        let (mut a, _) = pair();
+        let mut b = PeerMembership::new("b", "a", Filter::all(), Filter::all(), limit(1_000_000));
+        let members: Vec<Member> = (0..200_000).map(m).collect();
+        a.local_join("big", &members);
+        let parts = a.snapshot();
+        assert!(parts.len() >= 200_000 / ADVERT_MEMBERS, "{} parts", parts.len());
+        let joined: usize = send(&mut b, parts)
+            .iter()
+            .map(|c| match c {
+                Change::Join { members, .. } => members.len(),
+                Change::Leave { .. } => panic!(),
+            })
+            .sum();
+        assert_eq!(joined, 200_000);
+        let huge = Advert {
+            origin: "a".into(),
+            counter: 1_000,
+            body: AdvertBody::Join { group: "x".into(), members: (0..MAX_ADVERT_MEMBERS as u64 + 1).map(m).collect() },
+        };
+        assert_eq!(b.on_advert(huge), Err(Rejected::TooLarge(MAX_ADVERT_MEMBERS + 1)));
+        assert_eq!(b.imported(), (1, 200_000));
+    }
+
     #[test]
     fn a_snapshot_that_never_ends_is_bounded() {
         let mut b = PeerMembership::new("b", "a", Filter::all(), Filter::all(), limit(1000));

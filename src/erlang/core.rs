@@ -48,12 +48,32 @@ const SCOPE_MONITOR: u32 = 0x5343_4f50;
 const HELD_MONITOR: u32 = 0x4d4f_4e49;
 /// Members of a membership change applied per step (see `work`).
 pub const MEMBERS_PER_STEP: usize = mirror::PIDS_PER_MESSAGE;
+/// A leave of at least this many members is not told to the scopes as a
+/// leave message: it adds to the sync debt, paid with one sync of
+/// everything once such steps stop coming (`flush_sync`). A scope takes a
+/// leave with a list subtraction over the whole group (pg keeps each group
+/// as one list): a million members leaving in steps would cost it a pass
+/// of the million per step; in one sync, one pass. (Joins go as join
+/// messages of a step each: a scope takes those by copying the group once
+/// per message, cheap enough, and a sync of a million members would hold
+/// up every other message to the node while it is read.)
+pub const LARGE_STEP: usize = 4096;
+/// Items of one peer held back behind an `Up` or `Lost` waiting for its
+/// membership changes, at most; beyond, its route is not read until the
+/// changes are applied.
+const MAX_DEFERRED: usize = 16;
+/// Membership changes of one peer queued, at most, and their members
+/// (a million's worth of handles is 8 MiB).
+const MAX_JOBS: usize = 1024;
+const MAX_QUEUED_MEMBERS: usize = 4_000_000;
 
 /// What the shell is to do.
 #[derive(Debug)]
 pub enum Effect {
-    /// A distribution packet for a local node (with the delivery it carries).
-    Node { node: Arc<str>, packet: Bytes, held: Option<Held> },
+    /// A distribution packet for a local node (with the delivery it
+    /// carries). `bulk`: a membership message for its scope, which waits
+    /// behind every other message to the node (`node::NodeTx`).
+    Node { node: Arc<str>, packet: Bytes, held: Option<Held>, bulk: bool },
     /// A relay for a peer's route. `data`: a message (bounded by the
     /// peer's queue), else a monitor signal (always taken).
     Peer { peer: PeerIx, payload: Bytes, token: Option<u64>, data: bool },
@@ -102,6 +122,9 @@ struct Peer {
     atoms: Atoms,
     max_monitors: usize,
     jobs: VecDeque<Job>,
+    /// Items from the route held back, in order, from an `Up` or `Lost`
+    /// that waits for the jobs before it (see `from_route`).
+    deferred: VecDeque<ToLocal>,
 }
 
 /// Who sent a message to a proxy.
@@ -138,6 +161,8 @@ pub struct Core {
     next_token: u64,
     next_ref: u64,
     out: Vec<Effect>,
+    /// Members joined or left and not yet told to the scopes (see LARGE_STEP).
+    sync_debt: usize,
     counters: Counters,
     log: RateLog<(Option<PeerIx>, &'static str)>,
 }
@@ -249,6 +274,7 @@ impl Core {
                 atoms: Atoms::new(p.limits.atoms),
                 max_monitors: p.limits.monitors,
                 jobs: VecDeque::new(),
+                deferred: VecDeque::new(),
             })
             .collect();
         let counters = Counters {
@@ -273,6 +299,7 @@ impl Core {
             next_token: 1,
             next_ref: 1,
             out: Vec::new(),
+            sync_debt: 0,
             counters,
             log: RateLog::default(),
         }
@@ -305,9 +332,20 @@ impl Core {
         (self.proxies.len_of(p), peer.exports.len(), self.held.count(p), peer.atoms.len())
     }
 
-    /// Membership changes of `p` still being applied: its later items wait.
+    /// Membership changes of `p` still to apply, or items waiting behind
+    /// them: `work` has something to do.
     pub fn busy(&self, p: PeerIx) -> bool {
-        !self.peers[p].jobs.is_empty()
+        !self.peers[p].jobs.is_empty() || !self.peers[p].deferred.is_empty()
+    }
+
+    /// Whether `p`'s route may hand over more items now: its membership
+    /// changes queue here (so that its messages behind them in the route's
+    /// queue are read and go on meanwhile), and what must wait behind an
+    /// `Up` or `Lost`, up to bounds.
+    pub fn accepts(&self, p: PeerIx) -> bool {
+        let peer = &self.peers[p];
+        let queued: usize = peer.jobs.iter().map(|j| j.members.len() - j.done).sum();
+        peer.deferred.len() < MAX_DEFERRED && peer.jobs.len() < MAX_JOBS && queued < MAX_QUEUED_MEMBERS
     }
 
     pub fn undiscovered(&self) -> bool {
@@ -347,8 +385,15 @@ impl Core {
     /// Queues a control message (and payload) for a connected node.
     fn send_to_node(&mut self, node: &str, control: Control, payload: Option<&[u8]>) -> bool {
         let Some(node) = self.mirror.node(node) else { return false };
-        self.out.push(Effect::Node { node, packet: packet(&control.term(), payload), held: None });
+        self.out.push(Effect::Node { node, packet: packet(&control.term(), payload), held: None, bulk: false });
         true
+    }
+
+    /// A membership message from the gateway's pg process to a scope.
+    fn send_bulk(&mut self, scope: &Pid, msg: &[u8]) {
+        let Some(node) = self.mirror.node(&scope.node) else { return };
+        let control = Control::SendSender { from: self.gw.clone(), to: scope.clone() };
+        self.out.push(Effect::Node { node, packet: packet(&control.term(), Some(msg)), held: None, bulk: true });
     }
 
     fn send_msg(&mut self, to: &Pid, msg: &[u8]) -> bool {
@@ -357,8 +402,10 @@ impl Core {
     }
 
     fn discover(&mut self, node: &str) {
+        let Some(node) = self.mirror.node(node) else { return };
         let control = Control::RegSend { from: self.gw.clone(), name: self.scope.clone() };
-        self.send_to_node(node, control, Some(&mirror::discover(&self.gw)));
+        let pkt = packet(&control.term(), Some(&mirror::discover(&self.gw)));
+        self.out.push(Effect::Node { node, packet: pkt, held: None, bulk: true });
     }
 
     // ---- events from local nodes ----
@@ -714,7 +761,7 @@ impl Core {
             (Some("discover"), 2 | 3) => {
                 let Some(scope) = t[1].as_pid().cloned() else { return };
                 self.set_scope(node, &scope);
-                self.sync_scope(node, &scope);
+                self.sync_scope(&scope);
             }
             (Some("join"), 4) => {
                 let Some(name) = self.exportable(node, &t[2]) else { return };
@@ -766,21 +813,36 @@ impl Core {
         self.send_to_node(node, control, None);
     }
 
-    /// Answers a scope's discover: everything the gateway joined (an empty
-    /// sync, then joins in messages of PIDS_PER_MESSAGE).
-    fn sync_scope(&mut self, node: &Arc<str>, scope: &Pid) {
-        let mut packets = vec![mirror::empty_sync(&self.gw)];
-        for (group, keys) in self.mirror.joined() {
-            let term = etf::encode(&groups::term_of(group))[1..].to_vec();
-            let keys: Vec<u64> = keys.collect();
-            for chunk in keys.chunks(mirror::PIDS_PER_MESSAGE) {
-                packets.push(mirror::join(&self.gw, &term, chunk, |out, k| self.proxies.put_pid(out, k)));
-            }
+    /// Answers a scope's discover: everything the gateway joined, as one sync.
+    fn sync_scope(&mut self, scope: &Pid) {
+        let msg = self.full_sync();
+        self.send_bulk(scope, &msg);
+    }
+
+    /// Members joined or left and not yet told to the scopes.
+    pub fn sync_debt(&self) -> usize {
+        self.sync_debt
+    }
+
+    /// Tells every scope everything the gateway joined, in one sync. The
+    /// shell calls it once large steps stop coming (join and leave messages
+    /// sent meanwhile are consistent with it: a sync replaces them all).
+    pub fn flush_sync(&mut self) {
+        if self.sync_debt == 0 {
+            return;
         }
-        for msg in packets {
-            self.send_msg(scope, &msg);
+        self.sync_debt = 0;
+        let msg = self.full_sync();
+        for (_, scope) in self.mirror.scopes() {
+            self.send_bulk(&scope, &msg);
         }
-        let _ = node;
+    }
+
+    /// A sync of everything the gateway joined.
+    fn full_sync(&self) -> Vec<u8> {
+        let groups =
+            self.mirror.joined().map(|(g, keys)| (etf::encode(&groups::term_of(g))[1..].to_vec(), keys.collect()));
+        mirror::sync(&self.gw, groups, |out, k| self.proxies.put_pid(out, k))
     }
 
     /// Local members joined or left: each peer that may see the group gets
@@ -815,21 +877,56 @@ impl Core {
                     )
                 });
             }
-            if handles.is_empty() {
-                continue;
+            // (In bounded pieces: one route step each.)
+            for chunk in handles.chunks(MEMBERS_PER_STEP) {
+                let (group, members) = (c.group.clone(), chunk.to_vec());
+                let change =
+                    if c.join { LocalGroups::Join { group, members } } else { LocalGroups::Leave { group, members } };
+                self.out.push(Effect::Groups { peer: p, change });
             }
-            let change = if c.join {
-                LocalGroups::Join { group: c.group.clone(), members: handles }
-            } else {
-                LocalGroups::Leave { group: c.group.clone(), members: handles }
-            };
-            self.out.push(Effect::Groups { peer: p, change });
         }
     }
 
     // ---- from the routes ----
 
+    /// An item from `p`'s route. Membership changes queue up as jobs,
+    /// applied a step at a time by `work` (so no one change holds up the
+    /// shell for long); messages and outcomes go on at once, overtaking the
+    /// jobs (nothing orders them against pg changes, in Erlang either); but
+    /// `Up` and `Lost`, which change what `p`'s handles mean, wait for the
+    /// jobs before them, and hold back everything after them.
     pub fn from_route(&mut self, p: PeerIx, item: ToLocal) {
+        let peer = &mut self.peers[p];
+        if !peer.deferred.is_empty() {
+            peer.deferred.push_back(item);
+            return;
+        }
+        match item {
+            ToLocal::Members { change, .. } => self.queue_change(p, change),
+            ToLocal::Up { .. } | ToLocal::Lost { .. } if !peer.jobs.is_empty() => peer.deferred.push_back(item),
+            item => self.apply(p, item),
+        }
+    }
+
+    /// Queues a membership change of `p` (checking its group's atoms).
+    fn queue_change(&mut self, p: PeerIx, change: Change) {
+        let (group, members, join) = match change {
+            Change::Join { group, members } => (group, members, true),
+            Change::Leave { group, members } => (group, members, false),
+        };
+        if join {
+            // The group's atoms stay in every node's table: they count.
+            let atoms = groups::atoms(&group);
+            if let Err(r) = atoms.iter().try_for_each(|a| self.peers[p].atoms.admit(a.as_bytes())) {
+                let name = self.peers[p].name.clone();
+                return self.reject(Some(p), r.label(), || format!("members of a group of {name} not imported: {r}"));
+            }
+        }
+        let term = etf::encode(&groups::term_of(&group))[1..].to_vec();
+        self.peers[p].jobs.push_back(Job { group, term, join, members, done: 0 });
+    }
+
+    fn apply(&mut self, p: PeerIx, item: ToLocal) {
         match item {
             ToLocal::Deliver { payload, held, .. } => self.on_relay(p, &payload, held),
             ToLocal::Confirm { token, outcome, .. } => {
@@ -839,34 +936,22 @@ impl Core {
                 };
                 self.confirm(token, result);
             }
-            ToLocal::Members { change, .. } => {
-                let (group, members, join) = match change {
-                    Change::Join { group, members } => (group, members, true),
-                    Change::Leave { group, members } => (group, members, false),
-                };
-                if join {
-                    // The group's atoms stay in every node's table: they count.
-                    let atoms = groups::atoms(&group);
-                    if let Err(r) = atoms.iter().try_for_each(|a| self.peers[p].atoms.admit(a.as_bytes())) {
-                        let name = self.peers[p].name.clone();
-                        return self
-                            .reject(Some(p), r.label(), || format!("members of a group of {name} not imported: {r}"));
-                    }
-                }
-                let term = etf::encode(&groups::term_of(&group))[1..].to_vec();
-                self.peers[p].jobs.push_back(Job { group, term, join, members, done: 0 });
-                self.work(p);
-            }
+            ToLocal::Members { change, .. } => self.queue_change(p, change),
             ToLocal::Up { epoch, .. } => {
                 let peer = &mut self.peers[p];
                 peer.up = true;
                 if peer.session != Some(epoch) {
-                    if peer.session.is_some() {
-                        // A new run of the peer numbers its handles afresh.
-                        let n = self.proxies.forget_peer(p);
-                        tracing::info!(peer = %peer.name, proxies = n, "peer gateway restarted: its old proxies are forgotten");
-                    }
+                    let restarted = peer.session.is_some();
                     peer.session = Some(epoch);
+                    if restarted {
+                        // A new run of the peer numbers its handles afresh:
+                        // its old proxies are forgotten, and any still in a
+                        // group leave it (normally its withdrawal came first).
+                        let keys: foldhash::HashSet<u64> = self.proxies.forget_peer(p).into_iter().collect();
+                        let left = self.mirror.remote_forget(&keys);
+                        self.sync_debt += left;
+                        tracing::info!(peer = %self.peers[p].name, proxies = keys.len(), left, "peer gateway restarted: its old proxies are forgotten");
+                    }
                 }
             }
             ToLocal::Lost { .. } => {
@@ -895,11 +980,29 @@ impl Core {
     /// change (so a million-member snapshot never holds up other peers'
     /// messages for long). The shell calls it again while `busy(p)`.
     pub fn work(&mut self, p: PeerIx) {
+        self.step(p);
+        // Then what waited behind the jobs, in order: changes queue up as
+        // jobs, messages go, and the next `Up` or `Lost` waits again for
+        // the jobs before it.
+        while let Some(item) = self.peers[p].deferred.pop_front() {
+            match item {
+                ToLocal::Members { change, .. } => self.queue_change(p, change),
+                ToLocal::Up { .. } | ToLocal::Lost { .. } if !self.peers[p].jobs.is_empty() => {
+                    self.peers[p].deferred.push_front(item);
+                    return;
+                }
+                item => self.apply(p, item),
+            }
+        }
+    }
+
+    fn step(&mut self, p: PeerIx) {
         let Some(job) = self.peers[p].jobs.front_mut() else { return };
         let end = (job.done + MEMBERS_PER_STEP).min(job.members.len());
         let slice: Vec<Handle> = job.members[job.done..end].to_vec();
         job.done = end;
         let (group, term, join) = (job.group.clone(), job.term.clone(), job.join);
+        let large_leave = !job.join && job.members.len() >= LARGE_STEP;
         if end == job.members.len() {
             self.peers[p].jobs.pop_front();
         }
@@ -929,6 +1032,11 @@ impl Core {
                 self.proxies.unpin(k);
             }
         }
+        if large_leave {
+            // The scopes hear it with the next sync (`flush_sync`).
+            self.sync_debt += keys.len();
+            return;
+        }
         if keys.is_empty() {
             return;
         }
@@ -938,7 +1046,7 @@ impl Core {
             } else {
                 mirror::leave(&self.gw, &term, &keys, |out, k| self.proxies.put_pid(out, k))
             };
-            self.send_msg(&scope, &msg);
+            self.send_bulk(&scope, &msg);
         }
     }
 
@@ -1039,7 +1147,7 @@ impl Core {
         let len = (pkt.len() - 4) as u32;
         pkt[..4].copy_from_slice(&len.to_be_bytes());
         self.counters.from_peers.increment(1);
-        self.out.push(Effect::Node { node, packet: Bytes::from(pkt), held: Some(held) });
+        self.out.push(Effect::Node { node, packet: Bytes::from(pkt), held: Some(held), bulk: false });
     }
 
     /// Peer `p` asks to watch one of our processes it was given.

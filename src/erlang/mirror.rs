@@ -17,7 +17,7 @@ use super::etf::{self, Pid};
 
 /// Pids per join or leave message sent to a scope. (A scope copies the
 /// whole group into its table on every message, so fewer, larger ones.)
-pub const PIDS_PER_MESSAGE: usize = 32_768;
+pub const PIDS_PER_MESSAGE: usize = 65_536;
 
 /// Local members that joined or left a group (canonical pid encodings,
 /// repeated as often as they joined or left).
@@ -254,6 +254,23 @@ impl Mirror {
         gone
     }
 
+    /// Takes these proxies out of every group (their peer's run ended);
+    /// returns how many memberships went.
+    pub fn remote_forget(&mut self, keys: &foldhash::HashSet<u64>) -> usize {
+        let mut gone = 0;
+        self.joined.retain(|_, m| {
+            m.retain(|k, n| {
+                let keep = !keys.contains(k);
+                if !keep {
+                    gone += *n as usize;
+                }
+                keep
+            });
+            !m.is_empty()
+        });
+        gone
+    }
+
     /// The proxies joined, per group (each repeated as often as joined).
     pub fn joined(&self) -> impl Iterator<Item = (&str, impl Iterator<Item = u64> + '_)> {
         self.joined.iter().map(|(g, m)| (g.as_str(), m.iter().flat_map(|(&k, &n)| std::iter::repeat_n(k, n as usize))))
@@ -321,14 +338,34 @@ pub fn leave(gw: &Pid, group: &[u8], pids: &[u64], put: impl Fn(&mut Vec<u8>, u6
     out
 }
 
-/// `{'$gen_cast', {sync, Gw, []}}`: forget what the gateway said before
-/// (joins follow, in messages of PIDS_PER_MESSAGE).
-pub fn empty_sync(gw: &Pid) -> Vec<u8> {
-    let mut out = vec![etf::VERSION, SMALL_TUPLE, 2];
+/// `{'$gen_cast', {sync, Gw, [{Group, [Pids]}]}}`: everything the gateway
+/// joined, replacing what it said before. A scope takes a sync in one pass
+/// over what changed, where each join or leave message costs a pass over
+/// its whole group: so a large change goes as one sync (`Core::work`).
+/// `groups`: each group term's encoding, with its proxies.
+pub fn sync<'a>(
+    gw: &Pid,
+    groups: impl Iterator<Item = (Vec<u8>, Vec<u64>)> + 'a,
+    put: impl Fn(&mut Vec<u8>, u64),
+) -> Vec<u8> {
+    let groups: Vec<(Vec<u8>, Vec<u64>)> = groups.filter(|(_, pids)| !pids.is_empty()).collect();
+    let pids: usize = groups.iter().map(|(_, p)| p.len()).sum();
+    let mut out = Vec::with_capacity(64 + 40 * pids);
+    out.extend_from_slice(&[etf::VERSION, SMALL_TUPLE, 2]);
     etf::put_atom(&mut out, "$gen_cast");
     out.extend_from_slice(&[SMALL_TUPLE, 3]);
     etf::put_atom(&mut out, "sync");
     etf::put_pid(&mut out, gw);
+    list(&mut out, groups.len());
+    for (group, keys) in &groups {
+        out.extend_from_slice(&[SMALL_TUPLE, 2]);
+        out.extend_from_slice(group);
+        list(&mut out, keys.len());
+        for &k in keys {
+            put(&mut out, k);
+        }
+        end_list(&mut out);
+    }
     end_list(&mut out);
     out
 }
@@ -427,10 +464,22 @@ mod tests {
             ]))
         );
         assert_eq!(
-            empty_sync(&gw),
+            sync(&gw, std::iter::empty(), put),
             etf::encode(&Term::tuple(vec![
                 Term::atom("$gen_cast"),
                 Term::tuple(vec![Term::atom("sync"), Term::Pid(gw.clone()), Term::Nil])
+            ]))
+        );
+        let other = etf::encode(&Term::atom("other"))[1..].to_vec();
+        assert_eq!(
+            sync(&gw, vec![(group.clone(), vec![7, 8]), (other, vec![])].into_iter(), put),
+            etf::encode(&Term::tuple(vec![
+                Term::atom("$gen_cast"),
+                Term::tuple(vec![
+                    Term::atom("sync"),
+                    Term::Pid(gw.clone()),
+                    Term::list(vec![Term::tuple(vec![Term::atom("chat"), Term::list(vec![p(7), p(8)])])])
+                ])
             ]))
         );
         assert_eq!(discover(&gw), etf::encode(&Term::tuple(vec![Term::atom("discover"), Term::Pid(gw)])));

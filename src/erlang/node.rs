@@ -28,6 +28,9 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const OUT_QUEUE: usize = 4096;
 /// Tags the references of delivery barriers (their second word).
 const BARRIER_TAG: u32 = 0xB0B0_0001;
+/// Tags the reference of the marker written after each bulk packet (see
+/// `Pace`).
+const BULK_TAG: u32 = 0xB0B0_0002;
 /// A registered name no node has: a monitor on it is answered at once.
 const BARRIER_NAME: &str = "wandist_delivery_barrier";
 const OUT_BYTES: usize = 64 * 1024 * 1024;
@@ -46,16 +49,32 @@ const BARRIER_EVERY: usize = 4096;
 /// delivered message it carries, if any (dropped once written).
 type Queued = (Bytes, OwnedSemaphorePermit, Option<Held>);
 
+/// The way to one node's writer, in two lanes: messages (deliveries,
+/// monitors, everything else) and bulk (the scope's membership messages,
+/// which can be megabytes): the writer takes messages first and bulk one
+/// packet at a time, so a message never waits behind a million members
+/// queued before it, only behind the one bulk packet being written.
+/// (Erlang orders messages per sender and receiver: every bulk packet is
+/// from the gateway's pg process to a scope, which nothing in the other
+/// lane is.)
 #[derive(Clone, Debug)]
 pub struct NodeTx {
     tx: mpsc::Sender<Queued>,
+    bulk: mpsc::Sender<Queued>,
     budget: Arc<Semaphore>,
 }
 
+/// The writer's ends of the two lanes.
+pub struct Lanes {
+    messages: mpsc::Receiver<Queued>,
+    bulk: mpsc::Receiver<Queued>,
+}
+
 impl NodeTx {
-    fn new() -> (NodeTx, mpsc::Receiver<Queued>) {
-        let (tx, rx) = mpsc::channel(OUT_QUEUE);
-        (NodeTx { tx, budget: Arc::new(Semaphore::new(OUT_BYTES)) }, rx)
+    fn new() -> (NodeTx, Lanes) {
+        let (tx, messages) = mpsc::channel(OUT_QUEUE);
+        let (bulk_tx, bulk) = mpsc::channel(OUT_QUEUE);
+        (NodeTx { tx, bulk: bulk_tx, budget: Arc::new(Semaphore::new(OUT_BYTES)) }, Lanes { messages, bulk })
     }
 
     /// Queues a packet; waits while the node is that far behind.
@@ -77,13 +96,22 @@ impl NodeTx {
     /// Queues a packet if the node's queue has room now; otherwise gives
     /// it back (`Full`), or says the connection is gone (`Closed`).
     pub fn try_send_delivery(&self, pkt: Bytes, held: Option<Held>) -> Result<(), TrySend> {
+        self.try_send_on(&self.tx, pkt, held)
+    }
+
+    /// As `try_send_delivery`, in the bulk lane (membership for the scope).
+    pub fn try_send_bulk(&self, pkt: Bytes) -> Result<(), TrySend> {
+        self.try_send_on(&self.bulk, pkt, None)
+    }
+
+    fn try_send_on(&self, lane: &mpsc::Sender<Queued>, pkt: Bytes, held: Option<Held>) -> Result<(), TrySend> {
         let n = pkt.len().min(OUT_BYTES) as u32;
         let permit = match self.budget.clone().try_acquire_many_owned(n) {
             Ok(p) => p,
             Err(tokio::sync::TryAcquireError::NoPermits) => return Err(TrySend::Full(pkt, held)),
             Err(tokio::sync::TryAcquireError::Closed) => return Err(TrySend::Closed(held)),
         };
-        match self.tx.try_send((pkt, permit, held)) {
+        match lane.try_send((pkt, permit, held)) {
             Ok(()) => Ok(()),
             Err(mpsc::error::TrySendError::Full((pkt, _, held))) => Err(TrySend::Full(pkt, held)),
             Err(mpsc::error::TrySendError::Closed((_, _, held))) => Err(TrySend::Closed(held)),
@@ -298,6 +326,45 @@ impl Barriers {
     }
 }
 
+/// Bulk packets go one at a time: after each, a marker (a monitor on the
+/// unregistered name, answered in order with the connection's traffic),
+/// and no other bulk packet until the node has answered it. So at most one
+/// bulk packet is ever between a message and the node: a message waits for
+/// the node to read that one, not megabytes of membership buffered in the
+/// sockets ahead of it.
+#[derive(Default)]
+struct Pace {
+    waiting: std::sync::atomic::AtomicBool,
+    answered: tokio::sync::Notify,
+}
+
+impl Pace {
+    fn waiting(&self) -> bool {
+        self.waiting.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// The marker packet (with its length).
+    fn marker(p: &NodeParams) -> Bytes {
+        let from = etf::Pid { node: p.me.to_string(), id: 0, serial: 0, creation: p.creation };
+        let mref = etf::Ref { node: p.me.to_string(), creation: p.creation, ids: vec![0, BULK_TAG, 0] };
+        let control =
+            Term::tuple(vec![Term::Int(dist::MONITOR_P), Term::Pid(from), Term::atom(BARRIER_NAME), Term::Ref(mref)]);
+        packet(&control, None)
+    }
+
+    /// Whether a packet (as read, with its pass-through byte) answers the
+    /// marker; then the next bulk packet may go.
+    fn answer_in(&self, p: &NodeParams, packet: &[u8]) -> bool {
+        let Some((node, ids)) = packet.get(1..).and_then(etf::name_monitor_exit_ref) else { return false };
+        if ids.len() != 12 || ids[4..8] != BULK_TAG.to_be_bytes() || node != p.me.as_bytes() {
+            return false;
+        }
+        self.waiting.store(false, std::sync::atomic::Ordering::Release);
+        self.answered.notify_one();
+        true
+    }
+}
+
 /// When the next delivery barrier goes out (see BARRIER_DELAY): the writer
 /// asks before each write, with the deliveries no barrier covers yet.
 #[derive(Default)]
@@ -329,9 +396,10 @@ async fn serve(
     stream: TcpStream,
     name: &Arc<str>,
     p: &NodeParams,
-    mut outgoing: mpsc::Receiver<Queued>,
+    lanes: Lanes,
     events: &mpsc::Sender<NodeEvent>,
 ) -> String {
+    let Lanes { messages: mut outgoing, mut bulk } = lanes;
     let (rd, mut wr) = stream.into_split();
     // Erlang writes each message as its own packet: read them in bulk.
     let mut rd = tokio::io::BufReader::with_capacity(256 * 1024, rd);
@@ -341,8 +409,11 @@ async fn serve(
     // deliveries it holds, when this returns).
     let writer_barriers = barriers.clone();
     let p_writer = p.clone();
+    let pace = Arc::new(Pace::default());
+    let writer_pace = pace.clone();
     let writer = async move {
-        let (barriers, p) = (writer_barriers, &p_writer);
+        let (barriers, p, pace) = (writer_barriers, &p_writer, writer_pace);
+        let marker = Pace::marker(p);
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut batch = BytesMut::with_capacity(64 * 1024);
@@ -371,10 +442,20 @@ async fn serve(
                     }
                     None => return "closed by the gateway".to_string(),
                 },
+                pkt = bulk.recv(), if !pace.waiting() => match pkt {
+                    Some((pkt, _permit, _)) => {
+                        batch.extend_from_slice(&pkt);
+                        batch.extend_from_slice(&marker);
+                        pace.waiting.store(true, std::sync::atomic::Ordering::Release);
+                    }
+                    None => return "closed by the gateway".to_string(),
+                },
+                _ = pace.answered.notified(), if pace.waiting() => {}
                 _ = &mut barrier_timer, if armed.is_some() => {}
                 _ = tick.tick() => batch.extend_from_slice(&[0, 0, 0, 0]),
             }
-            // Write at once, with whatever else is already queued.
+            // Write at once, with whatever messages are already queued (and
+            // a bulk packet only if there are none).
             while batch.len() < 256 * 1024 {
                 match outgoing.try_recv() {
                     Ok((pkt, _permit, held)) => {
@@ -382,6 +463,13 @@ async fn serve(
                         carried.extend(held);
                     }
                     Err(_) => break,
+                }
+            }
+            if batch.is_empty() && !pace.waiting() {
+                if let Ok((pkt, _permit, _)) = bulk.try_recv() {
+                    batch.extend_from_slice(&pkt);
+                    batch.extend_from_slice(&marker);
+                    pace.waiting.store(true, std::sync::atomic::Ordering::Release);
                 }
             }
             if due.now(std::time::Instant::now(), carried.len()) {
@@ -429,6 +517,9 @@ async fn serve(
                 }
             }
             tracing::trace!(node = %name, len = n, head = ?&buf[..buf.len().min(24)], "packet");
+            if pace.answer_in(p, &buf) {
+                continue;
+            }
             if let Some(id) = Barriers::answer_in(p, &buf) {
                 // The node has these: their routes ack them now.
                 let done = barriers.lock().unwrap_or_else(|e| e.into_inner()).release(id);

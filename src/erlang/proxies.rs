@@ -135,15 +135,15 @@ impl Proxies {
     }
 
     /// Forgets every proxy of `peer` (a new run of it: its handles are
-    /// numbered afresh). Returns how many.
-    pub fn forget_peer(&mut self, peer: PeerIx) -> usize {
-        let Some(t) = self.peers.get_mut(peer) else { return 0 };
-        let n = t.by_handle.len();
-        for (_, k) in t.by_handle.drain() {
-            self.by_key.remove(&k);
+    /// numbered afresh). Returns their keys.
+    pub fn forget_peer(&mut self, peer: PeerIx) -> Vec<u64> {
+        let Some(t) = self.peers.get_mut(peer) else { return Vec::new() };
+        let keys: Vec<u64> = t.by_handle.drain().map(|(_, k)| k).collect();
+        for k in &keys {
+            self.by_key.remove(k);
         }
         t.order = Order::default();
-        n
+        keys
     }
 
     // ---- what proxies look like on the gateway's node ----
@@ -262,7 +262,7 @@ mod tests {
         let a = t.mint(0, Handle(1), Kind::Pid).unwrap();
         let b = t.mint(1, Handle(1), Kind::Pid).unwrap();
         t.pin(a);
-        assert_eq!(t.forget_peer(0), 1);
+        assert_eq!(t.forget_peer(0), vec![a]);
         assert!(t.home(a).is_none() && t.home(b).is_some());
         let a2 = t.mint(0, Handle(1), Kind::Pid).unwrap();
         assert!(a2 > b, "keys are never reused");

@@ -43,6 +43,11 @@ const RETRY: Duration = Duration::from_millis(1);
 const SHED_AFTER: Duration = Duration::from_secs(5);
 /// How often the per-peer gauges are refreshed.
 const GAUGES_EVERY: Duration = Duration::from_secs(1);
+/// A sync debt (`Core::flush_sync`) is paid once no large membership step
+/// came for this long...
+const SYNC_QUIET: Duration = Duration::from_millis(20);
+/// ...or once it is this old.
+const SYNC_LATEST: Duration = Duration::from_millis(500);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Src {
@@ -191,8 +196,23 @@ impl Shell {
         let mut gauges = tokio::time::interval(GAUGES_EVERY);
         gauges.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut cursor = 0usize;
+        // (since, last grew, size) of the current sync debt.
+        let mut debt: Option<(Instant, Instant, usize)> = None;
         loop {
             self.retry();
+            let now = Instant::now();
+            match (self.core.sync_debt(), debt) {
+                (0, _) => debt = None,
+                (n, None) => debt = Some((now, now, n)),
+                (n, Some((since, _, was))) if n != was => debt = Some((since, now, n)),
+                (_, Some((since, last, _))) => {
+                    if now.duration_since(last) >= SYNC_QUIET || now.duration_since(since) >= SYNC_LATEST {
+                        self.core.flush_sync();
+                        self.run_effects(None);
+                        debt = None;
+                    }
+                }
+            }
             let mut progressed = self.step_jobs();
             progressed |= self.take_ready(&mut cursor);
             if progressed {
@@ -201,7 +221,7 @@ impl Shell {
                 tokio::task::yield_now().await;
                 continue;
             }
-            let waiting = self.waiting();
+            let waiting = self.waiting() || debt.is_some();
             let undiscovered = self.core.undiscovered();
             let input = {
                 let this = &mut self;
@@ -241,7 +261,7 @@ impl Shell {
     fn readable(&self, src: Src) -> bool {
         match src {
             Src::Node(i) => self.nodes[i].backlog.is_empty(),
-            Src::Route(p) => self.routes[p].backlog.is_empty() && !self.core.busy(p),
+            Src::Route(p) => self.routes[p].backlog.is_empty() && self.core.accepts(p),
         }
     }
 
@@ -397,7 +417,7 @@ impl Shell {
     /// Carries out one effect now, or gives it back.
     fn try_effect(&mut self, e: Effect) -> Result<(), Effect> {
         match e {
-            Effect::Node { node, packet, held } => {
+            Effect::Node { node, packet, held, bulk } => {
                 let tx = self.node_ix.get(&node).and_then(|&i| self.nodes[i].tx.as_ref());
                 let Some(tx) = tx else {
                     if let Some(mut h) = held {
@@ -405,9 +425,10 @@ impl Shell {
                     }
                     return Ok(());
                 };
-                match tx.try_send_delivery(packet, held) {
+                let sent = if bulk { tx.try_send_bulk(packet) } else { tx.try_send_delivery(packet, held) };
+                match sent {
                     Ok(()) => Ok(()),
-                    Err(TrySend::Full(packet, held)) => Err(Effect::Node { node, packet, held }),
+                    Err(TrySend::Full(packet, held)) => Err(Effect::Node { node, packet, held, bulk }),
                     Err(TrySend::Closed(held)) => {
                         if let Some(mut h) = held {
                             h.undeliverable();

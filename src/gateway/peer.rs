@@ -365,12 +365,18 @@ impl PeerTask {
     }
 
     fn on_local_groups(&mut self, change: LocalGroups) {
-        let advert = match change {
-            LocalGroups::Join { group, members } => self.members.local_join(&group, &members),
-            LocalGroups::Leave { group, members } => self.members.local_leave(&group, &members),
+        // A large change goes as several adverts (each bounded: the peer
+        // refuses larger ones).
+        let (group, members, join) = match change {
+            LocalGroups::Join { group, members } => (group, members, true),
+            LocalGroups::Leave { group, members } => (group, members, false),
         };
-        if let Some(advert) = advert {
-            self.send_on_primary(Frame::control(Header::Advert(advert)));
+        for chunk in members.chunks(crate::membership::ADVERT_MEMBERS) {
+            let advert =
+                if join { self.members.local_join(&group, chunk) } else { self.members.local_leave(&group, chunk) };
+            if let Some(advert) = advert {
+                self.send_on_primary(Frame::control(Header::Advert(advert)));
+            }
         }
         self.members_dirty = true;
     }

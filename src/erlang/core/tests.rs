@@ -58,6 +58,18 @@ fn msg(t: Term) -> Vec<u8> {
 }
 
 impl World {
+    /// Applies `p`'s queued membership changes (what the shell does a step
+    /// per round).
+    fn settle(&mut self, p: PeerIx) {
+        for _ in 0..1000 {
+            if !self.core.busy(p) {
+                return;
+            }
+            self.core.work(p);
+        }
+        panic!("membership changes never settled");
+    }
+
     fn rejected(&self, peer: &str, reason: &str) -> f64 {
         crate::test_support::metric(&self.metrics.render(), m::ERLANG_REJECTED, &[("peer", peer), ("reason", reason)])
             .unwrap_or(0.0)
@@ -67,6 +79,7 @@ impl World {
     fn peer_member(&mut self, p: PeerIx, g: &str, h: u64) -> Pid {
         let change = Change::Join { group: g.into(), members: vec![Handle(h)] };
         self.core.from_route(p, ToLocal::Members { peer: self.core.peer_name(p).clone(), change });
+        self.settle(p);
         self.core.take_effects();
         let key = self.core.proxies.find(p, Handle(h), Kind::Pid).unwrap();
         self.core.proxies.pid(key)
@@ -300,6 +313,7 @@ fn each_peer_has_its_own_atom_budget() {
     // Group names count too: past the budget, the group is not imported.
     let change = Change::Join { group: "brand_new_group".into(), members: vec![Handle(8)] };
     w.core.from_route(0, ToLocal::Members { peer: "dc2".into(), change });
+    w.settle(0);
     assert!(w.core.proxies.find(0, Handle(8), Kind::Pid).is_none());
     assert_eq!(w.rejected("dc2", "atom_budget"), 2.0);
 }
@@ -332,25 +346,51 @@ fn group_membership_is_applied_in_steps_and_leaves_are_cheap() {
     let scope = Pid { node: A1.into(), id: 50, serial: 0, creation: 1 };
     w.core.on_scope_message(&w.a1.clone(), &etf::encode(&Term::tuple(vec![Term::atom("discover"), Term::Pid(scope)])));
     w.core.take_effects();
+    // A small change: a join message per step.
+    let small: Vec<Handle> = (1..=1000).map(Handle).collect();
+    let change = Change::Join { group: "small".into(), members: small };
+    w.core.from_route(0, ToLocal::Members { peer: "dc2".into(), change });
+    assert!(w.core.take_effects().is_empty(), "queued, applied by work");
+    w.settle(0);
+    let effects = w.core.take_effects();
+    assert_eq!(effects.len(), 1);
+    let Effect::Node { packet, .. } = &effects[0] else { panic!() };
+    assert_eq!(open(packet).1.as_tuple().unwrap()[0], Term::atom("join"));
+    // A large one: applied in steps, a join message per step.
     let members: Vec<Handle> = (1..=100_000).map(Handle).collect();
     let change = Change::Join { group: "big".into(), members: members.clone() };
     w.core.from_route(0, ToLocal::Members { peer: "dc2".into(), change });
-    let mut steps = 1;
-    let mut messages = w.core.take_effects().len();
+    let mut steps = 0;
+    let mut joins = w.core.take_effects().len();
     while w.core.busy(0) {
         w.core.work(0);
-        messages += w.core.take_effects().len();
+        joins += w.core.take_effects().len();
         steps += 1;
     }
     assert_eq!(steps, 100_000usize.div_ceil(MEMBERS_PER_STEP));
-    assert_eq!(messages, steps, "one join message per step to the one scope");
-    assert_eq!(w.core.mirror.joined_count(), 100_000);
+    assert_eq!(joins, steps, "a join message per step to the one scope");
+    assert_eq!(w.core.sync_debt(), 0);
+    assert_eq!(w.core.mirror.joined_count(), 101_000);
+    // Leaving, the same: told to no scope until one sync says where it ended.
     let change = Change::Leave { group: "big".into(), members };
     w.core.from_route(0, ToLocal::Members { peer: "dc2".into(), change });
     while w.core.busy(0) {
         w.core.work(0);
     }
-    assert_eq!(w.core.mirror.joined_count(), 0);
+    assert!(w.core.take_effects().is_empty(), "nothing sent before the sync");
+    assert_eq!(w.core.sync_debt(), 100_000);
+    w.core.flush_sync();
+    let messages = w.core.take_effects();
+    assert_eq!(messages.len(), 1, "one sync");
+    let Effect::Node { packet, .. } = &messages[0] else { panic!() };
+    let Term::Tuple(cast) = open(packet).1 else { panic!() };
+    let Term::Tuple(body) = &cast[1] else { panic!() };
+    assert_eq!(body[0], Term::atom("sync"));
+    let sizes: Vec<usize> =
+        body[2].as_list().unwrap().iter().map(|g| g.as_tuple().unwrap()[1].as_list().unwrap().len()).collect();
+    assert_eq!(sizes, vec![1000], "every group the gateway still has joined");
+    assert_eq!(w.core.sync_debt(), 0);
+    assert_eq!(w.core.mirror.joined_count(), 1000);
     assert_eq!(w.core.usage(0).0, 100_000, "unpinned, kept until evicted");
 }
 
@@ -545,4 +585,53 @@ proptest! {
             }
         }
     }
+}
+
+/// While a peer's large membership change is applied in steps, its
+/// messages go on; a later change waits its turn; `Lost` and `Up` hold back
+/// everything after them (they change what the peer's handles mean).
+#[test]
+fn messages_overtake_membership_changes_but_not_a_new_session() {
+    let mut w = world_with(Limits { proxies: 300_000, ..limits() });
+    let proxy = w.peer_member(0, "echo", 7);
+    let (_, relay, _) = w.send(&local(100), &proxy, &msg(Term::Nil)).unwrap();
+    let Relay::Send { from: Some(h), .. } = relay else { panic!() };
+    let big = |g: &str| Change::Join { group: g.into(), members: (10..100_010).map(Handle).collect() };
+    w.core.from_route(0, ToLocal::Members { peer: "dc2".into(), change: big("a") });
+    assert!(w.core.busy(0));
+    // A message from dc2 is delivered at once, jobs or not.
+    let (packets, _) = w.relay(0, Relay::Send { to: h, from: None }, &msg(Term::atom("now")));
+    assert_eq!(packets.len(), 1);
+    // Another change waits for the first; then a new session of dc2 and a
+    // message of it: both held until the changes are applied.
+    w.core.from_route(0, ToLocal::Members { peer: "dc2".into(), change: big("b") });
+    w.core.from_route(0, ToLocal::Lost { peer: "dc2".into() });
+    w.core.from_route(0, ToLocal::Up { peer: "dc2".into(), epoch: EPOCH + 1 });
+    let (packets, _) = w.relay(0, Relay::Send { to: h, from: Some(Handle(5)) }, &msg(Term::atom("later")));
+    assert!(packets.is_empty(), "a message after a new session overtook it");
+    assert!(w.core.proxies.find(0, Handle(10), Kind::Pid).is_none(), "nothing applied yet: the shell steps");
+    let mut steps = 0;
+    let mut delivered = Vec::new();
+    while w.core.busy(0) || !w.core.peers[0].deferred.is_empty() {
+        w.core.work(0);
+        steps += 1;
+        for e in w.core.take_effects() {
+            if let Effect::Node { packet, .. } = e {
+                let (c, payload) = open(&packet);
+                if matches!(c, Control::SendSender { .. }) && payload.as_tuple().is_some_and(|t| t.len() == 2) {
+                    delivered.push(payload);
+                }
+            }
+        }
+        assert!(steps < 100);
+    }
+    assert_eq!(
+        delivered,
+        vec![Term::tuple(vec![Term::atom("msg"), Term::atom("later")])],
+        "delivered, after the session change"
+    );
+    assert!(w.core.proxies.find(0, Handle(10), Kind::Pid).is_none(), "the new session forgot the old proxies");
+    assert_eq!(w.core.mirror.joined_count(), 0, "and they left every group");
+    assert_eq!(w.core.sync_debt(), 200_001, "withdrawn: one sync will say where it ended");
+    assert!(w.core.accepts(0));
 }

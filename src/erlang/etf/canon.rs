@@ -11,9 +11,44 @@ use super::*;
 
 const EQUAL_KEYS: EtfError = EtfError::Invalid("a map with two equal keys");
 
+/// Whether a term's encoding is the only one its value has among terms
+/// whose encodings all pass this test: then two such keys are equal
+/// exactly when their bytes are. (What OTP writes for atoms, small and
+/// 32-bit integers, binaries, nonzero floats, and pids and references on
+/// nodes with short names.)
+fn one_encoding(t: &[u8]) -> bool {
+    match t.first() {
+        Some(&SMALL_ATOM_UTF8) | Some(&BINARY) | Some(&NIL) | Some(&SMALL_INTEGER) => true,
+        Some(&ATOM_UTF8) => t.len() >= 3 && u16::from_be_bytes([t[1], t[2]]) >= 256,
+        Some(&INTEGER) => t.len() == 5 && !(0..=255).contains(&i32::from_be_bytes([t[1], t[2], t[3], t[4]])),
+        Some(&NEW_FLOAT) => t.len() == 9 && f64::from_be_bytes([t[1], t[2], t[3], t[4], t[5], t[6], t[7], t[8]]) != 0.0,
+        Some(&NEW_PID) => t.get(1) == Some(&SMALL_ATOM_UTF8),
+        Some(&NEWER_REFERENCE) => t.get(3) == Some(&SMALL_ATOM_UTF8),
+        _ => false,
+    }
+}
+
 /// Refuses a map whose keys (their output ranges in `out`) include two
 /// equal terms. `scratch` is reused between maps.
 pub(super) fn check_unique_keys(out: &[u8], keys: &[(u32, u32)], scratch: &mut Vec<u8>) -> Result<(), EtfError> {
+    let raw = |&(s, e): &(u32, u32)| &out[s as usize..e as usize];
+    if keys.iter().all(|k| one_encoding(raw(k))) {
+        // The common case (atom and binary keys): the bytes decide.
+        if keys.len() <= 8 {
+            for (i, a) in keys.iter().enumerate() {
+                if keys[i + 1..].iter().any(|b| raw(a) == raw(b)) {
+                    return Err(EQUAL_KEYS);
+                }
+            }
+            return Ok(());
+        }
+        let mut sorted: Vec<&[u8]> = keys.iter().map(raw).collect();
+        sorted.sort_unstable();
+        if sorted.windows(2).any(|w| w[0] == w[1]) {
+            return Err(EQUAL_KEYS);
+        }
+        return Ok(());
+    }
     scratch.clear();
     let mut ranges: Vec<(usize, usize)> = Vec::with_capacity(keys.len());
     for &(s, e) in keys {
@@ -203,6 +238,38 @@ mod tests {
 
     fn same(a: &[u8], b: &[u8]) -> bool {
         canonical(a).unwrap() == canonical(b).unwrap()
+    }
+
+    /// The fast path never calls two terms different that are equal: for
+    /// every pair of keys it accepts, equal bytes exactly when equal forms.
+    #[test]
+    fn one_encoding_agrees_with_the_canonical_form() {
+        let keys: Vec<Vec<u8>> = vec![
+            vec![SMALL_INTEGER, 5],
+            vec![INTEGER, 0, 0, 0, 5],
+            vec![INTEGER, 0, 0, 1, 0],
+            vec![SMALL_BIG, 2, 0, 0, 1],
+            vec![SMALL_ATOM_UTF8, 1, b'a'],
+            vec![SMALL_ATOM, 1, b'a'],
+            vec![ATOM_UTF8, 0, 1, b'a'],
+            vec![BINARY, 0, 0, 0, 1, b'a'],
+            vec![BIT_BINARY, 0, 0, 0, 1, 8, b'a'],
+            vec![NIL],
+            vec![STRING, 0, 0],
+            [&[NEW_FLOAT][..], &1.5f64.to_be_bytes()].concat(),
+            [&[NEW_FLOAT][..], &0.0f64.to_be_bytes()].concat(),
+            [&[NEW_FLOAT][..], &(-0.0f64).to_be_bytes()].concat(),
+            pid_bytes(&Pid { node: "a@h".into(), id: 1, serial: 0, creation: 1 }),
+        ];
+        for a in &keys {
+            for b in &keys {
+                if one_encoding(a) && one_encoding(b) {
+                    assert_eq!(a == b, canonical(a).unwrap() == canonical(b).unwrap(), "{a:?} {b:?}");
+                }
+            }
+        }
+        assert!(!one_encoding(&[INTEGER, 0, 0, 0, 5]), "5 is written small");
+        assert!(!one_encoding(&[SMALL_ATOM, 1, b'a']), "Latin-1 has another encoding");
     }
 
     #[test]

@@ -338,7 +338,7 @@ fn atom_string(bytes: &[u8], latin1: bool) -> String {
         bytes.iter().map(|&c| c as char).collect()
     } else {
         // Checked UTF-8 (or ASCII, the same in both).
-        String::from_utf8_lossy(bytes).into_owned()
+        String::from_utf8(bytes.to_vec()).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
     }
 }
 
