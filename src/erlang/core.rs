@@ -310,6 +310,15 @@ impl Core {
         std::mem::take(&mut self.out)
     }
 
+    pub fn has_effects(&self) -> bool {
+        !self.out.is_empty()
+    }
+
+    /// Moves the effects to the end of `to`, keeping both buffers.
+    pub fn drain_effects(&mut self, to: &mut VecDeque<Effect>) {
+        to.extend(self.out.drain(..));
+    }
+
     pub fn gw(&self) -> &Pid {
         &self.gw
     }

@@ -15,6 +15,7 @@
 //! it is done, which keeps its messages in order behind it.
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::Poll;
 use std::time::{Duration, Instant};
@@ -41,8 +42,9 @@ const NODE_INBOX: usize = 1024;
 const RETRY: Duration = Duration::from_millis(1);
 /// A peer whose queue has not moved this long while full is shedding.
 const SHED_AFTER: Duration = Duration::from_secs(5);
-/// How often the per-peer gauges are refreshed.
-const GAUGES_EVERY: Duration = Duration::from_secs(1);
+/// How often the per-peer gauges are refreshed (and scopes not found yet
+/// asked for again).
+const TICK_EVERY: Duration = Duration::from_secs(1);
 /// A sync debt (`Core::flush_sync`) is paid once no large membership step
 /// came for this long...
 const SYNC_QUIET: Duration = Duration::from_millis(20);
@@ -95,6 +97,12 @@ struct Shell {
     routes: Vec<RouteSlot>,
     connected: metrics::Gauge,
     proxies: metrics::Gauge,
+    /// `run_effects`' buffer, kept between calls.
+    effects: VecDeque<Effect>,
+    /// Set by the ticker each period (read once per round, so a busy
+    /// shell sees it too), and its wake-up for an idle one.
+    ticked: Arc<AtomicBool>,
+    tick_rx: mpsc::Receiver<()>,
 }
 
 /// Starts the Erlang side: one connection task per node and the shell.
@@ -167,6 +175,9 @@ pub fn start(
         nodes: nodes.iter().map(|n| n.name.clone()).collect(),
         peers,
     };
+    let ticked = Arc::new(AtomicBool::new(false));
+    let (tick_tx, tick_rx) = mpsc::channel(1);
+    tracker.spawn(ticker(ticked.clone(), tick_tx, cancel.clone()));
     let shell = Shell {
         node_ix: nodes.iter().enumerate().map(|(i, n)| (n.name.clone(), i)).collect(),
         nodes,
@@ -174,6 +185,9 @@ pub fn start(
         connected: metrics.gauge(m::ERLANG_NODES_CONNECTED, &[]),
         proxies: metrics.gauge(m::PROXIES, &[]),
         core: Core::new(setup, metrics),
+        effects: VecDeque::new(),
+        ticked,
+        tick_rx,
     };
     shell.connected.set(0.0);
     shell.proxies.set(0.0);
@@ -181,37 +195,63 @@ pub fn start(
     tracker.spawn(shell.run(cancel));
 }
 
+/// Marks a tick every TICK_EVERY (and wakes the shell if it waits) until
+/// cancelled. A task of its own, so that no timer is polled on the
+/// shell's per-message path.
+async fn ticker(ticked: Arc<AtomicBool>, tx: mpsc::Sender<()>, cancel: CancellationToken) {
+    let mut every = tokio::time::interval(TICK_EVERY);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    every.tick().await;
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = every.tick() => {}
+        }
+        ticked.store(true, Ordering::Relaxed);
+        if let Err(mpsc::error::TrySendError::Closed(())) = tx.try_send(()) {
+            return;
+        }
+    }
+}
+
 /// What the shell waits for.
 enum Input {
     Node(usize, NodeEvent),
     Route(PeerIx, ToLocal),
+    /// The ticker's period passed (publish gauges, rediscover scopes).
+    Tick,
 }
 
 impl Shell {
     async fn run(mut self, cancel: CancellationToken) {
         let mut cancelled = crate::stop::on_cancel(&cancel);
-        let mut rediscover = tokio::time::interval(Duration::from_secs(1));
-        // Not polled while every scope is known: one tick then, not a burst.
-        rediscover.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut gauges = tokio::time::interval(GAUGES_EVERY);
-        gauges.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut cursor = 0usize;
         // (since, last grew, size) of the current sync debt.
         let mut debt: Option<(Instant, Instant, usize)> = None;
         loop {
             self.retry();
-            let now = Instant::now();
+            // (The clock is read only while there is a debt: not per message.)
             match (self.core.sync_debt(), debt) {
-                (0, _) => debt = None,
-                (n, None) => debt = Some((now, now, n)),
-                (n, Some((since, _, was))) if n != was => debt = Some((since, now, n)),
+                (0, None) => {}
+                (0, Some(_)) => debt = None,
+                (n, None) => {
+                    let now = Instant::now();
+                    debt = Some((now, now, n));
+                }
+                (n, Some((since, _, was))) if n != was => debt = Some((since, Instant::now(), n)),
                 (_, Some((since, last, _))) => {
+                    let now = Instant::now();
                     if now.duration_since(last) >= SYNC_QUIET || now.duration_since(since) >= SYNC_LATEST {
                         self.core.flush_sync();
                         self.run_effects(None);
                         debt = None;
                     }
                 }
+            }
+            // Ticks are seen here whether or not the loop waits below: a
+            // busy shell still publishes and rediscovers.
+            if self.ticked.load(Ordering::Relaxed) {
+                self.tick();
             }
             let mut progressed = self.step_jobs();
             progressed |= self.take_ready(&mut cursor);
@@ -222,40 +262,38 @@ impl Shell {
                 continue;
             }
             let waiting = self.waiting() || debt.is_some();
-            let undiscovered = self.core.undiscovered();
             let input = {
                 let this = &mut self;
                 let start = cursor;
                 let wait = std::future::poll_fn(|cx| this.poll_input(cx, start));
                 tokio::select! {
+                    biased;
                     _ = &mut cancelled => return,
                     input = wait => Some(input),
                     _ = async { tokio::time::sleep(RETRY).await }, if waiting => None,
-                    _ = rediscover.tick(), if undiscovered => {
-                        self.core.rediscover();
-                        self.run_effects(None);
-                        None
-                    }
-                    _ = gauges.tick() => {
-                        self.publish();
-                        None
-                    }
                 }
             };
-            if let Some(input) = input {
-                cursor = self.handle(input).wrapping_add(1);
+            match input {
+                Some(Input::Tick) => self.tick(),
+                Some(input) => cursor = self.handle(input).wrapping_add(1),
+                None => {}
             }
             self.proxies.set(self.core.proxies() as f64);
         }
     }
 
-    /// Sources that may be read now, from `start` round.
-    fn sources(&self, start: usize) -> impl Iterator<Item = Src> + '_ {
-        let n = self.nodes.len() + self.routes.len();
-        (0..n).map(move |i| (start + i) % n).filter_map(move |i| {
-            let src = if i < self.nodes.len() { Src::Node(i) } else { Src::Route(i - self.nodes.len()) };
-            self.readable(src).then_some(src)
-        })
+    /// The `k`th source of the round that starts at `start`.
+    fn source(&self, start: usize, k: usize) -> Src {
+        let i = (start + k) % (self.nodes.len() + self.routes.len());
+        if i < self.nodes.len() {
+            Src::Node(i)
+        } else {
+            Src::Route(i - self.nodes.len())
+        }
+    }
+
+    fn sources_len(&self) -> usize {
+        self.nodes.len() + self.routes.len()
     }
 
     fn readable(&self, src: Src) -> bool {
@@ -273,8 +311,11 @@ impl Shell {
     }
 
     fn poll_input(&mut self, cx: &mut std::task::Context<'_>, start: usize) -> Poll<Input> {
-        let srcs: Vec<Src> = self.sources(start).collect();
-        for src in srcs {
+        for k in 0..self.sources_len() {
+            let src = self.source(start, k);
+            if !self.readable(src) {
+                continue;
+            }
             match src {
                 Src::Node(i) => {
                     if let Poll::Ready(Some(ev)) = self.nodes[i].rx.poll_recv(cx) {
@@ -288,7 +329,23 @@ impl Shell {
                 }
             }
         }
+        // After the sources: a tick waits for a round with nothing to do.
+        if let Poll::Ready(Some(())) = self.tick_rx.poll_recv(cx) {
+            return Poll::Ready(Input::Tick);
+        }
         Poll::Pending
+    }
+
+    /// The ticker's period passed: gauges published, and scopes not yet
+    /// found on their nodes asked for again.
+    fn tick(&mut self) {
+        self.ticked.store(false, Ordering::Relaxed);
+        while self.tick_rx.try_recv().is_ok() {}
+        if self.core.undiscovered() {
+            self.core.rediscover();
+            self.run_effects(None);
+        }
+        self.publish();
     }
 
     /// Handles one input and whatever else that source has ready, up to a
@@ -304,6 +361,7 @@ impl Shell {
                 self.run_effects(Some(Src::Route(p)));
                 Src::Route(p)
             }
+            Input::Tick => unreachable!("ticks are handled by the loop"),
         };
         self.drain(src, BATCH - 1);
         self.index(src)
@@ -312,9 +370,9 @@ impl Shell {
     /// Takes up to BATCH ready items from every readable source, in turn,
     /// without waiting; true if any.
     fn take_ready(&mut self, cursor: &mut usize) -> bool {
-        let srcs: Vec<Src> = self.sources(*cursor).collect();
         let mut any = false;
-        for src in srcs {
+        for k in 0..self.sources_len() {
+            let src = self.source(*cursor, k);
             any |= self.drain(src, BATCH) > 0;
         }
         *cursor = cursor.wrapping_add(1);
@@ -389,16 +447,23 @@ impl Shell {
     /// source (timers) never wait: they are of the kinds that do not block
     /// or are dropped with the reason counted.
     fn run_effects(&mut self, src: Option<Src>) {
-        let mut effects: VecDeque<Effect> = self.core.take_effects().into();
+        if !self.core.has_effects() {
+            return;
+        }
+        // One buffer kept across calls (and the core's): no allocation per
+        // message.
+        let mut effects = std::mem::take(&mut self.effects);
+        self.core.drain_effects(&mut effects);
         if let Some(s) = src {
             if !self.backlog(s).is_empty() {
-                self.backlog(s).extend(effects);
+                self.backlog(s).extend(effects.drain(..));
+                self.effects = effects;
                 return;
             }
         }
         while let Some(e) = effects.pop_front() {
             match self.try_effect(e) {
-                Ok(()) => effects.extend(self.core.take_effects()),
+                Ok(()) => self.core.drain_effects(&mut effects),
                 Err(e) => {
                     let Some(s) = src else {
                         // (A discover to a node whose queue is full: the
@@ -407,11 +472,12 @@ impl Shell {
                     };
                     let b = self.backlog(s);
                     b.push_back(e);
-                    b.extend(effects);
-                    return;
+                    b.extend(effects.drain(..));
+                    break;
                 }
             }
         }
+        self.effects = effects;
     }
 
     /// Carries out one effect now, or gives it back.
@@ -446,7 +512,6 @@ impl Shell {
                 }
                 let Some(handle) = slot.handle.as_ref() else { return Ok(()) };
                 if slot.pending.is_empty() {
-                    slot.moved = Instant::now();
                     match handle.try_submit(payload, token) {
                         Ok(()) => return Ok(()),
                         Err(TrySubmit::Gone) => {
@@ -454,6 +519,8 @@ impl Shell {
                             return Ok(());
                         }
                         Err(TrySubmit::Full(payload, token)) => {
+                            // The queue starts now: SHED_AFTER counts from here.
+                            slot.moved = Instant::now();
                             slot.pending_bytes += payload.len();
                             slot.pending.push_back((payload, token));
                             return Ok(());
@@ -480,6 +547,9 @@ impl Shell {
     /// Moves queued messages to routes with room, retries backlogs, and
     /// sheds peers whose queues have not moved for SHED_AFTER.
     fn retry(&mut self) {
+        if !self.waiting() && !self.routes.iter().any(|r| r.shedding) {
+            return;
+        }
         let now = Instant::now();
         for p in 0..self.routes.len() {
             let slot = &mut self.routes[p];
@@ -515,20 +585,15 @@ impl Shell {
                 tracing::info!(peer = %self.core.peer_name(p), "the peer is catching up: its messages are accepted again");
             }
         }
-        let srcs: Vec<Src> = (0..self.nodes.len())
-            .map(Src::Node)
-            .chain((0..self.routes.len()).map(Src::Route))
-            .filter(|&s| match s {
-                Src::Node(i) => !self.nodes[i].backlog.is_empty(),
-                Src::Route(p) => !self.routes[p].backlog.is_empty(),
-            })
-            .collect();
-        for src in srcs {
-            let effects: Vec<Effect> = std::mem::take(self.backlog(src)).into();
-            let mut effects: VecDeque<Effect> = effects.into();
+        for k in 0..self.sources_len() {
+            let src = self.source(0, k);
+            if self.backlog(src).is_empty() {
+                continue;
+            }
+            let mut effects = std::mem::take(self.backlog(src));
             while let Some(e) = effects.pop_front() {
                 match self.try_effect(e) {
-                    Ok(()) => effects.extend(self.core.take_effects()),
+                    Ok(()) => self.core.drain_effects(&mut effects),
                     Err(e) => {
                         let b = self.backlog(src);
                         b.push_back(e);
