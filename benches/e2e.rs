@@ -244,11 +244,8 @@ fn tls_relay(target: std::net::SocketAddr, end: TlsEnd) -> std::net::SocketAddr 
 /// The dev certificates of `cluster`, as a gateway loads them.
 fn tls_of(certs: &Path, cluster: &str) -> wandist::tls::Tls {
     let at = |f: String| wandist::config::PathAt { path: certs.join(f), line: None };
-    let files = wandist::config::TlsFiles {
-        cert: at(format!("{cluster}.pem")),
-        key: at(format!("{cluster}.key")),
-        ca: at("ca.pem".into()),
-    };
+    let files =
+        wandist::config::TlsFiles::new(at(format!("{cluster}.pem")), at(format!("{cluster}.key")), at("ca.pem".into()));
     wandist::tls::Tls::load(&files, Some(cluster), Path::new("bench")).unwrap_or_else(|p| panic!("{p:?}"))
 }
 

@@ -120,7 +120,19 @@ pub struct GatewayConfig {
 pub struct TlsFiles {
     pub cert: PathAt,
     pub key: PathAt,
+    /// The CA(s) trusted for every peer whose route names none of its own.
     pub ca: PathAt,
+    /// Certificate revocation lists (PEM), checked for every peer.
+    pub crl: Option<PathAt>,
+    /// Routes that trust their own CA(s) instead of `ca`: (cluster, file).
+    pub route_cas: Vec<(String, PathAt)>,
+}
+
+impl TlsFiles {
+    /// Certificate, key and CA; no CRL, no route of its own CA.
+    pub fn new(cert: PathAt, key: PathAt, ca: PathAt) -> TlsFiles {
+        TlsFiles { cert, key, ca, crl: None, route_cas: Vec::new() }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -140,6 +152,9 @@ pub struct RouteConfig {
     pub endpoints: Vec<Dial>,
     pub standby: u8,
     pub insecure_plaintext: bool,
+    /// The CA(s) trusted for this peer instead of `tls.ca` (a partner's
+    /// own CA, which then vouches for this peer only).
+    pub ca: Option<PathAt>,
     /// Unacknowledged messages we keep for this peer (and the most we
     /// buffer of its messages undelivered).
     pub window: Window,
@@ -311,7 +326,7 @@ impl Config {
             Some(t) => cx.gateway(t),
             None => None,
         };
-        let tls = cx.table(root, "tls", false).and_then(|t| cx.tls(t));
+        let mut tls = cx.table(root, "tls", false).and_then(|t| cx.tls(t));
         let metrics = cx.table(root, "metrics", false).and_then(|t| cx.metrics(t));
         let routes = cx.routes(
             root.get("route"),
@@ -321,6 +336,9 @@ impl Config {
         let erlang = cx.table(root, "erlang", false).and_then(|t| cx.erlang(t));
 
         if let Some(routes) = &routes {
+            if let Some(tls) = &mut tls {
+                tls.route_cas = routes.iter().filter_map(|r| Some((r.cluster.clone(), r.ca.clone()?))).collect();
+            }
             let needs_tls = routes.is_empty() || routes.iter().any(|r| !r.insecure_plaintext);
             if needs_tls && root.get("tls").is_none() {
                 cx.err(
@@ -604,11 +622,12 @@ impl Cx<'_> {
     }
 
     fn tls(&mut self, t: &dyn TableLike) -> Option<TlsFiles> {
-        self.allow_keys(t, &["cert", "key", "ca"], "[tls]");
+        self.allow_keys(t, &["cert", "key", "ca", "crl"], "[tls]");
         let cert = self.path(t, "cert", "[tls]");
         let key = self.path(t, "key", "[tls]");
         let ca = self.path(t, "ca", "[tls]");
-        Some(TlsFiles { cert: cert?, key: key?, ca: ca? })
+        let crl = self.path_opt(t, "crl");
+        Some(TlsFiles { cert: cert?, key: key?, ca: ca?, crl, route_cas: Vec::new() })
     }
 
     fn metrics(&mut self, t: &dyn TableLike) -> Option<MetricsConfig> {
@@ -664,6 +683,7 @@ impl Cx<'_> {
                 "socks5_username",
                 "socks5_password",
                 "insecure_plaintext",
+                "ca",
                 "window_messages",
                 "window_bytes",
                 "export",
@@ -746,6 +766,13 @@ impl Cx<'_> {
         }
         let standby = self.integer(t, "standby", 0, MAX_STANDBY as i64, 0) as u8;
         let insecure_plaintext = self.bool(t, "insecure_plaintext");
+        let ca = self.path_opt(t, "ca");
+        if ca.is_some() && insecure_plaintext {
+            self.err(
+                Self::key_span(t, "ca"),
+                "a route with insecure_plaintext = true has no TLS: its \"ca\" would never be used".into(),
+            );
+        }
         let window = Window {
             messages: self.integer(t, "window_messages", 1, 10_000_000, DEFAULT_WINDOW.messages as i64) as usize,
             bytes: self.integer(t, "window_bytes", 1024, 1 << 40, DEFAULT_WINDOW.bytes as i64) as usize,
@@ -754,7 +781,7 @@ impl Cx<'_> {
         let import = self.patterns(t, "import");
         let limits = self.limits(t, standby, default_members);
         let (cluster, _) = cluster?;
-        Some(RouteConfig { cluster, endpoints, standby, insecure_plaintext, window, export, import, limits })
+        Some(RouteConfig { cluster, endpoints, standby, insecure_plaintext, ca, window, export, import, limits })
     }
 
     /// The per-peer limits of a route (every key optional).
@@ -1021,6 +1048,23 @@ socks5_password = "hunter2"
         assert_eq!(socks.auth.as_ref().unwrap().1.expose(), "hunter2");
         assert_eq!(r.window, DEFAULT_WINDOW);
         assert_eq!(r.export, vec!["*".to_string()]);
+    }
+
+    #[test]
+    fn a_route_may_trust_its_own_ca_and_tls_may_name_a_crl() {
+        let text = GOOD.replace("ca = \"/abs/ca.pem\"\n", "ca = \"/abs/ca.pem\"\ncrl = \"crl.pem\"\n")
+            + "[[route]]\ncluster = \"partner\"\nca = \"partner-ca.pem\"\n";
+        let c = parse(&text).unwrap();
+        let tls = c.tls.unwrap();
+        assert_eq!(tls.crl.unwrap().path, Path::new("/etc/wandist/crl.pem"));
+        assert_eq!(tls.route_cas.len(), 1);
+        assert_eq!(tls.route_cas[0].0, "partner");
+        assert_eq!(tls.route_cas[0].1.path, Path::new("/etc/wandist/partner-ca.pem"));
+        assert!(c.routes[0].ca.is_none());
+        // A CA on a route without TLS would be a promise not kept.
+        let problems =
+            parse(&(text + "[[route]]\ncluster = \"dc9\"\nca = \"x.pem\"\ninsecure_plaintext = true\n")).unwrap_err();
+        assert!(problems.iter().any(|p| p.message.contains("would never be used")), "{problems:?}");
     }
 
     #[test]

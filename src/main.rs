@@ -46,13 +46,18 @@ enum Command {
         #[arg(long, default_value_t = 20_000)]
         messages: u32,
     },
-    /// Make a development CA and one certificate per cluster in DIR.
+    /// Make a development CA and one certificate per cluster in DIR; with
+    /// --revoke, revoke the clusters' certificates in DIR instead (DIR/crl.pem,
+    /// for every gateway's tls.crl) and issue them new ones from DIR's CA.
     Certs {
         #[arg(long)]
         out: PathBuf,
-        /// Days the cluster certificates stay valid.
+        /// Days the cluster certificates (and the CRL) stay valid.
         #[arg(long, default_value_t = wandist::certs::DEFAULT_DAYS, value_parser = clap::value_parser!(i64).range(1..=36_500))]
         days: i64,
+        /// Revoke and reissue, with the CA already in DIR.
+        #[arg(long)]
+        revoke: bool,
         #[arg(required = true, value_name = "CLUSTER")]
         clusters: Vec<String>,
     },
@@ -73,7 +78,11 @@ fn main() -> ExitCode {
                 ExitCode::from(EXIT_CONFIG)
             }
         },
-        Command::Certs { out, days, clusters } => match wandist::certs::generate_valid_for(&out, &clusters, days) {
+        Command::Certs { out, days, revoke, clusters } => match if revoke {
+            wandist::certs::revoke(&out, &clusters, days)
+        } else {
+            wandist::certs::generate_valid_for(&out, &clusters, days)
+        } {
             Ok(paths) => {
                 for p in paths {
                     println!("wrote {}", p.display());

@@ -2,12 +2,15 @@
 //! directions (mutual TLS), and checking that a peer's certificate names the
 //! cluster it claims to be.
 
+use std::collections::HashMap;
 use std::io::BufReader;
 use std::path::Path;
 use std::sync::Arc;
 
+use rustls::client::WebPkiServerVerifier;
 use rustls::crypto::CryptoProvider;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::server::danger::ClientCertVerifier;
 use rustls::server::{ParsedCertificate, WebPkiClientVerifier};
 use rustls::{ClientConfig, RootCertStore, ServerConfig};
 
@@ -19,12 +22,32 @@ pub const ALPN: &[u8] = b"wandist/1";
 const MAX_PEM_BYTES: u64 = 1024 * 1024;
 
 /// Ready-to-use configurations for dialing and accepting.
+///
+/// Trust is per peer: a peer is cluster X only if its chain ends at a CA
+/// trusted *for X* (the route's own `ca`, else `tls.ca`), is not revoked
+/// by a CRL in `tls.crl`, and names X. The acceptor's TLS handshake takes
+/// chains to any trusted CA (it does not know the cluster yet); once the
+/// hello names one, [`Tls::verify_peer`] checks the chain again against
+/// that cluster's CAs, so a partner's CA vouches for that partner only.
 #[derive(Clone)]
 pub struct Tls {
+    /// For dialing a peer trusted through `tls.ca`.
     pub client: Arc<ClientConfig>,
     pub server: Arc<ServerConfig>,
     /// When this gateway's own certificate expires (unix seconds).
     pub not_after: i64,
+    /// `tls.ca`'s verifier for clients, for the check after the hello.
+    verifier: Arc<dyn ClientCertVerifier>,
+    /// Peers whose route names its own CA.
+    routes: HashMap<String, Trust>,
+}
+
+/// What one route with its own CA trusts: for dialing, and for the check
+/// after an incoming peer's hello.
+#[derive(Clone)]
+struct Trust {
+    client: Arc<ClientConfig>,
+    verifier: Arc<dyn ClientCertVerifier>,
 }
 
 impl std::fmt::Debug for Tls {
@@ -114,45 +137,126 @@ impl Tls {
                 ));
             }
         }
-        let mut roots = RootCertStore::empty();
-        for c in ca {
-            if let Err(e) = roots.add(c) {
-                problems.push(problem(&files.ca, format!("{}: unusable CA certificate: {e}", files.ca.path.display())));
+        let crls = match &files.crl {
+            Some(at) => crls(at, config).map_err(|p| problems.push(p)).unwrap_or_default(),
+            None => Vec::new(),
+        };
+        let default_roots = roots(&files.ca, ca, config, &mut problems);
+        let mut route_roots = Vec::new();
+        for (cluster, at) in &files.route_cas {
+            if let Ok(cas) = certs(at, config).map_err(|p| problems.push(p)) {
+                route_roots.push((cluster.clone(), at, roots(at, cas, config, &mut problems)));
             }
         }
         if !problems.is_empty() {
             return Err(problems);
         }
-        let roots = Arc::new(roots);
-        let verifier = WebPkiClientVerifier::builder_with_provider(roots.clone(), provider())
-            .build()
+        let key_fits = |e: rustls::Error| {
+            vec![problem(
+                &files.key,
+                format!("{} does not fit {}: {e}", files.key.path.display(), files.cert.path.display()),
+            )]
+        };
+        // The acceptor's handshake: a chain to any CA trusted for any peer.
+        let mut any = RootCertStore::empty();
+        any.roots.extend(default_roots.roots.iter().cloned());
+        for (_, _, r) in &route_roots {
+            any.roots.extend(r.roots.iter().cloned());
+        }
+        let handshake_verifier = client_verifier(Arc::new(any), &crls)
             .map_err(|e| vec![problem(&files.ca, format!("{}: {e}", files.ca.path.display()))])?;
         let mut server = ServerConfig::builder_with_provider(provider())
             .with_safe_default_protocol_versions()
             .map_err(|e| vec![problem(&files.cert, e.to_string())])?
-            .with_client_cert_verifier(verifier)
+            .with_client_cert_verifier(handshake_verifier)
             .with_single_cert(chain.clone(), key.clone_key())
-            .map_err(|e| {
-                vec![problem(
-                    &files.key,
-                    format!("{} does not fit {}: {e}", files.key.path.display(), files.cert.path.display()),
-                )]
-            })?;
+            .map_err(key_fits)?;
         server.alpn_protocols = vec![ALPN.to_vec()];
-        let mut client = ClientConfig::builder_with_provider(provider())
-            .with_safe_default_protocol_versions()
-            .map_err(|e| vec![problem(&files.cert, e.to_string())])?
-            .with_root_certificates(roots)
-            .with_client_auth_cert(chain, key)
-            .map_err(|e| {
-                vec![problem(
-                    &files.key,
-                    format!("{} does not fit {}: {e}", files.key.path.display(), files.cert.path.display()),
-                )]
-            })?;
-        client.alpn_protocols = vec![ALPN.to_vec()];
-        Ok(Tls { client: Arc::new(client), server: Arc::new(server), not_after })
+        let trust = |at: &PathAt, roots: RootCertStore| -> Result<Trust, Vec<Problem>> {
+            let unusable = |e: String| vec![problem(at, format!("{}: {e}", at.path.display()))];
+            let roots = Arc::new(roots);
+            let verifier = client_verifier(roots.clone(), &crls).map_err(|e| unusable(e.to_string()))?;
+            let server_verifier = WebPkiServerVerifier::builder_with_provider(roots, provider())
+                .with_crls(crls.iter().cloned())
+                .allow_unknown_revocation_status()
+                .build()
+                .map_err(|e| unusable(e.to_string()))?;
+            let mut client = ClientConfig::builder_with_provider(provider())
+                .with_safe_default_protocol_versions()
+                .map_err(|e| vec![problem(&files.cert, e.to_string())])?
+                .with_webpki_verifier(server_verifier)
+                .with_client_auth_cert(chain.clone(), key.clone_key())
+                .map_err(key_fits)?;
+            client.alpn_protocols = vec![ALPN.to_vec()];
+            Ok(Trust { client: Arc::new(client), verifier })
+        };
+        let default = trust(&files.ca, default_roots)?;
+        let mut routes = HashMap::new();
+        for (cluster, at, r) in route_roots {
+            routes.insert(cluster, trust(at, r)?);
+        }
+        Ok(Tls { client: default.client, server: Arc::new(server), not_after, verifier: default.verifier, routes })
     }
+
+    /// The configuration for dialing `cluster`: its route's CA if it has
+    /// one, else `tls.ca`.
+    pub fn client_for(&self, cluster: &str) -> &Arc<ClientConfig> {
+        self.routes.get(cluster).map_or(&self.client, |t| &t.client)
+    }
+
+    /// Whether an incoming peer's chain proves it is `cluster`: it ends at
+    /// a CA trusted for `cluster`, nothing in it is revoked, and it names
+    /// `cluster`.
+    pub fn verify_peer(&self, chain: &[CertificateDer<'_>], cluster: &str) -> Result<(), String> {
+        let (end, intermediates) = chain.split_first().ok_or("no certificate presented")?;
+        let verifier = self.routes.get(cluster).map_or(&self.verifier, |t| &t.verifier);
+        verifier.verify_client_cert(end, intermediates, UnixTime::now()).map_err(|e| {
+            let whose = if self.routes.contains_key(cluster) { "the route's own ca" } else { "tls.ca" };
+            format!("certificate not valid for cluster {cluster:?} under {whose}: {e}")
+        })?;
+        peer_is(chain, cluster)
+    }
+}
+
+/// A CA file's certificates as a root store (problems noted, not fatal here).
+fn roots(at: &PathAt, cas: Vec<CertificateDer<'static>>, config: &Path, problems: &mut Vec<Problem>) -> RootCertStore {
+    let mut roots = RootCertStore::empty();
+    for c in cas {
+        if let Err(e) = roots.add(c) {
+            problems.push(Problem {
+                file: config.to_path_buf(),
+                line: at.line,
+                message: format!("{}: unusable CA certificate: {e}", at.path.display()),
+            });
+        }
+    }
+    roots
+}
+
+/// Verifies client chains to `roots`, refusing any certificate a CRL in
+/// `crls` revokes (a certificate whose issuer published no CRL here is not
+/// refused for that).
+fn client_verifier(
+    roots: Arc<RootCertStore>,
+    crls: &[CertificateRevocationListDer<'static>],
+) -> Result<Arc<dyn ClientCertVerifier>, rustls::server::VerifierBuilderError> {
+    WebPkiClientVerifier::builder_with_provider(roots, provider())
+        .with_crls(crls.iter().cloned())
+        .allow_unknown_revocation_status()
+        .build()
+}
+
+/// Every CRL in a PEM file (at least one).
+fn crls(at: &PathAt, config: &Path) -> Result<Vec<CertificateRevocationListDer<'static>>, Problem> {
+    let pem = read_pem(at, config)?;
+    let problem = |message: String| Problem { file: config.to_path_buf(), line: at.line, message };
+    let crls: Vec<_> = rustls_pemfile::crls(&mut BufReader::new(&pem[..]))
+        .collect::<Result<_, _>>()
+        .map_err(|e| problem(format!("{}: bad PEM: {e}", at.path.display())))?;
+    if crls.is_empty() {
+        return Err(problem(format!("{}: no X509 CRL found", at.path.display())));
+    }
+    Ok(crls)
 }
 
 /// The name a dialer checks the server certificate against.
@@ -216,6 +320,25 @@ pub fn not_after(cert: &CertificateDer<'_>) -> Result<i64, String> {
     }
     let days = crate::date::days_from_civil(year as i32, mo as u8, d as u8);
     Ok(days * 86_400 + h * 3600 + mi * 60 + sec)
+}
+
+/// A certificate's serial number (the INTEGER's content bytes), as a CRL
+/// names it.
+pub fn serial(cert: &CertificateDer<'_>) -> Result<Vec<u8>, String> {
+    let bad = |what: &str| format!("unparseable certificate ({what})");
+    let (tag, cert, _) = der(cert.as_ref()).ok_or_else(|| bad("outer"))?;
+    let (tbs_tag, tbs, _) = der(cert).filter(|_| tag == 0x30).ok_or_else(|| bad("tbsCertificate"))?;
+    if tbs_tag != 0x30 {
+        return Err(bad("tbsCertificate"));
+    }
+    let mut item = der(tbs).ok_or_else(|| bad("version"))?;
+    if item.0 == 0xa0 {
+        item = der(item.2).ok_or_else(|| bad("serial"))?;
+    }
+    match item {
+        (0x02, serial, _) if !serial.is_empty() => Ok(serial.to_vec()),
+        _ => Err(bad("serial")),
+    }
 }
 
 /// One DER item: (tag, contents, what follows). None if malformed.

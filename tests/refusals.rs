@@ -25,8 +25,7 @@ const MAX: usize = codec::DEFAULT_MAX_FRAME_BYTES;
 /// TLS material for `cert_of`'s certificate, from `certs`.
 fn tls_of(certs: &Certs, cert_of: &str) -> Tls {
     let at = |f: String| PathAt { path: certs.path(&f), line: None };
-    let files =
-        TlsFiles { cert: at(format!("{cert_of}.pem")), key: at(format!("{cert_of}.key")), ca: at("ca.pem".into()) };
+    let files = TlsFiles::new(at(format!("{cert_of}.pem")), at(format!("{cert_of}.key")), at("ca.pem".into()));
     Tls::load(&files, Some(cert_of), Path::new("test")).unwrap()
 }
 
@@ -57,22 +56,46 @@ fn dial_a_fake_dc2(
     tls: Tls,
     tls_table: &str,
 ) -> (tokio::task::JoinHandle<Option<HandshakeError>>, Gateway) {
+    dial_a_fake(rt, "dc2", tls, tls_table, "")
+}
+
+/// A server claiming to be `cluster` with `tls`, and a dc1 gateway
+/// (`tls_table`, and `route` in its route to `cluster`) dialing it.
+fn dial_a_fake(
+    rt: &tokio::runtime::Runtime,
+    cluster: &str,
+    tls: Tls,
+    tls_table: &str,
+    route: &str,
+) -> (tokio::task::JoinHandle<Option<HandshakeError>>, Gateway) {
     let fake = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
     let fake_addr = fake.local_addr().unwrap();
     let admit: HashMap<String, Admission> =
         [("dc1".to_string(), Admission { insecure_plaintext: false, offer: OFFER })].into();
+    let me = identity(cluster);
     let server = rt.spawn(async move {
         let (tcp, _) = fake.accept().await.unwrap();
-        handshake::server(tcp, Some(&tls), &identity("dc2"), &admit, &T, MAX).await.err()
+        handshake::server(tcp, Some(&tls), &me, &admit, &T, MAX).await.err()
     });
     let dialer = Gateway::start(
-        "dc1-dialer",
+        &format!("dc1-dialing-{cluster}"),
         &format!(
-            "{}{tls_table}[[route]]\ncluster = \"dc2\"\nendpoints = [\"{fake_addr}\"]\n",
+            "{}{tls_table}[[route]]\ncluster = \"{cluster}\"\nendpoints = [\"{fake_addr}\"]\n{route}",
             gateway_table("dc1", false)
         ),
     );
     (server, dialer)
+}
+
+/// TLS material from two folders: a certificate and key, and the CA trusted.
+fn tls_from(cert: &Certs, cluster: &str, ca: &Certs) -> Tls {
+    let at = |p: std::path::PathBuf| PathAt { path: p, line: None };
+    let files = TlsFiles::new(
+        at(cert.path(&format!("{cluster}.pem"))),
+        at(cert.path(&format!("{cluster}.key"))),
+        at(ca.path("ca.pem")),
+    );
+    Tls::load(&files, None, Path::new("test")).unwrap()
 }
 
 #[test]
@@ -111,8 +134,7 @@ fn an_expired_certificate_is_refused_on_both_sides() {
     let cas = [ours.path("ca.pem"), expired.path("ca.pem")].map(|p| std::fs::read_to_string(p).unwrap());
     std::fs::write(&bundle, cas.concat()).unwrap();
     let at = |p: std::path::PathBuf| PathAt { path: p, line: None };
-    let files =
-        TlsFiles { cert: at(expired.path("dc2.pem")), key: at(expired.path("dc2.key")), ca: at(bundle.clone()) };
+    let files = TlsFiles::new(at(expired.path("dc2.pem")), at(expired.path("dc2.key")), at(bundle.clone()));
     let dc2 = Tls::load(&files, None, Path::new("test")).unwrap();
     let rt = runtime();
 
@@ -409,4 +431,105 @@ fn the_metrics_endpoint_caps_its_connections() {
     }
     let refused = dc1.wait_metric("wandist_metrics_connections_refused_total", &[], |v| v >= 10.0);
     assert!(refused < 20.0, "{refused}");
+}
+
+/// A partner's own CA (a route's `ca`) vouches for that partner only, and
+/// the partner is that route only through it: its CA cannot mint a
+/// certificate for another peer, and ours cannot stand in for its. Both
+/// directions, against the real binary.
+#[test]
+fn a_partner_ca_vouches_for_its_own_route_only() {
+    let ours = Certs::new(&["dc1", "dc2", "dc3"]);
+    let partner = Certs::new(&["dc3", "dc2"]);
+    let route3 = format!("ca = {:?}\n", partner.path("ca.pem"));
+    let dc1 = Gateway::start(
+        "dc1",
+        &format!(
+            "{}{}[[route]]\ncluster = \"dc2\"\n[[route]]\ncluster = \"dc3\"\n{route3}",
+            gateway_table("dc1", true),
+            ours.tls_table("dc1")
+        ),
+    );
+    let rt = runtime();
+
+    // Accepting side. The partner's dc3 gets in.
+    rt.block_on(claim_to_dc1(dc1.peer_addr(), &tls_from(&partner, "dc3", &ours), "dc3"))
+        .expect("dc1 refused the partner's own certificate");
+    dc1.wait_metric("wandist_link_connects_total", &[("peer", "dc3")], |v| v >= 1.0);
+    // A dc2 certificate from the partner's CA, and a dc3 one from ours: both
+    // pass the TLS handshake (each CA is trusted for someone) and are
+    // refused once the hello says who they claim to be.
+    for (certs, claim) in [(&partner, "dc2"), (&ours, "dc3")] {
+        let err = rt
+            .block_on(claim_to_dc1(dc1.peer_addr(), &tls_from(certs, claim, &ours), claim))
+            .err()
+            .unwrap_or_else(|| panic!("dc1 took a {claim} certificate from the wrong CA"));
+        assert!(
+            matches!(&err, HandshakeError::Refused(why) if why.contains(&format!("not valid for cluster \"{claim}\""))),
+            "{err}"
+        );
+    }
+    dc1.wait_metric("wandist_handshake_failures_total", &[("peer", "unknown"), ("reason", "identity")], |v| v == 2.0);
+    assert_eq!(dc1.metric("wandist_link_connects_total", &[("peer", "dc2")]), Some(0.0));
+
+    // Dialing side: dc1 dials dc3 and meets our CA's dc3 certificate...
+    let (server, dialer) = dial_a_fake(&rt, "dc3", tls_from(&ours, "dc3", &ours), &ours.tls_table("dc1"), &route3);
+    dialer.wait_metric("wandist_handshake_failures_total", &[("peer", "dc3"), ("reason", "tls")], |v| v >= 1.0);
+    assert!(rt.block_on(server).unwrap().is_some(), "the fake dc3 completed a handshake");
+    assert_eq!(dialer.metric("wandist_link_connects_total", &[("peer", "dc3")]), Some(0.0));
+    drop(dialer);
+    // ... and the partner's: that one is dc3.
+    let (server, dialer) = dial_a_fake(&rt, "dc3", tls_from(&partner, "dc3", &ours), &ours.tls_table("dc1"), &route3);
+    if let Some(e) = rt.block_on(server).unwrap() {
+        panic!("dc1 refused to dial the partner's dc3: {e}");
+    }
+    dialer.wait_metric("wandist_link_connects_total", &[("peer", "dc3")], |v| v >= 1.0);
+}
+
+/// `wandist certs --revoke` and `tls.crl`: the revoked certificate is
+/// refused in both directions, its replacement works.
+#[test]
+fn a_revoked_certificate_is_refused_on_both_sides_and_its_replacement_works() {
+    let certs = Certs::new(&["dc1", "dc2"]);
+    for ext in ["pem", "key"] {
+        std::fs::copy(certs.path(&format!("dc2.{ext}")), certs.path(&format!("old-dc2.{ext}"))).unwrap();
+    }
+    let out = std::process::Command::new(BIN)
+        .args(["certs", "--revoke", "--out"])
+        .arg(certs.dir.path())
+        .arg("dc2")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("crl.pem"));
+    let old = || {
+        let at = |f: &str| PathAt { path: certs.path(f), line: None };
+        Tls::load(&TlsFiles::new(at("old-dc2.pem"), at("old-dc2.key"), at("ca.pem")), None, Path::new("t")).unwrap()
+    };
+    let tls_table = format!("{}crl = {:?}\n", certs.tls_table("dc1"), certs.path("crl.pem"));
+    let dc1 =
+        Gateway::start("dc1", &format!("{}{tls_table}[[route]]\ncluster = \"dc2\"\n", gateway_table("dc1", true)));
+    let rt = runtime();
+
+    // Accepting side.
+    rt.block_on(claim_to_dc1(dc1.peer_addr(), &old(), "dc2")).err().expect("dc1 accepted a revoked certificate");
+    dc1.wait_metric("wandist_handshake_failures_total", &[("peer", "unknown"), ("reason", "tls")], |v| v == 1.0);
+    let line = dc1.wait_log("refused incoming connection", SOON);
+    assert!(line.contains("Revoked"), "{line}");
+    rt.block_on(claim_to_dc1(dc1.peer_addr(), &tls_from(&certs, "dc2", &certs), "dc2"))
+        .expect("dc1 refused dc2's new certificate");
+    dc1.wait_metric("wandist_link_connects_total", &[("peer", "dc2")], |v| v >= 1.0);
+
+    // Dialing side.
+    let (server, dialer) = dial_a_fake_dc2(&rt, old(), &tls_table);
+    dialer.wait_metric("wandist_handshake_failures_total", &[("peer", "dc2"), ("reason", "tls")], |v| v >= 1.0);
+    let line = dialer.wait_log("cannot establish link", SOON);
+    assert!(line.contains("Revoked"), "{line}");
+    assert!(rt.block_on(server).unwrap().is_some(), "the revoked dc2 completed a handshake");
+    drop(dialer);
+    let (server, dialer) = dial_a_fake_dc2(&rt, tls_from(&certs, "dc2", &certs), &tls_table);
+    if let Some(e) = rt.block_on(server).unwrap() {
+        panic!("dc1 refused to dial dc2's new certificate: {e}");
+    }
+    dialer.wait_metric("wandist_link_connects_total", &[("peer", "dc2")], |v| v >= 1.0);
 }

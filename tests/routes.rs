@@ -353,11 +353,7 @@ async fn forge_advert(certs: &Certs, to: std::net::SocketAddr, as_cluster: &str,
     use wandist::route::Window;
     use wandist::wire::{codec, Header};
     let at = |f: String| PathAt { path: certs.path(&f), line: None };
-    let files = TlsFiles {
-        cert: at(format!("{as_cluster}.pem")),
-        key: at(format!("{as_cluster}.key")),
-        ca: at("ca.pem".into()),
-    };
+    let files = TlsFiles::new(at(format!("{as_cluster}.pem")), at(format!("{as_cluster}.key")), at("ca.pem".into()));
     let tls = wandist::tls::Tls::load(&files, Some(as_cluster), std::path::Path::new("test")).unwrap();
     let t = Timeouts { connect: Duration::from_secs(5), handshake: Duration::from_secs(5) };
     let me = Identity { cluster: as_cluster.into(), gateway: "forger".into(), epoch: 1 };

@@ -15,7 +15,7 @@ use tokio_rustls::{TlsAcceptor, TlsConnector};
 
 use super::{BoxIo, Timeouts};
 use crate::config::{Endpoint, Socks5};
-use crate::tls::{peer_is, server_name, Tls};
+use crate::tls::{server_name, Tls};
 use crate::wire::codec::{self, CodecError};
 use crate::wire::{Frame, Header, Hello, CAPABILITIES, PREAMBLE_LEN, PROTOCOL_VERSION};
 
@@ -221,7 +221,7 @@ pub async fn client(
         Some(tls) => {
             let name = server_name(expect).map_err(|e| HandshakeError::Identity { claimed: expect.into(), why: e })?;
             let stream = until(Phase::Tls, deadline, t.handshake, async {
-                TlsConnector::from(tls.client.clone()).connect(name, tcp).await.map_err(tls_error)
+                TlsConnector::from(tls.client_for(expect).clone()).connect(name, tcp).await.map_err(tls_error)
             })
             .await?;
             (Box::new(stream), true)
@@ -278,7 +278,7 @@ pub async fn server(
     until(Phase::Hello, deadline, t.handshake, async move {
         let mut io = io;
         let (peer, rest) = read_hello(&mut io, max_frame).await?;
-        let verdict = admit_peer(&peer, certs.as_deref(), own, admit);
+        let verdict = admit_peer(&peer, certs.as_deref().zip(tls), own, admit);
         match verdict {
             Ok(admission) => {
                 send_hello(&mut io, &Header::Hello(own.hello(admission.offer)), max_frame).await?;
@@ -297,12 +297,15 @@ pub async fn server(
 
 fn admit_peer(
     peer: &Hello,
-    certs: Option<&[rustls::pki_types::CertificateDer<'static>]>,
+    certs: Option<(&[rustls::pki_types::CertificateDer<'static>], &Tls)>,
     own: &Identity,
     admit: &HashMap<String, Admission>,
 ) -> Result<Admission, HandshakeError> {
-    if let Some(certs) = certs {
-        peer_is(certs, &peer.cluster).map_err(|why| HandshakeError::Identity { claimed: peer.cluster.clone(), why })?;
+    if let Some((certs, tls)) = certs {
+        // Again, now that the cluster is known: its own CA, not any CA
+        // trusted for some peer.
+        tls.verify_peer(certs, &peer.cluster)
+            .map_err(|why| HandshakeError::Identity { claimed: peer.cluster.clone(), why })?;
     }
     if peer.cluster == own.cluster {
         return Err(HandshakeError::SelfConnect(peer.cluster.clone()));

@@ -18,8 +18,7 @@ pub const T: Timeouts = Timeouts { connect: Duration::from_secs(5), handshake: D
 
 pub fn tls(certs: &Certs, cluster: &str) -> wandist::tls::Tls {
     let at = |f: String| PathAt { path: certs.path(&f), line: None };
-    let files =
-        TlsFiles { cert: at(format!("{cluster}.pem")), key: at(format!("{cluster}.key")), ca: at("ca.pem".into()) };
+    let files = TlsFiles::new(at(format!("{cluster}.pem")), at(format!("{cluster}.key")), at("ca.pem".into()));
     wandist::tls::Tls::load(&files, Some(cluster), std::path::Path::new("test")).unwrap()
 }
 
