@@ -190,6 +190,9 @@ pub struct Limits {
     pub pending_bytes: usize,
     /// Distinct atoms the peer may bring to the local nodes.
     pub atoms: usize,
+    /// Refused messages per second (a burst of a second's worth) before
+    /// the peer is read no further until it is back within (0: no limit).
+    pub refusals: usize,
 }
 
 impl Limits {
@@ -204,6 +207,7 @@ impl Limits {
         pending: 16_384,
         pending_bytes: 64 * 1024 * 1024,
         atoms: 10_000,
+        refusals: 10_000,
     };
 }
 
@@ -698,6 +702,7 @@ impl Cx<'_> {
                 "max_pending",
                 "max_pending_bytes",
                 "max_peer_atoms",
+                "max_refusals_per_second",
             ],
             "[[route]]",
         );
@@ -801,6 +806,7 @@ impl Cx<'_> {
             pending: n("max_pending", 1, 100_000_000, d.pending),
             pending_bytes: n("max_pending_bytes", 1024, 1 << 40, d.pending_bytes),
             atoms: n("max_peer_atoms", 0, 10_000_000, d.atoms),
+            refusals: n("max_refusals_per_second", 0, 100_000_000, d.refusals),
         };
         if usize::from(standby) + 1 > usize::from(l.links) {
             self.err(

@@ -45,6 +45,7 @@ pub const ERLANG_MESSAGES: &str = "wandist_erlang_messages_total";
 pub const ERLANG_REJECTED: &str = "wandist_erlang_rejected_total";
 pub const PEER_QUOTA_USED: &str = "wandist_peer_quota_used";
 pub const PEER_QUOTA_LIMIT: &str = "wandist_peer_quota_limit";
+pub const PEER_THROTTLED: &str = "wandist_peer_throttled_total";
 pub const METRICS_CONNECTIONS_REFUSED: &str = "wandist_metrics_connections_refused_total";
 
 /// Label value for a peer whose identity is not known yet.
@@ -106,6 +107,12 @@ const HELP: &[(&str, Kind, Option<Unit>, &str)] = &[
     ),
     (PEER_QUOTA_USED, Kind::Gauge, None, "How much of a per-peer quota is in use (proxies, handles, monitors, atoms, pending)."),
     (PEER_QUOTA_LIMIT, Kind::Gauge, None, "The per-peer quota configured for the route."),
+    (
+        PEER_THROTTLED,
+        Kind::Counter,
+        None,
+        "Times a peer's messages were refused faster than its max_refusals_per_second and its route was not read for a while.",
+    ),
     (
         METRICS_CONNECTIONS_REFUSED,
         Kind::Counter,

@@ -25,8 +25,8 @@ use wandist::wire::relay::Relay;
 use wandist::wire::{codec, Advert, AdvertBody, Frame, Handle, Header};
 
 /// dc1's limits for dc0.
-const DC2_LIMITS: &str =
-    "max_links = 2\nmax_proxies = 2000\nmax_members = 1000\nmax_groups = 50\nmax_monitors = 5\nmax_peer_atoms = 1000\n";
+const DC2_LIMITS: &str = "max_links = 2\nmax_proxies = 2000\nmax_members = 1000\nmax_groups = 50\nmax_monitors = 5\n\
+                          max_peer_atoms = 1000\nmax_refusals_per_second = 1000\n";
 
 struct World {
     _epmd: Epmd,
@@ -427,6 +427,26 @@ async fn a_peer_at_its_limits_costs_only_itself() {
         .wait_metric("wandist_adverts_rejected_total", &[("peer", "dc0"), ("reason", "member_limit")], |v| v >= 1.0)
         .await;
     drop(est);
+    // Refusals cost it its pace: 3,000 forged messages, three times its
+    // max_refusals_per_second, are all refused (none lost), and gw1 stops
+    // reading dc0 while it is over: the last cannot be refused before the
+    // budget allows it (a burst of 1,000, then 1,000 a second).
+    let forged = w.rejected("forged");
+    let route = w.dc0.running().local.route("dc1").unwrap().clone();
+    let t = std::time::Instant::now();
+    for i in 0..3000u64 {
+        let forged = Relay::Send { to: Handle((1 << 40) + i), from: None };
+        route.submit(relay(&forged, &[etf::VERSION, 106]), None).await.unwrap();
+    }
+    w.gw1
+        .wait_metric("wandist_erlang_rejected_total", &[("peer", "dc0"), ("reason", "forged")], |v| {
+            v >= forged + 3000.0
+        })
+        .await;
+    assert!(t.elapsed() >= Duration::from_millis(1800), "3,000 refusals in {:?}", t.elapsed());
+    let paused = w.gw1.metric("wandist_peer_throttled_total", &[("peer", "dc0")]).unwrap_or(0.0);
+    assert!(paused >= 1.0, "dc0 was never held back");
+    assert_eq!(w.gw1.metric("wandist_peer_throttled_total", &[("peer", "dc3")]).unwrap_or(0.0), 0.0);
     // The honest peer's calls all went through.
     let report =
         w.a1.eval("Caller ! {report, self()}, receive {calls, N, B} -> {N > 0, B} after 10000 -> timeout end.");

@@ -125,6 +125,9 @@ struct Peer {
     /// Items from the route held back, in order, from an `Up` or `Lost`
     /// that waits for the jobs before it (see `from_route`).
     deferred: VecDeque<ToLocal>,
+    /// Refusals counted against the peer so far (its refusal budget is
+    /// charged by the shell: `erlang::throttle`).
+    refused: u64,
 }
 
 /// Who sent a message to a proxy.
@@ -275,6 +278,7 @@ impl Core {
                 max_monitors: p.limits.monitors,
                 jobs: VecDeque::new(),
                 deferred: VecDeque::new(),
+                refused: 0,
             })
             .collect();
         let counters = Counters {
@@ -344,7 +348,7 @@ impl Core {
     /// Membership changes of `p` still to apply, or items waiting behind
     /// them: `work` has something to do.
     pub fn busy(&self, p: PeerIx) -> bool {
-        !self.peers[p].jobs.is_empty() || !self.peers[p].deferred.is_empty()
+        !self.peers[p].jobs.is_empty() || !self.peers[p].deferred.is_empty() || self.proxies.retired(p)
     }
 
     /// Whether `p`'s route may hand over more items now: its membership
@@ -357,6 +361,11 @@ impl Core {
         peer.deferred.len() < MAX_DEFERRED && peer.jobs.len() < MAX_JOBS && queued < MAX_QUEUED_MEMBERS
     }
 
+    /// Refusals counted against peer `p` so far.
+    pub fn refused(&self, p: PeerIx) -> u64 {
+        self.peers[p].refused
+    }
+
     pub fn undiscovered(&self) -> bool {
         !self.mirror.undiscovered().is_empty()
     }
@@ -366,15 +375,19 @@ impl Core {
     /// Counts a rejection (`peer`: whose it was, if a peer's), and says so
     /// at most once per period.
     fn reject(&mut self, peer: Option<PeerIx>, reason: &'static str, what: impl FnOnce() -> String) {
-        let label = peer.map(|p| self.peers[p].name.to_string()).unwrap_or_else(|| m::LOCAL_PEER.to_string());
+        if let Some(p) = peer {
+            self.peers[p].refused += 1;
+        }
+        let peers = &self.peers;
+        let label = || peer.map(|p| peers[p].name.to_string()).unwrap_or_else(|| m::LOCAL_PEER.to_string());
         let metrics = &self.counters.metrics;
         self.counters
             .rejected
             .entry((peer, reason))
-            .or_insert_with(|| metrics.counter(m::ERLANG_REJECTED, &[("peer", &label), ("reason", reason)]))
+            .or_insert_with(|| metrics.counter(m::ERLANG_REJECTED, &[("peer", &label()), ("reason", reason)]))
             .increment(1);
         if let Some(held_back) = self.log.allow(&(peer, reason)) {
-            tracing::warn!(peer = %label, reason, held_back, "{}", what());
+            tracing::warn!(peer = %label(), reason, held_back, "{}", what());
         }
     }
 
@@ -954,12 +967,12 @@ impl Core {
                     peer.session = Some(epoch);
                     if restarted {
                         // A new run of the peer numbers its handles afresh:
-                        // its old proxies are forgotten, and any still in a
+                        // its old proxies resolve no more, now; their memory
+                        // goes a step at a time (`work`), and any still in a
                         // group leave it (normally its withdrawal came first).
-                        let keys: foldhash::HashSet<u64> = self.proxies.forget_peer(p).into_iter().collect();
-                        let left = self.mirror.remote_forget(&keys);
-                        self.sync_debt += left;
-                        tracing::info!(peer = %self.peers[p].name, proxies = keys.len(), left, "peer gateway restarted: its old proxies are forgotten");
+                        let proxies = self.proxies.len_of(p);
+                        self.proxies.retire_peer(p);
+                        tracing::info!(peer = %self.peers[p].name, proxies, "peer gateway restarted: its old proxies are forgotten");
                     }
                 }
             }
@@ -989,6 +1002,15 @@ impl Core {
     /// change (so a million-member snapshot never holds up other peers'
     /// messages for long). The shell calls it again while `busy(p)`.
     pub fn work(&mut self, p: PeerIx) {
+        if self.proxies.retired(p) {
+            // Proxies of the peer's earlier run: a step of reclaiming.
+            let (pinned, _) = self.proxies.reclaim(p, MEMBERS_PER_STEP);
+            if !pinned.is_empty() {
+                let left = self.mirror.remote_forget(&pinned.into_iter().collect());
+                self.sync_debt += left;
+            }
+            return;
+        }
         self.step(p);
         // Then what waited behind the jobs, in order: changes queue up as
         // jobs, messages go, and the next `Up` or `Lost` waits again for

@@ -17,8 +17,7 @@ pub struct Slot {
 }
 
 impl Slot {
-    #[cfg(test)]
-    pub fn pinned(&self) -> bool {
+    pub fn is_pinned(&self) -> bool {
         self.pins > 0
     }
 }
@@ -131,7 +130,7 @@ mod tests {
         let mut s = slots[&2];
         o.pin(&mut s);
         o.unpin(2, &mut s, |_, _| true);
-        assert!(s.pinned());
+        assert!(s.is_pinned());
         // Many pin/unpin cycles keep the queue within twice the unpinned entries.
         let mut o = Order::default();
         let mut slots: HashMap<u64, Slot> = HashMap::new();

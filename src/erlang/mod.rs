@@ -24,6 +24,7 @@ pub mod monitors;
 pub mod node;
 pub mod proxies;
 mod shell;
+pub mod throttle;
 
 pub use self::core::CONFIRM_NAME;
 pub use shell::start;

@@ -8,7 +8,10 @@
 //! peer never evicts another's proxies (a reply alias, say). Proxies
 //! belong to one run of the peer (its session): a restarted peer numbers
 //! its handles afresh, so its old proxies are forgotten, as the pids of a
-//! restarted node die with it. Keys are never reused.
+//! restarted node die with it. Forgetting is O(1) when the run ends (the
+//! old proxies stop resolving at once) and their memory is reclaimed a
+//! step at a time ([`Proxies::reclaim`]), so a peer that held a million
+//! proxies costs no one a pause when it restarts. Keys are never reused.
 
 use std::sync::Arc;
 
@@ -33,6 +36,8 @@ pub struct Home {
 struct Entry {
     home: Home,
     slot: Slot,
+    /// The peer's run this proxy belongs to (`PeerTable::run`).
+    run: u32,
 }
 
 #[derive(Debug, Default)]
@@ -40,6 +45,18 @@ struct PeerTable {
     by_handle: HashMap<(u64, Kind), u64>,
     order: Order,
     max: usize,
+    /// Counts the peer's runs; entries of earlier runs resolve no more.
+    run: u32,
+    /// Proxies of earlier runs still taking memory, to reclaim.
+    retired: Vec<Retired>,
+}
+
+#[derive(Debug)]
+enum Retired {
+    /// As the run left it (moved, not walked, when it ended).
+    Table(HashMap<(u64, Kind), u64>),
+    /// Being reclaimed.
+    Keys(Vec<u64>),
 }
 
 /// Tags proxy references (their third word).
@@ -93,7 +110,8 @@ impl Proxies {
         let table = &mut self.peers[peer];
         table.by_handle.insert((handle.0, kind), k);
         let slot = table.order.insert(k);
-        self.by_key.insert(k, Entry { home: Home { peer, handle, kind }, slot });
+        let run = table.run;
+        self.by_key.insert(k, Entry { home: Home { peer, handle, kind }, slot, run });
         Ok(k)
     }
 
@@ -102,11 +120,19 @@ impl Proxies {
         self.peers.get(peer)?.by_handle.get(&(handle.0, kind)).copied()
     }
 
+    /// Where a proxy points, if it is one of a run still on.
     pub fn home(&self, key: u64) -> Option<Home> {
-        self.by_key.get(&key).map(|e| e.home)
+        self.live(key).map(|e| e.home)
+    }
+
+    fn live(&self, key: u64) -> Option<&Entry> {
+        self.by_key.get(&key).filter(|e| self.peers.get(e.home.peer).is_some_and(|t| t.run == e.run))
     }
 
     pub fn pin(&mut self, key: u64) {
+        if self.live(key).is_none() {
+            return;
+        }
         let Some(e) = self.by_key.get_mut(&key) else { return };
         if let Some(t) = self.peers.get_mut(e.home.peer) {
             t.order.pin(&mut e.slot);
@@ -114,6 +140,9 @@ impl Proxies {
     }
 
     pub fn unpin(&mut self, key: u64) {
+        if self.live(key).is_none() {
+            return;
+        }
         let Some((peer, mut slot)) = self.by_key.get(&key).map(|e| (e.home.peer, e.slot)) else { return };
         let entries = &self.by_key;
         if let Some(t) = self.peers.get_mut(peer) {
@@ -134,16 +163,48 @@ impl Proxies {
         true
     }
 
-    /// Forgets every proxy of `peer` (a new run of it: its handles are
-    /// numbered afresh). Returns their keys.
-    pub fn forget_peer(&mut self, peer: PeerIx) -> Vec<u64> {
-        let Some(t) = self.peers.get_mut(peer) else { return Vec::new() };
-        let keys: Vec<u64> = t.by_handle.drain().map(|(_, k)| k).collect();
-        for k in &keys {
-            self.by_key.remove(k);
-        }
+    /// A new run of `peer` (its handles are numbered afresh): every proxy
+    /// of the run before resolves no more, at once and in O(1). Their
+    /// memory is reclaimed by `reclaim`.
+    pub fn retire_peer(&mut self, peer: PeerIx) {
+        let Some(t) = self.peers.get_mut(peer) else { return };
+        t.run += 1;
+        let old = std::mem::take(&mut t.by_handle);
         t.order = Order::default();
-        keys
+        if !old.is_empty() {
+            t.retired.push(Retired::Table(old));
+        }
+    }
+
+    /// Whether `peer` has proxies of earlier runs left to reclaim.
+    pub fn retired(&self, peer: PeerIx) -> bool {
+        self.peers.get(peer).is_some_and(|t| !t.retired.is_empty())
+    }
+
+    /// Reclaims up to `max` proxies of `peer`'s earlier runs; returns those
+    /// that were pinned (by membership or a monitor: the caller takes them
+    /// out of groups), and whether any are left.
+    pub fn reclaim(&mut self, peer: PeerIx, max: usize) -> (Vec<u64>, bool) {
+        let Some(t) = self.peers.get_mut(peer) else { return (Vec::new(), false) };
+        let mut pinned = Vec::new();
+        let Some(last) = t.retired.last_mut() else { return (pinned, false) };
+        if let Retired::Table(map) = last {
+            // One pass over the old table's values (no hashing): the
+            // removals below are what costs, and they go a step at a time.
+            *last = Retired::Keys(std::mem::take(map).into_values().collect());
+        }
+        let Retired::Keys(keys) = last else { unreachable!() };
+        for k in keys.drain(keys.len().saturating_sub(max)..) {
+            if let Some(e) = self.by_key.remove(&k) {
+                if e.slot.is_pinned() {
+                    pinned.push(k);
+                }
+            }
+        }
+        if keys.is_empty() {
+            t.retired.pop();
+        }
+        (pinned, !t.retired.is_empty())
     }
 
     // ---- what proxies look like on the gateway's node ----
@@ -260,11 +321,53 @@ mod tests {
     fn a_new_run_of_the_peer_forgets_its_proxies() {
         let mut t = table(&[10, 10]);
         let a = t.mint(0, Handle(1), Kind::Pid).unwrap();
+        let c = t.mint(0, Handle(2), Kind::Pid).unwrap();
         let b = t.mint(1, Handle(1), Kind::Pid).unwrap();
         t.pin(a);
-        assert_eq!(t.forget_peer(0), vec![a]);
-        assert!(t.home(a).is_none() && t.home(b).is_some());
+        t.retire_peer(0);
+        // At once: the old run's proxies resolve no more, the other
+        // peer's do, and the new run starts afresh with its own quota.
+        assert!(t.home(a).is_none() && t.home(c).is_none() && t.home(b).is_some());
+        assert_eq!(t.find(0, Handle(1), Kind::Pid), None);
+        assert_eq!(t.len_of(0), 0);
         let a2 = t.mint(0, Handle(1), Kind::Pid).unwrap();
         assert!(a2 > b, "keys are never reused");
+        assert_eq!(t.home(a2).unwrap().handle, Handle(1));
+        // Pinning or unpinning a retired proxy does nothing to the new run.
+        t.unpin(a);
+        t.pin(c);
+        assert_eq!(t.len(), 4, "memory not reclaimed yet");
+        // Reclaimed a step at a time; the pinned one is named.
+        assert!(t.retired(0) && !t.retired(1));
+        let (mut pinned, more) = t.reclaim(0, 1);
+        assert!(more);
+        let (p2, more) = t.reclaim(0, 1);
+        pinned.extend(p2);
+        assert!(!more && !t.retired(0));
+        assert_eq!(pinned, vec![a]);
+        assert_eq!(t.len(), 2);
+        assert_eq!(t.reclaim(0, 10), (vec![], false));
+    }
+
+    /// A million proxies retired: each reclaim step is bounded, and the
+    /// total comes back.
+    #[test]
+    fn a_large_run_is_reclaimed_in_bounded_steps() {
+        let mut t = table(&[2_000_000]);
+        for h in 0..1_000_000 {
+            t.mint(0, Handle(h), Kind::Pid).unwrap();
+        }
+        t.retire_peer(0);
+        let mut steps = 0;
+        loop {
+            let before = t.len();
+            let (_, more) = t.reclaim(0, 65_536);
+            assert!(before - t.len() <= 65_536);
+            steps += 1;
+            if !more {
+                break;
+            }
+        }
+        assert_eq!((t.len(), steps), (0, 16));
     }
 }

@@ -29,10 +29,12 @@ use tokio_util::task::TaskTracker;
 use super::core::{Core, Effect, PeerSetup, Setup};
 use super::node::{self, NodeEvent, NodeParams, NodeTx, TrySend};
 use super::proxies::PeerIx;
+use super::throttle::Budget;
 use crate::config::{ErlangConfig, GatewayConfig, RouteConfig};
 use crate::gateway::{Inbox, LocalHandle, RouteHandle, ToLocal, TryGroups, TrySubmit};
 use crate::membership::Filter;
 use crate::metrics::{self as m, Metrics};
+use crate::ratelog::RateLog;
 
 /// Items taken from one inbox before the next is served.
 const BATCH: usize = 32;
@@ -78,6 +80,11 @@ struct RouteSlot {
     shedding: bool,
     failed_overload: metrics::Counter,
     gauges: [metrics::Gauge; 5],
+    /// The peer's refusal budget, and while it is spent, until when the
+    /// route's inbox is not read.
+    budget: Budget,
+    held_until: Option<Instant>,
+    throttled: metrics::Counter,
 }
 
 impl RouteSlot {
@@ -103,6 +110,7 @@ struct Shell {
     /// shell sees it too), and its wake-up for an idle one.
     ticked: Arc<AtomicBool>,
     tick_rx: mpsc::Receiver<()>,
+    throttle_log: RateLog<PeerIx>,
 }
 
 /// Starts the Erlang side: one connection task per node and the shell.
@@ -151,6 +159,7 @@ pub fn start(
             ("monitors", route.limits.monitors),
             ("atoms", route.limits.atoms),
             ("pending", route.limits.pending),
+            ("refusals_per_second", route.limits.refusals),
         ] {
             metrics.gauge(m::PEER_QUOTA_LIMIT, &[("peer", peer), ("quota", quota)]).set(limit as f64);
         }
@@ -166,6 +175,9 @@ pub fn start(
             shedding: false,
             failed_overload: metrics.counter(m::MESSAGES_FAILED, &[("peer", peer), ("reason", "overload")]),
             gauges: [gauge("proxies"), gauge("handles"), gauge("monitors"), gauge("atoms"), gauge("pending")],
+            budget: Budget::new(route.limits.refusals),
+            held_until: None,
+            throttled: metrics.counter(m::PEER_THROTTLED, &[("peer", peer)]),
         });
     }
     let setup = Setup {
@@ -188,6 +200,7 @@ pub fn start(
         effects: VecDeque::new(),
         ticked,
         tick_rx,
+        throttle_log: RateLog::default(),
     };
     shell.connected.set(0.0);
     shell.proxies.set(0.0);
@@ -299,7 +312,33 @@ impl Shell {
     fn readable(&self, src: Src) -> bool {
         match src {
             Src::Node(i) => self.nodes[i].backlog.is_empty(),
-            Src::Route(p) => self.routes[p].backlog.is_empty() && self.core.accepts(p),
+            Src::Route(p) => {
+                let r = &self.routes[p];
+                r.backlog.is_empty() && r.held_until.is_none() && self.core.accepts(p)
+            }
+        }
+    }
+
+    /// Charges peer `p`'s refusal budget with what it was refused since
+    /// `before` (`Core::refused`); past the budget, its inbox waits.
+    fn charge(&mut self, p: PeerIx, before: u64) {
+        let n = self.core.refused(p) - before;
+        if n == 0 {
+            return;
+        }
+        let now = Instant::now();
+        let slot = &mut self.routes[p];
+        if let Some(wait) = slot.budget.spend(n, now) {
+            slot.held_until = Some(now + wait);
+            slot.throttled.increment(1);
+            if let Some(held_back) = self.throttle_log.allow_at(&p, now) {
+                tracing::warn!(
+                    peer = %self.core.peer_name(p),
+                    ?wait,
+                    held_back,
+                    "the peer's messages are refused faster than its max_refusals_per_second: it is read no further for now"
+                );
+            }
         }
     }
 
@@ -357,8 +396,10 @@ impl Shell {
                 Src::Node(i)
             }
             Input::Route(p, item) => {
+                let before = self.core.refused(p);
                 self.core.from_route(p, item);
                 self.run_effects(Some(Src::Route(p)));
+                self.charge(p, before);
                 Src::Route(p)
             }
             Input::Tick => unreachable!("ticks are handled by the loop"),
@@ -381,6 +422,18 @@ impl Shell {
 
     /// Up to `n` items from `src` while it stays readable; how many.
     fn drain(&mut self, src: Src, n: usize) -> usize {
+        let before = match src {
+            Src::Route(p) => self.core.refused(p),
+            Src::Node(_) => 0,
+        };
+        let done = self.drain_items(src, n);
+        if let Src::Route(p) = src {
+            self.charge(p, before);
+        }
+        done
+    }
+
+    fn drain_items(&mut self, src: Src, n: usize) -> usize {
         let mut done = 0;
         while done < n && self.readable(src) {
             match src {
@@ -427,8 +480,10 @@ impl Shell {
         let mut any = false;
         for p in 0..self.routes.len() {
             if self.core.busy(p) && self.routes[p].backlog.is_empty() {
+                let before = self.core.refused(p);
                 self.core.work(p);
                 self.run_effects(Some(Src::Route(p)));
+                self.charge(p, before);
                 any = true;
             }
         }
@@ -551,6 +606,11 @@ impl Shell {
             return;
         }
         let now = Instant::now();
+        for slot in &mut self.routes {
+            if slot.held_until.is_some_and(|t| now >= t) {
+                slot.held_until = None;
+            }
+        }
         for p in 0..self.routes.len() {
             let slot = &mut self.routes[p];
             let Some(handle) = slot.handle.as_ref() else { continue };
@@ -608,7 +668,7 @@ impl Shell {
     /// Something is blocked or queued: retry soon.
     fn waiting(&self) -> bool {
         self.nodes.iter().any(|n| !n.backlog.is_empty())
-            || self.routes.iter().any(|r| !r.backlog.is_empty() || !r.pending.is_empty())
+            || self.routes.iter().any(|r| !r.backlog.is_empty() || !r.pending.is_empty() || r.held_until.is_some())
     }
 
     fn publish_nodes(&self) {
