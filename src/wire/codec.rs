@@ -195,6 +195,45 @@ mod tests {
         check_eof(&buf).unwrap();
     }
 
+    /// The bytes docs/PROTOCOL.md gives as examples, exactly.
+    #[test]
+    fn the_encoding_is_the_documented_one() {
+        let frame = |h: &Header, body: &[u8]| {
+            let mut out = BytesMut::new();
+            encode(h, body, MAX, &mut out).unwrap();
+            out.to_vec()
+        };
+        assert_eq!(preamble(), [b'W', b'D', b'S', b'T', 0, 2]);
+        assert_eq!(
+            frame(&hello(), &[]),
+            [
+                0, 0, 0, 32, // length
+                0,  // Hello
+                2,  // version
+                3, b'd', b'c', b'1', 3, b'g', b'w', b'1', // cluster, gateway
+                42, 2,   // epoch, links_wanted
+                100, // recv_window_messages
+                252, 0, 0, 16, 0, // recv_window_bytes: 1 MiB as 252 + u32 LE
+                1, 12, b'h', b'e', b'a', b'r', b't', b'b', b'e', b'a', b't', b'-', b'v', b'1', // capabilities
+            ]
+        );
+        assert_eq!(frame(&Header::Ping { nonce: 9 }, &[]), [0, 0, 0, 2, 1, 9]);
+        assert_eq!(
+            frame(&Header::Data { epoch: 1, seq: 300, more: false }, b"xy"),
+            [0, 0, 0, 8, 3, 1, 251, 44, 1, 0, b'x', b'y']
+        );
+        assert_eq!(frame(&Header::Ack { epoch: 1, upto: 300 }, &[]), [0, 0, 0, 5, 4, 1, 251, 44, 1]);
+        assert_eq!(frame(&Header::Reject { epoch: 1, seqs: vec![5, 6] }, &[]), [0, 0, 0, 5, 8, 1, 2, 5, 6]);
+        assert_eq!(frame(&Header::Resync, &[]), [0, 0, 0, 1, 6]);
+        let join = Header::Advert(crate::wire::Advert {
+            origin: "dc1".into(),
+            counter: 7,
+            body: crate::wire::AdvertBody::Join { group: "g".into(), members: vec![crate::wire::Handle(5)] },
+        });
+        assert_eq!(frame(&join, &[]), [0, 0, 0, 11, 5, 3, b'd', b'c', b'1', 7, 1, 1, b'g', 1, 5]);
+        assert_eq!(frame(&Header::Goodbye { reason: "bye".into() }, &[]), [0, 0, 0, 5, 7, 3, b'b', b'y', b'e']);
+    }
+
     #[test]
     fn partial_frames_wait_for_more() {
         let whole = encode_frame(
