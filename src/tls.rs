@@ -74,15 +74,24 @@ fn read_pem(at: &PathAt, config: &Path) -> Result<Vec<u8>, Problem> {
 }
 
 fn certs(at: &PathAt, config: &Path) -> Result<Vec<CertificateDer<'static>>, Problem> {
+    pem_all(at, config, "CERTIFICATE", |r| rustls_pemfile::certs(r).collect())
+}
+
+/// Every item of one kind in a PEM file: at least one.
+fn pem_all<T>(
+    at: &PathAt,
+    config: &Path,
+    what: &str,
+    parse: impl FnOnce(&mut BufReader<&[u8]>) -> std::io::Result<Vec<T>>,
+) -> Result<Vec<T>, Problem> {
     let pem = read_pem(at, config)?;
     let problem = |message: String| Problem { file: config.to_path_buf(), line: at.line, message };
-    let certs: Vec<_> = rustls_pemfile::certs(&mut BufReader::new(&pem[..]))
-        .collect::<Result<_, _>>()
-        .map_err(|e| problem(format!("{}: bad PEM: {e}", at.path.display())))?;
-    if certs.is_empty() {
-        return Err(problem(format!("{}: no CERTIFICATE found", at.path.display())));
+    let items =
+        parse(&mut BufReader::new(&pem[..])).map_err(|e| problem(format!("{}: bad PEM: {e}", at.path.display())))?;
+    if items.is_empty() {
+        return Err(problem(format!("{}: no {what} found", at.path.display())));
     }
-    Ok(certs)
+    Ok(items)
 }
 
 fn key(at: &PathAt, config: &Path) -> Result<PrivateKeyDer<'static>, Problem> {
@@ -248,15 +257,7 @@ fn client_verifier(
 
 /// Every CRL in a PEM file (at least one).
 fn crls(at: &PathAt, config: &Path) -> Result<Vec<CertificateRevocationListDer<'static>>, Problem> {
-    let pem = read_pem(at, config)?;
-    let problem = |message: String| Problem { file: config.to_path_buf(), line: at.line, message };
-    let crls: Vec<_> = rustls_pemfile::crls(&mut BufReader::new(&pem[..]))
-        .collect::<Result<_, _>>()
-        .map_err(|e| problem(format!("{}: bad PEM: {e}", at.path.display())))?;
-    if crls.is_empty() {
-        return Err(problem(format!("{}: no X509 CRL found", at.path.display())));
-    }
-    Ok(crls)
+    pem_all(at, config, "X509 CRL", |r| rustls_pemfile::crls(r).collect())
 }
 
 /// The name a dialer checks the server certificate against.

@@ -185,40 +185,44 @@ struct Outbound<'a> {
     exports: &'a mut Handles,
 }
 
+impl Outbound<'_> {
+    /// A proxy crossing to the peer: one of that peer's goes home as its
+    /// handle; another peer's would make identities transitive, and
+    /// anything else on the gateway's node is its own.
+    fn home(&self, kind: Kind, key: Option<u64>, out: &mut Vec<u8>) -> Result<(), Refusal> {
+        match key.and_then(|k| self.proxies.home(k)) {
+            Some(h) if h.peer == self.peer && h.kind == kind => {
+                let tag = if kind == Kind::Pid { etf::HOME_PID } else { etf::HOME_REF };
+                etf::put_handle(out, tag, h.handle.0);
+                Ok(())
+            }
+            Some(_) => Err(Refusal::Transitive),
+            None => Err(Refusal::Internal),
+        }
+    }
+
+    /// An identity of this cluster crossing to the peer: by the handle
+    /// issued to it (now, on its first crossing).
+    fn issue(&mut self, kind: Kind, canonical: &[u8], out: &mut Vec<u8>) -> Result<(), Refusal> {
+        let h = self.exports.issue(kind, canonical)?;
+        etf::put_handle(out, if kind == Kind::Pid { etf::PEER_PID } else { etf::PEER_REF }, h.0);
+        Ok(())
+    }
+}
+
 impl scan::Translator for Outbound<'_> {
     fn pid(&mut self, p: PidView<'_>, out: &mut Vec<u8>) -> Result<(), Refusal> {
         if *p.node_utf8() == *self.me.as_bytes() {
-            let home = self.proxies.pid_key_parts(p.id, p.serial, p.creation).and_then(|k| self.proxies.home(k));
-            return match home {
-                Some(h) if h.peer == self.peer && h.kind == Kind::Pid => {
-                    etf::put_handle(out, etf::HOME_PID, h.handle.0);
-                    Ok(())
-                }
-                Some(_) => Err(Refusal::Transitive),
-                None => Err(Refusal::Internal),
-            };
+            return self.home(Kind::Pid, self.proxies.pid_key_parts(p.id, p.serial, p.creation), out);
         }
-        let h = self.exports.issue(Kind::Pid, &p.canonical())?;
-        etf::put_handle(out, etf::PEER_PID, h.0);
-        Ok(())
+        self.issue(Kind::Pid, &p.canonical(), out)
     }
 
     fn reference(&mut self, r: RefView<'_>, out: &mut Vec<u8>) -> Result<(), Refusal> {
         if *r.node_utf8() == *self.me.as_bytes() {
-            let home =
-                self.proxies.ref_key_parts(&r.node_utf8(), r.creation, r.words).and_then(|k| self.proxies.home(k));
-            return match home {
-                Some(h) if h.peer == self.peer && h.kind == Kind::Ref => {
-                    etf::put_handle(out, etf::HOME_REF, h.handle.0);
-                    Ok(())
-                }
-                Some(_) => Err(Refusal::Transitive),
-                None => Err(Refusal::Internal),
-            };
+            return self.home(Kind::Ref, self.proxies.ref_key_parts(&r.node_utf8(), r.creation, r.words), out);
         }
-        let h = self.exports.issue(Kind::Ref, &r.canonical())?;
-        etf::put_handle(out, etf::PEER_REF, h.0);
-        Ok(())
+        self.issue(Kind::Ref, &r.canonical(), out)
     }
 }
 
