@@ -162,8 +162,20 @@ fn kill_a_gateway_under_load(victim: Victim) {
             .collect::<Vec<_>>()
             .join("\n")
     );
-    let metric = survivor.metric("wandist_messages_failed_total", &[("peer", peer), ("reason", "peer_restarted")]);
-    assert!(metric.unwrap_or(0.0) >= failed.len() as f64, "failed metric {metric:?} < {}", failed.len());
+    // Each failure is counted: sent and unconfirmed when the peer restarted,
+    // sent to the new run for a member of the old one (undeliverable), or
+    // refused at the door because the route (and its proxies) had gone.
+    let by_restart = survivor.metric("wandist_messages_failed_total", &[("peer", peer), ("reason", "peer_restarted")]);
+    let by_new_run = survivor.metric("wandist_messages_failed_total", &[("peer", peer), ("reason", "undeliverable")]);
+    let refused = survivor.metric("wandist_erlang_rejected_total", &[("peer", "local"), ("reason", "unknown_proxy")]);
+    let counted = by_restart.unwrap_or(0.0) + by_new_run.unwrap_or(0.0) + refused.unwrap_or(0.0);
+    assert!(by_restart.unwrap_or(0.0) > 0.0, "nothing counted failed because the peer restarted");
+    assert!(
+        counted >= failed.len() as f64,
+        "failures counted {by_restart:?} + {by_new_run:?} + {refused:?} < {}; survivor metrics:\n{}",
+        failed.len(),
+        survivor.metrics().lines().filter(|l| l.contains("failed") || l.contains("rejected")).collect::<Vec<_>>().join("\n")
+    );
     // Received but reported failed: delivered by the dead run before it could confirm.
     let unknown = failed.iter().filter(|f| received.contains(f)).count();
     println!(

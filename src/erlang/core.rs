@@ -616,7 +616,11 @@ impl Core {
             .as_pid()
             .and_then(|p| self.proxies.pid_key(p))
             .filter(|k| self.proxies.home(*k).is_some_and(|h| h.kind == Kind::Pid));
-        let Some(key) = key else { return self.answer(&from, reply_ref, failed("unknown_proxy")) };
+        let Some(key) = key else {
+            // Counted like any message to a forgotten proxy, and answered.
+            self.reject(None, "unknown_proxy", || format!("a confirmed send from {sender} to an unknown proxy"));
+            return self.answer(&from, reply_ref, failed("unknown_proxy"));
+        };
         let token = self.next_token;
         self.next_token += 1;
         self.confirms.insert(token, (from.clone(), reply_ref));
