@@ -14,6 +14,7 @@ pub mod membership;
 pub mod metrics;
 pub mod ratelog;
 pub mod route;
+pub mod shard;
 pub mod stop;
 pub mod tls;
 pub mod wire;

@@ -174,7 +174,12 @@ fn kill_a_gateway_under_load(victim: Victim) {
         counted >= failed.len() as f64,
         "failures counted {by_restart:?} + {by_new_run:?} + {refused:?} < {}; survivor metrics:\n{}",
         failed.len(),
-        survivor.metrics().lines().filter(|l| l.contains("failed") || l.contains("rejected")).collect::<Vec<_>>().join("\n")
+        survivor
+            .metrics()
+            .lines()
+            .filter(|l| l.contains("failed") || l.contains("rejected"))
+            .collect::<Vec<_>>()
+            .join("\n")
     );
     // Received but reported failed: delivered by the dead run before it could confirm.
     let unknown = failed.iter().filter(|f| received.contains(f)).count();

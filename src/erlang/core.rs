@@ -46,8 +46,9 @@ const FIRST_PROXY: u64 = 1000;
 /// Tags the third word of the gateway's own references, by use.
 const SCOPE_MONITOR: u32 = 0x5343_4f50;
 const HELD_MONITOR: u32 = 0x4d4f_4e49;
-/// Members of a membership change applied per step (see `work`).
-pub const MEMBERS_PER_STEP: usize = mirror::PIDS_PER_MESSAGE;
+/// Members of a membership change applied per step (see `work`): a few
+/// milliseconds of work, so other peers' messages are not held up.
+pub const MEMBERS_PER_STEP: usize = 65_536;
 /// A leave of at least this many members is not told to the scopes as a
 /// leave message: it adds to the sync debt, paid with one sync of
 /// everything once such steps stop coming (`flush_sync`). A scope takes a
@@ -110,6 +111,18 @@ struct Job {
     done: usize,
 }
 
+/// Proxies minted for joins to one group, not yet told to the scopes:
+/// steps stay small (`MEMBERS_PER_STEP`) while the scopes get fewer,
+/// larger join messages (`mirror::PIDS_PER_MESSAGE`; a scope copies the
+/// whole group once per message). The mirror learns them when they are
+/// told, so a sync never covers them twice.
+#[derive(Debug)]
+struct Batch {
+    group: String,
+    term: Vec<u8>,
+    keys: Vec<u64>,
+}
+
 #[derive(Debug)]
 struct Peer {
     name: Arc<str>,
@@ -128,6 +141,8 @@ struct Peer {
     /// Refusals counted against the peer so far (its refusal budget is
     /// charged by the shell: `erlang::throttle`).
     refused: u64,
+    /// Joins minted, not yet told (empty whenever `jobs` is).
+    batch: Option<Batch>,
 }
 
 /// Who sent a message to a proxy.
@@ -283,6 +298,7 @@ impl Core {
                 jobs: VecDeque::new(),
                 deferred: VecDeque::new(),
                 refused: 0,
+                batch: None,
             })
             .collect();
         let counters = Counters {
@@ -1045,8 +1061,12 @@ impl Core {
         if end == job.members.len() {
             self.peers[p].jobs.pop_front();
         }
-        let mut keys = Vec::with_capacity(slice.len());
+        // A batch of joins goes before anything else changes the groups.
+        if !(join && self.peers[p].batch.as_ref().is_some_and(|b| b.group == group)) {
+            self.flush_batch(p);
+        }
         if join {
+            let mut keys = Vec::with_capacity(slice.len());
             let mut refused = 0;
             for h in slice {
                 match self.proxies.mint(p, h, Kind::Pid) {
@@ -1063,13 +1083,19 @@ impl Core {
                     format!("{refused} members of {name} not imported: its proxies are at their quota")
                 });
             }
-            self.mirror.remote_join(&group, &keys);
-        } else {
-            let found: Vec<u64> = slice.iter().filter_map(|&h| self.proxies.find(p, h, Kind::Pid)).collect();
-            keys = self.mirror.remote_leave(&group, &found);
-            for &k in &keys {
-                self.proxies.unpin(k);
+            let peer = &mut self.peers[p];
+            let batch = peer.batch.get_or_insert_with(|| Batch { group: group.clone(), term, keys: Vec::new() });
+            batch.keys.extend(keys);
+            let more = peer.jobs.front().is_some_and(|j| j.join && j.group == group);
+            if !more || batch.keys.len() >= mirror::PIDS_PER_MESSAGE {
+                self.flush_batch(p);
             }
+            return;
+        }
+        let found: Vec<u64> = slice.iter().filter_map(|&h| self.proxies.find(p, h, Kind::Pid)).collect();
+        let keys = self.mirror.remote_leave(&group, &found);
+        for &k in &keys {
+            self.proxies.unpin(k);
         }
         if large_leave {
             // The scopes hear it with the next sync (`flush_sync`).
@@ -1080,11 +1106,20 @@ impl Core {
             return;
         }
         for (_, scope) in self.mirror.scopes() {
-            let msg = if join {
-                mirror::join(&self.gw, &term, &keys, |out, k| self.proxies.put_pid(out, k))
-            } else {
-                mirror::leave(&self.gw, &term, &keys, |out, k| self.proxies.put_pid(out, k))
-            };
+            let msg = mirror::leave(&self.gw, &term, &keys, |out, k| self.proxies.put_pid(out, k));
+            self.send_bulk(&scope, &msg);
+        }
+    }
+
+    /// Tells the scopes (and the mirror) the joins batched for `p`.
+    fn flush_batch(&mut self, p: PeerIx) {
+        let Some(Batch { group, term, keys }) = self.peers[p].batch.take() else { return };
+        if keys.is_empty() {
+            return;
+        }
+        self.mirror.remote_join(&group, &keys);
+        for (_, scope) in self.mirror.scopes() {
+            let msg = mirror::join(&self.gw, &term, &keys, |out, k| self.proxies.put_pid(out, k));
             self.send_bulk(&scope, &msg);
         }
     }

@@ -15,7 +15,7 @@
 
 use std::sync::Arc;
 
-use foldhash::HashMap;
+use crate::shard::ShardedMap as HashMap;
 
 use super::etf::{self, Kind, Pid, Ref, Refusal};
 use super::evict::{current, Order, Slot};

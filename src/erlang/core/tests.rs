@@ -339,6 +339,61 @@ fn one_peer_flooding_proxies_evicts_only_its_own() {
     assert!(w.core.proxies.find(0, Handle(7), Kind::Pid).is_some(), "dc2's member is pinned");
 }
 
+/// Joins to one group, one after another, reach a scope in one message
+/// (once the batch reaches PIDS_PER_MESSAGE, or the joins end); anything
+/// else to the groups goes after the joins before it, in order; the mirror
+/// counts each member once.
+#[test]
+fn joins_are_batched_into_fewer_larger_messages_in_order() {
+    let mut w = world_with(Limits { proxies: 400_000, ..limits() });
+    let scope = Pid { node: A1.into(), id: 50, serial: 0, creation: 1 };
+    w.core.on_scope_message(&w.a1.clone(), &etf::encode(&Term::tuple(vec![Term::atom("discover"), Term::Pid(scope)])));
+    w.core.take_effects();
+    let queue = |w: &mut World, group: &str, join: bool, from: u64, n: u64| {
+        let members: Vec<Handle> = (from..from + n).map(Handle).collect();
+        let change = if join {
+            Change::Join { group: group.into(), members }
+        } else {
+            Change::Leave { group: group.into(), members }
+        };
+        w.core.from_route(0, ToLocal::Members { peer: "dc2".into(), change });
+    };
+    // 300,000 to g in adverts of 30,000, then 10 to h, then 5 leave g.
+    for i in 0..10 {
+        queue(&mut w, "g", true, 1 + i * 30_000, 30_000);
+    }
+    queue(&mut w, "h", true, 500_000, 10);
+    queue(&mut w, "g", false, 1, 5);
+    let mut told = Vec::new();
+    while w.core.busy(0) {
+        w.core.work(0);
+        for e in w.core.take_effects() {
+            let Effect::Node { packet, .. } = e else { continue };
+            // {join, Gw, Group, Pids} and {leave, Gw, Pids, [Group]}.
+            let t = open(&packet).1.as_tuple().unwrap().to_vec();
+            let (group, pids) = if t[0] == Term::atom("join") { (&t[2], &t[3]) } else { (&t[3], &t[2]) };
+            let group = match group {
+                Term::List(l, _) => l[0].clone(),
+                g => g.clone(),
+            };
+            let Term::List(pids, _) = pids else { panic!("{pids:?}") };
+            told.push((t[0].clone(), group, pids.len()));
+        }
+    }
+    let (join, leave) = (Term::atom("join"), Term::atom("leave"));
+    assert_eq!(
+        told,
+        vec![
+            // Told once a step takes the batch to PIDS_PER_MESSAGE or past.
+            (join.clone(), Term::atom("g"), 270_000),
+            (join.clone(), Term::atom("g"), 30_000),
+            (join, Term::atom("h"), 10),
+            (leave, Term::atom("g"), 5),
+        ]
+    );
+    assert_eq!(w.core.mirror.joined_count(), 300_000 + 10 - 5);
+}
+
 #[test]
 fn group_membership_is_applied_in_steps_and_leaves_are_cheap() {
     let mut w = world_with(Limits { proxies: 200_000, ..limits() });
@@ -356,7 +411,8 @@ fn group_membership_is_applied_in_steps_and_leaves_are_cheap() {
     assert_eq!(effects.len(), 1);
     let Effect::Node { packet, .. } = &effects[0] else { panic!() };
     assert_eq!(open(packet).1.as_tuple().unwrap()[0], Term::atom("join"));
-    // A large one: applied in steps, a join message per step.
+    // A large one: applied in steps, told in join messages of up to
+    // PIDS_PER_MESSAGE.
     let members: Vec<Handle> = (1..=100_000).map(Handle).collect();
     let change = Change::Join { group: "big".into(), members: members.clone() };
     w.core.from_route(0, ToLocal::Members { peer: "dc2".into(), change });
@@ -368,7 +424,7 @@ fn group_membership_is_applied_in_steps_and_leaves_are_cheap() {
         steps += 1;
     }
     assert_eq!(steps, 100_000usize.div_ceil(MEMBERS_PER_STEP));
-    assert_eq!(joins, steps, "a join message per step to the one scope");
+    assert_eq!(joins, 100_000usize.div_ceil(mirror::PIDS_PER_MESSAGE), "joins batched across steps");
     assert_eq!(w.core.sync_debt(), 0);
     assert_eq!(w.core.mirror.joined_count(), 101_000);
     // Leaving, the same: told to no scope until one sync says where it ended.
