@@ -76,7 +76,7 @@ pub struct Config {
     pub erlang: Option<ErlangConfig>,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ErlangConfig {
     /// The gateway's own (hidden) node name, `name@host`.
     pub node: String,
@@ -94,7 +94,7 @@ pub struct ErlNode {
     pub port: Option<u16>,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct GatewayConfig {
     pub cluster: String,
     pub name: String,
@@ -116,7 +116,7 @@ pub struct GatewayConfig {
 
 /// Paths to PEM files, already resolved against the config's folder, with
 /// the config line that named each (for error messages).
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct TlsFiles {
     pub cert: PathAt,
     pub key: PathAt,
@@ -141,12 +141,19 @@ pub struct PathAt {
     pub line: Option<usize>,
 }
 
-#[derive(Debug, Clone)]
+/// The same file, wherever the config names it (the line is for messages).
+impl PartialEq for PathAt {
+    fn eq(&self, other: &PathAt) -> bool {
+        self.path == other.path
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
 pub struct MetricsConfig {
     pub listen: SocketAddr,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct RouteConfig {
     pub cluster: String,
     pub endpoints: Vec<Dial>,
@@ -218,7 +225,7 @@ impl Default for Limits {
 }
 
 /// One way to reach a peer gateway: an address, maybe through a proxy.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Dial {
     pub endpoint: Endpoint,
     pub socks5: Option<Socks5>,
@@ -278,7 +285,7 @@ impl std::str::FromStr for Endpoint {
     }
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Socks5 {
     pub proxy: Endpoint,
     pub auth: Option<(String, Secret)>,

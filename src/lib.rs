@@ -15,6 +15,7 @@ pub mod metrics;
 pub mod ratelog;
 pub mod route;
 pub mod shard;
+pub mod signal;
 pub mod stop;
 pub mod tls;
 pub mod wire;

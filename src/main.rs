@@ -1,4 +1,4 @@
-//! The `wandist` command: run, check, certs.
+//! The `wandist` command: run, check, reload, certs, demo.
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -30,13 +30,19 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run the gateway until SIGTERM or SIGINT.
+    /// Run the gateway until SIGTERM or SIGINT; SIGHUP reloads the configuration.
     Run {
         #[arg(long, short)]
         config: PathBuf,
     },
     /// Load and validate everything `run` would, without binding a port.
     Check {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Check the configuration, then make the gateways running with it
+    /// (`wandist run --config` the same file) reload it: SIGHUP.
+    Reload {
         #[arg(long, short)]
         config: PathBuf,
     },
@@ -95,6 +101,7 @@ fn main() -> ExitCode {
             }
         },
         Command::Run { config } => run(config),
+        Command::Reload { config } => reload(config),
         Command::Demo { messages } => demo(messages),
     }
 }
@@ -158,12 +165,9 @@ fn run(config: PathBuf) -> ExitCode {
     };
     let result = runtime.block_on(async {
         let shutdown = CancellationToken::new();
-        let signals = shutdown.clone();
-        tokio::spawn(async move {
-            wait_for_signal().await;
-            signals.cancel();
-        });
-        wandist::gateway::run(prepared, metrics, shutdown).await
+        let (reload_tx, reloads) = tokio::sync::mpsc::channel(1);
+        tokio::spawn(watch_signals(shutdown.clone(), reload_tx));
+        wandist::gateway::run(prepared, metrics, shutdown, reloads).await
     });
     runtime.shutdown_timeout(std::time::Duration::from_secs(1));
     match result {
@@ -178,23 +182,74 @@ fn run(config: PathBuf) -> ExitCode {
     }
 }
 
-async fn wait_for_signal() {
+/// SIGTERM or SIGINT: shut down. SIGHUP: reload (several at once are one
+/// reload); it never stops the process.
+async fn watch_signals(shutdown: CancellationToken, reload: tokio::sync::mpsc::Sender<()>) {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{signal, SignalKind};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = term.recv() => tracing::info!("SIGTERM received"),
-                    _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
-                }
-            }
-            Err(e) => {
-                tracing::warn!("cannot watch SIGTERM ({e}); SIGINT only");
+        let (term, hup) = (signal(SignalKind::terminate()), signal(SignalKind::hangup()));
+        let (mut term, mut hup) = match (term, hup) {
+            (Ok(t), Ok(h)) => (t, h),
+            (t, h) => {
+                let e = t.err().or(h.err()).map(|e| e.to_string()).unwrap_or_default();
+                tracing::warn!("cannot watch SIGTERM and SIGHUP ({e}); SIGINT only");
                 let _ = tokio::signal::ctrl_c().await;
+                return shutdown.cancel();
+            }
+        };
+        loop {
+            tokio::select! {
+                _ = term.recv() => { tracing::info!("SIGTERM received"); break; }
+                _ = tokio::signal::ctrl_c() => { tracing::info!("SIGINT received"); break; }
+                _ = hup.recv() => {
+                    tracing::info!("SIGHUP received");
+                    let _ = reload.try_send(());
+                }
             }
         }
     }
     #[cfg(not(unix))]
     let _ = tokio::signal::ctrl_c().await;
+    shutdown.cancel();
+}
+
+/// `wandist reload`: the file must pass `check` first (a bad file would be
+/// refused by the gateway too, but here the operator sees why at once);
+/// then every `wandist run` process of this user with the same file gets
+/// SIGHUP.
+fn reload(config: PathBuf) -> ExitCode {
+    if let Err(problems) = wandist::gateway::prepare(&config) {
+        for p in &problems {
+            println!("{p}");
+        }
+        println!("not reloaded: the running configuration is kept");
+        return ExitCode::from(EXIT_CONFIG);
+    }
+    let pids = match wandist::signal::running_with(&config) {
+        Ok(pids) => pids,
+        Err(e) => {
+            eprintln!("wandist reload: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if pids.is_empty() {
+        eprintln!("wandist reload: no `wandist run --config {}` is running", config.display());
+        return ExitCode::FAILURE;
+    }
+    let mut ok = true;
+    for pid in pids {
+        match wandist::signal::hangup(pid) {
+            Ok(()) => println!("sent SIGHUP to {pid}"),
+            Err(e) => {
+                eprintln!("wandist reload: cannot signal {pid}: {e}");
+                ok = false;
+            }
+        }
+    }
+    if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
 }

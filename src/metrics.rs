@@ -38,6 +38,8 @@ pub const MEMBERS: &str = "wandist_members";
 pub const ADVERTS_REJECTED: &str = "wandist_adverts_rejected_total";
 
 pub const CERT_EXPIRY: &str = "wandist_certificate_expiry_seconds";
+pub const CONFIG_RELOADS: &str = "wandist_config_reloads_total";
+pub const CONFIG_RESTART_NEEDED: &str = "wandist_config_restart_needed";
 
 pub const ERLANG_NODES_CONNECTED: &str = "wandist_erlang_nodes_connected";
 pub const PROXIES: &str = "wandist_proxies";
@@ -95,6 +97,13 @@ const HELP: &[(&str, Kind, Option<Unit>, &str)] = &[
         Kind::Counter,
         None,
         "Membership adverts (or groups in them) refused, by reason: not the peer's own cluster, over a limit, a bad group name.",
+    ),
+    (CONFIG_RELOADS, Kind::Counter, None, "Configuration reloads (SIGHUP), by result: applied, or error (the running configuration kept)."),
+    (
+        CONFIG_RESTART_NEEDED,
+        Kind::Gauge,
+        None,
+        "1 while the last configuration loaded has changes only a restart applies (the log names them).",
     ),
     (ERLANG_NODES_CONNECTED, Kind::Gauge, None, "Local Erlang nodes connected."),
     (PROXIES, Kind::Gauge, None, "Proxy pids and references held, for all peers."),

@@ -50,6 +50,26 @@ struct Trust {
     verifier: Arc<dyn ClientCertVerifier>,
 }
 
+/// TLS material a reload may replace: each new handshake takes the
+/// current one; links already up keep what they were made with.
+#[derive(Clone, Debug)]
+pub struct Shared(Arc<std::sync::RwLock<Tls>>);
+
+impl Shared {
+    pub fn new(tls: Tls) -> Shared {
+        Shared(Arc::new(std::sync::RwLock::new(tls)))
+    }
+
+    /// The material for the next handshake.
+    pub fn current(&self) -> Tls {
+        self.0.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    pub fn replace(&self, tls: Tls) {
+        *self.0.write().unwrap_or_else(|p| p.into_inner()) = tls;
+    }
+}
+
 impl std::fmt::Debug for Tls {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("Tls { .. }")

@@ -301,6 +301,20 @@ fn the_gateway_process_finds_nodes_through_epmd_and_survives_node_and_scope_rest
     );
     gw1.wait_metric("wandist_erlang_nodes_connected", &[], |v| v == 1.0);
     a1.eval_until("length(pg:get_members(wan, svc)).", |v| v == "1");
+    // No gap: each gateway took peer links only once its node was reached
+    // (a peer's message never arrives before the node it is for could).
+    for gw in [&gw1, &gw2] {
+        gw.wait_log("link up", SOON);
+        let logs = gw.logs();
+        let at = |needle: &str| logs.iter().position(|l| l.contains(needle));
+        let (node, gate, link) =
+            (at("connected to Erlang node"), at("Erlang nodes tried; taking peer links"), at("link up"));
+        assert!(
+            node.is_some() && node < gate && gate < link,
+            "{}: node {node:?}, gate {gate:?}, link {link:?}",
+            gw.name
+        );
+    }
 
     // b1 is killed and comes back (a new incarnation, a new port from EPMD).
     b1.kill();

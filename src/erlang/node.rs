@@ -141,6 +141,10 @@ pub enum NodeEvent {
         node: Arc<str>,
         why: String,
     },
+    /// An attempt to connect failed (it is tried again after a backoff).
+    Unreachable {
+        node: Arc<str>,
+    },
     /// A control message, and the message term's bytes (with version byte) if any.
     Message {
         node: Arc<str>,
@@ -214,7 +218,12 @@ pub async fn run(node: ErlNode, p: NodeParams, events: mpsc::Sender<NodeEvent>, 
                 let _ = events.send(NodeEvent::Down { node: name.clone(), why: why.clone() }).await;
                 why
             }
-            Err(e) => e.to_string(),
+            Err(e) => {
+                if events.send(NodeEvent::Unreachable { node: name.clone() }).await.is_err() {
+                    return;
+                }
+                e.to_string()
+            }
         };
         let delay = backoff.fail(fastrand::f64());
         tracing::warn!(node = %name, retry_in = ?delay, "Erlang node unreachable: {why}");

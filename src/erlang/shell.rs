@@ -64,6 +64,8 @@ struct NodeSlot {
     rx: mpsc::Receiver<NodeEvent>,
     tx: Option<NodeTx>,
     backlog: VecDeque<Effect>,
+    /// Connected, or found unreachable, at least once.
+    tried: bool,
 }
 
 struct RouteSlot {
@@ -111,6 +113,14 @@ struct Shell {
     ticked: Arc<AtomicBool>,
     tick_rx: mpsc::Receiver<()>,
     throttle_log: RateLog<PeerIx>,
+    /// Cancelled once every node has been tried: the gateway takes peer
+    /// links from then on (so nothing a peer sends arrives before the
+    /// nodes it is for could be reached).
+    ready: Option<CancellationToken>,
+    /// Messages for a node whose connection is gone, dropped here
+    /// (reported undeliverable to their peer), counted and said.
+    node_gone: metrics::Counter,
+    node_gone_log: RateLog<()>,
 }
 
 /// Starts the Erlang side: one connection task per node and the shell.
@@ -124,6 +134,7 @@ pub fn start(
     inboxes: Vec<Inbox>,
     metrics: Metrics,
     cancel: CancellationToken,
+    ready: CancellationToken,
     tracker: &TaskTracker,
 ) {
     let me: Arc<str> = cfg.node.as_str().into();
@@ -140,7 +151,7 @@ pub fn start(
     for n in &cfg.nodes {
         let (tx, rx) = mpsc::channel(NODE_INBOX);
         tracker.spawn(node::run(n.clone(), params.clone(), tx, cancel.clone()));
-        nodes.push(NodeSlot { name: n.name.as_str().into(), rx, tx: None, backlog: VecDeque::new() });
+        nodes.push(NodeSlot { name: n.name.as_str().into(), rx, tx: None, backlog: VecDeque::new(), tried: false });
     }
     let mut peers = Vec::new();
     let mut slots = Vec::new();
@@ -190,21 +201,25 @@ pub fn start(
     let ticked = Arc::new(AtomicBool::new(false));
     let (tick_tx, tick_rx) = mpsc::channel(1);
     tracker.spawn(ticker(ticked.clone(), tick_tx, cancel.clone()));
-    let shell = Shell {
+    let mut shell = Shell {
         node_ix: nodes.iter().enumerate().map(|(i, n)| (n.name.clone(), i)).collect(),
         nodes,
         routes: slots,
         connected: metrics.gauge(m::ERLANG_NODES_CONNECTED, &[]),
         proxies: metrics.gauge(m::PROXIES, &[]),
-        core: Core::new(setup, metrics),
+        core: Core::new(setup, metrics.clone()),
         effects: VecDeque::new(),
         ticked,
         tick_rx,
         throttle_log: RateLog::default(),
+        ready: Some(ready),
+        node_gone: metrics.counter(m::ERLANG_REJECTED, &[("peer", m::LOCAL_PEER), ("reason", "node_not_connected")]),
+        node_gone_log: RateLog::default(),
     };
     shell.connected.set(0.0);
     shell.proxies.set(0.0);
     tracing::info!(node = %me, creation, scope = %cfg.scope, "Erlang side started");
+    shell.maybe_ready();
     tracker.spawn(shell.run(cancel));
 }
 
@@ -454,6 +469,18 @@ impl Shell {
         done
     }
 
+    /// Opens the gateway to peer links once every node has been tried.
+    fn maybe_ready(&mut self) {
+        if self.ready.is_none() || !self.nodes.iter().all(|n| n.tried) {
+            return;
+        }
+        if let Some(ready) = self.ready.take() {
+            let up = self.nodes.iter().filter(|n| n.tx.is_some()).count();
+            tracing::info!(connected = up, nodes = self.nodes.len(), "Erlang nodes tried; taking peer links");
+            ready.cancel();
+        }
+    }
+
     fn node_event(&mut self, i: usize, ev: NodeEvent) {
         let name = self.nodes[i].name.clone();
         match ev {
@@ -461,6 +488,12 @@ impl Shell {
                 self.nodes[i].tx = Some(tx);
                 self.core.node_up(&name);
                 self.publish_nodes();
+                self.nodes[i].tried = true;
+                self.maybe_ready();
+            }
+            NodeEvent::Unreachable { .. } => {
+                self.nodes[i].tried = true;
+                self.maybe_ready();
             }
             NodeEvent::Down { why, .. } => {
                 self.nodes[i].tx = None;
@@ -535,14 +568,24 @@ impl Shell {
         self.effects = effects;
     }
 
+    /// A peer's message for a node whose connection went away between the
+    /// core's decision and now: reported undeliverable, counted, said.
+    fn gone(&mut self, mut held: crate::gateway::Held, node: &str) {
+        held.undeliverable();
+        self.node_gone.increment(1);
+        if let Some(held_back) = self.node_gone_log.allow(&()) {
+            tracing::warn!(node, held_back, "a message from a peer not delivered: its node's connection is gone");
+        }
+    }
+
     /// Carries out one effect now, or gives it back.
     fn try_effect(&mut self, e: Effect) -> Result<(), Effect> {
         match e {
             Effect::Node { node, packet, held, bulk } => {
                 let tx = self.node_ix.get(&node).and_then(|&i| self.nodes[i].tx.as_ref());
                 let Some(tx) = tx else {
-                    if let Some(mut h) = held {
-                        h.undeliverable();
+                    if let Some(h) = held {
+                        self.gone(h, &node);
                     }
                     return Ok(());
                 };
@@ -551,8 +594,8 @@ impl Shell {
                     Ok(()) => Ok(()),
                     Err(TrySend::Full(packet, held)) => Err(Effect::Node { node, packet, held, bulk }),
                     Err(TrySend::Closed(held)) => {
-                        if let Some(mut h) = held {
-                            h.undeliverable();
+                        if let Some(h) = held {
+                            self.gone(h, &node);
                         }
                         Ok(())
                     }

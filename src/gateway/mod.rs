@@ -5,6 +5,7 @@
 mod core;
 mod local;
 mod peer;
+pub mod reload;
 
 #[cfg(test)]
 pub(crate) use local::Finished;
@@ -24,7 +25,7 @@ use crate::config::{Config, Problem};
 use crate::link::handshake::{self, Admission, Identity, Offer};
 use crate::link::Timeouts;
 use crate::metrics::{self as m, Metrics};
-use crate::tls::Tls;
+use crate::tls::{self, Tls};
 use local::RouteControl;
 
 /// A configuration with everything `run` needs loaded and checked: what
@@ -80,6 +81,10 @@ pub struct Running {
     pub inboxes: Vec<Inbox>,
     pub metrics: Metrics,
     pub epoch: u64,
+    /// The configuration running (what a reload compares against).
+    config: Config,
+    /// The TLS material new handshakes use (a reload replaces it).
+    tls: Option<tls::Shared>,
     root: CancellationToken,
     tracker: TaskTracker,
     grace: std::time::Duration,
@@ -90,6 +95,41 @@ impl Running {
     /// side that does not need them apart.
     pub fn merged_inbox(&mut self, queue: usize) -> mpsc::Receiver<ToLocal> {
         merge(std::mem::take(&mut self.inboxes), queue, &self.tracker)
+    }
+
+    /// Applies a configuration loaded again (SIGHUP): new TLS material for
+    /// new handshakes (links up stay up); anything else that differs is
+    /// named in the log as needing a restart. A configuration that did not
+    /// load is logged and the running one kept. Counted either way.
+    pub fn reload(&mut self, loaded: Result<Prepared, Vec<Problem>>) -> Reloaded {
+        let count = |result| self.metrics.counter(m::CONFIG_RELOADS, &[("result", result)]).increment(1);
+        let loaded = match loaded {
+            Ok(p) => p,
+            Err(problems) => {
+                count("error");
+                for p in &problems {
+                    tracing::error!("reload: {p}");
+                }
+                tracing::error!(problems = problems.len(), "reload refused; the running configuration is kept");
+                return Reloaded::Refused(problems);
+            }
+        };
+        let plan = reload::plan(&self.config, &loaded.config);
+        if let (Some(shared), Some(new)) = (&self.tls, loaded.tls) {
+            publish_expiry(&self.metrics, &new);
+            shared.replace(new);
+        }
+        count("applied");
+        self.metrics.gauge(m::CONFIG_RESTART_NEEDED, &[]).set(if plan.restart.is_empty() { 0.0 } else { 1.0 });
+        if plan.restart.is_empty() {
+            tracing::info!("configuration reloaded: TLS material re-read for new handshakes");
+        } else {
+            tracing::warn!(
+                needs_restart = %plan.restart.join(", "),
+                "configuration reloaded: TLS material re-read for new handshakes; these changes need a restart and are not applied"
+            );
+        }
+        Reloaded::Applied(plan)
     }
 
     /// Closes every link (with a goodbye), fails what is unconfirmed, and
@@ -104,6 +144,24 @@ impl Running {
     }
 }
 
+/// What became of a reload.
+#[derive(Debug)]
+pub enum Reloaded {
+    /// Loaded; the plan says what only a restart would apply.
+    Applied(reload::Plan),
+    /// Not loaded: the running configuration is kept.
+    Refused(Vec<Problem>),
+}
+
+/// Publishes when our certificate expires, and warns when that is soon.
+fn publish_expiry(metrics: &Metrics, tls: &Tls) {
+    metrics.gauge(m::CERT_EXPIRY, &[]).set(tls.not_after as f64);
+    let left = tls.not_after - crate::date::today() * 86_400;
+    if left < CERT_WARN_DAYS * 86_400 {
+        tracing::warn!(expires = %crate::date::ymd(tls.not_after), days_left = left / 86_400, "this gateway's certificate expires soon: renew it (peers refuse expired certificates)");
+    }
+}
+
 /// Size of each route's queue toward the local side.
 pub const TO_LOCAL_QUEUE: usize = 4096;
 
@@ -114,19 +172,29 @@ const CERT_WARN_DAYS: i64 = 30;
 /// returns. Everything for the local cluster arrives in `Running::inboxes`,
 /// one per route, each holding up to `queue` items.
 pub async fn start(prepared: Prepared, metrics: Metrics, queue: usize) -> Result<Running, GatewayError> {
+    start_gated(prepared, metrics, queue, None).await
+}
+
+/// As [`start`], but no peer link is accepted or dialed until `gate` is
+/// cancelled (the local side is ready to take what peers send): peers'
+/// messages wait in their windows meanwhile, instead of arriving at a
+/// local side that cannot deliver them yet.
+pub async fn start_gated(
+    prepared: Prepared,
+    metrics: Metrics,
+    queue: usize,
+    gate: Option<CancellationToken>,
+) -> Result<Running, GatewayError> {
     let Prepared { config, tls } = prepared;
+    let tls = tls.map(|t| {
+        publish_expiry(&metrics, &t);
+        tls::Shared::new(t)
+    });
     let g = &config.gateway;
     let root = CancellationToken::new();
     let tracker = TaskTracker::new();
     let own = Arc::new(Identity { cluster: g.cluster.clone(), gateway: g.name.clone(), epoch: new_epoch() });
     let timeouts = Timeouts { connect: g.connect_timeout, handshake: g.handshake_timeout };
-    if let Some(tls) = &tls {
-        metrics.gauge(m::CERT_EXPIRY, &[]).set(tls.not_after as f64);
-        let left = tls.not_after - crate::date::today() * 86_400;
-        if left < CERT_WARN_DAYS * 86_400 {
-            tracing::warn!(expires = %crate::date::ymd(tls.not_after), days_left = left / 86_400, "this gateway's certificate expires soon: renew it (peers refuse expired certificates)");
-        }
-    }
 
     // Bind everything before starting anything, so a bad address fails fast.
     let metrics_listener = match &config.metrics {
@@ -170,7 +238,16 @@ pub async fn start(prepared: Prepared, metrics: Metrics, queue: usize) -> Result
             tracker.clone(),
         );
         local.routes.insert(route.cluster.clone(), task.handle(control_tx));
-        tracker.spawn(task.run());
+        let (gate, cancel) = (gate.clone(), root.clone());
+        tracker.spawn(async move {
+            if let Some(gate) = gate {
+                tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    _ = gate.cancelled() => {}
+                }
+            }
+            task.run().await
+        });
     }
 
     tracker.spawn(metrics.clone().upkeep(root.clone()));
@@ -185,7 +262,7 @@ pub async fn start(prepared: Prepared, metrics: Metrics, queue: usize) -> Result
         peers = Some(addr);
         tracing::info!(addr = %addr, "listening for peer gateways");
         let acceptor = Acceptor {
-            tls,
+            tls: tls.clone(),
             own: own.clone(),
             admit: Arc::new(admit),
             inbound: Arc::new(inbound),
@@ -195,20 +272,20 @@ pub async fn start(prepared: Prepared, metrics: Metrics, queue: usize) -> Result
             metrics: metrics.clone(),
             refusals: std::sync::Mutex::new(crate::ratelog::RateLog::default()),
         };
-        tracker.spawn(acceptor.run(listener, root.clone(), tracker.clone()));
+        let (cancel, tracker2) = (root.clone(), tracker.clone());
+        tracker.spawn(async move {
+            if let Some(gate) = gate {
+                tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    _ = gate.cancelled() => {}
+                }
+            }
+            acceptor.run(listener, cancel, tracker2).await
+        });
     }
     tracing::info!(cluster = %own.cluster, gateway = %own.gateway, routes = config.routes.len(), "gateway ready");
-    Ok(Running {
-        peers,
-        metrics_addr,
-        local,
-        inboxes,
-        metrics,
-        epoch: own.epoch,
-        root,
-        tracker,
-        grace: g.shutdown_grace,
-    })
+    let grace = g.shutdown_grace;
+    Ok(Running { peers, metrics_addr, local, inboxes, metrics, epoch: own.epoch, config, tls, root, tracker, grace })
 }
 
 /// Merges the routes' inboxes into one channel (a local side that does
@@ -235,10 +312,11 @@ pub async fn start_with_erlang(prepared: Prepared, metrics: Metrics) -> Result<R
     let erlang = prepared.config.erlang.clone();
     let g = prepared.config.gateway.clone();
     let routes = prepared.config.routes.clone();
-    let mut running = start(prepared, metrics.clone(), TO_LOCAL_QUEUE).await?;
+    let gate = erlang.as_ref().map(|_| CancellationToken::new());
+    let mut running = start_gated(prepared, metrics.clone(), TO_LOCAL_QUEUE, gate.clone()).await?;
     let inboxes = std::mem::take(&mut running.inboxes);
-    match erlang {
-        Some(cfg) => crate::erlang::start(
+    match (erlang, gate) {
+        (Some(cfg), Some(gate)) => crate::erlang::start(
             &cfg,
             &g,
             &routes,
@@ -246,9 +324,10 @@ pub async fn start_with_erlang(prepared: Prepared, metrics: Metrics) -> Result<R
             inboxes,
             metrics,
             running.root.clone(),
+            gate,
             &running.tracker,
         ),
-        None => {
+        _ => {
             let mut from_routes = merge(inboxes, TO_LOCAL_QUEUE, &running.tracker);
             let cancel = running.root.clone();
             running.tracker.spawn(async move {
@@ -268,10 +347,36 @@ pub async fn start_with_erlang(prepared: Prepared, metrics: Metrics) -> Result<R
 }
 
 /// Runs the gateway until `shutdown` is cancelled, then drains within the
-/// configured grace period.
-pub async fn run(prepared: Prepared, metrics: Metrics, shutdown: CancellationToken) -> Result<(), GatewayError> {
-    let running = start_with_erlang(prepared, metrics).await?;
-    shutdown.cancelled().await;
+/// configured grace period. Each item from `reloads` loads the
+/// configuration file again and applies it (`Running::reload`).
+pub async fn run(
+    prepared: Prepared,
+    metrics: Metrics,
+    shutdown: CancellationToken,
+    mut reloads: mpsc::Receiver<()>,
+) -> Result<(), GatewayError> {
+    let path = prepared.config.path.clone();
+    let mut running = start_with_erlang(prepared, metrics).await?;
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            r = reloads.recv() => match r {
+                Some(()) => {
+                    tracing::info!(config = %path.display(), "reloading the configuration");
+                    // Reading files is blocking work: off the runtime's workers.
+                    let p = path.clone();
+                    let loaded = tokio::task::spawn_blocking(move || prepare(&p))
+                        .await
+                        .unwrap_or_else(|e| Err(vec![Problem { file: path.clone(), line: None, message: format!("reload failed: {e}") }]));
+                    running.reload(loaded);
+                }
+                None => {
+                    shutdown.cancelled().await;
+                    break;
+                }
+            },
+        }
+    }
     running.stop().await;
     Ok(())
 }
@@ -301,7 +406,7 @@ fn new_epoch() -> u64 {
 /// Accepts peer connections; each handshake runs in its own task, bounded in
 /// number, never inside the accept loop.
 struct Acceptor {
-    tls: Option<Tls>,
+    tls: Option<tls::Shared>,
     own: Arc<Identity>,
     admit: Arc<HashMap<String, Admission>>,
     inbound: Arc<HashMap<String, mpsc::Sender<RouteControl>>>,
@@ -350,7 +455,8 @@ impl Acceptor {
     }
 
     async fn handshake(&self, tcp: TcpStream, remote: SocketAddr) {
-        match handshake::server(tcp, self.tls.as_ref(), &self.own, &self.admit, &self.timeouts, self.max_frame).await {
+        let tls = self.tls.as_ref().map(tls::Shared::current);
+        match handshake::server(tcp, tls.as_ref(), &self.own, &self.admit, &self.timeouts, self.max_frame).await {
             Ok(est) => {
                 let Some(tx) = self.inbound.get(&est.peer.cluster) else {
                     return;

@@ -31,7 +31,7 @@ use crate::link::Timeouts;
 use crate::membership::{Change, Filter, ImportLimits, PeerMembership};
 use crate::metrics::{self as m, Metrics};
 use crate::route::{Confirmation, DataVerdict, FailReason, Outcome, Route, Window};
-use crate::tls::Tls;
+use crate::tls;
 use crate::wire::{Frame, Header, Hello, CAP_REJECT};
 
 const MEMBER_GAUGES_EVERY: Duration = Duration::from_millis(200);
@@ -114,7 +114,7 @@ pub(super) struct PeerTask {
     config: RouteConfig,
     peer: Arc<str>,
     own: Arc<Identity>,
-    tls: Option<Tls>,
+    tls: Option<tls::Shared>,
     params: LinkParams,
     timeouts: Timeouts,
     max_frame: usize,
@@ -158,7 +158,7 @@ impl PeerTask {
     pub(super) fn new(
         config: RouteConfig,
         own: Arc<Identity>,
-        tls: Option<Tls>,
+        tls: Option<tls::Shared>,
         g: &GatewayConfig,
         timeouts: Timeouts,
         inputs: RouteInputs,
@@ -461,7 +461,7 @@ impl PeerTask {
     fn dial(&mut self) {
         let ep_index = self.pick_endpoint();
         let dial = self.config.endpoints[ep_index].clone();
-        let tls = self.tls.clone();
+        let tls = self.tls.as_ref().map(tls::Shared::current);
         let expect = self.config.cluster.clone();
         let hello = self.own.hello(self.offer());
         let t = self.timeouts;

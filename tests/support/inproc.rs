@@ -45,6 +45,17 @@ impl InProc {
         InProc { name: name.to_string(), running: Some(running), rx, _dir: dir }
     }
 
+    /// Where its configuration file is (rewrite it, then `reload`).
+    pub fn config_path(&self) -> std::path::PathBuf {
+        self._dir.path().join("gateway.toml")
+    }
+
+    /// Loads its configuration file again and applies it, as SIGHUP does.
+    pub fn reload(&mut self) -> gateway::Reloaded {
+        let loaded = gateway::prepare(&self.config_path());
+        self.running.as_mut().expect("stopped").reload(loaded)
+    }
+
     pub fn running(&self) -> &Running {
         self.running.as_ref().expect("stopped")
     }

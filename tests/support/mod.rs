@@ -157,6 +157,17 @@ impl Gateway {
         gw
     }
 
+    /// Its configuration file.
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.path().join("gateway.toml")
+    }
+
+    /// Replaces its configuration file with `body` (and the same metrics
+    /// table `start` adds); the process sees it at its next reload.
+    pub fn rewrite(&self, body: &str) {
+        std::fs::write(self.config_path(), format!("{body}\n[metrics]\nlisten = \"127.0.0.1:0\"\n")).unwrap();
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.id()
     }

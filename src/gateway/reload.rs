@@ -1,0 +1,154 @@
+//! What a reload (SIGHUP) applies to a running gateway, and what only a
+//! restart can: a plain comparison of the running configuration with the
+//! one just loaded. No I/O; `Running::reload` carries it out.
+//!
+//! Applied live: the TLS material (`[tls]` files and routes' `ca`, re-read
+//! on every reload even when the paths are the same, so a rotated
+//! certificate or a new CRL takes effect): new handshakes use it, links
+//! already up keep theirs. Everything else is compared and, when it
+//! differs, named as needing a restart.
+
+use crate::config::{Config, GatewayConfig, RouteConfig};
+
+/// The outcome of comparing two configurations.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Plan {
+    /// Settings that differ and take effect only after a restart, by
+    /// their config name (`gateway.listen`, `route "dc3" (added)`).
+    pub restart: Vec<String>,
+}
+
+pub fn plan(running: &Config, loaded: &Config) -> Plan {
+    let mut restart = Vec::new();
+    gateway(&running.gateway, &loaded.gateway, &mut restart);
+    if running.tls.is_some() != loaded.tls.is_some() {
+        restart.push(if loaded.tls.is_some() { "[tls] (added)" } else { "[tls] (removed)" }.to_string());
+    }
+    if running.metrics != loaded.metrics {
+        restart.push("metrics.listen".to_string());
+    }
+    routes(&running.routes, &loaded.routes, &mut restart);
+    match (&running.erlang, &loaded.erlang) {
+        (None, None) => {}
+        (Some(_), None) => restart.push("[erlang] (removed)".to_string()),
+        (None, Some(_)) => restart.push("[erlang] (added)".to_string()),
+        (Some(a), Some(b)) => {
+            let keys = [
+                ("erlang.node", a.node != b.node),
+                ("erlang.cookie", a.cookie != b.cookie),
+                ("erlang.nodes", a.nodes != b.nodes),
+                ("erlang.scope", a.scope != b.scope),
+            ];
+            restart.extend(keys.iter().filter(|(_, changed)| *changed).map(|(k, _)| k.to_string()));
+        }
+    }
+    Plan { restart }
+}
+
+fn gateway(a: &GatewayConfig, b: &GatewayConfig, out: &mut Vec<String>) {
+    let keys = [
+        ("gateway.cluster", a.cluster != b.cluster),
+        ("gateway.name", a.name != b.name),
+        ("gateway.listen", a.listen != b.listen),
+        ("gateway.heartbeat_ms", a.heartbeat != b.heartbeat),
+        ("gateway.dead_after_ms", a.dead_after != b.dead_after),
+        ("gateway.connect_timeout_ms", a.connect_timeout != b.connect_timeout),
+        ("gateway.handshake_timeout_ms", a.handshake_timeout != b.handshake_timeout),
+        ("gateway.reconnect_min_ms", a.reconnect_min != b.reconnect_min),
+        ("gateway.reconnect_max_ms", a.reconnect_max != b.reconnect_max),
+        ("gateway.shutdown_grace_ms", a.shutdown_grace != b.shutdown_grace),
+        ("gateway.max_frame_bytes", a.max_frame_bytes != b.max_frame_bytes),
+        ("gateway.max_pending_handshakes", a.max_pending_handshakes != b.max_pending_handshakes),
+        ("gateway.max_imported_members", a.max_imported_members != b.max_imported_members),
+        ("gateway.worker_threads", a.worker_threads != b.worker_threads),
+    ];
+    out.extend(keys.iter().filter(|(_, changed)| *changed).map(|(k, _)| k.to_string()));
+}
+
+/// Routes by cluster: added, removed, or changed in anything but `ca`
+/// (which is TLS material, applied live).
+fn routes(a: &[RouteConfig], b: &[RouteConfig], out: &mut Vec<String>) {
+    let same_but_ca = |x: &RouteConfig, y: &RouteConfig| {
+        let mut y = y.clone();
+        y.ca.clone_from(&x.ca);
+        *x == y
+    };
+    for r in a {
+        match b.iter().find(|n| n.cluster == r.cluster) {
+            None => out.push(format!("route {:?} (removed)", r.cluster)),
+            Some(n) if !same_but_ca(r, n) => out.push(format!("route {:?} (changed)", r.cluster)),
+            Some(_) => {}
+        }
+    }
+    for n in b.iter().filter(|n| !a.iter().any(|r| r.cluster == n.cluster)) {
+        out.push(format!("route {:?} (added)", n.cluster));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    const BASE: &str = r#"
+[gateway]
+cluster = "dc1"
+listen = "127.0.0.1:0"
+[tls]
+cert = "c.pem"
+key = "k.pem"
+ca = "ca.pem"
+[[route]]
+cluster = "dc2"
+endpoints = ["127.0.0.1:9000"]
+[[route]]
+cluster = "dc3"
+endpoints = ["127.0.0.1:9001"]
+[erlang]
+node = "gw@127.0.0.1"
+cookie = "c"
+nodes = ["a1@127.0.0.1"]
+"#;
+
+    fn parse(text: &str) -> Config {
+        Config::parse(text, Path::new("/etc/wandist/gateway.toml")).expect("a valid config")
+    }
+
+    fn restart(edit: impl Fn(&str) -> String) -> Vec<String> {
+        plan(&parse(BASE), &parse(&edit(BASE))).restart
+    }
+
+    #[test]
+    fn the_same_file_again_needs_nothing() {
+        assert_eq!(restart(|s| s.to_string()), Vec::<String>::new());
+        // Lines moved (comments added) are not changes.
+        assert_eq!(restart(|s| format!("# rotated\n\n{s}")), Vec::<String>::new());
+    }
+
+    #[test]
+    fn tls_files_are_applied_live() {
+        let edit = |s: &str| s.replace("c.pem", "c2.pem").replace("k.pem", "k2.pem");
+        assert_eq!(restart(edit), Vec::<String>::new());
+        let own_ca = |s: &str| s.replace("cluster = \"dc3\"\n", "cluster = \"dc3\"\nca = \"partner.pem\"\n");
+        assert_eq!(restart(own_ca), Vec::<String>::new());
+    }
+
+    #[test]
+    fn what_only_a_restart_applies_is_named() {
+        assert_eq!(restart(|s| s.replace("127.0.0.1:0", "127.0.0.1:1")), ["gateway.listen"]);
+        assert_eq!(restart(|s| s.replace("[gateway]\n", "[gateway]\nheartbeat_ms = 250\n")), ["gateway.heartbeat_ms"]);
+        assert_eq!(restart(|s| s.replace("a1@127.0.0.1\"", "a1@127.0.0.1\", \"a2@127.0.0.1\"")), ["erlang.nodes"]);
+        assert_eq!(restart(|s| s.replace("cookie = \"c\"", "cookie = \"d\"")), ["erlang.cookie"]);
+        assert_eq!(restart(|s| s.replace(":9001", ":9002")), ["route \"dc3\" (changed)"]);
+        assert_eq!(
+            restart(|s| s.replace("cluster = \"dc3\"", "cluster = \"dc4\"")),
+            ["route \"dc3\" (removed)", "route \"dc4\" (added)"]
+        );
+        assert_eq!(
+            restart(|s| s
+                .replace("[metrics]", "")
+                .replace("[erlang]", "[metrics]\nlisten = \"127.0.0.1:0\"\n[erlang]")),
+            ["metrics.listen"]
+        );
+    }
+}

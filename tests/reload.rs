@@ -1,0 +1,212 @@
+//! Reload without restart: SIGHUP (or `wandist reload`) re-reads the
+//! configuration and the TLS files. New handshakes use the new material,
+//! links already up stay up, a bad file is refused with the running
+//! configuration kept, what only a restart applies is named, and SIGHUP
+//! never stops the process.
+
+mod support;
+
+use std::path::Path;
+use std::process::Command;
+
+use bytes::Bytes;
+use support::forward::Forwarder;
+use support::inproc::{next, InProc};
+use support::*;
+use wandist::gateway::{Reloaded, ToLocal};
+use wandist::route::Outcome;
+
+/// A `[tls]` table naming these files.
+fn tls_table(cert: &Path, key: &Path, ca: &Path) -> String {
+    format!("[tls]\ncert = {cert:?}\nkey = {key:?}\nca = {ca:?}\n")
+}
+
+fn concat(out: &Path, files: &[std::path::PathBuf]) {
+    let all: Vec<u8> = files.iter().flat_map(|f| std::fs::read(f).unwrap()).collect();
+    std::fs::write(out, all).unwrap();
+}
+
+/// Installs `cluster`'s certificate and key from `from` as dir/own.pem and
+/// dir/own.key (the key stays owner-only: `fs::copy` keeps its mode).
+fn install(from: &Certs, cluster: &str, dir: &Path) {
+    std::fs::copy(from.path(&format!("{cluster}.pem")), dir.join("own.pem")).unwrap();
+    std::fs::copy(from.path(&format!("{cluster}.key")), dir.join("own.key")).unwrap();
+}
+
+fn applied(r: Reloaded) -> Vec<String> {
+    match r {
+        Reloaded::Applied(plan) => plan.restart,
+        Reloaded::Refused(p) => panic!("reload refused: {p:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_certificate_rotated_to_a_new_ca_by_reload_is_used_by_new_links_and_no_message_fails() {
+    const TOTAL: u64 = 100_000;
+    let old = Certs::new(&["dc1", "dc2"]);
+    let new = Certs::new(&["dc1", "dc2"]);
+    let (d1, d2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    for (d, cluster) in [(&d1, "dc1"), (&d2, "dc2")] {
+        install(&old, cluster, d.path());
+        concat(&d.path().join("trust.pem"), &[old.path("ca.pem")]);
+    }
+    let table = |d: &tempfile::TempDir| {
+        tls_table(&d.path().join("own.pem"), &d.path().join("own.key"), &d.path().join("trust.pem"))
+    };
+    let mut dc2 = InProc::start(
+        "dc2",
+        &format!("{}{}[[route]]\ncluster = \"dc1\"\n", gateway_table("dc2", true), table(&d2)),
+        4096,
+    )
+    .await;
+    let path = Forwarder::start(Some(dc2.peer_addr()));
+    let mut dc1 = InProc::start(
+        "dc1",
+        &format!(
+            "{}{}[[route]]\ncluster = \"dc2\"\nendpoints = [\"{}\"]\n",
+            gateway_table("dc1", false),
+            table(&d1),
+            path.addr
+        ),
+        4096,
+    )
+    .await;
+    dc1.wait_metric("wandist_route_up", &[("peer", "dc2")], |v| v == 1.0).await;
+    let connects = |g: &InProc| g.metric("wandist_link_connects_total", &[("peer", "dc2")]).unwrap_or(0.0);
+    let first = connects(&dc1);
+
+    // Confirmed messages dc1 -> dc2 throughout; dc2 takes them in order.
+    let route = dc1.running().local.route("dc2").unwrap().clone();
+    let producer = tokio::spawn(async move {
+        for i in 0..TOTAL {
+            route.submit(Bytes::copy_from_slice(&i.to_be_bytes()), Some(i)).await.unwrap();
+        }
+    });
+    let mut rx2 = std::mem::replace(&mut dc2.rx, tokio::sync::mpsc::channel(1).1);
+    let consumer = tokio::spawn(async move {
+        let mut expect = 0;
+        while expect < TOTAL {
+            match next(&mut rx2, &format!("message {expect}")).await {
+                ToLocal::Deliver { payload, .. } => {
+                    assert_eq!(u64::from_be_bytes(payload[..].try_into().unwrap()), expect, "out of order or twice");
+                    expect += 1;
+                }
+                // The route goes down while a link is refused (below).
+                ToLocal::Lost { .. } | ToLocal::Members { .. } => {}
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        rx2
+    });
+    dc1.wait_metric("wandist_messages_delivered_total", &[("peer", "dc2")], |v| v >= (TOTAL / 10) as f64).await;
+
+    // 1. Both trust the old and the new CA. 2. dc1 takes its new
+    // certificate. 3. dc2 trusts only the new CA. Each reload applies with
+    // nothing left for a restart, and the link up meanwhile stays up.
+    for d in [&d1, &d2] {
+        concat(&d.path().join("trust.pem"), &[old.path("ca.pem"), new.path("ca.pem")]);
+    }
+    assert_eq!(applied(dc1.reload()), Vec::<String>::new());
+    assert_eq!(applied(dc2.reload()), Vec::<String>::new());
+    install(&new, "dc1", d1.path());
+    assert_eq!(applied(dc1.reload()), Vec::<String>::new());
+    concat(&d2.path().join("trust.pem"), &[new.path("ca.pem")]);
+    assert_eq!(applied(dc2.reload()), Vec::<String>::new());
+    assert_eq!(connects(&dc1), first, "a reload touched the link that was up");
+    assert_eq!(dc1.metric("wandist_config_reloads_total", &[("result", "applied")]), Some(2.0));
+
+    // A new link: only dc1's new certificate can make it.
+    let at_cut = dc1.metric("wandist_messages_delivered_total", &[("peer", "dc2")]).unwrap_or(0.0);
+    path.cut();
+    dc1.wait_metric("wandist_link_connects_total", &[("peer", "dc2")], |v| v > first).await;
+    let refused_before = dc2.metric("wandist_handshake_failures_total", &[("peer", "unknown"), ("reason", "tls")]);
+
+    // The control: dc1 back on its old certificate (files and reload) is
+    // refused by dc2 now, so the link above was made with the new one.
+    install(&old, "dc1", d1.path());
+    assert_eq!(applied(dc1.reload()), Vec::<String>::new());
+    let up = connects(&dc1);
+    path.cut();
+    dc2.wait_metric("wandist_handshake_failures_total", &[("peer", "unknown"), ("reason", "tls")], |v| {
+        v > refused_before.unwrap_or(0.0)
+    })
+    .await;
+    assert_eq!(connects(&dc1), up, "a link was made with the old certificate after dc2 stopped trusting its CA");
+    install(&new, "dc1", d1.path());
+    assert_eq!(applied(dc1.reload()), Vec::<String>::new());
+    dc1.wait_metric("wandist_link_connects_total", &[("peer", "dc2")], |v| v > up).await;
+
+    // Every message delivered once, in order, and confirmed delivered.
+    producer.await.unwrap();
+    let mut delivered = 0u64;
+    while delivered < TOTAL {
+        match next(&mut dc1.rx, "confirmations").await {
+            ToLocal::Confirm { token, outcome: Outcome::Delivered, .. } => {
+                assert_eq!(token, delivered, "confirmed out of order");
+                delivered += 1;
+            }
+            ToLocal::Lost { .. } | ToLocal::Members { .. } => {}
+            other => panic!("{other:?} (after {delivered} delivered)"),
+        }
+    }
+    consumer.await.unwrap();
+    let text = dc1.running().metrics.render();
+    assert_eq!(metric_sum(&text, "wandist_messages_failed_total", &[("peer", "dc2")]), 0.0, "failures:\n{text}");
+    assert!(at_cut < TOTAL as f64, "the stream was over before the rotation's first new link");
+    println!(
+        "{TOTAL} confirmed messages through a rotation to a new CA (reloads on both sides, 3 new links, the first \
+         after {at_cut} were confirmed): all delivered once, in order, none failed"
+    );
+    dc1.stop().await;
+    dc2.stop().await;
+}
+
+#[test]
+fn sighup_reloads_refuses_a_bad_file_names_what_needs_a_restart_and_never_kills() {
+    let certs = Certs::new(&["dc1", "dc2"]);
+    let dc2 = Gateway::start("gw-dc2", &accepting("dc2", &certs, "dc1"));
+    let body = dialing("dc1", &certs, "dc2", dc2.peer_addr());
+    let mut dc1 = Gateway::start("gw-dc1", &body);
+    dc1.wait_metric("wandist_route_up", &[("peer", "dc2")], |v| v == 1.0);
+    let connects = dc1.metric("wandist_link_connects_total", &[("peer", "dc2")]);
+    let reloads = |result| dc1.metric("wandist_config_reloads_total", &[("result", result)]).unwrap_or(0.0);
+
+    // The same file: applied, nothing needs a restart, the link untouched.
+    dc1.signal("HUP");
+    dc1.wait_metric("wandist_config_reloads_total", &[("result", "applied")], |v| v == 1.0);
+    assert_eq!(dc1.metric("wandist_config_restart_needed", &[]), Some(0.0));
+
+    // A broken file: refused, said why, the running configuration kept.
+    std::fs::write(dc1.config_path(), "[gateway]\ncluster = 7\n").unwrap();
+    dc1.signal("HUP");
+    dc1.wait_metric("wandist_config_reloads_total", &[("result", "error")], |v| v == 1.0);
+    dc1.wait_log("reload refused; the running configuration is kept", SOON);
+
+    // A change only a restart applies: named, and the gauge says so.
+    dc1.rewrite(&body.replace("heartbeat_ms = 100", "heartbeat_ms = 150"));
+    dc1.signal("HUP");
+    dc1.wait_metric("wandist_config_reloads_total", &[("result", "applied")], |v| v == 2.0);
+    assert!(dc1.wait_log("need a restart", SOON).contains("gateway.heartbeat_ms"));
+    assert_eq!(dc1.metric("wandist_config_restart_needed", &[]), Some(1.0));
+
+    // `wandist reload` checks the file first and signals only this process.
+    std::fs::write(dc1.config_path(), "[gateway]\n").unwrap();
+    let out = Command::new(BIN).args(["reload", "--config"]).arg(dc1.config_path()).output().unwrap();
+    assert_eq!(out.status.code(), Some(64), "{}", String::from_utf8_lossy(&out.stdout));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("not reloaded"));
+    dc1.rewrite(&body);
+    let out = Command::new(BIN).args(["reload", "--config"]).arg(dc1.config_path()).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), format!("sent SIGHUP to {}", dc1.pid()));
+    dc1.wait_metric("wandist_config_reloads_total", &[("result", "applied")], |v| v == 3.0);
+    assert_eq!(dc1.metric("wandist_config_restart_needed", &[]), Some(0.0));
+    assert_eq!(reloads("error"), 1.0);
+
+    // Through all of it: one link, never dropped; the process alive.
+    assert_eq!(dc1.metric("wandist_link_connects_total", &[("peer", "dc2")]), connects);
+    assert_eq!(dc1.metric("wandist_route_up", &[("peer", "dc2")]), Some(1.0));
+    assert!(dc1.wait_exit(std::time::Duration::ZERO).is_none(), "SIGHUP stopped the gateway");
+    dc1.signal("TERM");
+    let st = dc1.wait_exit(SOON).expect("did not stop on SIGTERM");
+    assert!(st.success());
+}
