@@ -124,6 +124,31 @@ pub struct LinkUp {
     pub primary: bool,
 }
 
+/// Whether a link to a run of the peer cluster may join the route, and how.
+///
+/// A peer cluster may run several gateway instances; the route holds a
+/// session with one run of one instance at a time. Sessions are told apart
+/// by both sides' epochs: whenever this side ends a session with a run
+/// that may still be alive (`Switch`), it takes a fresh epoch first, so
+/// that run, if it comes back, sees a new session and cannot take this
+/// side's new numbering for its old one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admit {
+    /// The first session.
+    New,
+    /// The current session's run.
+    Same,
+    /// The current instance under a new epoch: it restarted, so its old
+    /// run is gone; the session restarts (`link_up` does it).
+    Restarted,
+    /// Another instance, while the route holds links to the current one:
+    /// refused (that instance is a standby for this route).
+    OtherInstance,
+    /// Another instance, and no link to the current one: `switch` to a
+    /// fresh epoch, then the link makes a new session.
+    Switch,
+}
+
 /// The result of a link going away.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct LinkDown {
@@ -173,6 +198,8 @@ pub struct Route {
     /// Links in the order they came up, with the peer epoch each reached.
     links: Vec<(LinkId, u64)>,
     peer_epoch: Option<u64>,
+    /// The peer gateway instance of the session (its `gateway.name`).
+    peer_instance: Option<String>,
     /// The peer's receive window, from its hello.
     peer_window: Window,
 
@@ -211,6 +238,7 @@ impl Route {
             recv_window,
             links: Vec::new(),
             peer_epoch: None,
+            peer_instance: None,
             peer_window: send_window,
             next_seq: 1,
             acked_upto: 0,
@@ -248,7 +276,68 @@ impl Route {
         self.peer_epoch
     }
 
+    /// This side's epoch for the current session (what our hellos carry).
+    pub fn our_epoch(&self) -> u64 {
+        self.our_epoch
+    }
+
+    /// The peer instance of the current session.
+    pub fn peer_instance(&self) -> Option<&str> {
+        self.peer_instance.as_deref()
+    }
+
+    /// How a link to `instance`'s run `epoch` may join (see [`Admit`]).
+    pub fn admit(&self, instance: &str, epoch: u64) -> Admit {
+        match (&self.peer_instance, self.peer_epoch) {
+            (None, None) => Admit::New,
+            (_, Some(e)) if e == epoch => Admit::Same,
+            (Some(i), _) if i == instance => Admit::Restarted,
+            // An anonymous session (`link_up`) is the instance of whoever
+            // comes: the single-instance rules.
+            (None, Some(_)) => Admit::Restarted,
+            _ if !self.links.is_empty() => Admit::OtherInstance,
+            _ => Admit::Switch,
+        }
+    }
+
+    /// Ends the session with the current instance (no link to it is up):
+    /// what it was sent and never confirmed fails, what it never saw is
+    /// renumbered for the next session, and this side takes `fresh_epoch`
+    /// (see [`Admit`]).
+    pub fn switch(&mut self, fresh_epoch: u64) -> LinkUp {
+        let mut out = LinkUp { new_session: true, ..LinkUp::default() };
+        out.stale = self.links.drain(..).map(|l| l.0).collect();
+        self.restart_session(&mut out);
+        self.our_epoch = fresh_epoch;
+        self.peer_epoch = None;
+        self.peer_instance = None;
+        out
+    }
+
+    /// A link to the peer's run `peer_epoch`, of an instance not named (a
+    /// peer cluster with one gateway): [`Route::link_up_from`].
     pub fn link_up(&mut self, link: LinkId, peer_epoch: u64, peer_window: Window) -> LinkUp {
+        self.link_up_from(link, None, peer_epoch, peer_window)
+    }
+
+    /// A link to `instance`'s run `peer_epoch`, admitted (`admit` is not
+    /// `OtherInstance` or `Switch`; `switch` first for the latter).
+    pub fn link_up_from(
+        &mut self,
+        link: LinkId,
+        instance: Option<&str>,
+        peer_epoch: u64,
+        peer_window: Window,
+    ) -> LinkUp {
+        debug_assert!(
+            instance.is_none_or(|i| !matches!(self.admit(i, peer_epoch), Admit::OtherInstance | Admit::Switch)),
+            "a link the route does not admit"
+        );
+        if let Some(i) = instance {
+            if self.peer_instance.as_deref() != Some(i) {
+                self.peer_instance = Some(i.to_string());
+            }
+        }
         let mut out = LinkUp::default();
         if self.peer_epoch != Some(peer_epoch) {
             out.new_session = true;
@@ -535,6 +624,47 @@ mod tests {
 
     fn route() -> Route {
         Route::new(OURS, W, W)
+    }
+
+    #[test]
+    fn one_instance_of_the_peer_cluster_at_a_time() {
+        let mut r = route();
+        let now = Instant::now();
+        assert_eq!(r.admit("gw-a", PEER), Admit::New);
+        r.link_up_from(1, Some("gw-a"), PEER, W);
+        assert_eq!(r.admit("gw-a", PEER), Admit::Same);
+        // A second instance while the first has a link: refused.
+        assert_eq!(r.admit("gw-b", PEER + 1), Admit::OtherInstance);
+        // The first instance under a new epoch restarted: admitted.
+        assert_eq!(r.admit("gw-a", PEER + 2), Admit::Restarted);
+
+        // gw-a's links are gone (dead, or stopped): gw-b takes over after a
+        // switch, which fails what gw-a was sent and renumbers the rest.
+        r.submit(msg(1), Some(1));
+        r.submit(msg(2), Some(2));
+        assert_eq!(drain(&mut r, now).len(), 2);
+        r.submit(msg(3), Some(3));
+        r.link_down(1);
+        assert_eq!(r.admit("gw-b", PEER + 1), Admit::Switch);
+        let sw = r.switch(OURS + 1);
+        assert_eq!(sw.failed_count, 2);
+        assert_eq!(sw.failed.iter().map(|c| c.token).collect::<Vec<_>>(), [1, 2]);
+        assert_eq!(r.our_epoch(), OURS + 1, "a fresh epoch for the new session");
+        assert_eq!(r.admit("gw-b", PEER + 1), Admit::New);
+        assert!(r.link_up_from(2, Some("gw-b"), PEER + 1, W).primary);
+        assert_eq!(r.peer_instance(), Some("gw-b"));
+        let t = r.next_transmit(now).unwrap();
+        assert_eq!((t.epoch, t.seq, t.payload), (OURS + 1, 1, msg(3)), "the unsent message, first of the new session");
+        // gw-a is back (same run): gw-b holds the route.
+        assert_eq!(r.admit("gw-a", PEER), Admit::OtherInstance);
+    }
+
+    #[test]
+    fn a_peer_without_instance_names_keeps_the_single_instance_rules() {
+        let mut r = route();
+        r.link_up(1, PEER, W);
+        assert_eq!(r.admit("anyone", PEER), Admit::Same);
+        assert_eq!(r.admit("anyone", PEER + 1), Admit::Restarted);
     }
 
     fn drain(r: &mut Route, now: Instant) -> Vec<(LinkId, u64, bool)> {

@@ -1,6 +1,7 @@
-//! Property tests (proptest): the route state machine between a sender and a
-//! receiver under arbitrary interleavings of submits, transmits, losses,
-//! failovers and receiver restarts; and the Erlang term translator
+//! Property tests (proptest): the route state machine between a sender and
+//! two instances of the receiving cluster under arbitrary interleavings of
+//! submits, transmits, losses, failovers, receiver restarts and the
+//! sender's route moving between the instances; and the Erlang term translator
 //! (translate there and back is the identity, arbitrary bytes never panic).
 
 use std::collections::{BTreeSet, VecDeque};
@@ -9,7 +10,7 @@ use std::time::Instant;
 use bytes::Bytes;
 use proptest::prelude::*;
 use wandist::erlang::etf::{self, Kind, Pid, PidView, Ref, RefView, Refusal, Source, Term, Translator};
-use wandist::route::{DataVerdict, FailReason, LinkId, Outcome, Route, Window};
+use wandist::route::{Admit, DataVerdict, FailReason, LinkId, Outcome, Route, Window};
 
 // ---------------------------------------------------------------- route
 
@@ -19,31 +20,36 @@ enum Op {
     Transmit(u8),
     /// Carry up to n data frames on link i (modulo the links up).
     CarryData(u8, u8),
-    /// The receiver hands up to n messages to its local side...
-    Consume(u8),
+    /// Receiver instance i hands up to n messages to its local side...
+    Consume(u8, u8),
     /// ...which finishes with up to n of them (writes them to the Erlang
     /// node; with `true`, cannot deliver them); the receiver sends its
     /// rejects and acks what is finished.
-    Finish(u8, bool),
+    Finish(u8, u8, bool),
     CarryAcks(u8, u8),
     LinkDown(u8),
-    LinkUp,
-    /// The receiving gateway process is replaced by a new run.
-    ReceiverRestart,
+    /// A link to receiver instance i (modulo the instances), if both
+    /// sides admit it.
+    LinkUp(u8),
+    /// Receiver instance i's gateway process is replaced by a new run.
+    ReceiverRestart(u8),
 }
+
+/// Instances of the receiving cluster, each its own gateway (HA).
+const INSTANCES: usize = 2;
 
 fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
         4 => (1u8..20).prop_map(Op::Submit),
         4 => (1u8..20).prop_map(Op::Transmit),
         4 => (any::<u8>(), 1u8..20).prop_map(|(i, n)| Op::CarryData(i, n)),
-        4 => (1u8..20).prop_map(Op::Consume),
-        4 => (1u8..20).prop_map(|n| Op::Finish(n, false)),
-        1 => (1u8..4).prop_map(|n| Op::Finish(n, true)),
+        4 => (any::<u8>(), 1u8..20).prop_map(|(i, n)| Op::Consume(i, n)),
+        4 => (any::<u8>(), 1u8..20).prop_map(|(i, n)| Op::Finish(i, n, false)),
+        1 => (any::<u8>(), 1u8..4).prop_map(|(i, n)| Op::Finish(i, n, true)),
         3 => (any::<u8>(), 1u8..5).prop_map(|(i, n)| Op::CarryAcks(i, n)),
         1 => any::<u8>().prop_map(Op::LinkDown),
-        1 => Just(Op::LinkUp),
-        1 => Just(Op::ReceiverRestart),
+        2 => any::<u8>().prop_map(Op::LinkUp),
+        1 => any::<u8>().prop_map(Op::ReceiverRestart),
     ]
 }
 
@@ -54,30 +60,42 @@ enum Back {
 
 struct Link {
     id: LinkId,
+    /// The receiver instance at its far end.
+    to: usize,
     data: VecDeque<(u64, Bytes)>,
     /// Receiver to sender, in order.
     acks: VecDeque<Back>,
 }
 
+/// One instance of the receiving cluster.
+struct Receiver {
+    name: String,
+    route: Route,
+    epoch: u64,
+    /// Handed to its local side, not finished: (delivery number, token).
+    handed: VecDeque<(u64, u64)>,
+    /// The last token it delivered in this run (order within a session).
+    last: Option<u64>,
+}
+
 struct World {
     now: Instant,
     a: Route,
-    b: Route,
-    b_epoch: u64,
+    bs: Vec<Receiver>,
+    next_epoch: u64,
     links: Vec<Link>,
     next_link: LinkId,
     submitted: u64,
-    /// Handed to the receiver's local side, not finished: (delivery number, token).
-    handed: VecDeque<(u64, u64)>,
-    /// Tokens delivered (finished by the receiver's local side), across receiver runs.
+    /// Tokens delivered (finished by a receiver's local side), across
+    /// instances and runs: at most once, whatever happens.
     delivered: Vec<u64>,
     delivered_set: BTreeSet<u64>,
-    /// Per receiver run, the last token delivered (order within a run).
-    last_in_run: Option<u64>,
     confirmed: BTreeSet<u64>,
     failed: BTreeSet<u64>,
-    /// Finished by the receiver's local side as undeliverable.
+    /// Finished by a receiver's local side as undeliverable.
     undeliverable: BTreeSet<u64>,
+    /// The sender's session changed peers (or the peer's run changed).
+    sessions: usize,
 }
 
 const A_EPOCH: u64 = 1;
@@ -85,37 +103,85 @@ const W: Window = Window { messages: 16, bytes: 1 << 20 };
 
 impl World {
     fn new() -> World {
+        let bs = (0..INSTANCES)
+            .map(|i| Receiver {
+                name: format!("gw-b{i}"),
+                route: Route::new(1000 + i as u64, W, W),
+                epoch: 1000 + i as u64,
+                handed: VecDeque::new(),
+                last: None,
+            })
+            .collect();
         World {
             now: Instant::now(),
             a: Route::new(A_EPOCH, W, W),
-            b: Route::new(1000, W, W),
-            b_epoch: 1000,
+            bs,
+            next_epoch: 2000,
             links: Vec::new(),
             next_link: 1,
             submitted: 0,
-            handed: VecDeque::new(),
             delivered: Vec::new(),
             delivered_set: BTreeSet::new(),
-            last_in_run: None,
             confirmed: BTreeSet::new(),
             failed: BTreeSet::new(),
             undeliverable: BTreeSet::new(),
+            sessions: 0,
         }
     }
 
-    fn link_up(&mut self) {
-        let id = self.next_link;
-        self.next_link += 1;
-        let up = self.a.link_up(id, self.b_epoch, W);
-        for c in up.failed {
+    fn fresh_epoch(&mut self) -> u64 {
+        self.next_epoch += 1;
+        self.next_epoch
+    }
+
+    fn fail(&mut self, failed: Vec<wandist::route::Confirmation>) {
+        for c in failed {
             assert_eq!(c.outcome, Outcome::Failed(FailReason::PeerRestarted));
             assert!(self.failed.insert(c.token), "token {} failed twice", c.token);
         }
+    }
+
+    /// A link from the sender to receiver instance `to`, as the gateways
+    /// admit it: another instance while the route holds links to its
+    /// current one is refused; a switch takes a fresh epoch first.
+    fn link_up(&mut self, to: usize) {
+        let (name, b_epoch) = (self.bs[to].name.clone(), self.bs[to].epoch);
+        match self.a.admit(&name, b_epoch) {
+            Admit::OtherInstance => return,
+            Admit::Switch => {
+                let fresh = self.fresh_epoch();
+                let sw = self.a.switch(fresh);
+                assert!(sw.stale.is_empty(), "a switch with links up");
+                self.fail(sw.failed);
+            }
+            Admit::New | Admit::Same | Admit::Restarted => {}
+        }
+        let a_epoch = self.a.our_epoch();
+        let b = &mut self.bs[to].route;
+        assert!(!matches!(b.admit("gw-a", a_epoch), Admit::OtherInstance | Admit::Switch), "one sender instance");
+        let id = self.next_link;
+        self.next_link += 1;
+        let up = self.a.link_up_from(id, Some(&name), b_epoch, W);
+        if up.new_session {
+            self.sessions += 1;
+        }
+        self.fail(up.failed);
         for stale in up.stale {
             self.links.retain(|l| l.id != stale);
         }
-        self.b.link_up(id, A_EPOCH, W);
-        self.links.push(Link { id, data: VecDeque::new(), acks: VecDeque::new() });
+        let up = self.bs[to].route.link_up_from(id, Some("gw-a"), a_epoch, W);
+        if up.new_session {
+            // A new session from the sender: order restarts with it, and
+            // what the old one handed over is no longer its to finish (the
+            // gateway's `Finished` ignores another session's deliveries).
+            self.bs[to].last = None;
+            self.bs[to].handed.clear();
+        }
+        for stale in up.stale {
+            self.links.retain(|l| l.id != stale);
+            self.a.link_down(stale);
+        }
+        self.links.push(Link { id, to, data: VecDeque::new(), acks: VecDeque::new() });
     }
 
     fn pick(&self, i: u8) -> Option<usize> {
@@ -145,42 +211,46 @@ impl World {
                 let Some(i) = self.pick(i) else { return };
                 for _ in 0..n {
                     let Some((seq, payload)) = self.links[i].data.pop_front() else { break };
-                    let id = self.links[i].id;
-                    match self.b.on_data(id, seq, payload) {
+                    let (id, to) = (self.links[i].id, self.links[i].to);
+                    match self.bs[to].route.on_data(id, seq, payload) {
                         Ok(DataVerdict::Accepted | DataVerdict::Duplicate | DataVerdict::Stale) => {}
                         Err(v) => panic!("protocol violation: {v}"),
                     }
                 }
             }
-            Op::Consume(n) => {
+            Op::Consume(b, n) => {
+                let r = &mut self.bs[b as usize % INSTANCES];
                 for _ in 0..n {
-                    let Some((seq, p)) = self.b.next_delivery() else { break };
-                    self.handed.push_back((seq, u64::from_be_bytes(p[..].try_into().unwrap())));
+                    let Some((seq, p)) = r.route.next_delivery() else { break };
+                    r.handed.push_back((seq, u64::from_be_bytes(p[..].try_into().unwrap())));
                 }
             }
-            Op::Finish(n, undeliverable) => {
+            Op::Finish(b, n, undeliverable) => {
+                let to = b as usize % INSTANCES;
                 for _ in 0..n {
-                    let Some((seq, token)) = self.handed.pop_front() else { break };
+                    let r = &mut self.bs[to];
+                    let Some((seq, token)) = r.handed.pop_front() else { break };
                     assert!(self.delivered_set.insert(token), "token {token} delivered twice");
-                    if let Some(last) = self.last_in_run {
+                    if let Some(last) = r.last {
                         assert!(token > last, "token {token} after {last}: out of order");
                     }
-                    self.last_in_run = Some(token);
+                    r.last = Some(token);
                     self.delivered.push(token);
                     if undeliverable {
                         self.undeliverable.insert(token);
-                        self.b.local_undeliverable([seq]);
+                        r.route.local_undeliverable([seq]);
                     }
-                    self.b.local_done(seq);
+                    r.route.local_done(seq);
                 }
-                if let (Some((epoch, upto)), false) = (self.b.pending_ack(), self.links.is_empty()) {
-                    let rejects = self.b.take_rejects(upto);
-                    let first = &mut self.links[0];
+                let r = &mut self.bs[to].route;
+                if let (Some((epoch, upto)), Some(link)) = (r.pending_ack(), self.links.iter_mut().find(|l| l.to == to))
+                {
+                    let rejects = r.take_rejects(upto);
                     if !rejects.is_empty() {
-                        first.acks.push_back(Back::Reject(epoch, rejects));
+                        link.acks.push_back(Back::Reject(epoch, rejects));
                     }
-                    first.acks.push_back(Back::Ack(epoch, upto));
-                    self.b.ack_sent(upto);
+                    link.acks.push_back(Back::Ack(epoch, upto));
+                    r.ack_sent(upto);
                 }
             }
             Op::CarryAcks(i, n) => {
@@ -227,21 +297,26 @@ impl World {
                 let Some(i) = self.pick(i) else { return };
                 let link = self.links.remove(i);
                 self.a.link_down(link.id);
-                self.b.link_down(link.id);
+                self.bs[link.to].route.link_down(link.id);
             }
-            Op::LinkUp => {
+            Op::LinkUp(to) => {
                 if self.links.len() < 3 {
-                    self.link_up();
+                    self.link_up(to as usize % INSTANCES);
                 }
             }
-            Op::ReceiverRestart => {
+            Op::ReceiverRestart(b) => {
                 // What the old run held but had not handed over is lost with it;
                 // the sender must report those as failed, never deliver them twice.
-                self.b_epoch += 1;
-                self.b = Route::new(self.b_epoch, W, W);
-                self.last_in_run = None;
-                self.handed.clear();
-                for l in self.links.drain(..) {
+                let to = b as usize % INSTANCES;
+                let epoch = self.fresh_epoch();
+                let r = &mut self.bs[to];
+                r.epoch = epoch;
+                r.route = Route::new(epoch, W, W);
+                r.last = None;
+                r.handed.clear();
+                let (gone, kept): (Vec<Link>, Vec<Link>) = self.links.drain(..).partition(|l| l.to == to);
+                self.links = kept;
+                for l in gone {
                     self.a.link_down(l.id);
                 }
             }
@@ -251,7 +326,10 @@ impl World {
     /// Heals everything and runs to quiescence.
     fn settle(&mut self) {
         if self.links.is_empty() {
-            self.link_up();
+            self.link_up(0);
+            if self.links.is_empty() {
+                self.link_up(1);
+            }
         }
         for _ in 0..10_000 {
             let before = (self.delivered.len(), self.confirmed.len());
@@ -259,8 +337,10 @@ impl World {
             for i in 0..self.links.len() as u8 {
                 self.apply(&Op::CarryData(i, 255));
             }
-            self.apply(&Op::Consume(255));
-            self.apply(&Op::Finish(255, false));
+            for b in 0..INSTANCES as u8 {
+                self.apply(&Op::Consume(b, 255));
+                self.apply(&Op::Finish(b, 255, false));
+            }
             for i in 0..self.links.len() as u8 {
                 self.apply(&Op::CarryAcks(i, 255));
             }
@@ -274,14 +354,17 @@ impl World {
 proptest! {
     #![proptest_config(ProptestConfig { cases: 512, .. ProptestConfig::default() })]
 
-    /// Whatever happens, every message is delivered at most once and in
-    /// order within a receiver run; once the network heals, every message
-    /// is either delivered and confirmed, or reported failed (only after a
-    /// receiver restart), never both and never neither.
+    /// Whatever happens — links lost, receiver instances restarting, the
+    /// sender's route moving between two live instances of the receiving
+    /// cluster — every message is delivered at most once and in order
+    /// within a session; once the network heals, every message is either
+    /// delivered and confirmed, or reported failed (only after its session
+    /// ended), never both and never neither. `delivered` is never said of
+    /// a message that was not delivered.
     #[test]
     fn every_message_is_delivered_once_or_reported_failed(ops in prop::collection::vec(op(), 1..200)) {
         let mut w = World::new();
-        w.link_up();
+        w.link_up(0);
         for op in &ops {
             w.apply(op);
         }
@@ -296,7 +379,7 @@ proptest! {
                 prop_assert!(w.delivered_set.contains(&token));
             }
         }
-        if !ops.iter().any(|o| matches!(o, Op::ReceiverRestart)) {
+        if w.sessions == 1 {
             prop_assert!(w.failed.iter().all(|t| w.undeliverable.contains(t)));
             prop_assert_eq!(w.delivered.clone(), (0..w.submitted).collect::<Vec<_>>());
         }

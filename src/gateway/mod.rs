@@ -215,13 +215,6 @@ pub async fn start_gated(
         if route.insecure_plaintext {
             tracing::warn!(peer = %route.cluster, "route uses insecure_plaintext: traffic to and from this cluster is neither encrypted nor authenticated");
         }
-        admit.insert(
-            route.cluster.clone(),
-            Admission {
-                insecure_plaintext: route.insecure_plaintext,
-                offer: Offer { links_wanted: route.links_wanted(), recv_window: route.window },
-            },
-        );
         let (control_tx, control_rx) = mpsc::channel(CONTROL_QUEUE);
         inbound.insert(route.cluster.clone(), control_tx.clone());
         let (to_local, rx) = mpsc::channel(queue.max(1));
@@ -236,6 +229,14 @@ pub async fn start_gated(
             metrics.clone(),
             root.clone(),
             tracker.clone(),
+        );
+        admit.insert(
+            route.cluster.clone(),
+            Admission {
+                insecure_plaintext: route.insecure_plaintext,
+                offer: Offer { links_wanted: route.links_wanted(), recv_window: route.window },
+                session: Some(task.session_check()),
+            },
         );
         local.routes.insert(route.cluster.clone(), task.handle(control_tx));
         let (gate, cancel) = (gate.clone(), root.clone());
@@ -397,7 +398,7 @@ pub fn worker_threads(configured: usize, cpus: usize) -> usize {
 /// Accepted links and local group changes queued for one route task.
 const CONTROL_QUEUE: usize = 1024;
 
-fn new_epoch() -> u64 {
+pub(super) fn new_epoch() -> u64 {
     let t =
         std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0);
     (t ^ fastrand::u64(..)).max(1)

@@ -23,14 +23,15 @@ use tokio_util::task::TaskTracker;
 
 use super::core::{confirm_items, member_items, DataMetrics, RouteCore};
 use super::local::{LocalGroups, RouteControl, RouteHandle, ToLocal};
+use super::new_epoch;
 use crate::config::{GatewayConfig, RouteConfig};
 use crate::link::backoff::Backoff;
 use crate::link::conn::{self, Link, LinkEvent, LinkParams};
-use crate::link::handshake::{self, Established, HandshakeError, Identity, Offer};
+use crate::link::handshake::{self, Established, HandshakeError, Identity, Offer, SessionCheck, OTHER_INSTANCE};
 use crate::link::Timeouts;
 use crate::membership::{Change, Filter, ImportLimits, PeerMembership};
 use crate::metrics::{self as m, Metrics};
-use crate::route::{Confirmation, DataVerdict, FailReason, Outcome, Route, Window};
+use crate::route::{Admit, Confirmation, DataVerdict, FailReason, Outcome, Route, Window};
 use crate::tls;
 use crate::wire::{Frame, Header, Hello, CAP_REJECT};
 
@@ -127,6 +128,9 @@ pub(super) struct PeerTask {
     backoff: Backoff,
     next_dial: Instant,
     next_endpoint: usize,
+    /// Endpoints found to reach another instance of the peer cluster than
+    /// the one the route holds a session with: not dialed while it has links.
+    other_instance: Vec<bool>,
     /// The route state and what the data path shares with it.
     core: Arc<RouteCore>,
     members: PeerMembership,
@@ -215,6 +219,7 @@ impl PeerTask {
             backoff: Backoff::new(g.reconnect_min, g.reconnect_max),
             next_dial: Instant::now(),
             next_endpoint: 0,
+            other_instance: vec![false; config.endpoints.len()],
             core,
             members,
             down_since: Some(Instant::now()),
@@ -234,6 +239,20 @@ impl PeerTask {
     /// (`control`: the sending end of this task's control queue).
     pub(super) fn handle(&self, control: mpsc::Sender<RouteControl>) -> RouteHandle {
         RouteHandle { core: self.core.clone(), control }
+    }
+
+    /// The acceptor's check of an incoming peer run, before its hello is
+    /// answered: the route's session epoch, or the instance holding the
+    /// route when another one holds it (see `route::Admit`).
+    pub(super) fn session_check(&self) -> SessionCheck {
+        let core = self.core.clone();
+        SessionCheck(Arc::new(move |hello: &Hello| {
+            let st = core.lock();
+            match st.route.admit(&hello.gateway, hello.epoch) {
+                Admit::OtherInstance => Err(st.route.peer_instance().unwrap_or_default().to_string()),
+                _ => Ok(st.route.our_epoch()),
+            }
+        }))
     }
 
     fn offer(&self) -> Offer {
@@ -443,17 +462,22 @@ impl PeerTask {
         }
     }
 
-    /// Picks the next endpoint, preferring one no live link uses.
+    /// Picks the next endpoint, preferring one no live link uses; while
+    /// the route has links, never one that reached another instance.
     fn pick_endpoint(&mut self) -> usize {
         let n = self.config.endpoints.len();
+        if self.links.is_empty() {
+            self.other_instance.iter_mut().for_each(|o| *o = false);
+        }
+        let usable = |ep: usize| !self.other_instance[ep];
         for i in 0..n {
             let ep = (self.next_endpoint + i) % n;
-            if !self.links.iter().any(|l| l.endpoint == Some(ep)) {
+            if usable(ep) && !self.links.iter().any(|l| l.endpoint == Some(ep)) {
                 self.next_endpoint = ep + 1;
                 return ep;
             }
         }
-        let ep = self.next_endpoint % n;
+        let ep = (0..n).map(|i| (self.next_endpoint + i) % n).find(|&ep| usable(ep)).unwrap_or(self.next_endpoint % n);
         self.next_endpoint = ep + 1;
         ep
     }
@@ -463,7 +487,7 @@ impl PeerTask {
         let dial = self.config.endpoints[ep_index].clone();
         let tls = self.tls.as_ref().map(tls::Shared::current);
         let expect = self.config.cluster.clone();
-        let hello = self.own.hello(self.offer());
+        let hello = Hello { epoch: self.core.lock().route.our_epoch(), ..self.own.hello(self.offer()) };
         let t = self.timeouts;
         let max_frame = self.max_frame;
         tracing::debug!(peer = %expect, endpoint = %dial, "dialing");
@@ -478,6 +502,16 @@ impl PeerTask {
     }
 
     fn dial_failed(&mut self, ep: usize, e: &HandshakeError) {
+        if let HandshakeError::OtherInstance(holder) = e {
+            // A standby instance for this route: tried again each
+            // heartbeat, so it takes over soon after the holder is gone.
+            self.next_dial = Instant::now() + self.params.heartbeat;
+            self.metrics.counter(m::HANDSHAKE_FAILURES, &[("peer", &self.peer), ("reason", e.reason())]).increment(1);
+            if let Some(held_back) = self.refusals.allow(&"other_instance") {
+                tracing::info!(peer = %self.peer, endpoint = %self.config.endpoints[ep], held_back, "standby for this route: the peer's route is held by another instance of this cluster ({holder})");
+            }
+            return;
+        }
         let delay = self.backoff.fail(fastrand::f64());
         self.next_dial = Instant::now() + delay;
         self.metrics.counter(m::HANDSHAKE_FAILURES, &[("peer", &self.peer), ("reason", e.reason())]).increment(1);
@@ -490,7 +524,68 @@ impl PeerTask {
         );
     }
 
+    /// Whether a run of the peer may become a link of this route: a
+    /// second instance is refused while another holds the route; a
+    /// different instance after the current one is gone ends its session
+    /// (what it was sent and never confirmed fails) under a fresh epoch of
+    /// ours, and the link is closed so that the next one carries that
+    /// epoch; a link whose hello carried an epoch we no longer use is
+    /// closed the same way. Returns the link to adopt, if any.
+    fn admit(&mut self, est: Established, endpoint: Option<usize>) -> Option<Established> {
+        let (instance, epoch) = (est.peer.gateway.clone(), est.peer.epoch);
+        let verdict = {
+            let mut st = self.core.lock();
+            match st.route.admit(&instance, epoch) {
+                _ if est.our_epoch != st.route.our_epoch() => Err(("resync", "a new session: dial again".to_string())),
+                Admit::OtherInstance => {
+                    let holder = st.route.peer_instance().unwrap_or_default().to_string();
+                    Err(("other_instance", format!("{OTHER_INSTANCE}: {holder}")))
+                }
+                Admit::Switch => {
+                    let old = st.route.peer_instance().unwrap_or_default().to_string();
+                    let sw = st.route.switch(new_epoch());
+                    st.outbox.extend(confirm_items(&self.peer, sw.failed));
+                    st.outbox.push_back(ToLocal::Lost { peer: self.peer.clone() });
+                    let changes = self.members.peer_restarted();
+                    st.outbox.extend(member_items(&self.peer, changes));
+                    drop(st);
+                    self.members_dirty = true;
+                    if sw.failed_count > 0 {
+                        self.metrics
+                            .counter(
+                                m::MESSAGES_FAILED,
+                                &[("peer", &self.peer), ("reason", FailReason::PeerRestarted.label())],
+                            )
+                            .increment(sw.failed_count as u64);
+                    }
+                    tracing::warn!(peer = %self.peer, from = %old, to = %instance, failed = sw.failed_count, "the route moves to another instance of the peer cluster: a new session (unconfirmed messages to the previous instance reported failed)");
+                    Err(("resync", "a new session: dial again".to_string()))
+                }
+                Admit::New | Admit::Same | Admit::Restarted => Ok(()),
+            }
+        };
+        let (reason, why) = match verdict {
+            Ok(()) => return Some(est),
+            Err(v) => v,
+        };
+        if reason == "other_instance" {
+            if let Some(ep) = endpoint {
+                self.other_instance[ep] = true;
+            }
+            self.metrics.counter(m::HANDSHAKE_FAILURES, &[("peer", &self.peer), ("reason", reason)]).increment(1);
+            if let Some(held_back) = self.refusals.allow(&"other_instance") {
+                tracing::info!(peer = %self.peer, remote = %est.remote, instance = %instance, held_back, "refused a link to another instance of the peer cluster while this route holds links to its current one");
+            }
+        } else if endpoint.is_some() {
+            // Our next hello carries the new epoch: dial again now.
+            self.next_dial = Instant::now();
+        }
+        self.tracker.spawn(handshake::goodbye(est, why, self.max_frame));
+        None
+    }
+
     fn adopt(&mut self, est: Established, endpoint: Option<usize>) {
+        let Some(est) = self.admit(est, endpoint) else { return };
         let info = format!(
             "{} {} ({}, gateway {})",
             if est.dialed { "to" } else { "from" },
@@ -526,7 +621,7 @@ impl PeerTask {
             st.lanes.push(link.lanes());
             st.peer_rejects = hello.capabilities.iter().any(|c| c == CAP_REJECT);
             let was_known = st.route.peer_epoch().is_some();
-            let mut up = st.route.link_up(id, hello.epoch, peer_window);
+            let mut up = st.route.link_up_from(id, Some(&hello.gateway), hello.epoch, peer_window);
             if up.new_session {
                 self.core.finished.reset(hello.epoch);
             }

@@ -6,6 +6,7 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::io;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BytesMut;
@@ -50,11 +51,34 @@ impl Identity {
 }
 
 /// What an accepting gateway needs to know about each peer cluster it admits.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Admission {
     pub insecure_plaintext: bool,
     pub offer: Offer,
+    /// The route's say on the peer's run, before our hello is sent: the
+    /// epoch to tell it (the route's session epoch), or why another
+    /// instance of the peer cluster is refused. Without one, the gateway's
+    /// own epoch and no refusal.
+    pub session: Option<SessionCheck>,
 }
+
+/// See [`Admission::session`]: `Ok(our epoch)` or `Err(the instance
+/// holding the route)`.
+#[derive(Clone)]
+pub struct SessionCheck(pub Arc<CheckFn>);
+
+pub type CheckFn = dyn Fn(&Hello) -> Result<u64, String> + Send + Sync;
+
+impl std::fmt::Debug for SessionCheck {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SessionCheck")
+    }
+}
+
+/// The start of the goodbye (and error) that refuses a second instance of
+/// a peer cluster while the route holds links to another: the refused
+/// instance is a standby for the route and tries again soon.
+pub const OTHER_INSTANCE: &str = "another instance of your cluster holds this route";
 
 /// A link that has passed every check, ready to run.
 pub struct Established {
@@ -65,6 +89,8 @@ pub struct Established {
     pub dialed: bool,
     pub tls: bool,
     pub remote: String,
+    /// The epoch our hello on this link carried.
+    pub our_epoch: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -115,6 +141,8 @@ pub enum HandshakeError {
     NoTls,
     #[error("refused by the peer: {0}")]
     Refused(String),
+    #[error("another instance of your cluster holds this route: {0}")]
+    OtherInstance(String),
     #[error("the peer is this gateway's own cluster {0:?}")]
     SelfConnect(String),
     #[error("too many handshakes in progress")]
@@ -141,6 +169,7 @@ impl HandshakeError {
             HandshakeError::PlaintextRefused(_) => "plaintext_refused",
             HandshakeError::NoTls => "no_tls",
             HandshakeError::Refused(_) => "refused_by_peer",
+            HandshakeError::OtherInstance(_) => "other_instance",
             HandshakeError::SelfConnect(_) => "self",
             HandshakeError::Overload => "overload",
         }
@@ -230,12 +259,18 @@ pub async fn client(
     };
     until(Phase::Hello, deadline, t.handshake, async move {
         let mut io = io;
+        let our_epoch = ours.epoch;
         send_hello(&mut io, &Header::Hello(ours), max_frame).await?;
-        let (peer, rest) = read_hello(&mut io, max_frame).await?;
+        let (peer, rest) = read_hello(&mut io, max_frame).await.map_err(|e| match e {
+            HandshakeError::Refused(r) if r.starts_with(OTHER_INSTANCE) => {
+                HandshakeError::OtherInstance(r[OTHER_INSTANCE.len()..].trim_start_matches(": ").to_string())
+            }
+            e => e,
+        })?;
         if peer.cluster != expect {
             return Err(HandshakeError::WrongPeer { expected: expect.into(), got: peer.cluster });
         }
-        Ok(Established { io, peer, rest, dialed: true, tls: is_tls, remote })
+        Ok(Established { io, peer, rest, dialed: true, tls: is_tls, remote, our_epoch })
     })
     .await
 }
@@ -278,11 +313,15 @@ pub async fn server(
     until(Phase::Hello, deadline, t.handshake, async move {
         let mut io = io;
         let (peer, rest) = read_hello(&mut io, max_frame).await?;
-        let verdict = admit_peer(&peer, certs.as_deref().zip(tls), own, admit);
+        let verdict = admit_peer(&peer, certs.as_deref().zip(tls), own, admit).and_then(|a| match &a.session {
+            Some(check) => (check.0)(&peer).map(|epoch| (a.offer, epoch)).map_err(HandshakeError::OtherInstance),
+            None => Ok((a.offer, own.epoch)),
+        });
         match verdict {
-            Ok(admission) => {
-                send_hello(&mut io, &Header::Hello(own.hello(admission.offer)), max_frame).await?;
-                Ok(Established { io, peer, rest, dialed: false, tls: certs.is_some(), remote })
+            Ok((offer, our_epoch)) => {
+                let hello = Hello { epoch: our_epoch, ..own.hello(offer) };
+                send_hello(&mut io, &Header::Hello(hello), max_frame).await?;
+                Ok(Established { io, peer, rest, dialed: false, tls: certs.is_some(), remote, our_epoch })
             }
             Err(e) => {
                 // Best effort: tell the dialer why, so its log says more than "EOF".
@@ -310,11 +349,19 @@ fn admit_peer(
     if peer.cluster == own.cluster {
         return Err(HandshakeError::SelfConnect(peer.cluster.clone()));
     }
-    let admission = *admit.get(&peer.cluster).ok_or_else(|| HandshakeError::NoRoute(peer.cluster.clone()))?;
+    let admission = admit.get(&peer.cluster).cloned().ok_or_else(|| HandshakeError::NoRoute(peer.cluster.clone()))?;
     if certs.is_none() && !admission.insecure_plaintext {
         return Err(HandshakeError::PlaintextRefused(peer.cluster.clone()));
     }
     Ok(admission)
+}
+
+/// Closes an established connection before it becomes a link, telling the
+/// peer why (best effort).
+pub async fn goodbye(est: Established, reason: String, max_frame: usize) {
+    let mut io = est.io;
+    let _ = send_hello(&mut io, &Header::Goodbye { reason }, max_frame).await;
+    let _ = io.shutdown().await;
 }
 
 async fn send_hello(io: &mut BoxIo, header: &Header, max_frame: usize) -> Result<(), HandshakeError> {

@@ -1,0 +1,255 @@
+//! Several gateway instances of one cluster: real `wandist run` processes
+//! and real Erlang nodes. Two instances of dc1 (same cluster, same local
+//! node, distinct `gateway.name` and `[erlang] node`) dial one dc2 gateway.
+//! dc2 holds a session with one instance at a time; the other is a
+//! standby for the route. No remote process is listed twice in pg, no link
+//! flaps, every `delivered` was received, and when the active instance is
+//! killed the standby takes the route over.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use support::erl::{epmd, tag, Erl};
+use support::*;
+
+/// The integers of the first `[...]` list in `s` at or after `from`; and where it ended.
+fn int_list(s: &str, from: usize) -> (Vec<u32>, usize) {
+    let start = from + s[from..].find('[').expect("a list");
+    let end = start + s[start..].find(']').expect("list end");
+    let items = s[start + 1..end].split(',').filter(|x| !x.is_empty()).map(|x| x.trim().parse().unwrap()).collect();
+    (items, end + 1)
+}
+
+/// `n` confirmed sends from `sender` to the (one) member of `group`,
+/// through the gateway node `gw`: (delivered, failed).
+fn confirmed_stream(sender: &mut Erl, gw: &str, group: &str, from: u32, n: u32) -> (Vec<u32>, Vec<u32>) {
+    let out = sender.eval_within(
+        &format!(
+            "[Dst{from}] = pg:get_members(wan, {group}), \
+             [{{wandist, '{gw}'}} ! {{send_confirmed, self(), I, Dst{from}, {{n, I}}}} || I <- lists:seq({from}, {last})], \
+             (fun L(0, D, F) -> {{lists:sort(D), lists:sort(F)}}; \
+                  L(K, D, F) -> receive {{wandist_confirm, I, delivered}} -> L(K - 1, [I | D], F); \
+                                        {{wandist_confirm, I, {{failed, _}}}} -> L(K - 1, D, [I | F]) \
+                                after 30000 -> {{timeout, K}} end end)({n}, [], []).",
+            last = from + n - 1
+        ),
+        SOON * 2,
+    );
+    assert!(out.starts_with("{["), "the stream did not finish: {out}");
+    let (delivered, at) = int_list(&out, 0);
+    (delivered, int_list(&out, at).0)
+}
+
+/// What the sink on `node` has received: (numbers, duplicates).
+fn received(node: &mut Erl) -> (Vec<u32>, u32) {
+    // (In a fun: the shell keeps bindings between evaluations.)
+    let out = node.eval("(fun() -> sink ! {report, self()}, receive {sink, G, D} -> {G, D} end end)().");
+    let dups = out.rsplit(',').next().unwrap().trim_matches(|c: char| !c.is_ascii_digit()).parse().unwrap();
+    (int_list(&out, 0).0, dups)
+}
+
+const SINK: &str = "Sink = spawn(fun() -> (fun L(Seen, Dups) -> receive \
+    {n, I} -> case maps:is_key(I, Seen) of true -> L(Seen, Dups + 1); false -> L(Seen#{I => true}, Dups) end; \
+    {report, P} -> P ! {sink, lists:sort(maps:keys(Seen)), Dups}, L(Seen, Dups) end end)(#{}, 0) end), \
+    register(sink, Sink), pg:join(wan, sink, Sink).";
+
+#[test]
+fn two_instances_of_a_cluster_share_one_peer_without_duplicates_or_false_confirmations() {
+    let t = tag();
+    let epmd = epmd();
+    let mut a1 = Erl::start(&format!("a1_{t}"), "cookie_a", &epmd);
+    let mut b1 = Erl::start(&format!("b1_{t}"), "cookie_b", &epmd);
+    for n in [&mut a1, &mut b1] {
+        assert_eq!(n.eval("{ok, _} = pg:start(wan), ok."), "ok");
+    }
+    assert_eq!(b1.eval(SINK), "ok");
+    assert_eq!(a1.eval(&SINK.replace("pg:join(wan, sink, Sink)", "pg:join(wan, back, Sink)")), "ok");
+    let certs = Certs::new(&["dc1", "dc2"]);
+    let env = [("ERL_EPMD_PORT", epmd.port.to_string())];
+    let gw2_node = format!("wgw2_{t}@127.0.0.1");
+    let dc2 = Gateway::start_with_env(
+        "gw-dc2",
+        &format!(
+            "{}{}[[route]]\ncluster = \"dc1\"\n[erlang]\nnode = \"{gw2_node}\"\ncookie = \"cookie_b\"\nnodes = [\"{}\"]\n",
+            gateway_table("dc2", true),
+            certs.tls_table("dc2"),
+            b1.name
+        ),
+        &env,
+    );
+    let instance = |name: &str| {
+        let node = format!("w{name}_{t}@127.0.0.1");
+        let body = format!(
+            "[gateway]\ncluster = \"dc1\"\nname = \"{name}\"\n{FAST}handshake_timeout_ms = 1000\n\n{}[[route]]\ncluster = \"dc2\"\nendpoints = [\"{}\"]\n[erlang]\nnode = \"{node}\"\ncookie = \"cookie_a\"\nnodes = [\"{}\"]\n",
+            certs.tls_table("dc1"),
+            dc2.peer_addr(),
+            a1.name
+        );
+        (Gateway::start_with_env(name, &body, &env), node)
+    };
+    let (gw_a, node_a) = instance("gw-a");
+    let (gw_b, node_b) = instance("gw-b");
+    let up = |g: &Gateway| g.metric("wandist_route_up", &[("peer", "dc2")]) == Some(1.0);
+    let mut dc1 = [(gw_a, node_a), (gw_b, node_b)];
+    wait_for("one dc1 instance holding the route", SOON, || dc1.iter().any(|(g, _)| up(g)).then_some(()));
+    // The other is a standby: refused as another instance, counted, and
+    // never holding the route at the same time.
+    let active = dc1.iter().position(|(g, _)| up(g)).unwrap();
+    let standby = 1 - active;
+    dc1[standby].0.wait_metric(
+        "wandist_handshake_failures_total",
+        &[("peer", "dc2"), ("reason", "other_instance")],
+        |v| v >= 2.0,
+    );
+    a1.eval_until("length(pg:get_members(wan, sink)).", |v| v == "1");
+    b1.eval_until("length(pg:get_members(wan, back)).", |v| v == "1");
+
+    // Steady state: for 2 s, one member each way (never two), the route held
+    // by the same instance, no new link.
+    let connects = dc2.metric("wandist_link_connects_total", &[("peer", "dc1")]);
+    let until = Instant::now() + Duration::from_secs(2);
+    while Instant::now() < until {
+        assert_eq!(a1.eval("length(pg:get_members(wan, sink))."), "1");
+        assert_eq!(b1.eval("length(pg:get_members(wan, back))."), "1");
+        assert!(up(&dc1[active].0) && !up(&dc1[standby].0), "the route changed hands in steady state");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(dc2.metric("wandist_link_connects_total", &[("peer", "dc1")]), connects, "links flapped");
+
+    // Confirmed sends both ways; every `delivered` was received, once.
+    let (d1, f1) = confirmed_stream(&mut a1, &dc1[active].1, "sink", 1, 2000);
+    assert_eq!((d1.len(), f1.len()), (2000, 0), "a1 -> b1 through the active instance");
+    let (d2, f2) = confirmed_stream(&mut b1, &gw2_node, "back", 1, 2000);
+    assert_eq!((d2.len(), f2.len()), (2000, 0), "b1 -> a1 through dc2's gateway");
+    for (node, delivered) in [(&mut b1, &d1), (&mut a1, &d2)] {
+        let (got, dups) = received(node);
+        assert_eq!(dups, 0);
+        assert!(delivered.iter().all(|d| got.binary_search(d).is_ok()), "a confirmed message never arrived");
+    }
+
+    // kill -9 of the active instance: the standby takes the route over, and
+    // the members come back through it (a1 sees a proxy on the standby's
+    // node; b1 a new proxy for a1's member, of the new session).
+    let old_back = b1.eval("pg:get_members(wan, back).");
+    let killed = Instant::now();
+    dc1[active].0.kill();
+    wait_for("the standby holding the route", SOON, || up(&dc1[standby].0).then_some(()));
+    let standby_node = format!("['{}']", dc1[standby].1);
+    a1.eval_until("[node(P) || P <- pg:get_members(wan, sink)].", |v| v == standby_node);
+    b1.eval_until("pg:get_members(wan, back).", |v| v != old_back && v.matches('<').count() == 1);
+    let took = killed.elapsed();
+    let (d3, f3) = confirmed_stream(&mut a1, &dc1[standby].1, "sink", 10_001, 2000);
+    assert_eq!((d3.len(), f3.len()), (2000, 0), "a1 -> b1 through the instance that took over");
+    let (d4, f4) = confirmed_stream(&mut b1, &gw2_node, "back", 10_001, 2000);
+    assert_eq!((d4.len(), f4.len()), (2000, 0), "b1 -> a1 after the takeover");
+    for (node, delivered) in [(&mut b1, &d3), (&mut a1, &d4)] {
+        let (got, dups) = received(node);
+        assert_eq!(dups, 0);
+        assert!(delivered.iter().all(|d| got.binary_search(d).is_ok()), "a confirmed message never arrived");
+    }
+    assert_eq!(a1.eval("length(pg:get_members(wan, sink))."), "1");
+    let text = dc2.metrics();
+    assert_eq!(metric_sum(&text, "wandist_frames_rejected_total", &[]), 0.0, "frames rejected:\n{text}");
+    println!(
+        "two dc1 instances, one dc2: one member each way throughout, no link flapped in steady state, 8,000 confirmed \
+         messages all received once; after kill -9 of the active instance the standby held the route and the members \
+         were back in {took:?} (dead_after 1.5 s)"
+    );
+}
+
+/// The layout gateway.toml.example shows: one route whose endpoints are two
+/// gateway instances of the peer, `standby = 1`. The route holds one
+/// instance (its standby link goes to the same one: the other is refused
+/// once and then left alone); when that instance stops, the route moves to
+/// the other under a new session. Every message is delivered by one
+/// instance at most once, and confirmed `delivered` only if it was.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_route_to_two_instances_of_the_peer_holds_one_and_moves_when_it_stops() {
+    use support::inproc::{next, InProc};
+    use wandist::gateway::ToLocal;
+    use wandist::route::Outcome;
+
+    const TOTAL: u64 = 20_000;
+    let certs = Certs::new(&["dc1", "dc2"]);
+    let accepting_as = |name: &str| {
+        format!(
+            "[gateway]\ncluster = \"dc2\"\nname = \"{name}\"\nlisten = \"127.0.0.1:0\"\n{FAST}\n{}[[route]]\ncluster = \"dc1\"\n",
+            certs.tls_table("dc2")
+        )
+    };
+    let mut dc2 = [
+        InProc::start("gw-a", &accepting_as("gw-a"), 4096).await,
+        InProc::start("gw-b", &accepting_as("gw-b"), 4096).await,
+    ];
+    let dc1 = InProc::start(
+        "dc1",
+        &format!(
+            "{}{}[[route]]\ncluster = \"dc2\"\nendpoints = [\"{}\", \"{}\"]\nstandby = 1\n",
+            gateway_table("dc1", false),
+            certs.tls_table("dc1"),
+            dc2[0].peer_addr(),
+            dc2[1].peer_addr()
+        ),
+        4096,
+    )
+    .await;
+    dc1.wait_metric("wandist_link_up", &[("peer", "dc2"), ("role", "standby")], |v| v == 1.0).await;
+    let holder = |g: &InProc| g.metric("wandist_route_up", &[("peer", "dc1")]) == Some(1.0);
+    let active = dc2.iter().position(holder).expect("one instance holds the route");
+    assert!(!holder(&dc2[1 - active]), "both instances hold the route");
+    let connects = dc1.metric("wandist_link_connects_total", &[("peer", "dc2")]);
+
+    // A stream with confirmations; each instance's local side records what it got.
+    let route = dc1.running().local.route("dc2").unwrap().clone();
+    let producer = tokio::spawn(async move {
+        for i in 0..TOTAL {
+            route.submit(bytes::Bytes::copy_from_slice(&i.to_be_bytes()), Some(i)).await.unwrap();
+        }
+    });
+    let mut sinks = Vec::new();
+    for g in dc2.iter_mut() {
+        let mut rx = std::mem::replace(&mut g.rx, tokio::sync::mpsc::channel(1).1);
+        sinks.push(tokio::spawn(async move {
+            let mut got = Vec::new();
+            while let Some(item) = rx.recv().await {
+                if let ToLocal::Deliver { payload, .. } = item {
+                    got.push(u64::from_be_bytes(payload[..].try_into().unwrap()));
+                }
+            }
+            got
+        }));
+    }
+    dc1.wait_metric("wandist_messages_delivered_total", &[("peer", "dc2")], |v| v >= (TOTAL / 4) as f64).await;
+    assert_eq!(dc1.metric("wandist_link_connects_total", &[("peer", "dc2")]), connects, "links flapped");
+
+    // The active instance stops; the route moves to the other.
+    dc2[active].stop().await;
+    let other = &dc2[1 - active];
+    other.wait_metric("wandist_route_up", &[("peer", "dc1")], |v| v == 1.0).await;
+    producer.await.unwrap();
+    let (mut delivered, mut failed) = (Vec::new(), Vec::new());
+    let mut rx = dc1.rx;
+    while (delivered.len() + failed.len()) < TOTAL as usize {
+        match next(&mut rx, "confirmations").await {
+            ToLocal::Confirm { token, outcome: Outcome::Delivered, .. } => delivered.push(token),
+            ToLocal::Confirm { token, .. } => failed.push(token),
+            _ => {}
+        }
+    }
+    dc2[1 - active].stop().await;
+    let mut received = Vec::new();
+    for s in sinks {
+        received.extend(s.await.unwrap());
+    }
+    let set: std::collections::BTreeSet<u64> = received.iter().copied().collect();
+    assert_eq!(set.len(), received.len(), "a message delivered twice (across instances)");
+    assert!(delivered.iter().all(|d| set.contains(d)), "confirmed delivered, never received");
+    assert!(failed.iter().all(|f| !delivered.contains(f)), "both delivered and failed");
+    println!(
+        "route to two dc2 instances: one held it (no flap), then the other after it stopped: {} delivered, {} failed \
+         (in flight at the stop), every `delivered` received once",
+        delivered.len(),
+        failed.len()
+    );
+}
