@@ -323,9 +323,12 @@ async fn soak(secs: u64) {
     assert!(problems.is_empty(), "{} problems, first: {:?}", problems.len(), &problems[..problems.len().min(10)]);
     assert!(sent[0] > 0 && sent[1] > 0, "no traffic");
     assert!(delivered > failed, "more failed than delivered: {delivered} / {failed}");
-    // Allocator slack, not growth: the later peak within 25 % (or 32 MiB) of the earlier.
+    // Allocator slack, not growth: the later peak within 50 % (or 48 MiB) of
+    // the earlier. (A gateway restarted late in a 20 s run leaves up to ~45
+    // MiB of slack behind on this machine, with or without a leak; the leak
+    // this caught, histogram samples piling up, grew RSS 2.5x in 180 s.)
     assert!(
-        rss_late <= rss_early + (rss_early / 4).max(32 * 1024),
+        rss_late <= rss_early + (rss_early / 2).max(48 * 1024),
         "RSS grew: peak {rss_early} KiB, then {rss_late} KiB"
     );
 }
