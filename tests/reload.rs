@@ -210,3 +210,101 @@ fn sighup_reloads_refuses_a_bad_file_names_what_needs_a_restart_and_never_kills(
     let st = dc1.wait_exit(SOON).expect("did not stop on SIGTERM");
     assert!(st.success());
 }
+
+#[test]
+fn sighup_adds_and_removes_routes_touching_only_their_own_links() {
+    let certs = Certs::new(&["dc1", "dc2", "dc3"]);
+    let dc2 = Gateway::start("gw-dc2", &accepting("dc2", &certs, "dc1"));
+    let dc3 = Gateway::start("gw-dc3", &accepting("dc3", &certs, "dc1"));
+    let route =
+        |peer: &str, gw: &Gateway| format!("[[route]]\ncluster = \"{peer}\"\nendpoints = [\"{}\"]\n", gw.peer_addr());
+    let head = format!("{}{}", gateway_table("dc1", false), certs.tls_table("dc1"));
+    let dc1 = Gateway::start("gw-dc1", &format!("{head}{}", route("dc2", &dc2)));
+    dc1.wait_metric("wandist_route_up", &[("peer", "dc2")], |v| v == 1.0);
+    let dc2_links = || dc1.metric("wandist_link_connects_total", &[("peer", "dc2")]);
+    let before = dc2_links();
+
+    // dc3 added: its route comes up; dc2's link is untouched.
+    dc1.rewrite(&format!("{head}{}{}", route("dc2", &dc2), route("dc3", &dc3)));
+    dc1.signal("HUP");
+    dc1.wait_metric("wandist_route_up", &[("peer", "dc3")], |v| v == 1.0);
+    dc3.wait_metric("wandist_route_up", &[("peer", "dc1")], |v| v == 1.0);
+    assert_eq!(dc1.metric("wandist_config_restart_needed", &[]), Some(0.0));
+    assert_eq!(dc2_links(), before, "adding dc3 touched dc2's link");
+
+    // dc2 removed: its link goes (the peer is told), dc3's stays.
+    let dc3_links = dc1.metric("wandist_link_connects_total", &[("peer", "dc3")]);
+    dc1.rewrite(&format!("{head}{}", route("dc3", &dc3)));
+    dc1.signal("HUP");
+    dc2.wait_metric("wandist_route_up", &[("peer", "dc1")], |v| v == 0.0);
+    dc1.wait_log("route stopped (reload)", SOON);
+    assert_eq!(dc1.metric("wandist_route_up", &[("peer", "dc3")]), Some(1.0));
+    assert_eq!(
+        dc1.metric("wandist_link_connects_total", &[("peer", "dc3")]),
+        dc3_links,
+        "removing dc2 touched dc3's link"
+    );
+    // dc2 is a stranger now: its dialing back in is refused (no route).
+    assert_eq!(dc1.metric("wandist_config_reloads_total", &[("result", "applied")]), Some(2.0));
+}
+
+#[test]
+fn sighup_applies_erlang_nodes_added_and_removed() {
+    use support::erl::{epmd, tag, Erl};
+    let t = tag();
+    let epmd = epmd();
+    let mut a1 = Erl::start(&format!("a1_{t}"), "cookie_a", &epmd);
+    let mut a2 = Erl::start(&format!("a2_{t}"), "cookie_a", &epmd);
+    let mut b1 = Erl::start(&format!("b1_{t}"), "cookie_b", &epmd);
+    for n in [&mut a1, &mut a2, &mut b1] {
+        assert_eq!(n.eval("{ok, _} = pg:start(wan), ok."), "ok");
+    }
+    let join = "P = spawn(fun L() -> receive {ping, F} -> F ! {pong, node()}, L() end end), pg:join(wan, svc, P).";
+    assert_eq!(a2.eval(join), "ok");
+    let certs = Certs::new(&["dc1", "dc2"]);
+    let env = [("ERL_EPMD_PORT", epmd.port.to_string())];
+    let dc2 = Gateway::start_with_env(
+        "gw-dc2",
+        &format!(
+            "{}{}[[route]]\ncluster = \"dc1\"\n[erlang]\nnode = \"wgw2_{t}@127.0.0.1\"\ncookie = \"cookie_b\"\nnodes = [\"{}\"]\n",
+            gateway_table("dc2", true),
+            certs.tls_table("dc2"),
+            b1.name
+        ),
+        &env,
+    );
+    let dc1_with = |nodes: &[&Erl]| {
+        let list: Vec<String> = nodes.iter().map(|n| format!("\"{}\"", n.name)).collect();
+        format!(
+            "{}{}[[route]]\ncluster = \"dc2\"\nendpoints = [\"{}\"]\n[erlang]\nnode = \"wgw1_{t}@127.0.0.1\"\ncookie = \"cookie_a\"\nnodes = [{}]\n",
+            gateway_table("dc1", false),
+            certs.tls_table("dc1"),
+            dc2.peer_addr(),
+            list.join(", ")
+        )
+    };
+    let dc1 = Gateway::start_with_env("gw-dc1", &dc1_with(&[&a1]), &env);
+    dc1.wait_metric("wandist_route_up", &[("peer", "dc2")], |v| v == 1.0);
+    dc1.wait_metric("wandist_erlang_nodes_connected", &[], |v| v == 1.0);
+    assert_eq!(b1.eval("length(pg:get_members(wan, svc))."), "0", "a2 is not mirrored yet");
+
+    // a2 added: connected, and its member reaches dc2; the route untouched.
+    let links = dc1.metric("wandist_link_connects_total", &[("peer", "dc2")]);
+    dc1.rewrite(&dc1_with(&[&a1, &a2]));
+    dc1.signal("HUP");
+    dc1.wait_metric("wandist_erlang_nodes_connected", &[], |v| v == 2.0);
+    b1.eval_until("length(pg:get_members(wan, svc)).", |v| v == "1");
+    assert_eq!(
+        b1.eval("hd(pg:get_members(wan, svc)) ! {ping, self()}, receive {pong, N} -> N after 5000 -> timeout end."),
+        format!("'{}'", a2.name)
+    );
+
+    // a2 removed: disconnected, its member withdrawn.
+    dc1.rewrite(&dc1_with(&[&a1]));
+    dc1.signal("HUP");
+    dc1.wait_metric("wandist_erlang_nodes_connected", &[], |v| v == 1.0);
+    b1.eval_until("length(pg:get_members(wan, svc)).", |v| v == "0");
+    a2.eval_until(&format!("lists:member('wgw1_{t}@127.0.0.1', nodes(hidden))."), |v| v == "false");
+    assert_eq!(dc1.metric("wandist_link_connects_total", &[("peer", "dc2")]), links);
+    assert_eq!(dc1.metric("wandist_config_restart_needed", &[]), Some(0.0));
+}

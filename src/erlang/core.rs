@@ -125,6 +125,9 @@ struct Batch {
 
 #[derive(Debug)]
 struct Peer {
+    /// Its route was removed (a reload): nothing more comes from it or
+    /// goes to it; its index is never reused.
+    removed: bool,
     name: Arc<str>,
     export: Filter,
     up: bool,
@@ -143,6 +146,25 @@ struct Peer {
     refused: u64,
     /// Joins minted, not yet told (empty whenever `jobs` is).
     batch: Option<Batch>,
+}
+
+impl Peer {
+    fn new(p: &PeerSetup) -> Peer {
+        Peer {
+            removed: false,
+            name: p.name.clone(),
+            export: p.export.clone(),
+            up: false,
+            session: None,
+            exports: Handles::new(p.limits.handles),
+            atoms: Atoms::new(p.limits.atoms),
+            max_monitors: p.limits.monitors,
+            jobs: VecDeque::new(),
+            deferred: VecDeque::new(),
+            refused: 0,
+            batch: None,
+        }
+    }
 }
 
 /// Who sent a message to a proxy.
@@ -284,23 +306,7 @@ impl Core {
         let quotas: Vec<usize> = setup.peers.iter().map(|p| p.limits.proxies).collect();
         let proxies = Proxies::new(setup.me.clone(), setup.creation, FIRST_PROXY, &quotas);
         let gw = proxies.pid(GW_KEY);
-        let peers: Vec<Peer> = setup
-            .peers
-            .iter()
-            .map(|p| Peer {
-                name: p.name.clone(),
-                export: p.export.clone(),
-                up: false,
-                session: None,
-                exports: Handles::new(p.limits.handles),
-                atoms: Atoms::new(p.limits.atoms),
-                max_monitors: p.limits.monitors,
-                jobs: VecDeque::new(),
-                deferred: VecDeque::new(),
-                refused: 0,
-                batch: None,
-            })
-            .collect();
+        let peers: Vec<Peer> = setup.peers.iter().map(Peer::new).collect();
         let counters = Counters {
             to_peers: metrics.counter(m::ERLANG_MESSAGES, &[("direction", "to_peers")]),
             from_peers: metrics.counter(m::ERLANG_MESSAGES, &[("direction", "from_peers")]),
@@ -377,6 +383,9 @@ impl Core {
     /// `Up` or `Lost`, up to bounds.
     pub fn accepts(&self, p: PeerIx) -> bool {
         let peer = &self.peers[p];
+        if peer.removed {
+            return true;
+        }
         let queued: usize = peer.jobs.iter().map(|j| j.members.len() - j.done).sum();
         peer.deferred.len() < MAX_DEFERRED && peer.jobs.len() < MAX_JOBS && queued < MAX_QUEUED_MEMBERS
     }
@@ -384,6 +393,46 @@ impl Core {
     /// Refusals counted against peer `p` so far.
     pub fn refused(&self, p: PeerIx) -> u64 {
         self.peers[p].refused
+    }
+
+    /// The index of the (not removed) peer named `name`.
+    pub fn peer_ix(&self, name: &str) -> Option<PeerIx> {
+        self.by_name.get(name).copied()
+    }
+
+    /// A route added by a reload: its index, and every member we have
+    /// that it may see, exported to it.
+    pub fn add_peer(&mut self, setup: PeerSetup) -> PeerIx {
+        let p = self.proxies.add_peer(setup.limits.proxies);
+        debug_assert_eq!(p, self.peers.len());
+        self.held.add_peer();
+        self.by_name.insert(setup.name.clone(), p);
+        self.peers.push(Peer::new(&setup));
+        for c in self.mirror.local_members() {
+            self.export_change(p, &c);
+        }
+        p
+    }
+
+    /// A route removed by a reload: as if its peer were lost for good.
+    /// Watchers of its proxies get DOWN, monitors held for it go, its
+    /// proxies resolve no more and leave their groups (reclaimed in steps
+    /// by `work`), and nothing more is exported to it.
+    pub fn remove_peer(&mut self, p: PeerIx) {
+        if self.peers[p].removed {
+            return;
+        }
+        self.flush_batch(p);
+        let name = self.peers[p].name.clone();
+        self.apply(p, ToLocal::Lost { peer: name.clone() });
+        let peer = &mut self.peers[p];
+        peer.removed = true;
+        peer.up = false;
+        peer.jobs.clear();
+        peer.deferred.clear();
+        peer.exports = Handles::new(1);
+        self.by_name.remove(&name);
+        self.proxies.retire_peer(p);
     }
 
     pub fn undiscovered(&self) -> bool {
@@ -895,41 +944,46 @@ impl Core {
     /// them as handles issued to it (pinned while they are members).
     fn local_change(&mut self, c: LocalChange) {
         for p in 0..self.peers.len() {
-            if !self.peers[p].export.allows(&c.group) {
-                continue;
-            }
-            let mut handles = Vec::with_capacity(c.members.len());
-            let mut refused = 0;
-            let exports = &mut self.peers[p].exports;
-            for m in &c.members {
-                if c.join {
-                    match exports.issue(Kind::Pid, m) {
-                        Ok(h) => {
-                            exports.pin(h);
-                            handles.push(h);
-                        }
-                        Err(_) => refused += 1,
+            self.export_change(p, &c);
+        }
+    }
+
+    /// A change of our members, as peer `p` is told it (if it may see it).
+    fn export_change(&mut self, p: PeerIx, c: &LocalChange) {
+        if self.peers[p].removed || !self.peers[p].export.allows(&c.group) {
+            return;
+        }
+        let mut handles = Vec::with_capacity(c.members.len());
+        let mut refused = 0;
+        let exports = &mut self.peers[p].exports;
+        for m in &c.members {
+            if c.join {
+                match exports.issue(Kind::Pid, m) {
+                    Ok(h) => {
+                        exports.pin(h);
+                        handles.push(h);
                     }
-                } else if let Some(h) = exports.find(m) {
-                    exports.unpin(h);
-                    handles.push(h);
+                    Err(_) => refused += 1,
                 }
+            } else if let Some(h) = exports.find(m) {
+                exports.unpin(h);
+                handles.push(h);
             }
-            if refused > 0 {
-                self.reject(Some(p), "handle_quota", || {
-                    format!(
-                        "{refused} members of {:?} not exported: the handles issued to the peer are at their quota",
-                        c.group
-                    )
-                });
-            }
-            // (In bounded pieces: one route step each.)
-            for chunk in handles.chunks(MEMBERS_PER_STEP) {
-                let (group, members) = (c.group.clone(), chunk.to_vec());
-                let change =
-                    if c.join { LocalGroups::Join { group, members } } else { LocalGroups::Leave { group, members } };
-                self.out.push(Effect::Groups { peer: p, change });
-            }
+        }
+        if refused > 0 {
+            self.reject(Some(p), "handle_quota", || {
+                format!(
+                    "{refused} members of {:?} not exported: the handles issued to the peer are at their quota",
+                    c.group
+                )
+            });
+        }
+        // (In bounded pieces: one route step each.)
+        for chunk in handles.chunks(MEMBERS_PER_STEP) {
+            let (group, members) = (c.group.clone(), chunk.to_vec());
+            let change =
+                if c.join { LocalGroups::Join { group, members } } else { LocalGroups::Leave { group, members } };
+            self.out.push(Effect::Groups { peer: p, change });
         }
     }
 
@@ -943,6 +997,16 @@ impl Core {
     /// jobs before them, and hold back everything after them.
     pub fn from_route(&mut self, p: PeerIx, item: ToLocal) {
         let peer = &mut self.peers[p];
+        if peer.removed {
+            // The route's last words: outcomes still answer their senders;
+            // a message is not delivered (its peer is told so).
+            match item {
+                ToLocal::Confirm { .. } => self.apply(p, item),
+                ToLocal::Deliver { mut held, .. } => held.undeliverable(),
+                _ => {}
+            }
+            return;
+        }
         if !peer.deferred.is_empty() {
             peer.deferred.push_back(item);
             return;

@@ -27,4 +27,4 @@ mod shell;
 pub mod throttle;
 
 pub use self::core::CONFIRM_NAME;
-pub use shell::start;
+pub use shell::{start, ShellControl};

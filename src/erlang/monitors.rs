@@ -99,6 +99,11 @@ impl Held {
         Held { of_peer: (0..peers).map(|_| HashSet::default()).collect(), ..Default::default() }
     }
 
+    /// Room for one more peer (a route added by a reload).
+    pub fn add_peer(&mut self) {
+        self.of_peer.push(HashSet::default());
+    }
+
     pub fn count(&self, peer: PeerIx) -> usize {
         self.of_peer.get(peer).map_or(0, HashSet::len)
     }

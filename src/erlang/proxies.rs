@@ -84,6 +84,12 @@ impl Proxies {
         }
     }
 
+    /// A table for one more peer (a route added by a reload), with its quota.
+    pub fn add_peer(&mut self, quota: usize) -> PeerIx {
+        self.peers.push(PeerTable { max: quota.max(1), ..Default::default() });
+        self.peers.len() - 1
+    }
+
     pub fn len(&self) -> usize {
         self.by_key.len()
     }

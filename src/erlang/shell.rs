@@ -30,7 +30,7 @@ use super::core::{Core, Effect, PeerSetup, Setup};
 use super::node::{self, NodeEvent, NodeParams, NodeTx, TrySend};
 use super::proxies::PeerIx;
 use super::throttle::Budget;
-use crate::config::{ErlangConfig, GatewayConfig, RouteConfig};
+use crate::config::{ErlNode, ErlangConfig, GatewayConfig, RouteConfig};
 use crate::gateway::{Inbox, LocalHandle, RouteHandle, ToLocal, TryGroups, TrySubmit};
 use crate::membership::Filter;
 use crate::metrics::{self as m, Metrics};
@@ -66,6 +66,29 @@ struct NodeSlot {
     backlog: VecDeque<Effect>,
     /// Connected, or found unreachable, at least once.
     tried: bool,
+    /// Stops its connection task (a reload removed the node).
+    cancel: CancellationToken,
+    removed: bool,
+}
+
+/// What a reload changes on the Erlang side, while it runs.
+#[derive(Debug)]
+pub enum ShellControl {
+    /// A route added: the shell serves its inbox and exports to it.
+    AddRoute { route: Box<RouteConfig>, inbox: Inbox, handle: RouteHandle },
+    /// A route removed: its peer is forgotten (its proxies leave their
+    /// groups, their watchers get DOWN); what waited for it fails.
+    RemoveRoute(Arc<str>),
+    /// The local nodes to connect to, now.
+    Nodes(Vec<ErlNode>),
+}
+
+/// Where the shell gets what it needs to connect to nodes added later.
+struct Spawner {
+    params: NodeParams,
+    cancel: CancellationToken,
+    tracker: TaskTracker,
+    metrics: Metrics,
 }
 
 struct RouteSlot {
@@ -121,6 +144,70 @@ struct Shell {
     /// (reported undeliverable to their peer), counted and said.
     node_gone: metrics::Counter,
     node_gone_log: RateLog<()>,
+    control: mpsc::Receiver<ShellControl>,
+    spawner: Spawner,
+}
+
+/// A route's slot in the shell, and its gauges.
+fn route_slot(
+    route: &RouteConfig,
+    rx: mpsc::Receiver<ToLocal>,
+    handle: Option<RouteHandle>,
+    metrics: &Metrics,
+) -> RouteSlot {
+    let peer = route.cluster.as_str();
+    let gauge = |quota| metrics.gauge(m::PEER_QUOTA_USED, &[("peer", peer), ("quota", quota)]);
+    for (quota, limit) in [
+        ("proxies", route.limits.proxies),
+        ("handles", route.limits.handles),
+        ("monitors", route.limits.monitors),
+        ("atoms", route.limits.atoms),
+        ("pending", route.limits.pending),
+        ("refusals_per_second", route.limits.refusals),
+    ] {
+        metrics.gauge(m::PEER_QUOTA_LIMIT, &[("peer", peer), ("quota", quota)]).set(limit as f64);
+    }
+    RouteSlot {
+        rx,
+        handle,
+        backlog: VecDeque::new(),
+        pending: VecDeque::new(),
+        pending_bytes: 0,
+        max_pending: route.limits.pending,
+        max_pending_bytes: route.limits.pending_bytes,
+        moved: Instant::now(),
+        shedding: false,
+        failed_overload: metrics.counter(m::MESSAGES_FAILED, &[("peer", peer), ("reason", "overload")]),
+        gauges: [gauge("proxies"), gauge("handles"), gauge("monitors"), gauge("atoms"), gauge("pending")],
+        budget: Budget::new(route.limits.refusals),
+        held_until: None,
+        throttled: metrics.counter(m::PEER_THROTTLED, &[("peer", peer)]),
+    }
+}
+
+fn peer_setup(route: &RouteConfig) -> PeerSetup {
+    PeerSetup {
+        name: route.cluster.as_str().into(),
+        export: Filter::from_patterns(&route.export),
+        limits: route.limits,
+    }
+}
+
+impl Spawner {
+    fn node(&self, n: &ErlNode) -> NodeSlot {
+        let (tx, rx) = mpsc::channel(NODE_INBOX);
+        let cancel = self.cancel.child_token();
+        self.tracker.spawn(node::run(n.clone(), self.params.clone(), tx, cancel.clone()));
+        NodeSlot {
+            name: n.name.as_str().into(),
+            rx,
+            tx: None,
+            backlog: VecDeque::new(),
+            tried: false,
+            cancel,
+            removed: false,
+        }
+    }
 }
 
 /// Starts the Erlang side: one connection task per node and the shell.
@@ -136,7 +223,7 @@ pub fn start(
     cancel: CancellationToken,
     ready: CancellationToken,
     tracker: &TaskTracker,
-) {
+) -> mpsc::Sender<ShellControl> {
     let me: Arc<str> = cfg.node.as_str().into();
     let creation = fastrand::u32(1..);
     let params = NodeParams {
@@ -147,49 +234,14 @@ pub fn start(
         reconnect_min: g.reconnect_min,
         reconnect_max: g.reconnect_max,
     };
-    let mut nodes = Vec::new();
-    for n in &cfg.nodes {
-        let (tx, rx) = mpsc::channel(NODE_INBOX);
-        tracker.spawn(node::run(n.clone(), params.clone(), tx, cancel.clone()));
-        nodes.push(NodeSlot { name: n.name.as_str().into(), rx, tx: None, backlog: VecDeque::new(), tried: false });
-    }
+    let spawner = Spawner { params, cancel: cancel.clone(), tracker: tracker.clone(), metrics: metrics.clone() };
+    let nodes: Vec<NodeSlot> = cfg.nodes.iter().map(|n| spawner.node(n)).collect();
     let mut peers = Vec::new();
     let mut slots = Vec::new();
     for inbox in inboxes {
         let Some(route) = routes.iter().find(|r| *r.cluster == *inbox.peer) else { continue };
-        peers.push(PeerSetup {
-            name: inbox.peer.clone(),
-            export: Filter::from_patterns(&route.export),
-            limits: route.limits,
-        });
-        let peer = &*inbox.peer;
-        let gauge = |quota| metrics.gauge(m::PEER_QUOTA_USED, &[("peer", peer), ("quota", quota)]);
-        for (quota, limit) in [
-            ("proxies", route.limits.proxies),
-            ("handles", route.limits.handles),
-            ("monitors", route.limits.monitors),
-            ("atoms", route.limits.atoms),
-            ("pending", route.limits.pending),
-            ("refusals_per_second", route.limits.refusals),
-        ] {
-            metrics.gauge(m::PEER_QUOTA_LIMIT, &[("peer", peer), ("quota", quota)]).set(limit as f64);
-        }
-        slots.push(RouteSlot {
-            rx: inbox.rx,
-            handle: local.route(peer).cloned(),
-            backlog: VecDeque::new(),
-            pending: VecDeque::new(),
-            pending_bytes: 0,
-            max_pending: route.limits.pending,
-            max_pending_bytes: route.limits.pending_bytes,
-            moved: Instant::now(),
-            shedding: false,
-            failed_overload: metrics.counter(m::MESSAGES_FAILED, &[("peer", peer), ("reason", "overload")]),
-            gauges: [gauge("proxies"), gauge("handles"), gauge("monitors"), gauge("atoms"), gauge("pending")],
-            budget: Budget::new(route.limits.refusals),
-            held_until: None,
-            throttled: metrics.counter(m::PEER_THROTTLED, &[("peer", peer)]),
-        });
+        peers.push(peer_setup(route));
+        slots.push(route_slot(route, inbox.rx, local.route(&inbox.peer).cloned(), &metrics));
     }
     let setup = Setup {
         me: me.clone(),
@@ -200,6 +252,7 @@ pub fn start(
     };
     let ticked = Arc::new(AtomicBool::new(false));
     let (tick_tx, tick_rx) = mpsc::channel(1);
+    let (control_tx, control_rx) = mpsc::channel(16);
     tracker.spawn(ticker(ticked.clone(), tick_tx, cancel.clone()));
     let mut shell = Shell {
         node_ix: nodes.iter().enumerate().map(|(i, n)| (n.name.clone(), i)).collect(),
@@ -215,12 +268,15 @@ pub fn start(
         ready: Some(ready),
         node_gone: metrics.counter(m::ERLANG_REJECTED, &[("peer", m::LOCAL_PEER), ("reason", "node_not_connected")]),
         node_gone_log: RateLog::default(),
+        control: control_rx,
+        spawner,
     };
     shell.connected.set(0.0);
     shell.proxies.set(0.0);
     tracing::info!(node = %me, creation, scope = %cfg.scope, "Erlang side started");
     shell.maybe_ready();
     tracker.spawn(shell.run(cancel));
+    control_tx
 }
 
 /// Marks a tick every TICK_EVERY (and wakes the shell if it waits) until
@@ -248,6 +304,8 @@ enum Input {
     Route(PeerIx, ToLocal),
     /// The ticker's period passed (publish gauges, rediscover scopes).
     Tick,
+    /// A reload's change.
+    Control(ShellControl),
 }
 
 impl Shell {
@@ -303,6 +361,7 @@ impl Shell {
             };
             match input {
                 Some(Input::Tick) => self.tick(),
+                Some(Input::Control(c)) => self.control(c),
                 Some(input) => cursor = self.handle(input).wrapping_add(1),
                 None => {}
             }
@@ -326,7 +385,7 @@ impl Shell {
 
     fn readable(&self, src: Src) -> bool {
         match src {
-            Src::Node(i) => self.nodes[i].backlog.is_empty(),
+            Src::Node(i) => self.nodes[i].backlog.is_empty() && !self.nodes[i].removed,
             Src::Route(p) => {
                 let r = &self.routes[p];
                 r.backlog.is_empty() && r.held_until.is_none() && self.core.accepts(p)
@@ -365,6 +424,9 @@ impl Shell {
     }
 
     fn poll_input(&mut self, cx: &mut std::task::Context<'_>, start: usize) -> Poll<Input> {
+        if let Poll::Ready(Some(c)) = self.control.poll_recv(cx) {
+            return Poll::Ready(Input::Control(c));
+        }
         for k in 0..self.sources_len() {
             let src = self.source(start, k);
             if !self.readable(src) {
@@ -417,7 +479,7 @@ impl Shell {
                 self.charge(p, before);
                 Src::Route(p)
             }
-            Input::Tick => unreachable!("ticks are handled by the loop"),
+            Input::Tick | Input::Control(_) => unreachable!("ticks and reloads are handled by the loop"),
         };
         self.drain(src, BATCH - 1);
         self.index(src)
@@ -467,6 +529,59 @@ impl Shell {
             done += 1;
         }
         done
+    }
+
+    /// A reload's change, applied between rounds.
+    fn control(&mut self, c: ShellControl) {
+        match c {
+            ShellControl::AddRoute { route, inbox, handle } => {
+                let p = self.core.add_peer(peer_setup(&route));
+                debug_assert_eq!(p, self.routes.len());
+                self.routes.push(route_slot(&route, inbox.rx, Some(handle), &self.spawner.metrics));
+                tracing::info!(peer = %route.cluster, "route added: its peer is served and told our members");
+            }
+            ShellControl::RemoveRoute(peer) => {
+                let Some(p) = self.core.peer_ix(&peer) else { return };
+                self.core.remove_peer(p);
+                let slot = &mut self.routes[p];
+                // Its inbox is still read: the route's last outcomes
+                // (failed `shutdown`) answer their senders.
+                slot.handle = None;
+                slot.backlog.clear();
+                slot.pending_bytes = 0;
+                let pending = std::mem::take(&mut slot.pending);
+                for (_, token) in pending {
+                    self.core.not_sent(p, token, "shutdown");
+                }
+                tracing::info!(peer = %peer, "route removed: its peer's proxies are forgotten");
+            }
+            ShellControl::Nodes(wanted) => {
+                for i in 0..self.nodes.len() {
+                    let n = &mut self.nodes[i];
+                    if n.removed || wanted.iter().any(|w| *w.name == *n.name) {
+                        continue;
+                    }
+                    n.removed = true;
+                    n.cancel.cancel();
+                    n.tx = None;
+                    n.backlog.clear();
+                    let name = n.name.clone();
+                    self.core.node_down(&name);
+                    tracing::info!(node = %name, "Erlang node removed from the configuration: disconnected");
+                }
+                for w in &wanted {
+                    if self.node_ix.get(w.name.as_str()).is_some_and(|&i| !self.nodes[i].removed) {
+                        continue;
+                    }
+                    let slot = self.spawner.node(w);
+                    self.node_ix.insert(slot.name.clone(), self.nodes.len());
+                    self.nodes.push(slot);
+                    tracing::info!(node = %w.name, "Erlang node added to the configuration: connecting");
+                }
+                self.publish_nodes();
+            }
+        }
+        self.run_effects(None);
     }
 
     /// Opens the gateway to peer links once every node has been tried.

@@ -14,7 +14,7 @@ pub use local::{Held, Inbox, LocalGroups, LocalHandle, RouteGone, RouteHandle, T
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, Semaphore};
@@ -85,6 +85,10 @@ pub struct Running {
     config: Config,
     /// The TLS material new handshakes use (a reload replaces it).
     tls: Option<tls::Shared>,
+    /// Starts and stops routes (a reload adds and removes them).
+    kit: RouteKit,
+    /// The Erlang side's controls, if it runs.
+    shell: Option<mpsc::Sender<crate::erlang::ShellControl>>,
     root: CancellationToken,
     tracker: TaskTracker,
     grace: std::time::Duration,
@@ -115,21 +119,67 @@ impl Running {
             }
         };
         let plan = reload::plan(&self.config, &loaded.config);
-        if let (Some(shared), Some(new)) = (&self.tls, loaded.tls) {
-            publish_expiry(&self.metrics, &new);
-            shared.replace(new);
+        let Prepared { config: new, tls } = loaded;
+        if let (Some(shared), Some(tls)) = (&self.tls, tls) {
+            publish_expiry(&self.metrics, &tls);
+            shared.replace(tls);
+        }
+        // What is applied becomes the running configuration; what needs a
+        // restart stays as it runs (and is named again at the next reload).
+        for cluster in &plan.stop {
+            self.kit.stop(cluster);
+            self.local.routes.remove(cluster);
+            if let Some(shell) = &self.shell {
+                self.tell(shell, crate::erlang::ShellControl::RemoveRoute(cluster.as_str().into()));
+            }
+            tracing::info!(peer = %cluster, "route stopped (reload)");
+        }
+        for cluster in &plan.start {
+            let Some(route) = new.routes.iter().find(|r| r.cluster == *cluster) else { continue };
+            let (handle, inbox) = self.kit.spawn(route);
+            self.local.routes.insert(cluster.clone(), handle.clone());
+            match &self.shell {
+                Some(shell) => self.tell(
+                    shell,
+                    crate::erlang::ShellControl::AddRoute { route: Box::new(route.clone()), inbox, handle },
+                ),
+                None => drain(inbox, &self.tracker, self.root.clone()),
+            }
+            tracing::info!(peer = %cluster, "route started (reload)");
+        }
+        if plan.nodes {
+            if let (Some(shell), Some(erlang)) = (&self.shell, &new.erlang) {
+                self.tell(shell, crate::erlang::ShellControl::Nodes(erlang.nodes.clone()));
+            }
+        }
+        self.config.tls = new.tls;
+        self.config.routes = new.routes;
+        if let (Some(running), Some(new)) = (&mut self.config.erlang, new.erlang) {
+            running.nodes = new.nodes;
         }
         count("applied");
         self.metrics.gauge(m::CONFIG_RESTART_NEEDED, &[]).set(if plan.restart.is_empty() { 0.0 } else { 1.0 });
+        let (stopped, started, nodes) = (plan.stop.len(), plan.start.len(), plan.nodes);
         if plan.restart.is_empty() {
-            tracing::info!("configuration reloaded: TLS material re-read for new handshakes");
+            tracing::info!(stopped, started, nodes, "configuration reloaded: TLS material re-read for new handshakes");
         } else {
             tracing::warn!(
+                stopped,
+                started,
+                nodes,
                 needs_restart = %plan.restart.join(", "),
                 "configuration reloaded: TLS material re-read for new handshakes; these changes need a restart and are not applied"
             );
         }
         Reloaded::Applied(plan)
+    }
+
+    /// Hands the Erlang side a reload's change (it reads them between
+    /// rounds; a full queue of them means it is stuck, which is said).
+    fn tell(&self, shell: &mpsc::Sender<crate::erlang::ShellControl>, c: crate::erlang::ShellControl) {
+        if let Err(e) = shell.try_send(c) {
+            tracing::error!("the Erlang side did not take a reload's change: {e}");
+        }
     }
 
     /// Closes every link (with a goodbye), fails what is unconfirmed, and
@@ -206,49 +256,27 @@ pub async fn start_gated(
         None => None,
     };
 
-    let mut inbound = HashMap::new();
-    let mut admit = HashMap::new();
+    let mut kit = RouteKit {
+        own: own.clone(),
+        g: g.clone(),
+        timeouts,
+        tls: tls.clone(),
+        held: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
+        metrics: metrics.clone(),
+        root: root.clone(),
+        tracker: tracker.clone(),
+        queue,
+        gate: gate.clone(),
+        admit: Arc::default(),
+        inbound: Arc::default(),
+        tasks: HashMap::new(),
+    };
     let mut local = LocalHandle { routes: HashMap::new() };
     let mut inboxes = Vec::new();
-    let held = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     for route in &config.routes {
-        if route.insecure_plaintext {
-            tracing::warn!(peer = %route.cluster, "route uses insecure_plaintext: traffic to and from this cluster is neither encrypted nor authenticated");
-        }
-        let (control_tx, control_rx) = mpsc::channel(CONTROL_QUEUE);
-        inbound.insert(route.cluster.clone(), control_tx.clone());
-        let (to_local, rx) = mpsc::channel(queue.max(1));
-        inboxes.push(Inbox { peer: route.cluster.as_str().into(), rx });
-        let task = peer::PeerTask::new(
-            route.clone(),
-            own.clone(),
-            if route.insecure_plaintext { None } else { tls.clone() },
-            g,
-            timeouts,
-            peer::RouteInputs { control: control_rx, to_local, held: held.clone() },
-            metrics.clone(),
-            root.clone(),
-            tracker.clone(),
-        );
-        admit.insert(
-            route.cluster.clone(),
-            Admission {
-                insecure_plaintext: route.insecure_plaintext,
-                offer: Offer { links_wanted: route.links_wanted(), recv_window: route.window },
-                session: Some(task.session_check()),
-            },
-        );
-        local.routes.insert(route.cluster.clone(), task.handle(control_tx));
-        let (gate, cancel) = (gate.clone(), root.clone());
-        tracker.spawn(async move {
-            if let Some(gate) = gate {
-                tokio::select! {
-                    _ = cancel.cancelled() => return,
-                    _ = gate.cancelled() => {}
-                }
-            }
-            task.run().await
-        });
+        let (handle, inbox) = kit.spawn(route);
+        local.routes.insert(route.cluster.clone(), handle);
+        inboxes.push(inbox);
     }
 
     tracker.spawn(metrics.clone().upkeep(root.clone()));
@@ -265,8 +293,8 @@ pub async fn start_gated(
         let acceptor = Acceptor {
             tls: tls.clone(),
             own: own.clone(),
-            admit: Arc::new(admit),
-            inbound: Arc::new(inbound),
+            admit: kit.admit.clone(),
+            inbound: kit.inbound.clone(),
             timeouts,
             max_frame: g.max_frame_bytes,
             pending: Arc::new(Semaphore::new(g.max_pending_handshakes)),
@@ -286,7 +314,102 @@ pub async fn start_gated(
     }
     tracing::info!(cluster = %own.cluster, gateway = %own.gateway, routes = config.routes.len(), "gateway ready");
     let grace = g.shutdown_grace;
-    Ok(Running { peers, metrics_addr, local, inboxes, metrics, epoch: own.epoch, config, tls, root, tracker, grace })
+    Ok(Running {
+        peers,
+        metrics_addr,
+        local,
+        inboxes,
+        metrics,
+        epoch: own.epoch,
+        config,
+        tls,
+        kit,
+        shell: None,
+        root,
+        tracker,
+        grace,
+    })
+}
+
+/// What it takes to start a route's task, at start or at a reload, and
+/// each route task's own stop.
+struct RouteKit {
+    own: Arc<Identity>,
+    g: crate::config::GatewayConfig,
+    timeouts: Timeouts,
+    tls: Option<tls::Shared>,
+    held: Arc<std::sync::atomic::AtomicUsize>,
+    metrics: Metrics,
+    root: CancellationToken,
+    tracker: TaskTracker,
+    queue: usize,
+    gate: Option<CancellationToken>,
+    /// What the acceptor admits, and where it hands each cluster's links.
+    admit: Arc<RwLock<HashMap<String, Admission>>>,
+    inbound: Arc<RwLock<HashMap<String, mpsc::Sender<RouteControl>>>>,
+    tasks: HashMap<String, CancellationToken>,
+}
+
+impl RouteKit {
+    /// Starts `route`'s task (after the gate); its handle and inbox.
+    fn spawn(&mut self, route: &crate::config::RouteConfig) -> (RouteHandle, Inbox) {
+        if route.insecure_plaintext {
+            tracing::warn!(peer = %route.cluster, "route uses insecure_plaintext: traffic to and from this cluster is neither encrypted nor authenticated");
+        }
+        let (control_tx, control_rx) = mpsc::channel(CONTROL_QUEUE);
+        let (to_local, rx) = mpsc::channel(self.queue.max(1));
+        let cancel = self.root.child_token();
+        let task = peer::PeerTask::new(
+            route.clone(),
+            self.own.clone(),
+            if route.insecure_plaintext { None } else { self.tls.clone() },
+            &self.g,
+            self.timeouts,
+            peer::RouteInputs { control: control_rx, to_local, held: self.held.clone() },
+            self.metrics.clone(),
+            cancel.clone(),
+            self.tracker.clone(),
+        );
+        let admission = Admission {
+            insecure_plaintext: route.insecure_plaintext,
+            offer: Offer { links_wanted: route.links_wanted(), recv_window: route.window },
+            session: Some(task.session_check()),
+        };
+        write(&self.admit).insert(route.cluster.clone(), admission);
+        write(&self.inbound).insert(route.cluster.clone(), control_tx.clone());
+        self.tasks.insert(route.cluster.clone(), cancel.clone());
+        let handle = task.handle(control_tx);
+        let gate = self.gate.clone();
+        self.tracker.spawn(async move {
+            if let Some(gate) = gate {
+                tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    _ = gate.cancelled() => {}
+                }
+            }
+            task.run().await
+        });
+        (handle, Inbox { peer: route.cluster.as_str().into(), rx })
+    }
+
+    /// Stops `cluster`'s route task (goodbye on its links, what it held
+    /// unconfirmed reported failed: `shutdown`); its cluster is refused
+    /// from now on.
+    fn stop(&mut self, cluster: &str) {
+        write(&self.admit).remove(cluster);
+        write(&self.inbound).remove(cluster);
+        if let Some(cancel) = self.tasks.remove(cluster) {
+            cancel.cancel();
+        }
+    }
+}
+
+fn write<T>(lock: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    lock.write().unwrap_or_else(|p| p.into_inner())
+}
+
+fn read<T>(lock: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    lock.read().unwrap_or_else(|p| p.into_inner())
 }
 
 /// Merges the routes' inboxes into one channel (a local side that does
@@ -317,34 +440,41 @@ pub async fn start_with_erlang(prepared: Prepared, metrics: Metrics) -> Result<R
     let mut running = start_gated(prepared, metrics.clone(), TO_LOCAL_QUEUE, gate.clone()).await?;
     let inboxes = std::mem::take(&mut running.inboxes);
     match (erlang, gate) {
-        (Some(cfg), Some(gate)) => crate::erlang::start(
-            &cfg,
-            &g,
-            &routes,
-            running.local.clone(),
-            inboxes,
-            metrics,
-            running.root.clone(),
-            gate,
-            &running.tracker,
-        ),
+        (Some(cfg), Some(gate)) => {
+            running.shell = Some(crate::erlang::start(
+                &cfg,
+                &g,
+                &routes,
+                running.local.clone(),
+                inboxes,
+                metrics,
+                running.root.clone(),
+                gate,
+                &running.tracker,
+            ))
+        }
         _ => {
-            let mut from_routes = merge(inboxes, TO_LOCAL_QUEUE, &running.tracker);
-            let cancel = running.root.clone();
-            running.tracker.spawn(async move {
-                loop {
-                    tokio::select! {
-                        _ = cancel.cancelled() => return,
-                        item = from_routes.recv() => match item {
-                            Some(item) => tracing::debug!("no [erlang] configured; dropping {item:?}"),
-                            None => return,
-                        },
-                    }
-                }
-            });
+            for inbox in inboxes {
+                drain(inbox, &running.tracker, running.root.clone());
+            }
         }
     }
     Ok(running)
+}
+
+/// Without a local side: what a route hands it is logged and dropped.
+fn drain(mut inbox: Inbox, tracker: &TaskTracker, cancel: CancellationToken) {
+    tracker.spawn(async move {
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                item = inbox.rx.recv() => match item {
+                    Some(item) => tracing::debug!("no [erlang] configured; dropping {item:?}"),
+                    None => return,
+                },
+            }
+        }
+    });
 }
 
 /// Runs the gateway until `shutdown` is cancelled, then drains within the
@@ -409,8 +539,8 @@ pub(super) fn new_epoch() -> u64 {
 struct Acceptor {
     tls: Option<tls::Shared>,
     own: Arc<Identity>,
-    admit: Arc<HashMap<String, Admission>>,
-    inbound: Arc<HashMap<String, mpsc::Sender<RouteControl>>>,
+    admit: Arc<RwLock<HashMap<String, Admission>>>,
+    inbound: Arc<RwLock<HashMap<String, mpsc::Sender<RouteControl>>>>,
     timeouts: Timeouts,
     max_frame: usize,
     pending: Arc<Semaphore>,
@@ -457,9 +587,11 @@ impl Acceptor {
 
     async fn handshake(&self, tcp: TcpStream, remote: SocketAddr) {
         let tls = self.tls.as_ref().map(tls::Shared::current);
-        match handshake::server(tcp, tls.as_ref(), &self.own, &self.admit, &self.timeouts, self.max_frame).await {
+        // The routes as they are now (a reload may add or remove some).
+        let admit = read(&self.admit).clone();
+        match handshake::server(tcp, tls.as_ref(), &self.own, &admit, &self.timeouts, self.max_frame).await {
             Ok(est) => {
-                let Some(tx) = self.inbound.get(&est.peer.cluster) else {
+                let Some(tx) = read(&self.inbound).get(&est.peer.cluster).cloned() else {
                     return;
                 };
                 if tx.send(RouteControl::Adopt(Box::new(est))).await.is_err() {

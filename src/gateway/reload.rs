@@ -5,8 +5,10 @@
 //! Applied live: the TLS material (`[tls]` files and routes' `ca`, re-read
 //! on every reload even when the paths are the same, so a rotated
 //! certificate or a new CRL takes effect): new handshakes use it, links
-//! already up keep theirs. Everything else is compared and, when it
-//! differs, named as needing a restart.
+//! already up keep theirs; routes added, removed or changed (a changed one
+//! is stopped and started again: only its own links are touched); and
+//! `[erlang] nodes`. Everything else is compared and, when it differs,
+//! named as needing a restart.
 
 use crate::config::{Config, GatewayConfig, RouteConfig};
 
@@ -14,8 +16,14 @@ use crate::config::{Config, GatewayConfig, RouteConfig};
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Plan {
     /// Settings that differ and take effect only after a restart, by
-    /// their config name (`gateway.listen`, `route "dc3" (added)`).
+    /// their config name (`gateway.listen`).
     pub restart: Vec<String>,
+    /// Routes to stop, by cluster (removed, or changed: then also in `start`).
+    pub stop: Vec<String>,
+    /// Routes to start, by cluster (added, or changed).
+    pub start: Vec<String>,
+    /// `[erlang] nodes` changed.
+    pub nodes: bool,
 }
 
 pub fn plan(running: &Config, loaded: &Config) -> Plan {
@@ -27,7 +35,8 @@ pub fn plan(running: &Config, loaded: &Config) -> Plan {
     if running.metrics != loaded.metrics {
         restart.push("metrics.listen".to_string());
     }
-    routes(&running.routes, &loaded.routes, &mut restart);
+    let (stop, start) = routes(&running.routes, &loaded.routes);
+    let mut nodes = false;
     match (&running.erlang, &loaded.erlang) {
         (None, None) => {}
         (Some(_), None) => restart.push("[erlang] (removed)".to_string()),
@@ -36,13 +45,13 @@ pub fn plan(running: &Config, loaded: &Config) -> Plan {
             let keys = [
                 ("erlang.node", a.node != b.node),
                 ("erlang.cookie", a.cookie != b.cookie),
-                ("erlang.nodes", a.nodes != b.nodes),
                 ("erlang.scope", a.scope != b.scope),
             ];
             restart.extend(keys.iter().filter(|(_, changed)| *changed).map(|(k, _)| k.to_string()));
+            nodes = a.nodes != b.nodes;
         }
     }
-    Plan { restart }
+    Plan { restart, stop, start, nodes }
 }
 
 fn gateway(a: &GatewayConfig, b: &GatewayConfig, out: &mut Vec<String>) {
@@ -65,24 +74,27 @@ fn gateway(a: &GatewayConfig, b: &GatewayConfig, out: &mut Vec<String>) {
     out.extend(keys.iter().filter(|(_, changed)| *changed).map(|(k, _)| k.to_string()));
 }
 
-/// Routes by cluster: added, removed, or changed in anything but `ca`
-/// (which is TLS material, applied live).
-fn routes(a: &[RouteConfig], b: &[RouteConfig], out: &mut Vec<String>) {
+/// Routes to stop and to start, by cluster: removed, added, or changed in
+/// anything but `ca` (TLS material, applied without touching the route).
+fn routes(a: &[RouteConfig], b: &[RouteConfig]) -> (Vec<String>, Vec<String>) {
     let same_but_ca = |x: &RouteConfig, y: &RouteConfig| {
         let mut y = y.clone();
         y.ca.clone_from(&x.ca);
         *x == y
     };
+    let (mut stop, mut start) = (Vec::new(), Vec::new());
     for r in a {
         match b.iter().find(|n| n.cluster == r.cluster) {
-            None => out.push(format!("route {:?} (removed)", r.cluster)),
-            Some(n) if !same_but_ca(r, n) => out.push(format!("route {:?} (changed)", r.cluster)),
+            None => stop.push(r.cluster.clone()),
+            Some(n) if !same_but_ca(r, n) => {
+                stop.push(r.cluster.clone());
+                start.push(r.cluster.clone());
+            }
             Some(_) => {}
         }
     }
-    for n in b.iter().filter(|n| !a.iter().any(|r| r.cluster == n.cluster)) {
-        out.push(format!("route {:?} (added)", n.cluster));
-    }
+    start.extend(b.iter().filter(|n| !a.iter().any(|r| r.cluster == n.cluster)).map(|n| n.cluster.clone()));
+    (stop, start)
 }
 
 #[cfg(test)]
@@ -118,11 +130,25 @@ nodes = ["a1@127.0.0.1"]
         plan(&parse(BASE), &parse(&edit(BASE))).restart
     }
 
+    fn planned(edit: impl Fn(&str) -> String) -> Plan {
+        plan(&parse(BASE), &parse(&edit(BASE)))
+    }
+
     #[test]
     fn the_same_file_again_needs_nothing() {
-        assert_eq!(restart(|s| s.to_string()), Vec::<String>::new());
+        assert_eq!(planned(|s| s.to_string()), Plan::default());
         // Lines moved (comments added) are not changes.
-        assert_eq!(restart(|s| format!("# rotated\n\n{s}")), Vec::<String>::new());
+        assert_eq!(planned(|s| format!("# rotated\n\n{s}")), Plan::default());
+    }
+
+    #[test]
+    fn routes_and_nodes_are_applied_live_touching_only_what_changed() {
+        let p = planned(|s| s.replace(":9001", ":9002"));
+        assert_eq!((p.stop, p.start, p.restart), (vec!["dc3".to_string()], vec!["dc3".to_string()], vec![]));
+        let p = planned(|s| s.replace("cluster = \"dc3\"", "cluster = \"dc4\""));
+        assert_eq!((p.stop, p.start), (vec!["dc3".to_string()], vec!["dc4".to_string()]));
+        let p = planned(|s| s.replace("a1@127.0.0.1\"", "a1@127.0.0.1\", \"a2@127.0.0.1\""));
+        assert_eq!((p.nodes, p.restart, p.stop), (true, vec![], vec![]));
     }
 
     #[test]
@@ -137,13 +163,7 @@ nodes = ["a1@127.0.0.1"]
     fn what_only_a_restart_applies_is_named() {
         assert_eq!(restart(|s| s.replace("127.0.0.1:0", "127.0.0.1:1")), ["gateway.listen"]);
         assert_eq!(restart(|s| s.replace("[gateway]\n", "[gateway]\nheartbeat_ms = 250\n")), ["gateway.heartbeat_ms"]);
-        assert_eq!(restart(|s| s.replace("a1@127.0.0.1\"", "a1@127.0.0.1\", \"a2@127.0.0.1\"")), ["erlang.nodes"]);
         assert_eq!(restart(|s| s.replace("cookie = \"c\"", "cookie = \"d\"")), ["erlang.cookie"]);
-        assert_eq!(restart(|s| s.replace(":9001", ":9002")), ["route \"dc3\" (changed)"]);
-        assert_eq!(
-            restart(|s| s.replace("cluster = \"dc3\"", "cluster = \"dc4\"")),
-            ["route \"dc3\" (removed)", "route \"dc4\" (added)"]
-        );
         assert_eq!(
             restart(|s| s
                 .replace("[metrics]", "")

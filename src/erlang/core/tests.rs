@@ -490,6 +490,68 @@ fn local_members_cross_as_handles_and_groups_holding_pids_stay_home() {
 }
 
 #[test]
+fn a_route_added_later_is_told_our_members_and_a_removed_one_is_forgotten() {
+    let mut w = world();
+    let scope = Pid { node: A1.into(), id: 50, serial: 0, creation: 1 };
+    let sync = Term::tuple(vec![
+        Term::atom("$gen_cast"),
+        Term::tuple(vec![
+            Term::atom("sync"),
+            Term::Pid(scope),
+            Term::list(vec![Term::tuple(vec![Term::atom("chat"), Term::list(vec![Term::Pid(local(1))])])]),
+        ]),
+    ]);
+    w.core.on_scope_message(&w.a1.clone(), &etf::encode(&sync));
+    w.core.take_effects();
+
+    // A route added by a reload gets what we have, by handles of its own.
+    let p = w.core.add_peer(PeerSetup { name: "dc4".into(), export: Filter::all(), limits: limits() });
+    assert_eq!(p, 2);
+    let told: Vec<LocalGroups> = w
+        .core
+        .take_effects()
+        .into_iter()
+        .filter_map(|e| match e {
+            Effect::Groups { peer, change } if peer == p => Some(change),
+            _ => None,
+        })
+        .collect();
+    let [LocalGroups::Join { group, members }] = &told[..] else { panic!("{told:?}") };
+    assert_eq!((group.as_str(), members.len()), ("chat", 1));
+    w.core.from_route(p, ToLocal::Up { peer: "dc4".into(), epoch: EPOCH });
+    let proxy = w.peer_member(p, "echo", 7);
+    let watcher = local(100);
+    assert!(w.send(&watcher, &proxy, &msg(Term::Nil)).is_some());
+
+    // Removed: its proxy is out of its group and resolves no more, nothing
+    // is taken from it, nothing more is exported to it.
+    w.core.remove_peer(p);
+    w.settle(p);
+    assert!(w.core.accepts(p), "a removed route's last outcomes are still taken");
+    assert!(w.core.mirror.joined().all(|(g, _)| g != "echo"), "the removed peer's member is still in its group");
+    assert!(w.send(&watcher, &proxy, &msg(Term::Nil)).is_none());
+    // A member joins: the others are told, the removed route is not.
+    let sync2 = Term::tuple(vec![
+        Term::atom("$gen_cast"),
+        Term::tuple(vec![
+            Term::atom("sync"),
+            Term::Pid(Pid { node: A1.into(), id: 50, serial: 0, creation: 1 }),
+            Term::list(vec![Term::tuple(vec![
+                Term::atom("chat"),
+                Term::list(vec![Term::Pid(local(1)), Term::Pid(local(3))]),
+            ])]),
+        ]),
+    ]);
+    w.core.on_scope_message(&w.a1.clone(), &etf::encode(&sync2));
+    let effects = w.core.take_effects();
+    assert!(effects.iter().any(|e| matches!(e, Effect::Groups { peer: 0, .. })), "the others are told");
+    assert!(effects.iter().all(|e| !matches!(e, Effect::Groups { peer, .. } if *peer == p)));
+    // The others carry on.
+    let other = w.peer_member(0, "echo", 7);
+    assert!(w.send(&watcher, &other, &msg(Term::Nil)).is_some());
+}
+
+#[test]
 fn a_new_run_of_the_peer_forgets_its_proxies() {
     let mut w = world();
     let old = w.peer_member(0, "echo", 7);
