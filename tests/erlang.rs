@@ -6,13 +6,9 @@ mod support;
 
 use std::time::Duration;
 
-use support::erl::{epmd, Epmd, Erl};
+use support::erl::{epmd, pg_node, tag, Epmd, Erl};
 use support::inproc::InProc;
 use support::*;
-
-fn tag() -> String {
-    format!("{}_{}", std::process::id(), fastrand::u32(..))
-}
 
 async fn dist_port(epmd: &Epmd, node: &str) -> u16 {
     wandist::erlang::dist::port_please_at(node, epmd.port, Duration::from_secs(5)).await.unwrap()
@@ -268,12 +264,9 @@ async fn a_confirmed_send_to_a_node_that_is_gone_fails_as_undeliverable() {
 fn the_gateway_process_finds_nodes_through_epmd_and_survives_node_and_scope_restarts() {
     let t = tag();
     let epmd = epmd();
-    let mut a1 = Erl::start(&format!("a1_{t}"), "cookie_a", &epmd);
-    let mut b1 = Erl::start(&format!("b1_{t}"), "cookie_b", &epmd);
+    let mut a1 = pg_node("a1", &t, "cookie_a", &epmd);
+    let mut b1 = pg_node("b1", &t, "cookie_b", &epmd);
     let b1_name = format!("b1_{t}");
-    for n in [&mut a1, &mut b1] {
-        assert_eq!(n.eval("{ok, _} = pg:start(wan), ok."), "ok");
-    }
     let join = "P = spawn(fun L() -> receive {ping, F} -> F ! {pong, node()}, L() end end), pg:join(wan, svc, P).";
     assert_eq!(b1.eval(join), "ok");
     let certs = Certs::new(&["dc1", "dc2"]);

@@ -10,7 +10,7 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use support::erl::{epmd, tag, Erl};
+use support::erl::{epmd, erlang_table, pg_node, tag, Erl};
 use support::*;
 
 /// The integers of the first `[...]` list in `s` at or after `from`; and where it ended.
@@ -41,6 +41,14 @@ fn confirmed_stream(sender: &mut Erl, gw: &str, group: &str, from: u32, n: u32) 
     (delivered, int_list(&out, at).0)
 }
 
+/// Every number confirmed `delivered` reached the sink on `node`, and
+/// nothing reached it twice.
+fn all_received_once(node: &mut Erl, delivered: &[u32]) {
+    let (got, dups) = received(node);
+    assert_eq!(dups, 0, "the sink on {} got duplicates", node.name);
+    assert!(delivered.iter().all(|d| got.binary_search(d).is_ok()), "a confirmed message never arrived");
+}
+
 /// What the sink on `node` has received: (numbers, duplicates).
 fn received(node: &mut Erl) -> (Vec<u32>, u32) {
     // (In a fun: the shell keeps bindings between evaluations.)
@@ -58,11 +66,8 @@ const SINK: &str = "Sink = spawn(fun() -> (fun L(Seen, Dups) -> receive \
 fn two_instances_of_a_cluster_share_one_peer_without_duplicates_or_false_confirmations() {
     let t = tag();
     let epmd = epmd();
-    let mut a1 = Erl::start(&format!("a1_{t}"), "cookie_a", &epmd);
-    let mut b1 = Erl::start(&format!("b1_{t}"), "cookie_b", &epmd);
-    for n in [&mut a1, &mut b1] {
-        assert_eq!(n.eval("{ok, _} = pg:start(wan), ok."), "ok");
-    }
+    let mut a1 = pg_node("a1", &t, "cookie_a", &epmd);
+    let mut b1 = pg_node("b1", &t, "cookie_b", &epmd);
     assert_eq!(b1.eval(SINK), "ok");
     assert_eq!(a1.eval(&SINK.replace("pg:join(wan, sink, Sink)", "pg:join(wan, back, Sink)")), "ok");
     let certs = Certs::new(&["dc1", "dc2"]);
@@ -70,21 +75,16 @@ fn two_instances_of_a_cluster_share_one_peer_without_duplicates_or_false_confirm
     let gw2_node = format!("wgw2_{t}@127.0.0.1");
     let dc2 = Gateway::start_with_env(
         "gw-dc2",
-        &format!(
-            "{}{}[[route]]\ncluster = \"dc1\"\n[erlang]\nnode = \"{gw2_node}\"\ncookie = \"cookie_b\"\nnodes = [\"{}\"]\n",
-            gateway_table("dc2", true),
-            certs.tls_table("dc2"),
-            b1.name
-        ),
+        &format!("{}{}", accepting("dc2", &certs, "dc1"), erlang_table(&gw2_node, "cookie_b", &[&b1])),
         &env,
     );
     let instance = |name: &str| {
         let node = format!("w{name}_{t}@127.0.0.1");
         let body = format!(
-            "[gateway]\ncluster = \"dc1\"\nname = \"{name}\"\n{FAST}handshake_timeout_ms = 1000\n\n{}[[route]]\ncluster = \"dc2\"\nendpoints = [\"{}\"]\n[erlang]\nnode = \"{node}\"\ncookie = \"cookie_a\"\nnodes = [\"{}\"]\n",
+            "[gateway]\ncluster = \"dc1\"\nname = \"{name}\"\n{FAST}handshake_timeout_ms = 1000\n\n{}[[route]]\ncluster = \"dc2\"\nendpoints = [\"{}\"]\n{}",
             certs.tls_table("dc1"),
             dc2.peer_addr(),
-            a1.name
+            erlang_table(&node, "cookie_a", &[&a1])
         );
         (Gateway::start_with_env(name, &body, &env), node)
     };
@@ -122,11 +122,8 @@ fn two_instances_of_a_cluster_share_one_peer_without_duplicates_or_false_confirm
     assert_eq!((d1.len(), f1.len()), (2000, 0), "a1 -> b1 through the active instance");
     let (d2, f2) = confirmed_stream(&mut b1, &gw2_node, "back", 1, 2000);
     assert_eq!((d2.len(), f2.len()), (2000, 0), "b1 -> a1 through dc2's gateway");
-    for (node, delivered) in [(&mut b1, &d1), (&mut a1, &d2)] {
-        let (got, dups) = received(node);
-        assert_eq!(dups, 0);
-        assert!(delivered.iter().all(|d| got.binary_search(d).is_ok()), "a confirmed message never arrived");
-    }
+    all_received_once(&mut b1, &d1);
+    all_received_once(&mut a1, &d2);
 
     // kill -9 of the active instance: the standby takes the route over, and
     // the members come back through it (a1 sees a proxy on the standby's
@@ -143,11 +140,8 @@ fn two_instances_of_a_cluster_share_one_peer_without_duplicates_or_false_confirm
     assert_eq!((d3.len(), f3.len()), (2000, 0), "a1 -> b1 through the instance that took over");
     let (d4, f4) = confirmed_stream(&mut b1, &gw2_node, "back", 10_001, 2000);
     assert_eq!((d4.len(), f4.len()), (2000, 0), "b1 -> a1 after the takeover");
-    for (node, delivered) in [(&mut b1, &d3), (&mut a1, &d4)] {
-        let (got, dups) = received(node);
-        assert_eq!(dups, 0);
-        assert!(delivered.iter().all(|d| got.binary_search(d).is_ok()), "a confirmed message never arrived");
-    }
+    all_received_once(&mut b1, &d3);
+    all_received_once(&mut a1, &d4);
     assert_eq!(a1.eval("length(pg:get_members(wan, sink))."), "1");
     let text = dc2.metrics();
     assert_eq!(metric_sum(&text, "wandist_frames_rejected_total", &[]), 0.0, "frames rejected:\n{text}");

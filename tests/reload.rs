@@ -250,15 +250,12 @@ fn sighup_adds_and_removes_routes_touching_only_their_own_links() {
 
 #[test]
 fn sighup_applies_erlang_nodes_added_and_removed() {
-    use support::erl::{epmd, tag, Erl};
+    use support::erl::{epmd, erlang_table, pg_node, tag, Erl};
     let t = tag();
     let epmd = epmd();
-    let mut a1 = Erl::start(&format!("a1_{t}"), "cookie_a", &epmd);
-    let mut a2 = Erl::start(&format!("a2_{t}"), "cookie_a", &epmd);
-    let mut b1 = Erl::start(&format!("b1_{t}"), "cookie_b", &epmd);
-    for n in [&mut a1, &mut a2, &mut b1] {
-        assert_eq!(n.eval("{ok, _} = pg:start(wan), ok."), "ok");
-    }
+    let a1 = pg_node("a1", &t, "cookie_a", &epmd);
+    let mut a2 = pg_node("a2", &t, "cookie_a", &epmd);
+    let mut b1 = pg_node("b1", &t, "cookie_b", &epmd);
     let join = "P = spawn(fun L() -> receive {ping, F} -> F ! {pong, node()}, L() end end), pg:join(wan, svc, P).";
     assert_eq!(a2.eval(join), "ok");
     let certs = Certs::new(&["dc1", "dc2"]);
@@ -266,21 +263,19 @@ fn sighup_applies_erlang_nodes_added_and_removed() {
     let dc2 = Gateway::start_with_env(
         "gw-dc2",
         &format!(
-            "{}{}[[route]]\ncluster = \"dc1\"\n[erlang]\nnode = \"wgw2_{t}@127.0.0.1\"\ncookie = \"cookie_b\"\nnodes = [\"{}\"]\n",
-            gateway_table("dc2", true),
-            certs.tls_table("dc2"),
-            b1.name
+            "{}{}",
+            accepting("dc2", &certs, "dc1"),
+            erlang_table(&format!("wgw2_{t}@127.0.0.1"), "cookie_b", &[&b1])
         ),
         &env,
     );
     let dc1_with = |nodes: &[&Erl]| {
-        let list: Vec<String> = nodes.iter().map(|n| format!("\"{}\"", n.name)).collect();
         format!(
-            "{}{}[[route]]\ncluster = \"dc2\"\nendpoints = [\"{}\"]\n[erlang]\nnode = \"wgw1_{t}@127.0.0.1\"\ncookie = \"cookie_a\"\nnodes = [{}]\n",
+            "{}{}[[route]]\ncluster = \"dc2\"\nendpoints = [\"{}\"]\n{}",
             gateway_table("dc1", false),
             certs.tls_table("dc1"),
             dc2.peer_addr(),
-            list.join(", ")
+            erlang_table(&format!("wgw1_{t}@127.0.0.1"), "cookie_a", nodes)
         )
     };
     let dc1 = Gateway::start_with_env("gw-dc1", &dc1_with(&[&a1]), &env);

@@ -5,7 +5,7 @@
 
 mod support;
 
-use support::erl::{epmd, Erl};
+use support::erl::{epmd, pg_node, tag};
 use support::forward::Forwarder;
 use support::*;
 
@@ -13,10 +13,6 @@ const N: u32 = 20_000;
 /// Unconfirmed messages the sender allows: all of them, so the gateway
 /// always has more to send while the victim is frozen.
 const OUTSTANDING: u32 = N;
-
-fn tag() -> String {
-    format!("{}_{}", std::process::id(), fastrand::u32(..))
-}
 
 /// The integers of the first `[...]` list in `s` at or after `from`; and where it ended.
 fn int_list(s: &str, from: usize) -> (Vec<u32>, usize) {
@@ -37,11 +33,8 @@ enum Victim {
 fn kill_a_gateway_under_load(victim: Victim) {
     let t = tag();
     let epmd = epmd();
-    let mut a1 = Erl::start(&format!("a1_{t}"), "cookie_a", &epmd);
-    let mut b1 = Erl::start(&format!("b1_{t}"), "cookie_b", &epmd);
-    for n in [&mut a1, &mut b1] {
-        assert_eq!(n.eval("{ok, _} = pg:start(wan), ok."), "ok");
-    }
+    let mut a1 = pg_node("a1", &t, "cookie_a", &epmd);
+    let mut b1 = pg_node("b1", &t, "cookie_b", &epmd);
     let certs = Certs::new(&["dc1", "dc2"]);
     let env = [("ERL_EPMD_PORT", epmd.port.to_string())];
     let (gw1_node, gw2_node) = (format!("wgw1_{t}@127.0.0.1"), format!("wgw2_{t}@127.0.0.1"));

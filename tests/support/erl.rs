@@ -28,3 +28,16 @@ pub async fn erl_table(epmd: &Epmd, node: &str, cookie: &str, nodes: &[&Erl]) ->
 pub fn tag() -> String {
     format!("{}_{}", std::process::id(), fastrand::u32(..))
 }
+
+/// A node `{name}_{tag}` with the cookie, running the pg scope `wan`.
+pub fn pg_node(name: &str, t: &str, cookie: &str, epmd: &Epmd) -> Erl {
+    let mut n = Erl::start(&format!("{name}_{t}"), cookie, epmd);
+    assert_eq!(n.eval("{ok, _} = pg:start(wan), ok."), "ok");
+    n
+}
+
+/// An `[erlang]` table: the gateway node `node`, the cookie, these nodes (found through EPMD).
+pub fn erlang_table(node: &str, cookie: &str, nodes: &[&Erl]) -> String {
+    let list: Vec<String> = nodes.iter().map(|n| format!("\"{}\"", n.name)).collect();
+    format!("[erlang]\nnode = \"{node}\"\ncookie = \"{cookie}\"\nnodes = [{}]\n", list.join(", "))
+}
