@@ -551,3 +551,51 @@ async fn a_message_the_receiving_side_cannot_deliver_is_reported_failed_not_deli
     assert_eq!(metric_sum(&m, "wandist_link_disconnects_total", &[("peer", "dc2")]), 0.0);
     dc1.stop().await;
 }
+
+/// A gateway that stops (SIGTERM) refuses new messages but finishes the
+/// ones it accepted before it closes its links: with the whole window in
+/// flight at the stop, every message is still confirmed delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopping_gateway_finishes_its_window_before_it_leaves() {
+    const TOTAL: u64 = 20_000;
+    let certs = Certs::new(&["dc1", "dc2"]);
+    let mut dc2 = InProc::start("dc2", &accepting("dc2", &certs, "dc1"), 4096).await;
+    let mut dc1 = InProc::start("dc1", &dialing("dc1", &certs, "dc2", dc2.peer_addr()), 4096).await;
+    dc1.wait_metric("wandist_route_up", &[("peer", "dc2")], |v| v == 1.0).await;
+    let mut rx2 = std::mem::replace(&mut dc2.rx, tokio::sync::mpsc::channel(1).1);
+    let consumer = tokio::spawn(async move {
+        let mut got = 0u64;
+        while got < TOTAL {
+            if let ToLocal::Deliver { .. } = next(&mut rx2, "a message").await {
+                got += 1;
+            }
+        }
+        got
+    });
+    let route = dc1.running().local.route("dc2").unwrap().clone();
+    for i in 0..TOTAL {
+        route.submit(n(i), Some(i)).await.unwrap();
+    }
+    // The local side takes outcomes as they come (as the Erlang side does).
+    let mut rx1 = std::mem::replace(&mut dc1.rx, tokio::sync::mpsc::channel(1).1);
+    let outcomes = tokio::spawn(async move {
+        let mut delivered = 0;
+        while delivered < TOTAL {
+            match next(&mut rx1, "confirmations").await {
+                ToLocal::Confirm { outcome: Outcome::Delivered, .. } => delivered += 1,
+                ToLocal::Confirm { token, outcome, .. } => {
+                    panic!("token {token}: {outcome:?} (after {delivered} delivered)")
+                }
+                _ => {}
+            }
+        }
+        delivered
+    });
+    let unacked = dc1.metric("wandist_unacked_messages", &[("peer", "dc2")]).unwrap_or(0.0);
+    dc1.stop().await;
+    assert!(route.submit(n(TOTAL), Some(TOTAL)).await.is_err(), "a stopped gateway took a message");
+    assert_eq!(outcomes.await.unwrap(), TOTAL);
+    assert_eq!(consumer.await.unwrap(), TOTAL);
+    println!("stopped with {unacked} of {TOTAL} messages unconfirmed: all {TOTAL} confirmed delivered, none failed");
+    dc2.stop().await;
+}

@@ -90,6 +90,9 @@ pub(crate) struct CoreState {
     pub pending: VecDeque<Submit>,
     /// The route is shutting down: no more submits, no more deliveries.
     pub closed: bool,
+    /// The gateway is stopping: no more submits; what was accepted is
+    /// still sent and confirmed (`drain`).
+    pub draining: bool,
     /// The lanes of the live links.
     pub lanes: Vec<Lanes>,
     /// Notices for the local side; deliveries wait behind them.
@@ -125,6 +128,7 @@ impl RouteCore {
                 route,
                 pending: VecDeque::new(),
                 closed: false,
+                draining: false,
                 lanes: Vec::new(),
                 outbox: VecDeque::new(),
                 events_queued: 0,
@@ -151,7 +155,7 @@ impl RouteCore {
     /// Takes a message if the route (or its queue) has room, without waiting.
     pub(super) fn try_submit(&self, payload: Bytes, token: Option<u64>) -> Result<(), TrySubmit> {
         let mut st = self.lock();
-        if st.closed {
+        if st.closed || st.draining {
             return Err(TrySubmit::Gone);
         }
         if st.pending.is_empty() && st.route.has_room() {
@@ -211,6 +215,23 @@ impl RouteCore {
         drop(st);
         self.room.notify_waiters();
         (n, confirmations, queued)
+    }
+
+    /// The gateway is stopping: new submits are refused (`Gone`: the
+    /// local side reports them failed at once), what was accepted goes on.
+    pub(super) fn drain(&self) {
+        self.lock().draining = true;
+        self.room.notify_waiters();
+    }
+
+    /// Messages accepted and not yet confirmed, while the route is up (a
+    /// route that is down cannot finish them: 0, nothing to wait for).
+    pub(super) fn in_flight(&self) -> usize {
+        let st = self.lock();
+        if st.closed || !st.route.is_up() {
+            return 0;
+        }
+        st.route.unacked().0 + st.pending.len()
     }
 
     /// Closed without the route task's shutdown (it ended some other way):

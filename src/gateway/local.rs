@@ -267,6 +267,16 @@ impl RouteHandle {
     /// Hands a message to the route if its window or queue has room,
     /// without waiting. With room in the window (and nothing queued before
     /// it) the message is on its way to the peer when this returns.
+    /// Refuses new messages from now on; those accepted go on (stopping).
+    pub(crate) fn drain(&self) {
+        self.core.drain();
+    }
+
+    /// Accepted and not yet confirmed, while the route is up.
+    pub(crate) fn in_flight(&self) -> usize {
+        self.core.in_flight()
+    }
+
     pub fn try_submit(&self, payload: Bytes, token: Option<u64>) -> Result<(), TrySubmit> {
         self.core.try_submit(payload, token)
     }

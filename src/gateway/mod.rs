@@ -186,6 +186,25 @@ impl Running {
     /// waits up to the grace period for the tasks to finish.
     pub async fn stop(self) {
         tracing::info!(grace = ?self.grace, "shutting down");
+        // First the routes finish what they accepted (new messages are
+        // refused and reported failed at once), for up to half the grace
+        // period, while links, nodes and the Erlang side still run.
+        let routes: Vec<&RouteHandle> = self.local.routes.values().collect();
+        routes.iter().for_each(|r| r.drain());
+        let deadline = tokio::time::Instant::now() + self.grace / 2;
+        let in_flight = || routes.iter().map(|r| r.in_flight()).sum::<usize>();
+        let at_start = in_flight();
+        if at_start > 0 {
+            tracing::info!(messages = at_start, "finishing the messages in flight before leaving");
+        }
+        let mut left = at_start;
+        while left > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(DRAIN_POLL).await;
+            left = in_flight();
+        }
+        if at_start > 0 {
+            tracing::info!(finished = at_start.saturating_sub(left), left, "messages in flight finished; closing");
+        }
         self.root.cancel();
         self.tracker.close();
         if tokio::time::timeout(self.grace, self.tracker.wait()).await.is_err() {
@@ -211,6 +230,10 @@ fn publish_expiry(metrics: &Metrics, tls: &Tls) {
         tracing::warn!(expires = %crate::date::ymd(tls.not_after), days_left = left / 86_400, "this gateway's certificate expires soon: renew it (peers refuse expired certificates)");
     }
 }
+
+/// How often a stopping gateway looks whether its routes have finished
+/// what they accepted.
+const DRAIN_POLL: std::time::Duration = std::time::Duration::from_millis(10);
 
 /// Size of each route's queue toward the local side.
 pub const TO_LOCAL_QUEUE: usize = 4096;
