@@ -23,6 +23,7 @@ pub const BYTES_SENT: &str = "wandist_bytes_sent_total";
 pub const BYTES_RECEIVED: &str = "wandist_bytes_received_total";
 
 pub const ROUTE_UP: &str = "wandist_route_up";
+pub const ROUTE_STANDBY: &str = "wandist_route_standby";
 pub const FAILOVERS: &str = "wandist_failovers_total";
 pub const MESSAGES_SENT: &str = "wandist_messages_sent_total";
 pub const MESSAGES_DELIVERED: &str = "wandist_messages_delivered_total";
@@ -80,6 +81,12 @@ const HELP: &[(&str, Kind, Option<Unit>, &str)] = &[
     (BYTES_SENT, Kind::Counter, Some(Unit::Bytes), "Bytes written to peer links, after framing, before TLS."),
     (BYTES_RECEIVED, Kind::Counter, Some(Unit::Bytes), "Bytes read from peer links, after TLS."),
     (ROUTE_UP, Kind::Gauge, None, "1 while at least one link to the peer cluster is up."),
+    (
+        ROUTE_STANDBY,
+        Kind::Gauge,
+        None,
+        "1 while the peer refuses this instance because another instance of this cluster holds the route (route down here by design).",
+    ),
     (FAILOVERS, Kind::Counter, None, "Primary links lost with a standby promoted in their place."),
     (MESSAGES_SENT, Kind::Counter, None, "Messages accepted from the local cluster for the peer."),
     (MESSAGES_DELIVERED, Kind::Counter, None, "Messages the peer confirmed delivered to its cluster."),

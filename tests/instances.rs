@@ -104,6 +104,10 @@ fn two_instances_of_a_cluster_share_one_peer_without_duplicates_or_false_confirm
     );
     a1.eval_until("length(pg:get_members(wan, sink)).", |v| v == "1");
     b1.eval_until("length(pg:get_members(wan, back)).", |v| v == "1");
+    // Operators see which is which (a standby's route is down by design).
+    let standby_gauge = |g: &Gateway| g.metric("wandist_route_standby", &[("peer", "dc2")]);
+    assert_eq!(standby_gauge(&dc1[standby].0), Some(1.0));
+    assert_eq!(standby_gauge(&dc1[active].0), Some(0.0));
 
     // Steady state: for 2 s, one member each way (never two), the route held
     // by the same instance, no new link.
@@ -132,6 +136,7 @@ fn two_instances_of_a_cluster_share_one_peer_without_duplicates_or_false_confirm
     let killed = Instant::now();
     dc1[active].0.kill();
     wait_for("the standby holding the route", SOON, || up(&dc1[standby].0).then_some(()));
+    assert_eq!(standby_gauge(&dc1[standby].0), Some(0.0), "holding the route, no longer a standby");
     let standby_node = format!("['{}']", dc1[standby].1);
     a1.eval_until("[node(P) || P <- pg:get_members(wan, sink)].", |v| v == standby_node);
     b1.eval_until("pg:get_members(wan, back).", |v| v != old_back && v.matches('<').count() == 1);

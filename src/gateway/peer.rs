@@ -57,6 +57,8 @@ struct Live {
 /// The route's metric handles, resolved once.
 struct RouteMetrics {
     route_up: Gauge,
+    /// Refused as another instance of our cluster holds the peer's route.
+    standby: Gauge,
     primary_up: Gauge,
     standby_up: Gauge,
     failovers: Counter,
@@ -81,6 +83,7 @@ impl RouteMetrics {
         let g = |name, extra: (&'static str, &str)| m.gauge(name, &[("peer", peer), extra]);
         RouteMetrics {
             route_up: m.gauge(m::ROUTE_UP, &p),
+            standby: m.gauge(m::ROUTE_STANDBY, &p),
             primary_up: g(m::LINK_UP, ("role", "primary")),
             standby_up: g(m::LINK_UP, ("role", "standby")),
             failovers: m.counter(m::FAILOVERS, &p),
@@ -505,6 +508,7 @@ impl PeerTask {
         if let HandshakeError::OtherInstance(holder) = e {
             // A standby instance for this route: tried again each
             // heartbeat, so it takes over soon after the holder is gone.
+            self.rm.standby.set(1.0);
             self.next_dial = Instant::now() + self.params.heartbeat;
             self.metrics.counter(m::HANDSHAKE_FAILURES, &[("peer", &self.peer), ("reason", e.reason())]).increment(1);
             if let Some(held_back) = self.refusals.allow(&"other_instance") {
@@ -512,6 +516,9 @@ impl PeerTask {
             }
             return;
         }
+        // Not refused as a standby: whether another instance holds the
+        // route is unknown now.
+        self.rm.standby.set(0.0);
         let delay = self.backoff.fail(fastrand::f64());
         self.next_dial = Instant::now() + delay;
         self.metrics.counter(m::HANDSHAKE_FAILURES, &[("peer", &self.peer), ("reason", e.reason())]).increment(1);
@@ -613,6 +620,7 @@ impl PeerTask {
             return;
         }
         self.rm.connects.increment(1);
+        self.rm.standby.set(0.0);
         // One step under the lock, so the link's reader cannot hand the
         // local side a message of a new session before the notices that
         // go with it (`Lost` for the old run, `Up`).
