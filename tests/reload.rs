@@ -303,3 +303,82 @@ fn sighup_applies_erlang_nodes_added_and_removed() {
     assert_eq!(dc1.metric("wandist_link_connects_total", &[("peer", "dc2")]), links);
     assert_eq!(dc1.metric("wandist_config_restart_needed", &[]), Some(0.0));
 }
+
+/// A route changed by a reload is a new session with its peer: nothing the
+/// old one sent is confirmed by the new one's numbering.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_route_changed_by_reload_starts_a_new_session_and_confirms_nothing_falsely() {
+    use std::sync::{Arc, Mutex};
+    const TOTAL: u64 = 30_000;
+    let certs = Certs::new(&["dc1", "dc2"]);
+    let mut dc2 = InProc::start("dc2", &accepting("dc2", &certs, "dc1"), 4096).await;
+    let body = dialing("dc1", &certs, "dc2", dc2.peer_addr());
+    let mut dc1 = InProc::start("dc1", &body, 4096).await;
+    dc1.wait_metric("wandist_route_up", &[("peer", "dc2")], |v| v == 1.0).await;
+    let mut rx2 = std::mem::replace(&mut dc2.rx, tokio::sync::mpsc::channel(1).1);
+    let received = tokio::spawn(async move {
+        let mut got = std::collections::BTreeSet::new();
+        while let Some(item) = rx2.recv().await {
+            if let ToLocal::Deliver { payload, .. } = item {
+                assert!(got.insert(u64::from_be_bytes(payload[..].try_into().unwrap())), "delivered twice");
+            }
+        }
+        got
+    });
+    // (delivered, failed), taken as they come.
+    let outcomes: Arc<Mutex<(Vec<u64>, Vec<u64>)>> = Arc::default();
+    let mut rx1 = std::mem::replace(&mut dc1.rx, tokio::sync::mpsc::channel(1).1);
+    let sink = outcomes.clone();
+    tokio::spawn(async move {
+        while let Some(item) = rx1.recv().await {
+            if let ToLocal::Confirm { token, outcome, .. } = item {
+                let mut o = sink.lock().unwrap();
+                if outcome == Outcome::Delivered {
+                    o.0.push(token)
+                } else {
+                    o.1.push(token)
+                }
+            }
+        }
+    });
+    let send = |dc1: &InProc, from: u64| {
+        let route = dc1.running().local.route("dc2").unwrap().clone();
+        tokio::spawn(async move {
+            for i in from..from + TOTAL {
+                if route.submit(Bytes::copy_from_slice(&i.to_be_bytes()), Some(i)).await.is_err() {
+                    return i - from;
+                }
+            }
+            TOTAL
+        })
+    };
+    let first = send(&dc1, 0);
+    dc1.wait_metric("wandist_messages_delivered_total", &[("peer", "dc2")], |v| v >= 1000.0).await;
+    // The route changes (its window): stopped and started again, mid-stream.
+    std::fs::write(dc1.config_path(), body.replace("[[route]]\n", "[[route]]\nwindow_messages = 30000\n")).unwrap();
+    let restart = applied(dc1.reload());
+    assert!(restart.is_empty(), "{restart:?}");
+    let accepted_first = first.await.unwrap();
+    let second = send(&dc1, 1_000_000);
+    assert_eq!(second.await.unwrap(), TOTAL, "the new route refused messages");
+    let expect = (accepted_first + TOTAL) as usize;
+    wait_for("every accepted message's outcome", SOON, || {
+        let o = outcomes.lock().unwrap();
+        (o.0.len() + o.1.len() >= expect).then_some(())
+    });
+    dc1.stop().await;
+    dc2.stop().await;
+    let got = received.await.unwrap();
+    let (delivered, failed) = outcomes.lock().unwrap().clone();
+    assert_eq!(delivered.len() + failed.len(), expect, "outcomes missing or doubled");
+    assert!(delivered.iter().all(|d| got.contains(d)), "confirmed delivered, never received");
+    let delivered_set: std::collections::BTreeSet<u64> = delivered.iter().copied().collect();
+    assert!(failed.iter().all(|f| !delivered_set.contains(f)), "both delivered and failed");
+    assert!(delivered.iter().any(|d| *d >= 1_000_000), "the new route delivered nothing");
+    println!(
+        "route changed mid-stream after {accepted_first} of the first stream were accepted: {} confirmed delivered \
+         (all received), {} failed",
+        delivered.len(),
+        failed.len()
+    );
+}

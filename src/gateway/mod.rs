@@ -89,6 +89,8 @@ pub struct Running {
     kit: RouteKit,
     /// The Erlang side's controls, if it runs.
     shell: Option<mpsc::Sender<crate::erlang::ShellControl>>,
+    /// The merged channel (`merged_inbox`), if the local side took one.
+    merged: Option<mpsc::Sender<ToLocal>>,
     root: CancellationToken,
     tracker: TaskTracker,
     grace: std::time::Duration,
@@ -98,7 +100,13 @@ impl Running {
     /// The routes' inboxes merged into one channel (`merge`), for a local
     /// side that does not need them apart.
     pub fn merged_inbox(&mut self, queue: usize) -> mpsc::Receiver<ToLocal> {
-        merge(std::mem::take(&mut self.inboxes), queue, &self.tracker)
+        let (tx, rx) = mpsc::channel(queue.max(1));
+        for inbox in std::mem::take(&mut self.inboxes) {
+            forward(inbox, tx.clone(), &self.tracker);
+        }
+        // Routes a reload starts later feed the same channel.
+        self.merged = Some(tx);
+        rx
     }
 
     /// Applies a configuration loaded again (SIGHUP): new TLS material for
@@ -138,12 +146,13 @@ impl Running {
             let Some(route) = new.routes.iter().find(|r| r.cluster == *cluster) else { continue };
             let (handle, inbox) = self.kit.spawn(route);
             self.local.routes.insert(cluster.clone(), handle.clone());
-            match &self.shell {
-                Some(shell) => self.tell(
+            match (&self.shell, &self.merged) {
+                (Some(shell), _) => self.tell(
                     shell,
                     crate::erlang::ShellControl::AddRoute { route: Box::new(route.clone()), inbox, handle },
                 ),
-                None => drain(inbox, &self.tracker, self.root.clone()),
+                (None, Some(merged)) => forward(inbox, merged.clone(), &self.tracker),
+                (None, None) => drain(inbox, &self.tracker, self.root.clone()),
             }
             tracing::info!(peer = %cluster, "route started (reload)");
         }
@@ -348,6 +357,7 @@ pub async fn start_gated(
         tls,
         kit,
         shell: None,
+        merged: None,
         root,
         tracker,
         grace,
@@ -440,17 +450,21 @@ fn read<T>(lock: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
 /// their order; a forwarding task per route holds at most one item.
 pub fn merge(inboxes: Vec<Inbox>, queue: usize, tracker: &TaskTracker) -> mpsc::Receiver<ToLocal> {
     let (tx, rx) = mpsc::channel(queue.max(1));
-    for mut inbox in inboxes {
-        let tx = tx.clone();
-        tracker.spawn(async move {
-            while let Some(item) = inbox.rx.recv().await {
-                if tx.send(item).await.is_err() {
-                    return;
-                }
-            }
-        });
+    for inbox in inboxes {
+        forward(inbox, tx.clone(), tracker);
     }
     rx
+}
+
+/// One route's items into a merged channel, in order, one held at most.
+fn forward(mut inbox: Inbox, tx: mpsc::Sender<ToLocal>, tracker: &TaskTracker) {
+    tracker.spawn(async move {
+        while let Some(item) = inbox.rx.recv().await {
+            if tx.send(item).await.is_err() {
+                return;
+            }
+        }
+    });
 }
 
 /// Starts the gateway with its local side: the Erlang cluster of the

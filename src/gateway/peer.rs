@@ -175,7 +175,10 @@ impl PeerTask {
     ) -> Self {
         let (events_tx, events) = mpsc::channel(1024);
         let peer: Arc<str> = config.cluster.as_str().into();
-        let route = Route::new(own.epoch, config.window, config.window);
+        // An epoch of this route task's own (not the run's): a route that a
+        // reload stops and starts again is a new session for its peer, which
+        // must not take the new numbering for the old one's.
+        let route = Route::new(new_epoch(), config.window, config.window);
         let rm = RouteMetrics::new(&metrics, &config.cluster);
         let data_metrics = DataMetrics {
             sent: rm.sent.clone(),
