@@ -1,7 +1,7 @@
 //! Soak: two gateways (in this process, real mutual-TLS links over
 //! loopback through two fault proxies) with steady traffic both ways while
 //! faults are injected at random: cuts, blackholes, latency, and restarts
-//! of either gateway. At the end every message sent is accounted for —
+//! of either gateway, half of them as the cluster's other instance. At the end every message sent is accounted for —
 //! delivered exactly once, or reported failed — and RSS did not grow.
 //!
 //!     cargo test --test soak                          (20 s; part of `cargo test`)
@@ -171,18 +171,29 @@ async fn stop(run: &mut Run, handle: &Arc<Mutex<Option<RouteHandle>>>) {
     tokio::time::timeout(SOON, &mut run.consumer).await.expect("the stopped run's local side did not close").unwrap();
 }
 
+/// The configuration of `cluster`'s other gateway instance: the same but
+/// for `gateway.name` (alternating between two names).
+fn other_instance(cfg: &str, cluster: &str) -> String {
+    let (a, b) = (format!("name = \"gw-{cluster}\""), format!("name = \"gw-{cluster}-b\""));
+    if cfg.contains(&a) {
+        cfg.replace(&a, &b)
+    } else {
+        cfg.replace(&b, &a)
+    }
+}
+
 async fn soak(secs: u64) {
     let certs = Certs::new(&["dc1", "dc2"]);
     // Windows small enough that failovers resend a lot, big enough to flow.
     let knobs = "window_messages = 4096\nwindow_bytes = 16777216\n";
-    let dc2_cfg =
+    let mut dc2_cfg =
         format!("{}{}[[route]]\ncluster = \"dc1\"\n{knobs}", gateway_table("dc2", true), certs.tls_table("dc2"));
     let book = Arc::new(Mutex::new(Book::default()));
     let h1 = Arc::new(Mutex::new(None));
     let h2 = Arc::new(Mutex::new(None));
     let mut dc2 = start("dc2", &dc2_cfg, 1, "dc1", &book, &h2).await;
     let paths = [Forwarder::start(Some(dc2.gw.peer_addr())), Forwarder::start(Some(dc2.gw.peer_addr()))];
-    let dc1_cfg = format!(
+    let mut dc1_cfg = format!(
         "{}{}[[route]]\ncluster = \"dc2\"\nendpoints = [\"{}\", \"{}\"]\nstandby = 1\n{knobs}",
         gateway_table("dc1", false),
         certs.tls_table("dc1"),
@@ -235,18 +246,37 @@ async fn soak(secs: u64) {
                 }
                 "latency 50-80 ms"
             }
+            // Half of the restarts come back as the cluster's other gateway
+            // instance (another `gateway.name`): the peer's route moves to
+            // it (a new session under a fresh epoch) instead of restarting.
             70..=84 => {
                 stop(&mut dc1, &h1).await;
+                let other = rng.bool();
+                if other {
+                    dc1_cfg = other_instance(&dc1_cfg, "dc1");
+                }
                 dc1 = start("dc1", &dc1_cfg, 0, "dc2", &book, &h1).await;
-                "restart dc1 (dialer)"
+                if other {
+                    "dc1 (dialer) replaced by another instance"
+                } else {
+                    "restart dc1 (dialer)"
+                }
             }
             _ => {
                 stop(&mut dc2, &h2).await;
+                let other = rng.bool();
+                if other {
+                    dc2_cfg = other_instance(&dc2_cfg, "dc2");
+                }
                 dc2 = start("dc2", &dc2_cfg, 1, "dc1", &book, &h2).await;
                 for p in &paths {
                     p.set_target(dc2.gw.peer_addr());
                 }
-                "restart dc2 (acceptor)"
+                if other {
+                    "dc2 (acceptor) replaced by another instance"
+                } else {
+                    "restart dc2 (acceptor)"
+                }
             }
         };
         *faults.entry(kind).or_default() += 1;
