@@ -382,3 +382,57 @@ async fn a_route_changed_by_reload_starts_a_new_session_and_confirms_nothing_fal
         failed.len()
     );
 }
+
+/// A route removed by a reload finishes what it accepted before it goes,
+/// as a stopping gateway does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_route_removed_by_reload_finishes_its_window_first() {
+    use std::sync::{Arc, Mutex};
+    const TOTAL: u64 = 20_000;
+    let certs = Certs::new(&["dc1", "dc2", "dc3"]);
+    let mut dc2 = InProc::start("dc2", &accepting("dc2", &certs, "dc1"), 4096).await;
+    let dc3 = InProc::start("dc3", &accepting("dc3", &certs, "dc1"), 4096).await;
+    let route = |peer: &str, addr| format!("[[route]]\ncluster = \"{peer}\"\nendpoints = [\"{addr}\"]\n");
+    let head = format!("{}{}", gateway_table("dc1", false), certs.tls_table("dc1"));
+    let mut dc1 = InProc::start(
+        "dc1",
+        &format!("{head}{}{}", route("dc2", dc2.peer_addr()), route("dc3", dc3.peer_addr())),
+        4096,
+    )
+    .await;
+    dc1.wait_metric("wandist_route_up", &[("peer", "dc2")], |v| v == 1.0).await;
+    let mut rx2 = std::mem::replace(&mut dc2.rx, tokio::sync::mpsc::channel(1).1);
+    tokio::spawn(async move { while rx2.recv().await.is_some() {} });
+    let outcomes: Arc<Mutex<(u64, Vec<String>)>> = Arc::default();
+    let mut rx1 = std::mem::replace(&mut dc1.rx, tokio::sync::mpsc::channel(1).1);
+    let sink = outcomes.clone();
+    tokio::spawn(async move {
+        while let Some(item) = rx1.recv().await {
+            if let ToLocal::Confirm { token, outcome, .. } = item {
+                let mut o = sink.lock().unwrap();
+                match outcome {
+                    Outcome::Delivered => o.0 += 1,
+                    other => o.1.push(format!("{token}: {other:?}")),
+                }
+            }
+        }
+    });
+    let handle = dc1.running().local.route("dc2").unwrap().clone();
+    for i in 0..TOTAL {
+        handle.submit(Bytes::copy_from_slice(&i.to_be_bytes()), Some(i)).await.unwrap();
+    }
+    let unacked = dc1.metric("wandist_unacked_messages", &[("peer", "dc2")]).unwrap_or(0.0);
+    std::fs::write(dc1.config_path(), format!("{head}{}", route("dc3", dc3.peer_addr()))).unwrap();
+    assert_eq!(applied(dc1.reload()), Vec::<String>::new());
+    assert!(handle.submit(Bytes::from_static(b"late"), Some(TOTAL)).await.is_err(), "a removed route took a message");
+    dc2.wait_metric("wandist_route_up", &[("peer", "dc1")], |v| v == 0.0).await;
+    wait_for("every outcome", SOON, || {
+        let o = outcomes.lock().unwrap();
+        (o.0 + o.1.len() as u64 >= TOTAL).then_some(())
+    });
+    let (delivered, failed) = outcomes.lock().unwrap().clone();
+    assert!(failed.is_empty(), "{} failed, first: {:?}", failed.len(), failed.first());
+    assert_eq!(delivered, TOTAL);
+    assert_eq!(dc1.metric("wandist_route_up", &[("peer", "dc3")]), Some(1.0));
+    println!("route removed with {unacked} of {TOTAL} unconfirmed: all {TOTAL} confirmed delivered first");
+}

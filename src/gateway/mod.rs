@@ -135,7 +135,26 @@ impl Running {
         // What is applied becomes the running configuration; what needs a
         // restart stays as it runs (and is named again at the next reload).
         for cluster in &plan.stop {
-            self.kit.stop(cluster);
+            let removed = !plan.start.contains(cluster);
+            match (self.kit.stop(cluster), self.local.routes.get(cluster)) {
+                // Removed for good: it refuses new messages and finishes
+                // those it accepted first (up to half the grace period),
+                // as a stopping gateway does. A changed route stops at
+                // once, since its successor starts now.
+                (Some(cancel), Some(route)) if removed => {
+                    route.drain();
+                    let (route, grace) = (route.clone(), self.grace);
+                    self.tracker.spawn(async move {
+                        let deadline = tokio::time::Instant::now() + grace / 2;
+                        while route.in_flight() > 0 && tokio::time::Instant::now() < deadline {
+                            tokio::time::sleep(DRAIN_POLL).await;
+                        }
+                        cancel.cancel();
+                    });
+                }
+                (Some(cancel), _) => cancel.cancel(),
+                (None, _) => {}
+            }
             self.local.routes.remove(cluster);
             if let Some(shell) = &self.shell {
                 self.tell(shell, crate::erlang::ShellControl::RemoveRoute(cluster.as_str().into()));
@@ -425,15 +444,13 @@ impl RouteKit {
         (handle, Inbox { peer: route.cluster.as_str().into(), rx })
     }
 
-    /// Stops `cluster`'s route task (goodbye on its links, what it held
-    /// unconfirmed reported failed: `shutdown`); its cluster is refused
-    /// from now on.
-    fn stop(&mut self, cluster: &str) {
+    /// Takes `cluster`'s route out: its cluster is refused from now on;
+    /// the returned token stops its task (goodbye on its links, what it
+    /// held unconfirmed reported failed: `shutdown`) when cancelled.
+    fn stop(&mut self, cluster: &str) -> Option<CancellationToken> {
         write(&self.admit).remove(cluster);
         write(&self.inbound).remove(cluster);
-        if let Some(cancel) = self.tasks.remove(cluster) {
-            cancel.cancel();
-        }
+        self.tasks.remove(cluster)
     }
 }
 
