@@ -78,7 +78,8 @@ fn two_instances_of_a_cluster_share_one_peer_without_duplicates_or_false_confirm
         &format!("{}{}", accepting("dc2", &certs, "dc1"), erlang_table(&gw2_node, "cookie_b", &[&b1])),
         &env,
     );
-    let instance = |name: &str| {
+    // (name, [erlang] node, config) of each instance.
+    let config = |name: &str| {
         let node = format!("w{name}_{t}@127.0.0.1");
         let body = format!(
             "[gateway]\ncluster = \"dc1\"\nname = \"{name}\"\n{FAST}handshake_timeout_ms = 1000\n\n{}[[route]]\ncluster = \"dc2\"\nendpoints = [\"{}\"]\n{}",
@@ -86,10 +87,12 @@ fn two_instances_of_a_cluster_share_one_peer_without_duplicates_or_false_confirm
             dc2.peer_addr(),
             erlang_table(&node, "cookie_a", &[&a1])
         );
-        (Gateway::start_with_env(name, &body, &env), node)
+        (name.to_string(), node, body)
     };
-    let (gw_a, node_a) = instance("gw-a");
-    let (gw_b, node_b) = instance("gw-b");
+    let configs = [config("gw-a"), config("gw-b")];
+    let instance = |i: usize| Gateway::start_with_env(&configs[i].0, &configs[i].2, &env);
+    let (gw_a, node_a) = (instance(0), configs[0].1.clone());
+    let (gw_b, node_b) = (instance(1), configs[1].1.clone());
     let up = |g: &Gateway| g.metric("wandist_route_up", &[("peer", "dc2")]) == Some(1.0);
     let mut dc1 = [(gw_a, node_a), (gw_b, node_b)];
     wait_for("one dc1 instance holding the route", SOON, || dc1.iter().any(|(g, _)| up(g)).then_some(()));
@@ -128,6 +131,18 @@ fn two_instances_of_a_cluster_share_one_peer_without_duplicates_or_false_confirm
     assert_eq!((d2.len(), f2.len()), (2000, 0), "b1 -> a1 through dc2's gateway");
     all_received_once(&mut b1, &d1);
     all_received_once(&mut a1, &d2);
+
+    // kill -9 of the standby: nothing moves. It comes back, a standby again.
+    dc1[standby].0.kill();
+    assert!(up(&dc1[active].0));
+    dc1[standby].0 = instance(standby);
+    dc1[standby].0.wait_metric("wandist_route_standby", &[("peer", "dc2")], |v| v == 1.0);
+    assert_eq!(
+        dc2.metric("wandist_link_connects_total", &[("peer", "dc1")]),
+        connects,
+        "the standby's restart moved the route"
+    );
+    assert_eq!(a1.eval("length(pg:get_members(wan, sink))."), "1");
 
     // kill -9 of the active instance: the standby takes the route over, and
     // the members come back through it (a1 sees a proxy on the standby's
