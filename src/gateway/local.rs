@@ -267,6 +267,11 @@ impl RouteHandle {
     /// Hands a message to the route if its window or queue has room,
     /// without waiting. With room in the window (and nothing queued before
     /// it) the message is on its way to the peer when this returns.
+    /// The route's session epoch: what its hellos carry now.
+    pub fn epoch(&self) -> u64 {
+        self.core.lock().route.our_epoch()
+    }
+
     /// Refuses new messages from now on; those accepted go on (stopping).
     pub(crate) fn drain(&self) {
         self.core.drain();

@@ -80,7 +80,6 @@ pub struct Running {
     /// Each route's queue toward the local side (for it to take).
     pub inboxes: Vec<Inbox>,
     pub metrics: Metrics,
-    pub epoch: u64,
     /// The configuration running (what a reload compares against).
     config: Config,
     /// The TLS material new handshakes use (a reload replaces it).
@@ -371,7 +370,6 @@ pub async fn start_gated(
         local,
         inboxes,
         metrics,
-        epoch: own.epoch,
         config,
         tls,
         kit,
