@@ -33,6 +33,26 @@ fn install(from: &Certs, cluster: &str, dir: &Path) {
     std::fs::copy(from.path(&format!("{cluster}.key")), dir.join("own.key")).unwrap();
 }
 
+/// The tokens of `gw`'s confirmations as they come: (delivered, failed).
+fn collect_outcomes(gw: &mut InProc) -> std::sync::Arc<std::sync::Mutex<(Vec<u64>, Vec<u64>)>> {
+    let outcomes: std::sync::Arc<std::sync::Mutex<(Vec<u64>, Vec<u64>)>> = Default::default();
+    let mut rx = std::mem::replace(&mut gw.rx, tokio::sync::mpsc::channel(1).1);
+    let sink = outcomes.clone();
+    tokio::spawn(async move {
+        while let Some(item) = rx.recv().await {
+            if let ToLocal::Confirm { token, outcome, .. } = item {
+                let mut o = sink.lock().unwrap();
+                if outcome == Outcome::Delivered {
+                    o.0.push(token)
+                } else {
+                    o.1.push(token)
+                }
+            }
+        }
+    });
+    outcomes
+}
+
 fn applied(r: Reloaded) -> Vec<String> {
     match r {
         Reloaded::Applied(plan) => plan.restart,
@@ -308,7 +328,6 @@ fn sighup_applies_erlang_nodes_added_and_removed() {
 /// old one sent is confirmed by the new one's numbering.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_route_changed_by_reload_starts_a_new_session_and_confirms_nothing_falsely() {
-    use std::sync::{Arc, Mutex};
     const TOTAL: u64 = 30_000;
     let certs = Certs::new(&["dc1", "dc2"]);
     let mut dc2 = InProc::start("dc2", &accepting("dc2", &certs, "dc1"), 4096).await;
@@ -325,22 +344,7 @@ async fn a_route_changed_by_reload_starts_a_new_session_and_confirms_nothing_fal
         }
         got
     });
-    // (delivered, failed), taken as they come.
-    let outcomes: Arc<Mutex<(Vec<u64>, Vec<u64>)>> = Arc::default();
-    let mut rx1 = std::mem::replace(&mut dc1.rx, tokio::sync::mpsc::channel(1).1);
-    let sink = outcomes.clone();
-    tokio::spawn(async move {
-        while let Some(item) = rx1.recv().await {
-            if let ToLocal::Confirm { token, outcome, .. } = item {
-                let mut o = sink.lock().unwrap();
-                if outcome == Outcome::Delivered {
-                    o.0.push(token)
-                } else {
-                    o.1.push(token)
-                }
-            }
-        }
-    });
+    let outcomes = collect_outcomes(&mut dc1);
     let send = |dc1: &InProc, from: u64| {
         let route = dc1.running().local.route("dc2").unwrap().clone();
         tokio::spawn(async move {
@@ -387,7 +391,6 @@ async fn a_route_changed_by_reload_starts_a_new_session_and_confirms_nothing_fal
 /// as a stopping gateway does.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_route_removed_by_reload_finishes_its_window_first() {
-    use std::sync::{Arc, Mutex};
     const TOTAL: u64 = 20_000;
     let certs = Certs::new(&["dc1", "dc2", "dc3"]);
     let mut dc2 = InProc::start("dc2", &accepting("dc2", &certs, "dc1"), 4096).await;
@@ -403,20 +406,7 @@ async fn a_route_removed_by_reload_finishes_its_window_first() {
     dc1.wait_metric("wandist_route_up", &[("peer", "dc2")], |v| v == 1.0).await;
     let mut rx2 = std::mem::replace(&mut dc2.rx, tokio::sync::mpsc::channel(1).1);
     tokio::spawn(async move { while rx2.recv().await.is_some() {} });
-    let outcomes: Arc<Mutex<(u64, Vec<String>)>> = Arc::default();
-    let mut rx1 = std::mem::replace(&mut dc1.rx, tokio::sync::mpsc::channel(1).1);
-    let sink = outcomes.clone();
-    tokio::spawn(async move {
-        while let Some(item) = rx1.recv().await {
-            if let ToLocal::Confirm { token, outcome, .. } = item {
-                let mut o = sink.lock().unwrap();
-                match outcome {
-                    Outcome::Delivered => o.0 += 1,
-                    other => o.1.push(format!("{token}: {other:?}")),
-                }
-            }
-        }
-    });
+    let outcomes = collect_outcomes(&mut dc1);
     let handle = dc1.running().local.route("dc2").unwrap().clone();
     for i in 0..TOTAL {
         handle.submit(Bytes::copy_from_slice(&i.to_be_bytes()), Some(i)).await.unwrap();
@@ -428,11 +418,11 @@ async fn a_route_removed_by_reload_finishes_its_window_first() {
     dc2.wait_metric("wandist_route_up", &[("peer", "dc1")], |v| v == 0.0).await;
     wait_for("every outcome", SOON, || {
         let o = outcomes.lock().unwrap();
-        (o.0 + o.1.len() as u64 >= TOTAL).then_some(())
+        (o.0.len() + o.1.len() >= TOTAL as usize).then_some(())
     });
     let (delivered, failed) = outcomes.lock().unwrap().clone();
-    assert!(failed.is_empty(), "{} failed, first: {:?}", failed.len(), failed.first());
-    assert_eq!(delivered, TOTAL);
+    assert!(failed.is_empty(), "{} failed, first token: {:?}", failed.len(), failed.first());
+    assert_eq!(delivered.len() as u64, TOTAL);
     assert_eq!(dc1.metric("wandist_route_up", &[("peer", "dc3")]), Some(1.0));
     println!("route removed with {unacked} of {TOTAL} unconfirmed: all {TOTAL} confirmed delivered first");
 }
