@@ -545,9 +545,10 @@ impl Shell {
                 self.core.remove_peer(p);
                 let slot = &mut self.routes[p];
                 // Its inbox is still read: the route's last outcomes
-                // (failed `shutdown`) answer their senders.
+                // (failed `shutdown`) answer their senders. Its backlog is
+                // carried out as any other: deliveries still go to their
+                // nodes; messages for the peer fail (no handle).
                 slot.handle = None;
-                slot.backlog.clear();
                 slot.pending_bytes = 0;
                 let pending = std::mem::take(&mut slot.pending);
                 for (_, token) in pending {
@@ -561,10 +562,12 @@ impl Shell {
                     if n.removed || wanted.iter().any(|w| *w.name == *n.name) {
                         continue;
                     }
+                    // Its backlog stays: with no connection, each delivery
+                    // in it is reported undeliverable (`gone`), never dropped
+                    // (a dropped `Held` would be acked as delivered).
                     n.removed = true;
                     n.cancel.cancel();
                     n.tx = None;
-                    n.backlog.clear();
                     let name = n.name.clone();
                     self.core.node_down(&name);
                     tracing::info!(node = %name, "Erlang node removed from the configuration: disconnected");
@@ -723,7 +726,11 @@ impl Shell {
                     self.core.not_sent(peer, token, "overload");
                     return Ok(());
                 }
-                let Some(handle) = slot.handle.as_ref() else { return Ok(()) };
+                let Some(handle) = slot.handle.as_ref() else {
+                    // Its route was removed by a reload.
+                    self.core.not_sent(peer, token, "shutdown");
+                    return Ok(());
+                };
                 if slot.pending.is_empty() {
                     match handle.try_submit(payload, token) {
                         Ok(()) => return Ok(()),
