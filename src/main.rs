@@ -78,9 +78,7 @@ fn main() -> ExitCode {
                 ExitCode::SUCCESS
             }
             Err(problems) => {
-                for p in &problems {
-                    println!("{p}");
-                }
+                print_problems(&problems);
                 ExitCode::from(EXIT_CONFIG)
             }
         },
@@ -214,15 +212,20 @@ async fn watch_signals(shutdown: CancellationToken, reload: tokio::sync::mpsc::S
     shutdown.cancel();
 }
 
+/// `check`'s report: one `FILE:LINE: message` per problem, on stdout.
+fn print_problems(problems: &[wandist::config::Problem]) {
+    for p in problems {
+        println!("{p}");
+    }
+}
+
 /// `wandist reload`: the file must pass `check` first (a bad file would be
 /// refused by the gateway too, but here the operator sees why at once);
 /// then every `wandist run` process of this user with the same file gets
 /// SIGHUP.
 fn reload(config: PathBuf) -> ExitCode {
     if let Err(problems) = wandist::gateway::prepare(&config) {
-        for p in &problems {
-            println!("{p}");
-        }
+        print_problems(&problems);
         println!("not reloaded: the running configuration is kept");
         return ExitCode::from(EXIT_CONFIG);
     }

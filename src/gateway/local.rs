@@ -264,9 +264,6 @@ pub enum TrySubmit {
 }
 
 impl RouteHandle {
-    /// Hands a message to the route if its window or queue has room,
-    /// without waiting. With room in the window (and nothing queued before
-    /// it) the message is on its way to the peer when this returns.
     /// The route's session epoch: what its hellos carry now.
     pub fn epoch(&self) -> u64 {
         self.core.lock().route.our_epoch()
@@ -282,6 +279,9 @@ impl RouteHandle {
         self.core.in_flight()
     }
 
+    /// Hands a message to the route if its window or queue has room,
+    /// without waiting. With room in the window (and nothing queued before
+    /// it) the message is on its way to the peer when this returns.
     pub fn try_submit(&self, payload: Bytes, token: Option<u64>) -> Result<(), TrySubmit> {
         self.core.try_submit(payload, token)
     }

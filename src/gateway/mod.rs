@@ -109,8 +109,9 @@ impl Running {
     }
 
     /// Applies a configuration loaded again (SIGHUP): new TLS material for
-    /// new handshakes (links up stay up); anything else that differs is
-    /// named in the log as needing a restart. A configuration that did not
+    /// new handshakes (links up stay up), routes stopped and started, and
+    /// `[erlang] nodes`; anything else that differs is named in the log as
+    /// needing a restart (`reload::plan`). A configuration that did not
     /// load is logged and the running one kept. Counted either way.
     pub fn reload(&mut self, loaded: Result<Prepared, Vec<Problem>>) -> Reloaded {
         let count = |result| self.metrics.counter(m::CONFIG_RELOADS, &[("result", result)]).increment(1);
@@ -144,10 +145,7 @@ impl Running {
                     route.drain();
                     let (route, grace) = (route.clone(), self.grace);
                     self.tracker.spawn(async move {
-                        let deadline = tokio::time::Instant::now() + grace / 2;
-                        while route.in_flight() > 0 && tokio::time::Instant::now() < deadline {
-                            tokio::time::sleep(DRAIN_POLL).await;
-                        }
+                        finish_in_flight(std::slice::from_ref(&route), grace / 2).await;
                         cancel.cancel();
                     });
                 }
@@ -209,28 +207,24 @@ impl Running {
         }
     }
 
-    /// Closes every link (with a goodbye), fails what is unconfirmed, and
-    /// waits up to the grace period for the tasks to finish.
+    /// Finishes what the routes accepted (up to half the grace period),
+    /// then closes every link (with a goodbye), fails what is unconfirmed,
+    /// and waits up to the grace period for the tasks to finish.
     pub async fn stop(self) {
         tracing::info!(grace = ?self.grace, "shutting down");
         // First the routes finish what they accepted (new messages are
         // refused and reported failed at once), for up to half the grace
         // period, while links, nodes and the Erlang side still run.
-        let routes: Vec<&RouteHandle> = self.local.routes.values().collect();
-        routes.iter().for_each(|r| r.drain());
-        let deadline = tokio::time::Instant::now() + self.grace / 2;
-        let in_flight = || routes.iter().map(|r| r.in_flight()).sum::<usize>();
-        let at_start = in_flight();
+        let routes: Vec<RouteHandle> = self.local.routes.values().cloned().collect();
+        routes.iter().for_each(RouteHandle::drain);
+        let (at_start, left) = finish_in_flight(&routes, self.grace / 2).await;
         if at_start > 0 {
-            tracing::info!(messages = at_start, "finishing the messages in flight before leaving");
-        }
-        let mut left = at_start;
-        while left > 0 && tokio::time::Instant::now() < deadline {
-            tokio::time::sleep(DRAIN_POLL).await;
-            left = in_flight();
-        }
-        if at_start > 0 {
-            tracing::info!(finished = at_start.saturating_sub(left), left, "messages in flight finished; closing");
+            tracing::info!(
+                at_start,
+                finished = at_start.saturating_sub(left),
+                left,
+                "messages in flight finished; closing"
+            );
         }
         self.root.cancel();
         self.tracker.close();
@@ -258,9 +252,34 @@ fn publish_expiry(metrics: &Metrics, tls: &Tls) {
     }
 }
 
-/// How often a stopping gateway looks whether its routes have finished
-/// what they accepted.
+/// How often a stopping gateway (or route) looks whether it has finished
+/// what it accepted.
 const DRAIN_POLL: std::time::Duration = std::time::Duration::from_millis(10);
+
+/// Waits, for up to `within`, while draining `routes` (`RouteHandle::drain`:
+/// they refuse new messages) send and confirm what they accepted (as long
+/// as they are up). How many were in flight at the start, and how many
+/// are left.
+async fn finish_in_flight(routes: &[RouteHandle], within: std::time::Duration) -> (usize, usize) {
+    let in_flight = || routes.iter().map(RouteHandle::in_flight).sum::<usize>();
+    let deadline = tokio::time::Instant::now() + within;
+    let at_start = in_flight();
+    let mut left = at_start;
+    while left > 0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(DRAIN_POLL).await;
+        left = in_flight();
+    }
+    (at_start, left)
+}
+
+/// Waits for `gate` (if any) to open; false if `cancel` came first.
+async fn after_gate(gate: Option<CancellationToken>, cancel: &CancellationToken) -> bool {
+    let Some(gate) = gate else { return true };
+    tokio::select! {
+        _ = cancel.cancelled() => false,
+        _ = gate.cancelled() => true,
+    }
+}
 
 /// Size of each route's queue toward the local side.
 pub const TO_LOCAL_QUEUE: usize = 4096;
@@ -353,13 +372,9 @@ pub async fn start_gated(
         };
         let (cancel, tracker2) = (root.clone(), tracker.clone());
         tracker.spawn(async move {
-            if let Some(gate) = gate {
-                tokio::select! {
-                    _ = cancel.cancelled() => return,
-                    _ = gate.cancelled() => {}
-                }
+            if after_gate(gate, &cancel).await {
+                acceptor.run(listener, cancel, tracker2).await
             }
-            acceptor.run(listener, cancel, tracker2).await
         });
     }
     tracing::info!(cluster = %own.cluster, gateway = %own.gateway, routes = config.routes.len(), "gateway ready");
@@ -431,13 +446,9 @@ impl RouteKit {
         let handle = task.handle(control_tx);
         let gate = self.gate.clone();
         self.tracker.spawn(async move {
-            if let Some(gate) = gate {
-                tokio::select! {
-                    _ = cancel.cancelled() => return,
-                    _ = gate.cancelled() => {}
-                }
+            if after_gate(gate, &cancel).await {
+                task.run().await
             }
-            task.run().await
         });
         (handle, Inbox { peer: route.cluster.as_str().into(), rx })
     }

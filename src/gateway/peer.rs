@@ -554,20 +554,9 @@ impl PeerTask {
                 Admit::Switch => {
                     let old = st.route.peer_instance().unwrap_or_default().to_string();
                     let sw = st.route.switch(new_epoch());
-                    st.outbox.extend(confirm_items(&self.peer, sw.failed));
-                    st.outbox.push_back(ToLocal::Lost { peer: self.peer.clone() });
-                    let changes = self.members.peer_restarted();
-                    st.outbox.extend(member_items(&self.peer, changes));
+                    session_ended(&self.peer, &mut self.members, &mut st, sw.failed);
                     drop(st);
-                    self.members_dirty = true;
-                    if sw.failed_count > 0 {
-                        self.metrics
-                            .counter(
-                                m::MESSAGES_FAILED,
-                                &[("peer", &self.peer), ("reason", FailReason::PeerRestarted.label())],
-                            )
-                            .increment(sw.failed_count as u64);
-                    }
+                    self.session_failures(sw.failed_count);
                     tracing::warn!(peer = %self.peer, from = %old, to = %instance, failed = sw.failed_count, "the route moves to another instance of the peer cluster: a new session (unconfirmed messages to the previous instance reported failed)");
                     Err(("resync", "a new session: dial again".to_string()))
                 }
@@ -592,6 +581,18 @@ impl PeerTask {
         }
         self.tracker.spawn(handshake::goodbye(est, why, self.max_frame));
         None
+    }
+
+    /// After `session_ended`, outside the lock: what the ended session
+    /// was sent and never confirmed is counted failed; the membership
+    /// gauges are due.
+    fn session_failures(&mut self, failed: usize) {
+        if failed > 0 {
+            self.metrics
+                .counter(m::MESSAGES_FAILED, &[("peer", &self.peer), ("reason", FailReason::PeerRestarted.label())])
+                .increment(failed as u64);
+        }
+        self.members_dirty = true;
     }
 
     fn adopt(&mut self, est: Established, endpoint: Option<usize>) {
@@ -637,11 +638,7 @@ impl PeerTask {
                 self.core.finished.reset(hello.epoch);
             }
             if up.new_session && was_known {
-                let failed = std::mem::take(&mut up.failed);
-                st.outbox.extend(confirm_items(&self.peer, failed));
-                st.outbox.push_back(ToLocal::Lost { peer: self.peer.clone() });
-                let changes = self.members.peer_restarted();
-                st.outbox.extend(member_items(&self.peer, changes));
+                session_ended(&self.peer, &mut self.members, &mut st, std::mem::take(&mut up.failed));
             }
             if up.primary {
                 st.outbox.push_back(ToLocal::Up { peer: self.peer.clone(), epoch: hello.epoch });
@@ -657,13 +654,10 @@ impl PeerTask {
             }
         }
         if up.new_session && was_known {
+            self.session_failures(up.failed_count);
             if up.failed_count > 0 {
-                self.metrics
-                    .counter(m::MESSAGES_FAILED, &[("peer", &self.peer), ("reason", FailReason::PeerRestarted.label())])
-                    .increment(up.failed_count as u64);
                 tracing::warn!(peer = %self.peer, messages = up.failed_count, "unconfirmed messages to the peer's previous run reported failed");
             }
-            self.members_dirty = true;
         }
         let role = if up.primary { "primary" } else { "standby" };
         tracing::info!(peer = %self.peer, link = id, role, "link up {info}");
@@ -854,4 +848,19 @@ impl PeerTask {
         self.rm.groups_imported.set(g as f64);
         self.rm.members_imported.set(mm as f64);
     }
+}
+
+/// The session with the peer's run ended (it restarted, or the route moved
+/// to another instance): queued with that state change, under the route's
+/// lock, the outcomes of what it was sent and never confirmed, `Lost`, and
+/// the withdrawal of its members.
+fn session_ended(
+    peer: &Arc<str>,
+    members: &mut PeerMembership,
+    st: &mut super::core::CoreState,
+    failed: Vec<Confirmation>,
+) {
+    st.outbox.extend(confirm_items(peer, failed));
+    st.outbox.push_back(ToLocal::Lost { peer: peer.clone() });
+    st.outbox.extend(member_items(peer, members.peer_restarted()));
 }
