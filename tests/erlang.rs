@@ -6,7 +6,7 @@ mod support;
 
 use std::time::Duration;
 
-use support::erl::{epmd, pg_node, tag, Epmd, Erl};
+use support::erl::{dc2_gateway, epmd, pg_node, tag, Epmd, Erl, JOIN_PINGER};
 use support::inproc::InProc;
 use support::*;
 
@@ -267,20 +267,11 @@ fn the_gateway_process_finds_nodes_through_epmd_and_survives_node_and_scope_rest
     let mut a1 = pg_node("a1", &t, "cookie_a", &epmd);
     let mut b1 = pg_node("b1", &t, "cookie_b", &epmd);
     let b1_name = format!("b1_{t}");
-    let join = "P = spawn(fun L() -> receive {ping, F} -> F ! {pong, node()}, L() end end), pg:join(wan, svc, P).";
+    let join = JOIN_PINGER;
     assert_eq!(b1.eval(join), "ok");
     let certs = Certs::new(&["dc1", "dc2"]);
     let env = [("ERL_EPMD_PORT", epmd.port.to_string())];
-    let gw2 = Gateway::start_with_env(
-        "gw-dc2",
-        &format!(
-            "{}{}[[route]]\ncluster = \"dc1\"\n[erlang]\nnode = \"wgw2_{t}@127.0.0.1\"\ncookie = \"cookie_b\"\nnodes = [\"{}\"]\n",
-            gateway_table("dc2", true),
-            certs.tls_table("dc2"),
-            b1.name
-        ),
-        &env,
-    );
+    let gw2 = dc2_gateway(&certs, &t, &b1, &epmd);
     let gw1 = Gateway::start_with_env(
         "gw-dc1",
         &format!(

@@ -10,7 +10,7 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use support::erl::{epmd, erlang_table, pg_node, tag, Erl};
+use support::erl::{dc2_gateway, epmd, erlang_table, pg_node, tag, Erl};
 use support::*;
 
 /// The integers of the first `[...]` list in `s` at or after `from`; and where it ended.
@@ -39,6 +39,18 @@ fn confirmed_stream(sender: &mut Erl, gw: &str, group: &str, from: u32, n: u32) 
     assert!(out.starts_with("{["), "the stream did not finish: {out}");
     let (delivered, at) = int_list(&out, 0);
     (delivered, int_list(&out, at).0)
+}
+
+/// 2,000 confirmed sends each way, numbered from `from`: a1 -> b1's `sink`
+/// through dc1's gateway node `via_dc1`, b1 -> a1's `back` through dc2's
+/// `via_dc2`. All are confirmed delivered, and all were received once.
+fn both_ways(a1: &mut Erl, b1: &mut Erl, via_dc1: &str, via_dc2: &str, from: u32) {
+    let (d1, f1) = confirmed_stream(a1, via_dc1, "sink", from, 2000);
+    assert_eq!((d1.len(), f1.len()), (2000, 0), "a1 -> b1 through {via_dc1}");
+    let (d2, f2) = confirmed_stream(b1, via_dc2, "back", from, 2000);
+    assert_eq!((d2.len(), f2.len()), (2000, 0), "b1 -> a1 through {via_dc2}");
+    all_received_once(b1, &d1);
+    all_received_once(a1, &d2);
 }
 
 /// Every number confirmed `delivered` reached the sink on `node`, and
@@ -73,11 +85,7 @@ fn two_instances_of_a_cluster_share_one_peer_without_duplicates_or_false_confirm
     let certs = Certs::new(&["dc1", "dc2"]);
     let env = [("ERL_EPMD_PORT", epmd.port.to_string())];
     let gw2_node = format!("wgw2_{t}@127.0.0.1");
-    let dc2 = Gateway::start_with_env(
-        "gw-dc2",
-        &format!("{}{}", accepting("dc2", &certs, "dc1"), erlang_table(&gw2_node, "cookie_b", &[&b1])),
-        &env,
-    );
+    let dc2 = dc2_gateway(&certs, &t, &b1, &epmd);
     // (name, [erlang] node, config) of each instance.
     let config = |name: &str| {
         let node = format!("w{name}_{t}@127.0.0.1");
@@ -125,12 +133,7 @@ fn two_instances_of_a_cluster_share_one_peer_without_duplicates_or_false_confirm
     assert_eq!(dc2.metric("wandist_link_connects_total", &[("peer", "dc1")]), connects, "links flapped");
 
     // Confirmed sends both ways; every `delivered` was received, once.
-    let (d1, f1) = confirmed_stream(&mut a1, &dc1[active].1, "sink", 1, 2000);
-    assert_eq!((d1.len(), f1.len()), (2000, 0), "a1 -> b1 through the active instance");
-    let (d2, f2) = confirmed_stream(&mut b1, &gw2_node, "back", 1, 2000);
-    assert_eq!((d2.len(), f2.len()), (2000, 0), "b1 -> a1 through dc2's gateway");
-    all_received_once(&mut b1, &d1);
-    all_received_once(&mut a1, &d2);
+    both_ways(&mut a1, &mut b1, &dc1[active].1, &gw2_node, 1);
 
     // kill -9 of the standby: nothing moves. It comes back, a standby again.
     dc1[standby].0.kill();
@@ -156,12 +159,7 @@ fn two_instances_of_a_cluster_share_one_peer_without_duplicates_or_false_confirm
     a1.eval_until("[node(P) || P <- pg:get_members(wan, sink)].", |v| v == standby_node);
     b1.eval_until("pg:get_members(wan, back).", |v| v != old_back && v.matches('<').count() == 1);
     let took = killed.elapsed();
-    let (d3, f3) = confirmed_stream(&mut a1, &dc1[standby].1, "sink", 10_001, 2000);
-    assert_eq!((d3.len(), f3.len()), (2000, 0), "a1 -> b1 through the instance that took over");
-    let (d4, f4) = confirmed_stream(&mut b1, &gw2_node, "back", 10_001, 2000);
-    assert_eq!((d4.len(), f4.len()), (2000, 0), "b1 -> a1 after the takeover");
-    all_received_once(&mut b1, &d3);
-    all_received_once(&mut a1, &d4);
+    both_ways(&mut a1, &mut b1, &dc1[standby].1, &gw2_node, 10_001);
     assert_eq!(a1.eval("length(pg:get_members(wan, sink))."), "1");
     let text = dc2.metrics();
     assert_eq!(metric_sum(&text, "wandist_frames_rejected_total", &[]), 0.0, "frames rejected:\n{text}");

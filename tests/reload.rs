@@ -11,7 +11,7 @@ use std::process::Command;
 
 use bytes::Bytes;
 use support::forward::Forwarder;
-use support::inproc::{next, InProc};
+use support::inproc::{delivered_in_order, next, InProc};
 use support::*;
 use wandist::gateway::{Reloaded, ToLocal};
 use wandist::route::Outcome;
@@ -158,17 +158,7 @@ async fn a_certificate_rotated_to_a_new_ca_by_reload_is_used_by_new_links_and_no
 
     // Every message delivered once, in order, and confirmed delivered.
     producer.await.unwrap();
-    let mut delivered = 0u64;
-    while delivered < TOTAL {
-        match next(&mut dc1.rx, "confirmations").await {
-            ToLocal::Confirm { token, outcome: Outcome::Delivered, .. } => {
-                assert_eq!(token, delivered, "confirmed out of order");
-                delivered += 1;
-            }
-            ToLocal::Lost { .. } | ToLocal::Members { .. } => {}
-            other => panic!("{other:?} (after {delivered} delivered)"),
-        }
-    }
+    delivered_in_order(&mut dc1.rx, TOTAL, "confirmations").await;
     consumer.await.unwrap();
     let text = dc1.running().metrics.render();
     assert_eq!(metric_sum(&text, "wandist_messages_failed_total", &[("peer", "dc2")]), 0.0, "failures:\n{text}");
@@ -270,25 +260,16 @@ fn sighup_adds_and_removes_routes_touching_only_their_own_links() {
 
 #[test]
 fn sighup_applies_erlang_nodes_added_and_removed() {
-    use support::erl::{epmd, erlang_table, pg_node, tag, Erl};
+    use support::erl::{dc2_gateway, epmd, erlang_table, pg_node, tag, Erl, JOIN_PINGER};
     let t = tag();
     let epmd = epmd();
     let a1 = pg_node("a1", &t, "cookie_a", &epmd);
     let mut a2 = pg_node("a2", &t, "cookie_a", &epmd);
     let mut b1 = pg_node("b1", &t, "cookie_b", &epmd);
-    let join = "P = spawn(fun L() -> receive {ping, F} -> F ! {pong, node()}, L() end end), pg:join(wan, svc, P).";
-    assert_eq!(a2.eval(join), "ok");
+    assert_eq!(a2.eval(JOIN_PINGER), "ok");
     let certs = Certs::new(&["dc1", "dc2"]);
     let env = [("ERL_EPMD_PORT", epmd.port.to_string())];
-    let dc2 = Gateway::start_with_env(
-        "gw-dc2",
-        &format!(
-            "{}{}",
-            accepting("dc2", &certs, "dc1"),
-            erlang_table(&format!("wgw2_{t}@127.0.0.1"), "cookie_b", &[&b1])
-        ),
-        &env,
-    );
+    let dc2 = dc2_gateway(&certs, &t, &b1, &epmd);
     let dc1_with = |nodes: &[&Erl]| {
         format!(
             "{}{}[[route]]\ncluster = \"dc2\"\nendpoints = [\"{}\"]\n{}",

@@ -148,12 +148,7 @@ fn kill_a_gateway_under_load(victim: Victim) {
     assert!(
         !failed.is_empty(),
         "nothing reported failed after a kill -9 under load; survivor metrics:\n{}",
-        survivor
-            .metrics()
-            .lines()
-            .filter(|l| l.contains("messages") || l.contains("unacked"))
-            .collect::<Vec<_>>()
-            .join("\n")
+        survivor.metrics_with(&["messages", "unacked"])
     );
     // Each failure is counted: sent and unconfirmed when the peer restarted,
     // sent to the new run for a member of the old one (undeliverable), or
@@ -167,12 +162,7 @@ fn kill_a_gateway_under_load(victim: Victim) {
         counted >= failed.len() as f64,
         "failures counted {by_restart:?} + {by_new_run:?} + {refused:?} < {}; survivor metrics:\n{}",
         failed.len(),
-        survivor
-            .metrics()
-            .lines()
-            .filter(|l| l.contains("failed") || l.contains("rejected"))
-            .collect::<Vec<_>>()
-            .join("\n")
+        survivor.metrics_with(&["failed", "rejected"])
     );
     // Received but reported failed: delivered by the dead run before it could confirm.
     let unknown = failed.iter().filter(|f| received.contains(f)).count();

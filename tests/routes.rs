@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use support::forward::Forwarder;
-use support::inproc::{next, InProc};
+use support::inproc::{delivered_in_order, next, InProc};
 use support::*;
 use wandist::gateway::ToLocal;
 use wandist::membership::Change;
@@ -416,17 +416,7 @@ async fn members_are_withdrawn_when_the_route_is_down_and_come_back_with_it() {
             other => panic!("unexpected {other:?}"),
         }
     }
-    let mut confirmed = 0;
-    while confirmed < 100 {
-        match next(&mut dc1.rx, "confirmations after recovery").await {
-            ToLocal::Confirm { token, outcome: Outcome::Delivered, .. } => {
-                assert_eq!(token, confirmed, "confirmed out of order");
-                confirmed += 1;
-            }
-            ToLocal::Lost { .. } | ToLocal::Members { .. } => {}
-            other => panic!("unexpected {other:?}"),
-        }
-    }
+    delivered_in_order(&mut dc1.rx, 100, "confirmations after recovery").await;
     println!(
         "members withdrawn {withdrawn_after:?} after the route went down (dead_after 1.5 s); route back {back_after:?} \
          after the fault, 100 messages sent while down delivered and confirmed"

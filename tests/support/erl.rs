@@ -41,3 +41,19 @@ pub fn erlang_table(node: &str, cookie: &str, nodes: &[&Erl]) -> String {
     let list: Vec<String> = nodes.iter().map(|n| format!("\"{}\"", n.name)).collect();
     format!("[erlang]\nnode = \"{node}\"\ncookie = \"{cookie}\"\nnodes = [{}]\n", list.join(", "))
 }
+
+/// Erlang that joins `svc` in scope `wan` with a process answering
+/// `{ping, From}` with `{pong, node()}` (it is bound to `P`).
+pub const JOIN_PINGER: &str =
+    "P = spawn(fun L() -> receive {ping, F} -> F ! {pong, node()}, L() end end), pg:join(wan, svc, P).";
+
+/// dc2's gateway, accepting dc1, whose Erlang side is `b1` (cookie_b) as the
+/// node `wgw2_{t}@127.0.0.1`; found through `epmd`.
+pub fn dc2_gateway(certs: &super::Certs, t: &str, b1: &Erl, epmd: &Epmd) -> super::Gateway {
+    let erlang = erlang_table(&format!("wgw2_{t}@127.0.0.1"), "cookie_b", &[b1]);
+    super::Gateway::start_with_env(
+        "gw-dc2",
+        &format!("{}{erlang}", super::accepting("dc2", certs, "dc1")),
+        &[("ERL_EPMD_PORT", epmd.port.to_string())],
+    )
+}

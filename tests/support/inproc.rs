@@ -108,6 +108,22 @@ pub async fn next(rx: &mut mpsc::Receiver<ToLocal>, what: &str) -> ToLocal {
     }
 }
 
+/// Takes `n` confirmations, each `delivered`, in token order 0, 1, 2…
+/// (route notices between them are skipped; anything else fails).
+pub async fn delivered_in_order(rx: &mut mpsc::Receiver<ToLocal>, n: u64, what: &str) {
+    let mut confirmed = 0;
+    while confirmed < n {
+        match next(rx, what).await {
+            ToLocal::Confirm { token, outcome: wandist::route::Outcome::Delivered, .. } => {
+                assert_eq!(token, confirmed, "confirmed out of order");
+                confirmed += 1;
+            }
+            ToLocal::Lost { .. } | ToLocal::Members { .. } => {}
+            other => panic!("{what}: {other:?} after {confirmed} delivered"),
+        }
+    }
+}
+
 /// Logs of in-process gateways on stderr when WANDIST_TEST_LOG is set (its
 /// value is the filter, e.g. "debug").
 fn init_logging() {

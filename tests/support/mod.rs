@@ -209,6 +209,11 @@ impl Gateway {
         metric_value(&self.metrics(), name, labels)
     }
 
+    /// Its metric lines containing any of `words` (for a failure message).
+    pub fn metrics_with(&self, words: &[&str]) -> String {
+        self.metrics().lines().filter(|l| words.iter().any(|w| l.contains(w))).collect::<Vec<_>>().join("\n")
+    }
+
     /// Waits until metric `name{labels}` satisfies `ok`; returns its value.
     pub fn wait_metric(&self, name: &str, labels: &[(&str, &str)], ok: impl Fn(f64) -> bool) -> f64 {
         wait_for(&format!("{}: {name}{labels:?}", self.name), SOON, || self.metric(name, labels).filter(|v| ok(*v)))

@@ -70,6 +70,14 @@ impl World {
         panic!("membership changes never settled");
     }
 
+    /// a1's pg scope makes itself known (`discover`): joins go to it.
+    fn scope_on_a1(&mut self) {
+        let scope = Pid { node: A1.into(), id: 50, serial: 0, creation: 1 };
+        let discover = Term::tuple(vec![Term::atom("discover"), Term::Pid(scope)]);
+        self.core.on_scope_message(&self.a1.clone(), &etf::encode(&discover));
+        self.core.take_effects();
+    }
+
     fn rejected(&self, peer: &str, reason: &str) -> f64 {
         crate::test_support::metric(&self.metrics.render(), m::ERLANG_REJECTED, &[("peer", peer), ("reason", reason)])
             .unwrap_or(0.0)
@@ -346,9 +354,7 @@ fn one_peer_flooding_proxies_evicts_only_its_own() {
 #[test]
 fn joins_are_batched_into_fewer_larger_messages_in_order() {
     let mut w = world_with(Limits { proxies: 400_000, ..limits() });
-    let scope = Pid { node: A1.into(), id: 50, serial: 0, creation: 1 };
-    w.core.on_scope_message(&w.a1.clone(), &etf::encode(&Term::tuple(vec![Term::atom("discover"), Term::Pid(scope)])));
-    w.core.take_effects();
+    w.scope_on_a1();
     let queue = |w: &mut World, group: &str, join: bool, from: u64, n: u64| {
         let members: Vec<Handle> = (from..from + n).map(Handle).collect();
         let change = if join {
@@ -398,9 +404,7 @@ fn joins_are_batched_into_fewer_larger_messages_in_order() {
 fn group_membership_is_applied_in_steps_and_leaves_are_cheap() {
     let mut w = world_with(Limits { proxies: 200_000, ..limits() });
     // A scope on a1, so joins are sent to it.
-    let scope = Pid { node: A1.into(), id: 50, serial: 0, creation: 1 };
-    w.core.on_scope_message(&w.a1.clone(), &etf::encode(&Term::tuple(vec![Term::atom("discover"), Term::Pid(scope)])));
-    w.core.take_effects();
+    w.scope_on_a1();
     // A small change: a join message per step.
     let small: Vec<Handle> = (1..=1000).map(Handle).collect();
     let change = Change::Join { group: "small".into(), members: small };
