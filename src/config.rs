@@ -85,6 +85,10 @@ pub struct ErlangConfig {
     pub nodes: Vec<ErlNode>,
     /// The `pg` scope mirrored across clusters.
     pub scope: String,
+    /// Several gateway instances of this cluster: each route is held by
+    /// one of them at a time, agreed through claims in the scope on the
+    /// local nodes (`erlang::claims`; needs OTP 25.1 or later there).
+    pub coordinate: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -834,7 +838,7 @@ impl Cx<'_> {
     }
 
     fn erlang(&mut self, t: &dyn TableLike) -> Option<ErlangConfig> {
-        self.allow_keys(t, &["node", "cookie", "cookie_file", "nodes", "scope"], "[erlang]");
+        self.allow_keys(t, &["node", "cookie", "cookie_file", "nodes", "scope", "coordinate"], "[erlang]");
         let node = self.required_string(t, "node", "[erlang]");
         if let Some((n, span)) = &node {
             if let Err(e) = check_node_name(n) {
@@ -920,7 +924,8 @@ impl Cx<'_> {
             Some((s, _)) => s,
             None => "wan".to_string(),
         };
-        Some(ErlangConfig { node: node?.0, cookie: cookie?, nodes, scope })
+        let coordinate = self.bool(t, "coordinate");
+        Some(ErlangConfig { node: node?.0, cookie: cookie?, nodes, scope, coordinate })
     }
 
     fn path_opt(&mut self, t: &dyn TableLike, k: &str) -> Option<PathAt> {

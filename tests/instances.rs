@@ -266,3 +266,132 @@ async fn a_route_to_two_instances_of_the_peer_holds_one_and_moves_when_it_stops(
         failed.len()
     );
 }
+
+/// The index of the instance whose route to `peer` is up, if exactly one's is.
+fn holder_of(gws: &[Gateway], peer: &str) -> Option<usize> {
+    let up: Vec<usize> =
+        (0..gws.len()).filter(|&i| gws[i].metric("wandist_route_up", &[("peer", peer)]) == Some(1.0)).collect();
+    (up.len() == 1).then(|| up[0])
+}
+
+/// The nodes of `group`'s members as `node` sees them.
+fn member_nodes(node: &mut Erl, group: &str) -> String {
+    node.eval(&format!("[node(P) || P <- pg:get_members(wan, {group})]."))
+}
+
+/// Two instances on each side, `[erlang] coordinate = true`: each cluster's
+/// instances agree through their own cluster's pg which one holds the
+/// route, so one session joins the two clusters and no remote process is
+/// listed twice (without the claims, dc1's second instance would reach
+/// dc2's second, and every member would be listed twice). kill -9 of the
+/// holder on either side, and a SIGTERM, move the route to the other.
+#[test]
+fn two_instances_on_each_side_agree_through_their_cluster_which_one_holds_the_route() {
+    let t = tag();
+    let epmd = epmd();
+    let mut a1 = pg_node("a1", &t, "cookie_a", &epmd);
+    let mut b1 = pg_node("b1", &t, "cookie_b", &epmd);
+    assert_eq!(b1.eval(SINK), "ok");
+    assert_eq!(a1.eval(&SINK.replace("pg:join(wan, sink, Sink)", "pg:join(wan, back, Sink)")), "ok");
+    let certs = Certs::new(&["dc1", "dc2"]);
+    let env = [("ERL_EPMD_PORT", epmd.port.to_string())];
+    let node_of = |name: &str| format!("w{}_{t}@127.0.0.1", name.replace('-', "_"));
+    let (b1_name, a1_name) = (b1.name.clone(), a1.name.clone());
+    let erlang = |name: &str, cookie: &str, node: &str| {
+        format!(
+            "[erlang]\nnode = \"{}\"\ncookie = \"{cookie}\"\nnodes = [\"{node}\"]\ncoordinate = true\n",
+            node_of(name)
+        )
+    };
+    let dc2_config = |name: &str| {
+        format!(
+            "[gateway]\ncluster = \"dc2\"\nname = \"{name}\"\nlisten = \"127.0.0.1:0\"\n{FAST}handshake_timeout_ms = 1000\n\n{}[[route]]\ncluster = \"dc1\"\n{}",
+            certs.tls_table("dc2"),
+            erlang(name, "cookie_b", &b1_name)
+        )
+    };
+    let dc2_names = ["p-1", "p-2"];
+    let mut dc2: Vec<Gateway> = dc2_names.iter().map(|n| Gateway::start_with_env(n, &dc2_config(n), &env)).collect();
+    let endpoints = format!("\"{}\", \"{}\"", dc2[0].peer_addr(), dc2[1].peer_addr());
+    let dc1_config = |name: &str| {
+        format!(
+            "[gateway]\ncluster = \"dc1\"\nname = \"{name}\"\n{FAST}handshake_timeout_ms = 1000\n\n{}[[route]]\ncluster = \"dc2\"\nendpoints = [{endpoints}]\nstandby = 1\n{}",
+            certs.tls_table("dc1"),
+            erlang(name, "cookie_a", &a1_name)
+        )
+    };
+    let dc1_names = ["x-1", "x-2"];
+    let mut dc1: Vec<Gateway> = dc1_names.iter().map(|n| Gateway::start_with_env(n, &dc1_config(n), &env)).collect();
+
+    // One holder on each side; the others stand by (and say so).
+    let (h1, h2) =
+        wait_for("one holder on each side", SOON, || Some((holder_of(&dc1, "dc2")?, holder_of(&dc2, "dc1")?)));
+    a1.eval_until("length(pg:get_members(wan, sink)).", |v| v == "1");
+    b1.eval_until("length(pg:get_members(wan, back)).", |v| v == "1");
+    assert_eq!(member_nodes(&mut a1, "sink"), format!("['{}']", node_of(dc1_names[h1])));
+    assert_eq!(member_nodes(&mut b1, "back"), format!("['{}']", node_of(dc2_names[h2])));
+
+    // Steady for 2 s: one member each way, the same holders, no new link.
+    let connects = dc2[h2].metric("wandist_link_connects_total", &[("peer", "dc1")]);
+    let until = Instant::now() + Duration::from_secs(2);
+    while Instant::now() < until {
+        assert_eq!(a1.eval("length(pg:get_members(wan, sink))."), "1");
+        assert_eq!(b1.eval("length(pg:get_members(wan, back))."), "1");
+        assert_eq!((holder_of(&dc1, "dc2"), holder_of(&dc2, "dc1")), (Some(h1), Some(h2)), "the route changed hands");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(dc2[h2].metric("wandist_link_connects_total", &[("peer", "dc1")]), connects, "links flapped");
+    // The others stand by, and say so.
+    assert_eq!(dc1[1 - h1].metric("wandist_route_standby", &[("peer", "dc2")]), Some(1.0));
+    assert_eq!(dc2[1 - h2].metric("wandist_route_standby", &[("peer", "dc1")]), Some(1.0));
+    both_ways(&mut a1, &mut b1, &node_of(dc1_names[h1]), &node_of(dc2_names[h2]), 1);
+
+    // kill -9 of dc1's holder: the other dc1 instance takes the route.
+    let killed = Instant::now();
+    dc1[h1].kill();
+    let h1b = 1 - h1;
+    wait_for("dc1's other instance holding the route", SOON, || {
+        (holder_of(&dc1[h1b..=h1b], "dc2") == Some(0)).then_some(())
+    });
+    let want = format!("['{}']", node_of(dc1_names[h1b]));
+    a1.eval_until("[node(P) || P <- pg:get_members(wan, sink)].", |v| v == want);
+    b1.eval_until("length(pg:get_members(wan, back)).", |v| v == "1");
+    let dc1_took = killed.elapsed();
+    both_ways(&mut a1, &mut b1, &node_of(dc1_names[h1b]), &node_of(dc2_names[h2]), 10_001);
+    // It comes back, and stands by.
+    dc1[h1] = Gateway::start_with_env(dc1_names[h1], &dc1_config(dc1_names[h1]), &env);
+    dc1[h1].wait_metric("wandist_route_standby", &[("peer", "dc2")], |v| v == 1.0);
+
+    // kill -9 of dc2's holder: the other dc2 instance takes the route, and
+    // dc1's holder reaches it.
+    let killed = Instant::now();
+    dc2[h2].kill();
+    let h2b = 1 - h2;
+    wait_for("dc2's other instance holding the route", SOON, || {
+        (holder_of(&dc2[h2b..=h2b], "dc1") == Some(0)).then_some(())
+    });
+    let want = format!("['{}']", node_of(dc2_names[h2b]));
+    b1.eval_until("[node(P) || P <- pg:get_members(wan, back)].", |v| v == want);
+    a1.eval_until("length(pg:get_members(wan, sink)).", |v| v == "1");
+    let dc2_took = killed.elapsed();
+    both_ways(&mut a1, &mut b1, &node_of(dc1_names[h1b]), &node_of(dc2_names[h2b]), 20_001);
+
+    // SIGTERM of dc1's holder: it withdraws its claims, finishes, exits; the
+    // instance that came back takes the route.
+    dc1[h1b].signal("TERM");
+    assert!(dc1[h1b].wait_exit(SOON).is_some_and(|s| s.success()), "the stopped instance exits cleanly");
+    wait_for("dc1's restarted instance holding the route", SOON, || {
+        (holder_of(&dc1[h1..=h1], "dc2") == Some(0)).then_some(())
+    });
+    let want = format!("['{}']", node_of(dc1_names[h1]));
+    a1.eval_until("[node(P) || P <- pg:get_members(wan, sink)].", |v| v == want);
+    b1.eval_until("length(pg:get_members(wan, back)).", |v| v == "1");
+    both_ways(&mut a1, &mut b1, &node_of(dc1_names[h1]), &node_of(dc2_names[h2b]), 30_001);
+    let text = dc2[h2b].metrics();
+    assert_eq!(metric_sum(&text, "wandist_frames_rejected_total", &[]), 0.0, "frames rejected:\n{text}");
+    println!(
+        "two instances on each side: one session, one member each way; 16,000 confirmed messages all received once; \
+         kill -9 of dc1's holder: back through the other in {dc1_took:?}; of dc2's: {dc2_took:?} (dead_after 1.5 s); \
+         SIGTERM of the holder: the other took over"
+    );
+}

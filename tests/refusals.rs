@@ -71,7 +71,8 @@ fn dial_a_fake(
     let fake = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
     let fake_addr = fake.local_addr().unwrap();
     let admit: HashMap<String, Admission> =
-        [("dc1".to_string(), Admission { insecure_plaintext: false, offer: OFFER, session: None })].into();
+        [("dc1".to_string(), Admission { insecure_plaintext: false, offer: OFFER, session: None, standby: false })]
+            .into();
     let me = identity(cluster);
     let server = rt.spawn(async move {
         let (tcp, _) = fake.accept().await.unwrap();

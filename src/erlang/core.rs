@@ -20,6 +20,7 @@ use bytes::Bytes;
 use foldhash::HashMap;
 
 use super::atoms::Atoms;
+use super::claims::{self, Claims, Step};
 use super::control::{Control, Target};
 use super::dist::{ALIAS_SEND, PASS_THROUGH, SEND_SENDER};
 use super::etf::{self, scan, Kind, Pid, PidView, Ref, RefView, Refusal, Source, Term};
@@ -46,6 +47,8 @@ const FIRST_PROXY: u64 = 1000;
 /// Tags the third word of the gateway's own references, by use.
 const SCOPE_MONITOR: u32 = 0x5343_4f50;
 const HELD_MONITOR: u32 = 0x4d4f_4e49;
+/// Tags the gateway's calls to a scope (`{monitor, Group}`, `claims`).
+const CLAIM_CALL: u32 = 0x434c_4149;
 /// Members of a membership change applied per step (see `work`): a few
 /// milliseconds of work, so other peers' messages are not held up.
 pub const MEMBERS_PER_STEP: usize = 65_536;
@@ -80,6 +83,9 @@ pub enum Effect {
     Peer { peer: PeerIx, payload: Bytes, token: Option<u64>, data: bool },
     /// The local cluster's members, as handles issued to that peer.
     Groups { peer: PeerIx, change: LocalGroups },
+    /// Several instances of the cluster (`claims`): this one now holds
+    /// the route (start it), or no longer does (stop it).
+    Claim(Step),
 }
 
 /// One route as the Erlang side knows it.
@@ -98,6 +104,10 @@ pub struct Setup {
     pub scope: String,
     pub nodes: Vec<Arc<str>>,
     pub peers: Vec<PeerSetup>,
+    /// With several instances of the cluster (`[erlang] coordinate`): the
+    /// routes this instance claims, and how long it keeps the ones it
+    /// holds with no coordinating node (`claims`).
+    pub claims: Option<(Vec<Arc<str>>, std::time::Duration)>,
 }
 
 /// A membership change of a peer, applied in steps.
@@ -196,6 +206,8 @@ pub struct Core {
     held: HeldMonitors,
     /// Monitors on local scope processes: reference id -> node.
     scope_monitors: HashMap<u64, Arc<str>>,
+    /// Which routes this instance holds, with several instances.
+    claims: Option<Claims>,
     /// Confirmed sends waiting for their outcome: token -> (who, their ref).
     confirms: HashMap<u64, (Pid, Term)>,
     next_token: u64,
@@ -292,6 +304,11 @@ impl scan::Translator for Inbound<'_> {
     }
 }
 
+/// The encoding of `cluster`'s claim group term (no version byte).
+fn claim_group(cluster: &str) -> Vec<u8> {
+    etf::encode(&claims::group_term(cluster))[1..].to_vec()
+}
+
 /// `{wandist_confirm, Ref, Result}`.
 fn confirm_reply(reply_ref: Term, result: Term) -> Term {
     Term::tuple(vec![Term::atom("wandist_confirm"), reply_ref, result])
@@ -306,6 +323,7 @@ impl Core {
         let quotas: Vec<usize> = setup.peers.iter().map(|p| p.limits.proxies).collect();
         let proxies = Proxies::new(setup.me.clone(), setup.creation, FIRST_PROXY, &quotas);
         let gw = proxies.pid(GW_KEY);
+        let gw_for_claims = gw.clone();
         let peers: Vec<Peer> = setup.peers.iter().map(Peer::new).collect();
         let counters = Counters {
             to_peers: metrics.counter(m::ERLANG_MESSAGES, &[("direction", "to_peers")]),
@@ -325,6 +343,13 @@ impl Core {
             mirror: Mirror::new(setup.nodes),
             watchers: Watchers::default(),
             scope_monitors: HashMap::default(),
+            claims: setup.claims.map(|(clusters, give_up)| {
+                let mut c = Claims::new(gw_for_claims, give_up);
+                clusters.into_iter().for_each(|cl| {
+                    c.claim(cl);
+                });
+                c
+            }),
             confirms: HashMap::default(),
             next_token: 1,
             next_ref: 1,
@@ -528,6 +553,7 @@ impl Core {
             self.relay(mon.peer, Relay::Down { target: mon.target }, &reason, None, false);
         }
         self.scope_monitors.retain(|_, n| **n != **node);
+        self.recoordinate();
     }
 
     /// `{SEND_SENDER, From, To}` read in place: to a pid on our node.
@@ -635,6 +661,7 @@ impl Core {
             for c in self.mirror.scope_ended(&n) {
                 self.local_change(c);
             }
+            self.recoordinate();
         } else if let Some(mon) = self.own_ref_id(mref, HELD_MONITOR).and_then(|id| self.held.remove(id)) {
             self.peers[mon.peer].exports.unpin(mon.target);
             self.relay(mon.peer, Relay::Down { target: mon.target }, &reason, None, false);
@@ -833,6 +860,9 @@ impl Core {
             Err(e) => return self.reject(None, "undecodable", || format!("from node {node}: a scope message: {e}")),
         };
         let t = msg.as_tuple().unwrap_or_default();
+        if matches!(t.first(), Some(Term::Ref(_))) && self.claim_message(t) {
+            return;
+        }
         match (t.first().and_then(Term::as_atom), t.len()) {
             (Some("$gen_cast"), 2) => {
                 let inner = t[1].as_tuple().unwrap_or_default();
@@ -879,6 +909,9 @@ impl Core {
 
     /// A local group's name for peers, or None (said) if it may not cross.
     fn exportable(&mut self, node: &Arc<str>, group: &Term) -> Option<String> {
+        if claims::is_claim_group(group) {
+            return None; // the gateways' own (`claims`), never a peer's business
+        }
         let name = groups::name_of(group);
         if name.is_none() {
             self.reject(None, "group_not_exported", || {
@@ -906,6 +939,7 @@ impl Core {
         self.scope_monitors.insert(id, node.clone());
         let control = Control::MonitorP { watcher: self.gw.clone(), target: Target::Pid(scope.clone()), mref };
         self.send_to_node(node, control, None);
+        self.recoordinate();
     }
 
     /// Answers a scope's discover: everything the gateway joined, as one sync.
@@ -937,7 +971,154 @@ impl Core {
     fn full_sync(&self) -> Vec<u8> {
         let groups =
             self.mirror.joined().map(|(g, keys)| (etf::encode(&groups::term_of(g))[1..].to_vec(), keys.collect()));
-        mirror::sync(&self.gw, groups, |out, k| self.proxies.put_pid(out, k))
+        // (A claim's membership never changes while it stands, so a sync
+        // never moves it in its group's order.)
+        let claims = self.claims.iter().flat_map(Claims::clusters).map(|c| (claim_group(c), vec![GW_KEY]));
+        mirror::sync(&self.gw, groups.chain(claims), |out, k| self.proxies.put_pid(out, k))
+    }
+
+    // ---- several instances of the cluster (`claims`) ----
+
+    /// Claims the route to `cluster` (a reload added it): joins its claim
+    /// group on every scope, and asks the coordinator for its order.
+    pub fn claim(&mut self, cluster: Arc<str>) {
+        let Some(c) = self.claims.as_mut() else { return };
+        if !c.claim(cluster.clone()) {
+            return;
+        }
+        let msg = mirror::join(&self.gw, &claim_group(&cluster), &[GW_KEY], |out, k| self.proxies.put_pid(out, k));
+        for (_, scope) in self.mirror.scopes() {
+            self.send_bulk(&scope, &msg);
+        }
+        if let Some(node) = self.claims.as_ref().and_then(|c| c.coordinator().cloned()) {
+            self.watch_claim(&node, cluster);
+        }
+    }
+
+    /// Withdraws the claim on `cluster`'s route (a reload removed it, or
+    /// the gateway stops): it leaves the claim group everywhere, so
+    /// another instance takes the route at once.
+    pub fn unclaim(&mut self, cluster: &str) {
+        let Some(c) = self.claims.as_mut() else { return };
+        if !c.clusters().any(|c| **c == *cluster) {
+            return;
+        }
+        if let Some(step) = c.unclaim(cluster) {
+            self.out.push(Effect::Claim(step));
+        }
+        let msg = mirror::leave(&self.gw, &claim_group(cluster), &[GW_KEY], |out, k| self.proxies.put_pid(out, k));
+        for (_, scope) in self.mirror.scopes() {
+            self.send_bulk(&scope, &msg);
+        }
+    }
+
+    /// Withdraws every claim (the gateway is stopping).
+    pub fn unclaim_all(&mut self) {
+        let clusters: Vec<Arc<str>> = self.claims.iter().flat_map(Claims::clusters).cloned().collect();
+        for c in clusters {
+            self.unclaim(&c);
+        }
+    }
+
+    /// On the shell's timer: routes held with no coordinating node for
+    /// too long are given up.
+    pub fn claims_tick(&mut self, now: std::time::Instant) {
+        let Some(c) = self.claims.as_mut() else { return };
+        for step in c.tick(now) {
+            tracing::warn!(?step, "no local node's pg scope is known: this instance gives the route up");
+            self.out.push(Effect::Claim(step));
+        }
+    }
+
+    /// Picks the coordinating node again (the connected node with the least
+    /// name whose scope is known), after scopes came or went.
+    fn recoordinate(&mut self) {
+        let Some(c) = self.claims.as_mut() else { return };
+        let best = self.mirror.scopes().into_iter().map(|(n, _)| n).min();
+        let Some(old) = c.set_coordinator(best.clone()) else { return };
+        for (node, watch) in old {
+            let call = self.scope_call(Term::tuple(vec![Term::atom("demonitor"), Term::Ref(watch)]));
+            self.send_to_node(&node, Control::RegSend { from: self.gw.clone(), name: self.scope.clone() }, Some(&call));
+        }
+        match best {
+            Some(node) => {
+                tracing::info!(node = %node, "claims on routes are ordered by this node's pg scope");
+                self.ask_claims(&node);
+            }
+            None => tracing::warn!("no local node's pg scope is known: the claims on routes cannot be ordered"),
+        }
+    }
+
+    fn ask_claims(&mut self, node: &Arc<str>) {
+        let clusters: Vec<Arc<str>> = self.claims.iter().flat_map(Claims::clusters).cloned().collect();
+        for cluster in clusters {
+            self.watch_claim(node, cluster);
+        }
+    }
+
+    /// `pg:monitor(Scope, ClaimGroup)` on `node`, as a call from our pg process.
+    fn watch_claim(&mut self, node: &Arc<str>, cluster: Arc<str>) {
+        let (id, tag) = self.own_ref(CLAIM_CALL);
+        let call = Term::tuple(vec![
+            Term::atom("$gen_call"),
+            Term::tuple(vec![Term::Pid(self.gw.clone()), Term::Ref(tag)]),
+            Term::tuple(vec![Term::atom("monitor"), claims::group_term(&cluster)]),
+        ]);
+        if let Some(c) = self.claims.as_mut() {
+            c.calling(id, cluster);
+        }
+        let control = Control::RegSend { from: self.gw.clone(), name: self.scope.clone() };
+        self.send_to_node(node, control, Some(&etf::encode(&call)));
+    }
+
+    /// A call to a scope whose answer is not waited for.
+    fn scope_call(&mut self, request: Term) -> Vec<u8> {
+        let (_, tag) = self.own_ref(CLAIM_CALL);
+        etf::encode(&Term::tuple(vec![
+            Term::atom("$gen_call"),
+            Term::tuple(vec![Term::Pid(self.gw.clone()), Term::Ref(tag)]),
+            request,
+        ]))
+    }
+
+    /// `{Tag, Reply}` to a call of ours, or `{Watch, join | leave, Group,
+    /// Pids}` from a claim group's monitor: true if it was one.
+    fn claim_message(&mut self, t: &[Term]) -> bool {
+        let call = match t {
+            [Term::Ref(tag), _] => match self.own_ref_id(tag, CLAIM_CALL) {
+                Some(id) => Some(id),
+                None => return false,
+            },
+            _ => None,
+        };
+        let Some(c) = self.claims.as_mut() else { return false };
+        let pids_of = |t: &Term| -> Vec<Pid> {
+            match t {
+                Term::Pid(p) => vec![p.clone()],
+                other => other.as_list().unwrap_or_default().iter().filter_map(Term::as_pid).cloned().collect(),
+            }
+        };
+        let steps = match (t, call) {
+            ([_, reply], Some(id)) => match reply.as_tuple() {
+                Some([Term::Ref(watch), members]) if c.is_call(id) => c.answered(id, watch.clone(), pids_of(members)),
+                _ => Vec::new(), // a demonitor's `ok`, or a stale answer
+            },
+            ([Term::Ref(watch), Term::Atom(what), _, pids], None) if what == "join" => c.joined(watch, pids_of(pids)),
+            ([Term::Ref(watch), Term::Atom(what), _, pids], None) if what == "leave" => c.left(watch, &pids_of(pids)),
+            _ => return false,
+        };
+        for step in steps {
+            match &step {
+                Step::Hold(cl) => {
+                    tracing::info!(peer = %cl, "this instance holds the route now (its claim is the oldest)")
+                }
+                Step::Release(cl) => {
+                    tracing::info!(peer = %cl, "another instance of this cluster holds the route now: this one stands by")
+                }
+            }
+            self.out.push(Effect::Claim(step));
+        }
+        true
     }
 
     /// Local members joined or left: each peer that may see the group gets

@@ -87,6 +87,9 @@ pub fn check(name: &str) -> Result<(), &'static str> {
     if t.has_identity_or_raw() {
         return Err("a group term holding a pid, reference, port, fun or big integer");
     }
+    if super::claims::is_claim_group(&t) {
+        return Err("a group reserved for the gateways' claims on routes");
+    }
     if name_of(&t).as_deref() != Some(name) {
         return Err("a group term not written the canonical way");
     }

@@ -12,6 +12,7 @@
 //! only this cluster's own members are exported (non-transitive).
 
 pub mod atoms;
+pub mod claims;
 pub mod control;
 pub mod core;
 pub mod dist;

@@ -26,6 +26,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use super::claims::Step;
 use super::core::{Core, Effect, PeerSetup, Setup};
 use super::node::{self, NodeEvent, NodeParams, NodeTx, TrySend};
 use super::proxies::PeerIx;
@@ -75,12 +76,24 @@ struct NodeSlot {
 #[derive(Debug)]
 pub enum ShellControl {
     /// A route added: the shell serves its inbox and exports to it.
-    AddRoute { route: Box<RouteConfig>, inbox: Inbox, handle: RouteHandle },
+    AddRoute {
+        route: Box<RouteConfig>,
+        inbox: Inbox,
+        handle: RouteHandle,
+    },
     /// A route removed: its peer is forgotten (its proxies leave their
     /// groups, their watchers get DOWN); what waited for it fails.
     RemoveRoute(Arc<str>),
     /// The local nodes to connect to, now.
     Nodes(Vec<ErlNode>),
+    /// With several instances (`[erlang] coordinate`): a route to claim
+    /// (a reload added it), or one whose claim is withdrawn (a reload
+    /// removed it).
+    Claim(Arc<str>),
+    Unclaim(Arc<str>),
+    /// The gateway stops: every claim is withdrawn, so the other
+    /// instances take the routes over while this one finishes.
+    UnclaimAll,
 }
 
 /// Where the shell gets what it needs to connect to nodes added later.
@@ -145,6 +158,9 @@ struct Shell {
     node_gone: metrics::Counter,
     node_gone_log: RateLog<()>,
     control: mpsc::Receiver<ShellControl>,
+    /// Where this instance's claims on routes are decided (`claims`):
+    /// the gateway starts and stops routes by them.
+    claims: Option<mpsc::Sender<Step>>,
     spawner: Spawner,
 }
 
@@ -223,6 +239,7 @@ pub fn start(
     cancel: CancellationToken,
     ready: CancellationToken,
     tracker: &TaskTracker,
+    claims: Option<mpsc::Sender<Step>>,
 ) -> mpsc::Sender<ShellControl> {
     let me: Arc<str> = cfg.node.as_str().into();
     let creation = fastrand::u32(1..);
@@ -249,6 +266,9 @@ pub fn start(
         scope: cfg.scope.clone(),
         nodes: nodes.iter().map(|n| n.name.clone()).collect(),
         peers,
+        claims: claims
+            .is_some()
+            .then(|| (routes.iter().map(|r| Arc::<str>::from(r.cluster.as_str())).collect(), g.dead_after)),
     };
     let ticked = Arc::new(AtomicBool::new(false));
     let (tick_tx, tick_rx) = mpsc::channel(1);
@@ -270,6 +290,7 @@ pub fn start(
         node_gone_log: RateLog::default(),
         control: control_rx,
         spawner,
+        claims,
     };
     shell.connected.set(0.0);
     shell.proxies.set(0.0);
@@ -459,8 +480,9 @@ impl Shell {
         while self.tick_rx.try_recv().is_ok() {}
         if self.core.undiscovered() {
             self.core.rediscover();
-            self.run_effects(None);
         }
+        self.core.claims_tick(Instant::now());
+        self.run_effects(None);
         self.publish();
     }
 
@@ -583,6 +605,9 @@ impl Shell {
                 }
                 self.publish_nodes();
             }
+            ShellControl::Claim(cluster) => self.core.claim(cluster),
+            ShellControl::Unclaim(cluster) => self.core.unclaim(&cluster),
+            ShellControl::UnclaimAll => self.core.unclaim_all(),
         }
         self.run_effects(None);
     }
@@ -752,6 +777,16 @@ impl Shell {
                 }
                 slot.pending_bytes += payload.len();
                 slot.pending.push_back((payload, token));
+                Ok(())
+            }
+            Effect::Claim(step) => {
+                if let Some(tx) = &self.claims {
+                    // (Rare, and the queue is sized for every route twice
+                    // over; a gateway that stopped reading is stopping.)
+                    if let Err(e) = tx.try_send(step) {
+                        tracing::error!("a claim's outcome was not taken by the gateway: {e}");
+                    }
+                }
                 Ok(())
             }
             Effect::Groups { peer, change } => {

@@ -93,6 +93,10 @@ pub struct Running {
     root: CancellationToken,
     tracker: TaskTracker,
     grace: std::time::Duration,
+    /// Several instances of the cluster (`[erlang] coordinate`): routes
+    /// run while this instance holds them, by the claims' outcomes.
+    coordinated: bool,
+    claims: Option<mpsc::Receiver<crate::erlang::claims::Step>>,
 }
 
 impl Running {
@@ -114,7 +118,8 @@ impl Running {
     /// needing a restart (`reload::plan`). A configuration that did not
     /// load is logged and the running one kept. Counted either way.
     pub fn reload(&mut self, loaded: Result<Prepared, Vec<Problem>>) -> Reloaded {
-        let count = |result| self.metrics.counter(m::CONFIG_RELOADS, &[("result", result)]).increment(1);
+        let metrics = self.metrics.clone();
+        let count = |result| metrics.counter(m::CONFIG_RELOADS, &[("result", result)]).increment(1);
         let loaded = match loaded {
             Ok(p) => p,
             Err(problems) => {
@@ -136,40 +141,33 @@ impl Running {
         // restart stays as it runs (and is named again at the next reload).
         for cluster in &plan.stop {
             let removed = !plan.start.contains(cluster);
-            match (self.kit.stop(cluster), self.local.routes.get(cluster)) {
-                // Removed for good: it refuses new messages and finishes
-                // those it accepted first (up to half the grace period),
-                // as a stopping gateway does. A changed route stops at
-                // once, since its successor starts now.
-                (Some(cancel), Some(route)) if removed => {
-                    route.drain();
-                    let (route, grace) = (route.clone(), self.grace);
-                    self.tracker.spawn(async move {
-                        finish_in_flight(std::slice::from_ref(&route), grace / 2).await;
-                        cancel.cancel();
-                    });
+            if self.coordinated && removed {
+                // Its claim is withdrawn: another instance holds it no more either.
+                if let Some(shell) = &self.shell {
+                    self.tell(shell, crate::erlang::ShellControl::Unclaim(cluster.as_str().into()));
                 }
-                (Some(cancel), _) => cancel.cancel(),
-                (None, _) => {}
             }
-            self.local.routes.remove(cluster);
-            if let Some(shell) = &self.shell {
-                self.tell(shell, crate::erlang::ShellControl::RemoveRoute(cluster.as_str().into()));
-            }
+            // Removed for good: it refuses new messages and finishes those
+            // it accepted first (up to half the grace period), as a
+            // stopping gateway does. A changed route stops at once, since
+            // its successor starts now.
+            self.stop_route(cluster, removed);
             tracing::info!(peer = %cluster, "route stopped (reload)");
         }
         for cluster in &plan.start {
             let Some(route) = new.routes.iter().find(|r| r.cluster == *cluster) else { continue };
-            let (handle, inbox) = self.kit.spawn(route);
-            self.local.routes.insert(cluster.clone(), handle.clone());
-            match (&self.shell, &self.merged) {
-                (Some(shell), _) => self.tell(
-                    shell,
-                    crate::erlang::ShellControl::AddRoute { route: Box::new(route.clone()), inbox, handle },
-                ),
-                (None, Some(merged)) => forward(inbox, merged.clone(), &self.tracker),
-                (None, None) => drain(inbox, &self.tracker, self.root.clone()),
+            if self.coordinated && !self.held(cluster) {
+                // Held by another instance (or not yet decided): it stands
+                // by; a route added is claimed.
+                self.kit.standby(route);
+                if !plan.stop.contains(cluster) {
+                    if let Some(shell) = &self.shell {
+                        self.tell(shell, crate::erlang::ShellControl::Claim(cluster.as_str().into()));
+                    }
+                }
+                continue;
             }
+            self.start_route(route);
             tracing::info!(peer = %cluster, "route started (reload)");
         }
         if plan.nodes {
@@ -199,6 +197,75 @@ impl Running {
         Reloaded::Applied(plan)
     }
 
+    /// Starts `route`'s task and hands it to the local side.
+    fn start_route(&mut self, route: &crate::config::RouteConfig) {
+        let cluster = &route.cluster;
+        let (handle, inbox) = self.kit.spawn(route);
+        self.local.routes.insert(cluster.clone(), handle.clone());
+        match (&self.shell, &self.merged) {
+            (Some(shell), _) => self
+                .tell(shell, crate::erlang::ShellControl::AddRoute { route: Box::new(route.clone()), inbox, handle }),
+            (None, Some(merged)) => forward(inbox, merged.clone(), &self.tracker),
+            (None, None) => drain(inbox, &self.tracker, self.root.clone()),
+        }
+    }
+
+    /// Stops `cluster`'s route task, if it runs: with `finish`, it first
+    /// refuses new messages and finishes those it accepted (up to half the
+    /// grace period), else at once. The local side forgets its peer.
+    fn stop_route(&mut self, cluster: &str, finish: bool) {
+        match (self.kit.stop(cluster), self.local.routes.get(cluster)) {
+            (Some(cancel), Some(route)) if finish => {
+                route.drain();
+                let (route, grace) = (route.clone(), self.grace);
+                self.tracker.spawn(async move {
+                    finish_in_flight(std::slice::from_ref(&route), grace / 2).await;
+                    cancel.cancel();
+                });
+            }
+            (Some(cancel), _) => cancel.cancel(),
+            (None, _) => {}
+        }
+        self.local.routes.remove(cluster);
+        if let Some(shell) = &self.shell {
+            self.tell(shell, crate::erlang::ShellControl::RemoveRoute(cluster.into()));
+        }
+    }
+
+    /// Whether this instance runs `cluster`'s route (with several
+    /// instances: holds it).
+    fn held(&self, cluster: &str) -> bool {
+        self.kit.running(cluster)
+    }
+
+    /// With several instances of the cluster: this one now holds a route
+    /// (started), or another does (this one finishes what it accepted,
+    /// then stands by).
+    pub fn claim_step(&mut self, step: crate::erlang::claims::Step) {
+        use crate::erlang::claims::Step;
+        match step {
+            Step::Hold(cluster) => {
+                let Some(route) = self.config.routes.iter().find(|r| *r.cluster == *cluster).cloned() else { return };
+                if self.held(&cluster) {
+                    return;
+                }
+                self.start_route(&route);
+                self.metrics.gauge(m::ROUTE_STANDBY, &[("peer", &cluster)]).set(0.0);
+                tracing::info!(peer = %cluster, "route started: this instance holds it");
+            }
+            Step::Release(cluster) => {
+                if !self.held(&cluster) {
+                    return;
+                }
+                self.stop_route(&cluster, true);
+                if let Some(route) = self.config.routes.iter().find(|r| *r.cluster == *cluster).cloned() {
+                    self.kit.standby(&route);
+                }
+                tracing::info!(peer = %cluster, "route stopping: another instance of this cluster holds it now");
+            }
+        }
+    }
+
     /// Hands the Erlang side a reload's change (it reads them between
     /// rounds; a full queue of them means it is stuck, which is said).
     fn tell(&self, shell: &mpsc::Sender<crate::erlang::ShellControl>, c: crate::erlang::ShellControl) {
@@ -212,6 +279,10 @@ impl Running {
     /// and waits up to the grace period for the tasks to finish.
     pub async fn stop(self) {
         tracing::info!(grace = ?self.grace, "shutting down");
+        if let (true, Some(shell)) = (self.coordinated, &self.shell) {
+            // The other instances take the routes over while this one finishes.
+            self.tell(shell, crate::erlang::ShellControl::UnclaimAll);
+        }
         // First the routes finish what they accepted (new messages are
         // refused and reported failed at once), for up to half the grace
         // period, while links, nodes and the Erlang side still run.
@@ -304,6 +375,18 @@ pub async fn start_gated(
     queue: usize,
     gate: Option<CancellationToken>,
 ) -> Result<Running, GatewayError> {
+    start_inner(prepared, metrics, queue, gate, true).await
+}
+
+/// As [`start_gated`]; without `routes_now`, every route stands by until
+/// this instance holds it (`Running::claim_step`).
+async fn start_inner(
+    prepared: Prepared,
+    metrics: Metrics,
+    queue: usize,
+    gate: Option<CancellationToken>,
+    routes_now: bool,
+) -> Result<Running, GatewayError> {
     let Prepared { config, tls } = prepared;
     let tls = tls.map(|t| {
         publish_expiry(&metrics, &t);
@@ -343,6 +426,10 @@ pub async fn start_gated(
     let mut local = LocalHandle { routes: HashMap::new() };
     let mut inboxes = Vec::new();
     for route in &config.routes {
+        if !routes_now {
+            kit.standby(route);
+            continue;
+        }
         let (handle, inbox) = kit.spawn(route);
         local.routes.insert(route.cluster.clone(), handle);
         inboxes.push(inbox);
@@ -393,6 +480,8 @@ pub async fn start_gated(
         root,
         tracker,
         grace,
+        coordinated: false,
+        claims: None,
     })
 }
 
@@ -439,6 +528,7 @@ impl RouteKit {
             insecure_plaintext: route.insecure_plaintext,
             offer: Offer { links_wanted: route.links_wanted(), recv_window: route.window },
             session: Some(task.session_check()),
+            standby: false,
         };
         write(&self.admit).insert(route.cluster.clone(), admission);
         write(&self.inbound).insert(route.cluster.clone(), control_tx.clone());
@@ -451,6 +541,25 @@ impl RouteKit {
             }
         });
         (handle, Inbox { peer: route.cluster.as_str().into(), rx })
+    }
+
+    /// `route` is held by another instance of this cluster (`[erlang]
+    /// coordinate`): its peer's links are refused as coming to a standby,
+    /// so the peer tries its other endpoints.
+    fn standby(&mut self, route: &crate::config::RouteConfig) {
+        let admission = Admission {
+            insecure_plaintext: route.insecure_plaintext,
+            offer: Offer { links_wanted: route.links_wanted(), recv_window: route.window },
+            session: None,
+            standby: true,
+        };
+        write(&self.admit).insert(route.cluster.clone(), admission);
+        self.metrics.gauge(m::ROUTE_STANDBY, &[("peer", &route.cluster)]).set(1.0);
+        self.metrics.gauge(m::ROUTE_UP, &[("peer", &route.cluster)]).set(0.0);
+    }
+
+    fn running(&self, cluster: &str) -> bool {
+        self.tasks.contains_key(cluster)
     }
 
     /// Takes `cluster`'s route out: its cluster is refused from now on;
@@ -500,10 +609,22 @@ pub async fn start_with_erlang(prepared: Prepared, metrics: Metrics) -> Result<R
     let g = prepared.config.gateway.clone();
     let routes = prepared.config.routes.clone();
     let gate = erlang.as_ref().map(|_| CancellationToken::new());
-    let mut running = start_gated(prepared, metrics.clone(), TO_LOCAL_QUEUE, gate.clone()).await?;
+    let coordinate = erlang.as_ref().is_some_and(|e| e.coordinate);
+    let mut running = start_inner(prepared, metrics.clone(), TO_LOCAL_QUEUE, gate.clone(), !coordinate).await?;
     let inboxes = std::mem::take(&mut running.inboxes);
     match (erlang, gate) {
         (Some(cfg), Some(gate)) => {
+            // (Each route's outcome comes at most twice per change: room
+            // for every route twice over, and more.)
+            let (claims_tx, claims_rx) = match coordinate {
+                true => {
+                    let (tx, rx) = mpsc::channel(2 * routes.len() + 16);
+                    (Some(tx), Some(rx))
+                }
+                false => (None, None),
+            };
+            running.coordinated = coordinate;
+            running.claims = claims_rx;
             running.shell = Some(crate::erlang::start(
                 &cfg,
                 &g,
@@ -514,6 +635,7 @@ pub async fn start_with_erlang(prepared: Prepared, metrics: Metrics) -> Result<R
                 running.root.clone(),
                 gate,
                 &running.tracker,
+                claims_tx,
             ))
         }
         _ => {
@@ -551,9 +673,11 @@ pub async fn run(
 ) -> Result<(), GatewayError> {
     let path = prepared.config.path.clone();
     let mut running = start_with_erlang(prepared, metrics).await?;
+    let mut claims = running.claims.take();
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => break,
+            Some(step) = async { claims.as_mut().unwrap().recv().await }, if claims.is_some() => running.claim_step(step),
             r = reloads.recv() => match r {
                 Some(()) => {
                     tracing::info!(config = %path.display(), "reloading the configuration");

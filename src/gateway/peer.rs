@@ -132,8 +132,11 @@ pub(super) struct PeerTask {
     next_dial: Instant,
     next_endpoint: usize,
     /// Endpoints found to reach another instance of the peer cluster than
-    /// the one the route holds a session with: not dialed while it has links.
+    /// the one the route holds a session with, or one standing by: not
+    /// dialed while it has links.
     other_instance: Vec<bool>,
+    /// Standby refusals in a row (`dial_failed`).
+    standby_streak: usize,
     /// The route state and what the data path shares with it.
     core: Arc<RouteCore>,
     members: PeerMembership,
@@ -226,6 +229,7 @@ impl PeerTask {
             next_dial: Instant::now(),
             next_endpoint: 0,
             other_instance: vec![false; config.endpoints.len()],
+            standby_streak: 0,
             core,
             members,
             down_since: Some(Instant::now()),
@@ -508,6 +512,25 @@ impl PeerTask {
     }
 
     fn dial_failed(&mut self, ep: usize, e: &HandshakeError) {
+        if let HandshakeError::Standby = e {
+            // That instance of the peer stands by (another of its cluster
+            // holds our route): the next endpoint now, round the list once,
+            // then each heartbeat (the holder may be on its way).
+            self.other_instance[ep] = true;
+            self.standby_streak += 1;
+            self.next_dial = if self.standby_streak >= self.config.endpoints.len() {
+                self.standby_streak = 0;
+                Instant::now() + self.params.heartbeat
+            } else {
+                Instant::now()
+            };
+            self.metrics.counter(m::HANDSHAKE_FAILURES, &[("peer", &self.peer), ("reason", e.reason())]).increment(1);
+            if let Some(held_back) = self.refusals.allow(&"standby") {
+                tracing::info!(peer = %self.peer, endpoint = %self.config.endpoints[ep], held_back, "that instance of the peer cluster stands by: trying its other endpoints");
+            }
+            return;
+        }
+        self.standby_streak = 0;
         if let HandshakeError::OtherInstance(holder) = e {
             // A standby instance for this route: tried again each
             // heartbeat, so it takes over soon after the holder is gone.
@@ -625,6 +648,7 @@ impl PeerTask {
         }
         self.rm.connects.increment(1);
         self.rm.standby.set(0.0);
+        self.standby_streak = 0;
         // One step under the lock, so the link's reader cannot hand the
         // local side a message of a new session before the notices that
         // go with it (`Lost` for the old run, `Up`).

@@ -46,6 +46,7 @@ pub fn plan(running: &Config, loaded: &Config) -> Plan {
                 ("erlang.node", a.node != b.node),
                 ("erlang.cookie", a.cookie != b.cookie),
                 ("erlang.scope", a.scope != b.scope),
+                ("erlang.coordinate", a.coordinate != b.coordinate),
             ];
             restart.extend(keys.iter().filter(|(_, changed)| *changed).map(|(k, _)| k.to_string()));
             nodes = a.nodes != b.nodes;

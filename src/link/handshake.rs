@@ -60,6 +60,10 @@ pub struct Admission {
     /// instance of the peer cluster is refused. Without one, the gateway's
     /// own epoch and no refusal.
     pub session: Option<SessionCheck>,
+    /// This instance stands by for the route (another instance of our
+    /// cluster holds it, `[erlang] coordinate`): the peer is refused with
+    /// `STANDBY`, after its certificate proved who it is.
+    pub standby: bool,
 }
 
 /// See [`Admission::session`]: `Ok(our epoch)` or `Err(the instance
@@ -79,6 +83,10 @@ impl std::fmt::Debug for SessionCheck {
 /// a peer cluster while the route holds links to another: the refused
 /// instance is a standby for the route and tries again soon.
 pub const OTHER_INSTANCE: &str = "another instance of your cluster holds this route";
+
+/// The start of the goodbye (and error) from a gateway instance that
+/// stands by for the dialer's route: the dialer tries its other endpoints.
+pub const STANDBY: &str = "this gateway instance stands by for your route (another instance of its cluster holds it)";
 
 /// A link that has passed every check, ready to run.
 pub struct Established {
@@ -143,6 +151,8 @@ pub enum HandshakeError {
     Refused(String),
     #[error("another instance of your cluster holds this route: {0}")]
     OtherInstance(String),
+    #[error("{STANDBY}")]
+    Standby,
     #[error("the peer is this gateway's own cluster {0:?}")]
     SelfConnect(String),
     #[error("too many handshakes in progress")]
@@ -170,6 +180,7 @@ impl HandshakeError {
             HandshakeError::NoTls => "no_tls",
             HandshakeError::Refused(_) => "refused_by_peer",
             HandshakeError::OtherInstance(_) => "other_instance",
+            HandshakeError::Standby => "standby",
             HandshakeError::SelfConnect(_) => "self",
             HandshakeError::Overload => "overload",
         }
@@ -265,6 +276,7 @@ pub async fn client(
             HandshakeError::Refused(r) if r.starts_with(OTHER_INSTANCE) => {
                 HandshakeError::OtherInstance(r[OTHER_INSTANCE.len()..].trim_start_matches(": ").to_string())
             }
+            HandshakeError::Refused(r) if r.starts_with(STANDBY) => HandshakeError::Standby,
             e => e,
         })?;
         if peer.cluster != expect {
@@ -353,14 +365,22 @@ fn admit_peer(
     if certs.is_none() && !admission.insecure_plaintext {
         return Err(HandshakeError::PlaintextRefused(peer.cluster.clone()));
     }
+    if admission.standby {
+        return Err(HandshakeError::Standby);
+    }
     Ok(admission)
 }
 
 /// Closes an established connection before it becomes a link, telling the
-/// peer why (best effort).
+/// peer why (best effort). Both hellos have crossed, so the peer reads
+/// frames now: a goodbye frame alone, with no preamble (one before it
+/// would read as a frame length of 0x57444953, "oversize").
 pub async fn goodbye(est: Established, reason: String, max_frame: usize) {
     let mut io = est.io;
-    let _ = send_hello(&mut io, &Header::Goodbye { reason }, max_frame).await;
+    let mut out = BytesMut::with_capacity(128);
+    if codec::encode(&Header::Goodbye { reason }, &[], max_frame, &mut out).is_ok() {
+        let _ = io.write_all(&out).await;
+    }
     let _ = io.shutdown().await;
 }
 

@@ -36,10 +36,14 @@ fn world() -> World {
 }
 
 fn world_with(l: Limits) -> World {
+    world_of(l, None)
+}
+
+fn world_of(l: Limits, claims: Option<(Vec<Arc<str>>, std::time::Duration)>) -> World {
     let metrics = Metrics::new();
     let peers =
         ["dc2", "dc3"].iter().map(|n| PeerSetup { name: (*n).into(), export: Filter::all(), limits: l }).collect();
-    let setup = Setup { me: ME.into(), creation: 9, scope: "wan".into(), nodes: vec![A1.into()], peers };
+    let setup = Setup { me: ME.into(), creation: 9, scope: "wan".into(), nodes: vec![A1.into()], peers, claims };
     let mut core = Core::new(setup, metrics.clone());
     let a1: Arc<str> = A1.into();
     core.node_up(&a1);
@@ -756,4 +760,123 @@ fn messages_overtake_membership_changes_but_not_a_new_session() {
     assert_eq!(w.core.mirror.joined_count(), 0, "and they left every group");
     assert_eq!(w.core.sync_debt(), 200_001, "withdrawn: one sync will say where it ended");
     assert!(w.core.accepts(0));
+}
+
+/// The claim steps among effects.
+fn claim_steps(effects: Vec<Effect>) -> Vec<claims::Step> {
+    effects
+        .into_iter()
+        .filter_map(|e| match e {
+            Effect::Claim(s) => Some(s),
+            _ => None,
+        })
+        .collect()
+}
+
+/// The messages to registered names (`RegSend`) among effects: (name, payload).
+fn reg_sends(effects: &[Effect]) -> Vec<(String, Term)> {
+    effects
+        .iter()
+        .filter_map(|e| match e {
+            Effect::Node { packet, .. } => {
+                let (control, used) = etf::decode(&packet[5..]).unwrap();
+                match Control::parse(&control).unwrap() {
+                    Control::RegSend { name, .. } => Some((name, etf::decode(&packet[5 + used..]).unwrap().0)),
+                    _ => None,
+                }
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn claims_join_the_scope_are_ordered_by_it_and_the_oldest_holds() {
+    let mut w = world_of(limits(), Some((vec!["dc2".into()], std::time::Duration::from_secs(5))));
+    let gw = w.core.gw().clone();
+    let group = claims::group_term("dc2");
+    // a1's scope makes itself known: our sync carries the claim, and the
+    // coordinator (a1, the only scope) is asked for the claim group's order.
+    let scope = Pid { node: A1.into(), id: 50, serial: 0, creation: 1 };
+    let discover = Term::tuple(vec![Term::atom("discover"), Term::Pid(scope)]);
+    w.core.on_scope_message(&w.a1.clone(), &etf::encode(&discover));
+    let effects = w.core.take_effects();
+    let sync = effects.iter().find_map(|e| match e {
+        Effect::Node { packet, bulk: true, .. } => match open(packet) {
+            (Control::SendSender { .. }, t) => Some(t),
+            _ => None,
+        },
+        _ => None,
+    });
+    let claim = Term::tuple(vec![group.clone(), Term::list(vec![Term::Pid(gw.clone())])]);
+    assert_eq!(
+        sync,
+        Some(Term::tuple(vec![
+            Term::atom("$gen_cast"),
+            Term::tuple(vec![Term::atom("sync"), Term::Pid(gw.clone()), Term::list(vec![claim])])
+        ]))
+    );
+    let calls = reg_sends(&effects);
+    assert_eq!(calls.len(), 1, "{calls:?}");
+    let (name, call) = &calls[0];
+    assert_eq!(name, "wan");
+    let t = call.as_tuple().unwrap();
+    assert_eq!(t[0], Term::atom("$gen_call"));
+    assert_eq!(t[2], Term::tuple(vec![Term::atom("monitor"), group.clone()]));
+    let tag = t[1].as_tuple().unwrap()[1].clone();
+    assert!(claim_steps(effects).is_empty(), "nothing is held before the scope answers");
+
+    // The scope answers: a sibling's claim is older than ours (pg lists
+    // the latest first). We stand by.
+    let sibling = Pid { node: "gw2@h".into(), id: 1, serial: 0, creation: 3 };
+    let watch = Term::Ref(Ref { node: A1.into(), creation: 1, ids: vec![1, 2, 3] });
+    let scope_says = |w: &mut World, t: Term| {
+        w.core.on_scope_message(&w.a1.clone(), &etf::encode(&t));
+        claim_steps(w.core.take_effects())
+    };
+    let reply = Term::tuple(vec![
+        tag,
+        Term::tuple(vec![watch.clone(), Term::list(vec![Term::Pid(gw.clone()), Term::Pid(sibling.clone())])]),
+    ]);
+    assert_eq!(scope_says(&mut w, reply), vec![]);
+    // The sibling leaves (it stopped): ours is the oldest; this instance holds the route.
+    let leave =
+        Term::tuple(vec![watch.clone(), Term::atom("leave"), group.clone(), Term::list(vec![Term::Pid(sibling)])]);
+    assert_eq!(scope_says(&mut w, leave), vec![claims::Step::Hold("dc2".into())]);
+    // A newer claim changes nothing.
+    let other = Pid { node: "gw3@h".into(), id: 1, serial: 0, creation: 3 };
+    let join = Term::tuple(vec![watch, Term::atom("join"), group.clone(), Term::list(vec![Term::Pid(other)])]);
+    assert_eq!(scope_says(&mut w, join), vec![]);
+
+    // A local process in a claim group is never exported; a peer's group
+    // named like one is refused at import.
+    let local_claim = Term::tuple(vec![
+        Term::atom("$gen_cast"),
+        Term::tuple(vec![
+            Term::atom("sync"),
+            Term::Pid(Pid { node: A1.into(), id: 50, serial: 0, creation: 1 }),
+            Term::list(vec![Term::tuple(vec![group.clone(), Term::list(vec![Term::Pid(local(4))])])]),
+        ]),
+    ]);
+    w.core.on_scope_message(&w.a1.clone(), &etf::encode(&local_claim));
+    assert!(!w.core.take_effects().iter().any(|e| matches!(e, Effect::Groups { .. })));
+    let name = groups::name_of(&group).unwrap();
+    assert!(groups::check(&name).is_err());
+
+    // Stopping: the claim leaves every scope, and the route is released.
+    w.core.unclaim_all();
+    let effects = w.core.take_effects();
+    let leave_sent = effects.iter().any(|e| match e {
+        Effect::Node { packet, bulk: true, .. } => {
+            matches!(open(packet), (Control::SendSender { .. }, t) if t.as_tuple().is_some_and(|t| t[0] == Term::atom("leave")))
+        }
+        _ => false,
+    });
+    assert!(leave_sent, "{effects:?}");
+    assert_eq!(claim_steps(effects), vec![claims::Step::Release("dc2".into())]);
+
+    // The scope goes away (its node's connection dropped): no
+    // coordinator, and nothing more is held.
+    w.core.node_down(&w.a1.clone());
+    assert!(w.core.claims.as_ref().unwrap().coordinator().is_none());
 }

@@ -1,0 +1,315 @@
+//! Which routes this instance holds when several gateway instances of one
+//! cluster run (`[erlang] coordinate = true`). Plain state: no I/O, no
+//! clock (the shell passes the time in).
+//!
+//! Each instance claims every route it has: its pg process joins the
+//! route's claim group (`group_term`) on every local node. The claim that
+//! has been in the group longest, in the order the coordinating node's
+//! scope took them, holds the route; the others are its standbys. The
+//! coordinating node is the connected node with the least name whose
+//! scope is known, so every instance that sees the same nodes asks the
+//! same one. One scope process takes joins and leaves one at a time and
+//! tells every watcher (`pg:monitor/2`) of them in that order, so the
+//! instances agree on the holder without a protocol of their own. A
+//! holder keeps its route until its claim leaves (it stops, its node
+//! connection drops, the claim is withdrawn) or the coordinating node
+//! changes to one where another claim is older.
+//!
+//! An instance that knows no coordinating node for `give_up` gives its
+//! routes up: a gateway cut off from its cluster cannot serve them, and
+//! its siblings, which still see the cluster, take them over.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::etf::{Pid, Ref, Term};
+
+/// What the gateway is to do with a route.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Step {
+    /// This instance holds the route now: start it.
+    Hold(Arc<str>),
+    /// Another instance holds it (or nobody can be asked): stop it.
+    Release(Arc<str>),
+}
+
+/// The pg group whose members claim the route to `cluster`:
+/// `{wandist_claim, <<Cluster>>}` (never exported, never imported:
+/// `is_claim_group`).
+pub fn group_term(cluster: &str) -> Term {
+    Term::tuple(vec![Term::atom(CLAIM_TAG), Term::Binary(cluster.as_bytes().to_vec())])
+}
+
+const CLAIM_TAG: &str = "wandist_claim";
+
+/// Whether a group term is a claim group (reserved for the gateways).
+pub fn is_claim_group(t: &Term) -> bool {
+    matches!(t.as_tuple(), Some([tag, _]) if tag.as_atom() == Some(CLAIM_TAG))
+}
+
+#[derive(Debug, Default)]
+struct Claim {
+    held: bool,
+    /// The coordinating scope's monitor on the claim group, once it answered.
+    watch: Option<Ref>,
+    /// The claims in the group, oldest first, once the scope answered.
+    order: Option<Vec<Pid>>,
+}
+
+#[derive(Debug)]
+pub struct Claims {
+    me: Pid,
+    routes: BTreeMap<Arc<str>, Claim>,
+    coordinator: Option<Arc<str>>,
+    /// Monitor calls sent to the coordinator and not answered: tag -> route.
+    calls: BTreeMap<u64, Arc<str>>,
+    /// Since when no coordinating node has been known.
+    orphaned_since: Option<Instant>,
+    give_up: Duration,
+}
+
+impl Claims {
+    /// `me`: the pg process whose membership is this instance's claim.
+    pub fn new(me: Pid, give_up: Duration) -> Claims {
+        Claims { me, routes: BTreeMap::new(), coordinator: None, calls: BTreeMap::new(), orphaned_since: None, give_up }
+    }
+
+    /// Claims the route to `cluster` (the caller joins the claim group and,
+    /// with a coordinator, asks for its order). False if already claimed.
+    pub fn claim(&mut self, cluster: Arc<str>) -> bool {
+        if self.routes.contains_key(&cluster) {
+            return false;
+        }
+        self.routes.insert(cluster, Claim::default());
+        true
+    }
+
+    /// Withdraws the claim (the caller leaves the group): released if held.
+    pub fn unclaim(&mut self, cluster: &str) -> Option<Step> {
+        self.calls.retain(|_, c| **c != *cluster);
+        let claim = self.routes.remove(cluster)?;
+        claim.held.then(|| Step::Release(cluster.into()))
+    }
+
+    /// Every route claimed.
+    pub fn clusters(&self) -> impl Iterator<Item = &Arc<str>> {
+        self.routes.keys()
+    }
+
+    pub fn holds(&self, cluster: &str) -> bool {
+        self.routes.get(cluster).is_some_and(|c| c.held)
+    }
+
+    pub fn coordinator(&self) -> Option<&Arc<str>> {
+        self.coordinator.as_ref()
+    }
+
+    /// The coordinating node is now `node` (None: none is known). When it
+    /// changes, every order is asked again (the caller sends a monitor call
+    /// per claimed route, `calling`); what is held stays held meanwhile.
+    /// None if unchanged; else the monitors on the previous coordinator,
+    /// to be ended.
+    pub fn set_coordinator(&mut self, node: Option<Arc<str>>) -> Option<Vec<(Arc<str>, Ref)>> {
+        if node == self.coordinator {
+            return None;
+        }
+        if node.is_some() {
+            self.orphaned_since = None;
+        }
+        self.calls.clear();
+        let previous = std::mem::replace(&mut self.coordinator, node);
+        let mut old = Vec::new();
+        for c in self.routes.values_mut() {
+            c.order = None;
+            if let (Some(w), Some(n)) = (c.watch.take(), &previous) {
+                old.push((n.clone(), w));
+            }
+        }
+        Some(old)
+    }
+
+    /// A monitor call for `cluster`'s claim group went to the coordinator.
+    pub fn calling(&mut self, tag: u64, cluster: Arc<str>) {
+        self.calls.insert(tag, cluster);
+    }
+
+    /// Whether `tag` is a monitor call this is waiting on.
+    pub fn is_call(&self, tag: u64) -> bool {
+        self.calls.contains_key(&tag)
+    }
+
+    /// The coordinator's answer to a monitor call: its monitor, and the
+    /// group's members as pg lists them (the latest joined first).
+    pub fn answered(&mut self, tag: u64, watch: Ref, newest_first: Vec<Pid>) -> Vec<Step> {
+        let Some(cluster) = self.calls.remove(&tag) else { return Vec::new() };
+        let Some(claim) = self.routes.get_mut(&cluster) else { return Vec::new() };
+        claim.watch = Some(watch);
+        claim.order = Some(newest_first.into_iter().rev().collect());
+        self.decide(&cluster).into_iter().collect()
+    }
+
+    /// Claims joined the group watched by `watch` (they are the newest).
+    pub fn joined(&mut self, watch: &Ref, pids: Vec<Pid>) -> Vec<Step> {
+        let Some(cluster) = self.watched(watch) else { return Vec::new() };
+        if let Some(order) = self.routes.get_mut(&cluster).and_then(|c| c.order.as_mut()) {
+            order.extend(pids);
+        }
+        self.decide(&cluster).into_iter().collect()
+    }
+
+    /// Claims left the group watched by `watch`.
+    pub fn left(&mut self, watch: &Ref, pids: &[Pid]) -> Vec<Step> {
+        let Some(cluster) = self.watched(watch) else { return Vec::new() };
+        if let Some(order) = self.routes.get_mut(&cluster).and_then(|c| c.order.as_mut()) {
+            for p in pids {
+                // (pg lets a pid join twice; one leave takes one.)
+                if let Some(i) = order.iter().position(|o| o == p) {
+                    order.remove(i);
+                }
+            }
+        }
+        self.decide(&cluster).into_iter().collect()
+    }
+
+    /// On a timer: with no coordinating node for `give_up`, every route
+    /// held is given up.
+    pub fn tick(&mut self, now: Instant) -> Vec<Step> {
+        if self.coordinator.is_some() {
+            return Vec::new();
+        }
+        let since = *self.orphaned_since.get_or_insert(now);
+        if now.duration_since(since) < self.give_up {
+            return Vec::new();
+        }
+        let mut steps = Vec::new();
+        for (cluster, c) in &mut self.routes {
+            if std::mem::take(&mut c.held) {
+                steps.push(Step::Release(cluster.clone()));
+            }
+        }
+        steps
+    }
+
+    fn watched(&self, watch: &Ref) -> Option<Arc<str>> {
+        self.routes.iter().find(|(_, c)| c.watch.as_ref() == Some(watch)).map(|(k, _)| k.clone())
+    }
+
+    /// Held iff this instance's claim is the oldest; unknown order: as is.
+    fn decide(&mut self, cluster: &Arc<str>) -> Option<Step> {
+        let c = self.routes.get_mut(cluster)?;
+        let oldest = c.order.as_ref()?.first() == Some(&self.me);
+        if oldest == c.held {
+            return None;
+        }
+        c.held = oldest;
+        Some(if oldest { Step::Hold(cluster.clone()) } else { Step::Release(cluster.clone()) })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pid(node: &str, id: u32) -> Pid {
+        Pid { node: node.into(), id, serial: 0, creation: 1 }
+    }
+
+    fn watch(n: u32) -> Ref {
+        Ref { node: "a1@h".into(), creation: 1, ids: vec![n, 0, 0] }
+    }
+
+    fn hold(c: &str) -> Step {
+        Step::Hold(c.into())
+    }
+
+    fn release(c: &str) -> Step {
+        Step::Release(c.into())
+    }
+
+    #[test]
+    fn the_oldest_claim_holds_and_a_later_one_waits_for_it_to_leave() {
+        let (me, sibling) = (pid("gw_b@h", 1), pid("gw_a@h", 1));
+        let mut c = Claims::new(me.clone(), Duration::from_secs(5));
+        assert!(c.claim("dc2".into()));
+        assert!(!c.claim("dc2".into()), "claimed once");
+        assert_eq!(c.set_coordinator(Some("a1@h".into())), Some(vec![]), "a first coordinator");
+        assert_eq!(c.set_coordinator(Some("a1@h".into())), None, "unchanged");
+        c.calling(7, "dc2".into());
+        // pg lists the latest joined first: the sibling was there first.
+        assert_eq!(c.answered(7, watch(1), vec![me.clone(), sibling.clone()]), vec![]);
+        assert!(!c.holds("dc2"));
+        // Another claim joins after ours: it changes nothing.
+        assert_eq!(c.joined(&watch(1), vec![pid("gw_c@h", 1)]), vec![]);
+        // A notification for a monitor not ours (an earlier coordinator's) is ignored.
+        assert_eq!(c.left(&watch(9), std::slice::from_ref(&sibling)), vec![]);
+        // The sibling's claim leaves (it stopped, or its connection dropped): ours is oldest.
+        assert_eq!(c.left(&watch(1), std::slice::from_ref(&sibling)), vec![hold("dc2")]);
+        assert!(c.holds("dc2"));
+        // It comes back: it is the newest now, and we keep the route.
+        assert_eq!(c.joined(&watch(1), vec![pid("gw_a@h", 2)]), vec![]);
+        assert!(c.holds("dc2"));
+        // Withdrawn by a reload: released.
+        assert_eq!(c.unclaim("dc2"), Some(release("dc2")));
+        assert_eq!(c.unclaim("dc2"), None);
+    }
+
+    #[test]
+    fn a_new_coordinator_is_asked_again_and_its_order_decides() {
+        let (me, sibling) = (pid("gw_a@h", 1), pid("gw_b@h", 1));
+        let mut c = Claims::new(me.clone(), Duration::from_secs(5));
+        c.claim("dc2".into());
+        c.claim("dc3".into());
+        c.set_coordinator(Some("a2@h".into()));
+        c.calling(1, "dc2".into());
+        c.calling(2, "dc3".into());
+        assert_eq!(c.answered(1, watch(1), vec![sibling.clone(), me.clone()]), vec![hold("dc2")]);
+        assert_eq!(c.answered(2, watch(2), vec![me.clone(), sibling.clone()]), vec![]);
+        // A node with a lesser name comes: orders are asked again, what is
+        // held stays held meanwhile, and the old monitors are handed back.
+        let old = c.set_coordinator(Some("a1@h".into())).unwrap();
+        assert_eq!(old, vec![("a2@h".into(), watch(1)), ("a2@h".into(), watch(2))]);
+        assert!(c.holds("dc2"));
+        assert!(!c.is_call(1), "answers to the old coordinator's calls are not taken");
+        assert_eq!(c.answered(1, watch(1), vec![me.clone()]), vec![]);
+        c.calling(3, "dc2".into());
+        c.calling(4, "dc3".into());
+        // There, the sibling's claim is older for dc2, ours for dc3.
+        assert_eq!(c.answered(3, watch(3), vec![me.clone(), sibling.clone()]), vec![release("dc2")]);
+        assert_eq!(c.answered(4, watch(4), vec![sibling.clone(), me.clone()]), vec![hold("dc3")]);
+    }
+
+    #[test]
+    fn with_no_coordinator_for_the_give_up_time_routes_are_released() {
+        let me = pid("gw_a@h", 1);
+        let mut c = Claims::new(me.clone(), Duration::from_secs(5));
+        c.claim("dc2".into());
+        c.set_coordinator(Some("a1@h".into()));
+        c.calling(1, "dc2".into());
+        assert_eq!(c.answered(1, watch(1), vec![me.clone()]), vec![hold("dc2")]);
+        let t0 = Instant::now();
+        assert_eq!(c.tick(t0), vec![], "a coordinator is known");
+        c.set_coordinator(None);
+        assert_eq!(c.tick(t0), vec![]);
+        assert_eq!(c.tick(t0 + Duration::from_secs(4)), vec![]);
+        assert_eq!(c.tick(t0 + Duration::from_secs(5)), vec![release("dc2")]);
+        assert_eq!(c.tick(t0 + Duration::from_secs(6)), vec![], "released once");
+        // A coordinator again: the order decides again.
+        c.set_coordinator(Some("a1@h".into()));
+        c.calling(2, "dc2".into());
+        assert_eq!(c.answered(2, watch(2), vec![me]), vec![hold("dc2")]);
+        // A coordinator back in time resets the clock.
+        c.set_coordinator(None);
+        assert_eq!(c.tick(t0 + Duration::from_secs(10)), vec![]);
+        c.set_coordinator(Some("a1@h".into()));
+        c.set_coordinator(None);
+        assert_eq!(c.tick(t0 + Duration::from_secs(14)), vec![], "the clock started again");
+    }
+
+    #[test]
+    fn claim_groups_are_recognised() {
+        assert!(is_claim_group(&group_term("dc2")));
+        assert!(!is_claim_group(&Term::atom("chat")));
+        assert!(!is_claim_group(&Term::tuple(vec![Term::atom("wandist_other"), Term::Binary(b"x".to_vec())])));
+    }
+}
