@@ -608,6 +608,21 @@ impl Route {
     pub fn undelivered(&self) -> (usize, usize) {
         (self.inbound.len(), self.inbound_bytes)
     }
+
+    /// Grows with every message submitted or received (within a session):
+    /// unchanged over a while means no traffic either way meanwhile.
+    pub fn activity(&self) -> u64 {
+        self.next_seq.wrapping_add(self.received_upto)
+    }
+
+    /// Nothing of ours unacknowledged, and everything received delivered
+    /// by the local side and acknowledged to the peer.
+    pub fn settled(&self) -> bool {
+        self.unacked.is_empty()
+            && self.inbound.is_empty()
+            && self.done_upto == self.received_upto
+            && self.ack_sent_upto == self.done_upto
+    }
 }
 
 #[cfg(test)]

@@ -208,6 +208,10 @@ pub struct Core {
     scope_monitors: HashMap<u64, Arc<str>>,
     /// Which routes this instance holds, with several instances.
     claims: Option<Claims>,
+    /// The gateway is stopping (`leave`): nothing more is exported, and
+    /// the scopes have been told we have no members.
+    leaving: bool,
+    left_scopes: bool,
     /// Confirmed sends waiting for their outcome: token -> (who, their ref).
     confirms: HashMap<u64, (Pid, Term)>,
     next_token: u64,
@@ -343,6 +347,8 @@ impl Core {
             mirror: Mirror::new(setup.nodes),
             watchers: Watchers::default(),
             scope_monitors: HashMap::default(),
+            leaving: false,
+            left_scopes: false,
             claims: setup.claims.map(|(clusters, give_up)| {
                 let mut c = Claims::new(gw_for_claims, give_up);
                 clusters.into_iter().for_each(|cl| {
@@ -507,6 +513,11 @@ impl Core {
 
     /// A membership message from the gateway's pg process to a scope.
     fn send_bulk(&mut self, scope: &Pid, msg: &[u8]) {
+        if self.left_scopes {
+            // (After `leave` the scopes know nothing of ours: a leave now
+            // would name a group they dropped, which crashes a scope.)
+            return;
+        }
         let Some(node) = self.mirror.node(&scope.node) else { return };
         let control = Control::SendSender { from: self.gw.clone(), to: scope.clone() };
         self.out.push(Effect::Node { node, packet: packet(&control.term(), Some(msg)), held: None, bulk: true });
@@ -1012,6 +1023,36 @@ impl Core {
         }
     }
 
+    /// The gateway is stopping: its claims are withdrawn (another instance
+    /// takes the routes), the peers are told our members left (their
+    /// proxies leave their clusters' pg, so their senders stop choosing
+    /// them), and our proxies leave the local scopes (ours stop choosing
+    /// them). Everything keeps working meanwhile: messages already on
+    /// their way, to a proxy looked up a moment ago or to one of our
+    /// members, are carried and delivered while the routes settle.
+    pub fn leave(&mut self) {
+        if self.leaving {
+            return;
+        }
+        self.unclaim_all();
+        let ours = self.mirror.local_members();
+        for p in 0..self.peers.len() {
+            for c in &ours {
+                self.export_change(p, &LocalChange { join: false, ..c.clone() });
+            }
+        }
+        self.leaving = true;
+        for p in 0..self.peers.len() {
+            self.flush_batch(p);
+        }
+        let empty = mirror::sync(&self.gw, std::iter::empty(), |out, k| self.proxies.put_pid(out, k));
+        for (_, scope) in self.mirror.scopes() {
+            self.send_bulk(&scope, &empty);
+        }
+        self.left_scopes = true;
+        tracing::info!("stopping: our members withdrawn from the peers, and the peers' from the local pg scopes");
+    }
+
     /// Withdraws every claim (the gateway is stopping).
     pub fn unclaim_all(&mut self) {
         let clusters: Vec<Arc<str>> = self.claims.iter().flat_map(Claims::clusters).cloned().collect();
@@ -1131,7 +1172,7 @@ impl Core {
 
     /// A change of our members, as peer `p` is told it (if it may see it).
     fn export_change(&mut self, p: PeerIx, c: &LocalChange) {
-        if self.peers[p].removed || !self.peers[p].export.allows(&c.group) {
+        if self.leaving || self.peers[p].removed || !self.peers[p].export.allows(&c.group) {
             return;
         }
         let mut handles = Vec::with_capacity(c.members.len());

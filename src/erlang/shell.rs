@@ -91,9 +91,10 @@ pub enum ShellControl {
     /// removed it).
     Claim(Arc<str>),
     Unclaim(Arc<str>),
-    /// The gateway stops: every claim is withdrawn, so the other
-    /// instances take the routes over while this one finishes.
-    UnclaimAll,
+    /// The gateway stops (`Core::leave`): claims withdrawn, so the other
+    /// instances take the routes over; members withdrawn both ways, so
+    /// senders stop choosing this instance while it finishes.
+    Leave,
 }
 
 /// Where the shell gets what it needs to connect to nodes added later.
@@ -607,7 +608,7 @@ impl Shell {
             }
             ShellControl::Claim(cluster) => self.core.claim(cluster),
             ShellControl::Unclaim(cluster) => self.core.unclaim(&cluster),
-            ShellControl::UnclaimAll => self.core.unclaim_all(),
+            ShellControl::Leave => self.core.leave(),
         }
         self.run_effects(None);
     }

@@ -234,6 +234,16 @@ impl RouteCore {
         st.route.unacked().0 + st.pending.len()
     }
 
+    /// (activity, settled) while the route is up (`Route::activity`,
+    /// `Route::settled`); a route that is down is settled.
+    pub(super) fn settle_state(&self) -> (u64, bool) {
+        let st = self.lock();
+        if st.closed || !st.route.is_up() {
+            return (0, true);
+        }
+        (st.route.activity(), st.route.settled() && st.pending.is_empty())
+    }
+
     /// Closed without the route task's shutdown (it ended some other way):
     /// submitters get `RouteGone` instead of waiting forever.
     pub(super) fn mark_closed(&self) {

@@ -279,6 +279,11 @@ impl RouteHandle {
         self.core.in_flight()
     }
 
+    /// (activity, settled): see `RouteCore::settle_state`.
+    pub(crate) fn settle_state(&self) -> (u64, bool) {
+        self.core.settle_state()
+    }
+
     /// Hands a message to the route if its window or queue has room,
     /// without waiting. With room in the window (and nothing queued before
     /// it) the message is on its way to the peer when this returns.

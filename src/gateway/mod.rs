@@ -139,6 +139,9 @@ impl Running {
         }
         // What is applied becomes the running configuration; what needs a
         // restart stays as it runs (and is named again at the next reload).
+        // (With several instances: a changed route this one holds starts
+        // again at once; its claim stands.)
+        let held_before: Vec<String> = plan.stop.iter().filter(|c| self.held(c)).cloned().collect();
         for cluster in &plan.stop {
             let removed = !plan.start.contains(cluster);
             if self.coordinated && removed {
@@ -156,7 +159,7 @@ impl Running {
         }
         for cluster in &plan.start {
             let Some(route) = new.routes.iter().find(|r| r.cluster == *cluster) else { continue };
-            if self.coordinated && !self.held(cluster) {
+            if self.coordinated && !held_before.contains(cluster) {
                 // Held by another instance (or not yet decided): it stands
                 // by; a route added is claimed.
                 self.kit.standby(route);
@@ -279,16 +282,27 @@ impl Running {
     /// and waits up to the grace period for the tasks to finish.
     pub async fn stop(self) {
         tracing::info!(grace = ?self.grace, "shutting down");
-        if let (true, Some(shell)) = (self.coordinated, &self.shell) {
-            // The other instances take the routes over while this one finishes.
-            self.tell(shell, crate::erlang::ShellControl::UnclaimAll);
+        let routes: Vec<RouteHandle> = self.local.routes.values().cloned().collect();
+        let mut left = self.grace / 2;
+        if let Some(shell) = &self.shell {
+            // Senders on both sides stop choosing this gateway (its members
+            // and its proxies leave pg; with several instances, another
+            // takes the routes), while everything keeps running: what is on
+            // its way is carried and delivered. Then no traffic either way
+            // for two heartbeats (or half the grace period) before the
+            // routes refuse anything new.
+            self.tell(shell, crate::erlang::ShellControl::Leave);
+            let started = tokio::time::Instant::now();
+            let quiet = (self.config.gateway.heartbeat * 2).max(std::time::Duration::from_millis(100));
+            let settled = settle(&routes, quiet, self.grace / 2).await;
+            left = left.saturating_sub(started.elapsed());
+            tracing::info!(settled, took = ?started.elapsed(), "members withdrawn; traffic settled");
         }
         // First the routes finish what they accepted (new messages are
         // refused and reported failed at once), for up to half the grace
         // period, while links, nodes and the Erlang side still run.
-        let routes: Vec<RouteHandle> = self.local.routes.values().cloned().collect();
         routes.iter().for_each(RouteHandle::drain);
-        let (at_start, left) = finish_in_flight(&routes, self.grace / 2).await;
+        let (at_start, left) = finish_in_flight(&routes, left).await;
         if at_start > 0 {
             tracing::info!(
                 at_start,
@@ -341,6 +355,28 @@ async fn finish_in_flight(routes: &[RouteHandle], within: std::time::Duration) -
         left = in_flight();
     }
     (at_start, left)
+}
+
+/// Waits, for up to `within`, until `routes` are settled (`Route::settled`)
+/// and have seen no traffic either way for `quiet`. Whether they did.
+async fn settle(routes: &[RouteHandle], quiet: std::time::Duration, within: std::time::Duration) -> bool {
+    let state = || {
+        routes.iter().map(RouteHandle::settle_state).fold((0u64, true), |(a, s), (b, t)| (a.wrapping_add(b), s && t))
+    };
+    let deadline = tokio::time::Instant::now() + within;
+    let (mut last, _) = state();
+    let mut since = tokio::time::Instant::now();
+    while tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(DRAIN_POLL).await;
+        let (activity, settled) = state();
+        if activity != last || !settled {
+            last = activity;
+            since = tokio::time::Instant::now();
+        } else if since.elapsed() >= quiet {
+            return true;
+        }
+    }
+    false
 }
 
 /// Waits for `gate` (if any) to open; false if `cancel` came first.

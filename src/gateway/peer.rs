@@ -455,7 +455,12 @@ impl PeerTask {
         }
         self.links.clear();
         self.dialing.abort_all();
+        // (The route state still counts the links it had: the task is
+        // ending, so the route is down, whatever it counts.)
         self.publish();
+        for g in [&self.rm.route_up, &self.rm.primary_up, &self.rm.standby_up] {
+            g.set(0.0);
+        }
         // Outcomes queued for the local side, then these.
         self.confirmations_to_local(confirmations);
         let mut outbox = std::mem::take(&mut self.core.lock().outbox);
