@@ -461,9 +461,14 @@ fn two_instances_on_each_side_agree_through_their_cluster_which_one_holds_the_ro
 /// DOWN instead (the gateway's node went away before answering); how many
 /// got neither in 5 s; lookups that found nobody.
 fn start_stream(group: &str) -> String {
+    start_stream_as("streamer", group)
+}
+
+/// `start_stream`, registered as `name`.
+fn start_stream_as(name: &str, group: &str) -> String {
     format!(
-        "Me = self(), register(streamer, spawn(fun() -> (fun L(I, D, F, G, T, M) -> \
-           receive stop -> Me ! {{stream, lists:reverse(D), lists:reverse(F), G, T, M}} after 0 -> \
+        "Me = self(), register({name}, spawn(fun() -> (fun L(I, D, F, G, T, M) -> \
+           receive stop -> Me ! {{stream, {name}, lists:reverse(D), lists:reverse(F), G, T, M}} after 0 -> \
            case pg:get_members(wan, {group}) of \
              [] -> timer:sleep(2), L(I, D, F, G, T, M + 1); \
              [Dst | _] -> Gw = {{wandist, node(Dst)}}, R = erlang:monitor(process, Gw), \
@@ -478,9 +483,16 @@ fn start_stream(group: &str) -> String {
 /// Stops the `streamer` on `node`: (delivered, failed, [down, unanswered,
 /// lookups that found nobody]).
 fn stop_stream(node: &mut Erl) -> (Vec<u32>, Vec<u32>, [u32; 3]) {
+    stop_stream_as(node, "streamer")
+}
+
+/// `stop_stream` of the one registered as `name`.
+fn stop_stream_as(node: &mut Erl, name: &str) -> (Vec<u32>, Vec<u32>, [u32; 3]) {
     let out = node.eval_within(
         // (In a fun: the shell keeps bindings between evaluations.)
-        "(fun() -> streamer ! stop, receive {stream, D, F, G, T, M} -> {D, F, G, T, M} after 30000 -> timeout end end)().",
+        &format!(
+            "(fun() -> {name} ! stop, receive {{stream, {name}, D, F, G, T, M}} -> {{D, F, G, T, M}} after 30000 -> timeout end end)()."
+        ),
         SOON * 2,
     );
     assert!(out.starts_with("{["), "the stream did not finish: {out}");
@@ -628,4 +640,90 @@ fn a_coordinating_instance_applies_route_changes_through_its_claims() {
     dc1.wait_metric("wandist_route_up", &[("peer", "dc2")], |v| v == 1.0);
     a1.eval_until("length(pg:get_members(wan, sink)).", |v| v == "1");
     assert!(dc1.find_log("this instance holds the route now").is_some());
+}
+
+/// Two instances of dc1 with routes to dc2 and dc3 (one gateway each):
+/// the routes spread over the instances (the older holds dc2, the other
+/// dc3). When one stops, the other takes its route; when it comes back, it
+/// takes its share again, handed over gracefully. Confirmed sends to both
+/// peers throughout: 0 failed, 0 lost, 0 duplicated.
+#[test]
+fn routes_spread_over_the_instances_and_move_without_failing_a_message() {
+    let t = tag();
+    let epmd = epmd();
+    let mut a1 = pg_node("a1", &t, "cookie_a", &epmd);
+    let mut b1 = pg_node("b1", &t, "cookie_b", &epmd);
+    let mut c1 = pg_node("c1", &t, "cookie_c", &epmd);
+    assert_eq!(b1.eval(SINK), "ok");
+    assert_eq!(c1.eval(SINK), "ok");
+    let certs = Certs::new(&["dc1", "dc2", "dc3"]);
+    let env = [("ERL_EPMD_PORT", epmd.port.to_string())];
+    let peer = |cluster: &str, cookie: &str, node: &Erl| {
+        let erlang = erlang_table(&format!("w{cluster}_{t}@127.0.0.1"), cookie, &[node]);
+        Gateway::start_with_env(cluster, &format!("{}{erlang}", accepting(cluster, &certs, "dc1")), &env)
+    };
+    let (dc2, dc3) = (peer("dc2", "cookie_b", &b1), peer("dc3", "cookie_c", &c1));
+    let a1_name = a1.name.clone();
+    let config = |name: &str| {
+        let erlang =
+            format!("[erlang]\nnode = \"{}\"\ncookie = \"cookie_a\"\nnodes = [\"{a1_name}\"]\n", node_name(&t, name));
+        format!(
+            "[gateway]\ncluster = \"dc1\"\nname = \"{name}\"\n{FAST}handshake_timeout_ms = 1000\n\n{}\
+             [[route]]\ncluster = \"dc2\"\nendpoints = [\"{}\"]\n[[route]]\ncluster = \"dc3\"\nendpoints = [\"{}\"]\n{erlang}coordinate = true\n",
+            certs.tls_table("dc1"),
+            dc2.peer_addr(),
+            dc3.peer_addr(),
+        )
+    };
+    let start = |name: &str| Gateway::start_with_env(name, &config(name), &env);
+    let mut dc1 = vec![start("x-1")];
+    dc1[0].wait_metric("wandist_route_up", &[("peer", "dc2")], |v| v == 1.0);
+    dc1[0].wait_metric("wandist_route_up", &[("peer", "dc3")], |v| v == 1.0);
+    dc1.push(start("x-2"));
+    // The routes spread: x-1 (the older) keeps dc2, x-2 takes dc3.
+    let holds = |g: &Gateway, peer: &str| g.metric("wandist_route_up", &[("peer", peer)]) == Some(1.0);
+    wait_for("dc3 moved to x-2", SOON, || (holds(&dc1[1], "dc3") && !holds(&dc1[0], "dc3")).then_some(()));
+    assert!(holds(&dc1[0], "dc2") && !holds(&dc1[1], "dc2"));
+    let via = |node: &mut Erl, group: &str| member_nodes(node, group);
+    a1.eval_until("length(pg:get_members(wan, sink)).", |v| v == "2");
+    assert_eq!(via(&mut b1, "back"), "[]");
+    let on = |name: &str| format!("'{}'", node_name(&t, name));
+    assert!(a1.eval("[node(P) || P <- pg:get_members(wan, sink)].").contains(&on("x-2")));
+    // (a1 has a sink of each peer's: dc2's through x-1, dc3's through x-2.)
+    assert_eq!(b1.eval("pg:join(wan, tob, whereis(sink))."), "ok");
+    assert_eq!(c1.eval("pg:join(wan, toc, whereis(sink))."), "ok");
+    a1.eval_until("{length(pg:get_members(wan, tob)), length(pg:get_members(wan, toc))}.", |v| v == "{1,1}");
+    assert_eq!(a1.eval(&start_stream_as("s2", "tob")), "ok");
+    assert_eq!(a1.eval(&start_stream_as("s3", "toc")), "ok");
+    let sent = |g: &Gateway, peer: &str| g.metric("wandist_messages_delivered_total", &[("peer", peer)]).unwrap_or(0.0);
+    let traffic = |g: &Gateway, peer: &str| {
+        let from = sent(g, peer);
+        g.wait_metric("wandist_messages_delivered_total", &[("peer", peer)], |v| v >= from + 200.0);
+    };
+    traffic(&dc1[0], "dc2");
+    traffic(&dc1[1], "dc3");
+    let share = (sent(&dc1[0], "dc2") + sent(&dc1[0], "dc3"), sent(&dc1[1], "dc2") + sent(&dc1[1], "dc3"));
+
+    // x-2 stops: x-1 takes dc3.
+    dc1[1].signal("TERM");
+    assert!(dc1[1].wait_exit(SOON).is_some_and(|s| s.success()));
+    wait_for("x-1 holding dc3", SOON, || holds(&dc1[0], "dc3").then_some(()));
+    traffic(&dc1[0], "dc3");
+    // x-2 comes back, the newest: it takes dc3 again, handed over by x-1.
+    dc1[1] = start("x-2");
+    wait_for("dc3 back on x-2", SOON, || (holds(&dc1[1], "dc3") && !holds(&dc1[0], "dc3")).then_some(()));
+    traffic(&dc1[1], "dc3");
+    traffic(&dc1[0], "dc2");
+    let mut figures = Vec::new();
+    for (name, sink) in [("s2", &mut b1), ("s3", &mut c1)] {
+        let (d, f, [g, u, m]) = stop_stream_as(&mut a1, name);
+        all_received_once(sink, &d);
+        assert_eq!((f.len(), g, u), (0, 0, 0), "{name}: (failed, DOWN before an answer, unanswered)");
+        figures.push(format!("{} delivered, {m} lookups found nobody", d.len()));
+    }
+    println!(
+        "two dc1 instances, routes to dc2 and dc3: one each (messages before the moves: x-1 {}, x-2 {}); x-2 stopped and \
+         came back, dc3 moved twice; to dc2: {}; to dc3: {}; 0 failed, 0 lost, 0 duplicated",
+        share.0, share.1, figures[0], figures[1]
+    );
 }

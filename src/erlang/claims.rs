@@ -3,17 +3,21 @@
 //! clock (the shell passes the time in).
 //!
 //! Each instance claims every route it has: its pg process joins the
-//! route's claim group (`group_term`) on every local node. The claim that
-//! has been in the group longest, in the order the coordinating node's
-//! scope took them, holds the route; the others are its standbys. The
-//! coordinating node is the connected node with the least name whose
+//! route's claim group (`group_term`) on every local node. The claims of a
+//! group are ordered by age, as the coordinating node's scope took them.
+//! The coordinating node is the connected node with the least name whose
 //! scope is known, so every instance that sees the same nodes asks the
 //! same one. One scope process takes joins and leaves one at a time and
 //! tells every watcher (`pg:monitor/2`) of them in that order, so the
-//! instances agree on the holder without a protocol of their own. A
-//! holder keeps its route until its claim leaves (it stops, its node
-//! connection drops, the claim is withdrawn) or the coordinating node
-//! changes to one where another claim is older.
+//! instances agree without a protocol of their own.
+//!
+//! Routes are spread over the instances: the routes claimed by the same
+//! set of instances, in name order, go round that set in age order (the
+//! first to the oldest claim, the second to the next...). Every instance
+//! of the set claims all of those routes, so all of them compute the same.
+//! With one route, the oldest claim holds it, and a restarted instance,
+//! the newest, stands by; with more, an instance that comes back takes its
+//! share again (the one it takes them from leaves them gracefully).
 //!
 //! An instance that knows no coordinating node for `give_up` gives its
 //! routes up: a gateway cut off from its cluster cannot serve them, and
@@ -67,12 +71,22 @@ pub struct Claims {
     /// Since when no coordinating node has been known.
     orphaned_since: Option<Instant>,
     give_up: Duration,
+    /// Orders changed since the last decision.
+    dirty: bool,
 }
 
 impl Claims {
     /// `me`: the pg process whose membership is this instance's claim.
     pub fn new(me: Pid, give_up: Duration) -> Claims {
-        Claims { me, routes: BTreeMap::new(), coordinator: None, calls: BTreeMap::new(), orphaned_since: None, give_up }
+        Claims {
+            me,
+            routes: BTreeMap::new(),
+            coordinator: None,
+            calls: BTreeMap::new(),
+            orphaned_since: None,
+            give_up,
+            dirty: false,
+        }
     }
 
     /// Claims the route to `cluster` (the caller joins the claim group and,
@@ -89,7 +103,19 @@ impl Claims {
     pub fn unclaim(&mut self, cluster: &str) -> Option<Step> {
         self.calls.retain(|_, c| **c != *cluster);
         let claim = self.routes.remove(cluster)?;
+        // (The other routes' rounds may change: decided with the rest.)
+        self.dirty = true;
         claim.held.then(|| Step::Release(cluster.into()))
+    }
+
+    /// Decides who holds what after the changes so far (the caller calls
+    /// it once whatever arrived together has been taken in, so a burst of
+    /// notifications is one decision).
+    pub fn decide(&mut self) -> Vec<Step> {
+        if !std::mem::take(&mut self.dirty) {
+            return Vec::new();
+        }
+        self.decide_all()
     }
 
     /// Every route claimed.
@@ -141,26 +167,26 @@ impl Claims {
 
     /// The coordinator's answer to a monitor call: its monitor, and the
     /// group's members as pg lists them (the latest joined first).
-    pub fn answered(&mut self, tag: u64, watch: Ref, newest_first: Vec<Pid>) -> Vec<Step> {
-        let Some(cluster) = self.calls.remove(&tag) else { return Vec::new() };
-        let Some(claim) = self.routes.get_mut(&cluster) else { return Vec::new() };
+    pub fn answered(&mut self, tag: u64, watch: Ref, newest_first: Vec<Pid>) {
+        let Some(cluster) = self.calls.remove(&tag) else { return };
+        let Some(claim) = self.routes.get_mut(&cluster) else { return };
         claim.watch = Some(watch);
         claim.order = Some(newest_first.into_iter().rev().collect());
-        self.decide(&cluster).into_iter().collect()
+        self.dirty = true;
     }
 
     /// Claims joined the group watched by `watch` (they are the newest).
-    pub fn joined(&mut self, watch: &Ref, pids: Vec<Pid>) -> Vec<Step> {
-        let Some(cluster) = self.watched(watch) else { return Vec::new() };
+    pub fn joined(&mut self, watch: &Ref, pids: Vec<Pid>) {
+        let Some(cluster) = self.watched(watch) else { return };
         if let Some(order) = self.routes.get_mut(&cluster).and_then(|c| c.order.as_mut()) {
             order.extend(pids);
+            self.dirty = true;
         }
-        self.decide(&cluster).into_iter().collect()
     }
 
     /// Claims left the group watched by `watch`.
-    pub fn left(&mut self, watch: &Ref, pids: &[Pid]) -> Vec<Step> {
-        let Some(cluster) = self.watched(watch) else { return Vec::new() };
+    pub fn left(&mut self, watch: &Ref, pids: &[Pid]) {
+        let Some(cluster) = self.watched(watch) else { return };
         if let Some(order) = self.routes.get_mut(&cluster).and_then(|c| c.order.as_mut()) {
             for p in pids {
                 // (pg lets a pid join twice; one leave takes one.)
@@ -168,8 +194,8 @@ impl Claims {
                     order.remove(i);
                 }
             }
+            self.dirty = true;
         }
-        self.decide(&cluster).into_iter().collect()
     }
 
     /// On a timer: with no coordinating node for `give_up`, every route
@@ -195,15 +221,39 @@ impl Claims {
         self.routes.iter().find(|(_, c)| c.watch.as_ref() == Some(watch)).map(|(k, _)| k.clone())
     }
 
-    /// Held iff this instance's claim is the oldest; unknown order: as is.
-    fn decide(&mut self, cluster: &Arc<str>) -> Option<Step> {
-        let c = self.routes.get_mut(cluster)?;
-        let oldest = c.order.as_ref()?.first() == Some(&self.me);
-        if oldest == c.held {
-            return None;
+    /// Who holds what, for every route whose order is known: the routes
+    /// with the same set of claims, in name order, go round that set in
+    /// age order. (Routes waiting for an order stay as they are.)
+    fn decide_all(&mut self) -> Vec<Step> {
+        let sets: Vec<(Arc<str>, Vec<Pid>)> = self
+            .routes
+            .iter()
+            .filter_map(|(c, claim)| {
+                let mut set = claim.order.clone()?;
+                set.sort();
+                set.dedup();
+                Some((c.clone(), set))
+            })
+            .collect();
+        let mut steps = Vec::new();
+        for (cluster, set) in &sets {
+            // (BTreeMap: in name order.)
+            let rank = sets.iter().filter(|(_, s)| s == set).position(|(c, _)| c == cluster).unwrap_or(0);
+            let claim = self.routes.get_mut(cluster).expect("a claimed route");
+            let order = claim.order.as_ref().expect("an order");
+            let mut by_age: Vec<&Pid> = Vec::with_capacity(order.len());
+            for p in order {
+                if !by_age.contains(&p) {
+                    by_age.push(p);
+                }
+            }
+            let want = !by_age.is_empty() && *by_age[rank % by_age.len()] == self.me;
+            if want != claim.held {
+                claim.held = want;
+                steps.push(if want { Step::Hold(cluster.clone()) } else { Step::Release(cluster.clone()) });
+            }
         }
-        c.held = oldest;
-        Some(if oldest { Step::Hold(cluster.clone()) } else { Step::Release(cluster.clone()) })
+        steps
     }
 }
 
@@ -237,17 +287,22 @@ mod tests {
         assert_eq!(c.set_coordinator(Some("a1@h".into())), None, "unchanged");
         c.calling(7, "dc2".into());
         // pg lists the latest joined first: the sibling was there first.
-        assert_eq!(c.answered(7, watch(1), vec![me.clone(), sibling.clone()]), vec![]);
+        c.answered(7, watch(1), vec![me.clone(), sibling.clone()]);
+        assert_eq!(c.decide(), vec![]);
         assert!(!c.holds("dc2"));
         // Another claim joins after ours: it changes nothing.
-        assert_eq!(c.joined(&watch(1), vec![pid("gw_c@h", 1)]), vec![]);
+        c.joined(&watch(1), vec![pid("gw_c@h", 1)]);
+        assert_eq!(c.decide(), vec![]);
         // A notification for a monitor not ours (an earlier coordinator's) is ignored.
-        assert_eq!(c.left(&watch(9), std::slice::from_ref(&sibling)), vec![]);
+        c.left(&watch(9), std::slice::from_ref(&sibling));
+        assert_eq!(c.decide(), vec![]);
         // The sibling's claim leaves (it stopped, or its connection dropped): ours is oldest.
-        assert_eq!(c.left(&watch(1), std::slice::from_ref(&sibling)), vec![hold("dc2")]);
-        assert!(c.holds("dc2"));
+        c.left(&watch(1), std::slice::from_ref(&sibling));
+        assert_eq!(c.decide(), vec![hold("dc2")]);
+        assert_eq!(c.decide(), vec![], "decided once");
         // It comes back: it is the newest now, and we keep the route.
-        assert_eq!(c.joined(&watch(1), vec![pid("gw_a@h", 2)]), vec![]);
+        c.joined(&watch(1), vec![pid("gw_a@h", 2)]);
+        assert_eq!(c.decide(), vec![]);
         assert!(c.holds("dc2"));
         // Withdrawn by a reload: released.
         assert_eq!(c.unclaim("dc2"), Some(release("dc2")));
@@ -259,24 +314,22 @@ mod tests {
         let (me, sibling) = (pid("gw_a@h", 1), pid("gw_b@h", 1));
         let mut c = Claims::new(me.clone(), Duration::from_secs(5));
         c.claim("dc2".into());
-        c.claim("dc3".into());
         c.set_coordinator(Some("a2@h".into()));
         c.calling(1, "dc2".into());
-        c.calling(2, "dc3".into());
-        assert_eq!(c.answered(1, watch(1), vec![sibling.clone(), me.clone()]), vec![hold("dc2")]);
-        assert_eq!(c.answered(2, watch(2), vec![me.clone(), sibling.clone()]), vec![]);
-        // A node with a lesser name comes: orders are asked again, what is
-        // held stays held meanwhile, and the old monitors are handed back.
+        c.answered(1, watch(1), vec![sibling.clone(), me.clone()]);
+        assert_eq!(c.decide(), vec![hold("dc2")]);
+        // A node with a lesser name comes: the order is asked again, what
+        // is held stays held meanwhile, and the old monitor is handed back.
         let old = c.set_coordinator(Some("a1@h".into())).unwrap();
-        assert_eq!(old, vec![("a2@h".into(), watch(1)), ("a2@h".into(), watch(2))]);
+        assert_eq!(old, vec![("a2@h".into(), watch(1))]);
         assert!(c.holds("dc2"));
         assert!(!c.is_call(1), "answers to the old coordinator's calls are not taken");
-        assert_eq!(c.answered(1, watch(1), vec![me.clone()]), vec![]);
+        c.answered(1, watch(1), vec![me.clone()]);
+        assert_eq!(c.decide(), vec![]);
+        // There, the sibling's claim is older.
         c.calling(3, "dc2".into());
-        c.calling(4, "dc3".into());
-        // There, the sibling's claim is older for dc2, ours for dc3.
-        assert_eq!(c.answered(3, watch(3), vec![me.clone(), sibling.clone()]), vec![release("dc2")]);
-        assert_eq!(c.answered(4, watch(4), vec![sibling.clone(), me.clone()]), vec![hold("dc3")]);
+        c.answered(3, watch(3), vec![me.clone(), sibling.clone()]);
+        assert_eq!(c.decide(), vec![release("dc2")]);
     }
 
     #[test]
@@ -286,7 +339,8 @@ mod tests {
         c.claim("dc2".into());
         c.set_coordinator(Some("a1@h".into()));
         c.calling(1, "dc2".into());
-        assert_eq!(c.answered(1, watch(1), vec![me.clone()]), vec![hold("dc2")]);
+        c.answered(1, watch(1), vec![me.clone()]);
+        assert_eq!(c.decide(), vec![hold("dc2")]);
         let t0 = Instant::now();
         assert_eq!(c.tick(t0), vec![], "a coordinator is known");
         c.set_coordinator(None);
@@ -297,13 +351,51 @@ mod tests {
         // A coordinator again: the order decides again.
         c.set_coordinator(Some("a1@h".into()));
         c.calling(2, "dc2".into());
-        assert_eq!(c.answered(2, watch(2), vec![me]), vec![hold("dc2")]);
+        c.answered(2, watch(2), vec![me]);
+        assert_eq!(c.decide(), vec![hold("dc2")]);
         // A coordinator back in time resets the clock.
         c.set_coordinator(None);
         assert_eq!(c.tick(t0 + Duration::from_secs(10)), vec![]);
         c.set_coordinator(Some("a1@h".into()));
         c.set_coordinator(None);
         assert_eq!(c.tick(t0 + Duration::from_secs(14)), vec![], "the clock started again");
+    }
+
+    fn held(c: &Claims) -> Vec<bool> {
+        ["dc2", "dc3", "dc4", "dc5"].iter().map(|cl| c.holds(cl)).collect()
+    }
+
+    #[test]
+    fn routes_claimed_by_the_same_instances_go_round_them_by_age() {
+        let (a, b, me) = (pid("gw_a@h", 1), pid("gw_b@h", 1), pid("gw_c@h", 1));
+        let mut c = Claims::new(me.clone(), Duration::from_secs(5));
+        for cl in ["dc2", "dc3", "dc4", "dc5"] {
+            c.claim(cl.into());
+        }
+        c.set_coordinator(Some("a1@h".into()));
+        // dc2..dc4 are claimed by a, b and us (a oldest, then us, then b);
+        // dc5 by us alone (say the others have no route to it).
+        for (tag, cl) in [(1, "dc2"), (2, "dc3"), (3, "dc4")] {
+            c.calling(tag, cl.into());
+            c.answered(tag, watch(tag as u32), vec![b.clone(), me.clone(), a.clone()]);
+        }
+        c.calling(4, "dc5".into());
+        c.answered(4, watch(4), vec![me.clone()]);
+        // Round {a, b, us} by age: dc2 -> a, dc3 -> us, dc4 -> b; dc5 is ours alone.
+        assert_eq!(c.decide(), vec![hold("dc3"), hold("dc5")]);
+        assert_eq!(held(&c), [false, true, false, true]);
+        // a stops (its claims leave together): {us, b} by age: dc2 -> us,
+        // dc3 -> b, dc4 -> us; each route changes hands once.
+        for n in 1..=3 {
+            c.left(&watch(n), std::slice::from_ref(&a));
+        }
+        assert_eq!(c.decide(), vec![hold("dc2"), release("dc3"), hold("dc4")]);
+        // a comes back, the newest: {us, b, a}: dc2 -> us, dc3 -> b, dc4 -> a.
+        for n in 1..=3 {
+            c.joined(&watch(n), vec![pid("gw_a@h", 2)]);
+        }
+        assert_eq!(c.decide(), vec![release("dc4")]);
+        assert_eq!(held(&c), [true, false, false, true]);
     }
 
     #[test]

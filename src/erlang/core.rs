@@ -138,6 +138,10 @@ struct Peer {
     /// Its route was removed (a reload): nothing more comes from it or
     /// goes to it; its index is never reused.
     removed: bool,
+    /// Its route is being handed to another instance (`leave_peer`):
+    /// nothing more is exported to it or joined for it; what is on its
+    /// way still goes through.
+    leaving: bool,
     name: Arc<str>,
     export: Filter,
     up: bool,
@@ -162,6 +166,7 @@ impl Peer {
     fn new(p: &PeerSetup) -> Peer {
         Peer {
             removed: false,
+            leaving: false,
             name: p.name.clone(),
             export: p.export.clone(),
             up: false,
@@ -462,7 +467,11 @@ impl Core {
         peer.jobs.clear();
         peer.deferred.clear();
         peer.exports = Handles::new(1);
-        self.by_name.remove(&name);
+        // (A route taken back while its predecessor finished has a new
+        // peer under the same name.)
+        if self.by_name.get(&name) == Some(&p) {
+            self.by_name.remove(&name);
+        }
         self.proxies.retire_peer(p);
     }
 
@@ -1053,6 +1062,40 @@ impl Core {
         tracing::info!("stopping: our members withdrawn from the peers, and the peers' from the local pg scopes");
     }
 
+    /// `p`'s route goes to another instance of this cluster: as `leave`,
+    /// for that peer only. Our members are withdrawn from it, and its
+    /// proxies leave the local scopes (they still resolve, for messages
+    /// on their way); nothing more is exported to it or joined for it.
+    pub fn leave_peer(&mut self, p: PeerIx) {
+        if self.peers[p].removed || self.peers[p].leaving {
+            return;
+        }
+        for c in self.mirror.local_members() {
+            self.export_change(p, &LocalChange { join: false, ..c });
+        }
+        self.flush_batch(p);
+        self.peers[p].leaving = true;
+        let mut theirs: Vec<(String, Vec<u64>)> = Vec::new();
+        for (group, keys) in self.mirror.joined() {
+            let keys: Vec<u64> = keys.filter(|&k| self.proxies.home(k).is_some_and(|h| h.peer == p)).collect();
+            if !keys.is_empty() {
+                theirs.push((group.to_string(), keys));
+            }
+        }
+        for (group, keys) in theirs {
+            let gone = self.mirror.remote_leave(&group, &keys);
+            let term = etf::encode(&groups::term_of(&group))[1..].to_vec();
+            for chunk in gone.chunks(mirror::PIDS_PER_MESSAGE) {
+                for (_, scope) in self.mirror.scopes() {
+                    let msg = mirror::leave(&self.gw, &term, chunk, |out, k| self.proxies.put_pid(out, k));
+                    self.send_bulk(&scope, &msg);
+                }
+            }
+        }
+        let name = self.peers[p].name.clone();
+        tracing::info!(peer = %name, "handing the route over: our members withdrawn from the peer, its members from the local pg scopes");
+    }
+
     /// Withdraws every claim (the gateway is stopping).
     pub fn unclaim_all(&mut self) {
         let clusters: Vec<Arc<str>> = self.claims.iter().flat_map(Claims::clusters).cloned().collect();
@@ -1139,27 +1182,34 @@ impl Core {
                 other => other.as_list().unwrap_or_default().iter().filter_map(Term::as_pid).cloned().collect(),
             }
         };
-        let steps = match (t, call) {
+        match (t, call) {
             ([_, reply], Some(id)) => match reply.as_tuple() {
                 Some([Term::Ref(watch), members]) if c.is_call(id) => c.answered(id, watch.clone(), pids_of(members)),
-                _ => Vec::new(), // a demonitor's `ok`, or a stale answer
+                _ => {} // a demonitor's `ok`, or a stale answer
             },
             ([Term::Ref(watch), Term::Atom(what), _, pids], None) if what == "join" => c.joined(watch, pids_of(pids)),
             ([Term::Ref(watch), Term::Atom(what), _, pids], None) if what == "leave" => c.left(watch, &pids_of(pids)),
             _ => return false,
-        };
-        for step in steps {
-            match &step {
-                Step::Hold(cl) => {
-                    tracing::info!(peer = %cl, "this instance holds the route now (its claim is the oldest)")
-                }
-                Step::Release(cl) => {
-                    tracing::info!(peer = %cl, "another instance of this cluster holds the route now: this one stands by")
-                }
-            }
-            self.out.push(Effect::Claim(step));
         }
         true
+    }
+
+    /// Decides who holds what after the claims' changes so far (the shell
+    /// calls it once per round); true if anything is to be done.
+    pub fn decide_claims(&mut self) -> bool {
+        let Some(c) = self.claims.as_mut() else { return false };
+        let steps = c.decide();
+        for step in &steps {
+            match step {
+                Step::Hold(cl) => tracing::info!(peer = %cl, "this instance holds the route now"),
+                Step::Release(cl) => {
+                    tracing::info!(peer = %cl, "another instance of this cluster holds the route now: this one hands it over")
+                }
+            }
+        }
+        let any = !steps.is_empty();
+        self.out.extend(steps.into_iter().map(Effect::Claim));
+        any
     }
 
     /// Local members joined or left: each peer that may see the group gets
@@ -1172,7 +1222,7 @@ impl Core {
 
     /// A change of our members, as peer `p` is told it (if it may see it).
     fn export_change(&mut self, p: PeerIx, c: &LocalChange) {
-        if self.leaving || self.peers[p].removed || !self.peers[p].export.allows(&c.group) {
+        if self.leaving || self.peers[p].leaving || self.peers[p].removed || !self.peers[p].export.allows(&c.group) {
             return;
         }
         let mut handles = Vec::with_capacity(c.members.len());
@@ -1350,6 +1400,9 @@ impl Core {
         // A batch of joins goes before anything else changes the groups.
         if !(join && self.peers[p].batch.as_ref().is_some_and(|b| b.group == group)) {
             self.flush_batch(p);
+        }
+        if join && self.peers[p].leaving {
+            return; // handed over: its members are another instance's to join
         }
         if join {
             let mut keys = Vec::with_capacity(slice.len());

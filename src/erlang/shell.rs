@@ -81,9 +81,14 @@ pub enum ShellControl {
         inbox: Inbox,
         handle: RouteHandle,
     },
-    /// A route removed: its peer is forgotten (its proxies leave their
-    /// groups, their watchers get DOWN); what waited for it fails.
-    RemoveRoute(Arc<str>),
+    /// A route task stopped (a reload removed or changed it, or another
+    /// instance holds it now): its peer is forgotten (its proxies leave
+    /// their groups, their watchers get DOWN); what waited for it fails.
+    RemoveRoute(RouteHandle),
+    /// A route task is handing its route to another instance
+    /// (`Core::leave_peer`): members withdrawn both ways, traffic on its
+    /// way still carried.
+    LeaveRoute(RouteHandle),
     /// The local nodes to connect to, now.
     Nodes(Vec<ErlNode>),
     /// With several instances (`[erlang] coordinate`): a route to claim
@@ -363,6 +368,11 @@ impl Shell {
             }
             let mut progressed = self.step_jobs();
             progressed |= self.take_ready(&mut cursor);
+            // Claims are decided once per round, after whatever arrived
+            // together (a stopped instance's claims leave in one burst).
+            if self.core.decide_claims() {
+                self.run_effects(None);
+            }
             if progressed {
                 self.proxies.set(self.core.proxies() as f64);
                 // Others (links, nodes' writers) get their turn between rounds.
@@ -563,8 +573,14 @@ impl Shell {
                 self.routes.push(route_slot(&route, inbox.rx, Some(handle), &self.spawner.metrics));
                 tracing::info!(peer = %route.cluster, "route added: its peer is served and told our members");
             }
-            ShellControl::RemoveRoute(peer) => {
-                let Some(p) = self.core.peer_ix(&peer) else { return };
+            ShellControl::LeaveRoute(handle) => {
+                if let Some(p) = self.slot_of(&handle) {
+                    self.core.leave_peer(p);
+                }
+            }
+            ShellControl::RemoveRoute(handle) => {
+                let Some(p) = self.slot_of(&handle) else { return };
+                let peer = self.core.peer_name(p).clone();
                 self.core.remove_peer(p);
                 let slot = &mut self.routes[p];
                 // Its inbox is still read: the route's last outcomes
@@ -611,6 +627,12 @@ impl Shell {
             ShellControl::Leave => self.core.leave(),
         }
         self.run_effects(None);
+    }
+
+    /// The peer index of a route task's slot (its inbox is read as long as
+    /// the task runs, so the index stays until the task is gone).
+    fn slot_of(&self, handle: &RouteHandle) -> Option<PeerIx> {
+        self.routes.iter().position(|r| r.handle.as_ref().is_some_and(|h| h.same(handle)))
     }
 
     /// Opens the gateway to peer links once every node has been tried.

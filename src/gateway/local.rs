@@ -264,6 +264,11 @@ pub enum TrySubmit {
 }
 
 impl RouteHandle {
+    /// Whether both are handles of the same route task.
+    pub fn same(&self, other: &RouteHandle) -> bool {
+        Arc::ptr_eq(&self.core, &other.core)
+    }
+
     /// The route's session epoch: what its hellos carry now.
     pub fn epoch(&self) -> u64 {
         self.core.lock().route.our_epoch()

@@ -217,22 +217,58 @@ impl Running {
     /// refuses new messages and finishes those it accepted (up to half the
     /// grace period), else at once. The local side forgets its peer.
     fn stop_route(&mut self, cluster: &str, finish: bool) {
-        match (self.kit.stop(cluster), self.local.routes.get(cluster)) {
-            (Some(cancel), Some(route)) if finish => {
+        let cancel = self.kit.stop(cluster);
+        let Some(route) = self.local.routes.remove(cluster) else {
+            cancel.inspect(CancellationToken::cancel);
+            return;
+        };
+        match cancel {
+            Some(cancel) if finish => {
                 route.drain();
-                let (route, grace) = (route.clone(), self.grace);
+                let grace = self.grace;
+                let route = route.clone();
                 self.tracker.spawn(async move {
                     finish_in_flight(std::slice::from_ref(&route), grace / 2).await;
                     cancel.cancel();
                 });
             }
-            (Some(cancel), _) => cancel.cancel(),
-            (None, _) => {}
+            Some(cancel) => cancel.cancel(),
+            None => {}
         }
-        self.local.routes.remove(cluster);
         if let Some(shell) = &self.shell {
-            self.tell(shell, crate::erlang::ShellControl::RemoveRoute(cluster.into()));
+            self.tell(shell, crate::erlang::ShellControl::RemoveRoute(route));
         }
+    }
+
+    /// Hands `cluster`'s route to another instance of this cluster: as a
+    /// stopping gateway does, for this route (`Core::leave_peer`, then the
+    /// route settles, then it refuses new messages and finishes); its
+    /// peer is refused as coming to a standby from now on.
+    fn hand_over(&mut self, cluster: &str) {
+        let cancel = self.kit.stop(cluster);
+        if let Some(route) = self.config.routes.iter().find(|r| r.cluster == cluster).cloned() {
+            self.kit.standby(&route);
+        }
+        let (Some(cancel), Some(route)) = (cancel, self.local.routes.remove(cluster)) else { return };
+        let Some(shell) = self.shell.clone() else { return cancel.cancel() };
+        self.tell(&shell, crate::erlang::ShellControl::LeaveRoute(route.clone()));
+        let (grace, quiet) = (self.grace, self.quiet());
+        self.tracker.spawn(async move {
+            let routes = std::slice::from_ref(&route);
+            settle(routes, quiet, grace / 2).await;
+            route.drain();
+            finish_in_flight(routes, grace / 4).await;
+            cancel.cancel();
+            if let Err(e) = shell.send(crate::erlang::ShellControl::RemoveRoute(route)).await {
+                tracing::error!("the Erlang side did not take a route's end: {e}");
+            }
+        });
+    }
+
+    /// How long a stopping route (or gateway) waits with no traffic either
+    /// way before it refuses new messages.
+    fn quiet(&self) -> std::time::Duration {
+        (self.config.gateway.heartbeat * 2).max(std::time::Duration::from_millis(100))
     }
 
     /// Whether this instance runs `cluster`'s route (with several
@@ -260,11 +296,8 @@ impl Running {
                 if !self.held(&cluster) {
                     return;
                 }
-                self.stop_route(&cluster, true);
-                if let Some(route) = self.config.routes.iter().find(|r| *r.cluster == *cluster).cloned() {
-                    self.kit.standby(&route);
-                }
-                tracing::info!(peer = %cluster, "route stopping: another instance of this cluster holds it now");
+                self.hand_over(&cluster);
+                tracing::info!(peer = %cluster, "route handed over: another instance of this cluster holds it now");
             }
         }
     }
@@ -293,7 +326,7 @@ impl Running {
             // routes refuse anything new.
             self.tell(shell, crate::erlang::ShellControl::Leave);
             let started = tokio::time::Instant::now();
-            let quiet = (self.config.gateway.heartbeat * 2).max(std::time::Duration::from_millis(100));
+            let quiet = self.quiet();
             let settled = settle(&routes, quiet, self.grace / 2).await;
             left = left.saturating_sub(started.elapsed());
             tracing::info!(settled, took = ?started.elapsed(), "members withdrawn; traffic settled");

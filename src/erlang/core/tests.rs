@@ -832,6 +832,7 @@ fn claims_join_the_scope_are_ordered_by_it_and_the_oldest_holds() {
     let watch = Term::Ref(Ref { node: A1.into(), creation: 1, ids: vec![1, 2, 3] });
     let scope_says = |w: &mut World, t: Term| {
         w.core.on_scope_message(&w.a1.clone(), &etf::encode(&t));
+        w.core.decide_claims();
         claim_steps(w.core.take_effects())
     };
     let reply = Term::tuple(vec![
