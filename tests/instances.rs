@@ -727,3 +727,60 @@ fn routes_spread_over_the_instances_and_move_without_failing_a_message() {
         share.0, share.1, figures[0], figures[1]
     );
 }
+
+/// The node that orders the claims (the least name: a1) goes away: the
+/// instances ask the next one (a2) and still agree on one holder; the
+/// remote member is listed once on a2 and reachable through the holder.
+#[test]
+fn when_the_coordinating_node_goes_the_instances_agree_through_the_next() {
+    let t = tag();
+    let epmd = epmd();
+    let mut a1 = pg_node("a1", &t, "cookie_a", &epmd);
+    let mut a2 = pg_node("a2", &t, "cookie_a", &epmd);
+    assert_eq!(a2.eval(&format!("net_kernel:connect_node('{}').", a1.name)), "true");
+    let mut b1 = pg_node("b1", &t, "cookie_b", &epmd);
+    assert_eq!(b1.eval(SINK), "ok");
+    assert_eq!(a2.eval(&SINK.replace("pg:join(wan, sink, Sink)", "pg:join(wan, back, Sink)")), "ok");
+    let certs = Certs::new(&["dc1", "dc2"]);
+    let env = [("ERL_EPMD_PORT", epmd.port.to_string())];
+    let dc2 = dc2_gateway(&certs, &t, &b1, &epmd);
+    let nodes = format!("\"{}\", \"{}\"", a1.name, a2.name);
+    let config = |name: &str| {
+        format!(
+            "[gateway]\ncluster = \"dc1\"\nname = \"{name}\"\n{FAST}handshake_timeout_ms = 1000\n\n{}[[route]]\ncluster = \"dc2\"\nendpoints = [\"{}\"]\n\
+             [erlang]\nnode = \"{}\"\ncookie = \"cookie_a\"\nnodes = [{nodes}]\ncoordinate = true\n",
+            certs.tls_table("dc1"),
+            dc2.peer_addr(),
+            node_name(&t, name)
+        )
+    };
+    let dc1: Vec<Gateway> = DC1_NAMES.iter().map(|n| Gateway::start_with_env(n, &config(n), &env)).collect();
+    for g in &dc1 {
+        g.wait_log(&format!("claims on routes are ordered by this node's pg scope node={}", a1.name), SOON);
+    }
+    let h = wait_for("one holder", SOON, || holder_of(&dc1, "dc2"));
+    a2.eval_until("length(pg:get_members(wan, sink)).", |v| v == "1");
+
+    // a1 goes: both instances turn to a2, and one of them holds the route.
+    a1.kill();
+    for g in &dc1 {
+        g.wait_log(&format!("claims on routes are ordered by this node's pg scope node={}", a2.name), SOON);
+    }
+    let h2 = wait_for("one holder after a1 went", SOON, || holder_of(&dc1, "dc2"));
+    let want = format!("['{}']", node_name(&t, DC1_NAMES[h2]));
+    a2.eval_until("[node(P) || P <- pg:get_members(wan, sink)].", |v| v == want);
+    b1.eval_until("length(pg:get_members(wan, back)).", |v| v == "1");
+    // Steady: one holder, one member, for a moment.
+    for _ in 0..10 {
+        assert_eq!(holder_of(&dc1, "dc2"), Some(h2));
+        assert_eq!(a2.eval("length(pg:get_members(wan, sink))."), "1");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (d, f) = confirmed_stream(&mut a2, &node_name(&t, DC1_NAMES[h2]), "sink", 1, 1000);
+    assert_eq!((d.len(), f.len()), (1000, 0));
+    all_received_once(&mut b1, &d);
+    println!(
+        "coordinating node gone: holder {} before, {} after; 1,000 confirmed messages through it",
+        DC1_NAMES[h], DC1_NAMES[h2]
+    );
+}
