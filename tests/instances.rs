@@ -351,6 +351,27 @@ impl TwoByTwo {
         node_name(&self.t, name)
     }
 
+    /// kill -9 of `side`'s (0: dc1, 1: dc2) holder `h`: the other instance
+    /// of that side takes the route, and the remote member is back in pg
+    /// through it (and one member the other way). The other's index, and
+    /// how long it took.
+    fn kill_holder(&mut self, side: usize, h: usize) -> (usize, Duration) {
+        let killed = Instant::now();
+        let (gws, peer, names) =
+            if side == 0 { (&mut self.dc1, "dc2", DC1_NAMES) } else { (&mut self.dc2, "dc1", DC2_NAMES) };
+        gws[h].kill();
+        let other = 1 - h;
+        wait_for("the other instance holding the route", SOON, || {
+            (holder_of(&gws[other..=other], peer) == Some(0)).then_some(())
+        });
+        let want = format!("['{}']", node_name(&self.t, names[other]));
+        let (here, there) = if side == 0 { (&mut self.a1, &mut self.b1) } else { (&mut self.b1, &mut self.a1) };
+        let (group, back) = if side == 0 { ("sink", "back") } else { ("back", "sink") };
+        here.eval_until(&format!("[node(P) || P <- pg:get_members(wan, {group})]."), |v| v == want);
+        there.eval_until(&format!("length(pg:get_members(wan, {back}))."), |v| v == "1");
+        (other, killed.elapsed())
+    }
+
     /// Waits for one holder on each side: (dc1's, dc2's).
     fn holders(&self) -> (usize, usize) {
         wait_for("one holder on each side", SOON, || Some((holder_of(&self.dc1, "dc2")?, holder_of(&self.dc2, "dc1")?)))
@@ -400,16 +421,7 @@ fn two_instances_on_each_side_agree_through_their_cluster_which_one_holds_the_ro
     both_ways(&mut w.a1, &mut w.b1, &n1, &n2, 1);
 
     // kill -9 of dc1's holder: the other dc1 instance takes the route.
-    let killed = Instant::now();
-    w.dc1[h1].kill();
-    let h1b = 1 - h1;
-    wait_for("dc1's other instance holding the route", SOON, || {
-        (holder_of(&w.dc1[h1b..=h1b], "dc2") == Some(0)).then_some(())
-    });
-    let want = format!("['{}']", w.node(DC1_NAMES[h1b]));
-    w.a1.eval_until("[node(P) || P <- pg:get_members(wan, sink)].", |v| v == want);
-    w.b1.eval_until("length(pg:get_members(wan, back)).", |v| v == "1");
-    let dc1_took = killed.elapsed();
+    let (h1b, dc1_took) = w.kill_holder(0, h1);
     let n1b = w.node(DC1_NAMES[h1b]);
     both_ways(&mut w.a1, &mut w.b1, &n1b, &n2, 10_001);
     // It comes back, and stands by.
@@ -418,16 +430,7 @@ fn two_instances_on_each_side_agree_through_their_cluster_which_one_holds_the_ro
 
     // kill -9 of dc2's holder: the other dc2 instance takes the route, and
     // dc1's holder reaches it.
-    let killed = Instant::now();
-    w.dc2[h2].kill();
-    let h2b = 1 - h2;
-    wait_for("dc2's other instance holding the route", SOON, || {
-        (holder_of(&w.dc2[h2b..=h2b], "dc1") == Some(0)).then_some(())
-    });
-    let want = format!("['{}']", w.node(DC2_NAMES[h2b]));
-    w.b1.eval_until("[node(P) || P <- pg:get_members(wan, back)].", |v| v == want);
-    w.a1.eval_until("length(pg:get_members(wan, sink)).", |v| v == "1");
-    let dc2_took = killed.elapsed();
+    let (h2b, dc2_took) = w.kill_holder(1, h2);
     let n2b = w.node(DC2_NAMES[h2b]);
     both_ways(&mut w.a1, &mut w.b1, &n1b, &n2b, 20_001);
 
