@@ -160,6 +160,13 @@ impl Claims {
         self.calls.insert(tag, cluster);
     }
 
+    /// Whether monitor calls to the coordinator are unanswered (a scope
+    /// that ends meanwhile likely could not take them: `pg:monitor/2` is
+    /// OTP 25.1 and later).
+    pub fn waiting(&self) -> bool {
+        !self.calls.is_empty()
+    }
+
     /// Whether `tag` is a monitor call this is waiting on.
     pub fn is_call(&self, tag: u64) -> bool {
         self.calls.contains_key(&tag)

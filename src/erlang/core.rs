@@ -217,6 +217,8 @@ pub struct Core {
     /// the scopes have been told we have no members.
     leaving: bool,
     left_scopes: bool,
+    /// Nodes whose scope ended on a claims call (too old for it).
+    no_claims_on: Vec<Arc<str>>,
     /// Confirmed sends waiting for their outcome: token -> (who, their ref).
     confirms: HashMap<u64, (Pid, Term)>,
     next_token: u64,
@@ -354,6 +356,7 @@ impl Core {
             scope_monitors: HashMap::default(),
             leaving: false,
             left_scopes: false,
+            no_claims_on: Vec::new(),
             claims: setup.claims.map(|(clusters, give_up)| {
                 let mut c = Claims::new(gw_for_claims, give_up);
                 clusters.into_iter().for_each(|cl| {
@@ -678,6 +681,12 @@ impl Core {
     fn monitor_ended(&mut self, node: &Arc<str>, mref: &Ref, reason: Vec<u8>) {
         if let Some(n) = self.own_ref_id(mref, SCOPE_MONITOR).and_then(|id| self.scope_monitors.remove(&id)) {
             tracing::warn!(node = %n, "pg scope process ended; re-mirroring when it is back");
+            if self.claims.as_ref().is_some_and(|c| c.waiting() && c.coordinator() == Some(&n)) {
+                // A scope older than OTP 25.1 has no pg:monitor/2 and ends
+                // on the call: that node orders no claims from now on.
+                tracing::error!(node = %n, "the pg scope ended while answering this gateway's pg:monitor/2 call (OTP 25.1 or later is needed for [erlang] coordinate): claims are no longer ordered on that node");
+                self.no_claims_on.push(n.clone());
+            }
             for c in self.mirror.scope_ended(&n) {
                 self.local_change(c);
             }
@@ -1118,7 +1127,7 @@ impl Core {
     /// name whose scope is known), after scopes came or went.
     fn recoordinate(&mut self) {
         let Some(c) = self.claims.as_mut() else { return };
-        let best = self.mirror.scopes().into_iter().map(|(n, _)| n).min();
+        let best = self.mirror.scopes().into_iter().map(|(n, _)| n).filter(|n| !self.no_claims_on.contains(n)).min();
         let Some(old) = c.set_coordinator(best.clone()) else { return };
         for (node, watch) in old {
             let call = self.scope_call(Term::tuple(vec![Term::atom("demonitor"), Term::Ref(watch)]));

@@ -881,3 +881,44 @@ fn claims_join_the_scope_are_ordered_by_it_and_the_oldest_holds() {
     w.core.node_down(&w.a1.clone());
     assert!(w.core.claims.as_ref().unwrap().coordinator().is_none());
 }
+
+#[test]
+fn a_scope_that_ends_on_the_claims_call_is_not_asked_again() {
+    let mut w = world_of(limits(), Some((vec!["dc2".into()], std::time::Duration::from_secs(5))));
+    let scope = Pid { node: A1.into(), id: 50, serial: 0, creation: 1 };
+    let discover = Term::tuple(vec![Term::atom("discover"), Term::Pid(scope.clone())]);
+    w.core.on_scope_message(&w.a1.clone(), &etf::encode(&discover));
+    let effects = w.core.take_effects();
+    assert_eq!(reg_sends(&effects).len(), 1, "the monitor call");
+    // Our monitor on the scope, as the core asked for it.
+    let mref = effects
+        .iter()
+        .find_map(|e| match e {
+            Effect::Node { packet, .. } => {
+                let (control, _) = etf::decode(&packet[5..]).unwrap();
+                match Control::parse(&control).unwrap() {
+                    Control::MonitorP { mref, target: Target::Pid(p), .. } if p == scope => Some(mref),
+                    _ => None,
+                }
+            }
+            _ => None,
+        })
+        .expect("a monitor on the scope");
+    // The scope ends before it answers (an OTP 25.0 scope would, on the call).
+    let exit = Control::MonitorPExit {
+        target: Target::Pid(scope.clone()),
+        watcher: w.core.gw().clone(),
+        mref,
+        reason: Term::atom("badarg"),
+    };
+    w.core.node_control(&w.a1.clone(), exit.term(), None);
+    w.core.take_effects();
+    assert!(w.core.claims.as_ref().unwrap().coordinator().is_none());
+    // The scope is back: it is mirrored again, but not asked again.
+    let scope2 = Pid { node: A1.into(), id: 51, serial: 0, creation: 1 };
+    let discover = Term::tuple(vec![Term::atom("discover"), Term::Pid(scope2)]);
+    w.core.on_scope_message(&w.a1.clone(), &etf::encode(&discover));
+    let effects = w.core.take_effects();
+    assert!(reg_sends(&effects).is_empty(), "asked again: {effects:?}");
+    assert!(w.core.claims.as_ref().unwrap().coordinator().is_none());
+}
