@@ -152,6 +152,9 @@ pub struct Applied {
     /// Groups left out because the local side cannot use their names
     /// (the name, cut to 64 bytes, and why).
     pub refused: Vec<(String, &'static str)>,
+    /// A snapshot was completed by this advert: the imports are the
+    /// peer's whole membership now.
+    pub synced: bool,
 }
 
 type Table = BTreeMap<String, BTreeMap<Member, u32>>;
@@ -454,7 +457,7 @@ impl PeerMembership {
                 self.imported = p.table;
                 self.imported_size = p.size;
                 self.in_counter = Some(p.counter);
-                Ok(Applied { changes, resync: false, refused })
+                Ok(Applied { changes, resync: false, refused, synced: true })
             }
             body => {
                 let newest = self.partial.as_ref().map(|p| p.counter).or(self.in_counter);
@@ -487,7 +490,7 @@ impl PeerMembership {
                     }
                     _ => None,
                 };
-                Ok(Applied { changes: change.into_iter().collect(), resync: false, refused })
+                Ok(Applied { changes: change.into_iter().collect(), resync: false, refused, synced: false })
             }
         }
     }

@@ -107,7 +107,7 @@ fn a_valid_certificate_for_another_cluster_cannot_pose_as_the_peer() {
     let dc3 = tls_of(&certs, "dc3");
 
     // Accepting side: dc3's certificate, claiming to be dc2.
-    let err = rt.block_on(claim_to_dc1(dc1.peer_addr(), &dc3, "dc2")).err().expect("dc1 accepted an impostor");
+    let err = rt.block_on(claim_to_dc1(dc1.peer_addr(), &dc3, "dc2")).expect_err("dc1 accepted an impostor");
     assert!(matches!(&err, HandshakeError::Refused(why) if why.contains("does not name cluster \"dc2\"")), "{err}");
     dc1.wait_metric("wandist_handshake_failures_total", &[("peer", "unknown"), ("reason", "identity")], |v| v == 1.0);
     let line = dc1.wait_log("refused incoming connection", SOON);
@@ -144,8 +144,7 @@ fn an_expired_certificate_is_refused_on_both_sides() {
         "dc1",
         &format!("{}{}[[route]]\ncluster = \"dc2\"\n", gateway_table("dc1", true), ours.tls_table_with("dc1", &bundle)),
     );
-    let err =
-        rt.block_on(claim_to_dc1(dc1.peer_addr(), &dc2, "dc2")).err().expect("dc1 accepted an expired certificate");
+    let err = rt.block_on(claim_to_dc1(dc1.peer_addr(), &dc2, "dc2")).expect_err("dc1 accepted an expired certificate");
     dc1.wait_metric("wandist_handshake_failures_total", &[("peer", "unknown"), ("reason", "tls")], |v| v == 1.0);
     let line = dc1.wait_log("refused incoming connection", SOON);
     assert!(line.contains("certificate expired"), "{line}");
@@ -513,7 +512,7 @@ fn a_revoked_certificate_is_refused_on_both_sides_and_its_replacement_works() {
     let rt = runtime();
 
     // Accepting side.
-    rt.block_on(claim_to_dc1(dc1.peer_addr(), &old(), "dc2")).err().expect("dc1 accepted a revoked certificate");
+    rt.block_on(claim_to_dc1(dc1.peer_addr(), &old(), "dc2")).expect_err("dc1 accepted a revoked certificate");
     dc1.wait_metric("wandist_handshake_failures_total", &[("peer", "unknown"), ("reason", "tls")], |v| v == 1.0);
     let line = dc1.wait_log("refused incoming connection", SOON);
     assert!(line.contains("Revoked"), "{line}");

@@ -45,11 +45,21 @@ pub fn group_term(cluster: &str) -> Term {
     Term::tuple(vec![Term::atom(CLAIM_TAG), Term::Binary(cluster.as_bytes().to_vec())])
 }
 
-const CLAIM_TAG: &str = "wandist_claim";
+/// The pg group an instance joins once it serves the route to `cluster`
+/// (its session is up and the peer's members are in pg through it):
+/// `{wandist_serving, <<Cluster>>}`. An instance handing the route over
+/// waits for the next one to be in it before it withdraws its own.
+pub fn serving_term(cluster: &str) -> Term {
+    Term::tuple(vec![Term::atom(SERVING_TAG), Term::Binary(cluster.as_bytes().to_vec())])
+}
 
-/// Whether a group term is a claim group (reserved for the gateways).
+const CLAIM_TAG: &str = "wandist_claim";
+const SERVING_TAG: &str = "wandist_serving";
+
+/// Whether a group term is a claim or serving group (reserved for the
+/// gateways).
 pub fn is_claim_group(t: &Term) -> bool {
-    matches!(t.as_tuple(), Some([tag, _]) if tag.as_atom() == Some(CLAIM_TAG))
+    matches!(t.as_tuple(), Some([tag, _]) if matches!(tag.as_atom(), Some(CLAIM_TAG | SERVING_TAG)))
 }
 
 #[derive(Debug, Default)]
@@ -59,6 +69,11 @@ struct Claim {
     watch: Option<Ref>,
     /// The claims in the group, oldest first, once the scope answered.
     order: Option<Vec<Pid>>,
+    /// The same for the serving group.
+    serving_watch: Option<Ref>,
+    serving: Option<Vec<Pid>>,
+    /// The claim was withdrawn (`unclaim`); the groups are still watched.
+    withdrawn: bool,
 }
 
 #[derive(Debug)]
@@ -66,8 +81,9 @@ pub struct Claims {
     me: Pid,
     routes: BTreeMap<Arc<str>, Claim>,
     coordinator: Option<Arc<str>>,
-    /// Monitor calls sent to the coordinator and not answered: tag -> route.
-    calls: BTreeMap<u64, Arc<str>>,
+    /// Monitor calls sent to the coordinator and not answered: tag ->
+    /// (route, whether for its serving group).
+    calls: BTreeMap<u64, (Arc<str>, bool)>,
     /// Since when no coordinating node has been known.
     orphaned_since: Option<Instant>,
     give_up: Duration,
@@ -92,20 +108,30 @@ impl Claims {
     /// Claims the route to `cluster` (the caller joins the claim group and,
     /// with a coordinator, asks for its order). False if already claimed.
     pub fn claim(&mut self, cluster: Arc<str>) -> bool {
-        if self.routes.contains_key(&cluster) {
-            return false;
+        match self.routes.get_mut(&cluster) {
+            Some(c) if c.withdrawn => {
+                c.withdrawn = false;
+                self.dirty = true;
+                true
+            }
+            Some(_) => false,
+            None => {
+                self.routes.insert(cluster, Claim::default());
+                true
+            }
         }
-        self.routes.insert(cluster, Claim::default());
-        true
     }
 
     /// Withdraws the claim (the caller leaves the group): released if held.
+    /// The route's groups are still watched, so a hand-over sees who
+    /// serves it next (`another_serves`).
     pub fn unclaim(&mut self, cluster: &str) -> Option<Step> {
-        self.calls.retain(|_, c| **c != *cluster);
-        let claim = self.routes.remove(cluster)?;
+        let claim = self.routes.get_mut(cluster).filter(|c| !c.withdrawn)?;
+        claim.withdrawn = true;
+        let held = std::mem::take(&mut claim.held);
         // (The other routes' rounds may change: decided with the rest.)
         self.dirty = true;
-        claim.held.then(|| Step::Release(cluster.into()))
+        held.then(|| Step::Release(cluster.into()))
     }
 
     /// Decides who holds what after the changes so far (the caller calls
@@ -120,7 +146,7 @@ impl Claims {
 
     /// Every route claimed.
     pub fn clusters(&self) -> impl Iterator<Item = &Arc<str>> {
-        self.routes.keys()
+        self.routes.iter().filter(|(_, c)| !c.withdrawn).map(|(k, _)| k)
     }
 
     pub fn holds(&self, cluster: &str) -> bool {
@@ -148,16 +174,20 @@ impl Claims {
         let mut old = Vec::new();
         for c in self.routes.values_mut() {
             c.order = None;
-            if let (Some(w), Some(n)) = (c.watch.take(), &previous) {
-                old.push((n.clone(), w));
+            c.serving = None;
+            for w in [c.watch.take(), c.serving_watch.take()].into_iter().flatten() {
+                if let Some(n) = &previous {
+                    old.push((n.clone(), w));
+                }
             }
         }
         Some(old)
     }
 
-    /// A monitor call for `cluster`'s claim group went to the coordinator.
-    pub fn calling(&mut self, tag: u64, cluster: Arc<str>) {
-        self.calls.insert(tag, cluster);
+    /// A monitor call for `cluster`'s claim group (or, with `serving`, its
+    /// serving group) went to the coordinator.
+    pub fn calling(&mut self, tag: u64, cluster: Arc<str>, serving: bool) {
+        self.calls.insert(tag, (cluster, serving));
     }
 
     /// Whether monitor calls to the coordinator are unanswered (a scope
@@ -175,26 +205,30 @@ impl Claims {
     /// The coordinator's answer to a monitor call: its monitor, and the
     /// group's members as pg lists them (the latest joined first).
     pub fn answered(&mut self, tag: u64, watch: Ref, newest_first: Vec<Pid>) {
-        let Some(cluster) = self.calls.remove(&tag) else { return };
+        let Some((cluster, serving)) = self.calls.remove(&tag) else { return };
         let Some(claim) = self.routes.get_mut(&cluster) else { return };
-        claim.watch = Some(watch);
-        claim.order = Some(newest_first.into_iter().rev().collect());
+        let order = Some(newest_first.into_iter().rev().collect());
+        if serving {
+            claim.serving_watch = Some(watch);
+            claim.serving = order;
+        } else {
+            claim.watch = Some(watch);
+            claim.order = order;
+        }
         self.dirty = true;
     }
 
-    /// Claims joined the group watched by `watch` (they are the newest).
+    /// Pids joined the group watched by `watch` (they are the newest).
     pub fn joined(&mut self, watch: &Ref, pids: Vec<Pid>) {
-        let Some(cluster) = self.watched(watch) else { return };
-        if let Some(order) = self.routes.get_mut(&cluster).and_then(|c| c.order.as_mut()) {
+        if let Some(order) = self.watched(watch) {
             order.extend(pids);
             self.dirty = true;
         }
     }
 
-    /// Claims left the group watched by `watch`.
+    /// Pids left the group watched by `watch`.
     pub fn left(&mut self, watch: &Ref, pids: &[Pid]) {
-        let Some(cluster) = self.watched(watch) else { return };
-        if let Some(order) = self.routes.get_mut(&cluster).and_then(|c| c.order.as_mut()) {
+        if let Some(order) = self.watched(watch) {
             for p in pids {
                 // (pg lets a pid join twice; one leave takes one.)
                 if let Some(i) = order.iter().position(|o| o == p) {
@@ -203,6 +237,19 @@ impl Claims {
             }
             self.dirty = true;
         }
+    }
+
+    /// Whether another instance serves `cluster`'s route (is in its
+    /// serving group).
+    pub fn another_serves(&self, cluster: &str) -> bool {
+        self.routes.get(cluster).and_then(|c| c.serving.as_ref()).is_some_and(|s| s.iter().any(|p| *p != self.me))
+    }
+
+    /// Whether another instance claims `cluster`'s route (true while the
+    /// order is not known: there may be one; false for a route never
+    /// claimed here).
+    pub fn another_claims(&self, cluster: &str) -> bool {
+        self.routes.get(cluster).is_some_and(|c| c.order.as_ref().is_none_or(|o| o.iter().any(|p| *p != self.me)))
     }
 
     /// On a timer: with no coordinating node for `give_up`, every route
@@ -224,8 +271,17 @@ impl Claims {
         steps
     }
 
-    fn watched(&self, watch: &Ref) -> Option<Arc<str>> {
-        self.routes.iter().find(|(_, c)| c.watch.as_ref() == Some(watch)).map(|(k, _)| k.clone())
+    /// The order a monitor of ours watches (a claim or a serving group).
+    fn watched(&mut self, watch: &Ref) -> Option<&mut Vec<Pid>> {
+        self.routes.values_mut().find_map(|c| {
+            if c.watch.as_ref() == Some(watch) {
+                c.order.as_mut()
+            } else if c.serving_watch.as_ref() == Some(watch) {
+                c.serving.as_mut()
+            } else {
+                None
+            }
+        })
     }
 
     /// Who holds what, for every route whose order is known: the routes
@@ -235,6 +291,7 @@ impl Claims {
         let sets: Vec<(Arc<str>, Vec<Pid>)> = self
             .routes
             .iter()
+            .filter(|(_, claim)| !claim.withdrawn)
             .filter_map(|(c, claim)| {
                 let mut set = claim.order.clone()?;
                 set.sort();
@@ -292,7 +349,7 @@ mod tests {
         assert!(!c.claim("dc2".into()), "claimed once");
         assert_eq!(c.set_coordinator(Some("a1@h".into())), Some(vec![]), "a first coordinator");
         assert_eq!(c.set_coordinator(Some("a1@h".into())), None, "unchanged");
-        c.calling(7, "dc2".into());
+        c.calling(7, "dc2".into(), false);
         // pg lists the latest joined first: the sibling was there first.
         c.answered(7, watch(1), vec![me.clone(), sibling.clone()]);
         assert_eq!(c.decide(), vec![]);
@@ -322,7 +379,7 @@ mod tests {
         let mut c = Claims::new(me.clone(), Duration::from_secs(5));
         c.claim("dc2".into());
         c.set_coordinator(Some("a2@h".into()));
-        c.calling(1, "dc2".into());
+        c.calling(1, "dc2".into(), false);
         c.answered(1, watch(1), vec![sibling.clone(), me.clone()]);
         assert_eq!(c.decide(), vec![hold("dc2")]);
         // A node with a lesser name comes: the order is asked again, what
@@ -334,7 +391,7 @@ mod tests {
         c.answered(1, watch(1), vec![me.clone()]);
         assert_eq!(c.decide(), vec![]);
         // There, the sibling's claim is older.
-        c.calling(3, "dc2".into());
+        c.calling(3, "dc2".into(), false);
         c.answered(3, watch(3), vec![me.clone(), sibling.clone()]);
         assert_eq!(c.decide(), vec![release("dc2")]);
     }
@@ -345,7 +402,7 @@ mod tests {
         let mut c = Claims::new(me.clone(), Duration::from_secs(5));
         c.claim("dc2".into());
         c.set_coordinator(Some("a1@h".into()));
-        c.calling(1, "dc2".into());
+        c.calling(1, "dc2".into(), false);
         c.answered(1, watch(1), vec![me.clone()]);
         assert_eq!(c.decide(), vec![hold("dc2")]);
         let t0 = Instant::now();
@@ -357,7 +414,7 @@ mod tests {
         assert_eq!(c.tick(t0 + Duration::from_secs(6)), vec![], "released once");
         // A coordinator again: the order decides again.
         c.set_coordinator(Some("a1@h".into()));
-        c.calling(2, "dc2".into());
+        c.calling(2, "dc2".into(), false);
         c.answered(2, watch(2), vec![me]);
         assert_eq!(c.decide(), vec![hold("dc2")]);
         // A coordinator back in time resets the clock.
@@ -383,10 +440,10 @@ mod tests {
         // dc2..dc4 are claimed by a, b and us (a oldest, then us, then b);
         // dc5 by us alone (say the others have no route to it).
         for (tag, cl) in [(1, "dc2"), (2, "dc3"), (3, "dc4")] {
-            c.calling(tag, cl.into());
+            c.calling(tag, cl.into(), false);
             c.answered(tag, watch(tag as u32), vec![b.clone(), me.clone(), a.clone()]);
         }
-        c.calling(4, "dc5".into());
+        c.calling(4, "dc5".into(), false);
         c.answered(4, watch(4), vec![me.clone()]);
         // Round {a, b, us} by age: dc2 -> a, dc3 -> us, dc4 -> b; dc5 is ours alone.
         assert_eq!(c.decide(), vec![hold("dc3"), hold("dc5")]);
@@ -406,8 +463,34 @@ mod tests {
     }
 
     #[test]
+    fn a_withdrawn_claim_still_sees_who_serves_next() {
+        let (me, next) = (pid("gw_a@h", 1), pid("gw_b@h", 1));
+        let mut c = Claims::new(me.clone(), Duration::from_secs(5));
+        c.claim("dc2".into());
+        assert!(!c.another_claims("dc3"), "a route never claimed here has nobody else");
+        assert!(c.another_claims("dc2"), "not known yet: there may be another");
+        c.set_coordinator(Some("a1@h".into()));
+        c.calling(1, "dc2".into(), false);
+        c.calling(2, "dc2".into(), true);
+        c.answered(1, watch(1), vec![next.clone(), me.clone()]);
+        c.answered(2, watch(2), vec![me.clone()]);
+        assert_eq!(c.decide(), vec![hold("dc2")]);
+        assert!(c.another_claims("dc2") && !c.another_serves("dc2"));
+        // Withdrawn (the gateway stops): released, no longer listed, still watched.
+        assert_eq!(c.unclaim("dc2"), Some(release("dc2")));
+        assert_eq!(c.clusters().count(), 0);
+        c.joined(&watch(2), vec![next.clone()]);
+        assert!(c.another_serves("dc2"));
+        assert_eq!(c.decide(), vec![], "a withdrawn claim holds nothing");
+        // Claimed again (a reload added it back): listed again.
+        assert!(c.claim("dc2".into()));
+        assert_eq!(c.clusters().count(), 1);
+    }
+
+    #[test]
     fn claim_groups_are_recognised() {
         assert!(is_claim_group(&group_term("dc2")));
+        assert!(is_claim_group(&serving_term("dc2")));
         assert!(!is_claim_group(&Term::atom("chat")));
         assert!(!is_claim_group(&Term::tuple(vec![Term::atom("wandist_other"), Term::Binary(b"x".to_vec())])));
     }

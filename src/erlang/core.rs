@@ -86,6 +86,9 @@ pub enum Effect {
     /// Several instances of the cluster (`claims`): this one now holds
     /// the route (start it), or no longer does (stop it).
     Claim(Step),
+    /// A hand-over (`leave_peer`, or `leave` for `None`) has withdrawn our
+    /// members: the route (or gateway) may settle and finish now.
+    Left(Option<PeerIx>),
 }
 
 /// One route as the Erlang side knows it.
@@ -108,6 +111,12 @@ pub struct Setup {
     /// routes this instance claims, and how long it keeps the ones it
     /// holds with no coordinating node (`claims`).
     pub claims: Option<(Vec<Arc<str>>, std::time::Duration)>,
+}
+
+/// A route (or, `peer: None`, the whole gateway) handing over.
+#[derive(Debug)]
+struct Handing {
+    peer: Option<PeerIx>,
 }
 
 /// A membership change of a peer, applied in steps.
@@ -219,6 +228,12 @@ pub struct Core {
     left_scopes: bool,
     /// Nodes whose scope ended on a claims call (too old for it).
     no_claims_on: Vec<Arc<str>>,
+    /// Routes this instance serves (in their serving groups).
+    serving: Vec<Arc<str>>,
+    /// Routes being handed to another instance, waiting for it to serve
+    /// (or for `withdraw_now`) before our members are withdrawn; `None`:
+    /// the whole gateway is leaving.
+    handing: Vec<Handing>,
     /// Confirmed sends waiting for their outcome: token -> (who, their ref).
     confirms: HashMap<u64, (Pid, Term)>,
     next_token: u64,
@@ -357,6 +372,8 @@ impl Core {
             leaving: false,
             left_scopes: false,
             no_claims_on: Vec::new(),
+            serving: Vec::new(),
+            handing: Vec::new(),
             claims: setup.claims.map(|(clusters, give_up)| {
                 let mut c = Claims::new(gw_for_claims, give_up);
                 clusters.into_iter().for_each(|cl| {
@@ -1003,7 +1020,8 @@ impl Core {
         // (A claim's membership never changes while it stands, so a sync
         // never moves it in its group's order.)
         let claims = self.claims.iter().flat_map(Claims::clusters).map(|c| (claim_group(c), vec![GW_KEY]));
-        mirror::sync(&self.gw, groups.chain(claims), |out, k| self.proxies.put_pid(out, k))
+        let serving = self.serving.iter().map(|c| (etf::encode(&claims::serving_term(c))[1..].to_vec(), vec![GW_KEY]));
+        mirror::sync(&self.gw, groups.chain(claims).chain(serving), |out, k| self.proxies.put_pid(out, k))
     }
 
     // ---- several instances of the cluster (`claims`) ----
@@ -1042,17 +1060,85 @@ impl Core {
     }
 
     /// The gateway is stopping: its claims are withdrawn (another instance
-    /// takes the routes), the peers are told our members left (their
-    /// proxies leave their clusters' pg, so their senders stop choosing
-    /// them), and our proxies leave the local scopes (ours stop choosing
-    /// them). Everything keeps working meanwhile: messages already on
-    /// their way, to a proxy looked up a moment ago or to one of our
-    /// members, are carried and delivered while the routes settle.
+    /// takes the routes); once the next instance serves each route it held
+    /// (or at once with none, or after the hand-over wait), the peers are
+    /// told our members left (their proxies leave their clusters' pg, so
+    /// their senders stop choosing us), and our proxies leave the local
+    /// scopes (ours stop choosing them). Everything keeps working
+    /// meanwhile: messages already on their way, to a proxy looked up a
+    /// moment ago or to one of our members, are carried and delivered.
+    /// `Effect::Left(None)` says when the members are withdrawn.
     pub fn leave(&mut self) {
-        if self.leaving {
+        if self.leaving || self.handing.iter().any(|h| h.peer.is_none()) {
             return;
         }
         self.unclaim_all();
+        self.handing.push(Handing { peer: None });
+        self.progress_handovers();
+    }
+
+    /// `p`'s route goes to another instance of this cluster: as `leave`,
+    /// for that route only (`Effect::Left(Some(p))` once withdrawn).
+    pub fn leave_peer(&mut self, p: PeerIx) {
+        if self.peers[p].removed || self.peers[p].leaving || self.handing.iter().any(|h| h.peer == Some(p)) {
+            return;
+        }
+        self.handing.push(Handing { peer: Some(p) });
+        self.progress_handovers();
+    }
+
+    /// Whether `p`'s members can be withdrawn now: no other instance
+    /// claims its route, or one serves it, or nothing is up to hand over.
+    fn handed(&self, p: PeerIx) -> bool {
+        let peer = &self.peers[p];
+        let Some(c) = self.claims.as_ref() else { return true };
+        peer.removed || peer.leaving || !peer.up || !c.another_claims(&peer.name) || c.another_serves(&peer.name)
+    }
+
+    /// Withdraws what is handed over.
+    fn progress_handovers(&mut self) {
+        let mut i = 0;
+        while i < self.handing.len() {
+            let peer = self.handing[i].peer;
+            let ready = match peer {
+                Some(p) => self.handed(p),
+                None => (0..self.peers.len()).all(|p| self.handed(p)),
+            };
+            if !ready {
+                i += 1;
+                continue;
+            }
+            self.handing.remove(i);
+            self.withdraw(peer);
+        }
+    }
+
+    /// Withdraws a hand-over's members now, served or not (the gateway
+    /// waited as long as it would: `Running`).
+    pub fn withdraw_now(&mut self, peer: Option<PeerIx>) {
+        let Some(i) = self.handing.iter().position(|h| h.peer == peer) else { return };
+        self.handing.remove(i);
+        let name = peer.map(|p| self.peers[p].name.to_string()).unwrap_or_default();
+        tracing::warn!(peer = %name, "no other instance serves the route yet: withdrawing our members anyway");
+        self.withdraw(peer);
+    }
+
+    fn withdraw(&mut self, peer: Option<PeerIx>) {
+        match peer {
+            Some(p) => self.withdraw_peer(p),
+            None => self.withdraw_all(),
+        }
+        self.out.push(Effect::Left(peer));
+    }
+
+    /// Our members withdrawn from every peer, and the peers' proxies out
+    /// of the local scopes (one empty sync; after it nothing more is sent
+    /// to a scope: a leave naming a group it dropped would crash it).
+    fn withdraw_all(&mut self) {
+        if self.leaving {
+            return;
+        }
+        self.serving.clear();
         let ours = self.mirror.local_members();
         for p in 0..self.peers.len() {
             for c in &ours {
@@ -1071,14 +1157,14 @@ impl Core {
         tracing::info!("stopping: our members withdrawn from the peers, and the peers' from the local pg scopes");
     }
 
-    /// `p`'s route goes to another instance of this cluster: as `leave`,
-    /// for that peer only. Our members are withdrawn from it, and its
-    /// proxies leave the local scopes (they still resolve, for messages
-    /// on their way); nothing more is exported to it or joined for it.
-    pub fn leave_peer(&mut self, p: PeerIx) {
+    /// Our members withdrawn from `p`, and its proxies out of the local
+    /// scopes (they still resolve, for messages on their way); nothing
+    /// more is exported to it or joined for it.
+    fn withdraw_peer(&mut self, p: PeerIx) {
         if self.peers[p].removed || self.peers[p].leaving {
             return;
         }
+        self.set_serving(p, false);
         for c in self.mirror.local_members() {
             self.export_change(p, &LocalChange { join: false, ..c });
         }
@@ -1149,19 +1235,47 @@ impl Core {
         }
     }
 
-    /// `pg:monitor(Scope, ClaimGroup)` on `node`, as a call from our pg process.
+    /// `pg:monitor(Scope, Group)` on `node` for the route's claim group and
+    /// its serving group, as calls from our pg process.
     fn watch_claim(&mut self, node: &Arc<str>, cluster: Arc<str>) {
-        let (id, tag) = self.own_ref(CLAIM_CALL);
-        let call = Term::tuple(vec![
-            Term::atom("$gen_call"),
-            Term::tuple(vec![Term::Pid(self.gw.clone()), Term::Ref(tag)]),
-            Term::tuple(vec![Term::atom("monitor"), claims::group_term(&cluster)]),
-        ]);
-        if let Some(c) = self.claims.as_mut() {
-            c.calling(id, cluster);
+        for serving in [false, true] {
+            let (id, tag) = self.own_ref(CLAIM_CALL);
+            let group = if serving { claims::serving_term(&cluster) } else { claims::group_term(&cluster) };
+            let call = Term::tuple(vec![
+                Term::atom("$gen_call"),
+                Term::tuple(vec![Term::Pid(self.gw.clone()), Term::Ref(tag)]),
+                Term::tuple(vec![Term::atom("monitor"), group]),
+            ]);
+            if let Some(c) = self.claims.as_mut() {
+                c.calling(id, cluster.clone(), serving);
+            }
+            let control = Control::RegSend { from: self.gw.clone(), name: self.scope.clone() };
+            self.send_to_node(node, control, Some(&etf::encode(&call)));
         }
-        let control = Control::RegSend { from: self.gw.clone(), name: self.scope.clone() };
-        self.send_to_node(node, control, Some(&etf::encode(&call)));
+    }
+
+    /// `p`'s route serves (its session is up, the peer's members are in pg
+    /// through it), or no longer does: told to the other instances through
+    /// the serving group.
+    fn set_serving(&mut self, p: PeerIx, on: bool) {
+        if self.claims.is_none() || self.leaving || self.peers[p].leaving && on {
+            return;
+        }
+        let cluster = self.peers[p].name.clone();
+        if on == self.serving.contains(&cluster) {
+            return;
+        }
+        let term = etf::encode(&claims::serving_term(&cluster))[1..].to_vec();
+        let msg = if on {
+            self.serving.push(cluster);
+            mirror::join(&self.gw, &term, &[GW_KEY], |out, k| self.proxies.put_pid(out, k))
+        } else {
+            self.serving.retain(|c| *c != cluster);
+            mirror::leave(&self.gw, &term, &[GW_KEY], |out, k| self.proxies.put_pid(out, k))
+        };
+        for (_, scope) in self.mirror.scopes() {
+            self.send_bulk(&scope, &msg);
+        }
     }
 
     /// A call to a scope whose answer is not waited for.
@@ -1206,7 +1320,11 @@ impl Core {
     /// Decides who holds what after the claims' changes so far (the shell
     /// calls it once per round); true if anything is to be done.
     pub fn decide_claims(&mut self) -> bool {
-        let Some(c) = self.claims.as_mut() else { return false };
+        let had = self.out.len();
+        if !self.handing.is_empty() {
+            self.progress_handovers();
+        }
+        let Some(c) = self.claims.as_mut() else { return self.out.len() > had };
         let steps = c.decide();
         for step in &steps {
             match step {
@@ -1216,9 +1334,8 @@ impl Core {
                 }
             }
         }
-        let any = !steps.is_empty();
         self.out.extend(steps.into_iter().map(Effect::Claim));
-        any
+        self.out.len() > had
     }
 
     /// Local members joined or left: each peer that may see the group gets
@@ -1294,7 +1411,9 @@ impl Core {
         }
         match item {
             ToLocal::Members { change, .. } => self.queue_change(p, change),
-            ToLocal::Up { .. } | ToLocal::Lost { .. } if !peer.jobs.is_empty() => peer.deferred.push_back(item),
+            ToLocal::Up { .. } | ToLocal::Lost { .. } | ToLocal::Synced { .. } if !peer.jobs.is_empty() => {
+                peer.deferred.push_back(item)
+            }
             item => self.apply(p, item),
         }
     }
@@ -1345,7 +1464,9 @@ impl Core {
                     }
                 }
             }
+            ToLocal::Synced { .. } => self.set_serving(p, true),
             ToLocal::Lost { .. } => {
+                self.set_serving(p, false);
                 self.peers[p].up = false;
                 let reason = etf::encode(&Term::atom("noconnection"));
                 let proxies = &self.proxies;

@@ -80,15 +80,23 @@ pub enum ShellControl {
         route: Box<RouteConfig>,
         inbox: Inbox,
         handle: RouteHandle,
+        /// A successor session's first link, handed to the route once it
+        /// has been told our members (so its first snapshot has them: the
+        /// peer takes a snapshot as the whole of our membership).
+        then: Option<Box<crate::link::handshake::Established>>,
+        /// Cancelled once the route has been told our members (it waits
+        /// for that to start).
+        ready: Option<CancellationToken>,
     },
     /// A route task stopped (a reload removed or changed it, or another
     /// instance holds it now): its peer is forgotten (its proxies leave
     /// their groups, their watchers get DOWN); what waited for it fails.
     RemoveRoute(RouteHandle),
     /// A route task is handing its route to another instance
-    /// (`Core::leave_peer`): members withdrawn both ways, traffic on its
-    /// way still carried.
-    LeaveRoute(RouteHandle),
+    /// (`Core::leave_peer`): members withdrawn both ways once the next
+    /// instance serves it (told through the sender), traffic on its way
+    /// still carried.
+    LeaveRoute(RouteHandle, tokio::sync::oneshot::Sender<()>),
     /// The local nodes to connect to, now.
     Nodes(Vec<ErlNode>),
     /// With several instances (`[erlang] coordinate`): a route to claim
@@ -96,10 +104,14 @@ pub enum ShellControl {
     /// removed it).
     Claim(Arc<str>),
     Unclaim(Arc<str>),
+    /// A hand-over waited long enough for the next instance: withdraw our
+    /// members now (`None`: the gateway's; else the route's).
+    Withdraw(Option<RouteHandle>),
     /// The gateway stops (`Core::leave`): claims withdrawn, so the other
-    /// instances take the routes over; members withdrawn both ways, so
-    /// senders stop choosing this instance while it finishes.
-    Leave,
+    /// instances take the routes over; members withdrawn both ways once
+    /// they serve them (told through the sender), so senders stop choosing
+    /// this instance while it finishes.
+    Leave(tokio::sync::oneshot::Sender<()>),
 }
 
 /// Where the shell gets what it needs to connect to nodes added later.
@@ -167,6 +179,8 @@ struct Shell {
     /// Where this instance's claims on routes are decided (`claims`):
     /// the gateway starts and stops routes by them.
     claims: Option<mpsc::Sender<Step>>,
+    /// Who waits for a hand-over's withdrawal (`Effect::Left`).
+    left: Vec<(Option<PeerIx>, tokio::sync::oneshot::Sender<()>)>,
     spawner: Spawner,
 }
 
@@ -297,6 +311,7 @@ pub fn start(
         control: control_rx,
         spawner,
         claims,
+        left: Vec::new(),
     };
     shell.connected.set(0.0);
     shell.proxies.set(0.0);
@@ -567,17 +582,30 @@ impl Shell {
     /// A reload's change, applied between rounds.
     fn control(&mut self, c: ShellControl) {
         match c {
-            ShellControl::AddRoute { route, inbox, handle } => {
+            ShellControl::AddRoute { route, inbox, handle, then, ready } => {
                 let p = self.core.add_peer(peer_setup(&route));
                 debug_assert_eq!(p, self.routes.len());
-                self.routes.push(route_slot(&route, inbox.rx, Some(handle), &self.spawner.metrics));
+                self.routes.push(route_slot(&route, inbox.rx, Some(handle.clone()), &self.spawner.metrics));
                 tracing::info!(peer = %route.cluster, "route added: its peer is served and told our members");
-            }
-            ShellControl::LeaveRoute(handle) => {
-                if let Some(p) = self.slot_of(&handle) {
-                    self.core.leave_peer(p);
+                // (The exports first: they go ahead of the link, or of the
+                // route's start, on its queue.)
+                self.run_effects(Some(Src::Route(p)));
+                if let Some(est) = then {
+                    handle.adopt(est);
+                }
+                if let Some(ready) = ready {
+                    ready.cancel();
                 }
             }
+            ShellControl::LeaveRoute(handle, done) => match self.slot_of(&handle) {
+                Some(p) => {
+                    self.left.push((Some(p), done));
+                    self.core.leave_peer(p);
+                }
+                None => {
+                    let _ = done.send(());
+                }
+            },
             ShellControl::RemoveRoute(handle) => {
                 let Some(p) = self.slot_of(&handle) else { return };
                 let peer = self.core.peer_name(p).clone();
@@ -624,7 +652,16 @@ impl Shell {
             }
             ShellControl::Claim(cluster) => self.core.claim(cluster),
             ShellControl::Unclaim(cluster) => self.core.unclaim(&cluster),
-            ShellControl::Leave => self.core.leave(),
+            ShellControl::Withdraw(None) => self.core.withdraw_now(None),
+            ShellControl::Withdraw(Some(handle)) => {
+                if let Some(p) = self.slot_of(&handle) {
+                    self.core.withdraw_now(Some(p));
+                }
+            }
+            ShellControl::Leave(done) => {
+                self.left.push((None, done));
+                self.core.leave();
+            }
         }
         self.run_effects(None);
     }
@@ -800,6 +837,12 @@ impl Shell {
                 }
                 slot.pending_bytes += payload.len();
                 slot.pending.push_back((payload, token));
+                Ok(())
+            }
+            Effect::Left(peer) => {
+                while let Some(i) = self.left.iter().position(|(p, _)| *p == peer) {
+                    let _ = self.left.swap_remove(i).1.send(());
+                }
                 Ok(())
             }
             Effect::Claim(step) => {

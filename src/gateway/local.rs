@@ -204,6 +204,10 @@ pub enum ToLocal {
     /// time), to the peer's run `epoch`: a new epoch means a new run, whose
     /// handles mean nothing of the old one's.
     Up { peer: Arc<str>, epoch: u64 },
+    /// The peer's whole membership has been handed over (its snapshot,
+    /// after the `Members` before this): with several instances, this one
+    /// serves the route now.
+    Synced { peer: Arc<str> },
 }
 
 /// One route's queue toward the local side.
@@ -226,6 +230,10 @@ pub(crate) struct Submit {
 pub(crate) enum RouteControl {
     Adopt(Box<crate::link::handshake::Established>),
     Groups(LocalGroups),
+    /// A successor session took the route over (another instance of the
+    /// peer): this task dials no more, publishes no gauges, and ends once
+    /// its peer instance has left.
+    Retire,
 }
 
 /// A change in the local cluster's own groups, for one peer: its members
@@ -264,6 +272,26 @@ pub enum TrySubmit {
 }
 
 impl RouteHandle {
+    /// The peer instance the route's session is with, if any.
+    pub(crate) fn peer_instance(&self) -> Option<String> {
+        self.core.lock().route.peer_instance().map(str::to_string)
+    }
+
+    /// Whether the route has a live link.
+    pub(crate) fn is_up(&self) -> bool {
+        self.core.lock().route.is_up()
+    }
+
+    /// Hands the route task a link (or tells it to retire): false if it is gone.
+    pub(crate) fn tell(&self, c: RouteControl) -> bool {
+        self.control.try_send(c).is_ok()
+    }
+
+    /// Hands the route task a link (a successor session's first).
+    pub fn adopt(&self, est: Box<crate::link::handshake::Established>) {
+        let _ = self.control.try_send(RouteControl::Adopt(est));
+    }
+
     /// Whether both are handles of the same route task.
     pub fn same(&self, other: &RouteHandle) -> bool {
         Arc::ptr_eq(&self.core, &other.core)

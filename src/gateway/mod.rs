@@ -97,6 +97,11 @@ pub struct Running {
     /// run while this instance holds them, by the claims' outcomes.
     coordinated: bool,
     claims: Option<mpsc::Receiver<crate::erlang::claims::Step>>,
+    /// Links from another instance of a peer, for successor sessions.
+    successors: Option<mpsc::Receiver<Box<handshake::Established>>>,
+    /// Route tasks whose session a successor took over, until their peer
+    /// instance has left: (cluster, handle).
+    retiring: Vec<(String, RouteHandle)>,
 }
 
 impl Running {
@@ -203,11 +208,22 @@ impl Running {
     /// Starts `route`'s task and hands it to the local side.
     fn start_route(&mut self, route: &crate::config::RouteConfig) {
         let cluster = &route.cluster;
-        let (handle, inbox) = self.kit.spawn(route);
+        // (With the Erlang side, the route starts once it has been told our
+        // members: its first snapshot is all of them.)
+        let ready = self.shell.as_ref().map(|_| CancellationToken::new());
+        let (handle, inbox) = self.kit.spawn_with(route, None, ready.clone());
         self.local.routes.insert(cluster.clone(), handle.clone());
         match (&self.shell, &self.merged) {
-            (Some(shell), _) => self
-                .tell(shell, crate::erlang::ShellControl::AddRoute { route: Box::new(route.clone()), inbox, handle }),
+            (Some(shell), _) => {
+                let add = crate::erlang::ShellControl::AddRoute {
+                    route: Box::new(route.clone()),
+                    inbox,
+                    handle,
+                    then: None,
+                    ready,
+                };
+                self.tell(shell, add)
+            }
             (None, Some(merged)) => forward(inbox, merged.clone(), &self.tracker),
             (None, None) => drain(inbox, &self.tracker, self.root.clone()),
         }
@@ -251,11 +267,17 @@ impl Running {
         }
         let (Some(cancel), Some(route)) = (cancel, self.local.routes.remove(cluster)) else { return };
         let Some(shell) = self.shell.clone() else { return cancel.cancel() };
-        self.tell(&shell, crate::erlang::ShellControl::LeaveRoute(route.clone()));
-        let (grace, quiet) = (self.grace, self.quiet());
+        let (done, mut withdrawn) = tokio::sync::oneshot::channel();
+        self.tell(&shell, crate::erlang::ShellControl::LeaveRoute(route.clone(), done));
+        let (grace, quiet, wait) = (self.grace, self.quiet(), self.hand_over_wait());
         self.tracker.spawn(async move {
             let routes = std::slice::from_ref(&route);
-            settle(routes, quiet, grace / 2).await;
+            let started = tokio::time::Instant::now();
+            if tokio::time::timeout(wait, &mut withdrawn).await.is_err() {
+                let _ = shell.send(crate::erlang::ShellControl::Withdraw(Some(route.clone()))).await;
+                let _ = tokio::time::timeout(grace / 4, withdrawn).await;
+            }
+            settle(routes, quiet, (grace / 2).saturating_sub(started.elapsed())).await;
             route.drain();
             finish_in_flight(routes, grace / 4).await;
             cancel.cancel();
@@ -263,6 +285,76 @@ impl Running {
                 tracing::error!("the Erlang side did not take a route's end: {e}");
             }
         });
+    }
+
+    /// A link from another instance of a peer cluster than the one a route
+    /// holds its session with (`[erlang] coordinate`): that instance holds
+    /// our route in its cluster now, and the one we have is handing over.
+    /// The link starts a successor session, a route task of its own beside
+    /// the old one, which finishes as its instance leaves (its members
+    /// leave pg once the successor serves: none is ever missing). A link
+    /// from an instance a retiring session is with goes back to it.
+    pub fn adopt_successor(&mut self, est: Box<handshake::Established>) {
+        let cluster = est.peer.cluster.clone();
+        let instance = est.peer.gateway.clone();
+        self.retiring.retain(|(_, r)| !r.control.is_closed());
+        let Some(route) = self.config.routes.iter().find(|r| r.cluster == cluster).cloned() else { return };
+        let current = self.local.routes.get(&cluster).cloned();
+        let to = if current.as_ref().and_then(RouteHandle::peer_instance).as_deref() == Some(&instance) {
+            current
+        } else {
+            self.retiring
+                .iter()
+                .find(|(c, r)| *c == cluster && r.peer_instance().as_deref() == Some(&instance))
+                .map(|(_, r)| r.clone())
+        };
+        if let Some(to) = to {
+            to.tell(RouteControl::Adopt(est));
+            return;
+        }
+        let (Some(old), Some(old_cancel)) = (self.local.routes.remove(&cluster), self.kit.tasks.remove(&cluster))
+        else {
+            return;
+        };
+        old.tell(RouteControl::Retire);
+        tracing::info!(peer = %cluster, from = %old.peer_instance().unwrap_or_default(), to = %instance, "successor session: the route moves to another instance of the peer, the old session finishes beside it");
+        let (handle, inbox) = self.kit.spawn_with(&route, Some(est.our_epoch), None);
+        self.local.routes.insert(cluster.clone(), handle.clone());
+        if let Some(shell) = &self.shell {
+            // (The link goes to the route once the Erlang side has told it
+            // our members: its first snapshot is all of them.)
+            let add = crate::erlang::ShellControl::AddRoute {
+                route: Box::new(route.clone()),
+                inbox,
+                handle,
+                then: Some(est),
+                ready: None,
+            };
+            self.tell(shell, add);
+        }
+        self.retiring.push((cluster, old.clone()));
+        // The old session ends once its instance has left (its links are
+        // gone), or at the latest after a generous bound.
+        let (shell, bound) = (self.shell.clone(), self.grace * 2 + self.config.gateway.dead_after * 4);
+        self.tracker.spawn(async move {
+            let until = tokio::time::Instant::now() + bound;
+            while old.is_up() && tokio::time::Instant::now() < until {
+                tokio::time::sleep(DRAIN_POLL).await;
+            }
+            old_cancel.cancel();
+            if let Some(shell) = shell {
+                let _ = shell.send(crate::erlang::ShellControl::RemoveRoute(old)).await;
+            }
+        });
+    }
+
+    /// How long a hand-over waits for the next instance to serve the route
+    /// (its session up, the peer's members in pg through it) before our
+    /// members are withdrawn anyway: four heartbeats (the next instance
+    /// dials, or is found by a probe, within one), at most a quarter of
+    /// the grace period.
+    fn hand_over_wait(&self) -> std::time::Duration {
+        (self.config.gateway.heartbeat * 4).min(self.grace / 4)
     }
 
     /// How long a stopping route (or gateway) waits with no traffic either
@@ -324,10 +416,16 @@ impl Running {
             // its way is carried and delivered. Then no traffic either way
             // for two heartbeats (or half the grace period) before the
             // routes refuse anything new.
-            self.tell(shell, crate::erlang::ShellControl::Leave);
+            let (done, mut withdrawn) = tokio::sync::oneshot::channel();
+            self.tell(shell, crate::erlang::ShellControl::Leave(done));
             let started = tokio::time::Instant::now();
+            // (With several instances, the next ones serve the routes first.)
+            if tokio::time::timeout(self.hand_over_wait(), &mut withdrawn).await.is_err() {
+                self.tell(shell, crate::erlang::ShellControl::Withdraw(None));
+                let _ = tokio::time::timeout(self.grace / 4, withdrawn).await;
+            }
             let quiet = self.quiet();
-            let settled = settle(&routes, quiet, self.grace / 2).await;
+            let settled = settle(&routes, quiet, (self.grace / 2).saturating_sub(started.elapsed())).await;
             left = left.saturating_sub(started.elapsed());
             tracing::info!(settled, took = ?started.elapsed(), "members withdrawn; traffic settled");
         }
@@ -491,6 +589,7 @@ async fn start_inner(
         admit: Arc::default(),
         inbound: Arc::default(),
         tasks: HashMap::new(),
+        successors: None,
     };
     let mut local = LocalHandle { routes: HashMap::new() };
     let mut inboxes = Vec::new();
@@ -551,6 +650,8 @@ async fn start_inner(
         grace,
         coordinated: false,
         claims: None,
+        successors: None,
+        retiring: Vec::new(),
     })
 }
 
@@ -571,11 +672,27 @@ struct RouteKit {
     admit: Arc<RwLock<HashMap<String, Admission>>>,
     inbound: Arc<RwLock<HashMap<String, mpsc::Sender<RouteControl>>>>,
     tasks: HashMap<String, CancellationToken>,
+    /// With `[erlang] coordinate`: links from another instance of a peer
+    /// become successor sessions (`Running::adopt_successor`).
+    successors: Option<mpsc::Sender<Box<handshake::Established>>>,
 }
 
 impl RouteKit {
     /// Starts `route`'s task (after the gate); its handle and inbox.
     fn spawn(&mut self, route: &crate::config::RouteConfig) -> (RouteHandle, Inbox) {
+        self.spawn_with(route, None, None)
+    }
+
+    /// As `spawn`, the route starting with `epoch` (a successor session's:
+    /// the one its first link's hello carried), and only once `ready` is
+    /// cancelled too (the local side has told it our members, so its first
+    /// snapshot has them all).
+    fn spawn_with(
+        &mut self,
+        route: &crate::config::RouteConfig,
+        epoch: Option<u64>,
+        ready: Option<CancellationToken>,
+    ) -> (RouteHandle, Inbox) {
         if route.insecure_plaintext {
             tracing::warn!(peer = %route.cluster, "route uses insecure_plaintext: traffic to and from this cluster is neither encrypted nor authenticated");
         }
@@ -588,7 +705,13 @@ impl RouteKit {
             if route.insecure_plaintext { None } else { self.tls.clone() },
             &self.g,
             self.timeouts,
-            peer::RouteInputs { control: control_rx, to_local, held: self.held.clone() },
+            peer::RouteInputs {
+                control: control_rx,
+                to_local,
+                held: self.held.clone(),
+                successors: self.successors.clone(),
+                epoch,
+            },
             self.metrics.clone(),
             cancel.clone(),
             self.tracker.clone(),
@@ -605,7 +728,7 @@ impl RouteKit {
         let handle = task.handle(control_tx);
         let gate = self.gate.clone();
         self.tracker.spawn(async move {
-            if after_gate(gate, &cancel).await {
+            if after_gate(gate, &cancel).await && after_gate(ready, &cancel).await {
                 task.run().await
             }
         });
@@ -694,6 +817,11 @@ pub async fn start_with_erlang(prepared: Prepared, metrics: Metrics) -> Result<R
             };
             running.coordinated = coordinate;
             running.claims = claims_rx;
+            if coordinate {
+                let (tx, rx) = mpsc::channel(CONTROL_QUEUE);
+                running.kit.successors = Some(tx);
+                running.successors = Some(rx);
+            }
             running.shell = Some(crate::erlang::start(
                 &cfg,
                 &g,
@@ -743,9 +871,11 @@ pub async fn run(
     let path = prepared.config.path.clone();
     let mut running = start_with_erlang(prepared, metrics).await?;
     let mut claims = running.claims.take();
+    let mut successors = running.successors.take();
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => break,
+            Some(est) = async { successors.as_mut().unwrap().recv().await }, if successors.is_some() => running.adopt_successor(est),
             Some(step) = async { claims.as_mut().unwrap().recv().await }, if claims.is_some() => running.claim_step(step),
             r = reloads.recv() => match r {
                 Some(()) => {

@@ -112,6 +112,14 @@ pub(super) struct RouteInputs {
     pub to_local: mpsc::Sender<ToLocal>,
     /// Payload bytes handed to the local side and not yet dropped by it.
     pub held: Arc<std::sync::atomic::AtomicUsize>,
+    /// With several instances of both clusters (`[erlang] coordinate`):
+    /// where a link from another instance of the peer goes, to become a
+    /// successor session (`Running::adopt_successor`), instead of being
+    /// refused.
+    pub successors: Option<mpsc::Sender<Box<Established>>>,
+    /// The epoch of the task's route (a successor's is its predecessor's:
+    /// the link's hello carried it); None: a fresh one.
+    pub epoch: Option<u64>,
 }
 
 pub(super) struct PeerTask {
@@ -137,6 +145,13 @@ pub(super) struct PeerTask {
     other_instance: Vec<bool>,
     /// Standby refusals in a row (`dial_failed`).
     standby_streak: usize,
+    successors: Option<mpsc::Sender<Box<Established>>>,
+    /// A successor took over (`RouteControl::Retire`).
+    retired: bool,
+    /// When endpoints that reached another instance (or a standby) are
+    /// dialed again although the route has its links: the next holder of
+    /// the peer is found that way, for a successor session.
+    next_probe: Instant,
     /// The route state and what the data path shares with it.
     core: Arc<RouteCore>,
     members: PeerMembership,
@@ -181,7 +196,7 @@ impl PeerTask {
         // An epoch of this route task's own (not the run's): a route that a
         // reload stops and starts again is a new session for its peer, which
         // must not take the new numbering for the old one's.
-        let route = Route::new(new_epoch(), config.window, config.window);
+        let route = Route::new(inputs.epoch.unwrap_or_else(new_epoch), config.window, config.window);
         let rm = RouteMetrics::new(&metrics, &config.cluster);
         let data_metrics = DataMetrics {
             sent: rm.sent.clone(),
@@ -230,6 +245,9 @@ impl PeerTask {
             next_endpoint: 0,
             other_instance: vec![false; config.endpoints.len()],
             standby_streak: 0,
+            successors: inputs.successors,
+            retired: false,
+            next_probe: Instant::now(),
             core,
             members,
             down_since: Some(Instant::now()),
@@ -256,10 +274,13 @@ impl PeerTask {
     /// route when another one holds it (see `route::Admit`).
     pub(super) fn session_check(&self) -> SessionCheck {
         let core = self.core.clone();
+        // (With successors, another instance gets our hello: its link
+        // becomes a successor session, `admit`.)
+        let successors = self.successors.is_some();
         SessionCheck(Arc::new(move |hello: &Hello| {
             let st = core.lock();
             match st.route.admit(&hello.gateway, hello.epoch) {
-                Admit::OtherInstance => Err(st.route.peer_instance().unwrap_or_default().to_string()),
+                Admit::OtherInstance if !successors => Err(st.route.peer_instance().unwrap_or_default().to_string()),
                 _ => Ok(st.route.our_epoch()),
             }
         }))
@@ -281,9 +302,17 @@ impl PeerTask {
         let woken = core.wake.notified();
         tokio::pin!(woken);
         loop {
-            let want_dial = !self.config.endpoints.is_empty()
+            let want_dial = !self.retired
+                && !self.config.endpoints.is_empty()
                 && self.dialing.is_empty()
                 && self.links.len() < self.config.links_wanted() as usize;
+            let want_probe = self.successors.is_some()
+                && !self.retired
+                && !want_dial
+                && self.dialing.is_empty()
+                && !self.links.is_empty()
+                && self.other_instance.iter().any(|o| *o);
+            let probe_at = self.next_probe;
             let dial_at = self.next_dial;
             let withdraw_at = self.down_since.filter(|_| !self.withdrawn).map(|t| t + self.params.dead_after);
             // Room on the primary's data lane, and on the local side, is
@@ -299,6 +328,7 @@ impl PeerTask {
                 _ = &mut cancelled => break,
                 Some(c) = self.control.recv() => match c {
                     RouteControl::Adopt(est) => self.adopt(*est, None),
+                    RouteControl::Retire => self.retired = true,
                     RouteControl::Groups(change) => self.on_local_groups(change),
                 },
                 Some(joined) = self.dialing.join_next(), if !self.dialing.is_empty() => match joined {
@@ -330,6 +360,7 @@ impl PeerTask {
                 // (Async blocks: a timer is made only when its branch is enabled.)
                 _ = async { tokio::time::sleep(HELD_RETRY).await }, if held_back => {}
                 _ = async { tokio::time::sleep_until(dial_at.into()).await }, if want_dial => self.dial(),
+                _ = async { tokio::time::sleep_until(probe_at.into()).await }, if want_probe => self.probe(),
                 _ = async { tokio::time::sleep_until(withdraw_at.unwrap_or_else(Instant::now).into()).await }, if withdraw_at.is_some() => {
                     self.withdraw();
                 }
@@ -458,8 +489,10 @@ impl PeerTask {
         // (The route state still counts the links it had: the task is
         // ending, so the route is down, whatever it counts.)
         self.publish();
-        for g in [&self.rm.route_up, &self.rm.primary_up, &self.rm.standby_up] {
-            g.set(0.0);
+        if !self.retired {
+            for g in [&self.rm.route_up, &self.rm.primary_up, &self.rm.standby_up] {
+                g.set(0.0);
+            }
         }
         // Outcomes queued for the local side, then these.
         self.confirmations_to_local(confirmations);
@@ -497,8 +530,24 @@ impl PeerTask {
         ep
     }
 
+    /// Dials, once per heartbeat interval, an endpoint that reached another
+    /// instance of the peer (or a standby one) while the route has links:
+    /// once that instance holds our route, the link starts a successor
+    /// session (`admit`).
+    fn probe(&mut self) {
+        self.next_probe = Instant::now() + self.params.heartbeat;
+        let n = self.config.endpoints.len();
+        let Some(ep) = (0..n).map(|i| (self.next_endpoint + i) % n).find(|&ep| self.other_instance[ep]) else { return };
+        self.next_endpoint = ep + 1;
+        self.dial_endpoint(ep);
+    }
+
     fn dial(&mut self) {
         let ep_index = self.pick_endpoint();
+        self.dial_endpoint(ep_index);
+    }
+
+    fn dial_endpoint(&mut self, ep_index: usize) {
         let dial = self.config.endpoints[ep_index].clone();
         let tls = self.tls.as_ref().map(tls::Shared::current);
         let expect = self.config.cluster.clone();
@@ -575,6 +624,18 @@ impl PeerTask {
             let mut st = self.core.lock();
             match st.route.admit(&instance, epoch) {
                 _ if est.our_epoch != st.route.our_epoch() => Err(("resync", "a new session: dial again".to_string())),
+                Admit::OtherInstance if self.successors.is_some() && !self.retired => {
+                    drop(st);
+                    if let Some(ep) = endpoint {
+                        self.other_instance[ep] = true;
+                    }
+                    tracing::info!(peer = %self.peer, instance = %instance, "another instance of the peer cluster holds the route now: a successor session starts beside this one");
+                    let tx = self.successors.clone().expect("successors");
+                    if let Err(e) = tx.try_send(Box::new(est)) {
+                        tracing::error!(peer = %self.peer, "a successor link was not taken: {e}");
+                    }
+                    return None;
+                }
                 Admit::OtherInstance => {
                     let holder = st.route.peer_instance().unwrap_or_default().to_string();
                     Err(("other_instance", format!("{OTHER_INSTANCE}: {holder}")))
@@ -828,6 +889,9 @@ impl PeerTask {
                             self.advert_rejected("bad_group", || format!("group {group:?} not imported: {why}"));
                         }
                         self.changes_to_local(applied.changes);
+                        if applied.synced {
+                            self.core.lock().outbox.push_back(ToLocal::Synced { peer: self.peer.clone() });
+                        }
                     }
                     Err(e) => self.advert_rejected(e.label(), || format!("advert from {origin} rejected: {e}")),
                 }
@@ -853,6 +917,9 @@ impl PeerTask {
     }
 
     fn publish(&mut self) {
+        if self.retired {
+            return; // (its successor publishes the route's gauges)
+        }
         let up = self.links.iter().filter(|l| !l.link.is_closed()).count();
         let route_up = if self.core.lock().route.is_up() { 1.0 } else { 0.0 };
         self.rm.primary_up.set(route_up);

@@ -101,6 +101,12 @@ pub struct Established {
     pub our_epoch: u64,
 }
 
+impl std::fmt::Debug for Established {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Established({} {} at {})", self.peer.cluster, self.peer.gateway, self.remote)
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Phase {
     Connect,

@@ -102,7 +102,7 @@ pub async fn next(rx: &mut mpsc::Receiver<ToLocal>, what: &str) -> ToLocal {
             .await
             .unwrap_or_else(|_| panic!("timed out waiting for {what}"))
             .unwrap_or_else(|| panic!("channel closed waiting for {what}"));
-        if !matches!(item, ToLocal::Up { .. }) {
+        if !matches!(item, ToLocal::Up { .. } | ToLocal::Synced { .. }) {
             return item;
         }
     }

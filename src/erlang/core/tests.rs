@@ -816,14 +816,19 @@ fn claims_join_the_scope_are_ordered_by_it_and_the_oldest_holds() {
             Term::tuple(vec![Term::atom("sync"), Term::Pid(gw.clone()), Term::list(vec![claim])])
         ]))
     );
+    // Two calls: the claim group's order, and who serves the route.
     let calls = reg_sends(&effects);
-    assert_eq!(calls.len(), 1, "{calls:?}");
-    let (name, call) = &calls[0];
-    assert_eq!(name, "wan");
-    let t = call.as_tuple().unwrap();
-    assert_eq!(t[0], Term::atom("$gen_call"));
-    assert_eq!(t[2], Term::tuple(vec![Term::atom("monitor"), group.clone()]));
-    let tag = t[1].as_tuple().unwrap()[1].clone();
+    assert_eq!(calls.len(), 2, "{calls:?}");
+    let serving_group = claims::serving_term("dc2");
+    let mut tags = Vec::new();
+    for ((name, call), g) in calls.iter().zip([&group, &serving_group]) {
+        assert_eq!(name, "wan");
+        let t = call.as_tuple().unwrap();
+        assert_eq!(t[0], Term::atom("$gen_call"));
+        assert_eq!(t[2], Term::tuple(vec![Term::atom("monitor"), (*g).clone()]));
+        tags.push(t[1].as_tuple().unwrap()[1].clone());
+    }
+    let (tag, serving_tag) = (tags[0].clone(), tags[1].clone());
     assert!(claim_steps(effects).is_empty(), "nothing is held before the scope answers");
 
     // The scope answers: a sibling's claim is older than ours (pg lists
@@ -846,8 +851,25 @@ fn claims_join_the_scope_are_ordered_by_it_and_the_oldest_holds() {
     assert_eq!(scope_says(&mut w, leave), vec![claims::Step::Hold("dc2".into())]);
     // A newer claim changes nothing.
     let other = Pid { node: "gw3@h".into(), id: 1, serial: 0, creation: 3 };
-    let join = Term::tuple(vec![watch, Term::atom("join"), group.clone(), Term::list(vec![Term::Pid(other)])]);
+    let join = Term::tuple(vec![watch, Term::atom("join"), group.clone(), Term::list(vec![Term::Pid(other.clone())])]);
     assert_eq!(scope_says(&mut w, join), vec![]);
+    // Nobody serves dc2 yet; then the route's snapshot is in: we serve it.
+    let serving_watch = Term::Ref(Ref { node: A1.into(), creation: 1, ids: vec![4, 5, 6] });
+    let reply = Term::tuple(vec![serving_tag, Term::tuple(vec![serving_watch.clone(), Term::Nil])]);
+    assert_eq!(scope_says(&mut w, reply), vec![]);
+    w.core.from_route(0, ToLocal::Synced { peer: "dc2".into() });
+    let joins: Vec<Term> = w
+        .core
+        .take_effects()
+        .iter()
+        .filter_map(|e| match e {
+            Effect::Node { packet, bulk: true, .. } => Some(open(packet).1),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(joins.len(), 1, "{joins:?}");
+    assert_eq!(joins[0].as_tuple().unwrap()[0], Term::atom("join"));
+    assert_eq!(joins[0].as_tuple().unwrap()[2], serving_group);
 
     // A local process in a claim group is never exported; a peer's group
     // named like one is refused at import.
@@ -864,9 +886,12 @@ fn claims_join_the_scope_are_ordered_by_it_and_the_oldest_holds() {
     let name = groups::name_of(&group).unwrap();
     assert!(groups::check(&name).is_err());
 
-    // Stopping: the claim leaves every scope, and the route is released.
-    w.core.unclaim_all();
+    // Stopping: the claim leaves every scope, and the route is released;
+    // our members stay until another instance serves the route.
+    w.core.leave();
+    w.core.decide_claims();
     let effects = w.core.take_effects();
+    assert!(!effects.iter().any(|e| matches!(e, Effect::Left(_))), "withdrawn before the next instance serves");
     let leave_sent = effects.iter().any(|e| match e {
         Effect::Node { packet, bulk: true, .. } => {
             matches!(open(packet), (Control::SendSender { .. }, t) if t.as_tuple().is_some_and(|t| t[0] == Term::atom("leave")))
@@ -875,6 +900,13 @@ fn claims_join_the_scope_are_ordered_by_it_and_the_oldest_holds() {
     });
     assert!(leave_sent, "{effects:?}");
     assert_eq!(claim_steps(effects), vec![claims::Step::Release("dc2".into())]);
+    // gw3 serves it now: our members are withdrawn (an empty sync to the scope).
+    let serves =
+        Term::tuple(vec![serving_watch, Term::atom("join"), serving_group, Term::list(vec![Term::Pid(other)])]);
+    w.core.on_scope_message(&w.a1.clone(), &etf::encode(&serves));
+    w.core.decide_claims();
+    let effects = w.core.take_effects();
+    assert!(effects.iter().any(|e| matches!(e, Effect::Left(None))), "{effects:?}");
 
     // The scope goes away (its node's connection dropped): no
     // coordinator, and nothing more is held.
@@ -889,7 +921,7 @@ fn a_scope_that_ends_on_the_claims_call_is_not_asked_again() {
     let discover = Term::tuple(vec![Term::atom("discover"), Term::Pid(scope.clone())]);
     w.core.on_scope_message(&w.a1.clone(), &etf::encode(&discover));
     let effects = w.core.take_effects();
-    assert_eq!(reg_sends(&effects).len(), 1, "the monitor call");
+    assert_eq!(reg_sends(&effects).len(), 2, "the monitor calls");
     // Our monitor on the scope, as the core asked for it.
     let mref = effects
         .iter()
