@@ -312,6 +312,16 @@ impl Running {
             to.tell(RouteControl::Adopt(est));
             return;
         }
+        if self.retiring.iter().any(|(c, _)| *c == cluster) {
+            // One hand-over at a time per peer: a peer cannot pile up
+            // sessions by naming new instances.
+            self.metrics
+                .counter(m::HANDSHAKE_FAILURES, &[("peer", &cluster), ("reason", "other_instance")])
+                .increment(1);
+            let why = format!("{}: a hand-over is in progress", handshake::OTHER_INSTANCE);
+            self.tracker.spawn(handshake::goodbye(*est, why, self.config.gateway.max_frame_bytes));
+            return;
+        }
         let (Some(old), Some(old_cancel)) = (self.local.routes.remove(&cluster), self.kit.tasks.remove(&cluster))
         else {
             return;
