@@ -360,17 +360,18 @@ impl Running {
 
     /// How long a hand-over waits for the next instance to serve the route
     /// (its session up, the peer's members in pg through it) before our
-    /// members are withdrawn anyway: four heartbeats (the next instance
-    /// dials, or is found by a probe, within one), at most a quarter of
-    /// the grace period.
+    /// members are withdrawn anyway: a handshake's deadline or four
+    /// heartbeats (the next instance dials, or is found by a probe, within
+    /// one), whichever is longer, at most a quarter of the grace period.
     fn hand_over_wait(&self) -> std::time::Duration {
-        (self.config.gateway.heartbeat * 4).min(self.grace / 4)
+        let g = &self.config.gateway;
+        (g.heartbeat * 4).max(g.handshake_timeout).min(self.grace / 4)
     }
 
     /// How long a stopping route (or gateway) waits with no traffic either
     /// way before it refuses new messages.
     fn quiet(&self) -> std::time::Duration {
-        (self.config.gateway.heartbeat * 2).max(std::time::Duration::from_millis(100))
+        (self.config.gateway.heartbeat * 2).max(std::time::Duration::from_millis(300))
     }
 
     /// Whether this instance runs `cluster`'s route (with several

@@ -930,12 +930,18 @@ impl PeerTask {
     }
 
     fn publish_window(&self) {
+        if self.retired {
+            return; // (its successor publishes the route's gauges)
+        }
         let st = self.core.lock();
         self.core.publish_window(&st);
     }
 
     fn publish_members(&mut self) {
         self.members_dirty = false;
+        if self.retired {
+            return;
+        }
         self.members_published = Instant::now();
         let (g, mm) = self.members.exported();
         self.rm.groups_exported.set(g as f64);
