@@ -43,6 +43,8 @@ pub const CONFIG_RELOADS: &str = "wandist_config_reloads_total";
 pub const CONFIG_RESTART_NEEDED: &str = "wandist_config_restart_needed";
 
 pub const ERLANG_NODES_CONNECTED: &str = "wandist_erlang_nodes_connected";
+pub const ERLANG_NODE_UP: &str = "wandist_erlang_node_up";
+pub const BUILD_INFO: &str = "wandist_build_info";
 pub const PROXIES: &str = "wandist_proxies";
 pub const ERLANG_MESSAGES: &str = "wandist_erlang_messages_total";
 pub const ERLANG_REJECTED: &str = "wandist_erlang_rejected_total";
@@ -113,6 +115,8 @@ const HELP: &[(&str, Kind, Option<Unit>, &str)] = &[
         "1 while the last configuration loaded has changes only a restart applies (the log names them).",
     ),
     (ERLANG_NODES_CONNECTED, Kind::Gauge, None, "Local Erlang nodes connected."),
+    (ERLANG_NODE_UP, Kind::Gauge, None, "1 while the gateway is connected to this local Erlang node, by node."),
+    (BUILD_INFO, Kind::Gauge, None, "Always 1; the labels say which wandist runs (version)."),
     (PROXIES, Kind::Gauge, None, "Proxy pids and references held, for all peers."),
     (ERLANG_MESSAGES, Kind::Counter, None, "Erlang messages relayed, by direction."),
     (

@@ -242,8 +242,13 @@ async fn a_confirmed_send_to_a_node_that_is_gone_fails_as_undeliverable() {
     let mut w = world().await;
     w.a1.eval_until("length(pg:get_members(wan, echo)).", |v| v == "1");
     assert_eq!(w.a1.eval("Gone = hd(pg:get_members(wan, echo)), ok."), "ok");
+    let b1_node = w.b1.name.clone();
+    assert_eq!(w.gw2.metric("wandist_erlang_node_up", &[("node", &b1_node)]), Some(1.0));
     w.b1.kill();
     w.gw2.wait_metric("wandist_erlang_nodes_connected", &[], |v| v == 0.0).await;
+    // Which node is down, by name.
+    assert_eq!(w.gw2.metric("wandist_erlang_node_up", &[("node", &b1_node)]), Some(0.0));
+    assert_eq!(w.gw2.metric("wandist_build_info", &[("version", env!("CARGO_PKG_VERSION"))]), Some(1.0));
     assert_eq!(
         w.a1.eval(&format!(
             "Rg = make_ref(), {{wandist, '{}'}} ! {{send_confirmed, self(), Rg, Gone, hello}}, \

@@ -939,6 +939,10 @@ impl Shell {
 
     fn publish_nodes(&self) {
         self.connected.set(self.nodes.iter().filter(|n| n.tx.is_some()).count() as f64);
+        for n in &self.nodes {
+            let up = if n.tx.is_some() { 1.0 } else { 0.0 };
+            self.spawner.metrics.gauge(m::ERLANG_NODE_UP, &[("node", &n.name)]).set(up);
+        }
     }
 
     fn publish(&self) {

@@ -573,6 +573,7 @@ async fn start_inner(
     let g = &config.gateway;
     let root = CancellationToken::new();
     let tracker = TaskTracker::new();
+    metrics.gauge(m::BUILD_INFO, &[("version", env!("CARGO_PKG_VERSION"))]).set(1.0);
     let own = Arc::new(Identity { cluster: g.cluster.clone(), gateway: g.name.clone(), epoch: new_epoch() });
     let timeouts = Timeouts { connect: g.connect_timeout, handshake: g.handshake_timeout };
 
