@@ -376,6 +376,21 @@ impl Config {
     pub fn route(&self, cluster: &str) -> Option<&RouteConfig> {
         self.routes.iter().find(|r| r.cluster == cluster)
     }
+
+    /// What is valid but cannot work as meant: `check` prints it, `run`
+    /// logs it at start.
+    pub fn warnings(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        if self.gateway.listen.is_none() {
+            for r in self.routes.iter().filter(|r| r.endpoints.is_empty()) {
+                out.push(format!(
+                    "route to {}: no endpoints, and [gateway] has no listen: it can never come up (give it endpoints, or listen for {} to dial in)",
+                    r.cluster, r.cluster
+                ));
+            }
+        }
+        out
+    }
 }
 
 /// An Erlang node name: `name@host`, as `erl -name`/`-sname` would accept.

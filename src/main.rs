@@ -73,7 +73,10 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Check { config } => match wandist::gateway::prepare(&config) {
-            Ok(_) => {
+            Ok(prepared) => {
+                for w in prepared.config.warnings() {
+                    println!("warning: {w}");
+                }
                 println!("ok");
                 ExitCode::SUCCESS
             }
@@ -149,6 +152,9 @@ fn run(config: PathBuf) -> ExitCode {
         }
     };
     init_logging("info");
+    for w in prepared.config.warnings() {
+        tracing::warn!("{w}");
+    }
     let metrics = wandist::metrics::Metrics::new();
     let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     let threads = wandist::gateway::worker_threads(prepared.config.gateway.worker_threads, cpus);

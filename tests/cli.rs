@@ -106,6 +106,30 @@ fn check_binds_nothing_and_run_refuses_a_bad_config_with_64() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("missing required key \"cluster\""));
 }
 
+/// A route that can never come up (no endpoints, and nothing listening
+/// for the peer to dial in) passes `check` with a warning saying so.
+#[test]
+fn check_warns_about_a_route_that_can_never_come_up() {
+    let certs = Certs::new(&["dc1"]);
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("gw.toml");
+    let body = format!(
+        "[gateway]\ncluster = \"dc1\"\n{}[[route]]\ncluster = \"dc2\"\nendpoints = []\n",
+        certs.tls_table("dc1")
+    );
+    std::fs::write(&cfg, &body).unwrap();
+    let (code, out) = check(&cfg);
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains("warning: route to dc2: no endpoints, and [gateway] has no listen: it can never come up"),
+        "{out}"
+    );
+    assert!(out.ends_with("ok\n"), "{out}");
+    // Listening for it: no warning.
+    std::fs::write(&cfg, body.replace("cluster = \"dc1\"\n", "cluster = \"dc1\"\nlisten = \"127.0.0.1:0\"\n")).unwrap();
+    assert_eq!(check(&cfg), (0, "ok\n".to_string()));
+}
+
 #[test]
 fn certs_refuses_a_name_that_cannot_be_a_cluster() {
     let dir = tempfile::tempdir().unwrap();
