@@ -404,3 +404,32 @@ async fn a_stalled_peer_cluster_does_not_hold_up_the_others() {
     assert_eq!(c1.eval("Got()."), "15000", "more than was sent, or out of order");
     drop((gw1, gw2, gw3));
 }
+
+/// A node that does not run the configured scope is named in a warning
+/// after a few seconds, with how to start it; once it runs the scope, it
+/// is mirrored.
+#[test]
+fn a_node_without_the_scope_is_named_in_a_warning_until_it_runs_it() {
+    let t = tag();
+    let epmd = epmd();
+    let mut a1 = Erl::start(&format!("a1_{t}"), "cookie_a", &epmd);
+    let env = [("ERL_EPMD_PORT", epmd.port.to_string())];
+    let certs = Certs::new(&["dc1"]);
+    let gw = Gateway::start_with_env(
+        "gw-dc1",
+        &format!(
+            "{}{}[erlang]\nnode = \"wgw1_{t}@127.0.0.1\"\ncookie = \"cookie_a\"\nnodes = [\"{}\"]\n",
+            gateway_table("dc1", false),
+            certs.tls_table("dc1"),
+            a1.name
+        ),
+        &env,
+    );
+    gw.wait_metric("wandist_erlang_nodes_connected", &[], |v| v == 1.0);
+    let line = gw.wait_log("does not answer for the pg scope", SOON);
+    assert!(line.contains(&a1.name) && line.contains("pg:start_link(wan)"), "{line}");
+    assert_eq!(gw.logs().iter().filter(|l| l.contains("does not answer for the pg scope")).count(), 1, "said once");
+    // Started: mirrored.
+    assert_eq!(a1.eval("{ok, _} = pg:start(wan), ok."), "ok");
+    gw.wait_log(&format!("mirroring pg scope node={}", a1.name), SOON);
+}

@@ -47,6 +47,9 @@ const FIRST_PROXY: u64 = 1000;
 /// Tags the third word of the gateway's own references, by use.
 const SCOPE_MONITOR: u32 = 0x5343_4f50;
 const HELD_MONITOR: u32 = 0x4d4f_4e49;
+/// Discovery rounds (one a second) a connected node may go without
+/// answering for the scope before that is said.
+const SCOPE_MISSING_AFTER: u32 = 3;
 /// Tags the gateway's calls to a scope (`{monitor, Group}`, `claims`).
 const CLAIM_CALL: u32 = 0x434c_4149;
 /// Members of a membership change applied per step (see `work`): a few
@@ -228,6 +231,8 @@ pub struct Core {
     left_scopes: bool,
     /// Nodes whose scope ended on a claims call (too old for it).
     no_claims_on: Vec<Arc<str>>,
+    /// Connected nodes without a scope: discovery rounds so far.
+    scope_waits: HashMap<Arc<str>, u32>,
     /// Routes this instance serves (in their serving groups).
     serving: Vec<Arc<str>>,
     /// Routes being handed to another instance, waiting for it to serve
@@ -372,6 +377,7 @@ impl Core {
             leaving: false,
             left_scopes: false,
             no_claims_on: Vec::new(),
+            scope_waits: HashMap::default(),
             serving: Vec::new(),
             handing: Vec::new(),
             claims: setup.claims.map(|(clusters, give_up)| {
@@ -571,9 +577,20 @@ impl Core {
         self.discover(node);
     }
 
-    /// Discovers the scopes of connected nodes not known yet (on a timer).
+    /// Discovers the scopes of connected nodes not known yet (on the
+    /// shell's timer, once a second). A node still without one after
+    /// `SCOPE_MISSING_AFTER` rounds is said, once per connection: it most
+    /// likely does not run the scope, and gets nothing across otherwise.
     pub fn rediscover(&mut self) {
-        for node in self.mirror.undiscovered() {
+        let undiscovered = self.mirror.undiscovered();
+        self.scope_waits.retain(|n, _| undiscovered.contains(n));
+        for node in undiscovered {
+            let waited = self.scope_waits.entry(node.clone()).or_insert(0);
+            *waited += 1;
+            if *waited == SCOPE_MISSING_AFTER {
+                let scope = &self.scope;
+                tracing::warn!(node = %node, scope = %scope, "node {node} does not answer for the pg scope {scope:?}: its members cannot cross clusters, and it sees no remote members. Start the scope there: pg:start_link({scope}) in Erlang, :pg.start_link(:{scope}) in Elixir (or in your supervision tree), or set [erlang] scope to the one it runs");
+            }
             self.discover(&node);
         }
     }
@@ -593,6 +610,7 @@ impl Core {
             self.relay(mon.peer, Relay::Down { target: mon.target }, &reason, None, false);
         }
         self.scope_monitors.retain(|_, n| **n != **node);
+        self.scope_waits.remove(node);
         self.recoordinate();
     }
 
@@ -980,6 +998,7 @@ impl Core {
         if !self.mirror.set_scope(node, scope) {
             return;
         }
+        self.scope_waits.remove(node);
         tracing::info!(node = %node, scope = %scope, "mirroring pg scope");
         let (id, mref) = self.own_ref(SCOPE_MONITOR);
         self.scope_monitors.insert(id, node.clone());
