@@ -433,3 +433,42 @@ fn a_node_without_the_scope_is_named_in_a_warning_until_it_runs_it() {
     assert_eq!(a1.eval("{ok, _} = pg:start(wan), ok."), "ok");
     gw.wait_log(&format!("mirroring pg scope node={}", a1.name), SOON);
 }
+
+/// A gateway never displaces a node of its name: not a real node (a1
+/// keeps a2), not another gateway (the first keeps its connection); it
+/// says why it cannot connect.
+#[test]
+fn a_gateway_never_displaces_a_node_of_its_name() {
+    let t = tag();
+    let epmd = epmd();
+    let mut a1 = pg_node("a1", &t, "cookie_a", &epmd);
+    let mut a2 = pg_node("a2", &t, "cookie_a", &epmd);
+    assert_eq!(a2.eval(&format!("net_kernel:connect_node('{}').", a1.name)), "true");
+    let env = [("ERL_EPMD_PORT", epmd.port.to_string())];
+    let certs = Certs::new(&["dc1"]);
+    let a1_name = a1.name.clone();
+    let config = |node: &str| {
+        format!(
+            "{}{}[erlang]\nnode = \"{node}\"\ncookie = \"cookie_a\"\nnodes = [\"{a1_name}\"]\n",
+            gateway_table("dc1", false),
+            certs.tls_table("dc1"),
+        )
+    };
+    // Named like the real node a2.
+    let gw = Gateway::start_with_env("gw-as-a2", &config(&a2.name), &env);
+    let line = gw.wait_log("already has a connection from a node named", SOON);
+    assert!(line.contains(&a2.name) && line.contains("every gateway needs its own [erlang] node name"), "{line}");
+    assert_eq!(a1.eval(&format!("lists:member('{}', nodes()).", a2.name)), "true", "a1 dropped the real a2");
+    assert_eq!(a2.eval("node()."), format!("'{}'", a2.name));
+    drop(gw);
+
+    // Two gateways with one node name: the first keeps its connection.
+    let twin = format!("wtwin_{t}@127.0.0.1");
+    let first = Gateway::start_with_env("first", &config(&twin), &env);
+    first.wait_metric("wandist_erlang_nodes_connected", &[], |v| v == 1.0);
+    let second = Gateway::start_with_env("second", &config(&twin), &env);
+    second.wait_log("already has a connection from a node named", SOON);
+    assert_eq!(first.metric("wandist_erlang_nodes_connected", &[]), Some(1.0));
+    assert!(first.find_log("Erlang node connection lost").is_none(), "the first gateway was knocked off");
+    assert_eq!(second.metric("wandist_erlang_nodes_connected", &[]), Some(0.0));
+}

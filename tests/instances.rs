@@ -803,7 +803,7 @@ fn when_the_coordinating_node_goes_the_instances_agree_through_the_next() {
     for g in &dc1 {
         g.wait_log(&format!("claims on routes are ordered by this node's pg scope node={}", a1.name), SOON);
     }
-    let h = wait_for("one holder", SOON, || holder_of(&dc1, "dc2"));
+    let h = wait_for("one holder", SOON * 2, || holder_of(&dc1, "dc2"));
     a2.eval_until("length(pg:get_members(wan, sink)).", |v| v == "1");
 
     // a1 goes: both instances turn to a2, and one of them holds the route.
@@ -813,7 +813,7 @@ fn when_the_coordinating_node_goes_the_instances_agree_through_the_next() {
     }
     // (a2 may order the claims otherwise than a1 did: the route may move
     // once, handed over. Wait for one holder that stays.)
-    let h2 = wait_for("one holder that stays after a1 went", SOON, || {
+    let h2 = wait_for("one holder that stays after a1 went", SOON * 2, || {
         let h = holder_of(&dc1, "dc2")?;
         let until = Instant::now() + Duration::from_secs(1);
         while Instant::now() < until {

@@ -209,8 +209,15 @@ pub async fn handshake(
     match &status[1..] {
         b"ok" | b"ok_simultaneous" => {}
         b"alive" => {
-            // A previous connection of ours is still known: replace it.
-            write_packet(s, b"strue").await?;
+            // The node has a connection from a node of our name. Never
+            // displace it (answering true would: another gateway, or a
+            // real node named as we are, would be dropped); if it is our
+            // own previous run, the node lets it go within its tick time
+            // and the next attempt gets through.
+            write_packet(s, b"sfalse").await?;
+            return Err(fail(format!(
+                "it already has a connection from a node named {me}: every gateway needs its own [erlang] node name (if that is this gateway's previous run, the node lets it go within its net_ticktime)"
+            )));
         }
         other => return Err(fail(format!("refused: {}", String::from_utf8_lossy(other)))),
     }
