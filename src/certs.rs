@@ -27,6 +27,8 @@ pub enum CertsError {
     Rcgen(#[from] rcgen::Error),
     #[error("cannot write {path}: {source}")]
     Io { path: PathBuf, source: std::io::Error },
+    #[error("{0} holds only half of a CA (ca.pem and ca.key go together): restore the other, or make a new CA with --force (then every cluster's certificates must be made again)")]
+    HalfCa(PathBuf),
 }
 
 /// Writes a file; a private one is created with mode 0600 from the start
@@ -71,8 +73,19 @@ pub fn generate(out: &Path, clusters: &[String]) -> Result<Vec<PathBuf>, CertsEr
 /// As `generate`, with the cluster certificates valid from yesterday until
 /// `days` days from today. `days` ≤ 0 makes certificates that have already
 /// expired (valid for 30 days that ended `-days` days ago), for rehearsing
-/// expiry and for tests.
+/// expiry and for tests. A CA already in DIR signs them (it is kept: the
+/// clusters it signed before stay valid); with none, a new one is made.
 pub fn generate_valid_for(out: &Path, clusters: &[String], days: i64) -> Result<Vec<PathBuf>, CertsError> {
+    make(out, clusters, days, false)
+}
+
+/// As `generate_valid_for`, with a new CA even if DIR has one (`certs
+/// --force`): every cluster's certificates must then be made again.
+pub fn generate_with_new_ca(out: &Path, clusters: &[String], days: i64) -> Result<Vec<PathBuf>, CertsError> {
+    make(out, clusters, days, true)
+}
+
+fn make(out: &Path, clusters: &[String], days: i64, new_ca: bool) -> Result<Vec<PathBuf>, CertsError> {
     let today = crate::date::today();
     let (from, until) = if days > 0 { (today - 1, today + days) } else { (today + days - 30, today + days) };
     for c in clusters {
@@ -81,12 +94,23 @@ pub fn generate_valid_for(out: &Path, clusters: &[String], days: i64) -> Result<
     std::fs::create_dir_all(out).map_err(|source| CertsError::Io { path: out.to_path_buf(), source })?;
     let mut written = Vec::new();
 
-    let ca_key = KeyPair::generate()?;
-    let ca_params = ca_params()?;
-    let ca_cert = ca_params.self_signed(&ca_key)?;
-    written.push(write(out.join("ca.pem"), &ca_cert.pem(), false)?);
-    written.push(write(out.join("ca.key"), &ca_key.serialize_pem(), true)?);
-    let issuer = Issuer::new(ca_params, ca_key);
+    let (pem_path, key_path) = (out.join("ca.pem"), out.join("ca.key"));
+    let issuer = match (pem_path.exists(), key_path.exists()) {
+        (true, true) if !new_ca => {
+            let text =
+                std::fs::read_to_string(&key_path).map_err(|source| CertsError::Io { path: key_path, source })?;
+            Issuer::new(ca_params()?, KeyPair::from_pem(&text)?)
+        }
+        (true, false) | (false, true) if !new_ca => return Err(CertsError::HalfCa(out.to_path_buf())),
+        _ => {
+            let ca_key = KeyPair::generate()?;
+            let ca_params = ca_params()?;
+            let ca_cert = ca_params.self_signed(&ca_key)?;
+            written.push(write(pem_path, &ca_cert.pem(), false)?);
+            written.push(write(key_path, &ca_key.serialize_pem(), true)?);
+            Issuer::new(ca_params, ca_key)
+        }
+    };
     for cluster in clusters {
         written.extend(issue(out, cluster, &issuer, from, until)?);
     }

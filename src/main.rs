@@ -64,6 +64,10 @@ enum Command {
         /// Revoke and reissue, with the CA already in DIR.
         #[arg(long)]
         revoke: bool,
+        /// Make a new CA even if DIR has one (every cluster's certificates
+        /// must then be made again); without it, the CA in DIR signs.
+        #[arg(long)]
+        force: bool,
         #[arg(required = true, value_name = "CLUSTER")]
         clusters: Vec<String>,
     },
@@ -85,12 +89,17 @@ fn main() -> ExitCode {
                 ExitCode::from(EXIT_CONFIG)
             }
         },
-        Command::Certs { out, days, revoke, clusters } => match if revoke {
+        Command::Certs { out, days, revoke, force, clusters } => match if revoke {
             wandist::certs::revoke(&out, &clusters, days)
+        } else if force {
+            wandist::certs::generate_with_new_ca(&out, &clusters, days)
         } else {
             wandist::certs::generate_valid_for(&out, &clusters, days)
         } {
             Ok(paths) => {
+                if !revoke && !paths.iter().any(|p| p.ends_with("ca.pem")) {
+                    println!("kept the CA in {} (--force makes a new one)", out.display());
+                }
                 for p in paths {
                     println!("wrote {}", p.display());
                 }

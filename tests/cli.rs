@@ -138,6 +138,50 @@ fn certs_refuses_a_name_that_cannot_be_a_cluster() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("must be a DNS name"));
 }
 
+/// `certs` adds clusters with the CA already in DIR (the clusters it
+/// signed before stay valid), makes a new one only with `--force`, and
+/// refuses half a CA.
+#[test]
+fn certs_adds_clusters_with_the_existing_ca_and_replaces_it_only_with_force() {
+    use wandist::config::{PathAt, TlsFiles};
+    let dir = tempfile::tempdir().unwrap();
+    let certs = |args: &[&str]| Command::new(BIN).args(["certs", "--out"]).arg(dir.path()).args(args).output().unwrap();
+    assert!(certs(&["dc1"]).status.success());
+    let ca = || std::fs::read(dir.path().join("ca.pem")).unwrap();
+    let first = ca();
+    let out = certs(&["dc2"]);
+    assert!(out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("kept the CA in"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert_eq!(ca(), first, "the CA was replaced");
+    // dc2's new certificate chains to the CA dc1 trusts.
+    let at = |f: &str| PathAt { path: dir.path().join(f), line: None };
+    let dc1 = wandist::tls::Tls::load(
+        &TlsFiles::new(at("dc1.pem"), at("dc1.key"), at("ca.pem")),
+        Some("dc1"),
+        Path::new("t"),
+    )
+    .unwrap();
+    let pem = std::fs::read(dir.path().join("dc2.pem")).unwrap();
+    let chain: Vec<_> = rustls_pemfile::certs(&mut pem.as_slice()).map(Result::unwrap).collect();
+    assert_eq!(dc1.verify_peer(&chain, "dc2"), Ok(()));
+    // --force: a new CA.
+    assert!(certs(&["--force", "dc3"]).status.success());
+    assert_ne!(ca(), first);
+    // Half a CA is refused.
+    std::fs::remove_file(dir.path().join("ca.key")).unwrap();
+    let out = certs(&["dc4"]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("holds only half of a CA"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 #[test]
 fn the_demo_runs_end_to_end_and_stops_what_it_started() {
     let out = Command::new(BIN).args(["demo", "--messages", "3000"]).output().unwrap();
