@@ -78,7 +78,8 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Check { config } => match wandist::gateway::prepare(&config) {
             Ok(prepared) => {
-                for w in prepared.config.warnings() {
+                let tls = prepared.tls.iter().flat_map(|t| t.warnings.iter().cloned());
+                for w in prepared.config.warnings().into_iter().chain(tls) {
                     println!("warning: {w}");
                 }
                 println!("ok");
@@ -161,7 +162,8 @@ fn run(config: PathBuf) -> ExitCode {
         }
     };
     init_logging("info");
-    for w in prepared.config.warnings() {
+    let tls = prepared.tls.iter().flat_map(|t| t.warnings.iter().cloned());
+    for w in prepared.config.warnings().into_iter().chain(tls) {
         tracing::warn!("{w}");
     }
     let metrics = wandist::metrics::Metrics::new();

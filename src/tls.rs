@@ -40,6 +40,8 @@ pub struct Tls {
     verifier: Arc<dyn ClientCertVerifier>,
     /// Peers whose route names its own CA.
     routes: HashMap<String, Trust>,
+    /// What is valid but likely wrong (`check` prints it, `run` logs it).
+    pub warnings: Vec<String>,
 }
 
 /// What one route with its own CA trusts: for dialing, and for the check
@@ -224,7 +226,27 @@ impl Tls {
         for (cluster, at, r) in route_roots {
             routes.insert(cluster, trust(at, r)?);
         }
-        Ok(Tls { client: default.client, server: Arc::new(server), not_after, verifier: default.verifier, routes })
+        // Our own chain under tls.ca, as a peer trusting the same CA would
+        // check it: a tls.ca that is not the CA that signed us (say a leaf
+        // certificate, or another cluster's CA) is most likely a mistake.
+        let mut warnings = Vec::new();
+        if let (Some(_), Some((end, intermediates))) = (own_cluster, chain.split_first()) {
+            if let Err(e) = default.verifier.verify_client_cert(end, intermediates, UnixTime::now()) {
+                warnings.push(format!(
+                    "{} does not chain to tls.ca ({}): {e}. Peers that trust only this CA would refuse this gateway; tls.ca should be the CA that signs the clusters' certificates, not a leaf certificate",
+                    files.cert.path.display(),
+                    files.ca.path.display()
+                ));
+            }
+        }
+        Ok(Tls {
+            client: default.client,
+            server: Arc::new(server),
+            not_after,
+            verifier: default.verifier,
+            routes,
+            warnings,
+        })
     }
 
     /// The configuration for dialing `cluster`: its route's CA if it has

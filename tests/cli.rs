@@ -130,6 +130,26 @@ fn check_warns_about_a_route_that_can_never_come_up() {
     assert_eq!(check(&cfg), (0, "ok\n".to_string()));
 }
 
+/// A tls.ca that did not sign the gateway's own certificate (another CA,
+/// or a leaf certificate) passes `check` with a warning saying so.
+#[test]
+fn check_warns_when_the_own_certificate_does_not_chain_to_tls_ca() {
+    let (ours, other) = (Certs::new(&["dc1"]), Certs::new(&["dc2"]));
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("gw.toml");
+    let good = format!("[gateway]\ncluster = \"dc1\"\nlisten = \"127.0.0.1:0\"\n{}", ours.tls_table("dc1"));
+    std::fs::write(&cfg, &good).unwrap();
+    assert_eq!(check(&cfg), (0, "ok\n".to_string()));
+    for wrong in [other.path("ca.pem"), ours.path("dc1.pem")] {
+        let body = good.replace(&ours.path("ca.pem").display().to_string(), &wrong.display().to_string());
+        assert_ne!(body, good);
+        std::fs::write(&cfg, body).unwrap();
+        let (code, out) = check(&cfg);
+        assert_eq!(code, 0, "{out}");
+        assert!(out.contains("does not chain to tls.ca"), "{out}");
+    }
+}
+
 #[test]
 fn certs_refuses_a_name_that_cannot_be_a_cluster() {
     let dir = tempfile::tempdir().unwrap();

@@ -150,6 +150,8 @@ struct Peer {
     /// Its route was removed (a reload): nothing more comes from it or
     /// goes to it; its index is never reused.
     removed: bool,
+    /// Its snapshot has been taken in (`ToLocal::Synced`).
+    synced: bool,
     /// Its route is being handed to another instance (`leave_peer`):
     /// nothing more is exported to it or joined for it; what is on its
     /// way still goes through.
@@ -178,6 +180,7 @@ impl Peer {
     fn new(p: &PeerSetup) -> Peer {
         Peer {
             removed: false,
+            synced: false,
             leaving: false,
             name: p.name.clone(),
             export: p.export.clone(),
@@ -436,7 +439,18 @@ impl Core {
     /// Membership changes of `p` still to apply, or items waiting behind
     /// them: `work` has something to do.
     pub fn busy(&self, p: PeerIx) -> bool {
-        !self.peers[p].jobs.is_empty() || !self.peers[p].deferred.is_empty() || self.proxies.retired(p)
+        !self.peers[p].jobs.is_empty()
+            || (!self.peers[p].deferred.is_empty() && !self.held_for_successor(p))
+            || self.proxies.retired(p)
+    }
+
+    /// Whether `p` is a session a successor took over (another peer of its
+    /// name, newer) whose snapshot is not in yet: `p`'s membership changes
+    /// (the leaving instance withdrawing its members) wait for it, so the
+    /// members are never missing from pg meanwhile.
+    fn held_for_successor(&self, p: PeerIx) -> bool {
+        let name = &self.peers[p].name;
+        self.by_name.get(name).is_some_and(|&q| q != p && !self.peers[q].removed && !self.peers[q].synced)
     }
 
     /// Whether `p`'s route may hand over more items now: its membership
@@ -1428,6 +1442,11 @@ impl Core {
             peer.deferred.push_back(item);
             return;
         }
+        if matches!(item, ToLocal::Members { .. }) && self.held_for_successor(p) {
+            self.peers[p].deferred.push_back(item);
+            return;
+        }
+        let peer = &mut self.peers[p];
         match item {
             ToLocal::Members { change, .. } => self.queue_change(p, change),
             ToLocal::Up { .. } | ToLocal::Lost { .. } | ToLocal::Synced { .. } if !peer.jobs.is_empty() => {
@@ -1483,7 +1502,10 @@ impl Core {
                     }
                 }
             }
-            ToLocal::Synced { .. } => self.set_serving(p, true),
+            ToLocal::Synced { .. } => {
+                self.peers[p].synced = true;
+                self.set_serving(p, true);
+            }
             ToLocal::Lost { .. } => {
                 self.set_serving(p, false);
                 self.peers[p].up = false;
@@ -1526,6 +1548,10 @@ impl Core {
         // the jobs before it.
         while let Some(item) = self.peers[p].deferred.pop_front() {
             match item {
+                ToLocal::Members { .. } if self.held_for_successor(p) => {
+                    self.peers[p].deferred.push_front(item);
+                    return;
+                }
                 ToLocal::Members { change, .. } => self.queue_change(p, change),
                 ToLocal::Up { .. } | ToLocal::Lost { .. } if !self.peers[p].jobs.is_empty() => {
                     self.peers[p].deferred.push_front(item);
