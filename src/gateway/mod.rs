@@ -163,7 +163,7 @@ impl Running {
             tracing::info!(peer = %cluster, "route stopped (reload)");
         }
         for cluster in &plan.start {
-            let Some(route) = new.routes.iter().find(|r| r.cluster == *cluster) else { continue };
+            let Some(route) = new.route(cluster) else { continue };
             if self.coordinated && !held_before.contains(cluster) {
                 // Held by another instance (or not yet decided): it stands
                 // by; a route added is claimed.
@@ -262,21 +262,18 @@ impl Running {
     /// peer is refused as coming to a standby from now on.
     fn hand_over(&mut self, cluster: &str) {
         let cancel = self.kit.stop(cluster);
-        if let Some(route) = self.config.routes.iter().find(|r| r.cluster == cluster).cloned() {
+        if let Some(route) = self.config.route(cluster).cloned() {
             self.kit.standby(&route);
         }
         let (Some(cancel), Some(route)) = (cancel, self.local.routes.remove(cluster)) else { return };
         let Some(shell) = self.shell.clone() else { return cancel.cancel() };
-        let (done, mut withdrawn) = tokio::sync::oneshot::channel();
+        let (done, withdrawn) = tokio::sync::oneshot::channel();
         self.tell(&shell, crate::erlang::ShellControl::LeaveRoute(route.clone(), done));
         let (grace, quiet, wait) = (self.grace, self.quiet(), self.hand_over_wait());
         self.tracker.spawn(async move {
             let routes = std::slice::from_ref(&route);
             let started = tokio::time::Instant::now();
-            if tokio::time::timeout(wait, &mut withdrawn).await.is_err() {
-                let _ = shell.send(crate::erlang::ShellControl::Withdraw(Some(route.clone()))).await;
-                let _ = tokio::time::timeout(grace / 4, withdrawn).await;
-            }
+            withdrawal(&shell, Some(&route), withdrawn, wait, grace / 4).await;
             settle(routes, quiet, (grace / 2).saturating_sub(started.elapsed())).await;
             route.drain();
             finish_in_flight(routes, grace / 4).await;
@@ -298,7 +295,7 @@ impl Running {
         let cluster = est.peer.cluster.clone();
         let instance = est.peer.gateway.clone();
         self.retiring.retain(|(_, r)| !r.control.is_closed());
-        let Some(route) = self.config.routes.iter().find(|r| r.cluster == cluster).cloned() else { return };
+        let Some(route) = self.config.route(&cluster).cloned() else { return };
         let current = self.local.routes.get(&cluster).cloned();
         let to = if current.as_ref().and_then(RouteHandle::peer_instance).as_deref() == Some(&instance) {
             current
@@ -387,7 +384,7 @@ impl Running {
         use crate::erlang::claims::Step;
         match step {
             Step::Hold(cluster) => {
-                let Some(route) = self.config.routes.iter().find(|r| *r.cluster == *cluster).cloned() else { return };
+                let Some(route) = self.config.route(&cluster).cloned() else { return };
                 if self.held(&cluster) {
                     return;
                 }
@@ -427,14 +424,11 @@ impl Running {
             // its way is carried and delivered. Then no traffic either way
             // for two heartbeats (or half the grace period) before the
             // routes refuse anything new.
-            let (done, mut withdrawn) = tokio::sync::oneshot::channel();
+            let (done, withdrawn) = tokio::sync::oneshot::channel();
             self.tell(shell, crate::erlang::ShellControl::Leave(done));
             let started = tokio::time::Instant::now();
             // (With several instances, the next ones serve the routes first.)
-            if tokio::time::timeout(self.hand_over_wait(), &mut withdrawn).await.is_err() {
-                self.tell(shell, crate::erlang::ShellControl::Withdraw(None));
-                let _ = tokio::time::timeout(self.grace / 4, withdrawn).await;
-            }
+            withdrawal(shell, None, withdrawn, self.hand_over_wait(), self.grace / 4).await;
             let quiet = self.quiet();
             let settled = settle(&routes, quiet, (self.grace / 2).saturating_sub(started.elapsed())).await;
             left = left.saturating_sub(started.elapsed());
@@ -497,6 +491,24 @@ async fn finish_in_flight(routes: &[RouteHandle], within: std::time::Duration) -
         left = in_flight();
     }
     (at_start, left)
+}
+
+/// Waits up to `wait` for a hand-over's withdrawal (`Core::leave`, or
+/// `Core::leave_peer` for `route`), then has the Erlang side withdraw now
+/// and waits up to `then` more for that.
+async fn withdrawal(
+    shell: &mpsc::Sender<crate::erlang::ShellControl>,
+    route: Option<&RouteHandle>,
+    mut withdrawn: tokio::sync::oneshot::Receiver<()>,
+    wait: std::time::Duration,
+    then: std::time::Duration,
+) {
+    if tokio::time::timeout(wait, &mut withdrawn).await.is_ok() {
+        return;
+    }
+    if shell.send(crate::erlang::ShellControl::Withdraw(route.cloned())).await.is_ok() {
+        let _ = tokio::time::timeout(then, withdrawn).await;
+    }
 }
 
 /// Waits, for up to `within`, until `routes` are settled (`Route::settled`)
