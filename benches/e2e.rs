@@ -431,9 +431,20 @@ fn rss_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
-fn gateway(epmd: &Epmd, beam: &Path, tag: &str, dir: &Path) -> GwFigures {
+/// Two clusters through two gateways. With `dist_tls` (the optfile of
+/// `-ssl_dist_optfile`), the clusters run TLS distribution and the gateways
+/// join them with `[erlang.tls]`.
+fn gateway(epmd: &Epmd, beam: &Path, tag: &str, dir: &Path, dist_tls: Option<&Path>) -> GwFigures {
     let bin = env!("CARGO_BIN_EXE_wandist");
-    let args = pa(beam);
+    let mut args = pa(beam);
+    if let Some(optfile) = dist_tls {
+        args.extend([
+            "-proto_dist".into(),
+            "inet_tls".into(),
+            "-ssl_dist_optfile".into(),
+            optfile.display().to_string(),
+        ]);
+    }
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let mut y = Erl::start_with(&format!("gy_{tag}"), "cookie_b", epmd, &args);
     let mut x = Erl::start_with(&format!("gx_{tag}"), "cookie_a", epmd, &args);
@@ -451,13 +462,24 @@ fn gateway(epmd: &Epmd, beam: &Path, tag: &str, dir: &Path) -> GwFigures {
     let tls = |c: &str| {
         format!("[tls]\ncert = \"certs/{c}.pem\"\nkey = \"certs/{c}.key\"\nca = \"certs/ca.pem\"\n[metrics]\nlisten = \"127.0.0.1:0\"\n")
     };
+    // (The dev certificates name clusters, not 127.0.0.1: as the nodes'
+    // optfile, only the chain is checked.)
+    let erlang_tls = |c: &str| {
+        match dist_tls {
+        Some(_) => format!(
+            "[erlang.tls]\ncert = \"certs/{c}.pem\"\nkey = \"certs/{c}.key\"\nca = \"certs/ca.pem\"\ncheck_host = false\n"
+        ),
+        None => String::new(),
+    }
+    };
     let c2 = dir.join("gw2.toml");
     std::fs::write(
         &c2,
         format!(
-            "[gateway]\ncluster = \"dc2\"\nlisten = \"127.0.0.1:0\"\n{threads}{}[[route]]\ncluster = \"dc1\"\n[erlang]\nnode = \"wgw2_{tag}@127.0.0.1\"\ncookie = \"cookie_b\"\nnodes = [\"{}\"]\n",
+            "[gateway]\ncluster = \"dc2\"\nlisten = \"127.0.0.1:0\"\n{threads}{}[[route]]\ncluster = \"dc1\"\n[erlang]\nnode = \"wgw2_{tag}@127.0.0.1\"\ncookie = \"cookie_b\"\nnodes = [\"{}\"]\n{}",
             tls("dc2"),
-            y.name
+            y.name,
+            erlang_tls("dc2")
         ),
     )
     .unwrap();
@@ -469,9 +491,10 @@ fn gateway(epmd: &Epmd, beam: &Path, tag: &str, dir: &Path) -> GwFigures {
     std::fs::write(
         &c1,
         format!(
-            "[gateway]\ncluster = \"dc1\"\n{threads}{}[[route]]\ncluster = \"dc2\"\nendpoints = [\"{listen}\"]\n[erlang]\nnode = \"wgw1_{tag}@127.0.0.1\"\ncookie = \"cookie_a\"\nnodes = [\"{}\"]\n",
+            "[gateway]\ncluster = \"dc1\"\n{threads}{}[[route]]\ncluster = \"dc2\"\nendpoints = [\"{listen}\"]\n[erlang]\nnode = \"wgw1_{tag}@127.0.0.1\"\ncookie = \"cookie_a\"\nnodes = [\"{}\"]\n{}",
             tls("dc1"),
-            x.name
+            x.name,
+            erlang_tls("dc1")
         ),
     )
     .unwrap();
@@ -628,19 +651,31 @@ fn main() {
         Some([tls, tcp, floor, tls_floor])
     };
     eprintln!("e2e: two clusters through two wandist gateways (mutual TLS)…");
-    let mut gw = gateway(&epmd, &beam, &tag, &dir);
+    let mut gw = gateway(&epmd, &beam, &tag, &dir, None);
     if Profile::wanted().is_some() {
         return;
     }
+    let mut gw_tls = if gateway_only {
+        None
+    } else {
+        eprintln!("e2e: the same, with TLS distribution inside both clusters ([erlang.tls])…");
+        Some(gateway(&epmd, &beam, &format!("t{tag}"), &dir, Some(&optfile)))
+    };
     eprintln!("e2e: round trips, {ROUNDS} blocks of {} through each path in turn…", PINGS / ROUNDS);
     let mut gw_live = gw.live.take().expect("the gateway path is up");
+    let mut gw_tls_live = gw_tls.as_mut().and_then(|g| g.live.take());
     let mut paths: Vec<(&mut Live, &mut Figures)> = vec![(&mut gw_live, &mut gw.f)];
+    if let (Some(live), Some(g)) = (gw_tls_live.as_mut(), gw_tls.as_mut()) {
+        paths.push((live, &mut g.f));
+    }
     if let Some(d) = direct_paths.as_mut() {
         paths.extend(d.iter_mut().map(|(f, _, live)| (live, f)));
     }
     round_trips(&mut paths);
     drop(paths);
     drop(gw_live);
+    drop(gw_tls_live);
+    let (gw_tls_f, gw_tls_cpu) = gw_tls.map(|g| (g.f, g.cpu)).unwrap_or_default();
     let [(tls, tls_cpu), (tcp, tcp_cpu), (floor, floor_cpu), (tls_floor, tls_floor_cpu)] =
         direct_paths.map(|d| d.map(|(f, c, _)| (f, c))).unwrap_or_default();
     eprintln!("e2e: the memory of {IDLE_LINKS} idle links…");
@@ -680,9 +715,9 @@ fn main() {
         .unwrap_or_default();
     let table = format!(
         "### {date} — {}\n\n`cargo bench --bench e2e` ({SMALL} × 100 B, {LARGE} × 64 KiB with an ack per 1000 and at most 4000 / 2000 in flight, {PINGS} pings in {ROUNDS} blocks per path, the paths in turn{erl_args})\n\n\
-         | path | 100 B msgs/s | 64 KiB MB/s | RTT p50 µs | RTT p99 µs |\n|---|---|---|---|---|\n{}\n{}\n{}\n{}\n{}\n{}\n{}\n{}\n{}\n{}\n{}\n\n\
+         | path | 100 B msgs/s | 64 KiB MB/s | RTT p50 µs | RTT p99 µs |\n|---|---|---|---|---|\n{}\n{}\n{}\n{}\n{}\n{}\n{}\n{}\n{}\n{}\n{}\n{}\n{}\n\n\
          Gateways (100 B run): CPU per message relayed {:.2} µs (sending side), {:.2} µs (receiving side); peak RSS {} KiB / {} KiB.\n\
-         CPU per 100 B message (the Erlang nodes, and the gateways or both relays; wall time per message on {cores} CPUs in brackets): {}; {}; {}; {}; {}.\n\
+         CPU per 100 B message (the Erlang nodes, and the gateways or both relays; wall time per message on {cores} CPUs in brackets): {}; {}; {}; {}; {}; {}.\n\
          {MEMBERS} members of a dc2 group were all in dc1's pg {:.0} ms after the route came up. An idle link costs {:.1} KiB of RSS \
          (a gateway with {IDLE_LINKS} idle links, heartbeating, against none).\n\n",
         machine(),
@@ -691,7 +726,9 @@ fn main() {
         row("TCP dist via 2 byte-copying relays (floor)", &floor),
         row("TCP dist via 2 relays, mTLS between them (TLS floor)", &tls_floor),
         row("gateways (mTLS)", &gw.f),
+        row("gateways (mTLS), TLS dist in both clusters", &gw_tls_f),
         ratio("gateway / TLS", &gw.f, &tls),
+        ratio("gateway, TLS dist / TLS", &gw_tls_f, &tls),
         ratio("gateway / TCP", &gw.f, &tcp),
         ratio("floor / TLS", &floor, &tls),
         ratio("TLS floor / TLS", &tls_floor, &tls),
@@ -706,6 +743,7 @@ fn main() {
         cpu_row("via relays", &floor_cpu),
         cpu_row("via TLS relays", &tls_floor_cpu),
         cpu_row("gateways", &gw.cpu),
+        cpu_row("gateways, TLS dist", &gw_tls_cpu),
         gw.members_after.as_secs_f64() * 1000.0,
         idle,
     );

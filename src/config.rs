@@ -89,6 +89,18 @@ pub struct ErlangConfig {
     /// one of them at a time, agreed through claims in the scope on the
     /// local nodes (`erlang::claims`; needs OTP 25.1 or later there).
     pub coordinate: bool,
+    /// TLS distribution (`-proto_dist inet_tls` on the nodes): the
+    /// gateway's certificate and key, and the CA the nodes' chain to.
+    pub tls: Option<DistTls>,
+}
+
+/// `[erlang.tls]`: TLS distribution to the local nodes.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DistTls {
+    pub files: TlsFiles,
+    /// Whether a node's certificate must name the host of its node name
+    /// (as `inet_tls_dist` checks by default); on unless `check_host = false`.
+    pub check_host: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -853,7 +865,7 @@ impl Cx<'_> {
     }
 
     fn erlang(&mut self, t: &dyn TableLike) -> Option<ErlangConfig> {
-        self.allow_keys(t, &["node", "cookie", "cookie_file", "nodes", "scope", "coordinate"], "[erlang]");
+        self.allow_keys(t, &["node", "cookie", "cookie_file", "nodes", "scope", "coordinate", "tls"], "[erlang]");
         let node = self.required_string(t, "node", "[erlang]");
         if let Some((n, span)) = &node {
             if let Err(e) = check_node_name(n) {
@@ -940,7 +952,20 @@ impl Cx<'_> {
             None => "wan".to_string(),
         };
         let coordinate = self.bool(t, "coordinate");
-        Some(ErlangConfig { node: node?.0, cookie: cookie?, nodes, scope, coordinate })
+        let tls = match self.table(t, "tls", false) {
+            Some(tt) => {
+                self.allow_keys(tt, &["cert", "key", "ca", "check_host"], "[erlang.tls]");
+                let check_host = tt.get("check_host").is_none() || self.bool(tt, "check_host");
+                let (cert, key, ca) = (
+                    self.path(tt, "cert", "[erlang.tls]"),
+                    self.path(tt, "key", "[erlang.tls]"),
+                    self.path(tt, "ca", "[erlang.tls]"),
+                );
+                Some(DistTls { files: TlsFiles::new(cert?, key?, ca?), check_host })
+            }
+            None => None,
+        };
+        Some(ErlangConfig { node: node?.0, cookie: cookie?, nodes, scope, coordinate, tls })
     }
 
     fn path_opt(&mut self, t: &dyn TableLike, k: &str) -> Option<PathAt> {

@@ -269,10 +269,106 @@ impl Tls {
     }
 }
 
+/// TLS for the distribution connections to local nodes (`[erlang.tls]`,
+/// OTP's `inet_tls_dist`): the gateway dials as a client with its own
+/// certificate (nodes started with `verify_peer` and
+/// `fail_if_no_peer_cert` check it), and checks the node's chain against
+/// `ca` and, as `inet_tls_dist` does by default, that it names the host
+/// of the node's name. With `check_host = false` (for clusters whose
+/// nodes run `{server_name_indication, disable}`, e.g. one certificate
+/// for every node) only the chain is checked.
+pub fn dist_client(files: &TlsFiles, check_host: bool, config: &Path) -> Result<Arc<ClientConfig>, Vec<Problem>> {
+    let mut problems = Vec::new();
+    let chain = certs(&files.cert, config).map_err(|p| problems.push(p)).ok();
+    let key = key(&files.key, config).map_err(|p| problems.push(p)).ok();
+    let ca = certs(&files.ca, config).map_err(|p| problems.push(p)).ok();
+    let (Some(chain), Some(key), Some(ca)) = (chain, key, ca) else {
+        return Err(problems);
+    };
+    let roots = roots(&files.ca, ca, config, &mut problems);
+    if !problems.is_empty() {
+        return Err(problems);
+    }
+    let problem = |at: &PathAt, message: String| vec![Problem { file: config.to_path_buf(), line: at.line, message }];
+    let verifier = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider())
+        .build()
+        .map_err(|e| problem(&files.ca, format!("{}: {e}", files.ca.path.display())))?;
+    let verifier: Arc<dyn rustls::client::danger::ServerCertVerifier> =
+        if check_host { verifier } else { Arc::new(ChainOnly(verifier)) };
+    let client = ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| problem(&files.cert, e.to_string()))?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
+        .with_client_auth_cert(chain, key)
+        .map_err(|e| {
+            problem(&files.key, format!("{} does not fit {}: {e}", files.key.path.display(), files.cert.path.display()))
+        })?;
+    Ok(Arc::new(client))
+}
+
+/// A server verifier that checks the chain (to the CA, validity, usage,
+/// signatures) and not the name: `dist_client`'s with `check_host = false`.
+#[derive(Debug)]
+struct ChainOnly(Arc<WebPkiServerVerifier>);
+
+impl rustls::client::danger::ServerCertVerifier for ChainOnly {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        use rustls::CertificateError::{NotValidForName, NotValidForNameContext};
+        // webpki checks the name last: a name error means the chain is good.
+        match self.0.verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now) {
+            Err(rustls::Error::InvalidCertificate(NotValidForName | NotValidForNameContext { .. })) => {
+                Ok(rustls::client::danger::ServerCertVerified::assertion())
+            }
+            other => other,
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.0.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.0.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.supported_verify_schemes()
+    }
+}
+
 /// A CA file's certificates as a root store (problems noted, not fatal here).
 fn roots(at: &PathAt, cas: Vec<CertificateDer<'static>>, config: &Path, problems: &mut Vec<Problem>) -> RootCertStore {
     let mut roots = RootCertStore::empty();
     for c in cas {
+        if !is_ca(&c).unwrap_or(false) {
+            problems.push(Problem {
+                file: config.to_path_buf(),
+                line: at.line,
+                message: format!(
+                    "{}: not a CA certificate (no basicConstraints cA=TRUE); name the CA that signs the clusters' certificates (for `wandist certs`, ca.pem), not a leaf certificate",
+                    at.path.display()
+                ),
+            });
+            continue;
+        }
         if let Err(e) = roots.add(c) {
             problems.push(Problem {
                 file: config.to_path_buf(),
@@ -382,6 +478,50 @@ pub fn serial(cert: &CertificateDer<'_>) -> Result<Vec<u8>, String> {
         (0x02, serial, _) if !serial.is_empty() => Ok(serial.to_vec()),
         _ => Err(bad("serial")),
     }
+}
+
+/// Whether a certificate says it is a CA (basicConstraints cA TRUE): a
+/// bounded walk of the DER to TBSCertificate.extensions. A leaf given as a
+/// `ca` would be taken by rustls as a trust anchor and trust nothing else.
+pub fn is_ca(cert: &CertificateDer<'_>) -> Result<bool, String> {
+    const BASIC_CONSTRAINTS: &[u8] = &[0x55, 0x1d, 0x13];
+    let bad = |what: &str| format!("unparseable certificate ({what})");
+    let (tag, cert, _) = der(cert.as_ref()).ok_or_else(|| bad("outer"))?;
+    let (tbs_tag, tbs, _) = der(cert).filter(|_| tag == 0x30).ok_or_else(|| bad("tbsCertificate"))?;
+    if tbs_tag != 0x30 {
+        return Err(bad("tbsCertificate"));
+    }
+    let mut rest = tbs;
+    while let Some((tag, body, next)) = der(rest) {
+        rest = next;
+        if tag != 0xa3 {
+            continue;
+        }
+        let (seq, mut exts, _) = der(body).ok_or_else(|| bad("extensions"))?;
+        if seq != 0x30 {
+            return Err(bad("extensions"));
+        }
+        while let Some((_, ext, next)) = der(exts) {
+            exts = next;
+            let (oid_tag, oid, mut fields) = der(ext).ok_or_else(|| bad("extension"))?;
+            if oid_tag != 0x06 || oid != BASIC_CONSTRAINTS {
+                continue;
+            }
+            let mut item = der(fields).ok_or_else(|| bad("basicConstraints"))?;
+            if item.0 == 0x01 {
+                fields = item.2;
+                item = der(fields).ok_or_else(|| bad("basicConstraints"))?;
+            }
+            let (octets, value, _) = item;
+            let (vseq, value, _) = der(value).filter(|_| octets == 0x04).ok_or_else(|| bad("basicConstraints"))?;
+            if vseq != 0x30 {
+                return Err(bad("basicConstraints"));
+            }
+            return Ok(matches!(der(value), Some((0x01, [b], _)) if *b != 0));
+        }
+        return Ok(false);
+    }
+    Ok(false)
 }
 
 /// One DER item: (tag, contents, what follows). None if malformed.

@@ -130,24 +130,29 @@ fn check_warns_about_a_route_that_can_never_come_up() {
     assert_eq!(check(&cfg), (0, "ok\n".to_string()));
 }
 
-/// A tls.ca that did not sign the gateway's own certificate (another CA,
-/// or a leaf certificate) passes `check` with a warning saying so.
+/// A tls.ca that did not sign the gateway's own certificate (another CA)
+/// passes `check` with a warning saying so; a leaf certificate given as
+/// `ca` (which would trust nothing but itself) is refused.
 #[test]
-fn check_warns_when_the_own_certificate_does_not_chain_to_tls_ca() {
+fn check_warns_when_the_own_certificate_does_not_chain_to_tls_ca_and_refuses_a_ca_that_is_not_one() {
     let (ours, other) = (Certs::new(&["dc1"]), Certs::new(&["dc2"]));
     let dir = tempfile::tempdir().unwrap();
     let cfg = dir.path().join("gw.toml");
     let good = format!("[gateway]\ncluster = \"dc1\"\nlisten = \"127.0.0.1:0\"\n{}", ours.tls_table("dc1"));
     std::fs::write(&cfg, &good).unwrap();
     assert_eq!(check(&cfg), (0, "ok\n".to_string()));
-    for wrong in [other.path("ca.pem"), ours.path("dc1.pem")] {
-        let body = good.replace(&ours.path("ca.pem").display().to_string(), &wrong.display().to_string());
+    let with_ca = |ca: std::path::PathBuf| {
+        let body = good.replace(&ours.path("ca.pem").display().to_string(), &ca.display().to_string());
         assert_ne!(body, good);
         std::fs::write(&cfg, body).unwrap();
-        let (code, out) = check(&cfg);
-        assert_eq!(code, 0, "{out}");
-        assert!(out.contains("does not chain to tls.ca"), "{out}");
-    }
+        check(&cfg)
+    };
+    let (code, out) = with_ca(other.path("ca.pem"));
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("does not chain to tls.ca"), "{out}");
+    let (code, out) = with_ca(ours.path("dc1.pem"));
+    assert_eq!(code, 64, "{out}");
+    assert!(out.contains("not a CA certificate"), "{out}");
 }
 
 #[test]

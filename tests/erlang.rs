@@ -472,3 +472,146 @@ fn a_gateway_never_displaces_a_node_of_its_name() {
     assert!(first.find_log("Erlang node connection lost").is_none(), "the first gateway was knocked off");
     assert_eq!(second.metric("wandist_erlang_nodes_connected", &[]), Some(0.0));
 }
+
+/// A certificate for the nodes of a TLS-distribution cluster named by
+/// address (`name@127.0.0.1`), signed by the `wandist certs` CA in `certs`:
+/// OTP checks the host "127.0.0.1" against DNS names only, so it is
+/// named both as a DNS name and as an address. Returns (cert, key) paths.
+fn node_certificate(certs: &Certs) -> (std::path::PathBuf, std::path::PathBuf) {
+    use rcgen::{CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, Issuer, KeyPair, SanType};
+    let ca_key = KeyPair::from_pem(&std::fs::read_to_string(certs.path("ca.key")).unwrap()).unwrap();
+    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Constrained(0));
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, "wandist development CA");
+    ca.distinguished_name = dn;
+    let issuer = Issuer::new(ca, ca_key);
+    let key = KeyPair::generate().unwrap();
+    // (rcgen would take "127.0.0.1" for an address only: both made by hand.)
+    let mut params = CertificateParams::default();
+    params.subject_alt_names = vec![
+        SanType::DnsName("127.0.0.1".try_into().unwrap()),
+        SanType::IpAddress(std::net::Ipv4Addr::LOCALHOST.into()),
+    ];
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+    let cert = params.signed_by(&key, &issuer).unwrap();
+    let (cert_path, key_path) = (certs.path("erlang-node.pem"), certs.path("erlang-node.key"));
+    std::fs::write(&cert_path, cert.pem()).unwrap();
+    std::fs::write(&key_path, key.serialize_pem()).unwrap();
+    (cert_path, key_path)
+}
+
+/// An `-ssl_dist_optfile` for nodes of a TLS-distribution cluster: each
+/// node presents `cert` and requires a peer certificate chaining to `ca`
+/// (and, as a client, one naming the host it dials).
+fn ssl_dist_optfile(
+    dir: &std::path::Path,
+    cert: &std::path::Path,
+    key: &std::path::Path,
+    ca: &std::path::Path,
+) -> String {
+    let common = format!("{{certfile,{cert:?}}},{{keyfile,{key:?}}},{{cacertfile,{ca:?}}},{{verify,verify_peer}}");
+    let text = format!("[{{server,[{common},{{fail_if_no_peer_cert,true}}]}},{{client,[{common}]}}].\n");
+    let path = dir.join("ssl_dist.conf");
+    std::fs::write(&path, text).unwrap();
+    path.display().to_string()
+}
+
+/// A cluster running TLS distribution (`-proto_dist inet_tls`): the
+/// gateway joins it with `[erlang.tls]`, verified both ways (the nodes
+/// require its certificate, it checks theirs against the CA), and pg,
+/// sends and calls cross to a plain cluster. Without `[erlang.tls]` it
+/// says the node speaks TLS; with a certificate of another CA the node
+/// refuses it.
+#[test]
+fn a_tls_distribution_cluster_is_joined_with_erlang_tls() {
+    let t = tag();
+    let epmd = epmd();
+    let certs = Certs::new(&["dc1", "dc2"]);
+    let (node_cert, node_key) = node_certificate(&certs);
+    let optfile = ssl_dist_optfile(certs.dir.path(), &node_cert, &node_key, &certs.path("ca.pem"));
+    let tls_args = ["-proto_dist", "inet_tls", "-ssl_dist_optfile", &optfile];
+    let mut a1 = Erl::start_with(&format!("a1_{t}"), "cookie_a", &epmd, &tls_args);
+    let mut a2 = Erl::start_with(&format!("a2_{t}"), "cookie_a", &epmd, &tls_args);
+    for a in [&mut a1, &mut a2] {
+        assert_eq!(a.eval("{ok, _} = pg:start(wan), ok."), "ok");
+    }
+    // The nodes themselves talk TLS to each other.
+    assert_eq!(a2.eval(&format!("net_kernel:connect_node('{}').", a1.name)), "true");
+    let mut b1 = pg_node("b1", &t, "cookie_b", &epmd);
+    assert_eq!(b1.eval(JOIN_PINGER), "ok");
+    let env = [("ERL_EPMD_PORT", epmd.port.to_string())];
+    let gw2 = dc2_gateway(&certs, &t, &b1, &epmd);
+    let config = |erlang_tls: &str| {
+        format!(
+            "{}{}[[route]]\ncluster = \"dc2\"\nendpoints = [\"{}\"]\n[erlang]\nnode = \"wgw1_{t}@127.0.0.1\"\ncookie = \"cookie_a\"\nnodes = [\"{}\", \"{}\"]\n{erlang_tls}",
+            gateway_table("dc1", false),
+            certs.tls_table("dc1"),
+            gw2.peer_addr(),
+            a1.name,
+            a2.name
+        )
+    };
+
+    // Without [erlang.tls]: not connected, and the log says why.
+    let plain = Gateway::start_with_env("gw-dc1-plain", &config(""), &env);
+    let line = plain.wait_log("the node speaks TLS", SOON);
+    assert!(line.contains("[erlang.tls]"), "{line}");
+    assert_eq!(plain.metric("wandist_erlang_nodes_connected", &[]), Some(0.0));
+    drop(plain);
+
+    // A certificate the nodes do not trust (another CA): refused.
+    let stranger = Certs::new(&["dc1"]);
+    let untrusted = format!(
+        "[erlang.tls]\ncert = {:?}\nkey = {:?}\nca = {:?}\n",
+        stranger.path("dc1.pem"),
+        stranger.path("dc1.key"),
+        certs.path("ca.pem")
+    );
+    let refused = Gateway::start_with_env("gw-dc1-stranger", &config(&untrusted), &env);
+    refused.wait_log("TLS distribution with", SOON);
+    assert_eq!(refused.metric("wandist_erlang_nodes_connected", &[]), Some(0.0));
+    drop(refused);
+    // Nodes whose certificate does not chain to the gateway's CA: refused.
+    let wrong_ca = format!(
+        "[erlang.tls]\ncert = {:?}\nkey = {:?}\nca = {:?}\n",
+        certs.path("dc1.pem"),
+        certs.path("dc1.key"),
+        stranger.path("ca.pem")
+    );
+    let refusing = Gateway::start_with_env("gw-dc1-wrong-ca", &config(&wrong_ca), &env);
+    let line = refusing.wait_log("TLS distribution with", SOON);
+    assert!(line.contains("UnknownIssuer") || line.contains("invalid peer certificate"), "{line}");
+    assert_eq!(refusing.metric("wandist_erlang_nodes_connected", &[]), Some(0.0));
+    drop(refusing);
+
+    // The gateway's own certificate, under the nodes' CA: joined.
+    let good = format!(
+        "[erlang.tls]\ncert = {:?}\nkey = {:?}\nca = {:?}\n",
+        certs.path("dc1.pem"),
+        certs.path("dc1.key"),
+        certs.path("ca.pem")
+    );
+    let gw1 = Gateway::start_with_env("gw-dc1", &config(&good), &env);
+    gw1.wait_metric("wandist_erlang_nodes_connected", &[], |v| v == 2.0);
+    for a in [&mut a1, &mut a2] {
+        a.eval_until("length(pg:get_members(wan, svc)).", |v| v == "1");
+    }
+    assert_eq!(
+        a2.eval("hd(pg:get_members(wan, svc)) ! {ping, self()}, receive {pong, N} -> N after 5000 -> timeout end."),
+        format!("'{}'", b1.name)
+    );
+    // And the other way: a member in the TLS cluster, reached from dc2.
+    assert_eq!(a1.eval("E = spawn(fun L() -> receive {'$gen_call', F, R} -> gen:reply(F, {tls, R}), L() end end), pg:join(wan, tlsecho, E)."), "ok");
+    b1.eval_until("length(pg:get_members(wan, tlsecho)).", |v| v == "1");
+    assert_eq!(b1.eval("gen_server:call(hd(pg:get_members(wan, tlsecho)), hi, 5000)."), "{tls,hi}");
+    // The node sees the gateway's connection as TLS distribution.
+    assert_eq!(
+        a1.eval(
+            "{ok, I} = net_kernel:node_info('wgw1_T@127.0.0.1'), element(4, element(2, lists:keyfind(address, 1, I)))."
+                .replace("T", &t)
+                .as_str()
+        ),
+        "tls"
+    );
+}

@@ -5,7 +5,7 @@
 use std::io;
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::config::Secret;
@@ -100,6 +100,8 @@ pub enum DistError {
     Connect(String, io::Error),
     #[error("handshake with {node}: {why}")]
     Handshake { node: String, why: String },
+    #[error("TLS distribution with {0}: {1}")]
+    Tls(String, String),
     #[error("{0} timed out")]
     Timeout(&'static str),
     #[error("{0}")]
@@ -162,10 +164,35 @@ pub struct Peer {
     pub creation: u32,
 }
 
-async fn read_packet(s: &mut TcpStream, max: usize) -> Result<Vec<u8>, DistError> {
-    let mut len = [0u8; 2];
-    s.read_exact(&mut len).await?;
-    let len = u16::from_be_bytes(len) as usize;
+/// How handshake packets are framed: a 2-byte length over TCP
+/// (`inet_tcp_dist`), a 4-byte one inside TLS (`inet_tls_dist` runs the
+/// handshake on a `{packet, 4}` socket).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Framing {
+    Tcp,
+    Tls,
+}
+
+async fn read_packet<S: AsyncRead + Unpin>(s: &mut S, framing: Framing, max: usize) -> Result<Vec<u8>, DistError> {
+    let len = match framing {
+        Framing::Tcp => {
+            let mut len = [0u8; 2];
+            s.read_exact(&mut len).await?;
+            if matches!(len, [0x15 | 0x16, 0x03]) {
+                // A TLS record (alert or handshake), not a handshake packet.
+                return Err(DistError::Io(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "the node speaks TLS: it runs TLS distribution (-proto_dist inet_tls); give the gateway an [erlang.tls] table",
+                )));
+            }
+            u16::from_be_bytes(len) as usize
+        }
+        Framing::Tls => {
+            let mut len = [0u8; 4];
+            s.read_exact(&mut len).await?;
+            u32::from_be_bytes(len) as usize
+        }
+    };
     if len == 0 || len > max {
         return Err(DistError::Io(io::Error::new(
             io::ErrorKind::InvalidData,
@@ -177,17 +204,22 @@ async fn read_packet(s: &mut TcpStream, max: usize) -> Result<Vec<u8>, DistError
     Ok(buf)
 }
 
-async fn write_packet(s: &mut TcpStream, body: &[u8]) -> Result<(), DistError> {
-    let mut out = Vec::with_capacity(body.len() + 2);
-    out.extend_from_slice(&(body.len() as u16).to_be_bytes());
+async fn write_packet<S: AsyncWrite + Unpin>(s: &mut S, framing: Framing, body: &[u8]) -> Result<(), DistError> {
+    let mut out = Vec::with_capacity(body.len() + 4);
+    match framing {
+        Framing::Tcp => out.extend_from_slice(&(body.len() as u16).to_be_bytes()),
+        Framing::Tls => out.extend_from_slice(&(body.len() as u32).to_be_bytes()),
+    }
     out.extend_from_slice(body);
     s.write_all(&out).await?;
+    s.flush().await?;
     Ok(())
 }
 
 /// Runs the client side of the handshake on a connected stream.
-pub async fn handshake(
-    s: &mut TcpStream,
+pub async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
+    s: &mut S,
+    framing: Framing,
     me: &str,
     creation: u32,
     expect: &str,
@@ -200,9 +232,9 @@ pub async fn handshake(
     name.extend_from_slice(&creation.to_be_bytes());
     name.extend_from_slice(&(me.len() as u16).to_be_bytes());
     name.extend_from_slice(me.as_bytes());
-    write_packet(s, &name).await?;
+    write_packet(s, framing, &name).await?;
     // recv_status
-    let status = read_packet(s, 256).await?;
+    let status = read_packet(s, framing, 256).await?;
     if status.first() != Some(&b's') {
         return Err(fail("expected a status".into()));
     }
@@ -214,7 +246,7 @@ pub async fn handshake(
             // real node named as we are, would be dropped); if it is our
             // own previous run, the node lets it go within its tick time
             // and the next attempt gets through.
-            write_packet(s, b"sfalse").await?;
+            write_packet(s, framing, b"sfalse").await?;
             return Err(fail(format!(
                 "it already has a connection from a node named {me}: every gateway needs its own [erlang] node name (if that is this gateway's previous run, the node lets it go within its net_ticktime)"
             )));
@@ -222,7 +254,7 @@ pub async fn handshake(
         other => return Err(fail(format!("refused: {}", String::from_utf8_lossy(other)))),
     }
     // recv_challenge ('N', new format)
-    let ch = read_packet(s, 1024).await?;
+    let ch = read_packet(s, framing, 1024).await?;
     if ch.first() != Some(&b'N') || ch.len() < 1 + 8 + 4 + 4 + 2 {
         return Err(fail(format!("unexpected challenge packet {:?}", ch.first())));
     }
@@ -244,9 +276,9 @@ pub async fn handshake(
     let mut reply = vec![b'r'];
     reply.extend_from_slice(&ours.to_be_bytes());
     reply.extend_from_slice(&md5_digest(cookie.expose(), challenge));
-    write_packet(s, &reply).await?;
+    write_packet(s, framing, &reply).await?;
     // recv_challenge_ack
-    let ack = read_packet(s, 64).await.map_err(|_| fail("no challenge ack: wrong cookie?".into()))?;
+    let ack = read_packet(s, framing, 64).await.map_err(|_| fail("no challenge ack: wrong cookie?".into()))?;
     if ack.first() != Some(&b'a') || ack.len() != 17 {
         return Err(fail("bad challenge ack".into()));
     }

@@ -178,6 +178,8 @@ pub struct NodeParams {
     pub max_packet: usize,
     pub reconnect_min: Duration,
     pub reconnect_max: Duration,
+    /// TLS distribution (`[erlang.tls]`): the handshake runs inside TLS.
+    pub tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 /// Encodes one distribution packet: length, pass-through, control, payload.
@@ -211,9 +213,21 @@ pub async fn run(node: ErlNode, p: NodeParams, events: mpsc::Sender<NodeEvent>, 
                 if events.send(NodeEvent::Up { node: name.clone(), tx }).await.is_err() {
                     return;
                 }
+                let served = async {
+                    match stream {
+                        DistStream::Tcp(s) => {
+                            let (rd, wr) = s.into_split();
+                            serve(rd, wr, &name, &p, rx, &events).await
+                        }
+                        DistStream::Tls(s) => {
+                            let (rd, wr) = tokio::io::split(*s);
+                            serve(rd, wr, &name, &p, rx, &events).await
+                        }
+                    }
+                };
                 let why = tokio::select! {
                     _ = &mut stop => return,
-                    why = serve(stream, &name, &p, rx, &events) => why,
+                    why = served => why,
                 };
                 let _ = events.send(NodeEvent::Down { node: name.clone(), why: why.clone() }).await;
                 why
@@ -234,7 +248,14 @@ pub async fn run(node: ErlNode, p: NodeParams, events: mpsc::Sender<NodeEvent>, 
     }
 }
 
-async fn connect(node: &ErlNode, p: &NodeParams) -> Result<TcpStream, dist::DistError> {
+/// A connected, handshaken distribution stream: plain TCP, or TLS
+/// distribution (`inet_tls_dist`).
+enum DistStream {
+    Tcp(TcpStream),
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+async fn connect(node: &ErlNode, p: &NodeParams) -> Result<DistStream, dist::DistError> {
     let (_, host) =
         dist::split_node(&node.name).ok_or_else(|| dist::DistError::Epmd(node.name.clone(), "bad node name".into()))?;
     let port = match node.port {
@@ -242,14 +263,49 @@ async fn connect(node: &ErlNode, p: &NodeParams) -> Result<TcpStream, dist::Dist
         None => dist::port_please(&node.name, CONNECT_TIMEOUT).await?,
     };
     let addr = format!("{host}:{port}");
-    let mut s = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&addr))
+    let s = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&addr))
         .await
         .map_err(|_| dist::DistError::Timeout("connect"))?
         .map_err(|e| dist::DistError::Connect(addr.clone(), e))?;
     let _ = s.set_nodelay(true);
-    tokio::time::timeout(CONNECT_TIMEOUT, dist::handshake(&mut s, &p.me, p.creation, &node.name, &p.cookie))
-        .await
-        .map_err(|_| dist::DistError::Timeout("handshake"))??;
+    let mut s = match &p.tls {
+        None => DistStream::Tcp(s),
+        Some(tls) => {
+            // The node's certificate must name the host of its node name (a
+            // DNS name or an address), unless `check_host = false`.
+            let name = rustls::pki_types::ServerName::try_from(host.to_string()).map_err(|e| {
+                dist::DistError::Tls(
+                    addr.clone(),
+                    format!("{host:?} is not a host name to check a certificate against: {e}"),
+                )
+            })?;
+            let tls = tokio_rustls::TlsConnector::from(tls.clone());
+            let s = tokio::time::timeout(CONNECT_TIMEOUT, tls.connect(name, s))
+                .await
+                .map_err(|_| dist::DistError::Timeout("TLS handshake"))?
+                .map_err(|e| {
+                    let hint = match e.get_ref().and_then(|e| e.downcast_ref::<rustls::Error>()) {
+                        Some(rustls::Error::InvalidMessage(_)) => {
+                            " (the node does not speak TLS: is it started with -proto_dist inet_tls?)"
+                        }
+                        _ => "",
+                    };
+                    dist::DistError::Tls(addr.clone(), format!("{e}{hint}"))
+                })?;
+            DistStream::Tls(Box::new(s))
+        }
+    };
+    let handshake = async {
+        match &mut s {
+            DistStream::Tcp(s) => {
+                dist::handshake(s, dist::Framing::Tcp, &p.me, p.creation, &node.name, &p.cookie).await
+            }
+            DistStream::Tls(s) => {
+                dist::handshake(&mut **s, dist::Framing::Tls, &p.me, p.creation, &node.name, &p.cookie).await
+            }
+        }
+    };
+    tokio::time::timeout(CONNECT_TIMEOUT, handshake).await.map_err(|_| dist::DistError::Timeout("handshake"))??;
     Ok(s)
 }
 
@@ -401,15 +457,19 @@ impl BarrierDue {
 }
 
 /// Runs a connected node until it fails; returns why.
-async fn serve(
-    stream: TcpStream,
+async fn serve<R, W>(
+    rd: R,
+    mut wr: W,
     name: &Arc<str>,
     p: &NodeParams,
     lanes: Lanes,
     events: &mpsc::Sender<NodeEvent>,
-) -> String {
+) -> String
+where
+    R: tokio::io::AsyncRead + Unpin + Send,
+    W: tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let Lanes { messages: mut outgoing, mut bulk } = lanes;
-    let (rd, mut wr) = stream.into_split();
     // Erlang writes each message as its own packet: read them in bulk.
     let mut rd = tokio::io::BufReader::with_capacity(256 * 1024, rd);
     let barriers = Arc::new(std::sync::Mutex::new(Barriers::default()));
@@ -487,7 +547,13 @@ async fn serve(
             if batch.is_empty() {
                 continue;
             }
-            if let Err(e) = wr.write_all(&batch).await {
+            // (A flush: TLS distribution buffers records; on TCP it is a no-op.)
+            if let Err(e) = async {
+                wr.write_all(&batch).await?;
+                wr.flush().await
+            }
+            .await
+            {
                 return format!("write failed: {e}");
             }
             batch.clear();
@@ -608,6 +674,7 @@ mod tests {
             max_packet: 1 << 20,
             reconnect_min: Duration::from_millis(1),
             reconnect_max: Duration::from_millis(2),
+            tls: None,
         }
     }
 

@@ -251,6 +251,7 @@ impl Spawner {
 #[allow(clippy::too_many_arguments)] // the parts of the gateway it plugs into, each once
 pub fn start(
     cfg: &ErlangConfig,
+    dist_tls: Option<Arc<rustls::ClientConfig>>,
     g: &GatewayConfig,
     routes: &[RouteConfig],
     local: LocalHandle,
@@ -270,6 +271,7 @@ pub fn start(
         max_packet: g.max_frame_bytes,
         reconnect_min: g.reconnect_min,
         reconnect_max: g.reconnect_max,
+        tls: dist_tls,
     };
     let spawner = Spawner { params, cancel: cancel.clone(), tracker: tracker.clone(), metrics: metrics.clone() };
     let nodes: Vec<NodeSlot> = cfg.nodes.iter().map(|n| spawner.node(n)).collect();

@@ -34,6 +34,8 @@ use local::RouteControl;
 pub struct Prepared {
     pub config: Config,
     pub tls: Option<Tls>,
+    /// `[erlang.tls]`: for the distribution connections to local nodes.
+    pub dist_tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 /// Loads the file and the TLS material it names; every problem at once.
@@ -51,11 +53,21 @@ pub fn prepare(path: &Path) -> Result<Prepared, Vec<Problem>> {
             return Err(problems);
         }
     };
+    let mut problems = Vec::new();
     let tls = match &config.tls {
-        Some(files) => Some(Tls::load(files, Some(&config.gateway.cluster), &config.path)?),
+        Some(files) => {
+            Tls::load(files, Some(&config.gateway.cluster), &config.path).map_err(|p| problems.extend(p)).ok()
+        }
         None => None,
     };
-    Ok(Prepared { config, tls })
+    let dist_tls = match config.erlang.as_ref().and_then(|e| e.tls.as_ref()) {
+        Some(d) => tls::dist_client(&d.files, d.check_host, &config.path).map_err(|p| problems.extend(p)).ok(),
+        None => None,
+    };
+    if !problems.is_empty() {
+        return Err(problems);
+    }
+    Ok(Prepared { config, tls, dist_tls })
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -137,7 +149,7 @@ impl Running {
             }
         };
         let plan = reload::plan(&self.config, &loaded.config);
-        let Prepared { config: new, tls } = loaded;
+        let Prepared { config: new, tls, .. } = loaded;
         if let (Some(shared), Some(tls)) = (&self.tls, tls) {
             publish_expiry(&self.metrics, &tls);
             shared.replace(tls);
@@ -577,7 +589,7 @@ async fn start_inner(
     gate: Option<CancellationToken>,
     routes_now: bool,
 ) -> Result<Running, GatewayError> {
-    let Prepared { config, tls } = prepared;
+    let Prepared { config, tls, .. } = prepared;
     let tls = tls.map(|t| {
         publish_expiry(&metrics, &t);
         tls::Shared::new(t)
@@ -822,6 +834,7 @@ fn forward(mut inbox: Inbox, tx: mpsc::Sender<ToLocal>, tracker: &TaskTracker) {
 /// `[erlang]` table, or (without one) a side that only logs what arrives.
 pub async fn start_with_erlang(prepared: Prepared, metrics: Metrics) -> Result<Running, GatewayError> {
     let erlang = prepared.config.erlang.clone();
+    let dist_tls = prepared.dist_tls.clone();
     let g = prepared.config.gateway.clone();
     let routes = prepared.config.routes.clone();
     let gate = erlang.as_ref().map(|_| CancellationToken::new());
@@ -848,6 +861,7 @@ pub async fn start_with_erlang(prepared: Prepared, metrics: Metrics) -> Result<R
             }
             running.shell = Some(crate::erlang::start(
                 &cfg,
+                dist_tls,
                 &g,
                 &routes,
                 running.local.clone(),

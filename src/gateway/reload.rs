@@ -47,6 +47,7 @@ pub fn plan(running: &Config, loaded: &Config) -> Plan {
                 ("erlang.cookie", a.cookie != b.cookie),
                 ("erlang.scope", a.scope != b.scope),
                 ("erlang.coordinate", a.coordinate != b.coordinate),
+                ("erlang.tls", a.tls != b.tls),
             ];
             restart.extend(keys.iter().filter(|(_, changed)| *changed).map(|(k, _)| k.to_string()));
             nodes = a.nodes != b.nodes;
