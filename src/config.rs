@@ -81,8 +81,14 @@ pub struct ErlangConfig {
     /// The gateway's own (hidden) node name, `name@host`.
     pub node: String,
     pub cookie: Secret,
-    /// Local nodes to connect to and mirror.
+    /// Local nodes to connect to and mirror (with discovery, the seeds).
     pub nodes: Vec<ErlNode>,
+    /// `discover = "cluster"`: every node the connected ones see is
+    /// connected to and mirrored too, as the cluster grows and shrinks.
+    pub discover_cluster: bool,
+    /// `dns = "name@host"`: `host`'s addresses, polled, become the nodes
+    /// `name@ADDRESS` (a Kubernetes headless service): (name, host).
+    pub dns: Option<(String, String)>,
     /// The `pg` scope mirrored across clusters.
     pub scope: String,
     /// Several gateway instances of this cluster: each route is held by
@@ -865,7 +871,11 @@ impl Cx<'_> {
     }
 
     fn erlang(&mut self, t: &dyn TableLike) -> Option<ErlangConfig> {
-        self.allow_keys(t, &["node", "cookie", "cookie_file", "nodes", "scope", "coordinate", "tls"], "[erlang]");
+        self.allow_keys(
+            t,
+            &["node", "cookie", "cookie_file", "nodes", "discover", "dns", "scope", "coordinate", "tls"],
+            "[erlang]",
+        );
         let node = self.required_string(t, "node", "[erlang]");
         if let Some((n, span)) = &node {
             if let Err(e) = check_node_name(n) {
@@ -907,10 +917,41 @@ impl Cx<'_> {
                 None
             }
         };
+        let discover_cluster = match self.string(t, "discover") {
+            Some((d, _)) if d == "cluster" => true,
+            Some((d, _)) if d == "none" => false,
+            Some((_, span)) => {
+                self.err(
+                    span,
+                    "discover must be \"cluster\" (learn every node from the connected ones) or \"none\"".into(),
+                );
+                false
+            }
+            None => false,
+        };
+        let dns = match self.string(t, "dns") {
+            Some((d, span)) => match d.split_once('@') {
+                Some((name, host)) if check_node_name(&d).is_ok() && !host.is_empty() => {
+                    Some((name.to_string(), host.to_string()))
+                }
+                _ => {
+                    self.err(
+                        span,
+                        "dns must be \"name@host\": host is looked up, and each address A becomes the node name@A"
+                            .into(),
+                    );
+                    None
+                }
+            },
+            None => None,
+        };
         let mut nodes: Vec<ErlNode> = Vec::new();
         const WANT: &str = "an array of \"name@host\" strings or { name = \"name@host\", port = N } tables";
         match self.value(t, "nodes", WANT) {
-            None if t.get("nodes").is_none() => self.err(None, "missing required key \"nodes\" in [erlang]".into()),
+            None if t.get("nodes").is_none() && dns.is_some() => {}
+            None if t.get("nodes").is_none() => {
+                self.err(None, "missing required key \"nodes\" in [erlang] (or dns = \"name@host\")".into())
+            }
             None => {}
             Some((v, span)) => match v.as_array() {
                 Some(a) => {
@@ -965,7 +1006,7 @@ impl Cx<'_> {
             }
             None => None,
         };
-        Some(ErlangConfig { node: node?.0, cookie: cookie?, nodes, scope, coordinate, tls })
+        Some(ErlangConfig { node: node?.0, cookie: cookie?, nodes, discover_cluster, dns, scope, coordinate, tls })
     }
 
     fn path_opt(&mut self, t: &dyn TableLike, k: &str) -> Option<PathAt> {

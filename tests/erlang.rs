@@ -615,3 +615,82 @@ fn a_tls_distribution_cluster_is_joined_with_erlang_tls() {
         "tls"
     );
 }
+
+/// `discover = "cluster"`: a node that joins the cluster after the
+/// gateway started (it connects to a seed) is mirrored within 5 s both
+/// ways; once stopped, its members are withdrawn and the gateway lets it go.
+#[test]
+fn a_node_joining_the_cluster_later_is_discovered_and_a_stopped_one_withdrawn() {
+    let t = tag();
+    let epmd = epmd();
+    let mut a1 = pg_node("a1", &t, "cookie_a", &epmd);
+    let mut b1 = pg_node("b1", &t, "cookie_b", &epmd);
+    assert_eq!(b1.eval(JOIN_PINGER), "ok");
+    let certs = Certs::new(&["dc1", "dc2"]);
+    let env = [("ERL_EPMD_PORT", epmd.port.to_string())];
+    let gw2 = dc2_gateway(&certs, &t, &b1, &epmd);
+    let gw1 = Gateway::start_with_env(
+        "gw-dc1",
+        &format!(
+            "{}{}[[route]]\ncluster = \"dc2\"\nendpoints = [\"{}\"]\n[erlang]\nnode = \"wgw1_{t}@127.0.0.1\"\ncookie = \"cookie_a\"\nnodes = [\"{}\"]\ndiscover = \"cluster\"\n",
+            gateway_table("dc1", false),
+            certs.tls_table("dc1"),
+            gw2.peer_addr(),
+            a1.name
+        ),
+        &env,
+    );
+    gw1.wait_metric("wandist_erlang_nodes_connected", &[], |v| v == 1.0);
+    a1.eval_until("length(pg:get_members(wan, svc)).", |v| v == "1");
+
+    // a2 starts and joins the cluster through a1; nobody tells the gateway.
+    let mut a2 = pg_node("a2", &t, "cookie_a", &epmd);
+    assert_eq!(a2.eval("P = spawn(fun() -> receive stop -> ok end end), pg:join(wan, late, P)."), "ok");
+    let joined = std::time::Instant::now();
+    assert_eq!(a2.eval(&format!("net_kernel:connect_node('{}').", a1.name)), "true");
+    a2.eval_until("length(pg:get_members(wan, svc)).", |v| v == "1");
+    b1.eval_until("length(pg:get_members(wan, late)).", |v| v == "1");
+    let took = joined.elapsed();
+    assert!(took < Duration::from_secs(5), "a2 was mirrored after {took:?}");
+    assert_eq!(
+        a2.eval("hd(pg:get_members(wan, svc)) ! {ping, self()}, receive {pong, N} -> N after 5000 -> timeout end."),
+        format!("'{}'", b1.name)
+    );
+    let line = gw1.wait_log(&format!("Erlang node added: connecting node={}", a2.name), SOON);
+    assert!(line.contains("how=\"discovered\"") || line.contains("how=discovered"), "{line}");
+    assert_eq!(gw1.metric("wandist_erlang_node_up", &[("node", &a2.name)]), Some(1.0));
+
+    // a2 stops: its member leaves dc2's pg, and the gateway lets it go.
+    a2.kill();
+    b1.eval_until("length(pg:get_members(wan, late)).", |v| v == "0");
+    gw1.wait_log(&format!("Erlang node no longer configured nor discovered: disconnected node={}", a2.name), SOON);
+    assert_eq!(gw1.metric("wandist_erlang_nodes_connected", &[]), Some(1.0));
+    // a1, the seed, stays mirrored.
+    assert_eq!(a1.eval("length(pg:get_members(wan, svc))."), "1");
+}
+
+/// `dns = "name@host"`: the host's addresses become the nodes
+/// `name@ADDRESS` (here localhost: 127.0.0.1), with no `nodes` list.
+#[test]
+fn nodes_are_found_through_dns() {
+    let t = tag();
+    let epmd = epmd();
+    let mut a1 = pg_node("a1", &t, "cookie_a", &epmd);
+    let mut b1 = pg_node("b1", &t, "cookie_b", &epmd);
+    assert_eq!(b1.eval(JOIN_PINGER), "ok");
+    let certs = Certs::new(&["dc1", "dc2"]);
+    let env = [("ERL_EPMD_PORT", epmd.port.to_string())];
+    let gw2 = dc2_gateway(&certs, &t, &b1, &epmd);
+    let gw1 = Gateway::start_with_env(
+        "gw-dc1",
+        &format!(
+            "{}{}[[route]]\ncluster = \"dc2\"\nendpoints = [\"{}\"]\n[erlang]\nnode = \"wgw1_{t}@127.0.0.1\"\ncookie = \"cookie_a\"\ndns = \"a1_{t}@localhost\"\n",
+            gateway_table("dc1", false),
+            certs.tls_table("dc1"),
+            gw2.peer_addr(),
+        ),
+        &env,
+    );
+    gw1.wait_metric("wandist_erlang_node_up", &[("node", &a1.name)], |v| v == 1.0);
+    a1.eval_until("length(pg:get_members(wan, svc)).", |v| v == "1");
+}

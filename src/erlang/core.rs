@@ -52,6 +52,10 @@ const HELD_MONITOR: u32 = 0x4d4f_4e49;
 const SCOPE_MISSING_AFTER: u32 = 3;
 /// Tags the gateway's calls to a scope (`{monitor, Group}`, `claims`).
 const CLAIM_CALL: u32 = 0x434c_4149;
+/// Tags the gateway's `erlang:nodes()` calls (`ask_cluster`).
+const NODES_CALL: u32 = 0x4e4f_4445;
+/// Most node names taken from one `erlang:nodes()` answer.
+pub const MAX_CLUSTER_NODES: usize = 4096;
 /// Members of a membership change applied per step (see `work`): a few
 /// milliseconds of work, so other peers' messages are not held up.
 pub const MEMBERS_PER_STEP: usize = 65_536;
@@ -92,6 +96,9 @@ pub enum Effect {
     /// A hand-over (`leave_peer`, or `leave` for `None`) has withdrawn our
     /// members: the route (or gateway) may settle and finish now.
     Left(Option<PeerIx>),
+    /// `[erlang] discover = "cluster"`: the nodes a local node sees
+    /// (`erlang:nodes()`, checked and bounded), `from` that node.
+    ClusterNodes { from: Arc<str>, nodes: Vec<Arc<str>> },
 }
 
 /// One route as the Erlang side knows it.
@@ -236,6 +243,10 @@ pub struct Core {
     no_claims_on: Vec<Arc<str>>,
     /// Connected nodes without a scope: discovery rounds so far.
     scope_waits: HashMap<Arc<str>, u32>,
+    /// `erlang:nodes()` calls (`ask_cluster`): rounds asked, and the call
+    /// waiting for its answer (reference id, node asked).
+    cluster_asks: usize,
+    cluster_call: Option<(u64, Arc<str>)>,
     /// Routes this instance serves (in their serving groups).
     serving: Vec<Arc<str>>,
     /// Routes being handed to another instance, waiting for it to serve
@@ -381,6 +392,8 @@ impl Core {
             left_scopes: false,
             no_claims_on: Vec::new(),
             scope_waits: HashMap::default(),
+            cluster_asks: 0,
+            cluster_call: None,
             serving: Vec::new(),
             handing: Vec::new(),
             claims: setup.claims.map(|(clusters, give_up)| {
@@ -607,6 +620,59 @@ impl Core {
             }
             self.discover(&node);
         }
+    }
+
+    /// `[erlang] discover = "cluster"`: asks one connected node (the next
+    /// in name order each round) for the nodes it sees, `erlang:nodes()`
+    /// through its `rex` server, as `rpc:call` does. Its answer comes as
+    /// `Effect::ClusterNodes`. False if no node is connected.
+    pub fn ask_cluster(&mut self) -> bool {
+        let connected: Vec<Arc<str>> = self.mirror.connected_nodes();
+        let Some(node) = connected.get(self.cluster_asks % connected.len().max(1)).cloned() else { return false };
+        self.cluster_asks += 1;
+        let (id, tag) = self.own_ref(NODES_CALL);
+        let call = Term::tuple(vec![
+            Term::atom("$gen_call"),
+            Term::tuple(vec![Term::Pid(self.gw.clone()), Term::Ref(tag)]),
+            Term::tuple(vec![
+                Term::atom("call"),
+                Term::atom("erlang"),
+                Term::atom("nodes"),
+                Term::Nil,
+                Term::Pid(self.gw.clone()),
+            ]),
+        ]);
+        self.cluster_call = Some((id, node.clone()));
+        let control = Control::RegSend { from: self.gw.clone(), name: "rex".into() };
+        self.send_to_node(&node, control, Some(&etf::encode(&call)))
+    }
+
+    /// `{Tag, Nodes}` answering `ask_cluster`: true if it was one.
+    fn cluster_answer(&mut self, from: &Arc<str>, t: &[Term]) -> bool {
+        let [Term::Ref(tag), answer] = t else { return false };
+        let Some(id) = self.own_ref_id(tag, NODES_CALL) else { return false };
+        let Some((_, asked)) = self.cluster_call.take_if(|(waiting, _)| *waiting == id) else { return true };
+        if asked != *from {
+            return true;
+        }
+        let Some(list) = answer.as_list() else {
+            tracing::warn!(node = %from, "erlang:nodes() through rex answered {answer:?}: nodes are not discovered through it");
+            return true;
+        };
+        let mut nodes = Vec::new();
+        for n in list.iter().take(MAX_CLUSTER_NODES) {
+            match n.as_atom() {
+                Some(name) if crate::config::check_node_name(name).is_ok() && *name != *self.me => {
+                    nodes.push(Arc::from(name))
+                }
+                _ => {}
+            }
+        }
+        if list.len() > MAX_CLUSTER_NODES {
+            tracing::warn!(node = %from, seen = list.len(), "the cluster has more nodes than the gateway follows ({MAX_CLUSTER_NODES}); the rest are not mirrored");
+        }
+        self.out.push(Effect::ClusterNodes { from: from.clone(), nodes });
+        true
     }
 
     pub fn node_down(&mut self, node: &Arc<str>) {
@@ -938,7 +1004,7 @@ impl Core {
             Err(e) => return self.reject(None, "undecodable", || format!("from node {node}: a scope message: {e}")),
         };
         let t = msg.as_tuple().unwrap_or_default();
-        if matches!(t.first(), Some(Term::Ref(_))) && self.claim_message(t) {
+        if matches!(t.first(), Some(Term::Ref(_))) && (self.cluster_answer(node, t) || self.claim_message(t)) {
             return;
         }
         match (t.first().and_then(Term::as_atom), t.len()) {

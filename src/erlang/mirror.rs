@@ -152,6 +152,13 @@ impl Mirror {
         self.nodes.get(node).filter(|n| n.connected)?.scope.as_ref()
     }
 
+    /// Connected nodes, in name order.
+    pub fn connected_nodes(&self) -> Vec<Arc<str>> {
+        let mut v: Vec<Arc<str>> = self.nodes.iter().filter(|(_, n)| n.connected).map(|(k, _)| k.clone()).collect();
+        v.sort();
+        v
+    }
+
     /// Connected nodes whose scope is not known yet.
     pub fn undiscovered(&self) -> Vec<Arc<str>> {
         let mut v: Vec<Arc<str>> =

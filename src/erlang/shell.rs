@@ -14,7 +14,7 @@
 //! change is being applied (in steps, see `Core::work`) is not read until
 //! it is done, which keeps its messages in order behind it.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeSet, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::Poll;
@@ -97,8 +97,10 @@ pub enum ShellControl {
     /// instance serves it (told through the sender), traffic on its way
     /// still carried.
     LeaveRoute(RouteHandle, tokio::sync::oneshot::Sender<()>),
-    /// The local nodes to connect to, now.
+    /// The local nodes to connect to, now (the configured ones).
     Nodes(Vec<ErlNode>),
+    /// `[erlang] dns`: the nodes its name resolves to now.
+    DnsNodes(Vec<Arc<str>>),
     /// With several instances (`[erlang] coordinate`): a route to claim
     /// (a reload added it), or one whose claim is withdrawn (a reload
     /// removed it).
@@ -182,6 +184,13 @@ struct Shell {
     /// Who waits for a hand-over's withdrawal (`Effect::Left`).
     left: Vec<(Option<PeerIx>, tokio::sync::oneshot::Sender<()>)>,
     spawner: Spawner,
+    /// The nodes of `[erlang] nodes`; with discovery, the seeds.
+    configured: Vec<ErlNode>,
+    /// `[erlang] discover = "cluster"`: nodes the connected ones see.
+    discover_cluster: bool,
+    cluster_nodes: BTreeSet<Arc<str>>,
+    /// `[erlang] dns`: nodes its name resolved to.
+    dns_nodes: BTreeSet<Arc<str>>,
 }
 
 /// A route's slot in the shell, and its gauges.
@@ -314,13 +323,68 @@ pub fn start(
         spawner,
         claims,
         left: Vec::new(),
+        configured: cfg.nodes.clone(),
+        discover_cluster: cfg.discover_cluster,
+        cluster_nodes: BTreeSet::new(),
+        dns_nodes: BTreeSet::new(),
     };
+    if let Some((name, host)) = cfg.dns.clone() {
+        tracker.spawn(poll_dns(name, host, control_tx.clone(), cancel.clone()));
+    }
     shell.connected.set(0.0);
     shell.proxies.set(0.0);
     tracing::info!(node = %me, creation, scope = %cfg.scope, "Erlang side started");
     shell.maybe_ready();
     tracker.spawn(shell.run(cancel));
     control_tx
+}
+
+/// How often `[erlang] dns` is looked up.
+const DNS_EVERY: Duration = Duration::from_secs(2);
+
+/// `[erlang] dns = "name@host"`: looks `host` up every DNS_EVERY and tells
+/// the shell the nodes `name@ADDRESS` it resolves to. A failed lookup
+/// changes nothing (a DNS blip must not disconnect a cluster); it is said.
+async fn poll_dns(name: String, host: String, tx: mpsc::Sender<ShellControl>, cancel: CancellationToken) {
+    let mut failing = false;
+    loop {
+        let found = tokio::select! {
+            _ = cancel.cancelled() => return,
+            found = tokio::time::timeout(DNS_EVERY * 5, tokio::net::lookup_host((host.as_str(), 0))) => found,
+        };
+        match found {
+            Ok(Ok(addrs)) => {
+                if failing {
+                    tracing::info!(host = %host, "[erlang] dns: looked up again");
+                    failing = false;
+                }
+                let mut nodes: Vec<Arc<str>> = addrs
+                    .map(|a| format!("{name}@{}", a.ip()))
+                    .filter(|n| crate::config::check_node_name(n).is_ok())
+                    .map(Arc::from)
+                    .collect();
+                nodes.sort();
+                nodes.dedup();
+                nodes.truncate(super::core::MAX_CLUSTER_NODES);
+                if tx.send(ShellControl::DnsNodes(nodes)).await.is_err() {
+                    return;
+                }
+            }
+            Ok(Err(e)) if !failing => {
+                failing = true;
+                tracing::warn!(host = %host, "[erlang] dns: cannot look up {host}: {e}; the nodes stay as they were");
+            }
+            Err(_) if !failing => {
+                failing = true;
+                tracing::warn!(host = %host, "[erlang] dns: looking up {host} timed out; the nodes stay as they were");
+            }
+            _ => {}
+        }
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep(DNS_EVERY) => {}
+        }
+    }
 }
 
 /// Marks a tick every TICK_EVERY (and wakes the shell if it waits) until
@@ -509,6 +573,9 @@ impl Shell {
         if self.core.undiscovered() {
             self.core.rediscover();
         }
+        if self.discover_cluster {
+            self.core.ask_cluster();
+        }
         self.core.claims_tick(Instant::now());
         self.run_effects(None);
         self.publish();
@@ -626,31 +693,17 @@ impl Shell {
                 tracing::info!(peer = %peer, "route removed: its peer's proxies are forgotten");
             }
             ShellControl::Nodes(wanted) => {
-                for i in 0..self.nodes.len() {
-                    let n = &mut self.nodes[i];
-                    if n.removed || wanted.iter().any(|w| *w.name == *n.name) {
-                        continue;
-                    }
-                    // Its backlog stays: with no connection, each delivery
-                    // in it is reported undeliverable (`gone`), never dropped
-                    // (a dropped `Held` would be acked as delivered).
-                    n.removed = true;
-                    n.cancel.cancel();
-                    n.tx = None;
-                    let name = n.name.clone();
-                    self.core.node_down(&name);
-                    tracing::info!(node = %name, "Erlang node removed from the configuration: disconnected");
+                self.configured = wanted;
+                self.apply_nodes();
+            }
+            ShellControl::DnsNodes(found) => {
+                // A node gone from the answer stays while it is connected.
+                let mut nodes: BTreeSet<Arc<str>> = found.into_iter().collect();
+                nodes.extend(self.dns_nodes.iter().filter(|n| self.is_connected(n)).cloned());
+                if nodes != self.dns_nodes {
+                    self.dns_nodes = nodes;
+                    self.apply_nodes();
                 }
-                for w in &wanted {
-                    if self.node_ix.get(w.name.as_str()).is_some_and(|&i| !self.nodes[i].removed) {
-                        continue;
-                    }
-                    let slot = self.spawner.node(w);
-                    self.node_ix.insert(slot.name.clone(), self.nodes.len());
-                    self.nodes.push(slot);
-                    tracing::info!(node = %w.name, "Erlang node added to the configuration: connecting");
-                }
-                self.publish_nodes();
             }
             ShellControl::Claim(cluster) => self.core.claim(cluster),
             ShellControl::Unclaim(cluster) => self.core.unclaim(&cluster),
@@ -666,6 +719,47 @@ impl Shell {
             }
         }
         self.run_effects(None);
+    }
+
+    fn is_connected(&self, node: &str) -> bool {
+        self.node_ix.get(node).is_some_and(|&i| self.nodes[i].tx.is_some())
+    }
+
+    /// Connects to every node configured or discovered (cluster, DNS) and
+    /// disconnects from the rest.
+    fn apply_nodes(&mut self) {
+        let mut wanted: Vec<ErlNode> = self.configured.clone();
+        for n in self.cluster_nodes.iter().chain(&self.dns_nodes) {
+            if !wanted.iter().any(|w| *w.name == **n) {
+                wanted.push(ErlNode { name: n.to_string(), port: None });
+            }
+        }
+        for i in 0..self.nodes.len() {
+            let n = &mut self.nodes[i];
+            if n.removed || wanted.iter().any(|w| *w.name == *n.name) {
+                continue;
+            }
+            // Its backlog stays: with no connection, each delivery
+            // in it is reported undeliverable (`gone`), never dropped
+            // (a dropped `Held` would be acked as delivered).
+            n.removed = true;
+            n.cancel.cancel();
+            n.tx = None;
+            let name = n.name.clone();
+            self.core.node_down(&name);
+            tracing::info!(node = %name, "Erlang node no longer configured nor discovered: disconnected");
+        }
+        for w in &wanted {
+            if self.node_ix.get(w.name.as_str()).is_some_and(|&i| !self.nodes[i].removed) {
+                continue;
+            }
+            let slot = self.spawner.node(w);
+            self.node_ix.insert(slot.name.clone(), self.nodes.len());
+            self.nodes.push(slot);
+            let how = if self.configured.iter().any(|c| c.name == w.name) { "configured" } else { "discovered" };
+            tracing::info!(node = %w.name, how, "Erlang node added: connecting");
+        }
+        self.publish_nodes();
     }
 
     /// The peer index of a route task's slot (its inbox is read as long as
@@ -839,6 +933,21 @@ impl Shell {
                 }
                 slot.pending_bytes += payload.len();
                 slot.pending.push_back((payload, token));
+                Ok(())
+            }
+            Effect::ClusterNodes { from, nodes } => {
+                if self.discover_cluster {
+                    // What `from` sees, itself, and whatever it does not see
+                    // but the gateway is still connected to.
+                    let mut seen: BTreeSet<Arc<str>> = nodes.into_iter().collect();
+                    seen.insert(from);
+                    seen.extend(self.cluster_nodes.iter().filter(|n| self.is_connected(n)).cloned());
+                    seen.retain(|n| !self.configured.iter().any(|c| *c.name == **n));
+                    if seen != self.cluster_nodes {
+                        self.cluster_nodes = seen;
+                        self.apply_nodes();
+                    }
+                }
                 Ok(())
             }
             Effect::Left(peer) => {

@@ -48,6 +48,8 @@ pub fn plan(running: &Config, loaded: &Config) -> Plan {
                 ("erlang.scope", a.scope != b.scope),
                 ("erlang.coordinate", a.coordinate != b.coordinate),
                 ("erlang.tls", a.tls != b.tls),
+                ("erlang.discover", a.discover_cluster != b.discover_cluster),
+                ("erlang.dns", a.dns != b.dns),
             ];
             restart.extend(keys.iter().filter(|(_, changed)| *changed).map(|(k, _)| k.to_string()));
             nodes = a.nodes != b.nodes;

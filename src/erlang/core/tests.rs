@@ -954,3 +954,70 @@ fn a_scope_that_ends_on_the_claims_call_is_not_asked_again() {
     assert!(reg_sends(&effects).is_empty(), "asked again: {effects:?}");
     assert!(w.core.claims.as_ref().unwrap().coordinator().is_none());
 }
+
+/// `discover = "cluster"`: the gateway asks a connected node's `rex` for
+/// `erlang:nodes()`; only the answer to that call counts, names that are
+/// not node names (and the gateway's own) are dropped, and at most
+/// MAX_CLUSTER_NODES are taken.
+#[test]
+fn cluster_discovery_takes_only_the_answer_it_asked_for_checked_and_bounded() {
+    let mut w = world();
+    assert!(w.core.ask_cluster());
+    let effects = w.core.take_effects();
+    let sends = reg_sends(&effects);
+    assert_eq!(sends.len(), 1);
+    let (name, call) = &sends[0];
+    assert_eq!(name, "rex");
+    let t = call.as_tuple().unwrap();
+    let tag = t[1].as_tuple().unwrap()[1].clone();
+    assert_eq!(
+        t[2],
+        Term::tuple(vec![
+            Term::atom("call"),
+            Term::atom("erlang"),
+            Term::atom("nodes"),
+            Term::Nil,
+            Term::Pid(w.core.gw().clone())
+        ])
+    );
+    let answer = |tag: &Term, nodes: Vec<Term>| etf::encode(&Term::tuple(vec![tag.clone(), Term::list(nodes)]));
+    let cluster_nodes = |effects: Vec<Effect>| {
+        effects
+            .into_iter()
+            .filter_map(|e| match e {
+                Effect::ClusterNodes { from, nodes } => Some((from, nodes)),
+                _ => None,
+            })
+            .collect::<Vec<_>>()
+    };
+    // Another reference of ours (not this call's): not taken.
+    let (_, stale) = w.core.own_ref(NODES_CALL);
+    w.core.on_scope_message(&w.a1.clone(), &answer(&Term::Ref(stale), vec![Term::atom("x@h")]));
+    assert!(cluster_nodes(w.core.take_effects()).is_empty());
+    // The answer: bad names and our own dropped.
+    let nodes = vec![
+        Term::atom("a2@h"),
+        Term::atom("not a node"),
+        Term::atom(ME),
+        Term::Int(7),
+        Term::atom("@h"),
+        Term::Binary(b"a9@h".to_vec()),
+        Term::atom("a3@h"),
+    ];
+    w.core.on_scope_message(&w.a1.clone(), &answer(&tag, nodes));
+    let got = cluster_nodes(w.core.take_effects());
+    assert_eq!(got.len(), 1);
+    assert_eq!(*got[0].0, *A1);
+    assert_eq!(got[0].1.iter().map(|n| n.to_string()).collect::<Vec<_>>(), ["a2@h", "a3@h"]);
+    // The same answer again: the call is over.
+    w.core.on_scope_message(&w.a1.clone(), &answer(&tag, vec![Term::atom("a4@h")]));
+    assert!(cluster_nodes(w.core.take_effects()).is_empty());
+    // A huge cluster: bounded.
+    assert!(w.core.ask_cluster());
+    let sends = reg_sends(&w.core.take_effects());
+    let tag = sends[0].1.as_tuple().unwrap()[1].as_tuple().unwrap()[1].clone();
+    let many: Vec<Term> = (0..MAX_CLUSTER_NODES + 10).map(|i| Term::atom(&format!("n{i}@h"))).collect();
+    w.core.on_scope_message(&w.a1.clone(), &answer(&tag, many));
+    let got = cluster_nodes(w.core.take_effects());
+    assert_eq!(got[0].1.len(), MAX_CLUSTER_NODES);
+}
