@@ -34,6 +34,10 @@ enum Command {
     Run {
         #[arg(long, short)]
         config: PathBuf,
+        /// `text` (default), or `json`: one JSON object per line, with the
+        /// fields of the text lines (also WANDIST_LOG_FORMAT).
+        #[arg(long, env = "WANDIST_LOG_FORMAT", default_value = "text")]
+        log_format: LogFormat,
     },
     /// Load and validate everything `run` would, without binding a port.
     Check {
@@ -71,6 +75,12 @@ enum Command {
         #[arg(required = true, value_name = "CLUSTER")]
         clusters: Vec<String>,
     },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 fn main() -> ExitCode {
@@ -111,14 +121,14 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-        Command::Run { config } => run(config),
+        Command::Run { config, log_format } => run(config, log_format),
         Command::Reload { config } => reload(config),
         Command::Demo { messages } => demo(messages),
     }
 }
 
 fn demo(messages: u32) -> ExitCode {
-    init_logging("error");
+    init_logging("error", LogFormat::Text);
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -141,17 +151,19 @@ fn demo(messages: u32) -> ExitCode {
 /// Exit code when something the demo needs is missing (EX_UNAVAILABLE).
 const EXIT_UNAVAILABLE: u8 = 69;
 
-fn init_logging(default: &str) {
+fn init_logging(default: &str, format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("WANDIST_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).init(),
+        // The event's fields at the top level, next to timestamp, level
+        // and target; no span lists (the text lines have none either).
+        LogFormat::Json => builder.json().flatten_event(true).with_current_span(false).with_span_list(false).init(),
+    }
 }
 
-fn run(config: PathBuf) -> ExitCode {
+fn run(config: PathBuf, log_format: LogFormat) -> ExitCode {
     let prepared = match wandist::gateway::prepare(&config) {
         Ok(p) => p,
         Err(problems) => {
@@ -161,7 +173,7 @@ fn run(config: PathBuf) -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
-    init_logging("info");
+    init_logging("info", log_format);
     let tls = prepared.tls.iter().flat_map(|t| t.warnings.iter().cloned());
     for w in prepared.config.warnings().into_iter().chain(tls) {
         tracing::warn!("{w}");

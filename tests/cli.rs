@@ -295,3 +295,28 @@ fn a_certificate_near_expiry_is_logged_and_its_expiry_is_a_metric() {
         Command::new(BIN).args(["certs", "--days", "0", "--out"]).arg(certs.dir.path()).arg("dc1").output().unwrap();
     assert!(!out.status.success());
 }
+
+/// `WANDIST_LOG_FORMAT=json` (or `--log-format json`): every log line is
+/// one JSON object with the text line's fields at the top level.
+#[test]
+fn json_logs_are_one_object_per_line_with_the_fields_of_the_text_lines() {
+    let certs = Certs::new(&["dc1"]);
+    let body = format!("{}{}", gateway_table("dc1", true), certs.tls_table("dc1"));
+    let gw = Gateway::start_with_env("gw-json", &body, &[("WANDIST_LOG_FORMAT", "json".to_string())]);
+    let lines = gw.logs();
+    assert!(lines.len() >= 3, "{lines:?}");
+    let mut listening = None;
+    for line in &lines {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+        for key in ["timestamp", "level", "message", "target"] {
+            assert!(v.get(key).is_some(), "no {key}: {line}");
+        }
+        if v["message"] == "listening for peer gateways" {
+            listening = Some(v);
+        }
+    }
+    let listening = listening.expect("the listening line");
+    assert_eq!(listening["level"], "INFO");
+    let addr: std::net::SocketAddr = listening["addr"].as_str().unwrap().parse().unwrap();
+    assert_eq!(addr, gw.peer_addr());
+}

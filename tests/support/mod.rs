@@ -253,9 +253,13 @@ impl Drop for Gateway {
 
 /// Reads `addr=IP:PORT` out of a log line.
 pub fn addr_in(line: &str) -> SocketAddr {
-    let at = line.find("addr=").unwrap_or_else(|| panic!("no addr= in {line:?}")) + 5;
+    // (A JSON line has "addr":"IP:PORT".)
+    let (at, stop): (usize, fn(char) -> bool) = match line.find("\"addr\":\"") {
+        Some(at) => (at + 8, |c| c == '"'),
+        None => (line.find("addr=").unwrap_or_else(|| panic!("no addr= in {line:?}")) + 5, char::is_whitespace),
+    };
     let rest = &line[at..];
-    let end = rest.find(char::is_whitespace).unwrap_or(rest.len());
+    let end = rest.find(stop).unwrap_or(rest.len());
     rest[..end].parse().unwrap_or_else(|e| panic!("bad address in {line:?}: {e}"))
 }
 
