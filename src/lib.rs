@@ -16,6 +16,7 @@ pub mod ratelog;
 pub mod route;
 pub mod shard;
 pub mod signal;
+pub mod status;
 pub mod stop;
 pub mod tls;
 pub mod wire;

@@ -50,6 +50,19 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Show a running gateway's state (its /status) as tables: routes,
+    /// links, Erlang nodes, groups; exit 0 if it is ready, 1 if not.
+    Status {
+        /// The gateway's metrics address, e.g. http://127.0.0.1:9100.
+        #[arg(long, conflicts_with = "config")]
+        url: Option<String>,
+        /// The gateway's configuration (its [metrics] listen is asked).
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// Print the JSON as the gateway sends it.
+        #[arg(long)]
+        json: bool,
+    },
     /// Two Erlang clusters on loopback bridged by two gateways, shown working.
     Demo {
         /// Messages streamed while the primary link is cut.
@@ -124,7 +137,90 @@ fn main() -> ExitCode {
         Command::Run { config, log_format } => run(config, log_format),
         Command::Reload { config } => reload(config),
         Command::Demo { messages } => demo(messages),
+        Command::Status { url, config, json } => status(url, config, json),
     }
+}
+
+/// `wandist status`.
+fn status(url: Option<String>, config: Option<PathBuf>, json: bool) -> ExitCode {
+    let addr = match (url, config) {
+        (Some(url), _) => {
+            url.trim_start_matches("http://").trim_end_matches('/').trim_end_matches("/metrics").to_string()
+        }
+        (None, Some(config)) => match wandist::config::Config::load(&config) {
+            Ok(c) => match c.metrics {
+                Some(m) if m.listen.port() != 0 => {
+                    let ip = if m.listen.ip().is_unspecified() {
+                        "127.0.0.1".to_string()
+                    } else {
+                        m.listen.ip().to_string()
+                    };
+                    std::net::SocketAddr::new(ip.parse().expect("an address"), m.listen.port()).to_string()
+                }
+                Some(_) => {
+                    eprintln!("wandist status: [metrics] listen has port 0 in {}: give --url with the port the gateway logged (serving metrics addr=…)", config.display());
+                    return ExitCode::from(EXIT_CONFIG);
+                }
+                None => {
+                    eprintln!("wandist status: {} has no [metrics] listen: /status is served there", config.display());
+                    return ExitCode::from(EXIT_CONFIG);
+                }
+            },
+            Err(problems) => {
+                print_problems(&problems);
+                return ExitCode::from(EXIT_CONFIG);
+            }
+        },
+        (None, None) => {
+            eprintln!("wandist status: give --url http://HOST:PORT or --config FILE");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let body = match http_get(&addr, "/status") {
+        Ok(body) => body,
+        Err(e) => {
+            eprintln!("wandist status: cannot get http://{addr}/status: {e}");
+            return ExitCode::from(EXIT_UNAVAILABLE);
+        }
+    };
+    let status: wandist::status::Status = match serde_json::from_str(&body) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("wandist status: http://{addr}/status did not answer a status: {e}");
+            return ExitCode::from(EXIT_UNAVAILABLE);
+        }
+    };
+    if json {
+        print!("{body}");
+    } else {
+        print!("{}", wandist::status::render(&status));
+    }
+    if status.ready {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+/// A plain HTTP/1.1 GET, bounded in time and size: the body if 200.
+fn http_get(addr: &str, path: &str) -> std::io::Result<String> {
+    use std::io::{Read, Write};
+    let timeout = std::time::Duration::from_secs(5);
+    let to =
+        std::net::ToSocketAddrs::to_socket_addrs(addr)?.next().ok_or_else(|| std::io::Error::other("no address"))?;
+    let mut s = std::net::TcpStream::connect_timeout(&to, timeout)?;
+    s.set_read_timeout(Some(timeout))?;
+    s.set_write_timeout(Some(timeout))?;
+    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")?;
+    let mut raw = Vec::new();
+    s.take(64 << 20).read_to_end(&mut raw)?;
+    let text = String::from_utf8_lossy(&raw);
+    let (head, body) = text.split_once("\r\n\r\n").ok_or_else(|| std::io::Error::other("no HTTP answer"))?;
+    let status = head.lines().next().unwrap_or_default();
+    if !status.contains(" 200 ") {
+        return Err(std::io::Error::other(status.to_string()));
+    }
+    Ok(body.to_string())
 }
 
 fn demo(messages: u32) -> ExitCode {

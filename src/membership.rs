@@ -506,6 +506,19 @@ impl PeerMembership {
         (self.imported_size.groups, self.imported_size.members)
     }
 
+    /// The first `max` groups exported to this peer, by name, with their
+    /// member counts (`/status`).
+    pub fn exported_groups(&self, max: usize) -> Vec<(String, usize)> {
+        let groups = self.local.iter().filter(|(g, _)| self.export.allows(g));
+        groups.take(max).map(|(g, m)| (g.clone(), m.values().map(|&n| n as usize).sum())).collect()
+    }
+
+    /// The first `max` groups imported from this peer, by name, with their
+    /// member counts.
+    pub fn imported_groups(&self, max: usize) -> Vec<(String, usize)> {
+        self.imported.iter().take(max).map(|(g, m)| (g.clone(), m.values().map(|&n| n as usize).sum())).collect()
+    }
+
     pub fn imported_table(&self) -> impl Iterator<Item = (&str, Vec<Member>)> {
         self.imported.iter().map(|(g, m)| (g.as_str(), expand(m)))
     }

@@ -151,6 +151,8 @@ pub struct Metrics {
 struct Inner {
     recorder: PrometheusRecorder,
     handle: PrometheusHandle,
+    /// What `/status` and `/readyz` answer from (`status`).
+    board: crate::status::Board,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -186,7 +188,12 @@ impl Metrics {
             }
         }
         let handle = recorder.handle();
-        Metrics { inner: Arc::new(Inner { recorder, handle }) }
+        Metrics { inner: Arc::new(Inner { recorder, handle, board: crate::status::Board::default() }) }
+    }
+
+    /// The status board (`/status`, `/readyz`), shared with the metrics.
+    pub fn board(&self) -> &crate::status::Board {
+        &self.inner.board
     }
 
     pub fn counter(&self, name: &'static str, labels: &[(&'static str, &str)]) -> Counter {
@@ -237,7 +244,7 @@ const READ_DEADLINE: Duration = Duration::from_secs(2);
 /// And its answer been written within this.
 const ANSWER_DEADLINE: Duration = Duration::from_secs(10);
 
-/// Serves `/metrics` and `/healthz` until `cancel`: at most
+/// Serves `/metrics`, `/healthz` (alive), `/readyz` and `/status` until `cancel`: at most
 /// MAX_CONNECTIONS at once, each bounded in size and time.
 pub async fn serve(listener: TcpListener, metrics: Metrics, cancel: CancellationToken, tracker: TaskTracker) {
     let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
@@ -287,7 +294,16 @@ async fn answer(mut stream: TcpStream, metrics: &Metrics) {
     let (status, ctype, body) = match (method, path.split('?').next().unwrap_or("")) {
         ("GET", "/metrics") => ("200 OK", "text/plain; version=0.0.4", metrics.render()),
         ("GET", "/healthz") => ("200 OK", "text/plain", "ok\n".to_string()),
-        ("GET", _) => ("404 Not Found", "text/plain", "try /metrics\n".to_string()),
+        ("GET", "/readyz") => match crate::status::readyz(&metrics.board().status()) {
+            (true, body) => ("200 OK", "application/json", body),
+            (false, body) => ("503 Service Unavailable", "application/json", body),
+        },
+        ("GET", "/status") => {
+            let status = metrics.board().status();
+            let body = serde_json::to_string_pretty(&status).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"));
+            ("200 OK", "application/json", body + "\n")
+        }
+        ("GET", _) => ("404 Not Found", "text/plain", "try /metrics, /healthz, /readyz or /status\n".to_string()),
         _ => ("405 Method Not Allowed", "text/plain", "GET only\n".to_string()),
     };
     let head = format!(

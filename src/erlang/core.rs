@@ -528,6 +528,21 @@ impl Core {
         self.proxies.retire_peer(p);
     }
 
+    /// The gateway's node name.
+    pub fn me(&self) -> &str {
+        &self.me
+    }
+
+    /// The mirrored scope.
+    pub fn scope(&self) -> &str {
+        &self.scope
+    }
+
+    /// Whether `node` is connected and its scope process known.
+    pub fn has_scope(&self, node: &str) -> bool {
+        self.mirror.scope_of(node).is_some()
+    }
+
     pub fn undiscovered(&self) -> bool {
         !self.mirror.undiscovered().is_empty()
     }

@@ -36,6 +36,7 @@ use crate::gateway::{Inbox, LocalHandle, RouteHandle, ToLocal, TryGroups, TrySub
 use crate::membership::Filter;
 use crate::metrics::{self as m, Metrics};
 use crate::ratelog::RateLog;
+use crate::status;
 
 /// Items taken from one inbox before the next is served.
 const BATCH: usize = 32;
@@ -70,6 +71,8 @@ struct NodeSlot {
     /// Stops its connection task (a reload removed the node).
     cancel: CancellationToken,
     removed: bool,
+    /// Since when it is connected, or not (`/status`).
+    since: Instant,
 }
 
 /// What a reload changes on the Erlang side, while it runs.
@@ -251,6 +254,7 @@ impl Spawner {
             tried: false,
             cancel,
             removed: false,
+            since: Instant::now(),
         }
     }
 }
@@ -333,6 +337,7 @@ pub fn start(
     }
     shell.connected.set(0.0);
     shell.proxies.set(0.0);
+    shell.publish_status();
     tracing::info!(node = %me, creation, scope = %cfg.scope, "Erlang side started");
     shell.maybe_ready();
     tracker.spawn(shell.run(cancel));
@@ -785,6 +790,7 @@ impl Shell {
         match ev {
             NodeEvent::Up { tx, .. } => {
                 self.nodes[i].tx = Some(tx);
+                self.nodes[i].since = Instant::now();
                 self.core.node_up(&name);
                 self.publish_nodes();
                 self.nodes[i].tried = true;
@@ -796,6 +802,7 @@ impl Shell {
             }
             NodeEvent::Down { why, .. } => {
                 self.nodes[i].tx = None;
+                self.nodes[i].since = Instant::now();
                 tracing::warn!(node = %name, "Erlang node connection lost: {why}");
                 self.core.node_down(&name);
                 self.publish_nodes();
@@ -1054,9 +1061,35 @@ impl Shell {
             let up = if n.tx.is_some() { 1.0 } else { 0.0 };
             self.spawner.metrics.gauge(m::ERLANG_NODE_UP, &[("node", &n.name)]).set(up);
         }
+        self.publish_status();
+    }
+
+    /// The Erlang side's part of `/status`.
+    fn publish_status(&self) {
+        let scope = self.core.scope().to_string();
+        let now = Instant::now();
+        let nodes = self
+            .nodes
+            .iter()
+            .filter(|n| !n.removed)
+            .map(|n| status::NodeStatus {
+                name: n.name.to_string(),
+                up: n.tx.is_some(),
+                since_secs: now.duration_since(n.since).as_secs_f64(),
+                scopes: if self.core.has_scope(&n.name) { vec![scope.clone()] } else { Vec::new() },
+                how: if self.configured.iter().any(|c| *c.name == *n.name) { "configured" } else { "discovered" }
+                    .into(),
+            })
+            .collect();
+        self.spawner.metrics.board().set_erlang(status::ErlangStatus {
+            node: self.core.me().to_string(),
+            scopes: vec![scope],
+            nodes,
+        });
     }
 
     fn publish(&self) {
+        self.publish_status();
         self.proxies.set(self.core.proxies() as f64);
         for (p, slot) in self.routes.iter().enumerate() {
             let (proxies, handles, monitors, atoms) = self.core.usage(p);

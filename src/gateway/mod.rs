@@ -668,7 +668,9 @@ async fn start_inner(
             }
         });
     }
-    tracing::info!(cluster = %own.cluster, gateway = %own.gateway, routes = config.routes.len(), "gateway ready");
+    tracing::info!(cluster = %own.cluster, gateway = %own.gateway, routes = config.routes.len(), "gateway started");
+    metrics.board().set_identity(&own.cluster, &own.gateway);
+    tracker.spawn(say_ready(metrics.clone(), root.clone()));
     let grace = g.shutdown_grace;
     Ok(Running {
         peers,
@@ -689,6 +691,26 @@ async fn start_inner(
         successors: None,
         retiring: Vec::new(),
     })
+}
+
+/// How often readiness is looked at until it first holds.
+const READY_CHECK_EVERY: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// Logs "gateway ready" once readiness (`status::readiness`: every local
+/// node up with its scope, every route up) first holds.
+async fn say_ready(metrics: Metrics, cancel: CancellationToken) {
+    let mut every = tokio::time::interval(READY_CHECK_EVERY);
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = every.tick() => {}
+        }
+        if metrics.board().first_ready() {
+            let s = metrics.board().status();
+            tracing::info!(routes = s.routes.len(), nodes = s.erlang.map_or(0, |e| e.nodes.len()), "gateway ready");
+            return;
+        }
+    }
 }
 
 /// What it takes to start a route's task, at start or at a reload, and
@@ -732,6 +754,12 @@ impl RouteKit {
         if route.insecure_plaintext {
             tracing::warn!(peer = %route.cluster, "route uses insecure_plaintext: traffic to and from this cluster is neither encrypted nor authenticated");
         }
+        // On the status board from now: down until its task says otherwise.
+        self.metrics.board().set_route(crate::status::RouteStatus {
+            peer: route.cluster.clone(),
+            window_messages: route.window.messages,
+            ..Default::default()
+        });
         let (control_tx, control_rx) = mpsc::channel(CONTROL_QUEUE);
         let (to_local, rx) = mpsc::channel(self.queue.max(1));
         let cancel = self.root.child_token();
@@ -782,6 +810,12 @@ impl RouteKit {
             standby: true,
         };
         write(&self.admit).insert(route.cluster.clone(), admission);
+        self.metrics.board().set_route(crate::status::RouteStatus {
+            peer: route.cluster.clone(),
+            standby: true,
+            window_messages: route.window.messages,
+            ..Default::default()
+        });
         self.metrics.gauge(m::ROUTE_STANDBY, &[("peer", &route.cluster)]).set(1.0);
         self.metrics.gauge(m::ROUTE_UP, &[("peer", &route.cluster)]).set(0.0);
     }

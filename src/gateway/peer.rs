@@ -32,9 +32,12 @@ use crate::link::Timeouts;
 use crate::membership::{Change, Filter, ImportLimits, PeerMembership};
 use crate::metrics::{self as m, Metrics};
 use crate::route::{Admit, Confirmation, DataVerdict, FailReason, Outcome, Route, Window};
+use crate::status;
 use crate::tls;
 use crate::wire::{Frame, Header, Hello, CAP_REJECT};
 
+/// `/status` is refreshed with heartbeats at most this often.
+const STATUS_EVERY: Duration = Duration::from_secs(1);
 const MEMBER_GAUGES_EVERY: Duration = Duration::from_millis(200);
 /// Payload bytes the local side may hold (handed over, not yet processed),
 /// across all routes of a gateway.
@@ -52,6 +55,8 @@ struct Live {
     peer_wants: u8,
     endpoint: Option<usize>,
     since: Instant,
+    /// The last heartbeat's round trip (for `/status`).
+    rtt: Option<std::time::Duration>,
 }
 
 /// The route's metric handles, resolved once.
@@ -162,6 +167,11 @@ pub(super) struct PeerTask {
     /// every MEMBER_GAUGES_EVERY while membership churns.
     members_dirty: bool,
     members_published: Instant,
+    /// `/status` (`status::Board`): refreshed with the gauges, and with
+    /// heartbeats at most every STATUS_EVERY.
+    status_published: Instant,
+    /// Refused as a standby (another instance holds the peer's session).
+    standing_by: bool,
     metrics: Metrics,
     rm: RouteMetrics,
     /// Log lines a peer can cause many of, said once per period.
@@ -254,6 +264,8 @@ impl PeerTask {
             withdrawn: true,
             members_dirty: true,
             members_published: Instant::now(),
+            status_published: Instant::now(),
+            standing_by: false,
             metrics,
             rm,
             refusals: crate::ratelog::RateLog::default(),
@@ -490,6 +502,8 @@ impl PeerTask {
         // ending, so the route is down, whatever it counts.)
         self.publish();
         if !self.retired {
+            // (A route this instance no longer runs is not its to report.)
+            self.metrics.board().remove_route(&self.peer);
             for g in [&self.rm.route_up, &self.rm.primary_up, &self.rm.standby_up] {
                 g.set(0.0);
             }
@@ -589,6 +603,7 @@ impl PeerTask {
             // A standby instance for this route: tried again each
             // heartbeat, so it takes over soon after the holder is gone.
             self.rm.standby.set(1.0);
+            self.standing_by = true;
             self.next_dial = Instant::now() + self.params.heartbeat;
             self.metrics.counter(m::HANDSHAKE_FAILURES, &[("peer", &self.peer), ("reason", e.reason())]).increment(1);
             if let Some(held_back) = self.refusals.allow(&"other_instance") {
@@ -599,6 +614,7 @@ impl PeerTask {
         // Not refused as a standby: whether another instance holds the
         // route is unknown now.
         self.rm.standby.set(0.0);
+        self.standing_by = false;
         let delay = self.backoff.fail(fastrand::f64());
         self.next_dial = Instant::now() + delay;
         self.metrics.counter(m::HANDSHAKE_FAILURES, &[("peer", &self.peer), ("reason", e.reason())]).increment(1);
@@ -714,6 +730,7 @@ impl PeerTask {
         }
         self.rm.connects.increment(1);
         self.rm.standby.set(0.0);
+        self.standing_by = false;
         self.standby_streak = 0;
         // One step under the lock, so the link's reader cannot hand the
         // local side a message of a new session before the notices that
@@ -751,7 +768,7 @@ impl PeerTask {
         }
         let role = if up.primary { "primary" } else { "standby" };
         tracing::info!(peer = %self.peer, link = id, role, "link up {info}");
-        self.links.push(Live { link, peer_wants: hello.links_wanted, endpoint, since: Instant::now() });
+        self.links.push(Live { link, peer_wants: hello.links_wanted, endpoint, since: Instant::now(), rtt: None });
         if up.primary {
             if self.down_since.take().is_some() {
                 tracing::info!(peer = %self.peer, "route up");
@@ -787,7 +804,14 @@ impl PeerTask {
     fn on_event(&mut self, ev: LinkEvent) {
         match ev {
             LinkEvent::Closed { link, reason } => self.link_closed(link, reason),
-            LinkEvent::Rtt { .. } => {}
+            LinkEvent::Rtt { link, rtt } => {
+                if let Some(l) = self.links.iter_mut().find(|l| l.link.id == link) {
+                    l.rtt = Some(rtt);
+                }
+                if self.status_published.elapsed() >= STATUS_EVERY {
+                    self.publish_status();
+                }
+            }
             LinkEvent::Frames { link, frames } => {
                 for frame in frames {
                     self.on_frame(link, frame);
@@ -927,6 +951,54 @@ impl PeerTask {
         self.rm.route_up.set(route_up);
         self.publish_window();
         self.publish_members();
+        self.publish_status();
+    }
+
+    /// This route's part of `/status`.
+    fn publish_status(&mut self) {
+        self.status_published = Instant::now();
+        if self.retired {
+            return;
+        }
+        let now = Instant::now();
+        let (up, peer_gateway, primary, unacked) = {
+            let st = self.core.lock();
+            (st.route.is_up(), st.route.peer_instance().map(str::to_string), st.route.primary(), st.route.unacked().0)
+        };
+        let links: Vec<status::LinkStatus> = self
+            .links
+            .iter()
+            .filter(|l| !l.link.is_closed())
+            .map(|l| status::LinkStatus {
+                id: l.link.id,
+                endpoint: l.endpoint.map_or_else(|| "accepted".to_string(), |e| self.config.endpoints[e].to_string()),
+                role: if primary.is_some_and(|p| p == l.link.id) { "primary" } else { "standby" }.to_string(),
+                rtt_ms: l.rtt.map(|d| d.as_secs_f64() * 1000.0),
+                up_secs: now.duration_since(l.since).as_secs_f64(),
+            })
+            .collect();
+        let up_secs = if up { links.iter().map(|l| l.up_secs).reduce(f64::max) } else { None };
+        let (groups_exported, members_exported) = self.members.exported();
+        let (groups_imported, members_imported) = self.members.imported();
+        let listed = |v: Vec<(String, usize)>| {
+            v.into_iter().map(|(group, members)| status::GroupCount { scope: String::new(), group, members }).collect()
+        };
+        self.metrics.board().set_route(status::RouteStatus {
+            peer: self.peer.to_string(),
+            up,
+            standby: self.standing_by,
+            peer_gateway,
+            up_secs,
+            links,
+            unacked_messages: unacked,
+            window_messages: self.config.window.messages,
+            groups_exported,
+            members_exported,
+            groups_imported,
+            members_imported,
+            exported: listed(self.members.exported_groups(status::MAX_GROUPS_LISTED)),
+            imported: listed(self.members.imported_groups(status::MAX_GROUPS_LISTED)),
+        });
     }
 
     fn publish_window(&self) {

@@ -105,7 +105,7 @@ pub struct Gateway {
 
 impl Gateway {
     /// Starts a gateway with `body` as its config, plus a metrics table on
-    /// port 0. Returns once it has logged "gateway ready".
+    /// port 0. Returns once it has logged "gateway started".
     pub fn start(name: &str, body: &str) -> Gateway {
         Self::start_with_env(name, body, &[])
     }
@@ -151,7 +151,7 @@ impl Gateway {
             peer_addr: None,
             metrics_addr: "0.0.0.0:0".parse().unwrap(),
         };
-        gw.wait_log("gateway ready", SOON);
+        gw.wait_log("gateway started", SOON);
         gw.metrics_addr = addr_in(&gw.wait_log("serving metrics", SOON));
         gw.peer_addr = gw.find_log("listening for peer gateways").map(|l| addr_in(&l));
         gw
