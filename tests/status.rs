@@ -48,7 +48,11 @@ fn readyz_flips_with_the_erlang_side_and_the_route_and_status_names_what_is_wher
     let certs = Certs::new(&["dc1", "dc2"]);
     let gw1 = Gateway::start_with_env(
         "gw-dc1",
-        &format!("{}{}", accepting("dc1", &certs, "dc2"), erlang_table(&format!("wgw1_{t}@127.0.0.1"), "cookie_a", &[&a1])),
+        &format!(
+            "{}{}",
+            accepting("dc1", &certs, "dc2"),
+            erlang_table(&format!("wgw1_{t}@127.0.0.1"), "cookie_a", &[&a1])
+        ),
         &env,
     );
     // Not ready: the route is down, and a1 does not answer for the scope.
@@ -108,11 +112,7 @@ fn readyz_flips_with_the_erlang_side_and_the_route_and_status_names_what_is_wher
     assert!(primary[0]["rtt_ms"].is_number() || primary[0]["rtt_ms"].is_null());
 
     // `wandist status` prints it, and exits 0 while ready.
-    let out = Command::new(BIN)
-        .args(["status", "--url"])
-        .arg(format!("http://{}", gw2.metrics_addr))
-        .output()
-        .unwrap();
+    let out = Command::new(BIN).args(["status", "--url"]).arg(format!("http://{}", gw2.metrics_addr)).output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{text}");
     assert!(text.contains("\nready\n"), "{text}");
@@ -124,11 +124,7 @@ fn readyz_flips_with_the_erlang_side_and_the_route_and_status_names_what_is_wher
     drop(gw2);
     let v = wait_ready(&gw1, 503);
     assert!(v["reasons"].to_string().contains("route to dc2 is down"), "{v}");
-    let out = Command::new(BIN)
-        .args(["status", "--url"])
-        .arg(format!("http://{}", gw1.metrics_addr))
-        .output()
-        .unwrap();
+    let out = Command::new(BIN).args(["status", "--url"]).arg(format!("http://{}", gw1.metrics_addr)).output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(1), "{text}");
     assert!(text.contains("NOT READY:\n  - route to dc2 is down"), "{text}");

@@ -119,13 +119,23 @@ pub fn epmd_port() -> u16 {
     std::env::var("ERL_EPMD_PORT").ok().and_then(|p| p.parse().ok()).unwrap_or(4369)
 }
 
-/// Asks EPMD on the node's host for its distribution port (PORT_PLEASE2).
-pub async fn port_please(node: &str, timeout: Duration) -> Result<u16, DistError> {
-    port_please_at(node, epmd_port(), timeout).await
+/// The distribution protocol version of OTP 23 and later (the 'N'
+/// handshake, 64-bit flags); 5 is the one before.
+pub const VERSION_23: u16 = 6;
+
+/// Asks EPMD on the node's host for its distribution port and the highest
+/// distribution version it registered (PORT_PLEASE2).
+pub async fn port_please(node: &str, timeout: Duration) -> Result<(u16, u16), DistError> {
+    port_and_version_at(node, epmd_port(), timeout).await
+}
+
+/// The node's port, from EPMD on a given port.
+pub async fn port_please_at(node: &str, epmd_port: u16, timeout: Duration) -> Result<u16, DistError> {
+    Ok(port_and_version_at(node, epmd_port, timeout).await?.0)
 }
 
 /// As `port_please`, with EPMD on a given port.
-pub async fn port_please_at(node: &str, epmd_port: u16, timeout: Duration) -> Result<u16, DistError> {
+pub async fn port_and_version_at(node: &str, epmd_port: u16, timeout: Duration) -> Result<(u16, u16), DistError> {
     let (name, host) = split_node(node).ok_or_else(|| DistError::Epmd(node.into(), "not a name@host node".into()))?;
     let epmd = format!("{host}:{epmd_port}");
     let work = async {
@@ -143,9 +153,10 @@ pub async fn port_please_at(node: &str, epmd_port: u16, timeout: Duration) -> Re
         if head[1] != 0 {
             return Err(DistError::Epmd(epmd.clone(), format!("node {name:?} is not registered")));
         }
-        let mut port = [0u8; 2];
-        s.read_exact(&mut port).await?;
-        Ok(u16::from_be_bytes(port))
+        // PortNo, NodeType, Protocol, HighestVersion, LowestVersion.
+        let mut rest = [0u8; 8];
+        s.read_exact(&mut rest).await?;
+        Ok((u16::from_be_bytes([rest[0], rest[1]]), u16::from_be_bytes([rest[4], rest[5]])))
     };
     tokio::time::timeout(timeout, work).await.map_err(|_| DistError::Timeout("EPMD lookup"))?
 }
@@ -216,21 +227,34 @@ async fn write_packet<S: AsyncWrite + Unpin>(s: &mut S, framing: Framing, body: 
     Ok(())
 }
 
-/// Runs the client side of the handshake on a connected stream.
+/// Runs the client side of the handshake on a connected stream. `version`
+/// is what EPMD says the node speaks: 6 (OTP 23+) gets the 'N' name; 5
+/// (OTP 21–22) the older 'n' name with 32-bit flags, which OTP 23+ nodes
+/// also take (they answer with an 'N' challenge, and we complement our
+/// flags and creation: the 'c' message).
 pub async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
     s: &mut S,
     framing: Framing,
+    version: u16,
     me: &str,
     creation: u32,
     expect: &str,
     cookie: &Secret,
 ) -> Result<Peer, DistError> {
     let fail = |why: String| DistError::Handshake { node: expect.to_string(), why };
+    let old_name = version < VERSION_23;
     // send_name
-    let mut name = vec![b'N'];
-    name.extend_from_slice(&OUR_FLAGS.to_be_bytes());
-    name.extend_from_slice(&creation.to_be_bytes());
-    name.extend_from_slice(&(me.len() as u16).to_be_bytes());
+    let mut name = Vec::with_capacity(32 + me.len());
+    if old_name {
+        name.push(b'n');
+        name.extend_from_slice(&5u16.to_be_bytes());
+        name.extend_from_slice(&(OUR_FLAGS as u32).to_be_bytes());
+    } else {
+        name.push(b'N');
+        name.extend_from_slice(&OUR_FLAGS.to_be_bytes());
+        name.extend_from_slice(&creation.to_be_bytes());
+        name.extend_from_slice(&(me.len() as u16).to_be_bytes());
+    }
     name.extend_from_slice(me.as_bytes());
     write_packet(s, framing, &name).await?;
     // recv_status
@@ -253,22 +277,38 @@ pub async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
         }
         other => return Err(fail(format!("refused: {}", String::from_utf8_lossy(other)))),
     }
-    // recv_challenge ('N', new format)
+    // recv_challenge: 'N' (OTP 23+), or 'n' from an OTP 21–22 node.
     let ch = read_packet(s, framing, 1024).await?;
-    if ch.first() != Some(&b'N') || ch.len() < 1 + 8 + 4 + 4 + 2 {
-        return Err(fail(format!("unexpected challenge packet {:?}", ch.first())));
-    }
-    let flags = u64::from_be_bytes(ch[1..9].try_into().map_err(|_| fail("short challenge".into()))?);
-    let challenge = u32::from_be_bytes(ch[9..13].try_into().map_err(|_| fail("short challenge".into()))?);
-    let their_creation = u32::from_be_bytes(ch[13..17].try_into().map_err(|_| fail("short challenge".into()))?);
-    let nlen = u16::from_be_bytes([ch[17], ch[18]]) as usize;
-    let their_name = ch.get(19..19 + nlen).ok_or_else(|| fail("short challenge".into()))?;
+    let short = || fail("short challenge".into());
+    let (flags, challenge, their_creation, their_name, required) = match ch.first() {
+        Some(b'N') if ch.len() >= 1 + 8 + 4 + 4 + 2 => {
+            let flags = u64::from_be_bytes(ch[1..9].try_into().map_err(|_| short())?);
+            let challenge = u32::from_be_bytes(ch[9..13].try_into().map_err(|_| short())?);
+            let creation = u32::from_be_bytes(ch[13..17].try_into().map_err(|_| short())?);
+            let nlen = u16::from_be_bytes([ch[17], ch[18]]) as usize;
+            let name = ch.get(19..19 + nlen).ok_or_else(short)?;
+            (flags, challenge, creation, name, REQUIRED)
+        }
+        Some(b'n') if old_name && ch.len() >= 1 + 2 + 4 + 4 => {
+            let flags = u32::from_be_bytes(ch[3..7].try_into().map_err(|_| short())?) as u64;
+            let challenge = u32::from_be_bytes(ch[7..11].try_into().map_err(|_| short())?);
+            (flags, challenge, 0, &ch[11..], REQUIRED & !DFLAG_HANDSHAKE_23)
+        }
+        other => return Err(fail(format!("unexpected challenge packet {other:?}"))),
+    };
     let their_name = String::from_utf8_lossy(their_name).into_owned();
     if their_name != expect {
         return Err(fail(format!("reached {their_name} instead")));
     }
-    if flags & REQUIRED != REQUIRED {
-        return Err(fail(format!("node lacks required distribution flags ({flags:#x}); OTP 23 or later is needed")));
+    if flags & required != required {
+        return Err(fail(format!("node lacks required distribution flags ({flags:#x}); OTP 21 or later is needed")));
+    }
+    // send_complement: our name was the old one, the node is OTP 23+.
+    if old_name && ch[0] == b'N' {
+        let mut complement = vec![b'c'];
+        complement.extend_from_slice(&((OUR_FLAGS >> 32) as u32).to_be_bytes());
+        complement.extend_from_slice(&creation.to_be_bytes());
+        write_packet(s, framing, &complement).await?;
     }
     // send_challenge_reply: our challenge from the system's CSPRNG (a
     // predictable one would let a recorded digest be replayed).
@@ -317,6 +357,94 @@ mod tests {
             hex(&md5(b"12345678901234567890123456789012345678901234567890123456789012345678901234567890")),
             "57edf4a22be3c955ac49da2e2107b67a"
         );
+    }
+
+    /// A scripted node on the other end of `handshake`: reads what we
+    /// send, answers as an OTP 21–22 node ('n' challenge, 32-bit flags) or,
+    /// with `new_node`, as an OTP 23+ node meeting our old 'n' name.
+    async fn scripted_node(new_node: bool, their_flags: u64) -> (Result<Peer, DistError>, Vec<Vec<u8>>) {
+        let (ours, mut theirs) = tokio::io::duplex(4096);
+        let cookie = Secret::new("cookie");
+        // (Ours is dropped when the handshake ends, so the node sees EOF.)
+        let client = async move {
+            let mut ours = ours;
+            handshake(&mut ours, Framing::Tcp, 5, "gw@h", 77, "old@h", &cookie).await
+        };
+        let node = async {
+            let mut seen = Vec::new();
+            let name = read_packet(&mut theirs, Framing::Tcp, 1024).await.unwrap();
+            seen.push(name);
+            write_packet(&mut theirs, Framing::Tcp, b"sok").await.unwrap();
+            let mut ch = Vec::new();
+            if new_node {
+                ch.push(b'N');
+                ch.extend_from_slice(&their_flags.to_be_bytes());
+                ch.extend_from_slice(&4242u32.to_be_bytes());
+                ch.extend_from_slice(&9u32.to_be_bytes());
+                ch.extend_from_slice(&5u16.to_be_bytes());
+            } else {
+                ch.push(b'n');
+                ch.extend_from_slice(&5u16.to_be_bytes());
+                ch.extend_from_slice(&(their_flags as u32).to_be_bytes());
+                ch.extend_from_slice(&4242u32.to_be_bytes());
+            }
+            ch.extend_from_slice(b"old@h");
+            write_packet(&mut theirs, Framing::Tcp, &ch).await.unwrap();
+            // The complement (if any), then the reply.
+            loop {
+                let Ok(p) = read_packet(&mut theirs, Framing::Tcp, 1024).await else { return seen };
+                let reply = p[0] == b'r';
+                seen.push(p.clone());
+                if reply {
+                    assert_eq!(p[5..], md5_digest("cookie", 4242), "our digest of its challenge");
+                    let ours = u32::from_be_bytes(p[1..5].try_into().unwrap());
+                    let mut ack = vec![b'a'];
+                    ack.extend_from_slice(&md5_digest("cookie", ours));
+                    write_packet(&mut theirs, Framing::Tcp, &ack).await.unwrap();
+                    return seen;
+                }
+            }
+        };
+        tokio::join!(client, node)
+    }
+
+    const OTP22_FLAGS: u64 = (REQUIRED & !DFLAG_HANDSHAKE_23) | DFLAG_DIST_MONITOR | DFLAG_SEND_SENDER;
+
+    #[tokio::test]
+    async fn the_pre_otp_23_handshake_meets_an_otp_22_node() {
+        let (peer, seen) = scripted_node(false, OTP22_FLAGS).await;
+        let peer = peer.unwrap();
+        assert_eq!((peer.name.as_str(), peer.flags, peer.creation), ("old@h", OTP22_FLAGS, 0));
+        // Our name: 'n', version 5, our flags' low 32 bits (with HANDSHAKE_23), the name.
+        let name = &seen[0];
+        assert_eq!(name[0], b'n');
+        assert_eq!(u16::from_be_bytes([name[1], name[2]]), 5);
+        assert_eq!(u32::from_be_bytes(name[3..7].try_into().unwrap()) as u64, OUR_FLAGS & 0xffff_ffff);
+        assert_eq!(&name[7..], b"gw@h");
+        // No complement for an old node: the reply came next.
+        assert_eq!(seen.len(), 2);
+        assert_eq!(seen[1][0], b'r');
+    }
+
+    #[tokio::test]
+    async fn the_pre_otp_23_handshake_complements_an_otp_23_node() {
+        let their = OUR_FLAGS;
+        let (peer, seen) = scripted_node(true, their).await;
+        let peer = peer.unwrap();
+        assert_eq!((peer.flags, peer.creation), (their, 9));
+        // 'c': the high half of our flags, and our creation.
+        let c = &seen[1];
+        assert_eq!(c[0], b'c');
+        assert_eq!(u32::from_be_bytes(c[1..5].try_into().unwrap()) as u64, OUR_FLAGS >> 32);
+        assert_eq!(u32::from_be_bytes(c[5..9].try_into().unwrap()), 77);
+        assert_eq!(seen[2][0], b'r');
+    }
+
+    #[tokio::test]
+    async fn a_node_older_than_otp_21_is_refused_with_why() {
+        let (peer, _) = scripted_node(false, OTP22_FLAGS & !DFLAG_UTF8_ATOMS).await;
+        let e = peer.unwrap_err().to_string();
+        assert!(e.contains("lacks required distribution flags") && e.contains("OTP 21 or later"), "{e}");
     }
 
     #[test]

@@ -258,8 +258,10 @@ enum DistStream {
 async fn connect(node: &ErlNode, p: &NodeParams) -> Result<DistStream, dist::DistError> {
     let (_, host) =
         dist::split_node(&node.name).ok_or_else(|| dist::DistError::Epmd(node.name.clone(), "bad node name".into()))?;
-    let port = match node.port {
-        Some(port) => port,
+    // (A node given by port, without EPMD, is taken for OTP 23 or later:
+    // OTP 21–22 nodes are met with the old handshake only through EPMD.)
+    let (port, version) = match node.port {
+        Some(port) => (port, dist::VERSION_23),
         None => dist::port_please(&node.name, CONNECT_TIMEOUT).await?,
     };
     let addr = format!("{host}:{port}");
@@ -298,10 +300,10 @@ async fn connect(node: &ErlNode, p: &NodeParams) -> Result<DistStream, dist::Dis
     let handshake = async {
         match &mut s {
             DistStream::Tcp(s) => {
-                dist::handshake(s, dist::Framing::Tcp, &p.me, p.creation, &node.name, &p.cookie).await
+                dist::handshake(s, dist::Framing::Tcp, version, &p.me, p.creation, &node.name, &p.cookie).await
             }
             DistStream::Tls(s) => {
-                dist::handshake(&mut **s, dist::Framing::Tls, &p.me, p.creation, &node.name, &p.cookie).await
+                dist::handshake(&mut **s, dist::Framing::Tls, version, &p.me, p.creation, &node.name, &p.cookie).await
             }
         }
     };

@@ -215,9 +215,12 @@ impl Proxies {
 
     // ---- what proxies look like on the gateway's node ----
 
-    /// Proxy pids: the id holds the low 28 bits of the key, the serial the rest.
+    /// Proxy pids: the id holds the low 15 bits of the key, the serial the
+    /// rest. (Nodes before OTP 24, without DFLAG_V4_NC, refuse a pid whose
+    /// id is over 15 bits or serial over 13, and drop the connection: this
+    /// way the first 2^28 keys suit them too.)
     fn pid_parts(key: u64) -> (u32, u32) {
-        ((key & 0x0fff_ffff) as u32, (key >> 28) as u32)
+        ((key & 0x7fff) as u32, (key >> 15) as u32)
     }
 
     pub fn pid(&self, key: u64) -> Pid {
@@ -234,7 +237,7 @@ impl Proxies {
     /// The key of a pid on our node, given its parts (whether or not a
     /// proxy has it now).
     pub fn pid_key_parts(&self, id: u32, serial: u32, creation: u32) -> Option<u64> {
-        (creation == self.creation).then_some(((serial as u64) << 28) | id as u64)
+        (creation == self.creation && id <= 0x7fff).then_some(((serial as u64) << 15) | id as u64)
     }
 
     pub fn pid_key(&self, p: &Pid) -> Option<u64> {
