@@ -133,8 +133,14 @@ pub fn relay(data: &[u8]) {
     let limits = wandist::config::Limits { proxies: 64, handles: 64, monitors: 8, atoms: 64, ..Default::default() };
     let peers = ["dc2", "dc3"].iter().map(|n| PeerSetup { name: (*n).into(), export: Filter::all(), limits }).collect();
     let a1: std::sync::Arc<str> = "a1@h".into();
-    let setup =
-        Setup { me: "gw@h".into(), creation: 9, scope: "wan".into(), nodes: vec![a1.clone()], peers, claims: None };
+    let setup = Setup {
+        me: "gw@h".into(),
+        creation: 9,
+        scopes: vec!["wan".into()],
+        nodes: vec![a1.clone()],
+        peers,
+        claims: None,
+    };
     let mut core = Core::new(setup, wandist::metrics::Metrics::new());
     core.node_up(&a1);
     let mut issued = Vec::new();

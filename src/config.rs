@@ -63,6 +63,9 @@ impl fmt::Debug for Secret {
 /// What could be read of a broken file's `[tls]` table, and its cluster name.
 pub type PartialTls = (TlsFiles, Option<String>);
 
+/// Scopes one gateway mirrors at most.
+pub const MAX_SCOPES: usize = 16;
+
 /// A checked configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -89,8 +92,12 @@ pub struct ErlangConfig {
     /// `dns = "name@host"`: `host`'s addresses, polled, become the nodes
     /// `name@ADDRESS` (a Kubernetes headless service): (name, host).
     pub dns: Option<(String, String)>,
-    /// The `pg` scope mirrored across clusters.
-    pub scope: String,
+    /// The `pg` scopes mirrored across clusters (`scopes = [...]`, or
+    /// `scope = "..."` for one). The first is the primary: its groups cross
+    /// by their bare names (and land in the peer's primary scope, whatever
+    /// it is named); the others' cross as `scope:group` and land in the
+    /// scope of that name.
+    pub scopes: Vec<String>,
     /// Several gateway instances of this cluster: each route is held by
     /// one of them at a time, agreed through claims in the scope on the
     /// local nodes (`erlang::claims`; needs OTP 25.1 or later there).
@@ -378,6 +385,30 @@ impl Config {
                     None,
                     "[tls] is required: every route uses mutual TLS unless it sets insecure_plaintext = true".into(),
                 );
+            }
+        }
+        let mut routes = routes;
+        if let (Some(routes), Some(e)) = (routes.as_mut(), erlang.as_ref()) {
+            // A pattern naming the primary scope means its bare names; one
+            // naming a scope not mirrored can match nothing: refused.
+            for r in routes.iter_mut() {
+                for (what, patterns) in [("export", &mut r.export), ("import", &mut r.import)] {
+                    for p in patterns.iter_mut() {
+                        let Some((scope, rest)) = p.split_once(':') else { continue };
+                        if scope == e.scopes[0] {
+                            *p = rest.to_string();
+                        } else if !e.scopes.iter().any(|s| s == scope) && !scope.contains('*') {
+                            cx.err(
+                                None,
+                                format!(
+                                    "route to {}: {what} pattern {p:?} names the pg scope {scope:?}, which [erlang] does not mirror (scopes: {})",
+                                    r.cluster,
+                                    e.scopes.join(", ")
+                                ),
+                            );
+                        }
+                    }
+                }
             }
         }
         match (gateway, routes) {
@@ -873,7 +904,7 @@ impl Cx<'_> {
     fn erlang(&mut self, t: &dyn TableLike) -> Option<ErlangConfig> {
         self.allow_keys(
             t,
-            &["node", "cookie", "cookie_file", "nodes", "discover", "dns", "scope", "coordinate", "tls"],
+            &["node", "cookie", "cookie_file", "nodes", "discover", "dns", "scope", "scopes", "coordinate", "tls"],
             "[erlang]",
         );
         let node = self.required_string(t, "node", "[erlang]");
@@ -984,14 +1015,40 @@ impl Cx<'_> {
                 None => self.err(span, format!("\"nodes\" must be {WANT}")),
             },
         }
-        let scope = match self.string(t, "scope") {
-            Some((s, span)) if s.is_empty() || s.len() > 255 => {
-                self.err(span, "scope must be 1 to 255 characters".into());
-                String::new()
+        let mut scopes: Vec<String> = Vec::new();
+        const SCOPE: &str = "a pg scope name (1 to 255 characters, no ':')";
+        match (t.get("scope").is_some(), t.get("scopes").is_some()) {
+            (true, true) => self.err(Self::key_span(t, "scopes"), "set scope or scopes, not both".into()),
+            (true, false) => {
+                if let Some((s, span)) = self.string(t, "scope") {
+                    if s.is_empty() || s.len() > 255 || s.contains(':') {
+                        self.err(span, format!("scope must be {SCOPE}"));
+                    }
+                    scopes.push(s);
+                }
             }
-            Some((s, _)) => s,
-            None => "wan".to_string(),
-        };
+            (false, true) => {
+                if let Some((v, span)) = self.value(t, "scopes", "an array of pg scope names") {
+                    match v.as_array() {
+                        Some(a) if !a.is_empty() && a.len() <= MAX_SCOPES => {
+                            for e in a.iter() {
+                                match e.as_str() {
+                                    Some(s) if !s.is_empty() && s.len() <= 255 && !s.contains(':') => {
+                                        if scopes.iter().any(|x| x == s) {
+                                            self.err(e.span().or(span.clone()), format!("scope {s:?} is listed twice"));
+                                        }
+                                        scopes.push(s.to_string());
+                                    }
+                                    _ => self.err(e.span().or(span.clone()), format!("each of scopes must be {SCOPE}")),
+                                }
+                            }
+                        }
+                        _ => self.err(span, format!("scopes must be an array of 1 to {MAX_SCOPES} pg scope names")),
+                    }
+                }
+            }
+            (false, false) => scopes.push("wan".to_string()),
+        }
         let coordinate = self.bool(t, "coordinate");
         let tls = match self.table(t, "tls", false) {
             Some(tt) => {
@@ -1006,7 +1063,7 @@ impl Cx<'_> {
             }
             None => None,
         };
-        Some(ErlangConfig { node: node?.0, cookie: cookie?, nodes, discover_cluster, dns, scope, coordinate, tls })
+        Some(ErlangConfig { node: node?.0, cookie: cookie?, nodes, discover_cluster, dns, scopes, coordinate, tls })
     }
 
     fn path_opt(&mut self, t: &dyn TableLike, k: &str) -> Option<PathAt> {
@@ -1295,6 +1352,34 @@ import = ["chat.*", "presence"]
     }
 
     #[test]
+    fn several_scopes_and_patterns_that_name_one() {
+        let path = Path::new("gw.toml");
+        let config = |erlang: &str, export: &str| {
+            format!(
+                "[gateway]\ncluster = \"dc1\"\n[[route]]\ncluster = \"dc2\"\ninsecure_plaintext = true\nexport = [{export}]\n\
+                 [erlang]\nnode = \"gw@h\"\ncookie = \"c\"\nnodes = [\"a@h\"]\n{erlang}"
+            )
+        };
+        let c = Config::parse(&config("scopes = [\"wan\", \"pg\"]\n", "\"pg:chat*\", \"wan:svc\", \"lobby\""), path)
+            .unwrap();
+        assert_eq!(c.erlang.unwrap().scopes, ["wan", "pg"]);
+        // The primary scope's name is dropped: its groups cross bare.
+        assert_eq!(c.routes[0].export, ["pg:chat*", "svc", "lobby"]);
+        let c = Config::parse(&config("scope = \"pg\"\n", "\"*\""), path).unwrap();
+        assert_eq!(c.erlang.unwrap().scopes, ["pg"]);
+        for (erlang, export, says) in [
+            ("scope = \"a\"\nscopes = [\"b\"]\n", "\"*\"", "set scope or scopes, not both"),
+            ("scopes = [\"wan\", \"wan\"]\n", "\"*\"", "listed twice"),
+            ("scopes = []\n", "\"*\"", "scopes must be an array of 1 to 16"),
+            ("scopes = [\"a:b\"]\n", "\"*\"", "no ':'"),
+            ("scopes = [\"wan\"]\n", "\"pg:chat\"", "names the pg scope \"pg\", which [erlang] does not mirror"),
+        ] {
+            let problems = Config::parse(&config(erlang, export), path).unwrap_err();
+            assert!(problems.iter().any(|p| p.message.contains(says)), "{erlang}: {problems:?}");
+        }
+    }
+
+    #[test]
     fn the_erlang_table() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("cookie"), "s3cret\n").unwrap();
@@ -1309,7 +1394,7 @@ import = ["chat.*", "presence"]
         .unwrap();
         let e = c.erlang.unwrap();
         assert_eq!(e.cookie.expose(), "s3cret");
-        assert_eq!(e.scope, "wan");
+        assert_eq!(e.scopes, ["wan"]);
         assert_eq!(e.nodes[1], ErlNode { name: "chat@10.0.0.7".into(), port: Some(4370) });
         assert!(!format!("{:?}", e.cookie).contains("s3cret"));
 

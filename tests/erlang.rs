@@ -694,3 +694,63 @@ fn nodes_are_found_through_dns() {
     gw1.wait_metric("wandist_erlang_node_up", &[("node", &a1.name)], |v| v == 1.0);
     a1.eval_until("length(pg:get_members(wan, svc)).", |v| v == "1");
 }
+
+/// Several scopes: `scopes = ["wan", "pg"]` on both gateways. A member
+/// joined with plain `pg:join/2` (the default scope `pg`) is seen with
+/// `pg:get_members/1` in the other cluster and not in `wan`; a `wan` member
+/// stays in `wan`; an export pattern naming a scope (`"pg:chat*"`) lets
+/// only those groups of that scope out.
+#[test]
+fn groups_keep_their_scope_across_clusters_and_patterns_can_name_one() {
+    let t = tag();
+    let epmd = epmd();
+    let mut a1 = pg_node("a1", &t, "cookie_a", &epmd);
+    let mut b1 = pg_node("b1", &t, "cookie_b", &epmd);
+    for n in [&mut a1, &mut b1] {
+        assert_eq!(n.eval("{ok, _} = pg:start(pg), ok."), "ok");
+    }
+    let certs = Certs::new(&["dc1", "dc2"]);
+    let env = [("ERL_EPMD_PORT", epmd.port.to_string())];
+    let scopes = "scopes = [\"wan\", \"pg\"]\n";
+    let gw2 = Gateway::start_with_env(
+        "gw-dc2",
+        &format!(
+            "{}{}[[route]]\ncluster = \"dc1\"\nexport = [\"pg:chat*\", \"svc\"]\n[erlang]\nnode = \"wgw2_{t}@127.0.0.1\"\ncookie = \"cookie_b\"\nnodes = [\"{}\"]\n{scopes}",
+            gateway_table("dc2", true),
+            certs.tls_table("dc2"),
+            b1.name
+        ),
+        &env,
+    );
+    let gw1 = Gateway::start_with_env(
+        "gw-dc1",
+        &format!(
+            "{}[erlang]\nnode = \"wgw1_{t}@127.0.0.1\"\ncookie = \"cookie_a\"\nnodes = [\"{}\"]\n{scopes}",
+            dialing("dc1", &certs, "dc2", gw2.peer_addr()),
+            a1.name
+        ),
+        &env,
+    );
+    gw1.wait_metric("wandist_erlang_nodes_connected", &[], |v| v == 1.0);
+    // In dc2: chat and private in the default scope (pg:join/2), svc in wan.
+    assert_eq!(
+        b1.eval("C = spawn(fun L() -> receive {ping, F} -> F ! {pong, chat}, L() end end), pg:join(chat_room, C)."),
+        "ok"
+    );
+    assert_eq!(b1.eval("Pr = spawn(fun() -> receive stop -> ok end end), pg:join(private, Pr)."), "ok");
+    assert_eq!(b1.eval(JOIN_PINGER), "ok");
+    a1.eval_until("length(pg:get_members(chat_room)).", |v| v == "1");
+    a1.eval_until("length(pg:get_members(wan, svc)).", |v| v == "1");
+    assert_eq!(
+        a1.eval("hd(pg:get_members(chat_room)) ! {ping, self()}, receive {pong, W} -> W after 5000 -> timeout end."),
+        "chat"
+    );
+    // Each in its own scope only, and the group the pattern leaves out stays home.
+    assert_eq!(a1.eval("length(pg:get_members(wan, chat_room))."), "0");
+    assert_eq!(a1.eval("length(pg:get_members(svc))."), "0");
+    assert_eq!(a1.eval("length(pg:get_members(private))."), "0");
+    // And the other way: a1's default-scope member is seen in dc2's default scope.
+    assert_eq!(a1.eval("D = spawn(fun() -> receive stop -> ok end end), pg:join(from_dc1, D)."), "ok");
+    b1.eval_until("length(pg:get_members(from_dc1)).", |v| v == "1");
+    assert_eq!(b1.eval("length(pg:get_members(wan, from_dc1))."), "0");
+}

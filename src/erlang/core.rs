@@ -114,7 +114,8 @@ pub struct PeerSetup {
 pub struct Setup {
     pub me: Arc<str>,
     pub creation: u32,
-    pub scope: String,
+    /// The mirrored scopes, the primary first (`ErlangConfig::scopes`).
+    pub scopes: Vec<String>,
     pub nodes: Vec<Arc<str>>,
     pub peers: Vec<PeerSetup>,
     /// With several instances of the cluster (`[erlang] coordinate`): the
@@ -223,16 +224,22 @@ struct Counters {
 pub struct Core {
     me: Arc<str>,
     creation: u32,
+    /// The gateway's pg process in the primary scope (also the sender of
+    /// its monitors and calls); `gws[i]` is its pg process in scope `i`
+    /// (a pid each, so a scope's answers say which scope they are for).
     gw: Pid,
-    scope: String,
+    gws: Vec<Pid>,
+    scopes: Vec<String>,
     peers: Vec<Peer>,
     by_name: HashMap<Arc<str>, PeerIx>,
     proxies: Proxies,
-    mirror: Mirror,
+    /// One mirror per scope, in `scopes` order; each follows every node's
+    /// connection (`mirrors[0]` answers "is it connected").
+    mirrors: Vec<Mirror>,
     watchers: Watchers,
     held: HeldMonitors,
-    /// Monitors on local scope processes: reference id -> node.
-    scope_monitors: HashMap<u64, Arc<str>>,
+    /// Monitors on local scope processes: reference id -> (node, scope).
+    scope_monitors: HashMap<u64, (Arc<str>, usize)>,
     /// Which routes this instance holds, with several instances.
     claims: Option<Claims>,
     /// The gateway is stopping (`leave`): nothing more is exported, and
@@ -242,7 +249,7 @@ pub struct Core {
     /// Nodes whose scope ended on a claims call (too old for it).
     no_claims_on: Vec<Arc<str>>,
     /// Connected nodes without a scope: discovery rounds so far.
-    scope_waits: HashMap<Arc<str>, u32>,
+    scope_waits: HashMap<(Arc<str>, usize), u32>,
     /// `erlang:nodes()` calls (`ask_cluster`): rounds asked, and the call
     /// waiting for its answer (reference id, node asked).
     cluster_asks: usize,
@@ -369,6 +376,8 @@ impl Core {
         let proxies = Proxies::new(setup.me.clone(), setup.creation, FIRST_PROXY, &quotas);
         let gw = proxies.pid(GW_KEY);
         let gw_for_claims = gw.clone();
+        let gws: Vec<Pid> = (0..setup.scopes.len()).map(|i| proxies.pid(GW_KEY + i as u64)).collect();
+        let mirrors = setup.scopes.iter().map(|_| Mirror::new(setup.nodes.iter().cloned())).collect();
         let peers: Vec<Peer> = setup.peers.iter().map(Peer::new).collect();
         let counters = Counters {
             to_peers: metrics.counter(m::ERLANG_MESSAGES, &[("direction", "to_peers")]),
@@ -382,10 +391,11 @@ impl Core {
             me: setup.me,
             creation: setup.creation,
             gw,
-            scope: setup.scope,
+            gws,
+            scopes: setup.scopes,
             peers,
             proxies,
-            mirror: Mirror::new(setup.nodes),
+            mirrors,
             watchers: Watchers::default(),
             scope_monitors: HashMap::default(),
             leaving: false,
@@ -497,7 +507,7 @@ impl Core {
         self.held.add_peer();
         self.by_name.insert(setup.name.clone(), p);
         self.peers.push(Peer::new(&setup));
-        for c in self.mirror.local_members() {
+        for c in self.local_members() {
             self.export_change(p, &c);
         }
         p
@@ -533,18 +543,52 @@ impl Core {
         &self.me
     }
 
-    /// The mirrored scope.
-    pub fn scope(&self) -> &str {
-        &self.scope
+    /// The mirrored scopes, the primary first.
+    pub fn scopes(&self) -> &[String] {
+        &self.scopes
     }
 
-    /// Whether `node` is connected and its scope process known.
-    pub fn has_scope(&self, node: &str) -> bool {
-        self.mirror.scope_of(node).is_some()
+    /// The scopes `node` is connected with and answers for.
+    pub fn scopes_of(&self, node: &str) -> Vec<String> {
+        (0..self.scopes.len())
+            .filter(|&i| self.mirrors[i].scope_of(node).is_some())
+            .map(|i| self.scopes[i].clone())
+            .collect()
     }
 
     pub fn undiscovered(&self) -> bool {
-        !self.mirror.undiscovered().is_empty()
+        self.mirrors.iter().any(|m| !m.undiscovered().is_empty())
+    }
+
+    /// Our members in every scope, as changes (joins).
+    fn local_members(&self) -> Vec<LocalChange> {
+        self.mirrors.iter().flat_map(Mirror::local_members).collect()
+    }
+
+    /// The scope a group's name on the wire is in, and its name there: a
+    /// bare name is the primary scope's; `scope:name` that scope's (if
+    /// mirrored here).
+    fn split_group<'a>(&self, wire: &'a str) -> Option<(usize, &'a str)> {
+        match wire.split_once(':') {
+            None => Some((0, wire)),
+            Some((scope, rest)) => self.scopes.iter().position(|s| s == scope).map(|i| (i, rest)),
+        }
+    }
+
+    /// A group's name on the wire: bare in the primary scope, `scope:name`
+    /// in the others.
+    fn qualify(&self, ix: usize, name: &str) -> String {
+        if ix == 0 {
+            name.to_string()
+        } else {
+            format!("{}:{name}", self.scopes[ix])
+        }
+    }
+
+    /// The group term a wire name stands for in its scope.
+    fn group_term(&self, wire: &str) -> Vec<u8> {
+        let local = self.split_group(wire).map_or(wire, |(_, n)| n);
+        etf::encode(&groups::term_of(local))[1..].to_vec()
     }
 
     // ---- counting and saying ----
@@ -583,20 +627,21 @@ impl Core {
 
     /// Queues a control message (and payload) for a connected node.
     fn send_to_node(&mut self, node: &str, control: Control, payload: Option<&[u8]>) -> bool {
-        let Some(node) = self.mirror.node(node) else { return false };
+        let Some(node) = self.mirrors[0].node(node) else { return false };
         self.out.push(Effect::Node { node, packet: packet(&control.term(), payload), held: None, bulk: false });
         true
     }
 
-    /// A membership message from the gateway's pg process to a scope.
-    fn send_bulk(&mut self, scope: &Pid, msg: &[u8]) {
+    /// A membership message from the gateway's pg process in scope `ix`
+    /// to that scope's process on a node.
+    fn send_bulk(&mut self, ix: usize, scope: &Pid, msg: &[u8]) {
         if self.left_scopes {
             // (After `leave` the scopes know nothing of ours: a leave now
             // would name a group they dropped, which crashes a scope.)
             return;
         }
-        let Some(node) = self.mirror.node(&scope.node) else { return };
-        let control = Control::SendSender { from: self.gw.clone(), to: scope.clone() };
+        let Some(node) = self.mirrors[0].node(&scope.node) else { return };
+        let control = Control::SendSender { from: self.gws[ix].clone(), to: scope.clone() };
         self.out.push(Effect::Node { node, packet: packet(&control.term(), Some(msg)), held: None, bulk: true });
     }
 
@@ -605,18 +650,20 @@ impl Core {
         self.send_to_node(&to.node.clone(), control, Some(msg))
     }
 
-    fn discover(&mut self, node: &str) {
-        let Some(node) = self.mirror.node(node) else { return };
-        let control = Control::RegSend { from: self.gw.clone(), name: self.scope.clone() };
-        let pkt = packet(&control.term(), Some(&mirror::discover(&self.gw)));
+    fn discover(&mut self, node: &str, ix: usize) {
+        let Some(node) = self.mirrors[0].node(node) else { return };
+        let control = Control::RegSend { from: self.gws[ix].clone(), name: self.scopes[ix].clone() };
+        let pkt = packet(&control.term(), Some(&mirror::discover(&self.gws[ix])));
         self.out.push(Effect::Node { node, packet: pkt, held: None, bulk: true });
     }
 
     // ---- events from local nodes ----
 
     pub fn node_up(&mut self, node: &Arc<str>) {
-        self.mirror.connected(node);
-        self.discover(node);
+        for ix in 0..self.mirrors.len() {
+            self.mirrors[ix].connected(node);
+            self.discover(node, ix);
+        }
     }
 
     /// Discovers the scopes of connected nodes not known yet (on the
@@ -624,16 +671,18 @@ impl Core {
     /// `SCOPE_MISSING_AFTER` rounds is said, once per connection: it most
     /// likely does not run the scope, and gets nothing across otherwise.
     pub fn rediscover(&mut self) {
-        let undiscovered = self.mirror.undiscovered();
-        self.scope_waits.retain(|n, _| undiscovered.contains(n));
-        for node in undiscovered {
-            let waited = self.scope_waits.entry(node.clone()).or_insert(0);
+        let undiscovered: Vec<(Arc<str>, usize)> = (0..self.mirrors.len())
+            .flat_map(|ix| self.mirrors[ix].undiscovered().into_iter().map(move |n| (n, ix)))
+            .collect();
+        self.scope_waits.retain(|k, _| undiscovered.contains(k));
+        for (node, ix) in undiscovered {
+            let waited = self.scope_waits.entry((node.clone(), ix)).or_insert(0);
             *waited += 1;
             if *waited == SCOPE_MISSING_AFTER {
-                let scope = &self.scope;
-                tracing::warn!(node = %node, scope = %scope, "node {node} does not answer for the pg scope {scope:?}: its members cannot cross clusters, and it sees no remote members. Start the scope there: pg:start_link({scope}) in Erlang, :pg.start_link(:{scope}) in Elixir (or in your supervision tree), or set [erlang] scope to the one it runs");
+                let scope = &self.scopes[ix];
+                tracing::warn!(node = %node, scope = %scope, "node {node} does not answer for the pg scope {scope:?}: its members cannot cross clusters, and it sees no remote members. Start the scope there: pg:start_link({scope}) in Erlang, :pg.start_link(:{scope}) in Elixir (or in your supervision tree), or set [erlang] scopes to the ones it runs");
             }
-            self.discover(&node);
+            self.discover(&node, ix);
         }
     }
 
@@ -642,7 +691,7 @@ impl Core {
     /// through its `rex` server, as `rpc:call` does. Its answer comes as
     /// `Effect::ClusterNodes`. False if no node is connected.
     pub fn ask_cluster(&mut self) -> bool {
-        let connected: Vec<Arc<str>> = self.mirror.connected_nodes();
+        let connected: Vec<Arc<str>> = self.mirrors[0].connected_nodes();
         let Some(node) = connected.get(self.cluster_asks % connected.len().max(1)).cloned() else { return false };
         self.cluster_asks += 1;
         let (id, tag) = self.own_ref(NODES_CALL);
@@ -691,8 +740,10 @@ impl Core {
     }
 
     pub fn node_down(&mut self, node: &Arc<str>) {
-        for c in self.mirror.disconnected(node) {
-            self.local_change(c);
+        for ix in 0..self.mirrors.len() {
+            for c in self.mirrors[ix].disconnected(node) {
+                self.local_change(c);
+            }
         }
         // Erlang told its processes `noconnection` itself; forget their monitors.
         for key in self.watchers.node_down(node) {
@@ -704,8 +755,8 @@ impl Core {
             let reason = etf::encode(&Term::atom("noconnection"));
             self.relay(mon.peer, Relay::Down { target: mon.target }, &reason, None, false);
         }
-        self.scope_monitors.retain(|_, n| **n != **node);
-        self.scope_waits.remove(node);
+        self.scope_monitors.retain(|_, (n, _)| **n != **node);
+        self.scope_waits.retain(|(n, _), _| **n != **node);
         self.recoordinate();
     }
 
@@ -749,7 +800,7 @@ impl Core {
                 }
             }
             Control::MonitorP { watcher, target: Target::Pid(target), mref } => {
-                if target == self.gw {
+                if self.gws.contains(&target) {
                     return; // a scope watching us: the connection itself tells it
                 }
                 let home = self.proxies.pid_key(&target).and_then(|k| Some((k, self.proxies.home(k)?)));
@@ -796,8 +847,8 @@ impl Core {
         from: Option<Sender>,
         payload: &[u8],
     ) {
-        if (id, serial, creation) == (self.gw.id, self.gw.serial, self.gw.creation) {
-            self.on_scope_message(node, payload);
+        if let Some(ix) = self.gws.iter().position(|g| (id, serial, creation) == (g.id, g.serial, g.creation)) {
+            self.on_scope_message(node, ix, payload);
         } else if let Some(key) = self.proxies.pid_key_parts(id, serial, creation) {
             self.send_to_peer(key, from, payload, None, false);
         } else {
@@ -809,15 +860,15 @@ impl Core {
 
     /// A monitor the gateway holds ended: a scope, or one held for a peer.
     fn monitor_ended(&mut self, node: &Arc<str>, mref: &Ref, reason: Vec<u8>) {
-        if let Some(n) = self.own_ref_id(mref, SCOPE_MONITOR).and_then(|id| self.scope_monitors.remove(&id)) {
-            tracing::warn!(node = %n, "pg scope process ended; re-mirroring when it is back");
-            if self.claims.as_ref().is_some_and(|c| c.waiting() && c.coordinator() == Some(&n)) {
+        if let Some((n, ix)) = self.own_ref_id(mref, SCOPE_MONITOR).and_then(|id| self.scope_monitors.remove(&id)) {
+            tracing::warn!(node = %n, scope = %self.scopes[ix], "pg scope process ended; re-mirroring when it is back");
+            if ix == 0 && self.claims.as_ref().is_some_and(|c| c.waiting() && c.coordinator() == Some(&n)) {
                 // A scope older than OTP 25.1 has no pg:monitor/2 and ends
                 // on the call: that node orders no claims from now on.
                 tracing::error!(node = %n, "the pg scope ended while answering this gateway's pg:monitor/2 call (OTP 25.1 or later is needed for [erlang] coordinate): claims are no longer ordered on that node");
                 self.no_claims_on.push(n.clone());
             }
-            for c in self.mirror.scope_ended(&n) {
+            for c in self.mirrors[ix].scope_ended(&n) {
                 self.local_change(c);
             }
             self.recoordinate();
@@ -1013,7 +1064,9 @@ impl Core {
 
     // ---- the local scopes ----
 
-    fn on_scope_message(&mut self, node: &Arc<str>, payload: &[u8]) {
+    /// A message to the gateway's pg process in scope `ix` (from that
+    /// scope's processes, or answers to the gateway's calls).
+    fn on_scope_message(&mut self, node: &Arc<str>, ix: usize, payload: &[u8]) {
         let msg = match etf::decode(payload) {
             Ok((t, _)) => t,
             Err(e) => return self.reject(None, "undecodable", || format!("from node {node}: a scope message: {e}")),
@@ -1022,6 +1075,7 @@ impl Core {
         if matches!(t.first(), Some(Term::Ref(_))) && (self.cluster_answer(node, t) || self.claim_message(t)) {
             return;
         }
+        let mirror = ix;
         match (t.first().and_then(Term::as_atom), t.len()) {
             (Some("$gen_cast"), 2) => {
                 let inner = t[1].as_tuple().unwrap_or_default();
@@ -1032,33 +1086,38 @@ impl Core {
                 let mut groups = Vec::new();
                 for g in inner[2].as_list().unwrap_or_default() {
                     if let Some([group, pids]) = g.as_tuple() {
-                        if let Some(name) = self.exportable(node, group) {
+                        if let Some(name) = self.exportable(node, mirror, group) {
                             groups.push((name, self.member_pids(pids)));
                         }
                     }
                 }
-                self.set_scope(node, &scope);
-                for c in self.mirror.replace(node, groups) {
+                self.set_scope(node, mirror, &scope);
+                for c in self.mirrors[mirror].replace(node, groups) {
                     self.local_change(c);
                 }
             }
             (Some("discover"), 2 | 3) => {
                 let Some(scope) = t[1].as_pid().cloned() else { return };
-                self.set_scope(node, &scope);
-                self.sync_scope(&scope);
+                self.set_scope(node, mirror, &scope);
+                self.sync_scope(mirror, &scope);
             }
             (Some("join"), 4) => {
-                let Some(name) = self.exportable(node, &t[2]) else { return };
+                let Some(name) = self.exportable(node, mirror, &t[2]) else { return };
                 let pids = self.member_pids(&t[3]);
-                if let Some(c) = self.mirror.join(node, &name, pids) {
+                if let Some(c) = self.mirrors[mirror].join(node, &name, pids) {
                     self.local_change(c);
                 }
             }
             (Some("leave"), 4) => {
                 let pids = self.member_pids(&t[2]);
-                let groups: Vec<String> =
-                    t[3].as_list().unwrap_or_default().iter().filter_map(groups::name_of).collect();
-                for c in self.mirror.leave(node, &pids, &groups) {
+                let groups: Vec<String> = t[3]
+                    .as_list()
+                    .unwrap_or_default()
+                    .iter()
+                    .filter_map(groups::name_of)
+                    .map(|g| self.qualify(mirror, &g))
+                    .collect();
+                for c in self.mirrors[mirror].leave(node, &pids, &groups) {
                     self.local_change(c);
                 }
             }
@@ -1067,11 +1126,11 @@ impl Core {
     }
 
     /// A local group's name for peers, or None (said) if it may not cross.
-    fn exportable(&mut self, node: &Arc<str>, group: &Term) -> Option<String> {
+    fn exportable(&mut self, node: &Arc<str>, ix: usize, group: &Term) -> Option<String> {
         if claims::is_claim_group(group) {
             return None; // the gateways' own (`claims`), never a peer's business
         }
-        let name = groups::name_of(group);
+        let name = groups::name_of(group).map(|n| self.qualify(ix, &n));
         if name.is_none() {
             self.reject(None, "group_not_exported", || {
                 format!("from node {node}: a pg group holding a pid or reference stays in this cluster: {group:?}")
@@ -1089,23 +1148,23 @@ impl Core {
         list.iter().filter_map(Term::as_pid).filter(|p| *p.node != *self.me).map(etf::pid_bytes).collect()
     }
 
-    fn set_scope(&mut self, node: &Arc<str>, scope: &Pid) {
-        if !self.mirror.set_scope(node, scope) {
+    fn set_scope(&mut self, node: &Arc<str>, ix: usize, scope: &Pid) {
+        if !self.mirrors[ix].set_scope(node, scope) {
             return;
         }
-        self.scope_waits.remove(node);
-        tracing::info!(node = %node, scope = %scope, "mirroring pg scope");
+        self.scope_waits.remove(&(node.clone(), ix));
+        tracing::info!(node = %node, scope = %self.scopes[ix], pid = %scope, "mirroring pg scope");
         let (id, mref) = self.own_ref(SCOPE_MONITOR);
-        self.scope_monitors.insert(id, node.clone());
+        self.scope_monitors.insert(id, (node.clone(), ix));
         let control = Control::MonitorP { watcher: self.gw.clone(), target: Target::Pid(scope.clone()), mref };
         self.send_to_node(node, control, None);
         self.recoordinate();
     }
 
     /// Answers a scope's discover: everything the gateway joined, as one sync.
-    fn sync_scope(&mut self, scope: &Pid) {
-        let msg = self.full_sync();
-        self.send_bulk(scope, &msg);
+    fn sync_scope(&mut self, ix: usize, scope: &Pid) {
+        let msg = self.full_sync(ix);
+        self.send_bulk(ix, scope, &msg);
     }
 
     /// Members joined or left and not yet told to the scopes.
@@ -1121,21 +1180,29 @@ impl Core {
             return;
         }
         self.sync_debt = 0;
-        let msg = self.full_sync();
-        for (_, scope) in self.mirror.scopes() {
-            self.send_bulk(&scope, &msg);
+        for ix in 0..self.mirrors.len() {
+            let msg = self.full_sync(ix);
+            for (_, scope) in self.mirrors[ix].scopes() {
+                self.send_bulk(ix, &scope, &msg);
+            }
         }
     }
 
-    /// A sync of everything the gateway joined.
-    fn full_sync(&self) -> Vec<u8> {
-        let groups =
-            self.mirror.joined().map(|(g, keys)| (etf::encode(&groups::term_of(g))[1..].to_vec(), keys.collect()));
+    /// A sync of everything the gateway joined in scope `ix` (the claims
+    /// and serving groups are in the primary scope).
+    fn full_sync(&self, ix: usize) -> Vec<u8> {
+        let groups = self.mirrors[ix].joined().map(|(g, keys)| (self.group_term(g), keys.collect()));
         // (A claim's membership never changes while it stands, so a sync
         // never moves it in its group's order.)
-        let claims = self.claims.iter().flat_map(Claims::clusters).map(|c| (claim_group(c), vec![GW_KEY]));
-        let serving = self.serving.iter().map(|c| (etf::encode(&claims::serving_term(c))[1..].to_vec(), vec![GW_KEY]));
-        mirror::sync(&self.gw, groups.chain(claims).chain(serving), |out, k| self.proxies.put_pid(out, k))
+        let primary = ix == 0;
+        let claims =
+            self.claims.iter().filter(|_| primary).flat_map(Claims::clusters).map(|c| (claim_group(c), vec![GW_KEY]));
+        let serving = self
+            .serving
+            .iter()
+            .filter(|_| primary)
+            .map(|c| (etf::encode(&claims::serving_term(c))[1..].to_vec(), vec![GW_KEY]));
+        mirror::sync(&self.gws[ix], groups.chain(claims).chain(serving), |out, k| self.proxies.put_pid(out, k))
     }
 
     // ---- several instances of the cluster (`claims`) ----
@@ -1148,8 +1215,8 @@ impl Core {
             return;
         }
         let msg = mirror::join(&self.gw, &claim_group(&cluster), &[GW_KEY], |out, k| self.proxies.put_pid(out, k));
-        for (_, scope) in self.mirror.scopes() {
-            self.send_bulk(&scope, &msg);
+        for (_, scope) in self.mirrors[0].scopes() {
+            self.send_bulk(0, &scope, &msg);
         }
         if let Some(node) = self.claims.as_ref().and_then(|c| c.coordinator().cloned()) {
             self.watch_claim(&node, cluster);
@@ -1168,8 +1235,8 @@ impl Core {
             self.out.push(Effect::Claim(step));
         }
         let msg = mirror::leave(&self.gw, &claim_group(cluster), &[GW_KEY], |out, k| self.proxies.put_pid(out, k));
-        for (_, scope) in self.mirror.scopes() {
-            self.send_bulk(&scope, &msg);
+        for (_, scope) in self.mirrors[0].scopes() {
+            self.send_bulk(0, &scope, &msg);
         }
     }
 
@@ -1253,7 +1320,7 @@ impl Core {
             return;
         }
         self.serving.clear();
-        let ours = self.mirror.local_members();
+        let ours = self.local_members();
         for p in 0..self.peers.len() {
             for c in &ours {
                 self.export_change(p, &LocalChange { join: false, ..c.clone() });
@@ -1263,9 +1330,11 @@ impl Core {
         for p in 0..self.peers.len() {
             self.flush_batch(p);
         }
-        let empty = mirror::sync(&self.gw, std::iter::empty(), |out, k| self.proxies.put_pid(out, k));
-        for (_, scope) in self.mirror.scopes() {
-            self.send_bulk(&scope, &empty);
+        for ix in 0..self.mirrors.len() {
+            let empty = mirror::sync(&self.gws[ix], std::iter::empty(), |out, k| self.proxies.put_pid(out, k));
+            for (_, scope) in self.mirrors[ix].scopes() {
+                self.send_bulk(ix, &scope, &empty);
+            }
         }
         self.left_scopes = true;
         tracing::info!("stopping: our members withdrawn from the peers, and the peers' from the local pg scopes");
@@ -1279,25 +1348,27 @@ impl Core {
             return;
         }
         self.set_serving(p, false);
-        for c in self.mirror.local_members() {
+        for c in self.local_members() {
             self.export_change(p, &LocalChange { join: false, ..c });
         }
         self.flush_batch(p);
         self.peers[p].leaving = true;
-        let mut theirs: Vec<(String, Vec<u64>)> = Vec::new();
-        for (group, keys) in self.mirror.joined() {
-            let keys: Vec<u64> = keys.filter(|&k| self.proxies.home(k).is_some_and(|h| h.peer == p)).collect();
-            if !keys.is_empty() {
-                theirs.push((group.to_string(), keys));
+        let mut theirs: Vec<(usize, String, Vec<u64>)> = Vec::new();
+        for (ix, m) in self.mirrors.iter().enumerate() {
+            for (group, keys) in m.joined() {
+                let keys: Vec<u64> = keys.filter(|&k| self.proxies.home(k).is_some_and(|h| h.peer == p)).collect();
+                if !keys.is_empty() {
+                    theirs.push((ix, group.to_string(), keys));
+                }
             }
         }
-        for (group, keys) in theirs {
-            let gone = self.mirror.remote_leave(&group, &keys);
-            let term = etf::encode(&groups::term_of(&group))[1..].to_vec();
+        for (ix, group, keys) in theirs {
+            let gone = self.mirrors[ix].remote_leave(&group, &keys);
+            let term = self.group_term(&group);
             for chunk in gone.chunks(mirror::PIDS_PER_MESSAGE) {
-                for (_, scope) in self.mirror.scopes() {
-                    let msg = mirror::leave(&self.gw, &term, chunk, |out, k| self.proxies.put_pid(out, k));
-                    self.send_bulk(&scope, &msg);
+                for (_, scope) in self.mirrors[ix].scopes() {
+                    let msg = mirror::leave(&self.gws[ix], &term, chunk, |out, k| self.proxies.put_pid(out, k));
+                    self.send_bulk(ix, &scope, &msg);
                 }
             }
         }
@@ -1327,11 +1398,16 @@ impl Core {
     /// name whose scope is known), after scopes came or went.
     fn recoordinate(&mut self) {
         let Some(c) = self.claims.as_mut() else { return };
-        let best = self.mirror.scopes().into_iter().map(|(n, _)| n).filter(|n| !self.no_claims_on.contains(n)).min();
+        let best =
+            self.mirrors[0].scopes().into_iter().map(|(n, _)| n).filter(|n| !self.no_claims_on.contains(n)).min();
         let Some(old) = c.set_coordinator(best.clone()) else { return };
         for (node, watch) in old {
             let call = self.scope_call(Term::tuple(vec![Term::atom("demonitor"), Term::Ref(watch)]));
-            self.send_to_node(&node, Control::RegSend { from: self.gw.clone(), name: self.scope.clone() }, Some(&call));
+            self.send_to_node(
+                &node,
+                Control::RegSend { from: self.gw.clone(), name: self.scopes[0].clone() },
+                Some(&call),
+            );
         }
         match best {
             Some(node) => {
@@ -1363,7 +1439,7 @@ impl Core {
             if let Some(c) = self.claims.as_mut() {
                 c.calling(id, cluster.clone(), serving);
             }
-            let control = Control::RegSend { from: self.gw.clone(), name: self.scope.clone() };
+            let control = Control::RegSend { from: self.gw.clone(), name: self.scopes[0].clone() };
             self.send_to_node(node, control, Some(&etf::encode(&call)));
         }
     }
@@ -1387,8 +1463,8 @@ impl Core {
             self.serving.retain(|c| *c != cluster);
             mirror::leave(&self.gw, &term, &[GW_KEY], |out, k| self.proxies.put_pid(out, k))
         };
-        for (_, scope) in self.mirror.scopes() {
-            self.send_bulk(&scope, &msg);
+        for (_, scope) in self.mirrors[0].scopes() {
+            self.send_bulk(0, &scope, &msg);
         }
     }
 
@@ -1543,15 +1619,24 @@ impl Core {
             Change::Join { group, members } => (group, members, true),
             Change::Leave { group, members } => (group, members, false),
         };
+        // The group's scope must be one mirrored here; its name from now on
+        // is ours for it (a peer may name our primary scope by name).
+        let Some((ix, local)) = self.split_group(&group) else {
+            let name = self.peers[p].name.clone();
+            return self.reject(Some(p), "scope_not_mirrored", || {
+                format!("members of {name}'s group {group:?} not imported: this gateway does not mirror its pg scope (add it to [erlang] scopes)")
+            });
+        };
+        let group = self.qualify(ix, local);
         if join {
             // The group's atoms stay in every node's table: they count.
-            let atoms = groups::atoms(&group);
+            let atoms = groups::atoms(local);
             if let Err(r) = atoms.iter().try_for_each(|a| self.peers[p].atoms.admit(a.as_bytes())) {
                 let name = self.peers[p].name.clone();
                 return self.reject(Some(p), r.label(), || format!("members of a group of {name} not imported: {r}"));
             }
         }
-        let term = etf::encode(&groups::term_of(&group))[1..].to_vec();
+        let term = self.group_term(&group);
         self.peers[p].jobs.push_back(Job { group, term, join, members, done: 0 });
     }
 
@@ -1618,8 +1703,10 @@ impl Core {
             // Proxies of the peer's earlier run: a step of reclaiming.
             let (pinned, _) = self.proxies.reclaim(p, MEMBERS_PER_STEP);
             if !pinned.is_empty() {
-                let left = self.mirror.remote_forget(&pinned.into_iter().collect());
-                self.sync_debt += left;
+                let pinned: foldhash::HashSet<u64> = pinned.into_iter().collect();
+                for m in &mut self.mirrors {
+                    self.sync_debt += m.remote_forget(&pinned);
+                }
             }
             return;
         }
@@ -1688,7 +1775,9 @@ impl Core {
             return;
         }
         let found: Vec<u64> = slice.iter().filter_map(|&h| self.proxies.find(p, h, Kind::Pid)).collect();
-        let keys = self.mirror.remote_leave(&group, &found);
+        // (Jobs hold canonical names of mirrored scopes: `queue_change`.)
+        let ix = self.split_group(&group).map_or(0, |(ix, _)| ix);
+        let keys = self.mirrors[ix].remote_leave(&group, &found);
         for &k in &keys {
             self.proxies.unpin(k);
         }
@@ -1700,9 +1789,9 @@ impl Core {
         if keys.is_empty() {
             return;
         }
-        for (_, scope) in self.mirror.scopes() {
-            let msg = mirror::leave(&self.gw, &term, &keys, |out, k| self.proxies.put_pid(out, k));
-            self.send_bulk(&scope, &msg);
+        for (_, scope) in self.mirrors[ix].scopes() {
+            let msg = mirror::leave(&self.gws[ix], &term, &keys, |out, k| self.proxies.put_pid(out, k));
+            self.send_bulk(ix, &scope, &msg);
         }
     }
 
@@ -1712,10 +1801,11 @@ impl Core {
         if keys.is_empty() {
             return;
         }
-        self.mirror.remote_join(&group, &keys);
-        for (_, scope) in self.mirror.scopes() {
-            let msg = mirror::join(&self.gw, &term, &keys, |out, k| self.proxies.put_pid(out, k));
-            self.send_bulk(&scope, &msg);
+        let ix = self.split_group(&group).map_or(0, |(ix, _)| ix);
+        self.mirrors[ix].remote_join(&group, &keys);
+        for (_, scope) in self.mirrors[ix].scopes() {
+            let msg = mirror::join(&self.gws[ix], &term, &keys, |out, k| self.proxies.put_pid(out, k));
+            self.send_bulk(ix, &scope, &msg);
         }
     }
 
@@ -1786,7 +1876,7 @@ impl Core {
             Ok(l) => l.clone(),
             Err(r) => return self.undeliverable(p, held, r.label(), &format!("its destination {to}: {r}")),
         };
-        let node = etf::node_of(&local).and_then(|n| std::str::from_utf8(n).ok()).and_then(|n| self.mirror.node(n));
+        let node = etf::node_of(&local).and_then(|n| std::str::from_utf8(n).ok()).and_then(|n| self.mirrors[0].node(n));
         let Some(node) = node else {
             return self.undeliverable(
                 p,

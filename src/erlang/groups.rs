@@ -1,6 +1,8 @@
 //! pg group names as they cross clusters. A group that is an atom travels
-//! as its text; any other group term as `~` and the lowercase hex of its
-//! encoding (which round-trips exactly). A name from a peer becomes a term
+//! as its text; any other group term (and an atom starting with `~` or
+//! holding a `:`) as `~` and the lowercase hex of its encoding (which
+//! round-trips exactly). A group of a scope other than the primary one
+//! travels as `scope:` before that name (`erlang::core` qualifies). A name from a peer becomes a term
 //! on every local node, so [`check`] refuses at import what a node would
 //! refuse or what could carry authority: an atom over 255 characters, a
 //! `~` term that does not decode, that a node would drop the connection
@@ -40,7 +42,7 @@ fn unhex(s: &str) -> Option<Vec<u8>> {
 /// exporting it would hand out an identity by its bytes).
 pub fn name_of(t: &Term) -> Option<String> {
     match t {
-        Term::Atom(a) if !a.starts_with('~') => Some(a.clone()),
+        Term::Atom(a) if !a.starts_with('~') && !a.contains(':') => Some(a.clone()),
         other if other.has_identity_or_raw() => None,
         other => Some(format!("~{}", hex(&etf::encode(other)[1..]))),
     }
@@ -63,9 +65,26 @@ fn decode(hexed: &str) -> Option<Term> {
     }
 }
 
-/// Whether a group name from a peer is one the local nodes can take.
+/// Whether a group name from a peer is one the local nodes can take:
+/// `name`, or `scope:name` (whether that scope is mirrored here is the
+/// core's to say).
 pub fn check(name: &str) -> Result<(), &'static str> {
+    match name.split_once(':') {
+        Some((scope, rest)) => {
+            if scope.is_empty() || scope.starts_with('~') || etf::atom_text_ok(scope.as_bytes(), false).is_err() {
+                return Err("a scope name a node would refuse");
+            }
+            check_name(rest)
+        }
+        None => check_name(name),
+    }
+}
+
+fn check_name(name: &str) -> Result<(), &'static str> {
     let Some(hexed) = name.strip_prefix('~') else {
+        if name.contains(':') {
+            return Err("a group name not written the canonical way (an atom with ':' travels as a term)");
+        }
         return etf::atom_text_ok(name.as_bytes(), false)
             .map_err(|_| "not an atom a node accepts (over 255 characters)");
     };
@@ -117,7 +136,7 @@ pub fn atoms(name: &str) -> Vec<String> {
         }
     }
     let mut out = Vec::new();
-    walk(&term_of(name), &mut out);
+    walk(&term_of(name.split_once(':').map_or(name, |(_, n)| n)), &mut out);
     out
 }
 
@@ -132,6 +151,7 @@ mod tests {
             Term::tuple(vec![Term::atom("room"), Term::Int(7)]),
             Term::Binary(b"bin".to_vec()),
             Term::atom("~tilde"),
+            Term::atom("with:colon"),
             Term::atom(&"é".repeat(255)),
         ] {
             let name = name_of(&t).unwrap();
@@ -139,6 +159,13 @@ mod tests {
             assert_eq!(check(&name), Ok(()), "{name}");
         }
         assert_eq!(name_of(&Term::atom("chat")).unwrap(), "chat");
+        // A scope before the name: the name's rules, and the scope's.
+        assert_eq!(check("pg:chat"), Ok(()));
+        assert_eq!(check(&format!("pg:{}", name_of(&Term::atom("a:b")).unwrap())), Ok(()));
+        assert!(check("pg:a:b").is_err(), "an atom with ':' is not written bare");
+        assert!(check(":chat").is_err());
+        assert!(check(&format!("{}:chat", "s".repeat(256))).is_err());
+        assert_eq!(atoms("pg:chat"), vec!["chat"]);
     }
 
     #[test]

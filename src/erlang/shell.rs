@@ -298,7 +298,7 @@ pub fn start(
     let setup = Setup {
         me: me.clone(),
         creation,
-        scope: cfg.scope.clone(),
+        scopes: cfg.scopes.clone(),
         nodes: nodes.iter().map(|n| n.name.clone()).collect(),
         peers,
         claims: claims
@@ -338,7 +338,7 @@ pub fn start(
     shell.connected.set(0.0);
     shell.proxies.set(0.0);
     shell.publish_status();
-    tracing::info!(node = %me, creation, scope = %cfg.scope, "Erlang side started");
+    tracing::info!(node = %me, creation, scopes = ?cfg.scopes, "Erlang side started");
     shell.maybe_ready();
     tracker.spawn(shell.run(cancel));
     control_tx
@@ -1066,7 +1066,7 @@ impl Shell {
 
     /// The Erlang side's part of `/status`.
     fn publish_status(&self) {
-        let scope = self.core.scope().to_string();
+        let scopes = self.core.scopes().to_vec();
         let now = Instant::now();
         let nodes = self
             .nodes
@@ -1076,14 +1076,14 @@ impl Shell {
                 name: n.name.to_string(),
                 up: n.tx.is_some(),
                 since_secs: now.duration_since(n.since).as_secs_f64(),
-                scopes: if self.core.has_scope(&n.name) { vec![scope.clone()] } else { Vec::new() },
+                scopes: self.core.scopes_of(&n.name),
                 how: if self.configured.iter().any(|c| *c.name == *n.name) { "configured" } else { "discovered" }
                     .into(),
             })
             .collect();
         self.spawner.metrics.board().set_erlang(status::ErlangStatus {
             node: self.core.me().to_string(),
-            scopes: vec![scope],
+            scopes,
             nodes,
         });
     }

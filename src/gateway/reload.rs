@@ -45,7 +45,7 @@ pub fn plan(running: &Config, loaded: &Config) -> Plan {
             let keys = [
                 ("erlang.node", a.node != b.node),
                 ("erlang.cookie", a.cookie != b.cookie),
-                ("erlang.scope", a.scope != b.scope),
+                ("erlang.scopes", a.scopes != b.scopes),
                 ("erlang.coordinate", a.coordinate != b.coordinate),
                 ("erlang.tls", a.tls != b.tls),
                 ("erlang.discover", a.discover_cluster != b.discover_cluster),

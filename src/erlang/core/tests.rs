@@ -43,7 +43,14 @@ fn world_of(l: Limits, claims: Option<(Vec<Arc<str>>, std::time::Duration)>) -> 
     let metrics = Metrics::new();
     let peers =
         ["dc2", "dc3"].iter().map(|n| PeerSetup { name: (*n).into(), export: Filter::all(), limits: l }).collect();
-    let setup = Setup { me: ME.into(), creation: 9, scope: "wan".into(), nodes: vec![A1.into()], peers, claims };
+    let setup = Setup {
+        me: ME.into(),
+        creation: 9,
+        scopes: vec!["wan".into(), "pg".into()],
+        nodes: vec![A1.into()],
+        peers,
+        claims,
+    };
     let mut core = Core::new(setup, metrics.clone());
     let a1: Arc<str> = A1.into();
     core.node_up(&a1);
@@ -78,7 +85,7 @@ impl World {
     fn scope_on_a1(&mut self) {
         let scope = Pid { node: A1.into(), id: 50, serial: 0, creation: 1 };
         let discover = Term::tuple(vec![Term::atom("discover"), Term::Pid(scope)]);
-        self.core.on_scope_message(&self.a1.clone(), &etf::encode(&discover));
+        self.core.on_scope_message(&self.a1.clone(), 0, &etf::encode(&discover));
         self.core.take_effects();
     }
 
@@ -401,7 +408,7 @@ fn joins_are_batched_into_fewer_larger_messages_in_order() {
             (leave, Term::atom("g"), 5),
         ]
     );
-    assert_eq!(w.core.mirror.joined_count(), 300_000 + 10 - 5);
+    assert_eq!(w.core.mirrors[0].joined_count(), 300_000 + 10 - 5);
 }
 
 #[test]
@@ -434,7 +441,7 @@ fn group_membership_is_applied_in_steps_and_leaves_are_cheap() {
     assert_eq!(steps, 100_000usize.div_ceil(MEMBERS_PER_STEP));
     assert_eq!(joins, 100_000usize.div_ceil(mirror::PIDS_PER_MESSAGE), "joins batched across steps");
     assert_eq!(w.core.sync_debt(), 0);
-    assert_eq!(w.core.mirror.joined_count(), 101_000);
+    assert_eq!(w.core.mirrors[0].joined_count(), 101_000);
     // Leaving, the same: told to no scope until one sync says where it ended.
     let change = Change::Leave { group: "big".into(), members };
     w.core.from_route(0, ToLocal::Members { peer: "dc2".into(), change });
@@ -454,7 +461,7 @@ fn group_membership_is_applied_in_steps_and_leaves_are_cheap() {
         body[2].as_list().unwrap().iter().map(|g| g.as_tuple().unwrap()[1].as_list().unwrap().len()).collect();
     assert_eq!(sizes, vec![1000], "every group the gateway still has joined");
     assert_eq!(w.core.sync_debt(), 0);
-    assert_eq!(w.core.mirror.joined_count(), 1000);
+    assert_eq!(w.core.mirrors[0].joined_count(), 1000);
     assert_eq!(w.core.usage(0).0, 100_000, "unpinned, kept until evicted");
 }
 
@@ -474,7 +481,7 @@ fn local_members_cross_as_handles_and_groups_holding_pids_stay_home() {
             ]),
         ]),
     ]);
-    w.core.on_scope_message(&w.a1.clone(), &etf::encode(&sync));
+    w.core.on_scope_message(&w.a1.clone(), 0, &etf::encode(&sync));
     let groups: Vec<(PeerIx, LocalGroups)> = w
         .core
         .take_effects()
@@ -509,7 +516,7 @@ fn a_route_added_later_is_told_our_members_and_a_removed_one_is_forgotten() {
             Term::list(vec![Term::tuple(vec![Term::atom("chat"), Term::list(vec![Term::Pid(local(1))])])]),
         ]),
     ]);
-    w.core.on_scope_message(&w.a1.clone(), &etf::encode(&sync));
+    w.core.on_scope_message(&w.a1.clone(), 0, &etf::encode(&sync));
     w.core.take_effects();
 
     // A route added by a reload gets what we have, by handles of its own.
@@ -536,7 +543,7 @@ fn a_route_added_later_is_told_our_members_and_a_removed_one_is_forgotten() {
     w.core.remove_peer(p);
     w.settle(p);
     assert!(w.core.accepts(p), "a removed route's last outcomes are still taken");
-    assert!(w.core.mirror.joined().all(|(g, _)| g != "echo"), "the removed peer's member is still in its group");
+    assert!(w.core.mirrors[0].joined().all(|(g, _)| g != "echo"), "the removed peer's member is still in its group");
     assert!(w.send(&watcher, &proxy, &msg(Term::Nil)).is_none());
     // A member joins: the others are told, the removed route is not.
     let sync2 = Term::tuple(vec![
@@ -550,7 +557,7 @@ fn a_route_added_later_is_told_our_members_and_a_removed_one_is_forgotten() {
             ])]),
         ]),
     ]);
-    w.core.on_scope_message(&w.a1.clone(), &etf::encode(&sync2));
+    w.core.on_scope_message(&w.a1.clone(), 0, &etf::encode(&sync2));
     let effects = w.core.take_effects();
     assert!(effects.iter().any(|e| matches!(e, Effect::Groups { peer: 0, .. })), "the others are told");
     assert!(effects.iter().all(|e| !matches!(e, Effect::Groups { peer, .. } if *peer == p)));
@@ -757,7 +764,7 @@ fn messages_overtake_membership_changes_but_not_a_new_session() {
         "delivered, after the session change"
     );
     assert!(w.core.proxies.find(0, Handle(10), Kind::Pid).is_none(), "the new session forgot the old proxies");
-    assert_eq!(w.core.mirror.joined_count(), 0, "and they left every group");
+    assert_eq!(w.core.mirrors[0].joined_count(), 0, "and they left every group");
     assert_eq!(w.core.sync_debt(), 200_001, "withdrawn: one sync will say where it ended");
     assert!(w.core.accepts(0));
 }
@@ -799,7 +806,7 @@ fn claims_join_the_scope_are_ordered_by_it_and_the_oldest_holds() {
     // coordinator (a1, the only scope) is asked for the claim group's order.
     let scope = Pid { node: A1.into(), id: 50, serial: 0, creation: 1 };
     let discover = Term::tuple(vec![Term::atom("discover"), Term::Pid(scope)]);
-    w.core.on_scope_message(&w.a1.clone(), &etf::encode(&discover));
+    w.core.on_scope_message(&w.a1.clone(), 0, &etf::encode(&discover));
     let effects = w.core.take_effects();
     let sync = effects.iter().find_map(|e| match e {
         Effect::Node { packet, bulk: true, .. } => match open(packet) {
@@ -836,7 +843,7 @@ fn claims_join_the_scope_are_ordered_by_it_and_the_oldest_holds() {
     let sibling = Pid { node: "gw2@h".into(), id: 1, serial: 0, creation: 3 };
     let watch = Term::Ref(Ref { node: A1.into(), creation: 1, ids: vec![1, 2, 3] });
     let scope_says = |w: &mut World, t: Term| {
-        w.core.on_scope_message(&w.a1.clone(), &etf::encode(&t));
+        w.core.on_scope_message(&w.a1.clone(), 0, &etf::encode(&t));
         w.core.decide_claims();
         claim_steps(w.core.take_effects())
     };
@@ -881,7 +888,7 @@ fn claims_join_the_scope_are_ordered_by_it_and_the_oldest_holds() {
             Term::list(vec![Term::tuple(vec![group.clone(), Term::list(vec![Term::Pid(local(4))])])]),
         ]),
     ]);
-    w.core.on_scope_message(&w.a1.clone(), &etf::encode(&local_claim));
+    w.core.on_scope_message(&w.a1.clone(), 0, &etf::encode(&local_claim));
     assert!(!w.core.take_effects().iter().any(|e| matches!(e, Effect::Groups { .. })));
     let name = groups::name_of(&group).unwrap();
     assert!(groups::check(&name).is_err());
@@ -903,7 +910,7 @@ fn claims_join_the_scope_are_ordered_by_it_and_the_oldest_holds() {
     // gw3 serves it now: our members are withdrawn (an empty sync to the scope).
     let serves =
         Term::tuple(vec![serving_watch, Term::atom("join"), serving_group, Term::list(vec![Term::Pid(other)])]);
-    w.core.on_scope_message(&w.a1.clone(), &etf::encode(&serves));
+    w.core.on_scope_message(&w.a1.clone(), 0, &etf::encode(&serves));
     w.core.decide_claims();
     let effects = w.core.take_effects();
     assert!(effects.iter().any(|e| matches!(e, Effect::Left(None))), "{effects:?}");
@@ -919,7 +926,7 @@ fn a_scope_that_ends_on_the_claims_call_is_not_asked_again() {
     let mut w = world_of(limits(), Some((vec!["dc2".into()], std::time::Duration::from_secs(5))));
     let scope = Pid { node: A1.into(), id: 50, serial: 0, creation: 1 };
     let discover = Term::tuple(vec![Term::atom("discover"), Term::Pid(scope.clone())]);
-    w.core.on_scope_message(&w.a1.clone(), &etf::encode(&discover));
+    w.core.on_scope_message(&w.a1.clone(), 0, &etf::encode(&discover));
     let effects = w.core.take_effects();
     assert_eq!(reg_sends(&effects).len(), 2, "the monitor calls");
     // Our monitor on the scope, as the core asked for it.
@@ -949,7 +956,7 @@ fn a_scope_that_ends_on_the_claims_call_is_not_asked_again() {
     // The scope is back: it is mirrored again, but not asked again.
     let scope2 = Pid { node: A1.into(), id: 51, serial: 0, creation: 1 };
     let discover = Term::tuple(vec![Term::atom("discover"), Term::Pid(scope2)]);
-    w.core.on_scope_message(&w.a1.clone(), &etf::encode(&discover));
+    w.core.on_scope_message(&w.a1.clone(), 0, &etf::encode(&discover));
     let effects = w.core.take_effects();
     assert!(reg_sends(&effects).is_empty(), "asked again: {effects:?}");
     assert!(w.core.claims.as_ref().unwrap().coordinator().is_none());
@@ -992,7 +999,7 @@ fn cluster_discovery_takes_only_the_answer_it_asked_for_checked_and_bounded() {
     };
     // Another reference of ours (not this call's): not taken.
     let (_, stale) = w.core.own_ref(NODES_CALL);
-    w.core.on_scope_message(&w.a1.clone(), &answer(&Term::Ref(stale), vec![Term::atom("x@h")]));
+    w.core.on_scope_message(&w.a1.clone(), 0, &answer(&Term::Ref(stale), vec![Term::atom("x@h")]));
     assert!(cluster_nodes(w.core.take_effects()).is_empty());
     // The answer: bad names and our own dropped.
     let nodes = vec![
@@ -1004,20 +1011,99 @@ fn cluster_discovery_takes_only_the_answer_it_asked_for_checked_and_bounded() {
         Term::Binary(b"a9@h".to_vec()),
         Term::atom("a3@h"),
     ];
-    w.core.on_scope_message(&w.a1.clone(), &answer(&tag, nodes));
+    w.core.on_scope_message(&w.a1.clone(), 0, &answer(&tag, nodes));
     let got = cluster_nodes(w.core.take_effects());
     assert_eq!(got.len(), 1);
     assert_eq!(*got[0].0, *A1);
     assert_eq!(got[0].1.iter().map(|n| n.to_string()).collect::<Vec<_>>(), ["a2@h", "a3@h"]);
     // The same answer again: the call is over.
-    w.core.on_scope_message(&w.a1.clone(), &answer(&tag, vec![Term::atom("a4@h")]));
+    w.core.on_scope_message(&w.a1.clone(), 0, &answer(&tag, vec![Term::atom("a4@h")]));
     assert!(cluster_nodes(w.core.take_effects()).is_empty());
     // A huge cluster: bounded.
     assert!(w.core.ask_cluster());
     let sends = reg_sends(&w.core.take_effects());
     let tag = sends[0].1.as_tuple().unwrap()[1].as_tuple().unwrap()[1].clone();
     let many: Vec<Term> = (0..MAX_CLUSTER_NODES + 10).map(|i| Term::atom(&format!("n{i}@h"))).collect();
-    w.core.on_scope_message(&w.a1.clone(), &answer(&tag, many));
+    w.core.on_scope_message(&w.a1.clone(), 0, &answer(&tag, many));
     let got = cluster_nodes(w.core.take_effects());
     assert_eq!(got[0].1.len(), MAX_CLUSTER_NODES);
+}
+
+/// Several scopes (the world mirrors `wan`, the primary, and `pg`): a
+/// group keeps its scope end to end. Our `pg` scope's groups go out as
+/// `pg:name`; a peer's `pg:name` joins the `pg` scope (from the gateway's
+/// pg process of that scope, under the bare name), its `wan:name` the
+/// primary (named), and a scope not mirrored here is refused.
+#[test]
+fn groups_keep_their_scope_end_to_end() {
+    let mut w = world();
+    // The pg scope on a1 (ix 1), found through its discover to our pg process there.
+    let pg_scope = Pid { node: A1.into(), id: 60, serial: 0, creation: 1 };
+    let discover = Term::tuple(vec![Term::atom("discover"), Term::Pid(pg_scope.clone())]);
+    w.core.on_scope_message(&w.a1.clone(), 1, &etf::encode(&discover));
+    w.scope_on_a1();
+    assert_eq!(w.core.scopes_of(A1), ["wan", "pg"]);
+    // The scope monitors our pg process there: never answered noproc
+    // (the scope would drop us as its peer).
+    let mref = Ref { node: A1.into(), creation: 1, ids: vec![1, 2, 3] };
+    let monitor = Control::MonitorP { watcher: pg_scope.clone(), target: Target::Pid(w.core.gws[1].clone()), mref };
+    w.core.node_control(&w.a1.clone(), monitor.term(), None);
+    assert!(w.core.take_effects().is_empty());
+    // A member of chat in a1's pg scope: exported as pg:chat.
+    let join = Term::tuple(vec![
+        Term::atom("join"),
+        Term::Pid(pg_scope.clone()),
+        Term::atom("chat"),
+        Term::list(vec![Term::Pid(local(1))]),
+    ]);
+    w.core.on_scope_message(&w.a1.clone(), 1, &etf::encode(&join));
+    let exported: Vec<String> = w
+        .core
+        .take_effects()
+        .into_iter()
+        .filter_map(|e| match e {
+            Effect::Groups { change: LocalGroups::Join { group, .. }, .. } => Some(group),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(exported, ["pg:chat", "pg:chat"], "one for each peer");
+
+    // A peer's member of pg:room: joined in a1's pg scope, from our pg process there.
+    let gw_pg = w.core.gws[1].clone();
+    let change = Change::Join { group: "pg:room".into(), members: vec![Handle(7)] };
+    w.core.from_route(0, ToLocal::Members { peer: w.core.peer_name(0).clone(), change });
+    w.settle(0);
+    let sends: Vec<(Pid, Pid, Term)> = w
+        .core
+        .take_effects()
+        .into_iter()
+        .filter_map(|e| match e {
+            Effect::Node { packet, .. } => {
+                let (control, used) = etf::decode(&packet[5..]).unwrap();
+                match Control::parse(&control).unwrap() {
+                    Control::SendSender { from, to } => Some((from, to, etf::decode(&packet[5 + used..]).unwrap().0)),
+                    _ => None,
+                }
+            }
+            _ => None,
+        })
+        .collect();
+    assert_eq!(sends.len(), 1, "{sends:?}");
+    let (from, to, msg) = &sends[0];
+    assert_eq!((from, to), (&gw_pg, &pg_scope));
+    let t = msg.as_tuple().unwrap();
+    assert_eq!(t[0], Term::atom("join"));
+    assert_eq!(t[2], Term::atom("room"));
+    assert!(w.core.mirrors[1].joined().any(|(g, _)| g == "pg:room"));
+    assert!(w.core.mirrors[0].joined().all(|(g, _)| g != "pg:room" && g != "room"));
+
+    // The primary named by name: the same group as the bare name.
+    w.peer_member(0, "wan:lobby", 8);
+    assert!(w.core.mirrors[0].joined().any(|(g, _)| g == "lobby"));
+
+    // A scope not mirrored here: refused, counted.
+    let change = Change::Join { group: "other:room".into(), members: vec![Handle(9)] };
+    w.core.from_route(0, ToLocal::Members { peer: w.core.peer_name(0).clone(), change });
+    w.settle(0);
+    assert_eq!(w.rejected("dc2", "scope_not_mirrored"), 1.0);
 }
