@@ -31,6 +31,30 @@ async fn erlang_gateway(certs: &Certs, cluster: &str, listen: bool, routes: &str
     InProc::start_erlang(&format!("gw-{cluster}"), &config).await
 }
 
+/// a1 in dc1 and b1 in dc2 (each running `wan`; b1 with `JOIN_PINGER`'s
+/// `svc` member), and dc2's gateway accepting dc1.
+fn two_clusters(t: &str, epmd: &Epmd) -> (Erl, Erl, Certs, Gateway) {
+    let a1 = pg_node("a1", t, "cookie_a", epmd);
+    let mut b1 = pg_node("b1", t, "cookie_b", epmd);
+    assert_eq!(b1.eval(JOIN_PINGER), "ok");
+    let certs = Certs::new(&["dc1", "dc2"]);
+    let gw2 = dc2_gateway(&certs, t, &b1, epmd);
+    (a1, b1, certs, gw2)
+}
+
+/// dc1's gateway process dialing dc2 at `gw2`, as the node `wgw1_{t}`,
+/// with these `[erlang]` lines after its node and cookie.
+fn dc1_gateway(t: &str, certs: &Certs, gw2: &Gateway, epmd: &Epmd, erlang: &str) -> Gateway {
+    Gateway::start_with_env(
+        "gw-dc1",
+        &format!(
+            "{}[erlang]\nnode = \"wgw1_{t}@127.0.0.1\"\ncookie = \"cookie_a\"\n{erlang}",
+            dialing("dc1", certs, "dc2", gw2.peer_addr())
+        ),
+        &[("ERL_EPMD_PORT", epmd.port.to_string())],
+    )
+}
+
 struct World {
     _epmd: Epmd,
     a1: Erl,
@@ -623,23 +647,8 @@ fn a_tls_distribution_cluster_is_joined_with_erlang_tls() {
 fn a_node_joining_the_cluster_later_is_discovered_and_a_stopped_one_withdrawn() {
     let t = tag();
     let epmd = epmd();
-    let mut a1 = pg_node("a1", &t, "cookie_a", &epmd);
-    let mut b1 = pg_node("b1", &t, "cookie_b", &epmd);
-    assert_eq!(b1.eval(JOIN_PINGER), "ok");
-    let certs = Certs::new(&["dc1", "dc2"]);
-    let env = [("ERL_EPMD_PORT", epmd.port.to_string())];
-    let gw2 = dc2_gateway(&certs, &t, &b1, &epmd);
-    let gw1 = Gateway::start_with_env(
-        "gw-dc1",
-        &format!(
-            "{}{}[[route]]\ncluster = \"dc2\"\nendpoints = [\"{}\"]\n[erlang]\nnode = \"wgw1_{t}@127.0.0.1\"\ncookie = \"cookie_a\"\nnodes = [\"{}\"]\ndiscover = \"cluster\"\n",
-            gateway_table("dc1", false),
-            certs.tls_table("dc1"),
-            gw2.peer_addr(),
-            a1.name
-        ),
-        &env,
-    );
+    let (mut a1, mut b1, certs, gw2) = two_clusters(&t, &epmd);
+    let gw1 = dc1_gateway(&t, &certs, &gw2, &epmd, &format!("nodes = [\"{}\"]\ndiscover = \"cluster\"\n", a1.name));
     gw1.wait_metric("wandist_erlang_nodes_connected", &[], |v| v == 1.0);
     a1.eval_until("length(pg:get_members(wan, svc)).", |v| v == "1");
 
@@ -675,22 +684,8 @@ fn a_node_joining_the_cluster_later_is_discovered_and_a_stopped_one_withdrawn() 
 fn nodes_are_found_through_dns() {
     let t = tag();
     let epmd = epmd();
-    let mut a1 = pg_node("a1", &t, "cookie_a", &epmd);
-    let mut b1 = pg_node("b1", &t, "cookie_b", &epmd);
-    assert_eq!(b1.eval(JOIN_PINGER), "ok");
-    let certs = Certs::new(&["dc1", "dc2"]);
-    let env = [("ERL_EPMD_PORT", epmd.port.to_string())];
-    let gw2 = dc2_gateway(&certs, &t, &b1, &epmd);
-    let gw1 = Gateway::start_with_env(
-        "gw-dc1",
-        &format!(
-            "{}{}[[route]]\ncluster = \"dc2\"\nendpoints = [\"{}\"]\n[erlang]\nnode = \"wgw1_{t}@127.0.0.1\"\ncookie = \"cookie_a\"\ndns = \"a1_{t}@localhost\"\n",
-            gateway_table("dc1", false),
-            certs.tls_table("dc1"),
-            gw2.peer_addr(),
-        ),
-        &env,
-    );
+    let (mut a1, _b1, certs, gw2) = two_clusters(&t, &epmd);
+    let gw1 = dc1_gateway(&t, &certs, &gw2, &epmd, &format!("dns = \"a1_{t}@localhost\"\n"));
     gw1.wait_metric("wandist_erlang_node_up", &[("node", &a1.name)], |v| v == 1.0);
     a1.eval_until("length(pg:get_members(wan, svc)).", |v| v == "1");
 }
