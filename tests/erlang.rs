@@ -176,6 +176,15 @@ async fn monitors_links_and_confirmed_sends() {
         )),
         "{failed,unknown_proxy}"
     );
+    // Not well-formed (the target is not a pid): answered, bad_request.
+    assert_eq!(
+        w.a1.eval(&format!(
+            "Ref3 = make_ref(), {{wandist, '{}'}} ! {{send_confirmed, self(), Ref3, not_a_pid, hi}}, \
+             receive {{wandist_confirm, Ref3, R3}} -> R3 after 5000 -> timeout end.",
+            w.gw1_node
+        )),
+        "{failed,bad_request}"
+    );
     // A message to a name the gateway node does not have is dropped and counted;
     // the connection stays up.
     assert_eq!(w.a1.eval(&format!("{{no_such_name, '{}'}} ! hello, ok.", w.gw1_node)), "ok");

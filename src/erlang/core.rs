@@ -900,7 +900,9 @@ impl Core {
             }
         };
         let t = msg.as_tuple().unwrap_or_default();
-        let well_formed = t.len() == 5 && t[0].as_atom() == Some("send_confirmed");
+        // (A target that is not a pid is not well formed; a pid that is no
+        // proxy is `unknown_proxy`.)
+        let well_formed = t.len() == 5 && t[0].as_atom() == Some("send_confirmed") && t[3].as_pid().is_some();
         let from = t.get(1).and_then(Term::as_pid).cloned();
         // Anyone who can be answered is: a request that is not well formed
         // gets {failed, bad_request}.

@@ -608,7 +608,7 @@ fn confirmed_sends_always_get_one_answer() {
     };
     let reply = |result: Term| Term::tuple(vec![Term::atom("wandist_confirm"), r.clone(), result]);
     assert_eq!(answers(&mut w, request(Term::Pid(me.clone()), false)), vec![reply(failed("unknown_proxy"))]);
-    assert_eq!(answers(&mut w, request(Term::atom("not_a_pid"), false)), vec![reply(failed("unknown_proxy"))]);
+    assert_eq!(answers(&mut w, request(Term::atom("not_a_pid"), false)), vec![reply(failed("bad_request"))]);
     assert_eq!(answers(&mut w, request(Term::Pid(proxy.clone()), true)), vec![reply(failed("bad_request"))]);
     assert!(answers(&mut w, request(Term::Pid(proxy), false)).is_empty(), "sent: the answer comes with the outcome");
     w.core.from_route(0, ToLocal::Confirm { peer: "dc2".into(), token: 1, outcome: Outcome::Delivered });
