@@ -4,7 +4,9 @@
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 cd "$here"
-bin=${WANDIST:-"$here/../target/release/wandist"}
+target=${CARGO_TARGET_DIR:-"$here/../target"}
+case "$target" in /*) ;; *) target="$here/../$target" ;; esac
+bin=${WANDIST:-"$target/release/wandist"}
 if [ ! -x "$bin" ]; then
   (cd .. && cargo build --release --locked --quiet)
 fi

@@ -1149,8 +1149,22 @@ pub fn owner_only(path: &Path) -> std::io::Result<()> {
     Ok(())
 }
 
+/// The system's host name (gethostname(2); `$HOSTNAME` is a shell variable
+/// that systemd and most shells do not export), else `wandist`.
 fn default_gateway_name() -> String {
-    std::env::var("HOSTNAME").ok().filter(|h| !h.is_empty()).unwrap_or_else(|| "wandist".to_string())
+    system_hostname().unwrap_or_else(|| "wandist".to_string())
+}
+
+pub fn system_hostname() -> Option<String> {
+    let mut buf = [0u8; 256];
+    // SAFETY: the buffer is valid for its length; gethostname writes at most that.
+    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+    if rc != 0 {
+        return None;
+    }
+    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+    let name = std::str::from_utf8(&buf[..end]).ok()?.trim().to_string();
+    (!name.is_empty()).then_some(name)
 }
 
 #[cfg(test)]
@@ -1377,6 +1391,17 @@ import = ["chat.*", "presence"]
             let problems = Config::parse(&config(erlang, export), path).unwrap_err();
             assert!(problems.iter().any(|p| p.message.contains(says)), "{erlang}: {problems:?}");
         }
+    }
+
+    #[test]
+    fn the_default_gateway_name_is_the_system_host_name_not_the_environment() {
+        let c = Config::parse(
+            "[gateway]\ncluster = \"dc1\"\n[[route]]\ncluster = \"dc2\"\ninsecure_plaintext = true\n",
+            Path::new("gw.toml"),
+        )
+        .unwrap();
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap();
+        assert_eq!(c.gateway.name, host.trim());
     }
 
     #[test]

@@ -63,6 +63,19 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Exit 0 if the gateway is ready (its /readyz answers 200), or with
+    /// --live alive (/healthz); 1 if not: for container health checks.
+    Health {
+        /// The gateway's metrics address, e.g. http://127.0.0.1:9570.
+        #[arg(long, conflicts_with = "config")]
+        url: Option<String>,
+        /// The gateway's configuration (its [metrics] listen is asked).
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// Liveness (/healthz) instead of readiness (/readyz).
+        #[arg(long)]
+        live: bool,
+    },
     /// Two Erlang clusters on loopback bridged by two gateways, shown working.
     Demo {
         /// Messages streamed while the primary link is cut.
@@ -85,6 +98,10 @@ enum Command {
         /// must then be made again); without it, the CA in DIR signs.
         #[arg(long)]
         force: bool,
+        /// Give the files written to this user (UID or UID:GID), e.g. 10001
+        /// for the container image's user (keys stay 0600: readable by it only).
+        #[arg(long, value_name = "UID[:GID]")]
+        owner: Option<String>,
         #[arg(required = true, value_name = "CLUSTER")]
         clusters: Vec<String>,
     },
@@ -113,68 +130,145 @@ fn main() -> ExitCode {
                 ExitCode::from(EXIT_CONFIG)
             }
         },
-        Command::Certs { out, days, revoke, force, clusters } => match if revoke {
-            wandist::certs::revoke(&out, &clusters, days)
-        } else if force {
-            wandist::certs::generate_with_new_ca(&out, &clusters, days)
-        } else {
-            wandist::certs::generate_valid_for(&out, &clusters, days)
-        } {
-            Ok(paths) => {
-                if !revoke && !paths.iter().any(|p| p.ends_with("ca.pem")) {
-                    println!("kept the CA in {} (--force makes a new one)", out.display());
+        Command::Certs { out, days, revoke, force, owner, clusters } => {
+            let owner = match owner.as_deref().map(parse_owner).transpose() {
+                Ok(o) => o,
+                Err(e) => {
+                    eprintln!("wandist certs: --owner {e}");
+                    return ExitCode::from(EXIT_CONFIG);
                 }
-                for p in paths {
-                    println!("wrote {}", p.display());
-                }
-                ExitCode::SUCCESS
-            }
-            Err(e) => {
-                eprintln!("wandist certs: {e}");
-                ExitCode::FAILURE
-            }
-        },
+            };
+            certs(out, days, revoke, force, owner, clusters)
+        }
         Command::Run { config, log_format } => run(config, log_format),
         Command::Reload { config } => reload(config),
         Command::Demo { messages } => demo(messages),
         Command::Status { url, config, json } => status(url, config, json),
+        Command::Health { url, config, live } => health(url, config, live),
+    }
+}
+
+/// `UID` or `UID:GID`.
+fn parse_owner(s: &str) -> Result<(u32, Option<u32>), String> {
+    let num = |x: &str| x.parse::<u32>().map_err(|_| format!("{s:?}: want UID or UID:GID (numbers)"));
+    match s.split_once(':') {
+        Some((u, g)) => Ok((num(u)?, Some(num(g)?))),
+        None => Ok((num(s)?, None)),
+    }
+}
+
+fn certs(
+    out: PathBuf,
+    days: i64,
+    revoke: bool,
+    force: bool,
+    owner: Option<(u32, Option<u32>)>,
+    clusters: Vec<String>,
+) -> ExitCode {
+    match if revoke {
+        wandist::certs::revoke(&out, &clusters, days)
+    } else if force {
+        wandist::certs::generate_with_new_ca(&out, &clusters, days)
+    } else {
+        wandist::certs::generate_valid_for(&out, &clusters, days)
+    } {
+        Ok(paths) => {
+            if !revoke && !paths.iter().any(|p| p.ends_with("ca.pem")) {
+                println!("kept the CA in {} (--force makes a new one)", out.display());
+            }
+            for p in &paths {
+                println!("wrote {}", p.display());
+            }
+            if let Some((uid, gid)) = owner {
+                for p in &paths {
+                    // The CA's key stays with whoever made it: a gateway never needs it.
+                    if p.ends_with("ca.key") {
+                        continue;
+                    }
+                    if let Err(e) = std::os::unix::fs::chown(p, Some(uid), gid) {
+                        eprintln!(
+                            "wandist certs: cannot give {} to {uid}: {e} (run as root, or chown it yourself)",
+                            p.display()
+                        );
+                        return ExitCode::FAILURE;
+                    }
+                }
+                println!("gave them to uid {uid} (but the CA key)");
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("wandist certs: {e}");
+            ExitCode::FAILURE
+        }
     }
 }
 
 /// `wandist status`.
-fn status(url: Option<String>, config: Option<PathBuf>, json: bool) -> ExitCode {
-    let addr = match (url, config) {
+/// The metrics address of `--url`, or of the `[metrics] listen` in `--config`.
+fn metrics_address(what: &str, url: Option<String>, config: Option<PathBuf>) -> Result<String, ExitCode> {
+    match (url, config) {
         (Some(url), _) => {
-            url.trim_start_matches("http://").trim_end_matches('/').trim_end_matches("/metrics").to_string()
+            Ok(url.trim_start_matches("http://").trim_end_matches('/').trim_end_matches("/metrics").to_string())
         }
         (None, Some(config)) => match wandist::config::Config::load(&config) {
             Ok(c) => match c.metrics {
                 Some(m) if m.listen.port() != 0 => {
                     let ip = if m.listen.ip().is_unspecified() {
-                        "127.0.0.1".to_string()
+                        std::net::IpAddr::from([127, 0, 0, 1])
                     } else {
-                        m.listen.ip().to_string()
+                        m.listen.ip()
                     };
-                    std::net::SocketAddr::new(ip.parse().expect("an address"), m.listen.port()).to_string()
+                    Ok(std::net::SocketAddr::new(ip, m.listen.port()).to_string())
                 }
                 Some(_) => {
-                    eprintln!("wandist status: [metrics] listen has port 0 in {}: give --url with the port the gateway logged (serving metrics addr=…)", config.display());
-                    return ExitCode::from(EXIT_CONFIG);
+                    eprintln!("wandist {what}: [metrics] listen has port 0 in {}: give --url with the port the gateway logged (serving metrics addr=…)", config.display());
+                    Err(ExitCode::from(EXIT_CONFIG))
                 }
                 None => {
-                    eprintln!("wandist status: {} has no [metrics] listen: /status is served there", config.display());
-                    return ExitCode::from(EXIT_CONFIG);
+                    eprintln!(
+                        "wandist {what}: {} has no [metrics] listen: the gateway answers there",
+                        config.display()
+                    );
+                    Err(ExitCode::from(EXIT_CONFIG))
                 }
             },
             Err(problems) => {
                 print_problems(&problems);
-                return ExitCode::from(EXIT_CONFIG);
+                Err(ExitCode::from(EXIT_CONFIG))
             }
         },
         (None, None) => {
-            eprintln!("wandist status: give --url http://HOST:PORT or --config FILE");
-            return ExitCode::from(EXIT_CONFIG);
+            eprintln!("wandist {what}: give --url http://HOST:PORT or --config FILE");
+            Err(ExitCode::from(EXIT_CONFIG))
         }
+    }
+}
+
+/// `wandist health`.
+fn health(url: Option<String>, config: Option<PathBuf>, live: bool) -> ExitCode {
+    let addr = match metrics_address("health", url, config) {
+        Ok(a) => a,
+        Err(code) => return code,
+    };
+    let path = if live { "/healthz" } else { "/readyz" };
+    match http_get(&addr, path) {
+        Ok(body) => {
+            print!("{body}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("wandist health: http://{addr}{path}: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `wandist status`.
+fn status(url: Option<String>, config: Option<PathBuf>, json: bool) -> ExitCode {
+    let addr = match metrics_address("status", url, config) {
+        Ok(a) => a,
+        Err(code) => return code,
     };
     let body = match http_get(&addr, "/status") {
         Ok(body) => body,
@@ -218,7 +312,7 @@ fn http_get(addr: &str, path: &str) -> std::io::Result<String> {
     let (head, body) = text.split_once("\r\n\r\n").ok_or_else(|| std::io::Error::other("no HTTP answer"))?;
     let status = head.lines().next().unwrap_or_default();
     if !status.contains(" 200 ") {
-        return Err(std::io::Error::other(status.to_string()));
+        return Err(std::io::Error::other(format!("{status}: {}", body.trim())));
     }
     Ok(body.to_string())
 }

@@ -320,3 +320,33 @@ fn json_logs_are_one_object_per_line_with_the_fields_of_the_text_lines() {
     let addr: std::net::SocketAddr = listening["addr"].as_str().unwrap().parse().unwrap();
     assert_eq!(addr, gw.peer_addr());
 }
+
+/// `certs --owner UID:GID` gives the files a gateway reads (not the CA's
+/// key) to the container image's user, keys still 0600.
+#[test]
+fn certs_gives_the_gateway_files_to_an_owner() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(BIN)
+        .args(["certs", "--owner", "10001:10001", "--out"])
+        .arg(dir.path())
+        .arg("dc1")
+        .output()
+        .unwrap();
+    if unsafe { libc::geteuid() } != 0 {
+        // Only root may give files away: said, exit 1.
+        assert_eq!(out.status.code(), Some(1));
+        assert!(String::from_utf8_lossy(&out.stderr).contains("cannot give"));
+        return;
+    }
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let meta = |f: &str| std::fs::metadata(dir.path().join(f)).unwrap();
+    for f in ["dc1.key", "dc1.pem", "ca.pem"] {
+        assert_eq!((meta(f).uid(), meta(f).gid()), (10001, 10001), "{f}");
+    }
+    assert_eq!(meta("dc1.key").permissions().mode() & 0o777, 0o600);
+    assert_eq!(meta("ca.key").uid(), 0, "the CA key stays with its maker");
+    let bad =
+        Command::new(BIN).args(["certs", "--owner", "nobody", "--out"]).arg(dir.path()).arg("dc2").output().unwrap();
+    assert_eq!(bad.status.code(), Some(64));
+}

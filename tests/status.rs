@@ -65,6 +65,20 @@ fn readyz_flips_with_the_erlang_side_and_the_route_and_status_names_what_is_wher
     });
     assert!(v["reasons"].to_string().contains(&a1.name), "{v}");
     assert!(gw1.find_log("gateway ready").is_none(), "said ready while not");
+    // `wandist health`: not ready (exit 1, the reasons said), but alive.
+    let health = |gw: &Gateway, extra: &[&str]| {
+        let out = Command::new(BIN)
+            .args(["health", "--url"])
+            .arg(format!("http://{}", gw.metrics_addr))
+            .args(extra)
+            .output()
+            .unwrap();
+        (out.status.code(), String::from_utf8_lossy(&out.stderr).to_string())
+    };
+    let (code, err) = health(&gw1, &[]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("503") && err.contains("route to dc2 is down"), "{err}");
+    assert_eq!(health(&gw1, &["--live"]).0, Some(0));
     assert_eq!(a1.eval("{ok, _} = pg:start(wan), ok."), "ok");
 
     // dc2 dials dc1: first an endpoint where nobody listens, then dc1.
@@ -83,6 +97,7 @@ fn readyz_flips_with_the_erlang_side_and_the_route_and_status_names_what_is_wher
     let v = wait_ready(&gw1, 200);
     assert_eq!(v["ready"], true);
     gw1.wait_log("gateway ready", SOON);
+    assert_eq!(health(&gw1, &[]).0, Some(0));
     wait_ready(&gw2, 200);
     a1.eval_until("length(pg:get_members(wan, svc)).", |v| v == "1");
 

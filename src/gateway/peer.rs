@@ -208,6 +208,7 @@ impl PeerTask {
         // must not take the new numbering for the old one's.
         let route = Route::new(inputs.epoch.unwrap_or_else(new_epoch), config.window, config.window);
         let rm = RouteMetrics::new(&metrics, &config.cluster);
+        metrics.gauge(m::WINDOW_MESSAGES, &[("peer", &config.cluster)]).set(config.window.messages as f64);
         let data_metrics = DataMetrics {
             sent: rm.sent.clone(),
             received: rm.received.clone(),
