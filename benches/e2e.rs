@@ -49,7 +49,8 @@ fn cpu_secs(pid: u32) -> f64 {
     ticks / 100.0
 }
 
-/// CPU spent during the 100 B run, in µs per message, per process.
+/// CPU spent by the 100 B stream, in µs per message, per process: the
+/// CPU during the stream less the CPU over as long a time without it.
 #[derive(Debug, Default, Clone)]
 struct Cpu {
     /// The sending and the receiving Erlang node.
@@ -116,12 +117,21 @@ fn workloads(x: &mut Erl, pids: &[u32]) -> (Figures, Cpu) {
     let before = cpu();
     let small_us = parse_f(&x.eval_within(&format!("wandist_bench:stream(R, {SMALL}, Small, 4000)."), long));
     let after = cpu();
+    // The same wall time with no stream: what the processes spend anyway
+    // (heartbeats, ticks, the other path's idle links) is subtracted, so
+    // the figure is the stream's own cost.
+    let idle_before = cpu();
+    std::thread::sleep(Duration::from_micros(small_us as u64));
+    let idle_after = cpu();
     let small_per_s = SMALL as f64 / (small_us / 1e6);
     let us = parse_f(&x.eval_within(&format!("wandist_bench:stream(R, {LARGE}, Large, 2000)."), long));
     let large_mb_s = (LARGE * 65536) as f64 / (us / 1e6) / 1e6;
     // Round trips come later, interleaved across the paths (`round_trips`).
     let f = Figures { small_per_s, large_mb_s, p50_us: 0.0, p99_us: 0.0 };
-    let per_msg = |i: usize| after.get(i).zip(before.get(i)).map(|(a, b)| (a - b) * 1e6 / SMALL as f64).unwrap_or(0.0);
+    let delta = |a: &[f64], b: &[f64], i: usize| a.get(i).zip(b.get(i)).map(|(a, b)| a - b).unwrap_or(0.0);
+    let per_msg = |i: usize| {
+        (delta(&after, &before, i) - delta(&idle_after, &idle_before, i)).max(0.0) * 1e6 / SMALL as f64
+    };
     let cpu = Cpu { erl: [per_msg(0), per_msg(1)], gw: [per_msg(2), per_msg(3)], wall: small_us / SMALL as f64 };
     (f, cpu)
 }
@@ -716,7 +726,7 @@ fn main() {
     let table = format!(
         "### {date} — {}\n\n`cargo bench --bench e2e` ({SMALL} × 100 B, {LARGE} × 64 KiB with an ack per 1000 and at most 4000 / 2000 in flight, {PINGS} pings in {ROUNDS} blocks per path, the paths in turn{erl_args})\n\n\
          | path | 100 B msgs/s | 64 KiB MB/s | RTT p50 µs | RTT p99 µs |\n|---|---|---|---|---|\n{}\n{}\n{}\n{}\n{}\n{}\n{}\n{}\n{}\n{}\n{}\n{}\n{}\n\n\
-         Gateways (100 B run): CPU per message relayed {:.2} µs (sending side), {:.2} µs (receiving side); peak RSS {} KiB / {} KiB.\n\
+         Gateways (100 B run): CPU per message relayed, the stream alone (less as long without it) {:.2} µs (sending side), {:.2} µs (receiving side); peak RSS {} KiB / {} KiB.\n\
          CPU per 100 B message (the Erlang nodes, and the gateways or both relays; wall time per message on {cores} CPUs in brackets): {}; {}; {}; {}; {}; {}.\n\
          {MEMBERS} members of a dc2 group were all in dc1's pg {:.0} ms after the route came up. An idle link costs {:.1} KiB of RSS \
          (a gateway with {IDLE_LINKS} idle links, heartbeating, against none).\n\n",
