@@ -31,6 +31,8 @@ const ROUNDS: u64 = 10;
 struct Figures {
     small_per_s: f64,
     large_mb_s: f64,
+    /// 64 KiB from a plain sender (`!` as fast as it goes, no window).
+    plain_mb_s: f64,
     p50_us: f64,
     p99_us: f64,
 }
@@ -126,8 +128,10 @@ fn workloads(x: &mut Erl, pids: &[u32]) -> (Figures, Cpu) {
     let small_per_s = SMALL as f64 / (small_us / 1e6);
     let us = parse_f(&x.eval_within(&format!("wandist_bench:stream(R, {LARGE}, Large, 2000)."), long));
     let large_mb_s = (LARGE * 65536) as f64 / (us / 1e6) / 1e6;
+    let us = parse_f(&x.eval_within(&format!("wandist_bench:plain(R, {LARGE}, Large)."), long));
+    let plain_mb_s = (LARGE * 65536) as f64 / (us / 1e6) / 1e6;
     // Round trips come later, interleaved across the paths (`round_trips`).
-    let f = Figures { small_per_s, large_mb_s, p50_us: 0.0, p99_us: 0.0 };
+    let f = Figures { small_per_s, large_mb_s, plain_mb_s, p50_us: 0.0, p99_us: 0.0 };
     let delta = |a: &[f64], b: &[f64], i: usize| a.get(i).zip(b.get(i)).map(|(a, b)| a - b).unwrap_or(0.0);
     let per_msg = |i: usize| {
         (delta(&after, &before, i) - delta(&idle_after, &idle_before, i)).max(0.0) * 1e6 / SMALL as f64
@@ -692,13 +696,17 @@ fn main() {
     let idle = idle_link_kib(&dir);
 
     let row = |name: &str, f: &Figures| {
-        format!("| {name} | {:.0} | {:.1} | {:.0} | {:.0} |", f.small_per_s, f.large_mb_s, f.p50_us, f.p99_us)
+        format!(
+            "| {name} | {:.0} | {:.1} | {:.1} | {:.0} | {:.0} |",
+            f.small_per_s, f.large_mb_s, f.plain_mb_s, f.p50_us, f.p99_us
+        )
     };
     let ratio = |name: &str, a: &Figures, b: &Figures| {
         format!(
-            "| {name} | {:.2}x | {:.2}x | {:.2}x | {:.2}x |",
+            "| {name} | {:.2}x | {:.2}x | {:.2}x | {:.2}x | {:.2}x |",
             a.small_per_s / b.small_per_s,
             a.large_mb_s / b.large_mb_s,
+            a.plain_mb_s / b.plain_mb_s,
             a.p50_us / b.p50_us,
             a.p99_us / b.p99_us
         )
@@ -724,8 +732,8 @@ fn main() {
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
         .unwrap_or_default();
     let table = format!(
-        "### {date} — {}\n\n`cargo bench --bench e2e` ({SMALL} × 100 B, {LARGE} × 64 KiB with an ack per 1000 and at most 4000 / 2000 in flight, {PINGS} pings in {ROUNDS} blocks per path, the paths in turn{erl_args})\n\n\
-         | path | 100 B msgs/s | 64 KiB MB/s | RTT p50 µs | RTT p99 µs |\n|---|---|---|---|---|\n{}\n{}\n{}\n{}\n{}\n{}\n{}\n{}\n{}\n{}\n{}\n{}\n{}\n\n\
+        "### {date} — {}\n\n`cargo bench --bench e2e` ({SMALL} × 100 B, {LARGE} × 64 KiB with an ack per 1000 and at most 4000 / 2000 in flight, {LARGE} × 64 KiB from a plain sender (no window, then a ping), {PINGS} pings in {ROUNDS} blocks per path, the paths in turn{erl_args})\n\n\
+         | path | 100 B msgs/s | 64 KiB MB/s | 64 KiB plain sender MB/s | RTT p50 µs | RTT p99 µs |\n|---|---|---|---|---|---|\n{}\n{}\n{}\n{}\n{}\n{}\n{}\n{}\n{}\n{}\n{}\n{}\n{}\n\n\
          Gateways (100 B run): CPU per message relayed, the stream alone (less as long without it) {:.2} µs (sending side), {:.2} µs (receiving side); peak RSS {} KiB / {} KiB.\n\
          CPU per 100 B message (the Erlang nodes, and the gateways or both relays; wall time per message on {cores} CPUs in brackets): {}; {}; {}; {}; {}; {}.\n\
          {MEMBERS} members of a dc2 group were all in dc1's pg {:.0} ms after the route came up. An idle link costs {:.1} KiB of RSS \
@@ -761,9 +769,30 @@ fn main() {
     if gateway_only {
         return;
     }
-    let path: PathBuf = [env!("CARGO_MANIFEST_DIR"), "BENCHMARKS.md"].iter().collect();
-    let mut f = std::fs::OpenOptions::new().create(true).append(true).open(&path).unwrap();
+    // The run's history: a readable table, and one JSON object per run
+    // (BENCHMARKS.md keeps the current state against the targets).
+    let results: PathBuf = [env!("CARGO_MANIFEST_DIR"), "benches", "results"].iter().collect();
+    let mut f = std::fs::OpenOptions::new().create(true).append(true).open(results.join("e2e.md")).unwrap();
     f.write_all(table.as_bytes()).unwrap();
+    let figures = |f: &Figures, c: &Cpu| {
+        serde_json::json!({
+            "small_msgs_per_s": f.small_per_s, "large_mb_s": f.large_mb_s, "plain_large_mb_s": f.plain_mb_s,
+            "rtt_p50_us": f.p50_us, "rtt_p99_us": f.p99_us,
+            "cpu_us_per_small_msg": { "erlang": c.erl, "gateways_or_relays": c.gw, "wall": c.wall },
+        })
+    };
+    let run = serde_json::json!({
+        "date": date, "machine": machine(), "erl_args": erl_args,
+        "paths": {
+            "direct_tls": figures(&tls, &tls_cpu), "direct_tcp": figures(&tcp, &tcp_cpu),
+            "floor": figures(&floor, &floor_cpu), "tls_floor": figures(&tls_floor, &tls_floor_cpu),
+            "gateways": figures(&gw.f, &gw.cpu), "gateways_tls_dist": figures(&gw_tls_f, &gw_tls_cpu),
+        },
+        "gateway_peak_rss_kib": gw.rss_kib, "members_10000_ms": gw.members_after.as_secs_f64() * 1000.0,
+        "idle_link_kib": idle,
+    });
+    let mut f = std::fs::OpenOptions::new().create(true).append(true).open(results.join("e2e.jsonl")).unwrap();
+    writeln!(f, "{run}").unwrap();
     let _ = std::fs::remove_dir_all(&dir);
-    eprintln!("e2e: appended to {}", path.display());
+    eprintln!("e2e: appended to {}", results.join("e2e.md").display());
 }

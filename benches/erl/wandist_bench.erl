@@ -2,7 +2,7 @@
 %% 1000 messages and answers pings, a sender with a bounded credit window,
 %% and a ping-pong round-trip measurement. Compiled at bench start.
 -module(wandist_bench).
--export([receiver/0, stream/4, pingpong/2, round_trips/2]).
+-export([receiver/0, stream/4, plain/3, pingpong/2, round_trips/2]).
 
 -define(ACK_EVERY, 1000).
 
@@ -20,6 +20,9 @@ loop(N) ->
             loop(N1);
         {ping, From} ->
             From ! pong,
+            loop(N);
+        {count, From} ->
+            From ! {count, N},
             loop(N);
         reset ->
             loop(0)
@@ -45,6 +48,31 @@ send(R, N, Bin, W, Sent, _Acked) ->
         {ack, A} -> send(R, N, Bin, W, Sent, A)
     after 30000 -> exit(stalled)
     end.
+
+%% A plain sender: N messages with `!` as fast as it goes, no window,
+%% then a question whose answer says how many the receiver has taken
+%% (messages between one pair arrive in order); returns the elapsed
+%% microseconds, or exits if any message was lost on the way.
+plain(R, N, Bin) ->
+    R ! reset,
+    T0 = erlang:monotonic_time(microsecond),
+    plain_send(R, N, Bin),
+    R ! {count, self()},
+    Got = receive {count, C} -> C after 120000 -> exit(stalled) end,
+    T = erlang:monotonic_time(microsecond) - T0,
+    flush_acks(),
+    case Got of
+        N -> T;
+        _ -> exit({lost, N - Got})
+    end.
+
+plain_send(_R, 0, _Bin) -> ok;
+plain_send(R, N, Bin) ->
+    R ! {msg, self(), Bin},
+    plain_send(R, N - 1, Bin).
+
+flush_acks() ->
+    receive {ack, _} -> flush_acks() after 0 -> ok end.
 
 %% K round trips; returns {P50, P99} in microseconds.
 pingpong(R, K) ->
