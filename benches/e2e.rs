@@ -133,9 +133,8 @@ fn workloads(x: &mut Erl, pids: &[u32]) -> (Figures, Cpu) {
     // Round trips come later, interleaved across the paths (`round_trips`).
     let f = Figures { small_per_s, large_mb_s, plain_mb_s, p50_us: 0.0, p99_us: 0.0 };
     let delta = |a: &[f64], b: &[f64], i: usize| a.get(i).zip(b.get(i)).map(|(a, b)| a - b).unwrap_or(0.0);
-    let per_msg = |i: usize| {
-        (delta(&after, &before, i) - delta(&idle_after, &idle_before, i)).max(0.0) * 1e6 / SMALL as f64
-    };
+    let per_msg =
+        |i: usize| (delta(&after, &before, i) - delta(&idle_after, &idle_before, i)).max(0.0) * 1e6 / SMALL as f64;
     let cpu = Cpu { erl: [per_msg(0), per_msg(1)], gw: [per_msg(2), per_msg(3)], wall: small_us / SMALL as f64 };
     (f, cpu)
 }

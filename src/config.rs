@@ -198,6 +198,9 @@ pub struct RouteConfig {
     pub export: Vec<String>,
     pub import: Vec<String>,
     pub limits: Limits,
+    /// `compression = "lz4"`: data batches to this peer go as lz4 blocks
+    /// when it speaks `lz4-v1` (default `"off"`).
+    pub compress: bool,
 }
 
 /// Default per-route window: enough to keep a 200 ms link busy.
@@ -763,6 +766,7 @@ impl Cx<'_> {
                 "socks5_password",
                 "insecure_plaintext",
                 "ca",
+                "compression",
                 "window_messages",
                 "window_bytes",
                 "export",
@@ -861,7 +865,27 @@ impl Cx<'_> {
         let import = self.patterns(t, "import");
         let limits = self.limits(t, standby, default_members);
         let (cluster, _) = cluster?;
-        Some(RouteConfig { cluster, endpoints, standby, insecure_plaintext, ca, window, export, import, limits })
+        let compress = match self.string(t, "compression") {
+            Some((c, _)) if c == "lz4" => true,
+            Some((c, _)) if c == "off" => false,
+            Some((_, span)) => {
+                self.err(span, "compression must be \"off\" or \"lz4\"".into());
+                false
+            }
+            None => false,
+        };
+        Some(RouteConfig {
+            cluster,
+            endpoints,
+            standby,
+            insecure_plaintext,
+            ca,
+            window,
+            export,
+            import,
+            limits,
+            compress,
+        })
     }
 
     /// The per-peer limits of a route (every key optional).

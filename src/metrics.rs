@@ -31,6 +31,7 @@ pub const MESSAGES_FAILED: &str = "wandist_messages_failed_total";
 pub const MESSAGES_RECEIVED: &str = "wandist_messages_received_total";
 pub const UNACKED_MESSAGES: &str = "wandist_unacked_messages";
 pub const WINDOW_MESSAGES: &str = "wandist_window_messages";
+pub const COMPRESSION_BYTES: &str = "wandist_compression_bytes_total";
 pub const UNACKED_BYTES: &str = "wandist_unacked_bytes";
 pub const RETRANSMITTED: &str = "wandist_retransmitted_messages_total";
 pub const DUPLICATES_DROPPED: &str = "wandist_duplicates_dropped_total";
@@ -97,6 +98,7 @@ const HELP: &[(&str, Kind, Option<Unit>, &str)] = &[
     (MESSAGES_RECEIVED, Kind::Counter, None, "Messages from the peer delivered to the local cluster."),
     (UNACKED_MESSAGES, Kind::Gauge, None, "Messages sent or waiting to be sent, not yet confirmed."),
     (WINDOW_MESSAGES, Kind::Gauge, None, "The route's window: messages in flight at most (window_messages)."),
+    (COMPRESSION_BYTES, Kind::Counter, Some(Unit::Bytes), "Data batches compressed for the peer: bytes before (raw) and after (packed)."),
     (UNACKED_BYTES, Kind::Gauge, Some(Unit::Bytes), "Payload bytes of unconfirmed messages."),
     (RETRANSMITTED, Kind::Counter, None, "Messages sent again after a failover."),
     (DUPLICATES_DROPPED, Kind::Counter, None, "Messages from the peer dropped as already received."),

@@ -51,7 +51,14 @@ pub struct LinkParams {
     pub metrics: Metrics,
     /// Takes frames in the reader's task before they become an event.
     pub sink: Option<Arc<dyn FrameSink>>,
+    /// Compress data batches (lz4, `Packed` frames): the route asks for
+    /// it and the peer speaks `lz4-v1` (set per link from its hello).
+    pub compress: bool,
 }
+
+/// Data batches smaller than this go as they are (compressing a few
+/// hundred bytes saves little and costs a pass).
+pub const PACK_MIN: usize = 1024;
 
 /// The owner's way to handle frames right in the reader's task, without a
 /// hop through its own (the data path of a route, `gateway::core`).
@@ -208,7 +215,7 @@ pub fn spawn(est: Established, params: LinkParams, events: mpsc::Sender<LinkEven
         epoch,
         partial: None,
     };
-    let writer = Writer { wr, params, control: control_rx, data: data_rx, epoch, current: None };
+    let writer = Writer { wr, params, control: control_rx, data: data_rx, epoch, current: None, raw: BytesMut::new() };
     let task_shared = shared.clone();
     let writer_shared = shared.clone();
     // Reader and writer are separate tasks, so that waking one does not
@@ -302,6 +309,23 @@ impl Reader {
                         Ok(None) => continue,
                         Err(e) => return reject(&e),
                     },
+                    Header::Packed { raw_len } => {
+                        // At most what a writer packs: a batch and a chunk.
+                        let max = self.params.max_frame_bytes;
+                        let frames = match codec::unpack(raw_len, &frame.body, max, BATCH_BYTES + CHUNK_BYTES + 1024) {
+                            Ok(f) => f,
+                            Err(e) => return reject(&e),
+                        };
+                        for f in frames {
+                            let Header::Data { epoch, seq, more } = f.header else { continue };
+                            match self.reassemble(epoch, seq, more, f.body) {
+                                Ok(Some(whole)) => batch.push(whole),
+                                Ok(None) => {}
+                                Err(e) => return reject(&e),
+                            }
+                        }
+                        continue;
+                    }
                     // Control frames for the owner may come between chunks.
                     _ => frame,
                 };
@@ -415,11 +439,16 @@ struct Writer {
     data: mpsc::Receiver<Frame>,
     epoch: Instant,
     current: Option<Outgoing>,
+    /// With compression: a batch's data frames, packed before the write.
+    raw: BytesMut,
 }
 
 impl Writer {
     async fn run(mut self, shared: &Shared, mut stop: oneshot::Receiver<()>) -> CloseReason {
         let sent = self.params.metrics.counter(m::BYTES_SENT, &[("peer", &self.params.peer)]);
+        let packed = ["raw", "packed"].map(|stage| {
+            self.params.metrics.counter(m::COMPRESSION_BYTES, &[("peer", &self.params.peer), ("stage", stage)])
+        });
         let mut last_write = Instant::now();
         // Small to start: an idle link should cost little; it grows under load.
         let mut out = BytesMut::with_capacity(IDLE_BUFFER);
@@ -462,7 +491,8 @@ impl Writer {
             while let Ok(f) = self.control.try_recv() {
                 push(&f, max, &mut out);
             }
-            while out.len() < BATCH_BYTES {
+            let compress = self.params.compress;
+            while out.len() + self.raw.len() < BATCH_BYTES {
                 if self.current.is_none() {
                     match self.data.try_recv() {
                         Ok(f) => self.current = outgoing(f),
@@ -473,7 +503,8 @@ impl Writer {
                 let end = (cur.offset + CHUNK_BYTES).min(cur.body.len());
                 let more = end < cur.body.len();
                 let header = Header::Data { epoch: cur.epoch, seq: cur.seq, more };
-                if let Err(e) = codec::encode(&header, &cur.body[cur.offset..end], max, &mut out) {
+                let to = if compress { &mut self.raw } else { &mut out };
+                if let Err(e) = codec::encode(&header, &cur.body[cur.offset..end], max, to) {
                     tracing::error!("dropping an outgoing message: {e}");
                     self.current = None;
                     continue;
@@ -482,6 +513,16 @@ impl Writer {
                 if !more {
                     self.current = None;
                 }
+            }
+            if !self.raw.is_empty() {
+                let before = out.len();
+                if self.raw.len() < PACK_MIN || codec::pack(&self.raw, max, &mut out).is_err() {
+                    out.extend_from_slice(&self.raw);
+                } else {
+                    packed[0].increment(self.raw.len() as u64);
+                    packed[1].increment((out.len() - before) as u64);
+                }
+                self.raw.clear();
             }
             if let Err(why) = self.write(&mut out, &sent).await {
                 return why;

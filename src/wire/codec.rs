@@ -140,6 +140,39 @@ pub fn decode(buf: &mut BytesMut, max: usize) -> Result<Option<Frame>, CodecErro
     Ok(Some(Frame { header, body }))
 }
 
+/// Compresses encoded data frames (`raw`) into one `Packed` frame on `out`.
+pub fn pack(raw: &[u8], max: usize, out: &mut BytesMut) -> Result<(), CodecError> {
+    let packed = lz4_flex::block::compress(raw);
+    encode(&Header::Packed { raw_len: raw.len() as u32 }, &packed, max, out)
+}
+
+/// The data frames of a `Packed` frame. Its stated size is checked before
+/// anything is decompressed (at most `max_raw` bytes: a small frame cannot
+/// make the reader allocate much), the block must decompress to exactly
+/// that, and every frame in it must be a `Data` frame.
+pub fn unpack(raw_len: u32, body: &[u8], max: usize, max_raw: usize) -> Result<Vec<Frame>, CodecError> {
+    let raw_len = raw_len as usize;
+    if raw_len > max_raw || raw_len == 0 {
+        return Err(CodecError::Oversize { len: raw_len, max: max_raw });
+    }
+    let raw = lz4_flex::block::decompress(body, raw_len).map_err(|e| CodecError::Garbage(format!("packed: {e}")))?;
+    if raw.len() != raw_len {
+        return Err(CodecError::Garbage("packed: not the size it said".into()));
+    }
+    let mut buf = BytesMut::from(&raw[..]);
+    let mut frames = Vec::new();
+    while let Some(f) = decode(&mut buf, max)? {
+        if !matches!(f.header, Header::Data { .. }) {
+            return Err(CodecError::Garbage("packed: a frame that is not data".into()));
+        }
+        frames.push(f);
+    }
+    if !buf.is_empty() {
+        return Err(CodecError::Garbage("packed: a frame cut short".into()));
+    }
+    Ok(frames)
+}
+
 /// Whether `buf` already holds a whole frame (or a bad length prefix).
 pub fn frame_ready(buf: &BytesMut) -> bool {
     buf.len() >= LEN_PREFIX && buf.len() >= LEN_PREFIX + u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize
@@ -161,6 +194,38 @@ pub fn check_eof(buf: &BytesMut) -> Result<(), CodecError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn data(seq: u64, body: &[u8]) -> Frame {
+        Frame { header: Header::Data { epoch: 1, seq, more: false }, body: Bytes::copy_from_slice(body) }
+    }
+
+    #[test]
+    fn packed_frames_unpack_to_the_data_frames_and_nothing_else() {
+        let mut raw = BytesMut::new();
+        let frames: Vec<Frame> = (0..50).map(|i| data(i, format!("hello {} hello hello", i % 3).as_bytes())).collect();
+        for f in &frames {
+            encode(&f.header, &f.body, 1 << 20, &mut raw).unwrap();
+        }
+        let mut out = BytesMut::new();
+        pack(&raw, 1 << 20, &mut out).unwrap();
+        assert!(out.len() < raw.len() / 2, "{} of {}", out.len(), raw.len());
+        let f = decode(&mut out, 1 << 20).unwrap().unwrap();
+        let Header::Packed { raw_len } = f.header else { panic!("{:?}", f.header) };
+        assert_eq!(unpack(raw_len, &f.body, 1 << 20, 1 << 20).unwrap(), frames);
+        // A size over the bound: refused before decompressing.
+        assert!(matches!(unpack(raw_len, &f.body, 1 << 20, raw_len as usize - 1), Err(CodecError::Oversize { .. })));
+        // A size that is not the block's, or a block that is not lz4: refused.
+        assert!(unpack(raw_len + 1, &f.body, 1 << 20, 1 << 20).is_err());
+        assert!(unpack(100, b"not lz4 at all", 1 << 20, 1 << 20).is_err());
+        // A control frame inside: refused.
+        let mut raw = BytesMut::new();
+        encode(&Header::Resync, &[], 1 << 20, &mut raw).unwrap();
+        let mut out = BytesMut::new();
+        pack(&raw, 1 << 20, &mut out).unwrap();
+        let f = decode(&mut out, 1 << 20).unwrap().unwrap();
+        let Header::Packed { raw_len } = f.header else { panic!() };
+        assert!(unpack(raw_len, &f.body, 1 << 20, 1 << 20).is_err());
+    }
     use crate::wire::Hello;
 
     const MAX: usize = 1 << 20;

@@ -23,11 +23,13 @@ pub const MAGIC: [u8; 4] = *b"WDST";
 /// Magic plus a big-endian u16 version.
 pub const PREAMBLE_LEN: usize = 6;
 
-/// Capabilities this build announces in its hello.
 /// What this build speaks beyond the base protocol, told in the hello.
 /// `reject-v1`: the `Reject` frame (sent only to peers that list it).
-pub const CAPABILITIES: &[&str] = &["heartbeat-v1", "reject-v1"];
+/// `lz4-v1`: `Packed` frames (lz4 blocks of data frames), sent only to
+/// peers that list it, by routes with `compression = "lz4"`.
+pub const CAPABILITIES: &[&str] = &["heartbeat-v1", "reject-v1", "lz4-v1"];
 pub const CAP_REJECT: &str = "reject-v1";
+pub const CAP_LZ4: &str = "lz4-v1";
 
 /// The first frame each side sends after the preamble.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -131,12 +133,18 @@ pub enum Header {
         epoch: u64,
         seqs: Vec<u64>,
     },
+    /// Data frames, encoded one after another and compressed as one lz4
+    /// block of `raw_len` bytes (the body). Only to `lz4-v1` peers; holds
+    /// nothing but `Data` frames (`codec::unpack`).
+    Packed {
+        raw_len: u32,
+    },
 }
 
 impl Header {
     /// Control frames go ahead of data on a link's writer.
     pub fn is_control(&self) -> bool {
-        !matches!(self, Header::Data { .. })
+        !matches!(self, Header::Data { .. } | Header::Packed { .. })
     }
 }
 
