@@ -1077,7 +1077,6 @@ impl Core {
         if matches!(t.first(), Some(Term::Ref(_))) && (self.cluster_answer(node, t) || self.claim_message(t)) {
             return;
         }
-        let mirror = ix;
         match (t.first().and_then(Term::as_atom), t.len()) {
             (Some("$gen_cast"), 2) => {
                 let inner = t[1].as_tuple().unwrap_or_default();
@@ -1088,25 +1087,25 @@ impl Core {
                 let mut groups = Vec::new();
                 for g in inner[2].as_list().unwrap_or_default() {
                     if let Some([group, pids]) = g.as_tuple() {
-                        if let Some(name) = self.exportable(node, mirror, group) {
+                        if let Some(name) = self.exportable(node, ix, group) {
                             groups.push((name, self.member_pids(pids)));
                         }
                     }
                 }
-                self.set_scope(node, mirror, &scope);
-                for c in self.mirrors[mirror].replace(node, groups) {
+                self.set_scope(node, ix, &scope);
+                for c in self.mirrors[ix].replace(node, groups) {
                     self.local_change(c);
                 }
             }
             (Some("discover"), 2 | 3) => {
                 let Some(scope) = t[1].as_pid().cloned() else { return };
-                self.set_scope(node, mirror, &scope);
-                self.sync_scope(mirror, &scope);
+                self.set_scope(node, ix, &scope);
+                self.sync_scope(ix, &scope);
             }
             (Some("join"), 4) => {
-                let Some(name) = self.exportable(node, mirror, &t[2]) else { return };
+                let Some(name) = self.exportable(node, ix, &t[2]) else { return };
                 let pids = self.member_pids(&t[3]);
-                if let Some(c) = self.mirrors[mirror].join(node, &name, pids) {
+                if let Some(c) = self.mirrors[ix].join(node, &name, pids) {
                     self.local_change(c);
                 }
             }
@@ -1117,9 +1116,9 @@ impl Core {
                     .unwrap_or_default()
                     .iter()
                     .filter_map(groups::name_of)
-                    .map(|g| self.qualify(mirror, &g))
+                    .map(|g| self.qualify(ix, &g))
                     .collect();
-                for c in self.mirrors[mirror].leave(node, &pids, &groups) {
+                for c in self.mirrors[ix].leave(node, &pids, &groups) {
                     self.local_change(c);
                 }
             }

@@ -733,15 +733,18 @@ impl Shell {
     /// Connects to every node configured or discovered (cluster, DNS) and
     /// disconnects from the rest.
     fn apply_nodes(&mut self) {
+        // (By name in a set: thousands of discovered nodes must not make
+        // each change quadratic.)
         let mut wanted: Vec<ErlNode> = self.configured.clone();
+        let mut names: std::collections::HashSet<String> = wanted.iter().map(|w| w.name.clone()).collect();
         for n in self.cluster_nodes.iter().chain(&self.dns_nodes) {
-            if !wanted.iter().any(|w| *w.name == **n) {
+            if names.insert(n.to_string()) {
                 wanted.push(ErlNode { name: n.to_string(), port: None });
             }
         }
         for i in 0..self.nodes.len() {
             let n = &mut self.nodes[i];
-            if n.removed || wanted.iter().any(|w| *w.name == *n.name) {
+            if n.removed || names.contains(&*n.name) {
                 continue;
             }
             // Its backlog stays: with no connection, each delivery
