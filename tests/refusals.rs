@@ -243,9 +243,27 @@ fn raw_clients_that_stall_or_send_garbage_are_cut_and_other_links_stay_up() {
     // and the frame counted.
     let rt = runtime();
     let dc3 = tls_of(&certs, "dc3");
-    for (bytes, reason) in
-        [(vec![0, 0, 0, 3, 0xff, 0xee, 0xdd], "garbage"), (70_000u32.to_be_bytes().to_vec(), "oversize")]
-    {
+    // Also `Packed` frames (lz4-v1, which every gateway announces): one
+    // claiming a huge size (refused before decompressing), one holding a
+    // control frame.
+    let packed = |raw_len: u32, inner: &[u8]| {
+        let mut out = bytes::BytesMut::new();
+        codec::encode(&wandist::wire::Header::Packed { raw_len }, inner, 1 << 20, &mut out).unwrap();
+        out.to_vec()
+    };
+    let mut resync = bytes::BytesMut::new();
+    codec::encode(&wandist::wire::Header::Resync, &[], 1 << 20, &mut resync).unwrap();
+    let resync_packed = {
+        let mut out = bytes::BytesMut::new();
+        codec::pack(&resync, 1 << 20, &mut out).unwrap();
+        out.to_vec()
+    };
+    for (bytes, reason, count) in [
+        (vec![0, 0, 0, 3, 0xff, 0xee, 0xdd], "garbage", 1.0),
+        (70_000u32.to_be_bytes().to_vec(), "oversize", 1.0),
+        (packed(1 << 30, b"tiny"), "oversize", 2.0),
+        (resync_packed, "garbage", 2.0),
+    ] {
         let closed = rt.block_on(async {
             use tokio::io::{AsyncReadExt, AsyncWriteExt};
             let mut est = claim_to_dc1(dc1.peer_addr(), &dc3, "dc3").await.unwrap();
@@ -263,8 +281,8 @@ fn raw_clients_that_stall_or_send_garbage_are_cut_and_other_links_stay_up() {
             .await
         });
         assert!(closed.is_ok(), "link with {reason} frame was not closed");
-        dc1.wait_metric("wandist_frames_rejected_total", &[("peer", "dc3"), ("reason", reason)], |v| v == 1.0);
-        dc1.wait_metric("wandist_link_disconnects_total", &[("peer", "dc3"), ("reason", reason)], |v| v == 1.0);
+        dc1.wait_metric("wandist_frames_rejected_total", &[("peer", "dc3"), ("reason", reason)], |v| v == count);
+        dc1.wait_metric("wandist_link_disconnects_total", &[("peer", "dc3"), ("reason", reason)], |v| v == count);
     }
 
     // Through all of it, the real link never dropped.
