@@ -14,12 +14,20 @@ const MAX: usize = 1 << 20;
 
 /// The frame decoder on arbitrary bytes from a peer: frames or a clear
 /// error, never a panic, never a buffer beyond the limit; a decoded frame
-/// encodes and decodes again to itself.
+/// encodes and decodes again to itself; a `Packed` frame unpacks (lz4 or
+/// zstd) to whole data frames within its stated size, or is refused.
 pub fn frame_decoder(data: &[u8]) {
     let mut buf = BytesMut::from(data);
+    let mut unpacker = codec::Unpacker::default();
     for _ in 0..1024 {
         match codec::decode(&mut buf, MAX) {
             Ok(Some(frame)) => {
+                if let wandist::wire::Header::Packed { packing, raw_len } = frame.header {
+                    if let Ok(frames) = unpacker.unpack(packing, raw_len, &frame.body, MAX, 64 * 1024) {
+                        let inside: usize = frames.iter().map(|f| f.body.len()).sum();
+                        assert!(inside <= raw_len as usize, "unpacked more than it said");
+                    }
+                }
                 let mut again = codec::encode_frame(&frame, MAX).expect("a decoded frame encodes");
                 let back = codec::decode(&mut again, MAX).expect("re-decodes").expect("whole");
                 assert_eq!(back, frame);

@@ -16,6 +16,7 @@ use toml_edit::{Item, TableLike, Value};
 
 use crate::route::Window;
 use crate::wire::codec::{DEFAULT_MAX_FRAME_BYTES, MAX_FRAME_LIMIT, MIN_FRAME_LIMIT};
+use crate::wire::packing::Compression;
 
 /// Largest size of a config file we are willing to read.
 const MAX_CONFIG_BYTES: u64 = 1024 * 1024;
@@ -198,9 +199,9 @@ pub struct RouteConfig {
     pub export: Vec<String>,
     pub import: Vec<String>,
     pub limits: Limits,
-    /// `compression = "lz4"`: data batches to this peer go as lz4 blocks
-    /// when it speaks `lz4-v1` (default `"off"`).
-    pub compress: bool,
+    /// `compression`: how data batches to this peer are compressed, when
+    /// it speaks the codec (default `"auto"`: `wire::packing`).
+    pub compression: Compression,
 }
 
 /// Default per-route window: enough to keep a 200 ms link busy.
@@ -865,14 +866,12 @@ impl Cx<'_> {
         let import = self.patterns(t, "import");
         let limits = self.limits(t, standby, default_members);
         let (cluster, _) = cluster?;
-        let compress = match self.string(t, "compression") {
-            Some((c, _)) if c == "lz4" => true,
-            Some((c, _)) if c == "off" => false,
-            Some((_, span)) => {
-                self.err(span, "compression must be \"off\" or \"lz4\"".into());
-                false
-            }
-            None => false,
+        let compression = match self.string(t, "compression") {
+            Some((c, span)) => Compression::parse(&c).unwrap_or_else(|| {
+                self.err(span, format!("compression must be one of \"{}\"", Compression::NAMES.join("\", \"")));
+                Compression::default()
+            }),
+            None => Compression::default(),
         };
         Some(RouteConfig {
             cluster,
@@ -884,7 +883,7 @@ impl Cx<'_> {
             export,
             import,
             limits,
-            compress,
+            compression,
         })
     }
 

@@ -243,26 +243,33 @@ fn raw_clients_that_stall_or_send_garbage_are_cut_and_other_links_stay_up() {
     // and the frame counted.
     let rt = runtime();
     let dc3 = tls_of(&certs, "dc3");
-    // Also `Packed` frames (lz4-v1, which every gateway announces): one
-    // claiming a huge size (refused before decompressing), one holding a
-    // control frame.
-    let packed = |raw_len: u32, inner: &[u8]| {
+    // Also `Packed` frames (lz4-v1 and zstd-v1, which every gateway
+    // announces): ones claiming a huge size (refused before
+    // decompressing), ones holding a control frame, and a zstd bomb (a few
+    // bytes that would become 4 MiB, claiming 1,000).
+    use wandist::wire::packing::{Codec, Packing};
+    let packed = |packing: Packing, raw_len: u32, inner: &[u8]| {
         let mut out = bytes::BytesMut::new();
-        codec::encode(&wandist::wire::Header::Packed { raw_len }, inner, 1 << 20, &mut out).unwrap();
+        codec::encode(&wandist::wire::Header::Packed { packing, raw_len }, inner, 1 << 20, &mut out).unwrap();
         out.to_vec()
     };
     let mut resync = bytes::BytesMut::new();
     codec::encode(&wandist::wire::Header::Resync, &[], 1 << 20, &mut resync).unwrap();
-    let resync_packed = {
+    let resync_packed = |codec: Codec| {
         let mut out = bytes::BytesMut::new();
-        codec::pack(&resync, 1 << 20, &mut out).unwrap();
+        codec::Packer::default().pack(codec, &resync, 1 << 20, &mut out).unwrap();
         out.to_vec()
     };
+    let bomb = zstd::bulk::compress(&vec![0u8; 4 << 20], 3).unwrap();
+    assert!(bomb.len() < 1024);
     for (bytes, reason, count) in [
         (vec![0, 0, 0, 3, 0xff, 0xee, 0xdd], "garbage", 1.0),
         (70_000u32.to_be_bytes().to_vec(), "oversize", 1.0),
-        (packed(1 << 30, b"tiny"), "oversize", 2.0),
-        (resync_packed, "garbage", 2.0),
+        (packed(Packing::Lz4, 1 << 30, b"tiny"), "oversize", 2.0),
+        (packed(Packing::Zstd, 1 << 30, b"tiny"), "oversize", 3.0),
+        (resync_packed(Codec::Lz4), "garbage", 2.0),
+        (resync_packed(Codec::Zstd(1)), "garbage", 3.0),
+        (packed(Packing::Zstd, 1000, &bomb), "garbage", 4.0),
     ] {
         let closed = rt.block_on(async {
             use tokio::io::{AsyncReadExt, AsyncWriteExt};

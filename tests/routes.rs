@@ -593,68 +593,88 @@ async fn a_stopping_gateway_finishes_its_window_before_it_leaves() {
     dc2.stop().await;
 }
 
-/// `compression = "lz4"`: data batches to a peer that speaks `lz4-v1` go
-/// packed, every message arrives intact and in order, and the bytes on the
-/// link shrink (counted before and after); with `"off"` nothing is packed.
+/// `compression`: with `"lz4"` or `"zstd"`, data batches to a peer that
+/// speaks the codec go packed with it, every message arrives intact and in
+/// order, and the bytes on the link shrink (counted before and after, per
+/// codec). `"auto"` (the default) packs nothing on loopback, lz4 over a
+/// 40 ms round trip and zstd over a 60 ms one (a delaying proxy between the
+/// gateways); `"off"` packs nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn compressed_batches_arrive_intact_and_smaller() {
-    const TOTAL: u64 = 20_000;
     let certs = Certs::new(&["dc1", "dc2"]);
     let mut dc2 = InProc::start("dc2", &accepting("dc2", &certs, "dc1"), 4096).await;
     let dc2_addr = dc2.peer_addr();
-    let dialing_with = |compression: &str| {
-        cfg(
-            "dc1",
-            false,
-            &certs,
-            &format!("[[route]]\ncluster = \"dc2\"\nendpoints = [\"{}\"]\ncompression = \"{compression}\"\n", dc2_addr),
-        )
+    let dialing_with = |compression: &str, to: std::net::SocketAddr| {
+        cfg("dc1", false, &certs, &format!("[[route]]\ncluster = \"dc2\"\nendpoints = [\"{to}\"]\n{compression}"))
     };
-    let dc1 = InProc::start("dc1", &dialing_with("lz4"), 4096).await;
-    dc1.wait_metric("wandist_route_up", &[("peer", "dc2")], |v| v == 1.0).await;
-    // Chat-like messages: a counter, then text that repeats as real text does.
-    let message = |i: u64| {
-        let mut b = i.to_be_bytes().to_vec();
+    // Chat-like messages: the run, a counter, then text that repeats as
+    // real text does.
+    let message = |run: u8, i: u64| {
+        let mut b = vec![run];
+        b.extend_from_slice(&i.to_be_bytes());
         b.extend_from_slice(
             format!("{{chat, room_{}, <<\"user {} says hello to everyone in the room\">>}}", i % 7, i % 13).as_bytes(),
         );
         Bytes::from(b)
     };
-    let route = dc1.running().local.route("dc2").unwrap().clone();
-    let producer = tokio::spawn(async move {
-        for i in 0..TOTAL {
-            route.submit(message(i), None).await.unwrap();
+    // One run: a fresh dc1 with `compression` sends `total` messages; they
+    // arrive in order and intact; returns the bytes before and after
+    // packing, per codec (lz4, zstd).
+    let mut run = 0u8;
+    let mut one_run = async |compression: &str, to: std::net::SocketAddr, total: u64| {
+        run += 1;
+        let mut dc1 = InProc::start("dc1", &dialing_with(compression, to), 4096).await;
+        dc1.wait_metric("wandist_route_up", &[("peer", "dc2")], |v| v == 1.0).await;
+        let route = dc1.running().local.route("dc2").unwrap().clone();
+        let producer = tokio::spawn(async move {
+            for i in 0..total {
+                route.submit(message(run, i), None).await.unwrap();
+            }
+        });
+        let mut got = 0;
+        while got < total {
+            // (Other items: an earlier run's end, this one's start.)
+            if let ToLocal::Deliver { payload, .. } =
+                next(&mut dc2.rx, &format!("message {got} of {compression}")).await
+            {
+                if payload[0] == run {
+                    assert_eq!(payload, message(run, got), "message {got} of {compression}");
+                    got += 1;
+                }
+            }
         }
-    });
-    for i in 0..TOTAL {
-        match next(&mut dc2.rx, &format!("message {i}")).await {
-            ToLocal::Deliver { payload, .. } => assert_eq!(payload, message(i), "message {i}"),
-            other => panic!("unexpected {other:?}"),
-        }
-    }
-    producer.await.unwrap();
-    let raw = dc1.metric("wandist_compression_bytes_total", &[("peer", "dc2"), ("stage", "raw")]).unwrap_or(0.0);
-    let packed = dc1.metric("wandist_compression_bytes_total", &[("peer", "dc2"), ("stage", "packed")]).unwrap_or(0.0);
-    assert!(raw > 0.0 && packed > 0.0, "nothing packed: {raw} / {packed}");
-    assert!(packed < raw / 2.0, "packed {packed} of {raw} bytes");
-    println!("lz4: {raw} bytes of data frames went as {packed} ({:.2}x)", raw / packed);
-    drop(dc1);
-
-    // "off": nothing packed.
-    let dc1 = InProc::start("dc1", &dialing_with("off"), 4096).await;
-    dc1.wait_metric("wandist_route_up", &[("peer", "dc2")], |v| v == 1.0).await;
-    let route = dc1.running().local.route("dc2").unwrap().clone();
-    for i in 0..100 {
-        route.submit(message(i), None).await.unwrap();
-    }
-    let mut got = 0;
-    while got < 100 {
-        // (Other items: the first run's end and the second's start.)
-        if let ToLocal::Deliver { payload, .. } = next(&mut dc2.rx, "a message of the second run").await {
-            assert_eq!(payload, message(got));
-            got += 1;
-        }
-    }
-    dc1.wait_metric("wandist_messages_delivered_total", &[("peer", "dc2")], |v| v == 100.0).await;
-    assert_eq!(dc1.metric("wandist_compression_bytes_total", &[("peer", "dc2"), ("stage", "raw")]).unwrap_or(0.0), 0.0);
+        producer.await.unwrap();
+        dc1.wait_metric("wandist_messages_delivered_total", &[("peer", "dc2")], |v| v == total as f64).await;
+        let bytes = |codec: &str, stage: &str| {
+            dc1.metric("wandist_compression_bytes_total", &[("peer", "dc2"), ("codec", codec), ("stage", stage)])
+                .unwrap_or(0.0)
+        };
+        let figures = [bytes("lz4", "raw"), bytes("lz4", "packed"), bytes("zstd", "raw"), bytes("zstd", "packed")];
+        println!(
+            "{compression:?}: lz4 {} -> {} bytes, zstd {} -> {} bytes",
+            figures[0], figures[1], figures[2], figures[3]
+        );
+        dc1.stop().await;
+        figures
+    };
+    let [raw, packed, zraw, _] = one_run("compression = \"lz4\"\n", dc2_addr, 20_000).await;
+    assert!(raw > 0.0 && packed > 0.0 && zraw == 0.0, "lz4: {raw} / {packed} / {zraw}");
+    assert!(packed < raw / 2.0, "lz4: packed {packed} of {raw} bytes");
+    let [raw, _, zraw, zpacked] = one_run("compression = \"zstd\"\n", dc2_addr, 20_000).await;
+    assert!(zraw > 0.0 && zpacked > 0.0 && raw == 0.0, "zstd: {zraw} / {zpacked} / {raw}");
+    assert!(zpacked < zraw / 2.0, "zstd: packed {zpacked} of {zraw} bytes");
+    // auto (the default, no key), loopback: nothing packed.
+    assert_eq!(one_run("", dc2_addr, 5_000).await, [0.0; 4]);
+    // auto over 40 ms and 60 ms round trips: lz4, then zstd.
+    let proxy = Forwarder::start(Some(dc2_addr));
+    proxy.delay(Duration::from_millis(20), Duration::ZERO);
+    let [raw, packed, zraw, _] = one_run("compression = \"auto\"\n", proxy.addr, 5_000).await;
+    assert!(raw > 0.0 && packed < raw / 2.0 && zraw == 0.0, "auto, 40 ms: {raw} / {packed} / {zraw}");
+    proxy.cut();
+    proxy.delay(Duration::from_millis(30), Duration::ZERO);
+    let [raw, _, zraw, zpacked] = one_run("", proxy.addr, 5_000).await;
+    assert!(zraw > 0.0 && zpacked < zraw / 2.0 && raw == 0.0, "auto, 60 ms: {zraw} / {zpacked} / {raw}");
+    proxy.cut();
+    // off: nothing packed.
+    assert_eq!(one_run("compression = \"off\"\n", dc2_addr, 5_000).await, [0.0; 4]);
 }

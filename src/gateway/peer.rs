@@ -34,7 +34,8 @@ use crate::metrics::{self as m, Metrics};
 use crate::route::{Admit, Confirmation, DataVerdict, FailReason, Outcome, Route, Window};
 use crate::status;
 use crate::tls;
-use crate::wire::{Frame, Header, Hello, CAP_LZ4, CAP_REJECT};
+use crate::wire::packing::{Compression, Packer};
+use crate::wire::{Frame, Header, Hello, CAP_REJECT};
 
 /// `/status` is refreshed with heartbeats at most this often.
 const STATUS_EVERY: Duration = Duration::from_secs(1);
@@ -229,7 +230,7 @@ impl PeerTask {
             peer: config.cluster.clone(),
             metrics: metrics.clone(),
             sink: Some(core.clone()),
-            compress: false,
+            packing: Packer::new(Compression::Off, &[]),
         };
         let l = config.limits;
         let members = PeerMembership::new(
@@ -717,7 +718,7 @@ impl PeerTask {
             bytes: (hello.recv_window_bytes.min(usize::MAX as u64) as usize).max(1),
         };
         let mut params = self.params.clone();
-        params.compress = self.config.compress && hello.capabilities.iter().any(|c| c == CAP_LZ4);
+        params.packing = Packer::new(self.config.compression, &hello.capabilities);
         let link = conn::spawn(est, params, self.events_tx.clone(), &self.tracker);
         let id = link.id;
         // A hard cap, whoever dialed: a peer cannot make this route hold

@@ -22,6 +22,7 @@ use super::handshake::Established;
 use super::{BoxIo, CloseReason};
 use crate::metrics::{self as m, Metrics};
 use crate::wire::codec;
+use crate::wire::packing::{Compression, Packer, Packing};
 use crate::wire::{Frame, Header};
 
 /// Frames queued per lane before senders wait (data) or fail (control).
@@ -51,14 +52,11 @@ pub struct LinkParams {
     pub metrics: Metrics,
     /// Takes frames in the reader's task before they become an event.
     pub sink: Option<Arc<dyn FrameSink>>,
-    /// Compress data batches (lz4, `Packed` frames): the route asks for
-    /// it and the peer speaks `lz4-v1` (set per link from its hello).
-    pub compress: bool,
+    /// How data batches are compressed (`Packed` frames): the route's
+    /// `compression`, narrowed to what the peer speaks (set per link from
+    /// its hello).
+    pub packing: Packer,
 }
-
-/// Data batches smaller than this go as they are (compressing a few
-/// hundred bytes saves little and costs a pass).
-pub const PACK_MIN: usize = 1024;
 
 /// The owner's way to handle frames right in the reader's task, without a
 /// hop through its own (the data path of a route, `gateway::core`).
@@ -106,6 +104,9 @@ struct Shared {
     reason: OnceLock<CloseReason>,
     /// Set when we close on purpose: the writer says goodbye with it.
     goodbye: Mutex<Option<String>>,
+    /// The lowest round trip the reader measured, in µs (`u64::MAX`: none
+    /// yet), for the writer's compression choice.
+    rtt_us: AtomicU64,
 }
 
 impl Shared {
@@ -113,7 +114,12 @@ impl Shared {
     fn new() -> (Shared, oneshot::Receiver<()>, oneshot::Receiver<()>) {
         let (r_tx, r_rx) = oneshot::channel();
         let (w_tx, w_rx) = oneshot::channel();
-        let shared = Shared { stop: Mutex::new(vec![r_tx, w_tx]), reason: OnceLock::new(), goodbye: Mutex::new(None) };
+        let shared = Shared {
+            stop: Mutex::new(vec![r_tx, w_tx]),
+            reason: OnceLock::new(),
+            goodbye: Mutex::new(None),
+            rtt_us: AtomicU64::new(u64::MAX),
+        };
         (shared, r_rx, w_rx)
     }
 
@@ -214,8 +220,19 @@ pub fn spawn(est: Established, params: LinkParams, events: mpsc::Sender<LinkEven
         control: control_tx.clone(),
         epoch,
         partial: None,
+        unpacker: codec::Unpacker::default(),
+        shared: shared.clone(),
     };
-    let writer = Writer { wr, params, control: control_rx, data: data_rx, epoch, current: None, raw: BytesMut::new() };
+    let writer = Writer {
+        wr,
+        params,
+        control: control_rx,
+        data: data_rx,
+        epoch,
+        current: None,
+        raw: BytesMut::new(),
+        packer: codec::Packer::default(),
+    };
     let task_shared = shared.clone();
     let writer_shared = shared.clone();
     // Reader and writer are separate tasks, so that waking one does not
@@ -256,6 +273,8 @@ struct Reader {
     control: mpsc::Sender<Frame>,
     epoch: Instant,
     partial: Option<Partial>,
+    unpacker: codec::Unpacker,
+    shared: Arc<Shared>,
 }
 
 impl Reader {
@@ -296,6 +315,7 @@ impl Reader {
                         if nonce <= now {
                             let rtt = Duration::from_micros(now - nonce);
                             rtt_hist.record(rtt.as_secs_f64());
+                            self.shared.rtt_us.fetch_min(now - nonce, Ordering::Relaxed);
                             let _ = self.events.try_send(LinkEvent::Rtt { link: self.id, rtt });
                         }
                         continue;
@@ -309,10 +329,11 @@ impl Reader {
                         Ok(None) => continue,
                         Err(e) => return reject(&e),
                     },
-                    Header::Packed { raw_len } => {
+                    Header::Packed { packing, raw_len } => {
                         // At most what a writer packs: a batch and a chunk.
                         let max = self.params.max_frame_bytes;
-                        let frames = match codec::unpack(raw_len, &frame.body, max, BATCH_BYTES + CHUNK_BYTES + 1024) {
+                        let max_raw = BATCH_BYTES + CHUNK_BYTES + 1024;
+                        let frames = match self.unpacker.unpack(packing, raw_len, &frame.body, max, max_raw) {
                             Ok(f) => f,
                             Err(e) => return reject(&e),
                         };
@@ -441,14 +462,17 @@ struct Writer {
     current: Option<Outgoing>,
     /// With compression: a batch's data frames, packed before the write.
     raw: BytesMut,
+    packer: codec::Packer,
 }
 
 impl Writer {
     async fn run(mut self, shared: &Shared, mut stop: oneshot::Receiver<()>) -> CloseReason {
         let sent = self.params.metrics.counter(m::BYTES_SENT, &[("peer", &self.params.peer)]);
-        let packed = ["raw", "packed"].map(|stage| {
-            self.params.metrics.counter(m::COMPRESSION_BYTES, &[("peer", &self.params.peer), ("stage", stage)])
+        let peer = self.params.peer.clone();
+        let packed = [("lz4", "raw"), ("lz4", "packed"), ("zstd", "raw"), ("zstd", "packed")].map(|(codec, stage)| {
+            self.params.metrics.counter(m::COMPRESSION_BYTES, &[("peer", &peer), ("codec", codec), ("stage", stage)])
         });
+        let compress = self.params.packing.mode() != Compression::Off;
         let mut last_write = Instant::now();
         // Small to start: an idle link should cost little; it grows under load.
         let mut out = BytesMut::with_capacity(IDLE_BUFFER);
@@ -491,7 +515,6 @@ impl Writer {
             while let Ok(f) = self.control.try_recv() {
                 push(&f, max, &mut out);
             }
-            let compress = self.params.compress;
             while out.len() + self.raw.len() < BATCH_BYTES {
                 if self.current.is_none() {
                     match self.data.try_recv() {
@@ -515,12 +538,20 @@ impl Writer {
                 }
             }
             if !self.raw.is_empty() {
+                let rtt = shared.rtt_us.load(Ordering::Relaxed);
+                if rtt != u64::MAX {
+                    self.params.packing.rtt(Duration::from_micros(rtt));
+                }
                 let before = out.len();
-                if self.raw.len() < PACK_MIN || codec::pack(&self.raw, max, &mut out).is_err() {
-                    out.extend_from_slice(&self.raw);
-                } else {
-                    packed[0].increment(self.raw.len() as u64);
-                    packed[1].increment((out.len() - before) as u64);
+                match self.params.packing.choose(self.raw.len()) {
+                    Some(codec) if self.packer.pack(codec, &self.raw, max, &mut out).is_ok() => {
+                        let n = out.len() - before;
+                        self.params.packing.packed(self.raw.len(), n);
+                        let at = if codec.packing() == Packing::Lz4 { 0 } else { 2 };
+                        packed[at].increment(self.raw.len() as u64);
+                        packed[at + 1].increment(n as u64);
+                    }
+                    _ => out.extend_from_slice(&self.raw),
                 }
                 self.raw.clear();
             }

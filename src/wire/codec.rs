@@ -7,6 +7,7 @@
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
+use super::packing::{Codec, Packing};
 use super::{Frame, Header, MAGIC, PREAMBLE_LEN, PROTOCOL_VERSION};
 
 /// Hard cap on what decoding one header may claim, whatever the frame limit.
@@ -140,37 +141,111 @@ pub fn decode(buf: &mut BytesMut, max: usize) -> Result<Option<Frame>, CodecErro
     Ok(Some(Frame { header, body }))
 }
 
-/// Compresses encoded data frames (`raw`) into one `Packed` frame on `out`.
-pub fn pack(raw: &[u8], max: usize, out: &mut BytesMut) -> Result<(), CodecError> {
-    let packed = lz4_flex::block::compress(raw);
-    encode(&Header::Packed { raw_len: raw.len() as u32 }, &packed, max, out)
+/// Compresses batches of encoded data frames into `Packed` frames. Keeps a
+/// zstd context once zstd is used (made on first use: a link that never
+/// compresses with zstd never pays for one).
+#[derive(Default)]
+pub struct Packer {
+    zstd: Option<(i32, zstd::bulk::Compressor<'static>)>,
 }
 
-/// The data frames of a `Packed` frame. Its stated size is checked before
-/// anything is decompressed (at most `max_raw` bytes: a small frame cannot
-/// make the reader allocate much), the block must decompress to exactly
-/// that, and every frame in it must be a `Data` frame.
-pub fn unpack(raw_len: u32, body: &[u8], max: usize, max_raw: usize) -> Result<Vec<Frame>, CodecError> {
-    let raw_len = raw_len as usize;
-    if raw_len > max_raw || raw_len == 0 {
-        return Err(CodecError::Oversize { len: raw_len, max: max_raw });
+impl std::fmt::Debug for Packer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Packer").field("zstd_level", &self.zstd.as_ref().map(|z| z.0)).finish()
     }
-    let raw = lz4_flex::block::decompress(body, raw_len).map_err(|e| CodecError::Garbage(format!("packed: {e}")))?;
-    if raw.len() != raw_len {
-        return Err(CodecError::Garbage("packed: not the size it said".into()));
+}
+
+impl Packer {
+    /// Compresses `raw` (encoded data frames) with `codec` into one
+    /// `Packed` frame on `out`.
+    pub fn pack(&mut self, codec: Codec, raw: &[u8], max: usize, out: &mut BytesMut) -> Result<(), CodecError> {
+        let raw_len = u32::try_from(raw.len()).map_err(|_| CodecError::Oversize { len: raw.len(), max })?;
+        let packed = match codec {
+            Codec::Lz4 => lz4_flex::block::compress(raw),
+            Codec::Zstd(level) => {
+                let fresh = match &mut self.zstd {
+                    Some((l, z)) if *l == level => z,
+                    slot => {
+                        let z = zstd::bulk::Compressor::new(level)
+                            .map_err(|e| CodecError::Garbage(format!("zstd level {level}: {e}")))?;
+                        &mut slot.insert((level, z)).1
+                    }
+                };
+                fresh.compress(raw).map_err(|e| CodecError::Garbage(format!("zstd: {e}")))?
+            }
+        };
+        encode(&Header::Packed { packing: codec.packing(), raw_len }, &packed, max, out)
     }
-    let mut buf = BytesMut::from(&raw[..]);
-    let mut frames = Vec::new();
-    while let Some(f) = decode(&mut buf, max)? {
-        if !matches!(f.header, Header::Data { .. }) {
-            return Err(CodecError::Garbage("packed: a frame that is not data".into()));
+}
+
+/// The largest zstd window a peer's frame may ask for (2^20 bytes: more
+/// than a writer's batch; zstd refuses a frame that wants more).
+const ZSTD_WINDOW_LOG_MAX: u32 = 20;
+
+/// Takes `Packed` frames apart. Keeps a zstd context once one arrives.
+#[derive(Default)]
+pub struct Unpacker {
+    zstd: Option<zstd::bulk::Decompressor<'static>>,
+}
+
+impl std::fmt::Debug for Unpacker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Unpacker").field("zstd", &self.zstd.is_some()).finish()
+    }
+}
+
+impl Unpacker {
+    /// The data frames of a `Packed` frame. Its stated size is checked
+    /// before anything is decompressed (at most `max_raw` bytes: a small
+    /// frame cannot make the reader allocate much), the body must
+    /// decompress to exactly that, and every frame in it must be a whole
+    /// `Data` frame.
+    pub fn unpack(
+        &mut self,
+        packing: Packing,
+        raw_len: u32,
+        body: &[u8],
+        max: usize,
+        max_raw: usize,
+    ) -> Result<Vec<Frame>, CodecError> {
+        let raw_len = raw_len as usize;
+        if raw_len > max_raw || raw_len == 0 {
+            return Err(CodecError::Oversize { len: raw_len, max: max_raw });
         }
-        frames.push(f);
+        let raw = match packing {
+            Packing::Lz4 => {
+                lz4_flex::block::decompress(body, raw_len).map_err(|e| CodecError::Garbage(format!("packed: {e}")))?
+            }
+            Packing::Zstd => {
+                let z = match &mut self.zstd {
+                    Some(z) => z,
+                    slot => {
+                        let mut z =
+                            zstd::bulk::Decompressor::new().map_err(|e| CodecError::Garbage(format!("zstd: {e}")))?;
+                        z.set_parameter(zstd::zstd_safe::DParameter::WindowLogMax(ZSTD_WINDOW_LOG_MAX))
+                            .map_err(|e| CodecError::Garbage(format!("zstd: {e}")))?;
+                        slot.insert(z)
+                    }
+                };
+                z.decompress(body, raw_len).map_err(|e| CodecError::Garbage(format!("packed: {e}")))?
+            }
+        };
+        if raw.len() != raw_len {
+            return Err(CodecError::Garbage("packed: not the size it said".into()));
+        }
+        let mut buf = BytesMut::from(&raw[..]);
+        let mut frames = Vec::new();
+        while let Some(f) = decode(&mut buf, max)? {
+            if !matches!(f.header, Header::Data { .. }) {
+                return Err(CodecError::Garbage("packed: a frame that is not data".into()));
+            }
+            frames.push(f);
+        }
+        if !buf.is_empty() {
+            return Err(CodecError::Garbage("packed: a frame cut short".into()));
+        }
+        Ok(frames)
     }
-    if !buf.is_empty() {
-        return Err(CodecError::Garbage("packed: a frame cut short".into()));
-    }
-    Ok(frames)
 }
 
 /// Whether `buf` already holds a whole frame (or a bad length prefix).
@@ -206,26 +281,53 @@ mod tests {
         for f in &frames {
             encode(&f.header, &f.body, 1 << 20, &mut raw).unwrap();
         }
-        let mut out = BytesMut::new();
-        pack(&raw, 1 << 20, &mut out).unwrap();
-        assert!(out.len() < raw.len() / 2, "{} of {}", out.len(), raw.len());
-        let f = decode(&mut out, 1 << 20).unwrap().unwrap();
-        let Header::Packed { raw_len } = f.header else { panic!("{:?}", f.header) };
-        assert_eq!(unpack(raw_len, &f.body, 1 << 20, 1 << 20).unwrap(), frames);
-        // A size over the bound: refused before decompressing.
-        assert!(matches!(unpack(raw_len, &f.body, 1 << 20, raw_len as usize - 1), Err(CodecError::Oversize { .. })));
-        // A size that is not the block's, or a block that is not lz4: refused.
-        assert!(unpack(raw_len + 1, &f.body, 1 << 20, 1 << 20).is_err());
-        assert!(unpack(100, b"not lz4 at all", 1 << 20, 1 << 20).is_err());
+        let (mut packer, mut unpacker) = (Packer::default(), Unpacker::default());
+        for codec in [Codec::Lz4, Codec::Zstd(1), Codec::Zstd(3), Codec::Zstd(1)] {
+            let mut out = BytesMut::new();
+            packer.pack(codec, &raw, 1 << 20, &mut out).unwrap();
+            assert!(out.len() < raw.len() / 2, "{codec:?}: {} of {}", out.len(), raw.len());
+            let f = decode(&mut out, 1 << 20).unwrap().unwrap();
+            let Header::Packed { packing, raw_len } = f.header else { panic!("{:?}", f.header) };
+            assert_eq!(packing, codec.packing());
+            assert_eq!(unpacker.unpack(packing, raw_len, &f.body, 1 << 20, 1 << 20).unwrap(), frames);
+            // A size over the bound: refused before decompressing.
+            assert!(matches!(
+                unpacker.unpack(packing, raw_len, &f.body, 1 << 20, raw_len as usize - 1),
+                Err(CodecError::Oversize { .. })
+            ));
+            // A size that is not the body's: refused.
+            assert!(unpacker.unpack(packing, raw_len + 1, &f.body, 1 << 20, 1 << 20).is_err());
+            assert!(unpacker.unpack(packing, raw_len - 1, &f.body, 1 << 20, 1 << 20).is_err());
+            // The other codec's body, or no codec's: refused.
+            let other = if packing == Packing::Lz4 { Packing::Zstd } else { Packing::Lz4 };
+            assert!(unpacker.unpack(other, raw_len, &f.body, 1 << 20, 1 << 20).is_err());
+            assert!(unpacker.unpack(packing, 100, b"not compressed at all", 1 << 20, 1 << 20).is_err());
+        }
         // A control frame inside: refused.
         let mut raw = BytesMut::new();
         encode(&Header::Resync, &[], 1 << 20, &mut raw).unwrap();
-        let mut out = BytesMut::new();
-        pack(&raw, 1 << 20, &mut out).unwrap();
-        let f = decode(&mut out, 1 << 20).unwrap().unwrap();
-        let Header::Packed { raw_len } = f.header else { panic!() };
-        assert!(unpack(raw_len, &f.body, 1 << 20, 1 << 20).is_err());
+        for codec in [Codec::Lz4, Codec::Zstd(1)] {
+            let mut out = BytesMut::new();
+            packer.pack(codec, &raw, 1 << 20, &mut out).unwrap();
+            let f = decode(&mut out, 1 << 20).unwrap().unwrap();
+            let Header::Packed { packing, raw_len } = f.header else { panic!() };
+            assert!(unpacker.unpack(packing, raw_len, &f.body, 1 << 20, 1 << 20).is_err());
+        }
     }
+
+    #[test]
+    fn a_zstd_frame_asking_for_a_large_window_is_refused() {
+        // 4 MiB of data compressed with a 2^22 window (long matches across
+        // it): the receiver allows 2^20 and refuses it, whatever raw_len says.
+        let chunk: Vec<u8> = (0..1 << 20).map(|_| fastrand::u8(..)).collect();
+        let big: Vec<u8> = chunk.iter().chain(&chunk).chain(&chunk).chain(&chunk).copied().collect();
+        let mut z = zstd::bulk::Compressor::new(3).unwrap();
+        z.set_parameter(zstd::zstd_safe::CParameter::WindowLog(22)).unwrap();
+        let body = z.compress(&big).unwrap();
+        let mut u = Unpacker::default();
+        assert!(u.unpack(Packing::Zstd, big.len() as u32, &body, 8 << 20, 8 << 20).is_err());
+    }
+
     use crate::wire::Hello;
 
     const MAX: usize = 1 << 20;

@@ -9,6 +9,7 @@
 //! docs/PROTOCOL.md describes all of it, precisely enough to write a peer.
 
 pub mod codec;
+pub mod packing;
 pub mod relay;
 
 use serde::{Deserialize, Serialize};
@@ -25,11 +26,13 @@ pub const PREAMBLE_LEN: usize = 6;
 
 /// What this build speaks beyond the base protocol, told in the hello.
 /// `reject-v1`: the `Reject` frame (sent only to peers that list it).
-/// `lz4-v1`: `Packed` frames (lz4 blocks of data frames), sent only to
-/// peers that list it, by routes with `compression = "lz4"`.
-pub const CAPABILITIES: &[&str] = &["heartbeat-v1", "reject-v1", "lz4-v1"];
+/// `lz4-v1` / `zstd-v1`: `Packed` frames (data frames compressed as one
+/// lz4 block / zstd frame), sent only to peers that list the codec
+/// ([`packing`] decides which, per route and per batch).
+pub const CAPABILITIES: &[&str] = &["heartbeat-v1", "reject-v1", "lz4-v1", "zstd-v1"];
 pub const CAP_REJECT: &str = "reject-v1";
 pub const CAP_LZ4: &str = "lz4-v1";
+pub const CAP_ZSTD: &str = "zstd-v1";
 
 /// The first frame each side sends after the preamble.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -133,10 +136,12 @@ pub enum Header {
         epoch: u64,
         seqs: Vec<u64>,
     },
-    /// Data frames, encoded one after another and compressed as one lz4
-    /// block of `raw_len` bytes (the body). Only to `lz4-v1` peers; holds
-    /// nothing but `Data` frames (`codec::unpack`).
+    /// Data frames, encoded one after another (`raw_len` bytes) and
+    /// compressed as one lz4 block or zstd frame (the body). Only to peers
+    /// that list the codec; holds nothing but `Data` frames
+    /// (`codec::Unpacker`).
     Packed {
+        packing: packing::Packing,
         raw_len: u32,
     },
 }

@@ -1,0 +1,275 @@
+//! Which compression a link's data batches get: the route's choice, what
+//! the peer speaks, and — for `auto` — the link's measured round trip and
+//! how well its data compresses. Plain synchronous code, no I/O and no
+//! clock: the link's writer feeds it RTT samples and batch sizes and asks
+//! it, per batch, what to do.
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use super::{CAP_LZ4, CAP_ZSTD};
+
+/// A route's `compression` key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Compression {
+    Off,
+    Lz4,
+    Zstd,
+    /// From the link's round trip: off below [`AUTO_LZ4_RTT`], lz4 below
+    /// [`AUTO_ZSTD_RTT`], then zstd (level 1, then 3 from
+    /// [`AUTO_ZSTD_HIGH_RTT`]); and off for data that does not compress.
+    #[default]
+    Auto,
+}
+
+impl Compression {
+    pub const NAMES: &'static [&'static str] = &["off", "lz4", "zstd", "auto"];
+
+    pub fn parse(s: &str) -> Option<Compression> {
+        Some(match s {
+            "off" => Compression::Off,
+            "lz4" => Compression::Lz4,
+            "zstd" => Compression::Zstd,
+            "auto" => Compression::Auto,
+            _ => return None,
+        })
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Compression::Off => "off",
+            Compression::Lz4 => "lz4",
+            Compression::Zstd => "zstd",
+            Compression::Auto => "auto",
+        }
+    }
+}
+
+/// How a `Packed` frame's body is compressed (in the frame header).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Packing {
+    /// One lz4 block (`lz4-v1`).
+    Lz4,
+    /// One zstd frame (`zstd-v1`).
+    Zstd,
+}
+
+/// What to do with one batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Codec {
+    Lz4,
+    /// With this level.
+    Zstd(i32),
+}
+
+impl Codec {
+    pub fn packing(self) -> Packing {
+        match self {
+            Codec::Lz4 => Packing::Lz4,
+            Codec::Zstd(_) => Packing::Zstd,
+        }
+    }
+
+    /// The metric label.
+    pub fn label(self) -> &'static str {
+        match self {
+            Codec::Lz4 => "lz4",
+            Codec::Zstd(_) => "zstd",
+        }
+    }
+}
+
+/// Batches smaller than this go as they are (compressing a few hundred
+/// bytes saves little and costs a pass).
+pub const PACK_MIN: usize = 1024;
+/// `auto`: below this round trip (same datacenter, or loopback), no
+/// compression: the link is rarely the bottleneck and CPU is.
+pub const AUTO_LZ4_RTT: Duration = Duration::from_millis(10);
+/// `auto`: from this round trip, zstd level 1 (better ratio, more CPU).
+pub const AUTO_ZSTD_RTT: Duration = Duration::from_millis(50);
+/// `auto`: from this round trip, zstd level 3.
+pub const AUTO_ZSTD_HIGH_RTT: Duration = Duration::from_millis(100);
+/// The zstd level of `compression = "zstd"`.
+pub const ZSTD_LEVEL: i32 = 1;
+/// `auto` stops compressing data that saves less than this share of its
+/// bytes (already compressed, encrypted, random)...
+pub const POOR_SAVING: f64 = 0.10;
+/// ...and then tries one batch in this many, to notice when it changes.
+pub const PROBE_EVERY: u32 = 32;
+/// Batches the saving is averaged over (an exponential moving average).
+const SAVING_SPAN: f64 = 8.0;
+
+/// One link's compression state.
+#[derive(Debug, Clone)]
+pub struct Packer {
+    mode: Compression,
+    /// What the peer speaks (`auto` picks among these only).
+    lz4: bool,
+    zstd: bool,
+    /// The lowest round trip measured on the link (the path's, without the
+    /// queues a busy link builds: a loaded link should not flip codecs).
+    min_rtt: Option<Duration>,
+    /// Moving average of the share of bytes compression saved.
+    saving: Option<f64>,
+    /// Batches skipped since the last probe, while the saving is poor.
+    skipped: u32,
+}
+
+impl Packer {
+    /// For a link whose route asks `mode` to a peer with these
+    /// capabilities: a codec the peer does not list is never sent (a fixed
+    /// mode turns off; `auto` picks among what is left).
+    pub fn new(mode: Compression, peer_capabilities: &[String]) -> Packer {
+        let has = |c: &str| peer_capabilities.iter().any(|p| p == c);
+        let (lz4, zstd) = (has(CAP_LZ4), has(CAP_ZSTD));
+        let mode = match mode {
+            Compression::Lz4 if !lz4 => Compression::Off,
+            Compression::Zstd if !zstd => Compression::Off,
+            Compression::Auto if !lz4 && !zstd => Compression::Off,
+            m => m,
+        };
+        Packer { mode, lz4, zstd, min_rtt: None, saving: None, skipped: 0 }
+    }
+
+    pub fn mode(&self) -> Compression {
+        self.mode
+    }
+
+    /// A round trip measured on the link.
+    pub fn rtt(&mut self, rtt: Duration) {
+        self.min_rtt = Some(self.min_rtt.map_or(rtt, |m| m.min(rtt)));
+    }
+
+    /// What to do with a batch of `raw` bytes of data frames: `None` sends
+    /// it as it is.
+    pub fn choose(&mut self, raw: usize) -> Option<Codec> {
+        if raw < PACK_MIN {
+            return None;
+        }
+        match self.mode {
+            Compression::Off => None,
+            Compression::Lz4 => Some(Codec::Lz4),
+            Compression::Zstd => Some(Codec::Zstd(ZSTD_LEVEL)),
+            Compression::Auto => {
+                let rtt = self.min_rtt?;
+                let codec = if rtt < AUTO_LZ4_RTT {
+                    return None;
+                } else if (rtt < AUTO_ZSTD_RTT && self.lz4) || !self.zstd {
+                    Codec::Lz4
+                } else if rtt < AUTO_ZSTD_HIGH_RTT {
+                    Codec::Zstd(1)
+                } else {
+                    Codec::Zstd(3)
+                };
+                if self.saving.is_some_and(|s| s < POOR_SAVING) {
+                    self.skipped += 1;
+                    if self.skipped < PROBE_EVERY {
+                        return None;
+                    }
+                    self.skipped = 0;
+                }
+                Some(codec)
+            }
+        }
+    }
+
+    /// A batch of `raw` bytes went as `packed` bytes.
+    pub fn packed(&mut self, raw: usize, packed: usize) {
+        let saved = 1.0 - packed as f64 / raw.max(1) as f64;
+        self.saving = Some(match self.saving {
+            None => saved,
+            Some(s) => s + (saved - s) / SAVING_SPAN,
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn caps(c: &[&str]) -> Vec<String> {
+        c.iter().map(|s| s.to_string()).collect()
+    }
+
+    fn all() -> Vec<String> {
+        caps(crate::wire::CAPABILITIES)
+    }
+
+    fn auto() -> Packer {
+        Packer::new(Compression::Auto, &all())
+    }
+
+    #[test]
+    fn a_codec_the_peer_does_not_speak_is_never_used() {
+        let lz4 = caps(&["heartbeat-v1", "lz4-v1"]);
+        let zstd = caps(&["zstd-v1"]);
+        let none = caps(&["heartbeat-v1"]);
+        assert_eq!(Packer::new(Compression::Zstd, &all()).mode(), Compression::Zstd);
+        assert_eq!(Packer::new(Compression::Zstd, &lz4).mode(), Compression::Off);
+        assert_eq!(Packer::new(Compression::Lz4, &none).mode(), Compression::Off);
+        assert_eq!(Packer::new(Compression::Auto, &none).mode(), Compression::Off);
+        assert_eq!(Packer::new(Compression::Auto, &lz4).mode(), Compression::Auto);
+        // auto with an lz4-only peer never picks zstd, even on a long link,
+        // and with a zstd-only peer never lz4.
+        let mut p = Packer::new(Compression::Auto, &all());
+        p.rtt(Duration::from_millis(150));
+        assert_eq!(p.choose(64 * 1024), Some(Codec::Zstd(3)));
+        let mut p = Packer::new(Compression::Auto, &lz4);
+        p.rtt(Duration::from_millis(150));
+        assert_eq!(p.choose(64 * 1024), Some(Codec::Lz4));
+        let mut p = Packer::new(Compression::Auto, &zstd);
+        p.rtt(Duration::from_millis(20));
+        assert_eq!(p.choose(64 * 1024), Some(Codec::Zstd(1)));
+    }
+
+    #[test]
+    fn fixed_modes_pack_every_batch_over_the_minimum() {
+        let mut p = Packer::new(Compression::Lz4, &all());
+        assert_eq!(p.choose(PACK_MIN - 1), None);
+        assert_eq!(p.choose(PACK_MIN), Some(Codec::Lz4));
+        // Even when it saves nothing: the operator asked for it.
+        p.packed(10_000, 10_100);
+        assert_eq!(p.choose(PACK_MIN), Some(Codec::Lz4));
+        assert_eq!(Packer::new(Compression::Zstd, &all()).choose(PACK_MIN), Some(Codec::Zstd(ZSTD_LEVEL)));
+        assert_eq!(Packer::new(Compression::Off, &all()).choose(1 << 20), None);
+    }
+
+    #[test]
+    fn auto_follows_the_lowest_round_trip() {
+        let mut p = auto();
+        // Nothing measured yet: as it is.
+        assert_eq!(p.choose(64 * 1024), None);
+        p.rtt(Duration::from_millis(3));
+        assert_eq!(p.choose(64 * 1024), None);
+        let mut p = auto();
+        p.rtt(Duration::from_millis(40));
+        assert_eq!(p.choose(64 * 1024), Some(Codec::Lz4));
+        // A loaded link's longer round trips do not move it.
+        p.rtt(Duration::from_millis(400));
+        assert_eq!(p.choose(64 * 1024), Some(Codec::Lz4));
+        let mut p = auto();
+        p.rtt(Duration::from_millis(70));
+        assert_eq!(p.choose(64 * 1024), Some(Codec::Zstd(1)));
+        let mut p = auto();
+        p.rtt(Duration::from_millis(100));
+        assert_eq!(p.choose(64 * 1024), Some(Codec::Zstd(3)));
+    }
+
+    #[test]
+    fn auto_stops_packing_what_does_not_compress_and_probes_now_and_then() {
+        let mut p = auto();
+        p.rtt(Duration::from_millis(40));
+        assert_eq!(p.choose(10_000), Some(Codec::Lz4));
+        p.packed(10_000, 10_040);
+        // Poor: skipped, but one batch in PROBE_EVERY is tried.
+        let tried = (0..PROBE_EVERY * 3).filter(|_| p.choose(10_000).is_some()).count();
+        assert_eq!(tried, 3);
+        // The data changed: the probes see it and packing resumes.
+        for _ in 0..4 {
+            p.packed(10_000, 2_000);
+        }
+        assert_eq!(p.choose(10_000), Some(Codec::Lz4));
+        assert_eq!(p.choose(10_000), Some(Codec::Lz4));
+    }
+}
