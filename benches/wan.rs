@@ -58,11 +58,14 @@ fn cpu_secs(pid: u32) -> f64 {
     ticks / 100.0
 }
 
-/// The link model, toward `target`.
+/// The link model, toward `target`: buffering about two bandwidth-delay
+/// products each way, as a link's queues would (beyond it, the sender's
+/// TCP window closes).
 fn link(target: Option<std::net::SocketAddr>) -> Forwarder {
     let f = Forwarder::start(target);
     f.delay(DELAY, Duration::ZERO);
     f.throttle(RATE);
+    f.queue_limit((RATE as f64 * DELAY.as_secs_f64() * 2.0) as usize);
     f
 }
 
@@ -202,8 +205,10 @@ fn codec_cost(file: &Path) -> Vec<(&'static str, f64, f64, f64)> {
             let (mut packer, mut unpacker) = (Packer::default(), Unpacker::default());
             let mut packed = Vec::new();
             // Best of 5 passes over every batch (the least disturbed by
-            // the machine's other work).
-            let mut best = (f64::MAX, f64::MAX);
+            // the machine's other work). Decompressing counts beyond what
+            // taking the same frames apart costs without compression (the
+            // link does that anyway).
+            let mut best = (f64::MAX, f64::MAX, f64::MAX);
             for _ in 0..5 {
                 packed.clear();
                 let t = Instant::now();
@@ -214,15 +219,26 @@ fn codec_cost(file: &Path) -> Vec<(&'static str, f64, f64, f64)> {
                 }
                 let pack = t.elapsed().as_secs_f64();
                 let t = Instant::now();
-                for p in &mut packed {
+                for p in &packed {
                     let f = codec::decode(&mut p.clone(), 1 << 20).unwrap().unwrap();
                     let Header::Packed { packing, raw_len } = f.header else { unreachable!() };
                     let frames = unpacker.unpack(packing, raw_len, &f.body, 1 << 20, 1 << 20).unwrap();
                     assert!(!frames.is_empty());
                 }
                 let unpack = t.elapsed().as_secs_f64();
-                best = (best.0.min(pack), best.1.min(unpack));
+                let t = Instant::now();
+                for b in &batches {
+                    let mut b = b.clone();
+                    let mut frames = Vec::new();
+                    while let Some(f) = codec::decode(&mut b, 1 << 20).unwrap() {
+                        frames.push(f);
+                    }
+                    assert!(!frames.is_empty());
+                }
+                let plain = t.elapsed().as_secs_f64();
+                best = (best.0.min(pack), best.1.min(unpack), best.2.min(plain));
             }
+            let best = (best.0, (best.1 - best.2).max(0.0));
             let out: usize = packed.iter().map(|p| p.len()).sum();
             (name, best.0 * 1e6 / kib, best.1 * 1e6 / kib, raw as f64 / out as f64)
         })
@@ -273,6 +289,25 @@ fn main() {
     );
     std::fs::write(&optfile, text).unwrap();
     let t = std::process::id().to_string();
+    // WANDIST_WAN_CODECS_ONLY=1: only the in-process codec costs, printed
+    // (appends nothing).
+    let codecs_only = std::env::var_os("WANDIST_WAN_CODECS_ONLY").is_some();
+    if codecs_only {
+        let mut dumper =
+            Erl::start_with(&format!("wdump_{t}"), "bench", &epmd, &pa(&beam).each_ref().map(String::as_str));
+        for (kind, n) in KINDS {
+            let file = dir.path().join(format!("{kind}.etf"));
+            let expr = format!(
+                "wandist_bench:dump(wandist_bench:payloads({kind}, {n}, 7), {:?}).",
+                file.display().to_string()
+            );
+            dumper.eval_within(&expr, Duration::from_secs(300));
+            for (name, pack, unpack, ratio) in codec_cost(&file) {
+                println!("wan: {kind}: {name} {pack:.2} + {unpack:.2} µs/KiB ({ratio:.2}x)");
+            }
+        }
+        return;
+    }
 
     eprintln!("wan: direct TLS distribution through the link model…");
     let tls = direct(&epmd, &beam, &optfile, &t);
@@ -329,6 +364,28 @@ fn main() {
             row(&format!("gateways, {mode}"), &gw[m][k]);
         }
     }
+    // What compressing adds to (or saves from) the gateways' CPU in all,
+    // per KiB the link carried without it (TLS and writes of fewer bytes
+    // offset the codec's work).
+    let mut json_net = serde_json::Map::new();
+    let net: Vec<String> = KINDS
+        .iter()
+        .enumerate()
+        .map(|(k, (kind, _))| {
+            let off = &gw[0][k];
+            let per_kib = |m: usize| {
+                let f = &gw[m][k];
+                (f.cpu_us[0] + f.cpu_us[1] - off.cpu_us[0] - off.cpu_us[1]) / (off.wire_bytes / 1024.0)
+            };
+            let (lz4, zstd) = (per_kib(1), per_kib(2));
+            json_net.insert(kind.to_string(), serde_json::json!({ "lz4": lz4, "zstd": zstd }));
+            format!("{kind}: lz4 {lz4:+.2}, zstd {zstd:+.2}")
+        })
+        .collect();
+    table.push_str(&format!(
+        "\nGateway CPU that compression adds, both gateways, µs per KiB the link carried uncompressed (vs `off`, same run): {}.\n",
+        net.join("; ")
+    ));
     table.push_str(
         "\nCodec CPU in this process on the same payloads, whole 256 KiB batches of data frames (best of 5): ",
     );
@@ -359,6 +416,7 @@ fn main() {
     let run = serde_json::json!({
         "date": date, "machine": machine(), "delay_ms_each_way": DELAY.as_millis() as u64,
         "rate_mbit_s": RATE * 8 / 1_000_000, "window": WINDOW, "paths": json_paths, "codecs": json_codecs,
+        "gateway_cpu_added_us_per_kib": json_net,
     });
     let mut f = std::fs::OpenOptions::new().create(true).append(true).open(results.join("wan.jsonl")).unwrap();
     writeln!(f, "{run}").unwrap();

@@ -20,6 +20,8 @@ use crate::link::backoff::Backoff;
 
 /// Ticks go out this often (Erlang's default net_ticktime is 60 s: it
 /// expects something every 15 s).
+/// Bytes read from a node at once, at most (its packets, in bulk).
+const READ_BUFFER: usize = 32 * 1024;
 const TICK: Duration = Duration::from_secs(15);
 /// A node silent this long (four missed ticks) is dropped.
 const SILENT: Duration = Duration::from_secs(75);
@@ -472,8 +474,11 @@ where
     W: tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let Lanes { messages: mut outgoing, mut bulk } = lanes;
-    // Erlang writes each message as its own packet: read them in bulk.
-    let mut rd = tokio::io::BufReader::with_capacity(256 * 1024, rd);
+    // Erlang writes each message as its own packet: read them in bulk
+    // (a packet larger than the buffer is read past it, straight into its
+    // own). READ_BUFFER is per local node: 256 KiB here made a gateway
+    // hold 360 KiB per node (`cargo bench --bench scale`).
+    let mut rd = tokio::io::BufReader::with_capacity(READ_BUFFER, rd);
     let barriers = Arc::new(std::sync::Mutex::new(Barriers::default()));
     // The writer is a task of its own, so that a packet to write does not
     // poll the reader, nor a packet read the writer (aborted, dropping the
@@ -487,7 +492,8 @@ where
         let marker = Pace::marker(p);
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut batch = BytesMut::with_capacity(64 * 1024);
+        // Grows under load (up to a 256 KiB batch), small while idle.
+        let mut batch = BytesMut::with_capacity(4 * 1024);
         // Deliveries written and not yet covered by a barrier: finished once
         // the node answers the barrier written after them.
         let mut carried: Vec<Held> = Vec::new();
@@ -523,7 +529,13 @@ where
                 },
                 _ = pace.answered.notified(), if pace.waiting() => {}
                 _ = &mut barrier_timer, if armed.is_some() => {}
-                _ = tick.tick() => batch.extend_from_slice(&[0, 0, 0, 0]),
+                _ = tick.tick() => {
+                    // Idle since a burst: give back what it grew.
+                    if batch.is_empty() && batch.capacity() > 64 * 1024 {
+                        batch = BytesMut::with_capacity(4 * 1024);
+                    }
+                    batch.extend_from_slice(&[0, 0, 0, 0]);
+                }
             }
             // Write at once, with whatever messages are already queued (and
             // a bulk packet only if there are none).

@@ -36,6 +36,9 @@ const IDLE_BUFFER: usize = 2 * 1024;
 const READ_MAX: usize = 64 * 1024;
 /// Frames handed to the owner in one event, at most.
 const MAX_BATCH_FRAMES: usize = 1024;
+/// A write that takes this long waited for the connection (a loopback or
+/// LAN write of a whole batch takes well under it).
+const PUSHED_BACK: Duration = Duration::from_millis(2);
 /// Data payloads are sent in chunks of at most this size.
 pub const CHUNK_BYTES: usize = 256 * 1024;
 
@@ -232,6 +235,7 @@ pub fn spawn(est: Established, params: LinkParams, events: mpsc::Sender<LinkEven
         current: None,
         raw: BytesMut::new(),
         packer: codec::Packer::default(),
+        pushed_back: false,
     };
     let task_shared = shared.clone();
     let writer_shared = shared.clone();
@@ -463,6 +467,8 @@ struct Writer {
     /// With compression: a batch's data frames, packed before the write.
     raw: BytesMut,
     packer: codec::Packer,
+    /// The last write waited at least PUSHED_BACK for the connection.
+    pushed_back: bool,
 }
 
 impl Writer {
@@ -543,7 +549,11 @@ impl Writer {
                     self.params.packing.rtt(Duration::from_micros(rtt));
                 }
                 let before = out.len();
-                match self.params.packing.choose(self.raw.len()) {
+                // The last write waited for the connection, or the batch
+                // filled up with data still waiting: the link is what
+                // holds it back.
+                let backed_up = self.pushed_back || out.len() + self.raw.len() >= BATCH_BYTES;
+                match self.params.packing.choose(self.raw.len(), backed_up) {
                     Some(codec) if self.packer.pack(codec, &self.raw, max, &mut out).is_ok() => {
                         let n = out.len() - before;
                         self.params.packing.packed(self.raw.len(), n);
@@ -555,10 +565,13 @@ impl Writer {
                 }
                 self.raw.clear();
             }
+            let started = Instant::now();
             if let Err(why) = self.write(&mut out, &sent).await {
                 return why;
             }
             last_write = Instant::now();
+            // A write the connection held back: the link is the bottleneck.
+            self.pushed_back = last_write - started >= PUSHED_BACK;
         }
         // Closing on purpose: say goodbye if we can, briefly.
         let goodbye = shared.goodbye.lock().ok().and_then(|g| g.clone());

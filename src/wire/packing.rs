@@ -16,9 +16,13 @@ pub enum Compression {
     Off,
     Lz4,
     Zstd,
-    /// From the link's round trip: off below [`AUTO_LZ4_RTT`], lz4 below
-    /// [`AUTO_ZSTD_RTT`], then zstd (level 1, then 3 from
-    /// [`AUTO_ZSTD_HIGH_RTT`]); and off for data that does not compress.
+    /// From the link's round trip and whether it keeps up: off below
+    /// [`AUTO_LZ4_RTT`]; below [`AUTO_ZSTD_RTT`], lz4 while the link keeps
+    /// up and zstd 1 while data queues for it; then zstd 1, and zstd 3 for
+    /// a backed-up link from [`AUTO_ZSTD_HIGH_RTT`]; off for data that
+    /// does not compress. (BENCHMARKS.md, "Compression": on a 100 Mbit/s,
+    /// 40 ms link, zstd 1 carried 1.2–1.4x lz4's messages for ~1.3x its
+    /// CPU; lz4 costs less where the link is not the bottleneck.)
     #[default]
     Auto,
 }
@@ -86,9 +90,10 @@ pub const PACK_MIN: usize = 1024;
 /// `auto`: below this round trip (same datacenter, or loopback), no
 /// compression: the link is rarely the bottleneck and CPU is.
 pub const AUTO_LZ4_RTT: Duration = Duration::from_millis(10);
-/// `auto`: from this round trip, zstd level 1 (better ratio, more CPU).
+/// `auto`: from this round trip, zstd level 1 (better ratio, more CPU)
+/// even while the link keeps up.
 pub const AUTO_ZSTD_RTT: Duration = Duration::from_millis(50);
-/// `auto`: from this round trip, zstd level 3.
+/// `auto`: from this round trip, zstd level 3 while data queues.
 pub const AUTO_ZSTD_HIGH_RTT: Duration = Duration::from_millis(100);
 /// The zstd level of `compression = "zstd"`.
 pub const ZSTD_LEVEL: i32 = 1;
@@ -142,8 +147,10 @@ impl Packer {
     }
 
     /// What to do with a batch of `raw` bytes of data frames: `None` sends
-    /// it as it is.
-    pub fn choose(&mut self, raw: usize) -> Option<Codec> {
+    /// it as it is. `backed_up`: the last write waited for the connection,
+    /// or more data was waiting than one batch holds (the link, not the
+    /// sender, is the bottleneck: bytes saved are throughput gained).
+    pub fn choose(&mut self, raw: usize, backed_up: bool) -> Option<Codec> {
         if raw < PACK_MIN {
             return None;
         }
@@ -155,9 +162,9 @@ impl Packer {
                 let rtt = self.min_rtt?;
                 let codec = if rtt < AUTO_LZ4_RTT {
                     return None;
-                } else if (rtt < AUTO_ZSTD_RTT && self.lz4) || !self.zstd {
+                } else if (rtt < AUTO_ZSTD_RTT && !backed_up && self.lz4) || !self.zstd {
                     Codec::Lz4
-                } else if rtt < AUTO_ZSTD_HIGH_RTT {
+                } else if rtt < AUTO_ZSTD_HIGH_RTT || !backed_up {
                     Codec::Zstd(1)
                 } else {
                     Codec::Zstd(3)
@@ -214,62 +221,68 @@ mod tests {
         // and with a zstd-only peer never lz4.
         let mut p = Packer::new(Compression::Auto, &all());
         p.rtt(Duration::from_millis(150));
-        assert_eq!(p.choose(64 * 1024), Some(Codec::Zstd(3)));
+        assert_eq!(p.choose(64 * 1024, true), Some(Codec::Zstd(3)));
         let mut p = Packer::new(Compression::Auto, &lz4);
         p.rtt(Duration::from_millis(150));
-        assert_eq!(p.choose(64 * 1024), Some(Codec::Lz4));
+        assert_eq!(p.choose(64 * 1024, true), Some(Codec::Lz4));
         let mut p = Packer::new(Compression::Auto, &zstd);
         p.rtt(Duration::from_millis(20));
-        assert_eq!(p.choose(64 * 1024), Some(Codec::Zstd(1)));
+        assert_eq!(p.choose(64 * 1024, false), Some(Codec::Zstd(1)));
     }
 
     #[test]
     fn fixed_modes_pack_every_batch_over_the_minimum() {
         let mut p = Packer::new(Compression::Lz4, &all());
-        assert_eq!(p.choose(PACK_MIN - 1), None);
-        assert_eq!(p.choose(PACK_MIN), Some(Codec::Lz4));
-        // Even when it saves nothing: the operator asked for it.
+        assert_eq!(p.choose(PACK_MIN - 1, false), None);
+        assert_eq!(p.choose(PACK_MIN, false), Some(Codec::Lz4));
+        // Even when it saves nothing, and whatever the load: the operator
+        // asked for it.
         p.packed(10_000, 10_100);
-        assert_eq!(p.choose(PACK_MIN), Some(Codec::Lz4));
-        assert_eq!(Packer::new(Compression::Zstd, &all()).choose(PACK_MIN), Some(Codec::Zstd(ZSTD_LEVEL)));
-        assert_eq!(Packer::new(Compression::Off, &all()).choose(1 << 20), None);
+        assert_eq!(p.choose(PACK_MIN, true), Some(Codec::Lz4));
+        assert_eq!(Packer::new(Compression::Zstd, &all()).choose(PACK_MIN, false), Some(Codec::Zstd(ZSTD_LEVEL)));
+        assert_eq!(Packer::new(Compression::Off, &all()).choose(1 << 20, true), None);
     }
 
     #[test]
-    fn auto_follows_the_lowest_round_trip() {
+    fn auto_follows_the_lowest_round_trip_and_the_backlog() {
         let mut p = auto();
         // Nothing measured yet: as it is.
-        assert_eq!(p.choose(64 * 1024), None);
+        assert_eq!(p.choose(64 * 1024, true), None);
+        // Same datacenter: as it is, even backed up.
         p.rtt(Duration::from_millis(3));
-        assert_eq!(p.choose(64 * 1024), None);
+        assert_eq!(p.choose(64 * 1024, true), None);
+        // 40 ms: lz4 while the link keeps up, zstd 1 while data queues.
         let mut p = auto();
         p.rtt(Duration::from_millis(40));
-        assert_eq!(p.choose(64 * 1024), Some(Codec::Lz4));
+        assert_eq!(p.choose(64 * 1024, false), Some(Codec::Lz4));
+        assert_eq!(p.choose(256 * 1024, true), Some(Codec::Zstd(1)));
         // A loaded link's longer round trips do not move it.
         p.rtt(Duration::from_millis(400));
-        assert_eq!(p.choose(64 * 1024), Some(Codec::Lz4));
+        assert_eq!(p.choose(64 * 1024, false), Some(Codec::Lz4));
         let mut p = auto();
         p.rtt(Duration::from_millis(70));
-        assert_eq!(p.choose(64 * 1024), Some(Codec::Zstd(1)));
+        assert_eq!(p.choose(64 * 1024, false), Some(Codec::Zstd(1)));
+        assert_eq!(p.choose(64 * 1024, true), Some(Codec::Zstd(1)));
         let mut p = auto();
         p.rtt(Duration::from_millis(100));
-        assert_eq!(p.choose(64 * 1024), Some(Codec::Zstd(3)));
+        assert_eq!(p.choose(64 * 1024, false), Some(Codec::Zstd(1)));
+        assert_eq!(p.choose(64 * 1024, true), Some(Codec::Zstd(3)));
     }
 
     #[test]
     fn auto_stops_packing_what_does_not_compress_and_probes_now_and_then() {
         let mut p = auto();
         p.rtt(Duration::from_millis(40));
-        assert_eq!(p.choose(10_000), Some(Codec::Lz4));
+        assert_eq!(p.choose(10_000, false), Some(Codec::Lz4));
         p.packed(10_000, 10_040);
         // Poor: skipped, but one batch in PROBE_EVERY is tried.
-        let tried = (0..PROBE_EVERY * 3).filter(|_| p.choose(10_000).is_some()).count();
+        let tried = (0..PROBE_EVERY * 3).filter(|_| p.choose(10_000, false).is_some()).count();
         assert_eq!(tried, 3);
         // The data changed: the probes see it and packing resumes.
         for _ in 0..4 {
             p.packed(10_000, 2_000);
         }
-        assert_eq!(p.choose(10_000), Some(Codec::Lz4));
-        assert_eq!(p.choose(10_000), Some(Codec::Lz4));
+        assert_eq!(p.choose(10_000, false), Some(Codec::Lz4));
+        assert_eq!(p.choose(10_000, false), Some(Codec::Lz4));
     }
 }

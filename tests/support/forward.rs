@@ -39,6 +39,9 @@ struct State {
     split: AtomicUsize,
     /// Bytes forwarded (both directions).
     bytes: AtomicU64,
+    /// Most bytes read and not yet written, each way (a link's buffers);
+    /// 0 = only the chunk count bounds it.
+    queue_limit: AtomicUsize,
 }
 
 pub struct Forwarder {
@@ -115,6 +118,12 @@ impl Forwarder {
         self.state.rate.store(bytes_per_s, Ordering::SeqCst);
     }
 
+    /// Holds at most `bytes` read and not yet written, each way, as a
+    /// link's buffers would (0: up to 256 chunks of 64 KiB).
+    pub fn queue_limit(&self, bytes: usize) {
+        self.state.queue_limit.store(bytes, Ordering::SeqCst);
+    }
+
     /// Writes at most `max` bytes at a time (0 lifts it).
     pub fn split(&self, max: usize) {
         self.state.split.store(max, Ordering::SeqCst);
@@ -149,6 +158,9 @@ fn pump(mut from: TcpStream, mut to: TcpStream, st: Arc<State>) {
     // Bounded: a slow writer (throttle, latency) pushes back on the reader,
     // and so on the sender's TCP window.
     let (tx, rx) = mpsc::sync_channel::<(Instant, Vec<u8>)>(256);
+    // Bytes read and not yet written, this direction.
+    let queued = Arc::new(AtomicUsize::new(0));
+    let writer_queued = queued.clone();
     let reader_st = st.clone();
     let to_close = to.try_clone().unwrap();
     std::thread::spawn(move || {
@@ -164,6 +176,12 @@ fn pump(mut from: TcpStream, mut to: TcpStream, st: Arc<State>) {
                 std::thread::sleep(Duration::from_millis(5));
                 continue;
             }
+            let limit = st.queue_limit.load(Ordering::SeqCst);
+            if limit > 0 && queued.load(Ordering::SeqCst) >= limit {
+                // Full: the sender's TCP window closes until the writer drains.
+                std::thread::sleep(Duration::from_micros(500));
+                continue;
+            }
             match from.read(&mut buf) {
                 Ok(0) => break,
                 Ok(n) => {
@@ -173,6 +191,7 @@ fn pump(mut from: TcpStream, mut to: TcpStream, st: Arc<State>) {
                     // In order, as TCP keeps it: never due before the previous chunk.
                     let due = (Instant::now() + Duration::from_micros(lat + extra)).max(last_due);
                     last_due = due;
+                    queued.fetch_add(n, Ordering::SeqCst);
                     if tx.send((due, buf[..n].to_vec())).is_err() {
                         break;
                     }
@@ -216,6 +235,7 @@ fn pump(mut from: TcpStream, mut to: TcpStream, st: Arc<State>) {
                 }
                 st.bytes.fetch_add(part.len() as u64, Ordering::SeqCst);
             }
+            writer_queued.fetch_sub(chunk.len(), Ordering::SeqCst);
         }
         let _ = to.shutdown(Shutdown::Both);
     });
