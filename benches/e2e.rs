@@ -11,12 +11,16 @@
 //!
 //! Loopback only; every process it starts is stopped by its handle.
 
+#[path = "../tests/support/mod.rs"]
+mod support;
+
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+use support::{cpu_secs, proc_kib};
 use wandist::demo::erl::{Epmd, Erl};
 
 const SMALL: u64 = 200_000;
@@ -39,16 +43,6 @@ struct Figures {
 
 fn parse_f(s: &str) -> f64 {
     s.trim().parse().unwrap_or_else(|_| panic!("not a number: {s}"))
-}
-
-/// User + system CPU seconds of a process, from /proc.
-fn cpu_secs(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let after = stat.rsplit_once(')').map(|x| x.1).unwrap_or("");
-    let f: Vec<&str> = after.split_whitespace().collect();
-    let ticks = f.get(11).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0)
-        + f.get(12).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-    ticks / 100.0
 }
 
 /// CPU spent by the 100 B stream, in µs per message, per process: the
@@ -338,14 +332,7 @@ impl Gw {
 
     /// Peak RSS in KiB, from /proc.
     fn peak_rss(&self) -> u64 {
-        let pid = self.child.id();
-        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-        let hwm = status
-            .lines()
-            .find(|l| l.starts_with("VmHWM:"))
-            .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-            .unwrap_or(0);
-        hwm
+        proc_kib(self.child.id(), "VmHWM:") as u64
     }
 }
 
@@ -436,12 +423,7 @@ fn idle_link_kib(dir: &Path) -> f64 {
 }
 
 fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        .unwrap_or(0)
+    proc_kib(pid, "VmRSS:") as u64
 }
 
 /// Two clusters through two gateways. With `dist_tls` (the optfile of

@@ -19,20 +19,10 @@ use std::process::Command;
 use std::time::Duration;
 
 use support::erl::{epmd, erlang_table, Erl};
-use support::{accepting, wait_for, Certs, Gateway, FAST, SOON};
+use support::{accepting, cpu_secs, wait_for, Certs, Gateway, FAST, SOON};
 
 const N: u64 = 100_000;
 const RUNS: usize = 3;
-
-/// User + system CPU seconds of a process, from /proc.
-fn cpu_secs(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let after = stat.rsplit_once(')').map(|x| x.1).unwrap_or("");
-    let f: Vec<&str> = after.split_whitespace().collect();
-    let ticks = f.get(11).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0)
-        + f.get(12).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-    ticks / 100.0
-}
 
 /// Both streams at once from a1; the slower one's time, in seconds. (Each
 /// receiver counts from 0 again first: it acks by its running count.)

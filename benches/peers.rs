@@ -23,12 +23,16 @@
 //!
 //! Loopback only; every process it starts is stopped by its handle.
 
+#[path = "../tests/support/mod.rs"]
+mod support;
+
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use support::{cpu_secs, proc_kib};
 use tokio::runtime::Runtime;
 use tokio::sync::mpsc;
 use wandist::demo::erl::{Epmd, Erl};
@@ -371,6 +375,8 @@ fn main() {
     let count = |a1: &mut Erl| -> u64 { a1.eval("length(pg:get_members(wan, big)).").parse().unwrap() };
     let handles: Vec<Handle> = (1_000..1_000 + MEMBERS).map(Handle).collect();
     let step = wandist::erlang::core::MEMBERS_PER_STEP;
+    // What taking them costs the node's pg: a1's CPU and memory.
+    let (a1_cpu0, a1_rss0) = (cpu_secs(a1.pid()), proc_kib(a1.pid(), "VmRSS:"));
     let t = Instant::now();
     // As a local side tells its route: in pieces.
     rt.block_on(async {
@@ -385,6 +391,7 @@ fn main() {
     let joined = t.elapsed();
     let during_join = (take(&series, 0), take(&series, 1), take(&series, 3));
     let rss1 = rss_mib();
+    let (a1_cpu1, a1_rss1) = (cpu_secs(a1.pid()), proc_kib(a1.pid(), "VmRSS:"));
     let t = Instant::now();
     rt.block_on(async {
         for chunk in handles.chunks(step) {
@@ -397,6 +404,7 @@ fn main() {
     }
     let left = t.elapsed();
     let during_leave = (take(&series, 0), take(&series, 1), take(&series, 3));
+    let a1_cpu2 = cpu_secs(a1.pid());
     rt.block_on(stop.send(())).ok();
     rt.block_on(stop3.send(())).ok();
 
@@ -414,6 +422,15 @@ fn main() {
         row(phase, &time, "a2, from dc3", v3);
     }
     println!("RSS of this process (gw1, and the peers' gateways): {rss0:.0} MiB idle, {rss1:.0} MiB holding 1,000,000 members");
+    println!(
+        "a1 (the node taking them into pg): CPU {:.2} s to join, {:.2} s to leave ({:.2} / {:.2} µs per member); RSS +{:.0} MiB holding them ({:.0} B per member)",
+        a1_cpu1 - a1_cpu0,
+        a1_cpu2 - a1_cpu1,
+        (a1_cpu1 - a1_cpu0) * 1e6 / MEMBERS as f64,
+        (a1_cpu2 - a1_cpu1) * 1e6 / MEMBERS as f64,
+        (a1_rss1 - a1_rss0) / 1024.0,
+        (a1_rss1 - a1_rss0) * 1024.0 / MEMBERS as f64
+    );
 
     // ---- 2. a well-behaved peer beside one flooding at its limits ----
     // dc2's gateway stops; a raw dc2 (a new run of it, as gw1 sees it)

@@ -30,7 +30,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use support::erl::{epmd, Epmd, Erl};
-use support::{accepting, wait_for, Certs, Gateway};
+use support::{accepting, cpu_secs, proc_kib, wait_for, Certs, Gateway};
 
 const MEMBERS_PER_NODE: u32 = 10;
 const NODES: [usize; 2] = [10, 100];
@@ -41,23 +41,8 @@ const MESH: usize = 32;
 const IDLE: Duration = Duration::from_secs(10);
 const LONG: Duration = Duration::from_secs(300);
 
-/// User + system CPU seconds of a process, from /proc.
-fn cpu_secs(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let after = stat.rsplit_once(')').map(|x| x.1).unwrap_or("");
-    let f: Vec<&str> = after.split_whitespace().collect();
-    let ticks = f.get(11).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0)
-        + f.get(12).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-    ticks / 100.0
-}
-
 fn rss_kib(pid: u32) -> f64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        .unwrap_or(0.0)
+    proc_kib(pid, "VmRSS:")
 }
 
 /// RSS once the allocator has settled (two equal readings 200 ms apart, at

@@ -22,6 +22,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use support::cpu_secs;
 use support::erl::{epmd, Epmd, Erl};
 use support::forward::Forwarder;
 use support::{Certs, Gateway, SOON};
@@ -46,16 +47,6 @@ struct Figures {
     /// CPU µs per message: the two gateways (sending side, receiving side),
     /// or the two Erlang nodes for the direct path.
     cpu_us: [f64; 2],
-}
-
-/// User + system CPU seconds of a process, from /proc.
-fn cpu_secs(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let after = stat.rsplit_once(')').map(|x| x.1).unwrap_or("");
-    let f: Vec<&str> = after.split_whitespace().collect();
-    let ticks = f.get(11).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0)
-        + f.get(12).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-    ticks / 100.0
 }
 
 /// The link model, toward `target`: buffering about two bandwidth-delay

@@ -17,12 +17,11 @@ pub enum Compression {
     Lz4,
     Zstd,
     /// From the link's round trip and whether it keeps up: off below
-    /// [`AUTO_LZ4_RTT`]; below [`AUTO_ZSTD_RTT`], lz4 while the link keeps
-    /// up and zstd 1 while data queues for it; then zstd 1, and zstd 3 for
-    /// a backed-up link from [`AUTO_ZSTD_HIGH_RTT`]; off for data that
-    /// does not compress. (BENCHMARKS.md, "Compression": on a 100 Mbit/s,
-    /// 40 ms link, zstd 1 carried 1.2–1.4x lz4's messages for ~1.3x its
-    /// CPU; lz4 costs less where the link is not the bottleneck.)
+    /// [`AUTO_ZSTD_RTT`] (same datacenter); zstd level 1 beyond, and level 3
+    /// from [`AUTO_ZSTD_HIGH_RTT`] while data waits for the link; lz4 only
+    /// for a peer that speaks no zstd; off for data that does not compress.
+    /// (BENCHMARKS.md, "Compression": on a 100 Mbit/s, 40 ms link, zstd 1
+    /// carried 1.3–1.7x lz4's messages for ~1.3x its CPU.)
     #[default]
     Auto,
 }
@@ -89,11 +88,9 @@ impl Codec {
 pub const PACK_MIN: usize = 1024;
 /// `auto`: below this round trip (same datacenter, or loopback), no
 /// compression: the link is rarely the bottleneck and CPU is.
-pub const AUTO_LZ4_RTT: Duration = Duration::from_millis(10);
-/// `auto`: from this round trip, zstd level 1 (better ratio, more CPU)
-/// even while the link keeps up.
-pub const AUTO_ZSTD_RTT: Duration = Duration::from_millis(50);
-/// `auto`: from this round trip, zstd level 3 while data queues.
+pub const AUTO_ZSTD_RTT: Duration = Duration::from_millis(10);
+/// `auto`: from this round trip, zstd level 3 while data waits for the
+/// link (a better ratio for 1.5–2x the CPU of level 1).
 pub const AUTO_ZSTD_HIGH_RTT: Duration = Duration::from_millis(100);
 /// The zstd level of `compression = "zstd"`.
 pub const ZSTD_LEVEL: i32 = 1;
@@ -109,8 +106,7 @@ const SAVING_SPAN: f64 = 8.0;
 #[derive(Debug, Clone)]
 pub struct Packer {
     mode: Compression,
-    /// What the peer speaks (`auto` picks among these only).
-    lz4: bool,
+    /// Whether the peer speaks zstd (`auto` picks lz4 otherwise).
     zstd: bool,
     /// The lowest round trip measured on the link (the path's, without the
     /// queues a busy link builds: a loaded link should not flip codecs).
@@ -134,7 +130,7 @@ impl Packer {
             Compression::Auto if !lz4 && !zstd => Compression::Off,
             m => m,
         };
-        Packer { mode, lz4, zstd, min_rtt: None, saving: None, skipped: 0 }
+        Packer { mode, zstd, min_rtt: None, saving: None, skipped: 0 }
     }
 
     pub fn mode(&self) -> Compression {
@@ -160,9 +156,9 @@ impl Packer {
             Compression::Zstd => Some(Codec::Zstd(ZSTD_LEVEL)),
             Compression::Auto => {
                 let rtt = self.min_rtt?;
-                let codec = if rtt < AUTO_LZ4_RTT {
+                let codec = if rtt < AUTO_ZSTD_RTT {
                     return None;
-                } else if (rtt < AUTO_ZSTD_RTT && !backed_up && self.lz4) || !self.zstd {
+                } else if !self.zstd {
                     Codec::Lz4
                 } else if rtt < AUTO_ZSTD_HIGH_RTT || !backed_up {
                     Codec::Zstd(1)
@@ -251,18 +247,15 @@ mod tests {
         // Same datacenter: as it is, even backed up.
         p.rtt(Duration::from_millis(3));
         assert_eq!(p.choose(64 * 1024, true), None);
-        // 40 ms: lz4 while the link keeps up, zstd 1 while data queues.
+        // 40 ms: zstd 1, backed up or not.
         let mut p = auto();
         p.rtt(Duration::from_millis(40));
-        assert_eq!(p.choose(64 * 1024, false), Some(Codec::Lz4));
+        assert_eq!(p.choose(64 * 1024, false), Some(Codec::Zstd(1)));
         assert_eq!(p.choose(256 * 1024, true), Some(Codec::Zstd(1)));
         // A loaded link's longer round trips do not move it.
         p.rtt(Duration::from_millis(400));
-        assert_eq!(p.choose(64 * 1024, false), Some(Codec::Lz4));
-        let mut p = auto();
-        p.rtt(Duration::from_millis(70));
-        assert_eq!(p.choose(64 * 1024, false), Some(Codec::Zstd(1)));
         assert_eq!(p.choose(64 * 1024, true), Some(Codec::Zstd(1)));
+        // From 100 ms: zstd 3 while data waits for the link.
         let mut p = auto();
         p.rtt(Duration::from_millis(100));
         assert_eq!(p.choose(64 * 1024, false), Some(Codec::Zstd(1)));
@@ -273,7 +266,7 @@ mod tests {
     fn auto_stops_packing_what_does_not_compress_and_probes_now_and_then() {
         let mut p = auto();
         p.rtt(Duration::from_millis(40));
-        assert_eq!(p.choose(10_000, false), Some(Codec::Lz4));
+        assert_eq!(p.choose(10_000, false), Some(Codec::Zstd(1)));
         p.packed(10_000, 10_040);
         // Poor: skipped, but one batch in PROBE_EVERY is tried.
         let tried = (0..PROBE_EVERY * 3).filter(|_| p.choose(10_000, false).is_some()).count();
@@ -282,7 +275,7 @@ mod tests {
         for _ in 0..4 {
             p.packed(10_000, 2_000);
         }
-        assert_eq!(p.choose(10_000, false), Some(Codec::Lz4));
-        assert_eq!(p.choose(10_000, false), Some(Codec::Lz4));
+        assert_eq!(p.choose(10_000, false), Some(Codec::Zstd(1)));
+        assert_eq!(p.choose(10_000, false), Some(Codec::Zstd(1)));
     }
 }

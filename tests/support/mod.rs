@@ -47,6 +47,22 @@ pub fn gateway_table_with(cluster: &str, listen: bool, extra: &str) -> String {
     format!("[gateway]\ncluster = \"{cluster}\"\nname = \"gw-{cluster}\"\n{listen}{FAST}{extra}\n")
 }
 
+/// User + system CPU seconds of a process, from /proc (benches).
+pub fn cpu_secs(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let after = stat.rsplit_once(')').map(|x| x.1).unwrap_or("");
+    let f: Vec<&str> = after.split_whitespace().collect();
+    let ticks = f.get(11).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0)
+        + f.get(12).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    ticks / 100.0
+}
+
+/// A `/proc/PID/status` field in KiB (`VmRSS:`, `VmHWM:`), 0 if absent.
+pub fn proc_kib(pid: u32, field: &str) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status.lines().find(|l| l.starts_with(field)).and_then(|l| l.split_whitespace().nth(1)?.parse().ok()).unwrap_or(0.0)
+}
+
 /// Polls `f` until it returns Some, or panics after `within`.
 pub fn wait_for<T>(what: &str, within: Duration, mut f: impl FnMut() -> Option<T>) -> T {
     let deadline = Instant::now() + within;
