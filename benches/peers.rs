@@ -84,7 +84,7 @@ fn peer(rt: &Runtime, dir: &std::path::Path, certs: &std::path::Path, name: &str
         dir,
         name,
         &format!(
-            "[gateway]\ncluster = \"{name}\"\n{}[[route]]\ncluster = \"dc1\"\nendpoints = [\"{}\"]\n",
+            "[gateway]\ncluster = \"{name}\"\nname = \"{name}-gw\"\n{}[[route]]\ncluster = \"dc1\"\nendpoints = [\"{}\"]\n",
             tls(certs, name),
             gw1.peers.unwrap()
         ),
@@ -228,7 +228,10 @@ async fn raw_flood(certs: std::path::PathBuf, gw1: std::net::SocketAddr, f: Arc<
     let files = wandist::config::TlsFiles::new(at("dc2.pem"), at("dc2.key"), at("ca.pem"));
     let tls = wandist::tls::Tls::load(&files, Some("dc2"), std::path::Path::new("bench")).unwrap();
     let epoch = fastrand::u64(1..);
-    let id = Identity { cluster: "dc2".into(), gateway: "flood".into(), epoch };
+    // The same instance as the stopped dc2 gateway, run again (a new
+    // epoch): gw1 starts a fresh session with it at once (another
+    // instance's name would wait as a successor for the old one to leave).
+    let id = Identity { cluster: "dc2".into(), gateway: "dc2-gw".into(), epoch };
     let offer = Offer { links_wanted: 1, recv_window: wandist::route::Window { messages: 1 << 16, bytes: 64 << 20 } };
     let t = wandist::link::Timeouts { connect: Duration::from_secs(5), handshake: Duration::from_secs(5) };
     let tcp = tokio::net::TcpStream::connect(gw1).await.unwrap();
