@@ -27,6 +27,9 @@ PANELS = [
         ("sum by (instance, peer) (rate(wandist_bytes_sent_total[1m]))", "out {{instance}} → {{peer}}"),
         ("sum by (instance, peer) (rate(wandist_bytes_received_total[1m]))", "in {{instance}} ← {{peer}}"),
     ], "timeseries"),
+    ("Compression ratio (raw / packed)", "none", [
+        ("sum by (instance, peer, codec) (rate(wandist_compression_bytes_total{stage=\"raw\"}[5m])) / sum by (instance, peer, codec) (rate(wandist_compression_bytes_total{stage=\"packed\"}[5m]))", "{{instance}} → {{peer}} {{codec}}"),
+    ], "timeseries"),
     ("Certificate days left", "d", [("(wandist_certificate_expiry_seconds - time()) / 86400", "{{instance}}")], "stat"),
 ]
 

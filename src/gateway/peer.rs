@@ -190,7 +190,7 @@ impl Drop for PeerTask {
 }
 
 impl PeerTask {
-    #[allow(clippy::too_many_arguments)]
+    #[allow(clippy::too_many_arguments)] // what a route task is made of, each passed once by its one caller (`RouteKit::spawn_with`)
     pub(super) fn new(
         config: RouteConfig,
         own: Arc<Identity>,
