@@ -570,21 +570,12 @@ impl Profile {
 }
 
 fn machine() -> String {
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|c| {
-            c.lines()
-                .find(|l| l.starts_with("model name"))
-                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
-        })
-        .unwrap_or_else(|| "unknown CPU".into());
-    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
     let otp = Command::new("erl")
         .args(["-noshell", "-eval", "io:format(\"~s\", [erlang:system_info(otp_release)]), halt()."])
         .output()
         .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
         .unwrap_or_default();
-    format!("{cores} × {cpu}, OTP {otp}, loopback")
+    format!("{}, OTP {otp}, loopback", support::cpus())
 }
 
 fn main() {
@@ -706,12 +697,7 @@ fn main() {
             c.wall
         )
     };
-    let date = Command::new("date")
-        .arg("-u")
-        .arg("+%Y-%m-%d %H:%M:%S UTC")
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-        .unwrap_or_default();
+    let date = support::utc_now();
     let table = format!(
         "### {date} — {}\n\n`cargo bench --bench e2e` ({SMALL} × 100 B, {LARGE} × 64 KiB with an ack per 1000 and at most 4000 / 2000 in flight, {LARGE} × 64 KiB from a plain sender (no window, then a ping), {PINGS} pings in {ROUNDS} blocks per path, the paths in turn{erl_args})\n\n\
          | path | 100 B msgs/s | 64 KiB MB/s | 64 KiB plain sender MB/s | RTT p50 µs | RTT p99 µs |\n|---|---|---|---|---|---|\n{}\n{}\n{}\n{}\n{}\n{}\n{}\n{}\n{}\n{}\n{}\n{}\n{}\n\n\
@@ -752,9 +738,6 @@ fn main() {
     }
     // The run's history: a readable table, and one JSON object per run
     // (BENCHMARKS.md keeps the current state against the targets).
-    let results: PathBuf = [env!("CARGO_MANIFEST_DIR"), "benches", "results"].iter().collect();
-    let mut f = std::fs::OpenOptions::new().create(true).append(true).open(results.join("e2e.md")).unwrap();
-    f.write_all(table.as_bytes()).unwrap();
     let figures = |f: &Figures, c: &Cpu| {
         serde_json::json!({
             "small_msgs_per_s": f.small_per_s, "large_mb_s": f.large_mb_s, "plain_large_mb_s": f.plain_mb_s,
@@ -772,8 +755,7 @@ fn main() {
         "gateway_peak_rss_kib": gw.rss_kib, "members_10000_ms": gw.members_after.as_secs_f64() * 1000.0,
         "idle_link_kib": idle,
     });
-    let mut f = std::fs::OpenOptions::new().create(true).append(true).open(results.join("e2e.jsonl")).unwrap();
-    writeln!(f, "{run}").unwrap();
+    let file = support::append_results("e2e", &table, &run);
     let _ = std::fs::remove_dir_all(&dir);
-    eprintln!("e2e: appended to {}", results.join("e2e.md").display());
+    eprintln!("e2e: appended to {}", file.display());
 }

@@ -24,7 +24,6 @@
 #[path = "../tests/support/mod.rs"]
 mod support;
 
-use std::io::Write;
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -155,45 +154,48 @@ fn main() {
     // WANDIST_SCALE_PARTS=1,3 runs only those parts (all by default).
     let parts = std::env::var("WANDIST_SCALE_PARTS").unwrap_or_else(|_| "1,2,3".into());
     let part = |p: &str| parts.split(',').any(|x| x.trim() == p);
-    let mut report = Vec::new();
-    let mut json = serde_json::Map::new();
-
+    let mut out = Report::default();
     let certs = Certs::new(&["dc1", "dc2"]);
+    let setup = Setup { epmd: &epmd, beam: &beam, certs: &certs, t: &t };
     if part("1") {
-        local_nodes(&epmd, &beam, &certs, &t, &mut report, &mut json);
+        local_nodes(&setup, &mut out);
     }
     if part("2") {
-        members(&epmd, &beam, &certs, &t, &mut report, &mut json);
+        members(&setup, &mut out);
     }
     if part("3") {
-        mesh(&mut report, &mut json);
+        mesh(&mut out);
     }
-    let date = Command::new("date")
-        .args(["-u", "+%Y-%m-%d %H:%M:%S UTC"])
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-        .unwrap_or_default();
-    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
-    let text = format!("### {date} — {cores} CPUs, loopback\n\n`cargo bench --bench scale`\n\n{}\n", report.join("\n"));
+    let Report { text: report, mut json } = out;
+    let date = support::utc_now();
+    let text =
+        format!("### {date} — {}, loopback\n\n`cargo bench --bench scale`\n\n{}\n", support::cpus(), report.join("\n"));
     println!("\n{text}");
-    let results: PathBuf = [env!("CARGO_MANIFEST_DIR"), "benches", "results"].iter().collect();
-    let mut f = std::fs::OpenOptions::new().create(true).append(true).open(results.join("scale.md")).unwrap();
-    f.write_all(text.as_bytes()).unwrap();
     json.insert("date".into(), serde_json::json!(date));
-    let mut f = std::fs::OpenOptions::new().create(true).append(true).open(results.join("scale.jsonl")).unwrap();
-    writeln!(f, "{}", serde_json::Value::Object(json)).unwrap();
-    eprintln!("scale: appended to {}", results.join("scale.md").display());
+    let file = support::append_results("scale", &text, &serde_json::Value::Object(json));
+    eprintln!("scale: appended to {}", file.display());
+}
+
+/// What every part uses: the EPMD, the bench module, dc1's and dc2's
+/// certificates, the run's tag for node names.
+struct Setup<'a> {
+    epmd: &'a Epmd,
+    beam: &'a std::path::Path,
+    certs: &'a Certs,
+    t: &'a str,
+}
+
+/// A run's report: Markdown paragraphs and the JSON object.
+#[derive(Default)]
+struct Report {
+    text: Vec<String>,
+    json: serde_json::Map<String, serde_json::Value>,
 }
 
 /// 1. Local nodes.
-fn local_nodes(
-    epmd: &Epmd,
-    beam: &std::path::Path,
-    certs: &Certs,
-    t: &str,
-    report: &mut Vec<String>,
-    json: &mut serde_json::Map<String, serde_json::Value>,
-) {
+fn local_nodes(setup: &Setup, out: &mut Report) {
+    let Setup { epmd, beam, certs, t } = *setup;
+    let (report, json) = (&mut out.text, &mut out.json);
     let gw2 = Gateway::start("gw-dc2", &accepting("dc2", certs, "dc1"));
     eprintln!("scale: starting {} small BEAMs…", NODES[1]);
     let t_nodes = Instant::now();
@@ -239,15 +241,9 @@ fn local_nodes(
 }
 
 /// 2. Members, both ways at once.
-fn members(
-    epmd: &Epmd,
-    beam: &std::path::Path,
-    certs: &Certs,
-    t: &str,
-    report: &mut Vec<String>,
-    json: &mut serde_json::Map<String, serde_json::Value>,
-) {
-    // 2. Members, both ways at once.
+fn members(setup: &Setup, out: &mut Report) {
+    let Setup { epmd, beam, certs, t } = *setup;
+    let (report, json) = (&mut out.text, &mut out.json);
     eprintln!("scale: {MEMBERS} members mirrored by dc2, imported by dc1…");
     let args = erl_args(beam, false);
     let a: Vec<&str> = args.iter().map(String::as_str).collect();
@@ -337,7 +333,8 @@ fn members(
 }
 
 /// 3. A full mesh of routes.
-fn mesh(report: &mut Vec<String>, json: &mut serde_json::Map<String, serde_json::Value>) {
+fn mesh(out: &mut Report) {
+    let (report, json) = (&mut out.text, &mut out.json);
     // 3. A full mesh of routes.
     eprintln!("scale: {MESH} clusters in a full mesh…");
     let names: Vec<String> = (0..MESH).map(|i| format!("c{i:02}")).collect();

@@ -17,7 +17,6 @@
 #[path = "../tests/support/mod.rs"]
 mod support;
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -236,19 +235,6 @@ fn codec_cost(file: &Path) -> Vec<(&'static str, f64, f64, f64)> {
         .collect()
 }
 
-fn machine() -> String {
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|c| {
-            c.lines()
-                .find(|l| l.starts_with("model name"))
-                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
-        })
-        .unwrap_or_else(|| "unknown CPU".into());
-    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
-    format!("{cores} × {cpu}, loopback")
-}
-
 fn main() {
     if !std::env::args().any(|a| a == "--bench") {
         println!("wan: run with `cargo bench --bench wan`");
@@ -319,15 +305,12 @@ fn main() {
     }
     drop(dumper);
 
-    let date = Command::new("date")
-        .args(["-u", "+%Y-%m-%d %H:%M:%S UTC"])
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-        .unwrap_or_default();
+    let date = support::utc_now();
+    let machine = format!("{}, loopback", support::cpus());
     let mut table = format!(
         "### {date} — {}\n\n`cargo bench --bench wan`: {} ms each way, {} Mbit/s each way, at most {WINDOW} messages in flight; \
          {}.\n\n| payload | path | msgs/s | × direct TLS | link bytes / msg | CPU µs / msg (gateways: sending + receiving; direct: the two nodes) |\n|---|---|---|---|---|---|\n",
-        machine(),
+        machine,
         DELAY.as_millis(),
         RATE * 8 / 1_000_000,
         KINDS.iter().map(|(k, n)| format!("{n} {k} messages")).collect::<Vec<_>>().join(", ")
@@ -401,15 +384,11 @@ fn main() {
     table.push_str(&parts.join("; "));
     table.push_str(" (compress + decompress per KiB before compression).\n\n");
     println!("\n{table}");
-    let results: PathBuf = [env!("CARGO_MANIFEST_DIR"), "benches", "results"].iter().collect();
-    let mut f = std::fs::OpenOptions::new().create(true).append(true).open(results.join("wan.md")).unwrap();
-    f.write_all(table.as_bytes()).unwrap();
     let run = serde_json::json!({
-        "date": date, "machine": machine(), "delay_ms_each_way": DELAY.as_millis() as u64,
+        "date": date, "machine": machine, "delay_ms_each_way": DELAY.as_millis() as u64,
         "rate_mbit_s": RATE * 8 / 1_000_000, "window": WINDOW, "paths": json_paths, "codecs": json_codecs,
         "gateway_cpu_added_us_per_kib": json_net,
     });
-    let mut f = std::fs::OpenOptions::new().create(true).append(true).open(results.join("wan.jsonl")).unwrap();
-    writeln!(f, "{run}").unwrap();
-    eprintln!("wan: appended to {}", results.join("wan.md").display());
+    let file = support::append_results("wan", &table, &run);
+    eprintln!("wan: appended to {}", file.display());
 }

@@ -63,6 +63,41 @@ pub fn proc_kib(pid: u32, field: &str) -> f64 {
     status.lines().find(|l| l.starts_with(field)).and_then(|l| l.split_whitespace().nth(1)?.parse().ok()).unwrap_or(0.0)
 }
 
+/// "2 × CPU model" of this machine (benches' reports).
+pub fn cpus() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
+    format!("{cores} × {cpu}")
+}
+
+/// The time now, UTC, as benches' reports date their runs.
+pub fn utc_now() -> String {
+    Command::new("date")
+        .args(["-u", "+%Y-%m-%d %H:%M:%S UTC"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default()
+}
+
+/// Appends a bench run to `benches/results/{name}.md` (the table) and
+/// `{name}.jsonl` (one JSON object); returns the Markdown file's path.
+pub fn append_results(name: &str, markdown: &str, json: &serde_json::Value) -> PathBuf {
+    let results: PathBuf = [env!("CARGO_MANIFEST_DIR"), "benches", "results"].iter().collect();
+    let open = |ext: &str| {
+        std::fs::OpenOptions::new().create(true).append(true).open(results.join(format!("{name}.{ext}"))).unwrap()
+    };
+    open("md").write_all(markdown.as_bytes()).unwrap();
+    writeln!(open("jsonl"), "{json}").unwrap();
+    results.join(format!("{name}.md"))
+}
+
 /// Polls `f` until it returns Some, or panics after `within`.
 pub fn wait_for<T>(what: &str, within: Duration, mut f: impl FnMut() -> Option<T>) -> T {
     let deadline = Instant::now() + within;
