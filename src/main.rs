@@ -204,8 +204,8 @@ fn certs(
     }
 }
 
-/// `wandist status`.
-/// The metrics address of `--url`, or of the `[metrics] listen` in `--config`.
+/// The metrics address of `--url`, or of the `[metrics] listen` in
+/// `--config` (for `wandist status` and `wandist health`).
 fn metrics_address(what: &str, url: Option<String>, config: Option<PathBuf>) -> Result<String, ExitCode> {
     match (url, config) {
         (Some(url), _) => {

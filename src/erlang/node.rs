@@ -46,7 +46,6 @@ const BARRIER_DELAY: Duration = Duration::from_millis(1);
 /// ... or once this many deliveries wait for one.
 const BARRIER_EVERY: usize = 4096;
 
-/// The way to one node's writer, bounded in packets and in bytes.
 /// A packet queued for a node, its share of the byte budget, and the
 /// delivered message it carries, if any (dropped once written).
 type Queued = (Bytes, OwnedSemaphorePermit, Option<Held>);

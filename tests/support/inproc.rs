@@ -18,9 +18,8 @@ pub struct InProc {
 }
 
 impl InProc {
-    /// Starts a gateway from config text; `queue` is the size of its
-    /// to-local channel (small values let a test stall the local side).
-    /// Starts a gateway whose local side is its `[erlang]` cluster.
+    /// Starts a gateway from config text whose local side is its
+    /// `[erlang]` cluster.
     pub async fn start_erlang(name: &str, body: &str) -> InProc {
         init_logging();
         let dir = tempfile::tempdir().unwrap();
@@ -32,6 +31,9 @@ impl InProc {
         InProc { name: name.to_string(), running: Some(running), rx, _dir: dir }
     }
 
+    /// Starts a gateway from config text with an in-memory local side;
+    /// `queue` is the size of its to-local channel (small values let a test
+    /// stall the local side).
     pub async fn start(name: &str, body: &str, queue: usize) -> InProc {
         init_logging();
         let dir = tempfile::tempdir().unwrap();
