@@ -222,7 +222,7 @@ pub fn spawn(est: Established, params: LinkParams, events: mpsc::Sender<LinkEven
         events: events.clone(),
         control: control_tx.clone(),
         epoch,
-        partial: None,
+        reassembly: Reassembly::new(params.max_frame_bytes),
         unpacker: codec::Unpacker::default(),
         shared: shared.clone(),
     };
@@ -262,10 +262,55 @@ fn micros_since(epoch: Instant) -> u64 {
 }
 
 /// A message being reassembled from chunks.
+#[derive(Debug)]
 struct Partial {
     epoch: u64,
     seq: u64,
     body: BytesMut,
+}
+
+/// Whole messages from data chunks, as they arrive: one message at a time
+/// (chunks must not interleave), never more than `max` bytes.
+#[derive(Debug)]
+struct Reassembly {
+    partial: Option<Partial>,
+    max: usize,
+}
+
+impl Reassembly {
+    fn new(max: usize) -> Reassembly {
+        Reassembly { partial: None, max }
+    }
+
+    /// Takes one chunk; a whole message once its last chunk is in.
+    fn take(&mut self, epoch: u64, seq: u64, more: bool, body: Bytes) -> Result<Option<Frame>, codec::CodecError> {
+        let whole = |epoch, seq, body| Frame { header: Header::Data { epoch, seq, more: false }, body };
+        let Some(p) = self.partial.as_mut() else {
+            if !more {
+                return Ok(Some(whole(epoch, seq, body)));
+            }
+            if body.len() > self.max {
+                return Err(codec::CodecError::Oversize { len: body.len(), max: self.max });
+            }
+            self.partial = Some(Partial { epoch, seq, body: BytesMut::from(&body[..]) });
+            return Ok(None);
+        };
+        if p.epoch != epoch || p.seq != seq {
+            return Err(codec::CodecError::Garbage(format!(
+                "chunk of message {seq} inside message {} (chunks must not interleave)",
+                p.seq
+            )));
+        }
+        if p.body.len() + body.len() > self.max {
+            return Err(codec::CodecError::Oversize { len: p.body.len() + body.len(), max: self.max });
+        }
+        p.body.extend_from_slice(&body);
+        if more {
+            return Ok(None);
+        }
+        let p = self.partial.take().map(|p| p.body.freeze()).unwrap_or_default();
+        Ok(Some(whole(epoch, seq, p)))
+    }
 }
 
 struct Reader {
@@ -276,7 +321,7 @@ struct Reader {
     events: mpsc::Sender<LinkEvent>,
     control: mpsc::Sender<Frame>,
     epoch: Instant,
-    partial: Option<Partial>,
+    reassembly: Reassembly,
     unpacker: codec::Unpacker,
     shared: Arc<Shared>,
 }
@@ -328,7 +373,7 @@ impl Reader {
                     Header::Hello(_) => {
                         return reject(&codec::CodecError::Garbage("a second hello on a running link".into()));
                     }
-                    Header::Data { epoch, seq, more } => match self.reassemble(epoch, seq, more, frame.body) {
+                    Header::Data { epoch, seq, more } => match self.reassembly.take(epoch, seq, more, frame.body) {
                         Ok(Some(whole)) => whole,
                         Ok(None) => continue,
                         Err(e) => return reject(&e),
@@ -343,7 +388,7 @@ impl Reader {
                         };
                         for f in frames {
                             let Header::Data { epoch, seq, more } = f.header else { continue };
-                            match self.reassemble(epoch, seq, more, f.body) {
+                            match self.reassembly.take(epoch, seq, more, f.body) {
                                 Ok(Some(whole)) => batch.push(whole),
                                 Ok(None) => {}
                                 Err(e) => return reject(&e),
@@ -411,42 +456,6 @@ impl Reader {
             }
         }
     }
-
-    /// Adds a chunk; returns the whole message once its last chunk is in.
-    fn reassemble(
-        &mut self,
-        epoch: u64,
-        seq: u64,
-        more: bool,
-        body: Bytes,
-    ) -> Result<Option<Frame>, codec::CodecError> {
-        let whole = |epoch, seq, body| Frame { header: Header::Data { epoch, seq, more: false }, body };
-        let Some(p) = self.partial.as_mut() else {
-            if !more {
-                return Ok(Some(whole(epoch, seq, body)));
-            }
-            self.partial = Some(Partial { epoch, seq, body: BytesMut::from(&body[..]) });
-            return Ok(None);
-        };
-        if p.epoch != epoch || p.seq != seq {
-            return Err(codec::CodecError::Garbage(format!(
-                "chunk of message {seq} inside message {} (chunks must not interleave)",
-                p.seq
-            )));
-        }
-        if p.body.len() + body.len() > self.params.max_frame_bytes {
-            return Err(codec::CodecError::Oversize {
-                len: p.body.len() + body.len(),
-                max: self.params.max_frame_bytes,
-            });
-        }
-        p.body.extend_from_slice(&body);
-        if more {
-            return Ok(None);
-        }
-        let p = self.partial.take().map(|p| p.body.freeze()).unwrap_or_default();
-        Ok(Some(whole(epoch, seq, p)))
-    }
 }
 
 /// A data message being written out chunk by chunk.
@@ -455,6 +464,18 @@ struct Outgoing {
     seq: u64,
     body: Bytes,
     offset: usize,
+}
+
+impl Outgoing {
+    /// The next chunk (at most CHUNK_BYTES) and its header; `more` is
+    /// false on the last.
+    fn next_chunk(&mut self) -> (Header, Bytes) {
+        let end = (self.offset + CHUNK_BYTES).min(self.body.len());
+        let more = end < self.body.len();
+        let chunk = self.body.slice(self.offset..end);
+        self.offset = end;
+        (Header::Data { epoch: self.epoch, seq: self.seq, more }, chunk)
+    }
 }
 
 struct Writer {
@@ -529,17 +550,15 @@ impl Writer {
                     }
                 }
                 let Some(cur) = self.current.as_mut() else { break };
-                let end = (cur.offset + CHUNK_BYTES).min(cur.body.len());
-                let more = end < cur.body.len();
-                let header = Header::Data { epoch: cur.epoch, seq: cur.seq, more };
+                let (header, chunk) = cur.next_chunk();
+                let last = matches!(header, Header::Data { more: false, .. });
                 let to = if compress { &mut self.raw } else { &mut out };
-                if let Err(e) = codec::encode(&header, &cur.body[cur.offset..end], max, to) {
+                if let Err(e) = codec::encode(&header, &chunk, max, to) {
                     tracing::error!("dropping an outgoing message: {e}");
                     self.current = None;
                     continue;
                 }
-                cur.offset = end;
-                if !more {
+                if last {
                     self.current = None;
                 }
             }
@@ -627,5 +646,67 @@ fn push(f: &Frame, max: usize, out: &mut BytesMut) {
     if let Err(e) = codec::encode(&f.header, &f.body, max, out) {
         // Our own frame too big for the link: a bug upstream, never sent.
         tracing::error!("dropping an outgoing frame: {e}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn outgoing(seq: u64, len: usize) -> Outgoing {
+        let body: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
+        Outgoing { epoch: 7, seq, body: Bytes::from(body), offset: 0 }
+    }
+
+    /// Chunks the way the writer cuts them: (header, chunk) until the last.
+    fn chunks(mut o: Outgoing) -> Vec<(Header, Bytes)> {
+        let mut out = Vec::new();
+        loop {
+            let (h, c) = o.next_chunk();
+            let last = matches!(h, Header::Data { more: false, .. });
+            out.push((h, c));
+            if last {
+                return out;
+            }
+        }
+    }
+
+    fn feed(r: &mut Reassembly, (h, c): (Header, Bytes)) -> Result<Option<Frame>, codec::CodecError> {
+        let Header::Data { epoch, seq, more } = h else { panic!("{h:?}") };
+        r.take(epoch, seq, more, c)
+    }
+
+    #[test]
+    fn a_large_message_goes_in_chunks_and_comes_back_whole() {
+        let o = outgoing(1, 2 * CHUNK_BYTES + 1000);
+        let body = o.body.clone();
+        let parts = chunks(o);
+        let more: Vec<bool> = parts.iter().map(|(h, _)| matches!(h, Header::Data { more: true, .. })).collect();
+        assert_eq!(more, [true, true, false]);
+        assert_eq!(parts.iter().map(|(_, c)| c.len()).collect::<Vec<_>>(), [CHUNK_BYTES, CHUNK_BYTES, 1000]);
+        let mut r = Reassembly::new(1 << 20);
+        let mut got = parts.into_iter().map(|p| feed(&mut r, p).unwrap()).collect::<Vec<_>>();
+        let whole = got.pop().unwrap().expect("whole after the last chunk");
+        assert!(got.iter().all(Option::is_none));
+        assert_eq!(whole, Frame { header: Header::Data { epoch: 7, seq: 1, more: false }, body });
+        // A small message is one chunk, whole at once; exactly a chunk too.
+        for len in [10, CHUNK_BYTES] {
+            let parts = chunks(outgoing(2, len));
+            assert_eq!(parts.len(), 1);
+            assert!(feed(&mut r, parts.into_iter().next().unwrap()).unwrap().is_some());
+        }
+    }
+
+    #[test]
+    fn interleaved_or_oversize_chunks_are_refused() {
+        let mut r = Reassembly::new(1 << 20);
+        let a = chunks(outgoing(1, CHUNK_BYTES + 10));
+        let b = chunks(outgoing(2, CHUNK_BYTES + 10));
+        assert_eq!(feed(&mut r, a[0].clone()).unwrap(), None);
+        assert!(matches!(feed(&mut r, b[0].clone()), Err(codec::CodecError::Garbage(_))));
+        // A message growing past the limit, chunk by chunk.
+        let mut r = Reassembly::new(CHUNK_BYTES + 5);
+        assert_eq!(feed(&mut r, a[0].clone()).unwrap(), None);
+        assert!(matches!(feed(&mut r, a[1].clone()), Err(codec::CodecError::Oversize { .. })));
     }
 }

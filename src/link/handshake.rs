@@ -429,3 +429,53 @@ pub async fn read_hello<S: AsyncRead + Unpin + ?Sized>(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn identity(cluster: &str) -> Identity {
+        Identity { cluster: cluster.into(), gateway: format!("gw-{cluster}"), epoch: 9 }
+    }
+
+    fn offer() -> Offer {
+        Offer { links_wanted: 1, recv_window: crate::route::Window { messages: 100, bytes: 1 << 20 } }
+    }
+
+    fn admission(insecure_plaintext: bool, standby: bool) -> Admission {
+        Admission { insecure_plaintext, offer: offer(), session: None, standby }
+    }
+
+    #[test]
+    fn a_hello_says_who_we_are_and_what_this_build_speaks() {
+        let h = identity("dc1").hello(offer());
+        assert_eq!(
+            (h.version, h.cluster.as_str(), h.gateway.as_str(), h.epoch),
+            (PROTOCOL_VERSION, "dc1", "gw-dc1", 9)
+        );
+        assert_eq!((h.links_wanted, h.recv_window_messages, h.recv_window_bytes), (1, 100, 1 << 20));
+        assert_eq!(h.capabilities, CAPABILITIES.iter().map(|c| c.to_string()).collect::<Vec<_>>());
+    }
+
+    /// Who is admitted once the hello is in, without TLS (with TLS the
+    /// certificate is checked first, against the claimed cluster's CA:
+    /// tests/refusals.rs).
+    #[test]
+    fn only_a_routed_other_cluster_is_admitted_and_plaintext_only_where_allowed() {
+        let own = identity("dc1");
+        let admit: HashMap<String, Admission> = [
+            ("dc2".to_string(), admission(true, false)),
+            ("dc3".to_string(), admission(false, false)),
+            ("dc4".to_string(), admission(true, true)),
+        ]
+        .into_iter()
+        .collect();
+        let hello = |c: &str| identity(c).hello(offer());
+        let reason = |c: &str| admit_peer(&hello(c), None, &own, &admit).err().map(|e| e.reason());
+        assert_eq!(reason("dc2"), None);
+        assert_eq!(reason("dc1"), Some("self"));
+        assert_eq!(reason("dc9"), Some("no_route"));
+        assert_eq!(reason("dc3"), Some("plaintext_refused"));
+        assert_eq!(reason("dc4"), Some("standby"));
+    }
+}
