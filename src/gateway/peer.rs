@@ -28,7 +28,7 @@ use crate::config::{GatewayConfig, RouteConfig};
 use crate::link::backoff::Backoff;
 use crate::link::conn::{self, Link, LinkEvent, LinkParams};
 use crate::link::handshake::{self, Established, HandshakeError, Identity, Offer, SessionCheck, OTHER_INSTANCE};
-use crate::link::Timeouts;
+use crate::link::{Close, Timeouts};
 use crate::membership::{Change, Filter, ImportLimits, PeerMembership};
 use crate::metrics::{self as m, Metrics};
 use crate::route::{Admit, Confirmation, DataVerdict, FailReason, Outcome, Route, Window};
@@ -497,7 +497,7 @@ impl PeerTask {
             tracing::warn!(peer = %self.peer, messages = n, "shutting down with unconfirmed messages: reported failed");
         }
         for live in &self.links {
-            live.link.close("shutdown", "gateway shutting down");
+            live.link.close(Close::Shutdown, "gateway shutting down");
         }
         self.links.clear();
         self.dialing.abort_all();
@@ -730,7 +730,7 @@ impl PeerTask {
             if let Some(held_back) = self.refusals.allow(&"link_limit") {
                 tracing::warn!(peer = %self.peer, max, held_back, "refused a link {info}: the route holds as many links as it may (max_links)");
             }
-            link.close("link_limit", "the route holds as many links as it may");
+            link.close(Close::LinkLimit, "the route holds as many links as it may");
             return;
         }
         self.rm.connects.increment(1);
@@ -762,7 +762,7 @@ impl PeerTask {
         }
         for stale in &up.stale {
             if let Some(l) = self.links.iter().find(|l| l.link.id == *stale) {
-                l.link.close("peer_restarted", "superseded by a link to the peer's new run");
+                l.link.close(Close::PeerRestarted, "superseded by a link to the peer's new run");
             }
         }
         if up.new_session && was_known {
@@ -802,7 +802,7 @@ impl PeerTask {
         let open: Vec<&Live> = self.links.iter().filter(|l| !l.link.is_closed()).collect();
         for l in open.iter().skip(target) {
             tracing::info!(peer = %self.peer, link = l.link.id, "closing surplus link (both sides dialed)");
-            l.link.close("surplus", "both sides dialed; keeping the older links");
+            l.link.close(Close::Surplus, "both sides dialed; keeping the older links");
         }
     }
 
@@ -836,7 +836,7 @@ impl PeerTask {
     fn link_closed(&mut self, link: u64, reason: crate::link::CloseReason) {
         let Some(pos) = self.links.iter().position(|l| l.link.id == link) else { return };
         let live = self.links.remove(pos);
-        self.metrics.counter(m::LINK_DISCONNECTS, &[("peer", &self.peer), ("reason", reason.label)]).increment(1);
+        self.metrics.counter(m::LINK_DISCONNECTS, &[("peer", &self.peer), ("reason", reason.label())]).increment(1);
         let down = {
             let mut st = self.core.lock();
             st.lanes.retain(|l| l.id != link);
@@ -848,8 +848,8 @@ impl PeerTask {
         };
         let role = if down.was_primary { "primary" } else { "standby" };
         // (A peer that keeps failing its links would otherwise fill the log.)
-        if let Some(held_back) = self.refusals.allow(&reason.label) {
-            tracing::warn!(peer = %self.peer, link, role, reason = reason.label, held_back, "link down: {reason}");
+        if let Some(held_back) = self.refusals.allow(&reason.label()) {
+            tracing::warn!(peer = %self.peer, link, role, reason = reason.label(), held_back, "link down: {reason}");
         }
         if let Some(promoted) = down.promoted {
             self.rm.failovers.increment(1);
@@ -878,7 +878,7 @@ impl PeerTask {
         }
         self.metrics.counter(m::FRAMES_REJECTED, &[("peer", &self.peer), ("reason", label)]).increment(1);
         if let Some(l) = self.links.iter().find(|l| l.link.id == link) {
-            l.link.close(label, &why);
+            l.link.close(Close::Refused(label), &why);
         }
     }
 

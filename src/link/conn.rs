@@ -19,7 +19,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::task::TaskTracker;
 
 use super::handshake::Established;
-use super::{BoxIo, CloseReason};
+use super::{BoxIo, Close, CloseReason};
 use crate::metrics::{self as m, Metrics};
 use crate::wire::codec;
 use crate::wire::packing::{Compression, Packer, Packing};
@@ -132,11 +132,11 @@ impl Shared {
     }
 
     /// Closes on purpose: the writer tells the peer why.
-    fn close_saying(&self, label: &'static str, why: &str) {
+    fn close_saying(&self, kind: Close, why: &str) {
         if let Ok(mut g) = self.goodbye.lock() {
             g.get_or_insert_with(|| why.to_string());
         }
-        self.close(CloseReason::new(label, why));
+        self.close(CloseReason::new(kind, why));
     }
 
     /// Closed once a reason is set (`close` sets it first).
@@ -175,7 +175,7 @@ impl Lanes {
             return true;
         }
         if !self.shared.is_closed() {
-            self.shared.close_saying("control_overflow", "control frames backed up");
+            self.shared.close_saying(Close::ControlOverflow, "control frames backed up");
         }
         false
     }
@@ -188,8 +188,8 @@ impl Link {
     }
 
     /// Closes the link, telling the peer why.
-    pub fn close(&self, label: &'static str, why: &str) {
-        self.shared.close_saying(label, why);
+    pub fn close(&self, kind: Close, why: &str) {
+        self.shared.close_saying(kind, why);
     }
 
     pub fn is_closed(&self) -> bool {
@@ -199,7 +199,7 @@ impl Link {
 
 impl Drop for Link {
     fn drop(&mut self) {
-        self.close("closed", "link handle dropped");
+        self.close(Close::Closed, "link handle dropped");
     }
 }
 
@@ -251,7 +251,7 @@ pub fn spawn(est: Established, params: LinkParams, events: mpsc::Sender<LinkEven
         let why = reader.run(reader_stop).await;
         shared.close(why);
         let _ = writer.await;
-        let reason = shared.reason.get().cloned().unwrap_or_else(|| CloseReason::new("closed", ""));
+        let reason = shared.reason.get().cloned().unwrap_or_else(|| CloseReason::new(Close::Closed, ""));
         let _ = events.send(LinkEvent::Closed { link: id, reason }).await;
     });
     Link { id, control: control_tx, data: data_tx, shared }
@@ -337,7 +337,7 @@ impl Reader {
             metrics.counter(m::FRAMES_REJECTED, &[("peer", &peer), ("reason", e.reason())]).increment(1);
             // (Said by the route task with the link's end, once per period.)
             tracing::debug!(peer = %peer, link = id, "closing link: bad frame from peer: {e}");
-            CloseReason::new(e.reason(), e.to_string())
+            CloseReason::new(Close::Refused(e.reason()), e.to_string())
         };
         let mut batch: Vec<Frame> = Vec::new();
         // One deadline timer for the life of the link, not one per read
@@ -355,7 +355,7 @@ impl Reader {
                 let frame = match frame.header {
                     Header::Ping { nonce } => {
                         if self.control.try_send(Frame::control(Header::Pong { nonce })).is_err() {
-                            return CloseReason::new("control_overflow", "peer pings faster than we can answer");
+                            return CloseReason::new(Close::ControlOverflow, "peer pings faster than we can answer");
                         }
                         continue;
                     }
@@ -369,7 +369,7 @@ impl Reader {
                         }
                         continue;
                     }
-                    Header::Goodbye { reason } => return CloseReason::new("goodbye", reason),
+                    Header::Goodbye { reason } => return CloseReason::new(Close::Goodbye, reason),
                     Header::Hello(_) => {
                         return reject(&codec::CodecError::Garbage("a second hello on a running link".into()));
                     }
@@ -410,7 +410,7 @@ impl Reader {
             if !batch.is_empty() {
                 let frames = std::mem::replace(&mut batch, Vec::with_capacity(64));
                 if self.events.send(LinkEvent::Frames { link: self.id, frames }).await.is_err() {
-                    return CloseReason::new("shutdown", "");
+                    return CloseReason::new(Close::Shutdown, "");
                 }
             }
             if codec::frame_ready(&self.buf) {
@@ -429,16 +429,16 @@ impl Reader {
             }
             let offered = self.buf.capacity() - self.buf.len();
             let read = tokio::select! {
-                _ = &mut stop => return CloseReason::new("closed", ""),
+                _ = &mut stop => return CloseReason::new(Close::Closed, ""),
                 _ = silence.elapsed() => {
-                    return CloseReason::new("dead", format!("nothing received for {dead_after:?}"));
+                    return CloseReason::new(Close::Dead, format!("nothing received for {dead_after:?}"));
                 }
                 r = self.rd.read_buf(&mut self.buf) => r,
             };
             match read {
                 Ok(0) => {
                     return match codec::check_eof(&self.buf) {
-                        Ok(()) => CloseReason::new("eof", "peer closed the connection"),
+                        Ok(()) => CloseReason::new(Close::Eof, "peer closed the connection"),
                         Err(e) => reject(&e),
                     };
                 }
@@ -452,7 +452,7 @@ impl Reader {
                         read_size = IDLE_BUFFER;
                     }
                 }
-                Err(e) => return CloseReason::new("io", e.to_string()),
+                Err(e) => return CloseReason::new(Close::Io, e.to_string()),
             }
         }
     }
@@ -603,7 +603,7 @@ impl Writer {
             })
             .await;
         }
-        CloseReason::new("closed", "")
+        CloseReason::new(Close::Closed, "")
     }
 
     async fn write(&mut self, out: &mut BytesMut, sent: &metrics::Counter) -> Result<(), CloseReason> {
@@ -611,19 +611,19 @@ impl Writer {
             return Ok(());
         }
         let dead_after = self.params.dead_after;
-        let stalled = || CloseReason::new("write_stall", format!("a write made no progress for {dead_after:?}"));
+        let stalled = || CloseReason::new(Close::WriteStall, format!("a write made no progress for {dead_after:?}"));
         let mut off = 0;
         while off < out.len() {
             match tokio::time::timeout(dead_after, self.wr.write(&out[off..])).await {
                 Err(_) => return Err(stalled()),
-                Ok(Err(e)) => return Err(CloseReason::new("io", e.to_string())),
-                Ok(Ok(0)) => return Err(CloseReason::new("io", "connection closed while writing")),
+                Ok(Err(e)) => return Err(CloseReason::new(Close::Io, e.to_string())),
+                Ok(Ok(0)) => return Err(CloseReason::new(Close::Io, "connection closed while writing")),
                 Ok(Ok(n)) => off += n,
             }
         }
         match tokio::time::timeout(dead_after, self.wr.flush()).await {
             Err(_) => return Err(stalled()),
-            Ok(Err(e)) => return Err(CloseReason::new("io", e.to_string())),
+            Ok(Err(e)) => return Err(CloseReason::new(Close::Io, e.to_string())),
             Ok(Ok(())) => {}
         }
         sent.increment(out.len() as u64);
