@@ -595,7 +595,8 @@ impl Core {
 
     /// Counts a rejection (`peer`: whose it was, if a peer's), and says so
     /// at most once per period.
-    fn reject(&mut self, peer: Option<PeerIx>, reason: &'static str, what: impl FnOnce() -> String) {
+    fn reject(&mut self, peer: Option<PeerIx>, reason: Reject, what: impl FnOnce() -> String) {
+        let reason = reason.label();
         if let Some(p) = peer {
             self.peers[p].refused += 1;
         }
@@ -768,30 +769,30 @@ impl Core {
     pub fn node_control(&mut self, node: &Arc<str>, control: Term, payload: Option<Bytes>) {
         let c = match Control::parse(&control) {
             Ok(c) => c,
-            Err(e) => return self.reject(None, "bad_control", || format!("from node {node}: {e}")),
+            Err(e) => return self.reject(None, Reject::BadControl, || format!("from node {node}: {e}")),
         };
         match c {
             Control::Send { to } | Control::SendSender { to, .. } if *to.node != *self.me => {
-                self.reject(None, "unknown_proxy", || format!("from node {node}: a message for {to} reached the gateway"));
+                self.reject(None, Reject::UnknownProxy, || format!("from node {node}: a message for {to} reached the gateway"));
             }
             Control::Send { to } => {
-                let Some(payload) = payload else { return self.reject(None, "bad_control", String::new) };
+                let Some(payload) = payload else { return self.reject(None, Reject::BadControl, String::new) };
                 self.send_to_our_pid(node, (to.id, to.serial, to.creation), None, &payload);
             }
             Control::SendSender { from, to } => {
-                let Some(payload) = payload else { return self.reject(None, "bad_control", String::new) };
+                let Some(payload) = payload else { return self.reject(None, Reject::BadControl, String::new) };
                 self.send_to_our_pid(node, (to.id, to.serial, to.creation), Some(Sender::Pid(from)), &payload);
             }
             Control::AliasSend { from, alias } => {
-                let Some(payload) = payload else { return self.reject(None, "bad_control", String::new) };
+                let Some(payload) = payload else { return self.reject(None, Reject::BadControl, String::new) };
                 match self.proxies.ref_key(&alias) {
                     Some(key) => self.send_to_peer(key, Some(Sender::Pid(from)), &payload, None, true),
-                    None => self.reject(None, "unknown_proxy", || format!("from node {node}: an alias the gateway never made")),
+                    None => self.reject(None, Reject::UnknownProxy, || format!("from node {node}: an alias the gateway never made")),
                 }
             }
             Control::RegSend { from, name } => match (name.as_str(), payload) {
                 (CONFIRM_NAME, Some(payload)) => self.send_confirmed(&from, &payload),
-                _ => self.reject(None, "unknown_name", || format!("from node {node}: a message to {name:?} on the gateway's node, which has only {CONFIRM_NAME:?}")),
+                _ => self.reject(None, Reject::UnknownName, || format!("from node {node}: a message to {name:?} on the gateway's node, which has only {CONFIRM_NAME:?}")),
             },
             Control::MonitorP { watcher, target: Target::Name(name), mref } => {
                 // Only `wandist` exists on the gateway's node (and never ends).
@@ -835,7 +836,7 @@ impl Core {
 
     /// A node sent something the connection could not read (it stays up).
     pub fn node_rejected(&mut self, node: &Arc<str>, why: &str) {
-        self.reject(None, "undecodable", || format!("from node {node}: dropped a distribution packet: {why}"));
+        self.reject(None, Reject::Undecodable, || format!("from node {node}: dropped a distribution packet: {why}"));
     }
 
     /// A message from `node` to the pid on our node with these parts: to
@@ -852,7 +853,7 @@ impl Core {
         } else if let Some(key) = self.proxies.pid_key_parts(id, serial, creation) {
             self.send_to_peer(key, from, payload, None, false);
         } else {
-            self.reject(None, "unknown_proxy", || {
+            self.reject(None, Reject::UnknownProxy, || {
                 format!("from node {node}: a message to a pid of an earlier run of the gateway")
             });
         }
@@ -896,7 +897,7 @@ impl Core {
             Ok((t, _)) => t,
             Err(_) => {
                 return self
-                    .reject(None, "bad_confirm_request", || format!("an undecodable confirmed send from {sender}"))
+                    .reject(None, Reject::BadConfirmRequest, || format!("an undecodable confirmed send from {sender}"))
             }
         };
         let t = msg.as_tuple().unwrap_or_default();
@@ -907,13 +908,13 @@ impl Core {
         // Anyone who can be answered is: a request that is not well formed
         // gets {failed, bad_request}.
         let Some(from) = from.filter(|_| t.len() >= 3) else {
-            return self.reject(None, "bad_confirm_request", || {
+            return self.reject(None, Reject::BadConfirmRequest, || {
                 format!("a confirmed send from {sender} with nobody to answer")
             });
         };
         let reply_ref = t[2].clone();
         if !well_formed {
-            self.reject(None, "bad_confirm_request", || format!("a malformed confirmed send from {sender}"));
+            self.reject(None, Reject::BadConfirmRequest, || format!("a malformed confirmed send from {sender}"));
             return self.answer(&from, reply_ref, failed("bad_request"));
         }
         let key = t[3]
@@ -922,7 +923,7 @@ impl Core {
             .filter(|k| self.proxies.home(*k).is_some_and(|h| h.kind == Kind::Pid));
         let Some(key) = key else {
             // Counted like any message to a forgotten proxy, and answered.
-            self.reject(None, "unknown_proxy", || format!("a confirmed send from {sender} to an unknown proxy"));
+            self.reject(None, Reject::UnknownProxy, || format!("a confirmed send from {sender} to an unknown proxy"));
             return self.answer(&from, reply_ref, failed("unknown_proxy"));
         };
         let token = self.next_token;
@@ -944,10 +945,10 @@ impl Core {
 
     /// The shell could not hand a message to its peer's route: a confirmed
     /// one is answered now.
-    pub fn not_sent(&mut self, peer: PeerIx, token: Option<u64>, reason: &'static str) {
+    pub fn not_sent(&mut self, peer: PeerIx, token: Option<u64>, reason: Reject) {
         self.reject(Some(peer), reason, || "a message for the peer was not sent".to_string());
         if let Some(t) = token {
-            self.confirm(t, failed(reason));
+            self.confirm(t, failed(reason.label()));
         }
     }
 
@@ -957,7 +958,7 @@ impl Core {
     fn send_to_peer(&mut self, key: u64, from: Option<Sender>, payload: &[u8], token: Option<u64>, alias: bool) {
         let kind = if alias { Kind::Ref } else { Kind::Pid };
         let Some(home) = self.proxies.home(key).filter(|h| h.kind == kind) else {
-            self.reject(None, "unknown_proxy", || {
+            self.reject(None, Reject::UnknownProxy, || {
                 "a message to a proxy the gateway has forgotten (or never made)".into()
             });
             if let Some(t) = token {
@@ -982,20 +983,20 @@ impl Core {
         };
         let from = match sender {
             Ok(f) => f,
-            Err(r) => return self.not_sent(p, token, r.label()),
+            Err(r) => return self.not_sent(p, token, Reject::Refused(r.label())),
         };
         let relay =
             if alias { Relay::AliasSend { to: home.handle, from } } else { Relay::Send { to: home.handle, from } };
         // One buffer: the relay header, then the message translated into it.
         let mut out = Vec::with_capacity(32 + payload.len());
         if codec::encode_value(&relay, &mut out).is_err() {
-            return self.not_sent(p, token, "untranslatable");
+            return self.not_sent(p, token, Reject::Untranslatable);
         }
         let peer = &mut self.peers[p];
         let mut t = Outbound { me: &me, peer: p, proxies: &self.proxies, exports: &mut peer.exports };
         if let Err(e) = scan::translate(payload, &mut out, &mut t, Source::Node) {
             let name = peer.name.clone();
-            self.reject(Some(p), e.reason(), || format!("a message for {name} not sent: {e}"));
+            self.reject(Some(p), Reject::Refused(e.reason()), || format!("a message for {name} not sent: {e}"));
             if let Some(t) = token {
                 self.confirm(t, failed(e.reason()));
             }
@@ -1071,7 +1072,9 @@ impl Core {
     fn on_scope_message(&mut self, node: &Arc<str>, ix: usize, payload: &[u8]) {
         let msg = match etf::decode(payload) {
             Ok((t, _)) => t,
-            Err(e) => return self.reject(None, "undecodable", || format!("from node {node}: a scope message: {e}")),
+            Err(e) => {
+                return self.reject(None, Reject::Undecodable, || format!("from node {node}: a scope message: {e}"))
+            }
         };
         let t = msg.as_tuple().unwrap_or_default();
         if matches!(t.first(), Some(Term::Ref(_))) && (self.cluster_answer(node, t) || self.claim_message(t)) {
@@ -1133,7 +1136,7 @@ impl Core {
         }
         let name = groups::name_of(group).map(|n| self.qualify(ix, &n));
         if name.is_none() {
-            self.reject(None, "group_not_exported", || {
+            self.reject(None, Reject::GroupNotExported, || {
                 format!("from node {node}: a pg group holding a pid or reference stays in this cluster: {group:?}")
             });
         }
@@ -1560,7 +1563,7 @@ impl Core {
             }
         }
         if refused > 0 {
-            self.reject(Some(p), "handle_quota", || {
+            self.reject(Some(p), Reject::HandleQuota, || {
                 format!(
                     "{refused} members of {:?} not exported: the handles issued to the peer are at their quota",
                     c.group
@@ -1624,7 +1627,7 @@ impl Core {
         // is ours for it (a peer may name our primary scope by name).
         let Some((ix, local)) = self.split_group(&group) else {
             let name = self.peers[p].name.clone();
-            return self.reject(Some(p), "scope_not_mirrored", || {
+            return self.reject(Some(p), Reject::ScopeNotMirrored, || {
                 format!("members of {name}'s group {group:?} not imported: this gateway does not mirror its pg scope (add it to [erlang] scopes)")
             });
         };
@@ -1634,7 +1637,9 @@ impl Core {
             let atoms = groups::atoms(local);
             if let Err(r) = atoms.iter().try_for_each(|a| self.peers[p].atoms.admit(a.as_bytes())) {
                 let name = self.peers[p].name.clone();
-                return self.reject(Some(p), r.label(), || format!("members of a group of {name} not imported: {r}"));
+                return self.reject(Some(p), Reject::Refused(r.label()), || {
+                    format!("members of a group of {name} not imported: {r}")
+                });
             }
         }
         let term = self.group_term(&group);
@@ -1762,7 +1767,7 @@ impl Core {
             }
             if refused > 0 {
                 let name = self.peers[p].name.clone();
-                self.reject(Some(p), "proxy_quota", || {
+                self.reject(Some(p), Reject::ProxyQuota, || {
                     format!("{refused} members of {name} not imported: its proxies are at their quota")
                 });
             }
@@ -1813,7 +1818,7 @@ impl Core {
     fn on_relay(&mut self, p: PeerIx, payload: &[u8], held: Held) {
         let (relay, used) = match codec::from_prefix::<Relay>(payload) {
             Ok(x) => x,
-            Err(e) => return self.undeliverable(p, held, "bad_relay", &format!("an undecodable relay: {e}")),
+            Err(e) => return self.undeliverable(p, held, Reject::BadRelay, &format!("an undecodable relay: {e}")),
         };
         let body = &payload[used..];
         match relay {
@@ -1851,7 +1856,7 @@ impl Core {
 
     /// A message from peer `p` could not be delivered: counted, said (at
     /// most once per period), and reported back to the peer.
-    fn undeliverable(&mut self, p: PeerIx, mut held: Held, reason: &'static str, what: &str) {
+    fn undeliverable(&mut self, p: PeerIx, mut held: Held, reason: Reject, what: &str) {
         held.undeliverable();
         let name = self.peers[p].name.clone();
         self.reject(Some(p), reason, || format!("a message from {name} not delivered: {what}"));
@@ -1870,19 +1875,21 @@ impl Core {
     /// was given.
     fn deliver(&mut self, p: PeerIx, to: Handle, from: Option<Handle>, body: &[u8], alias: bool, held: Held) {
         if body.is_empty() {
-            return self.undeliverable(p, held, "bad_relay", "a message without a body");
+            return self.undeliverable(p, held, Reject::BadRelay, "a message without a body");
         }
         let kind = if alias { Kind::Ref } else { Kind::Pid };
         let local = match self.peers[p].exports.resolve(to, kind) {
             Ok(l) => l.clone(),
-            Err(r) => return self.undeliverable(p, held, r.label(), &format!("its destination {to}: {r}")),
+            Err(r) => {
+                return self.undeliverable(p, held, Reject::Refused(r.label()), &format!("its destination {to}: {r}"))
+            }
         };
         let node = etf::node_of(&local).and_then(|n| std::str::from_utf8(n).ok()).and_then(|n| self.mirrors[0].node(n));
         let Some(node) = node else {
             return self.undeliverable(
                 p,
                 held,
-                "node_not_connected",
+                Reject::NodeNotConnected,
                 "its destination's node is not connected to the gateway",
             );
         };
@@ -1896,13 +1903,13 @@ impl Core {
         };
         match sender {
             Ok(k) => self.proxies.put_pid(&mut pkt, k),
-            Err(r) => return self.undeliverable(p, held, r.label(), &format!("its sender: {r}")),
+            Err(r) => return self.undeliverable(p, held, Reject::Refused(r.label()), &format!("its sender: {r}")),
         }
         pkt.extend_from_slice(&local);
         let peer = &mut self.peers[p];
         let mut t = Inbound { peer: p, proxies: &mut self.proxies, exports: &peer.exports, atoms: &mut peer.atoms };
         if let Err(e) = scan::translate(body, &mut pkt, &mut t, Source::Peer) {
-            return self.undeliverable(p, held, e.reason(), &e.to_string());
+            return self.undeliverable(p, held, Reject::Refused(e.reason()), &e.to_string());
         }
         let len = (pkt.len() - 4) as u32;
         pkt[..4].copy_from_slice(&len.to_be_bytes());
@@ -1920,7 +1927,7 @@ impl Core {
             Ok(l) => l.clone(),
             Err(r) => {
                 let name = self.peers[p].name.clone();
-                self.reject(Some(p), r.label(), || format!("a monitor from {name} on {target}: {r}"));
+                self.reject(Some(p), Reject::Refused(r.label()), || format!("a monitor from {name} on {target}: {r}"));
                 return down(self, "noproc");
             }
         };
@@ -1929,7 +1936,7 @@ impl Core {
         }
         if self.held.count(p) >= self.peers[p].max_monitors {
             let name = self.peers[p].name.clone();
-            self.reject(Some(p), "monitor_quota", || format!("{name} holds as many monitors as it may"));
+            self.reject(Some(p), Reject::MonitorQuota, || format!("{name} holds as many monitors as it may"));
             return down(self, "system_limit");
         }
         let Ok(pid) = etf::pid_from_bytes(&local) else { return down(self, "noproc") };
@@ -1940,6 +1947,71 @@ impl Core {
             self.peers[p].exports.pin(target);
         } else {
             down(self, "noconnection");
+        }
+    }
+}
+
+/// Why a message or a change from a node or a peer was not taken;
+/// [`Reject::label`] is the metric label (`wandist_erlang_rejected_total`)
+/// and, for a confirmed send, the reason in `{failed, Reason}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reject {
+    /// A distribution control message the gateway cannot read.
+    BadControl,
+    /// A message for a proxy (or alias) the gateway does not hold.
+    UnknownProxy,
+    /// A message to a registered name on the gateway's node it does not have.
+    UnknownName,
+    /// A distribution packet or scope message that does not decode.
+    Undecodable,
+    /// A confirmed send that is malformed or names no proxy.
+    BadConfirmRequest,
+    /// A peer named a group this gateway does not export to it.
+    GroupNotExported,
+    /// The peer holds as many handles as it may.
+    HandleQuota,
+    /// Members of a group in a pg scope this gateway does not mirror.
+    ScopeNotMirrored,
+    /// The peer holds as many proxies as it may.
+    ProxyQuota,
+    /// The peer holds as many monitors as it may.
+    MonitorQuota,
+    /// A relay frame from the peer that does not decode.
+    BadRelay,
+    /// A payload that cannot be carried across (it names something that
+    /// has no handle).
+    Untranslatable,
+    /// The destination's node is not connected to the gateway.
+    NodeNotConnected,
+    /// The gateway is stopping.
+    Shutdown,
+    /// The route's queue is full.
+    Overload,
+    /// Refused by a check with its own reasons (`etf::Refusal`,
+    /// `EtfError`, the group checks): its label.
+    Refused(&'static str),
+}
+
+impl Reject {
+    /// The metric label.
+    pub fn label(self) -> &'static str {
+        match self {
+            Reject::BadControl => "bad_control",
+            Reject::UnknownProxy => "unknown_proxy",
+            Reject::UnknownName => "unknown_name",
+            Reject::Undecodable => "undecodable",
+            Reject::BadConfirmRequest => "bad_confirm_request",
+            Reject::GroupNotExported => "group_not_exported",
+            Reject::HandleQuota => "handle_quota",
+            Reject::ScopeNotMirrored => "scope_not_mirrored",
+            Reject::ProxyQuota => "proxy_quota",
+            Reject::MonitorQuota => "monitor_quota",
+            Reject::BadRelay => "bad_relay",
+            Reject::Untranslatable => "untranslatable",
+            Reject::NodeNotConnected => "node_not_connected",
+            Reject::Shutdown => "shutdown",
+            Reject::Overload => "overload",
+            Reject::Refused(label) => label,
         }
     }
 }

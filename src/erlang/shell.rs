@@ -27,7 +27,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::claims::Step;
-use super::core::{Core, Effect, PeerSetup, Setup};
+use super::core::{Core, Effect, PeerSetup, Reject, Setup};
 use super::node::{self, NodeEvent, NodeParams, NodeTx, TrySend};
 use super::proxies::PeerIx;
 use super::throttle::Budget;
@@ -693,7 +693,7 @@ impl Shell {
                 slot.pending_bytes = 0;
                 let pending = std::mem::take(&mut slot.pending);
                 for (_, token) in pending {
-                    self.core.not_sent(p, token, "shutdown");
+                    self.core.not_sent(p, token, Reject::Shutdown);
                 }
                 tracing::info!(peer = %peer, "route removed: its peer's proxies are forgotten");
             }
@@ -914,19 +914,19 @@ impl Shell {
                 let slot = &mut self.routes[peer];
                 if data && slot.shedding {
                     slot.failed_overload.increment(1);
-                    self.core.not_sent(peer, token, "overload");
+                    self.core.not_sent(peer, token, Reject::Overload);
                     return Ok(());
                 }
                 let Some(handle) = slot.handle.as_ref() else {
                     // Its route was removed by a reload.
-                    self.core.not_sent(peer, token, "shutdown");
+                    self.core.not_sent(peer, token, Reject::Shutdown);
                     return Ok(());
                 };
                 if slot.pending.is_empty() {
                     match handle.try_submit(payload, token) {
                         Ok(()) => return Ok(()),
                         Err(TrySubmit::Gone) => {
-                            self.core.not_sent(peer, token, "shutdown");
+                            self.core.not_sent(peer, token, Reject::Shutdown);
                             return Ok(());
                         }
                         Err(TrySubmit::Full(payload, token)) => {
@@ -1014,7 +1014,7 @@ impl Shell {
                     }
                     Err(TrySubmit::Gone) => {
                         slot.pending_bytes -= len;
-                        self.core.not_sent(p, token, "shutdown");
+                        self.core.not_sent(p, token, Reject::Shutdown);
                         self.run_effects(None);
                         break;
                     }

@@ -1107,3 +1107,31 @@ fn groups_keep_their_scope_end_to_end() {
     w.settle(0);
     assert_eq!(w.rejected("dc2", "scope_not_mirrored"), 1.0);
 }
+
+/// Rejection labels are what dashboards, alerts and `{failed, Reason}`
+/// replies carry: one each, as Prometheus labels and atoms are written.
+#[test]
+fn every_reject_has_its_own_label() {
+    use super::Reject::*;
+    let all = [
+        BadControl,
+        UnknownProxy,
+        UnknownName,
+        Undecodable,
+        BadConfirmRequest,
+        GroupNotExported,
+        HandleQuota,
+        ScopeNotMirrored,
+        ProxyQuota,
+        MonitorQuota,
+        BadRelay,
+        Untranslatable,
+        NodeNotConnected,
+        Shutdown,
+        Overload,
+    ];
+    let labels: std::collections::BTreeSet<&str> = all.iter().map(|r| r.label()).collect();
+    assert_eq!(labels.len(), all.len());
+    assert!(labels.iter().all(|l| l.chars().all(|c| c.is_ascii_lowercase() || c == '_')));
+    assert_eq!(Refused("forged").label(), "forged");
+}
