@@ -6,7 +6,7 @@ use std::time::Instant;
 use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 use wandist::membership::{Filter, ImportLimits, PeerMembership};
-use wandist::route::{Route, Window};
+use wandist::route::{LinkId, Route, Window};
 use wandist::wire::Handle;
 
 const W: Window = Window { messages: 65_536, bytes: 64 << 20 };
@@ -17,7 +17,7 @@ fn route(c: &mut Criterion) {
     g.throughput(Throughput::Elements(1000));
     g.bench_function("submit_transmit_ack_1000", |b| {
         let mut r = Route::new(1, W, W);
-        r.link_up(1, 2, W);
+        r.link_up(LinkId(1), 2, W);
         b.iter(|| {
             let now = Instant::now();
             let mut last = 0;
@@ -30,12 +30,12 @@ fn route(c: &mut Criterion) {
     });
     g.bench_function("receive_deliver_ack_1000", |b| {
         let mut r = Route::new(1, W, W);
-        r.link_up(1, 2, W);
+        r.link_up(LinkId(1), 2, W);
         let mut seq = 0;
         b.iter(|| {
             for _ in 0..1000 {
                 seq += 1;
-                r.on_data(1, seq, payload.clone()).unwrap();
+                r.on_data(LinkId(1), seq, payload.clone()).unwrap();
                 r.next_delivery().unwrap();
             }
             let (_, upto) = r.pending_ack().unwrap();
@@ -46,8 +46,8 @@ fn route(c: &mut Criterion) {
         b.iter_batched(
             || {
                 let mut r = Route::new(1, W, W);
-                r.link_up(1, 2, W);
-                r.link_up(2, 2, W);
+                r.link_up(LinkId(1), 2, W);
+                r.link_up(LinkId(2), 2, W);
                 let now = Instant::now();
                 for _ in 0..1000 {
                     r.submit(payload.clone(), None);
@@ -56,7 +56,7 @@ fn route(c: &mut Criterion) {
                 r
             },
             |mut r| {
-                r.link_down(1);
+                r.link_down(LinkId(1));
                 let now = Instant::now();
                 while r.next_transmit(now).is_some() {}
                 r

@@ -18,7 +18,16 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
-pub type LinkId = u64;
+/// A link, as its owner numbers it (unique within the process, never
+/// reused): not a sequence number, not an epoch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct LinkId(pub u64);
+
+impl std::fmt::Display for LinkId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
 
 /// Limits on messages held: unacknowledged (sending) or undelivered (receiving).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -646,7 +655,7 @@ mod tests {
         let mut r = route();
         let now = Instant::now();
         assert_eq!(r.admit("gw-a", PEER), Admit::New);
-        r.link_up_from(1, Some("gw-a"), PEER, W);
+        r.link_up_from(LinkId(1), Some("gw-a"), PEER, W);
         assert_eq!(r.admit("gw-a", PEER), Admit::Same);
         // A second instance while the first has a link: refused.
         assert_eq!(r.admit("gw-b", PEER + 1), Admit::OtherInstance);
@@ -659,14 +668,14 @@ mod tests {
         r.submit(msg(2), Some(2));
         assert_eq!(drain(&mut r, now).len(), 2);
         r.submit(msg(3), Some(3));
-        r.link_down(1);
+        r.link_down(LinkId(1));
         assert_eq!(r.admit("gw-b", PEER + 1), Admit::Switch);
         let sw = r.switch(OURS + 1);
         assert_eq!(sw.failed_count, 2);
         assert_eq!(sw.failed.iter().map(|c| c.token).collect::<Vec<_>>(), [1, 2]);
         assert_eq!(r.our_epoch(), OURS + 1, "a fresh epoch for the new session");
         assert_eq!(r.admit("gw-b", PEER + 1), Admit::New);
-        assert!(r.link_up_from(2, Some("gw-b"), PEER + 1, W).primary);
+        assert!(r.link_up_from(LinkId(2), Some("gw-b"), PEER + 1, W).primary);
         assert_eq!(r.peer_instance(), Some("gw-b"));
         let t = r.next_transmit(now).unwrap();
         assert_eq!((t.epoch, t.seq, t.payload), (OURS + 1, 1, msg(3)), "the unsent message, first of the new session");
@@ -677,13 +686,14 @@ mod tests {
     #[test]
     fn a_peer_without_instance_names_keeps_the_single_instance_rules() {
         let mut r = route();
-        r.link_up(1, PEER, W);
+        r.link_up(LinkId(1), PEER, W);
         assert_eq!(r.admit("anyone", PEER), Admit::Same);
         assert_eq!(r.admit("anyone", PEER + 1), Admit::Restarted);
     }
 
-    fn drain(r: &mut Route, now: Instant) -> Vec<(LinkId, u64, bool)> {
-        std::iter::from_fn(|| r.next_transmit(now)).map(|t| (t.link, t.seq, t.retransmit)).collect()
+    /// (link number, seq, retransmit) of everything due.
+    fn drain(r: &mut Route, now: Instant) -> Vec<(u64, u64, bool)> {
+        std::iter::from_fn(|| r.next_transmit(now)).map(|t| (t.link.0, t.seq, t.retransmit)).collect()
     }
 
     /// Two routes wired back to back, as the two gateways would be.
@@ -697,8 +707,8 @@ mod tests {
         fn new() -> Pair {
             let mut a = Route::new(1, W, W);
             let mut b = Route::new(2, W, W);
-            a.link_up(10, 2, W);
-            b.link_up(10, 1, W);
+            a.link_up(LinkId(10), 2, W);
+            b.link_up(LinkId(10), 1, W);
             Pair { a, b, delivered_at_b: Vec::new() }
         }
         /// Moves frames a -> b on the link, delivers at b, and returns b's ack.
@@ -727,7 +737,7 @@ mod tests {
     fn messages_flow_in_order_and_are_confirmed() {
         let mut r = route();
         let now = Instant::now();
-        assert!(r.link_up(1, PEER, W).primary);
+        assert!(r.link_up(LinkId(1), PEER, W).primary);
         for i in 0..3 {
             assert_eq!(r.submit(msg(i), Some(i as u64)), i as u64 + 1);
         }
@@ -743,7 +753,7 @@ mod tests {
     fn messages_the_peer_rejects_are_reported_failed_when_acked() {
         let mut r = route();
         let now = Instant::now();
-        r.link_up(1, PEER, W);
+        r.link_up(LinkId(1), PEER, W);
         for i in 0..4 {
             r.submit(msg(i), Some(i as u64));
         }
@@ -765,7 +775,7 @@ mod tests {
     #[test]
     fn the_window_limits_messages_and_bytes() {
         let mut r = route();
-        r.link_up(1, PEER, W);
+        r.link_up(LinkId(1), PEER, W);
         for i in 0..4 {
             assert!(r.has_room());
             r.submit(msg(i), None);
@@ -791,7 +801,7 @@ mod tests {
     #[test]
     fn the_peers_receive_window_caps_ours() {
         let mut r = Route::new(OURS, Window { messages: 100, bytes: 1 << 20 }, W);
-        r.link_up(1, PEER, Window { messages: 2, bytes: 1 << 20 });
+        r.link_up(LinkId(1), PEER, Window { messages: 2, bytes: 1 << 20 });
         r.submit(msg(1), None);
         r.submit(msg(2), None);
         assert!(!r.has_room());
@@ -801,19 +811,19 @@ mod tests {
     fn failover_resends_everything_unacked_on_the_promoted_link() {
         let mut r = route();
         let now = Instant::now();
-        r.link_up(1, PEER, W);
-        assert!(!r.link_up(2, PEER, W).primary, "second link is a standby");
+        r.link_up(LinkId(1), PEER, W);
+        assert!(!r.link_up(LinkId(2), PEER, W).primary, "second link is a standby");
         for i in 0..4 {
             r.submit(msg(i), None);
         }
         assert_eq!(drain(&mut r, now).len(), 4);
         r.on_ack(OURS, 1, now).unwrap();
-        let down = r.link_down(1);
-        assert_eq!(down, LinkDown { was_primary: true, promoted: Some(2), route_down: false });
+        let down = r.link_down(LinkId(1));
+        assert_eq!(down, LinkDown { was_primary: true, promoted: Some(LinkId(2)), route_down: false });
         assert_eq!(drain(&mut r, now), vec![(2, 2, true), (2, 3, true), (2, 4, true)]);
         // Losing a standby changes nothing.
-        assert!(!r.link_up(3, PEER, W).new_session);
-        assert_eq!(r.link_down(3), LinkDown { was_primary: false, promoted: None, route_down: false });
+        assert!(!r.link_up(LinkId(3), PEER, W).new_session);
+        assert_eq!(r.link_down(LinkId(3)), LinkDown { was_primary: false, promoted: None, route_down: false });
         assert!(drain(&mut r, now).is_empty());
     }
 
@@ -821,14 +831,14 @@ mod tests {
     fn all_links_down_then_back_resends_on_the_new_link() {
         let mut r = route();
         let now = Instant::now();
-        r.link_up(1, PEER, W);
+        r.link_up(LinkId(1), PEER, W);
         r.submit(msg(1), None);
         drain(&mut r, now);
-        assert!(r.link_down(1).route_down);
+        assert!(r.link_down(LinkId(1)).route_down);
         assert!(!r.is_up());
         assert!(r.next_transmit(now).is_none(), "nothing goes out with no link");
         r.submit(msg(2), None); // accepted while down
-        let up = r.link_up(2, PEER, W);
+        let up = r.link_up(LinkId(2), PEER, W);
         assert!(up.primary && !up.new_session && up.failed.is_empty());
         assert_eq!(drain(&mut r, now), vec![(2, 1, true), (2, 2, false)]);
     }
@@ -837,15 +847,15 @@ mod tests {
     fn a_peer_restart_fails_what_it_was_sent_and_renumbers_the_rest() {
         let mut r = route();
         let now = Instant::now();
-        assert!(r.link_up(1, PEER, W).new_session);
+        assert!(r.link_up(LinkId(1), PEER, W).new_session);
         r.submit(msg(1), Some(11));
         r.submit(msg(2), Some(12));
         r.submit(msg(3), None);
         drain(&mut r, now);
         r.on_ack(OURS, 1, now).unwrap();
-        r.link_down(1);
+        r.link_down(LinkId(1));
         r.submit(msg(4), Some(14)); // never sent to the old run
-        let up = r.link_up(2, PEER + 1, W);
+        let up = r.link_up(LinkId(2), PEER + 1, W);
         assert!(up.new_session && up.primary);
         assert_eq!(up.failed_count, 2);
         assert_eq!(up.failed, vec![Confirmation { token: 12, outcome: Outcome::Failed(FailReason::PeerRestarted) }]);
@@ -858,23 +868,23 @@ mod tests {
     #[test]
     fn a_link_to_a_new_peer_run_makes_old_links_stale() {
         let mut r = route();
-        r.link_up(1, PEER, W);
-        r.link_up(2, PEER, W);
-        let up = r.link_up(3, PEER + 1, W);
-        assert_eq!(up.stale, vec![1, 2]);
-        assert_eq!(r.links().collect::<Vec<_>>(), vec![3]);
+        r.link_up(LinkId(1), PEER, W);
+        r.link_up(LinkId(2), PEER, W);
+        let up = r.link_up(LinkId(3), PEER + 1, W);
+        assert_eq!(up.stale, vec![LinkId(1), LinkId(2)]);
+        assert_eq!(r.links().collect::<Vec<_>>(), vec![LinkId(3)]);
         // Data still arriving on a stale link is ignored.
-        assert_eq!(r.on_data(1, 1, msg(1)).unwrap(), DataVerdict::Stale);
-        assert_eq!(r.on_data(3, 1, msg(1)).unwrap(), DataVerdict::Accepted);
+        assert_eq!(r.on_data(LinkId(1), 1, msg(1)).unwrap(), DataVerdict::Stale);
+        assert_eq!(r.on_data(LinkId(3), 1, msg(1)).unwrap(), DataVerdict::Accepted);
     }
 
     #[test]
     fn receiving_dedups_rejects_gaps_and_acks_cumulatively() {
         let mut r = route();
-        r.link_up(1, PEER, W);
-        r.link_up(2, PEER, W);
-        assert_eq!(r.on_data(1, 1, msg(1)).unwrap(), DataVerdict::Accepted);
-        assert_eq!(r.on_data(1, 2, msg(2)).unwrap(), DataVerdict::Accepted);
+        r.link_up(LinkId(1), PEER, W);
+        r.link_up(LinkId(2), PEER, W);
+        assert_eq!(r.on_data(LinkId(1), 1, msg(1)).unwrap(), DataVerdict::Accepted);
+        assert_eq!(r.on_data(LinkId(1), 2, msg(2)).unwrap(), DataVerdict::Accepted);
         assert_eq!(r.pending_ack(), None, "acks only what the local side is done with");
         assert_eq!(r.next_delivery(), Some((1, msg(1))));
         assert_eq!(r.pending_ack(), None, "handed over, not yet done");
@@ -886,32 +896,32 @@ mod tests {
         r.ack_sent(2);
         assert_eq!(r.pending_ack(), None);
         // The sender failed over and resends 1..2 on the other link.
-        assert_eq!(r.on_data(2, 1, msg(1)).unwrap(), DataVerdict::Duplicate);
+        assert_eq!(r.on_data(LinkId(2), 1, msg(1)).unwrap(), DataVerdict::Duplicate);
         assert_eq!(r.pending_ack(), Some((PEER, 2)), "a duplicate means our ack was lost: ack again");
         r.ack_sent(2);
-        assert_eq!(r.on_data(2, 2, msg(2)).unwrap(), DataVerdict::Duplicate);
-        assert_eq!(r.on_data(2, 4, msg(4)), Err(Violation::Gap { expected: 3, got: 4 }));
-        assert_eq!(r.on_data(2, 3, msg(3)).unwrap(), DataVerdict::Accepted);
+        assert_eq!(r.on_data(LinkId(2), 2, msg(2)).unwrap(), DataVerdict::Duplicate);
+        assert_eq!(r.on_data(LinkId(2), 4, msg(4)), Err(Violation::Gap { expected: 3, got: 4 }));
+        assert_eq!(r.on_data(LinkId(2), 3, msg(3)).unwrap(), DataVerdict::Accepted);
         assert_eq!(r.undelivered(), (1, 10));
     }
 
     #[test]
     fn the_receive_window_is_enforced() {
         let mut r = route();
-        r.link_up(1, PEER, W);
+        r.link_up(LinkId(1), PEER, W);
         for seq in 1..=4 {
-            r.on_data(1, seq, msg(0)).unwrap();
+            r.on_data(LinkId(1), seq, msg(0)).unwrap();
         }
-        assert_eq!(r.on_data(1, 5, msg(0)), Err(Violation::Overflow(W)));
+        assert_eq!(r.on_data(LinkId(1), 5, msg(0)), Err(Violation::Overflow(W)));
         r.next_delivery();
-        assert_eq!(r.on_data(1, 5, msg(0)).unwrap(), DataVerdict::Accepted);
+        assert_eq!(r.on_data(LinkId(1), 5, msg(0)).unwrap(), DataVerdict::Accepted);
     }
 
     #[test]
     fn acks_for_other_epochs_or_unsent_messages() {
         let mut r = route();
         let now = Instant::now();
-        r.link_up(1, PEER, W);
+        r.link_up(LinkId(1), PEER, W);
         r.submit(msg(1), Some(1));
         r.submit(msg(2), Some(2));
         assert_eq!(r.on_ack(OURS, 1, now), Err(Violation::AckBeyondSent { upto: 1, sent: 0 }));
@@ -926,13 +936,13 @@ mod tests {
     fn an_ack_during_retransmission_skips_what_it_covers() {
         let mut r = route();
         let now = Instant::now();
-        r.link_up(1, PEER, W);
-        r.link_up(2, PEER, W);
+        r.link_up(LinkId(1), PEER, W);
+        r.link_up(LinkId(2), PEER, W);
         for i in 0..4 {
             r.submit(msg(i), None);
         }
         drain(&mut r, now);
-        r.link_down(1);
+        r.link_down(LinkId(1));
         assert_eq!(r.next_transmit(now).map(|t| t.seq), Some(1));
         // A late ack (from before the failover) arrives mid-resend.
         r.on_ack(OURS, 3, now).unwrap();
@@ -984,8 +994,8 @@ mod tests {
                     let old = p.a.primary().unwrap();
                     p.a.link_down(old);
                     p.b.link_down(old);
-                    p.a.link_up(next_link, 2, W);
-                    p.b.link_up(next_link, 1, W);
+                    p.a.link_up(LinkId(next_link), 2, W);
+                    p.b.link_up(LinkId(next_link), 1, W);
                     next_link += 1;
                 }
             }

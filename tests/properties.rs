@@ -118,7 +118,7 @@ impl World {
             bs,
             next_epoch: 2000,
             links: Vec::new(),
-            next_link: 1,
+            next_link: LinkId(1),
             submitted: 0,
             delivered: Vec::new(),
             delivered_set: BTreeSet::new(),
@@ -160,7 +160,7 @@ impl World {
         let b = &mut self.bs[to].route;
         assert!(!matches!(b.admit("gw-a", a_epoch), Admit::OtherInstance | Admit::Switch), "one sender instance");
         let id = self.next_link;
-        self.next_link += 1;
+        self.next_link.0 += 1;
         let up = self.a.link_up_from(id, Some(&name), b_epoch, W);
         if up.new_session {
             self.sessions += 1;

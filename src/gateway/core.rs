@@ -30,7 +30,7 @@ use super::local::{Finished, Held, RouteGone, Submit, ToLocal, TrySubmit};
 use super::peer::TO_LOCAL_BYTES;
 use crate::link::conn::{FrameSink, Lanes};
 use crate::membership::Change;
-use crate::route::{Confirmation, DataVerdict, FailReason, Route, Violation};
+use crate::route::{Confirmation, DataVerdict, FailReason, LinkId, Route, Violation};
 use crate::wire::{Frame, Header};
 
 /// Sequence numbers per `Reject` frame.
@@ -405,7 +405,7 @@ impl FrameSink for RouteCore {
     /// or ack frame that is not simply accepted (duplicate, stale, or a
     /// violation, which the route task handles and reports). That frame
     /// and all after it go to the route task, in order.
-    fn take(&self, link: u64, frames: &mut Vec<Frame>) {
+    fn take(&self, link: LinkId, frames: &mut Vec<Frame>) {
         let mut st = self.lock();
         let session = st.route.peer_epoch();
         if st.events_queued > 0 || st.closed || session.is_none() {
@@ -454,7 +454,7 @@ mod tests {
     use super::*;
     use crate::route::{Outcome, Window};
 
-    const LINK: u64 = 7;
+    const LINK: LinkId = LinkId(7);
     const PEER_EPOCH: u64 = 9;
 
     struct Fixture {
@@ -611,7 +611,7 @@ mod tests {
         for (link, frame) in [
             (LINK, data(1)),
             (LINK, data(5)),
-            (99, data(2)),
+            (LinkId(99), data(2)),
             (LINK, Frame { header: Header::Data { epoch: 3, seq: 2, more: false }, body: Bytes::new() }),
         ] {
             f.core.lock().events_queued = 0;

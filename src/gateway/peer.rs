@@ -31,7 +31,7 @@ use crate::link::handshake::{self, Established, HandshakeError, Identity, Offer,
 use crate::link::{Close, Timeouts};
 use crate::membership::{Change, Filter, ImportLimits, PeerMembership};
 use crate::metrics::{self as m, Metrics};
-use crate::route::{Admit, Confirmation, DataVerdict, FailReason, Outcome, Route, Window};
+use crate::route::{Admit, Confirmation, DataVerdict, FailReason, LinkId, Outcome, Route, Window};
 use crate::status;
 use crate::tls;
 use crate::wire::packing::{Compression, Packer};
@@ -772,7 +772,7 @@ impl PeerTask {
             }
         }
         let role = if up.primary { "primary" } else { "standby" };
-        tracing::info!(peer = %self.peer, link = id, role, "link up {info}");
+        tracing::info!(peer = %self.peer, link = id.0, role, "link up {info}");
         self.links.push(Live { link, peer_wants: hello.links_wanted, endpoint, since: Instant::now(), rtt: None });
         if up.primary {
             if self.down_since.take().is_some() {
@@ -801,7 +801,7 @@ impl PeerTask {
             .min(self.config.limits.links) as usize;
         let open: Vec<&Live> = self.links.iter().filter(|l| !l.link.is_closed()).collect();
         for l in open.iter().skip(target) {
-            tracing::info!(peer = %self.peer, link = l.link.id, "closing surplus link (both sides dialed)");
+            tracing::info!(peer = %self.peer, link = l.link.id.0, "closing surplus link (both sides dialed)");
             l.link.close(Close::Surplus, "both sides dialed; keeping the older links");
         }
     }
@@ -833,7 +833,7 @@ impl PeerTask {
         }
     }
 
-    fn link_closed(&mut self, link: u64, reason: crate::link::CloseReason) {
+    fn link_closed(&mut self, link: LinkId, reason: crate::link::CloseReason) {
         let Some(pos) = self.links.iter().position(|l| l.link.id == link) else { return };
         let live = self.links.remove(pos);
         self.metrics.counter(m::LINK_DISCONNECTS, &[("peer", &self.peer), ("reason", reason.label())]).increment(1);
@@ -849,11 +849,11 @@ impl PeerTask {
         let role = if down.was_primary { "primary" } else { "standby" };
         // (A peer that keeps failing its links would otherwise fill the log.)
         if let Some(held_back) = self.refusals.allow(&reason.label()) {
-            tracing::warn!(peer = %self.peer, link, role, reason = reason.label(), held_back, "link down: {reason}");
+            tracing::warn!(peer = %self.peer, link = link.0, role, reason = reason.label(), held_back, "link down: {reason}");
         }
         if let Some(promoted) = down.promoted {
             self.rm.failovers.increment(1);
-            tracing::warn!(peer = %self.peer, from = link, to = promoted, "failover: standby promoted to primary");
+            tracing::warn!(peer = %self.peer, from = link.0, to = promoted.0, "failover: standby promoted to primary");
             self.send_snapshot();
         }
         if down.route_down {
@@ -872,9 +872,9 @@ impl PeerTask {
         self.publish();
     }
 
-    fn violation(&mut self, link: u64, label: &'static str, why: String) {
+    fn violation(&mut self, link: LinkId, label: &'static str, why: String) {
         if let Some(held_back) = self.refusals.allow(&label) {
-            tracing::warn!(peer = %self.peer, link, held_back, "closing link: protocol violation: {why}");
+            tracing::warn!(peer = %self.peer, link = link.0, held_back, "closing link: protocol violation: {why}");
         }
         self.metrics.counter(m::FRAMES_REJECTED, &[("peer", &self.peer), ("reason", label)]).increment(1);
         if let Some(l) = self.links.iter().find(|l| l.link.id == link) {
@@ -882,7 +882,7 @@ impl PeerTask {
         }
     }
 
-    fn on_frame(&mut self, link: u64, frame: Frame) {
+    fn on_frame(&mut self, link: LinkId, frame: Frame) {
         match frame.header {
             Header::Data { epoch, seq, .. } => {
                 let verdict = {
@@ -975,7 +975,7 @@ impl PeerTask {
             .iter()
             .filter(|l| !l.link.is_closed())
             .map(|l| status::LinkStatus {
-                id: l.link.id,
+                id: l.link.id.0,
                 endpoint: l.endpoint.map_or_else(|| "accepted".to_string(), |e| self.config.endpoints[e].to_string()),
                 role: if primary.is_some_and(|p| p == l.link.id) { "primary" } else { "standby" }.to_string(),
                 rtt_ms: l.rtt.map(|d| d.as_secs_f64() * 1000.0),

@@ -21,6 +21,7 @@ use tokio_util::task::TaskTracker;
 use super::handshake::Established;
 use super::{BoxIo, Close, CloseReason};
 use crate::metrics::{self as m, Metrics};
+use crate::route::LinkId;
 use crate::wire::codec;
 use crate::wire::packing::{Compression, Packer, Packing};
 use crate::wire::{Frame, Header};
@@ -67,7 +68,7 @@ pub trait FrameSink: Send + Sync + std::fmt::Debug {
     /// Takes what it handles from `frames` (whole data messages, in arrival
     /// order with control frames) and leaves the rest, in order; what is
     /// left, the reader hands to the owner as one `LinkEvent::Frames`.
-    fn take(&self, link: u64, frames: &mut Vec<Frame>);
+    fn take(&self, link: LinkId, frames: &mut Vec<Frame>);
 }
 
 /// What a link tells its owner.
@@ -76,15 +77,15 @@ pub enum LinkEvent {
     /// Control frames for the owner and whole (reassembled) data messages,
     /// in arrival order: everything decoded from one read.
     Frames {
-        link: u64,
+        link: LinkId,
         frames: Vec<Frame>,
     },
     Rtt {
-        link: u64,
+        link: LinkId,
         rtt: Duration,
     },
     Closed {
-        link: u64,
+        link: LinkId,
         reason: CloseReason,
     },
 }
@@ -92,7 +93,7 @@ pub enum LinkEvent {
 /// The owner's handle on a running link. Dropping it closes the link.
 #[derive(Debug)]
 pub struct Link {
-    pub id: u64,
+    pub id: LinkId,
     control: mpsc::Sender<Frame>,
     data: mpsc::Sender<Frame>,
     shared: Arc<Shared>,
@@ -150,7 +151,7 @@ impl Shared {
 /// link.
 #[derive(Debug, Clone)]
 pub struct Lanes {
-    pub id: u64,
+    pub id: LinkId,
     control: mpsc::Sender<Frame>,
     /// For senders that reserve room before committing a frame.
     pub data: mpsc::Sender<Frame>,
@@ -160,7 +161,7 @@ pub struct Lanes {
 impl Lanes {
     /// Lanes of no running link, with their receiving ends (tests).
     #[cfg(test)]
-    pub(crate) fn detached(id: u64, room: usize) -> (Lanes, mpsc::Receiver<Frame>, mpsc::Receiver<Frame>) {
+    pub(crate) fn detached(id: LinkId, room: usize) -> (Lanes, mpsc::Receiver<Frame>, mpsc::Receiver<Frame>) {
         let (control, control_rx) = mpsc::channel(room);
         let (data, data_rx) = mpsc::channel(room);
         let (shared, _, _) = Shared::new();
@@ -207,7 +208,7 @@ impl Drop for Link {
 /// arrive on `events`. The owner closes the link (`close`, or by dropping
 /// the handle), so that the peer always hears a goodbye with the reason.
 pub fn spawn(est: Established, params: LinkParams, events: mpsc::Sender<LinkEvent>, tracker: &TaskTracker) -> Link {
-    let id = NEXT_LINK_ID.fetch_add(1, Ordering::Relaxed);
+    let id = LinkId(NEXT_LINK_ID.fetch_add(1, Ordering::Relaxed));
     let (control_tx, control_rx) = mpsc::channel(CONTROL_QUEUE);
     let (data_tx, data_rx) = mpsc::channel(DATA_QUEUE);
     let (shared, reader_stop, writer_stop) = Shared::new();
@@ -314,7 +315,7 @@ impl Reassembly {
 }
 
 struct Reader {
-    id: u64,
+    id: LinkId,
     rd: ReadHalf<BoxIo>,
     buf: BytesMut,
     params: LinkParams,
@@ -336,7 +337,7 @@ impl Reader {
         let reject = |e: &codec::CodecError| {
             metrics.counter(m::FRAMES_REJECTED, &[("peer", &peer), ("reason", e.reason())]).increment(1);
             // (Said by the route task with the link's end, once per period.)
-            tracing::debug!(peer = %peer, link = id, "closing link: bad frame from peer: {e}");
+            tracing::debug!(peer = %peer, link = id.0, "closing link: bad frame from peer: {e}");
             CloseReason::new(Close::Refused(e.reason()), e.to_string())
         };
         let mut batch: Vec<Frame> = Vec::new();
