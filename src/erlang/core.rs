@@ -1993,6 +1993,25 @@ pub enum Reject {
 }
 
 impl Reject {
+    /// Every reason of the gateway's own (not `Refused`).
+    pub const ALL: [Reject; 15] = [
+        Reject::BadControl,
+        Reject::UnknownProxy,
+        Reject::UnknownName,
+        Reject::Undecodable,
+        Reject::BadConfirmRequest,
+        Reject::GroupNotExported,
+        Reject::HandleQuota,
+        Reject::ScopeNotMirrored,
+        Reject::ProxyQuota,
+        Reject::MonitorQuota,
+        Reject::BadRelay,
+        Reject::Untranslatable,
+        Reject::NodeNotConnected,
+        Reject::Shutdown,
+        Reject::Overload,
+    ];
+
     /// The metric label.
     pub fn label(self) -> &'static str {
         match self {

@@ -1112,26 +1112,9 @@ fn groups_keep_their_scope_end_to_end() {
 /// replies carry: one each, as Prometheus labels and atoms are written.
 #[test]
 fn every_reject_has_its_own_label() {
-    use super::Reject::*;
-    let all = [
-        BadControl,
-        UnknownProxy,
-        UnknownName,
-        Undecodable,
-        BadConfirmRequest,
-        GroupNotExported,
-        HandleQuota,
-        ScopeNotMirrored,
-        ProxyQuota,
-        MonitorQuota,
-        BadRelay,
-        Untranslatable,
-        NodeNotConnected,
-        Shutdown,
-        Overload,
-    ];
+    let all = super::Reject::ALL;
     let labels: std::collections::BTreeSet<&str> = all.iter().map(|r| r.label()).collect();
     assert_eq!(labels.len(), all.len());
     assert!(labels.iter().all(|l| l.chars().all(|c| c.is_ascii_lowercase() || c == '_')));
-    assert_eq!(Refused("forged").label(), "forged");
+    assert_eq!(super::Reject::Refused("forged").label(), "forged");
 }
