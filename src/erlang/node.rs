@@ -18,10 +18,10 @@ use crate::config::{ErlNode, Secret};
 use crate::gateway::Held;
 use crate::link::backoff::Backoff;
 
-/// Ticks go out this often (Erlang's default net_ticktime is 60 s: it
-/// expects something every 15 s).
 /// Bytes read from a node at once, at most (its packets, in bulk).
 const READ_BUFFER: usize = 32 * 1024;
+/// Ticks go out this often (Erlang's default net_ticktime is 60 s: it
+/// expects something every 15 s).
 const TICK: Duration = Duration::from_secs(15);
 /// A node silent this long (four missed ticks) is dropped.
 const SILENT: Duration = Duration::from_secs(75);
