@@ -868,7 +868,10 @@ impl Cx<'_> {
         let (cluster, _) = cluster?;
         let compression = match self.string(t, "compression") {
             Some((c, span)) => Compression::parse(&c).unwrap_or_else(|| {
-                self.err(span, format!("compression must be one of \"{}\"", Compression::NAMES.join("\", \"")));
+                self.err(
+                    span,
+                    format!("compression must be one of \"{}\"", Compression::BY_NAME.map(|(n, _)| n).join("\", \"")),
+                );
                 Compression::default()
             }),
             None => Compression::default(),

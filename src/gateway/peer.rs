@@ -34,7 +34,7 @@ use crate::metrics::{self as m, Metrics};
 use crate::route::{Admit, Confirmation, DataVerdict, FailReason, LinkId, Outcome, Route, Window};
 use crate::status;
 use crate::tls;
-use crate::wire::packing::{Compression, Packer};
+use crate::wire::packing::{Compression, Policy};
 use crate::wire::{Frame, Header, Hello, CAP_REJECT};
 
 /// `/status` is refreshed with heartbeats at most this often.
@@ -230,7 +230,7 @@ impl PeerTask {
             peer: config.cluster.clone(),
             metrics: metrics.clone(),
             sink: Some(core.clone()),
-            packing: Packer::new(Compression::Off, &[]),
+            packing: Policy::new(Compression::Off, &[]),
         };
         let l = config.limits;
         let members = PeerMembership::new(
@@ -718,7 +718,7 @@ impl PeerTask {
             bytes: (hello.recv_window_bytes.min(usize::MAX as u64) as usize).max(1),
         };
         let mut params = self.params.clone();
-        params.packing = Packer::new(self.config.compression, &hello.capabilities);
+        params.packing = Policy::new(self.config.compression, &hello.capabilities);
         let link = conn::spawn(est, params, self.events_tx.clone(), &self.tracker);
         let id = link.id;
         // A hard cap, whoever dialed: a peer cannot make this route hold

@@ -23,7 +23,7 @@ use super::{BoxIo, Close, CloseReason};
 use crate::metrics::{self as m, Metrics};
 use crate::route::LinkId;
 use crate::wire::codec;
-use crate::wire::packing::{Compression, Packer, Packing};
+use crate::wire::packing::{Packing, Policy};
 use crate::wire::{Frame, Header};
 
 /// Frames queued per lane before senders wait (data) or fail (control).
@@ -59,7 +59,7 @@ pub struct LinkParams {
     /// How data batches are compressed (`Packed` frames): the route's
     /// `compression`, narrowed to what the peer speaks (set per link from
     /// its hello).
-    pub packing: Packer,
+    pub packing: Policy,
 }
 
 /// The owner's way to handle frames right in the reader's task, without a
@@ -496,11 +496,13 @@ struct Writer {
 impl Writer {
     async fn run(mut self, shared: &Shared, mut stop: oneshot::Receiver<()>) -> CloseReason {
         let sent = self.params.metrics.counter(m::BYTES_SENT, &[("peer", &self.params.peer)]);
-        let peer = self.params.peer.clone();
-        let packed = [("lz4", "raw"), ("lz4", "packed"), ("zstd", "raw"), ("zstd", "packed")].map(|(codec, stage)| {
-            self.params.metrics.counter(m::COMPRESSION_BYTES, &[("peer", &peer), ("codec", codec), ("stage", stage)])
+        // Per codec (`Packing` order): bytes before and after.
+        let packed = Packing::ALL.map(|p| {
+            ["raw", "packed"].map(|stage| {
+                let labels = [("peer", self.params.peer.as_str()), ("codec", p.label()), ("stage", stage)];
+                self.params.metrics.counter(m::COMPRESSION_BYTES, &labels)
+            })
         });
-        let compress = self.params.packing.mode() != Compression::Off;
         let mut last_write = Instant::now();
         // Small to start: an idle link should cost little; it grows under load.
         let mut out = BytesMut::with_capacity(IDLE_BUFFER);
@@ -543,6 +545,12 @@ impl Writer {
             while let Ok(f) = self.control.try_recv() {
                 push(&f, max, &mut out);
             }
+            let rtt = shared.rtt_us.load(Ordering::Relaxed);
+            if rtt != u64::MAX {
+                self.params.packing.rtt(Duration::from_micros(rtt));
+            }
+            // Data frames go straight out unless this batch may be packed.
+            let compress = self.params.packing.may_pack();
             while out.len() + self.raw.len() < BATCH_BYTES {
                 if self.current.is_none() {
                     match self.data.try_recv() {
@@ -564,10 +572,6 @@ impl Writer {
                 }
             }
             if !self.raw.is_empty() {
-                let rtt = shared.rtt_us.load(Ordering::Relaxed);
-                if rtt != u64::MAX {
-                    self.params.packing.rtt(Duration::from_micros(rtt));
-                }
                 let before = out.len();
                 // The last write waited for the connection, or the batch
                 // filled up with data still waiting: the link is what
@@ -577,9 +581,9 @@ impl Writer {
                     Some(codec) if self.packer.pack(codec, &self.raw, max, &mut out).is_ok() => {
                         let n = out.len() - before;
                         self.params.packing.packed(self.raw.len(), n);
-                        let at = if codec.packing() == Packing::Lz4 { 0 } else { 2 };
-                        packed[at].increment(self.raw.len() as u64);
-                        packed[at + 1].increment(n as u64);
+                        let [raw, after] = &packed[codec.packing() as usize];
+                        raw.increment(self.raw.len() as u64);
+                        after.increment(n as u64);
                     }
                     _ => out.extend_from_slice(&self.raw),
                 }

@@ -163,7 +163,7 @@ impl Packer {
         let packed = match codec {
             Codec::Lz4 => lz4_flex::block::compress(raw),
             Codec::Zstd(level) => {
-                let fresh = match &mut self.zstd {
+                let z = match &mut self.zstd {
                     Some((l, z)) if *l == level => z,
                     slot => {
                         let z = zstd::bulk::Compressor::new(level)
@@ -171,7 +171,7 @@ impl Packer {
                         &mut slot.insert((level, z)).1
                     }
                 };
-                fresh.compress(raw).map_err(|e| CodecError::Garbage(format!("zstd: {e}")))?
+                z.compress(raw).map_err(|e| CodecError::Garbage(format!("zstd: {e}")))?
             }
         };
         encode(&Header::Packed { packing: codec.packing(), raw_len }, &packed, max, out)
@@ -233,7 +233,8 @@ impl Unpacker {
         if raw.len() != raw_len {
             return Err(CodecError::Garbage("packed: not the size it said".into()));
         }
-        let mut buf = BytesMut::from(&raw[..]);
+        // (Through `Bytes`: the decompressed buffer itself, not a copy.)
+        let mut buf = BytesMut::from(Bytes::from(raw));
         let mut frames = Vec::new();
         while let Some(f) = decode(&mut buf, max)? {
             if !matches!(f.header, Header::Data { .. }) {

@@ -27,25 +27,16 @@ pub enum Compression {
 }
 
 impl Compression {
-    pub const NAMES: &'static [&'static str] = &["off", "lz4", "zstd", "auto"];
+    /// Each mode by the name the configuration gives it.
+    pub const BY_NAME: [(&'static str, Compression); 4] = [
+        ("off", Compression::Off),
+        ("lz4", Compression::Lz4),
+        ("zstd", Compression::Zstd),
+        ("auto", Compression::Auto),
+    ];
 
     pub fn parse(s: &str) -> Option<Compression> {
-        Some(match s {
-            "off" => Compression::Off,
-            "lz4" => Compression::Lz4,
-            "zstd" => Compression::Zstd,
-            "auto" => Compression::Auto,
-            _ => return None,
-        })
-    }
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Compression::Off => "off",
-            Compression::Lz4 => "lz4",
-            Compression::Zstd => "zstd",
-            Compression::Auto => "auto",
-        }
+        Compression::BY_NAME.iter().find(|(name, _)| *name == s).map(|&(_, c)| c)
     }
 }
 
@@ -56,6 +47,18 @@ pub enum Packing {
     Lz4,
     /// One zstd frame (`zstd-v1`).
     Zstd,
+}
+
+impl Packing {
+    pub const ALL: [Packing; 2] = [Packing::Lz4, Packing::Zstd];
+
+    /// The metric label (`codec`).
+    pub fn label(self) -> &'static str {
+        match self {
+            Packing::Lz4 => "lz4",
+            Packing::Zstd => "zstd",
+        }
+    }
 }
 
 /// What to do with one batch.
@@ -71,14 +74,6 @@ impl Codec {
         match self {
             Codec::Lz4 => Packing::Lz4,
             Codec::Zstd(_) => Packing::Zstd,
-        }
-    }
-
-    /// The metric label.
-    pub fn label(self) -> &'static str {
-        match self {
-            Codec::Lz4 => "lz4",
-            Codec::Zstd(_) => "zstd",
         }
     }
 }
@@ -104,7 +99,7 @@ const SAVING_SPAN: f64 = 8.0;
 
 /// One link's compression state.
 #[derive(Debug, Clone)]
-pub struct Packer {
+pub struct Policy {
     mode: Compression,
     /// Whether the peer speaks zstd (`auto` picks lz4 otherwise).
     zstd: bool,
@@ -117,11 +112,11 @@ pub struct Packer {
     skipped: u32,
 }
 
-impl Packer {
+impl Policy {
     /// For a link whose route asks `mode` to a peer with these
     /// capabilities: a codec the peer does not list is never sent (a fixed
     /// mode turns off; `auto` picks among what is left).
-    pub fn new(mode: Compression, peer_capabilities: &[String]) -> Packer {
+    pub fn new(mode: Compression, peer_capabilities: &[String]) -> Policy {
         let has = |c: &str| peer_capabilities.iter().any(|p| p == c);
         let (lz4, zstd) = (has(CAP_LZ4), has(CAP_ZSTD));
         let mode = match mode {
@@ -130,11 +125,23 @@ impl Packer {
             Compression::Auto if !lz4 && !zstd => Compression::Off,
             m => m,
         };
-        Packer { mode, zstd, min_rtt: None, saving: None, skipped: 0 }
+        Policy { mode, zstd, min_rtt: None, saving: None, skipped: 0 }
     }
 
     pub fn mode(&self) -> Compression {
         self.mode
+    }
+
+    /// Whether the next batches may be compressed at all (what the writer
+    /// asks before gathering a batch, so that a link that never compresses
+    /// — `off`, or `auto` in the same datacenter — writes its frames
+    /// straight out, never through a second buffer).
+    pub fn may_pack(&self) -> bool {
+        match self.mode {
+            Compression::Off => false,
+            Compression::Lz4 | Compression::Zstd => true,
+            Compression::Auto => self.min_rtt.is_some_and(|rtt| rtt >= AUTO_ZSTD_RTT),
+        }
     }
 
     /// A round trip measured on the link.
@@ -147,7 +154,7 @@ impl Packer {
     /// or more data was waiting than one batch holds (the link, not the
     /// sender, is the bottleneck: bytes saved are throughput gained).
     pub fn choose(&mut self, raw: usize, backed_up: bool) -> Option<Codec> {
-        if raw < PACK_MIN {
+        if raw < PACK_MIN || !self.may_pack() {
             return None;
         }
         match self.mode {
@@ -155,10 +162,9 @@ impl Packer {
             Compression::Lz4 => Some(Codec::Lz4),
             Compression::Zstd => Some(Codec::Zstd(ZSTD_LEVEL)),
             Compression::Auto => {
+                // (`may_pack`: a round trip of at least AUTO_ZSTD_RTT.)
                 let rtt = self.min_rtt?;
-                let codec = if rtt < AUTO_ZSTD_RTT {
-                    return None;
-                } else if !self.zstd {
+                let codec = if !self.zstd {
                     Codec::Lz4
                 } else if rtt < AUTO_ZSTD_HIGH_RTT || !backed_up {
                     Codec::Zstd(1)
@@ -199,8 +205,8 @@ mod tests {
         caps(crate::wire::CAPABILITIES)
     }
 
-    fn auto() -> Packer {
-        Packer::new(Compression::Auto, &all())
+    fn auto() -> Policy {
+        Policy::new(Compression::Auto, &all())
     }
 
     #[test]
@@ -208,48 +214,53 @@ mod tests {
         let lz4 = caps(&["heartbeat-v1", "lz4-v1"]);
         let zstd = caps(&["zstd-v1"]);
         let none = caps(&["heartbeat-v1"]);
-        assert_eq!(Packer::new(Compression::Zstd, &all()).mode(), Compression::Zstd);
-        assert_eq!(Packer::new(Compression::Zstd, &lz4).mode(), Compression::Off);
-        assert_eq!(Packer::new(Compression::Lz4, &none).mode(), Compression::Off);
-        assert_eq!(Packer::new(Compression::Auto, &none).mode(), Compression::Off);
-        assert_eq!(Packer::new(Compression::Auto, &lz4).mode(), Compression::Auto);
+        assert_eq!(Policy::new(Compression::Zstd, &all()).mode(), Compression::Zstd);
+        assert_eq!(Policy::new(Compression::Zstd, &lz4).mode(), Compression::Off);
+        assert_eq!(Policy::new(Compression::Lz4, &none).mode(), Compression::Off);
+        assert_eq!(Policy::new(Compression::Auto, &none).mode(), Compression::Off);
+        assert_eq!(Policy::new(Compression::Auto, &lz4).mode(), Compression::Auto);
         // auto with an lz4-only peer never picks zstd, even on a long link,
         // and with a zstd-only peer never lz4.
-        let mut p = Packer::new(Compression::Auto, &all());
+        let mut p = Policy::new(Compression::Auto, &all());
         p.rtt(Duration::from_millis(150));
         assert_eq!(p.choose(64 * 1024, true), Some(Codec::Zstd(3)));
-        let mut p = Packer::new(Compression::Auto, &lz4);
+        let mut p = Policy::new(Compression::Auto, &lz4);
         p.rtt(Duration::from_millis(150));
         assert_eq!(p.choose(64 * 1024, true), Some(Codec::Lz4));
-        let mut p = Packer::new(Compression::Auto, &zstd);
+        let mut p = Policy::new(Compression::Auto, &zstd);
         p.rtt(Duration::from_millis(20));
         assert_eq!(p.choose(64 * 1024, false), Some(Codec::Zstd(1)));
     }
 
     #[test]
     fn fixed_modes_pack_every_batch_over_the_minimum() {
-        let mut p = Packer::new(Compression::Lz4, &all());
+        let mut p = Policy::new(Compression::Lz4, &all());
         assert_eq!(p.choose(PACK_MIN - 1, false), None);
         assert_eq!(p.choose(PACK_MIN, false), Some(Codec::Lz4));
         // Even when it saves nothing, and whatever the load: the operator
         // asked for it.
         p.packed(10_000, 10_100);
         assert_eq!(p.choose(PACK_MIN, true), Some(Codec::Lz4));
-        assert_eq!(Packer::new(Compression::Zstd, &all()).choose(PACK_MIN, false), Some(Codec::Zstd(ZSTD_LEVEL)));
-        assert_eq!(Packer::new(Compression::Off, &all()).choose(1 << 20, true), None);
+        assert_eq!(Policy::new(Compression::Zstd, &all()).choose(PACK_MIN, false), Some(Codec::Zstd(ZSTD_LEVEL)));
+        assert_eq!(Policy::new(Compression::Off, &all()).choose(1 << 20, true), None);
+        assert!(!Policy::new(Compression::Off, &all()).may_pack());
+        assert!(Policy::new(Compression::Zstd, &all()).may_pack());
     }
 
     #[test]
     fn auto_follows_the_lowest_round_trip_and_the_backlog() {
         let mut p = auto();
-        // Nothing measured yet: as it is.
+        // Nothing measured yet: as it is (and written straight out).
         assert_eq!(p.choose(64 * 1024, true), None);
+        assert!(!p.may_pack());
         // Same datacenter: as it is, even backed up.
         p.rtt(Duration::from_millis(3));
         assert_eq!(p.choose(64 * 1024, true), None);
+        assert!(!p.may_pack());
         // 40 ms: zstd 1, backed up or not.
         let mut p = auto();
         p.rtt(Duration::from_millis(40));
+        assert!(p.may_pack());
         assert_eq!(p.choose(64 * 1024, false), Some(Codec::Zstd(1)));
         assert_eq!(p.choose(256 * 1024, true), Some(Codec::Zstd(1)));
         // A loaded link's longer round trips do not move it.
