@@ -19,7 +19,7 @@
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
 use std::time::Instant;
 
 use bytes::Bytes;
@@ -29,9 +29,9 @@ use tokio::sync::{mpsc, Notify};
 use super::local::{Finished, Held, RouteGone, Submit, ToLocal, TrySubmit};
 use super::peer::TO_LOCAL_BYTES;
 use crate::link::conn::{FrameSink, Lanes};
-use crate::membership::Change;
-use crate::route::{Confirmation, DataVerdict, FailReason, LinkId, Route, Violation};
-use crate::wire::{Frame, Header};
+use crate::membership::{Change, PeerMembership};
+use crate::route::{Admit, Confirmation, DataVerdict, FailReason, LinkDown, LinkId, LinkUp, Route, Violation, Window};
+use crate::wire::{Frame, Header, Hello, CAP_REJECT};
 
 /// Sequence numbers per `Reject` frame.
 const REJECT_CHUNK: usize = 4096;
@@ -73,9 +73,9 @@ pub(crate) struct RouteCore {
     /// Room in `pending` again, or the route closed (for waiting submitters).
     room: Notify,
     pub(super) peer: Arc<str>,
-    pub(super) to_local: mpsc::Sender<ToLocal>,
+    to_local: mpsc::Sender<ToLocal>,
     /// Payload bytes handed to the local side and not yet dropped by it.
-    pub(super) held: Arc<AtomicUsize>,
+    held: Arc<AtomicUsize>,
     /// Deliveries the local side has finished with (what acks may cover).
     pub(super) finished: Arc<Finished>,
     m: DataMetrics,
@@ -83,27 +83,88 @@ pub(crate) struct RouteCore {
     ack_every: u64,
 }
 
-pub(crate) struct CoreState {
-    pub route: Route,
+/// Everything under the route's lock. Only `RouteCore`'s methods see it:
+/// each takes the lock once, does one whole step and lets go before it
+/// returns, and calls nothing outside this module meanwhile (items for the
+/// local side and frames for links go into channels, which never lock).
+/// So no caller can hold it across an `.await`, or take it twice.
+struct CoreState {
+    route: Route,
     /// Submitted while the window was full (or behind others that were):
     /// the route task moves them into `route` as acks make room.
-    pub pending: VecDeque<Submit>,
+    pending: VecDeque<Submit>,
     /// The route is shutting down: no more submits, no more deliveries.
-    pub closed: bool,
+    closed: bool,
     /// The gateway is stopping: no more submits; what was accepted is
     /// still sent and confirmed (`drain`).
-    pub draining: bool,
+    draining: bool,
     /// The lanes of the live links.
-    pub lanes: Vec<Lanes>,
+    lanes: Vec<Lanes>,
     /// Notices for the local side; deliveries wait behind them.
-    pub outbox: VecDeque<ToLocal>,
+    outbox: VecDeque<ToLocal>,
     /// Batches of frames a link left for the route task and it has not
-    /// handled yet: while any, later frames wait their turn behind them.
-    pub events_queued: usize,
+    /// handled yet: while any, later frames wait their turn behind them
+    /// (`take` counts them, `batch_handled` counts them off).
+    events_queued: usize,
     /// The `upto` of the last ack sent, for coalescing.
-    pub acked_at: u64,
+    acked_at: u64,
     /// The peer understands `Reject` (capability `reject-v1`).
-    pub peer_rejects: bool,
+    peer_rejects: bool,
+}
+
+impl CoreState {
+    /// The primary's lanes.
+    fn primary_lanes(&self) -> Option<&Lanes> {
+        let id = self.route.primary()?;
+        self.lanes.iter().find(|l| l.id == id)
+    }
+
+    /// The session with the peer's run ended (it restarted, or the route
+    /// moved to another instance): queued with that state change, the
+    /// outcomes of what it was sent and never confirmed, `Lost`, and the
+    /// withdrawal of its members.
+    fn session_ended(&mut self, peer: &Arc<str>, members: &mut PeerMembership, failed: Vec<Confirmation>) {
+        self.outbox.extend(confirm_items(peer, failed));
+        self.outbox.push_back(ToLocal::Lost { peer: peer.clone() });
+        self.outbox.extend(member_items(peer, members.peer_restarted()));
+    }
+}
+
+/// What the route task's loop may wait for room on, this turn.
+pub(super) struct Waits {
+    /// The primary's data lane, when the route has something to transmit.
+    pub lane: Option<mpsc::Sender<Frame>>,
+    /// The local side's queue, when there is something for it.
+    pub to_local: Option<mpsc::Sender<ToLocal>>,
+    /// Deliveries wait for the local side to work through what it holds.
+    pub held_back: bool,
+}
+
+/// Whether a run of the peer may become a link of this route
+/// (`RouteCore::admit`).
+pub(super) enum Admission {
+    /// Yes: adopt the link.
+    Adopt,
+    /// Another instance of the peer holds the route now: with successors,
+    /// the link starts a successor session.
+    Successor,
+    /// Refused: another instance (`holder`'s) holds the route.
+    OtherInstance { holder: String },
+    /// The route moved to another instance: a new session under a fresh
+    /// epoch of ours began (what the old one held unconfirmed failed:
+    /// `failed`); this link carries the old epoch and is closed.
+    Switched { from: String, failed: usize },
+    /// The link carries an epoch of ours we no longer use: closed, so the
+    /// next one carries the current one.
+    Resync,
+}
+
+/// The route as `/status` shows it.
+pub(super) struct View {
+    pub up: bool,
+    pub peer_instance: Option<String>,
+    pub primary: Option<LinkId>,
+    pub unacked: usize,
 }
 
 impl std::fmt::Debug for RouteCore {
@@ -146,7 +207,7 @@ impl RouteCore {
         })
     }
 
-    pub(super) fn lock(&self) -> MutexGuard<'_, CoreState> {
+    fn lock(&self) -> MutexGuard<'_, CoreState> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -190,9 +251,8 @@ impl RouteCore {
         }
     }
 
-    /// Moves queued submits into the route as far as its window allows
-    /// (the route task, after acks made room).
-    pub(super) fn admit_pending(&self, st: &mut CoreState) {
+    /// Moves queued submits into the route as far as its window allows.
+    fn admit_pending(&self, st: &mut CoreState) {
         let mut moved = false;
         while st.route.has_room() {
             let Some(s) = st.pending.pop_front() else { break };
@@ -252,7 +312,7 @@ impl RouteCore {
     }
 
     /// The next message for the primary, as a frame.
-    pub(super) fn data_frame(&self, route: &mut Route) -> Option<Frame> {
+    fn data_frame(&self, route: &mut Route) -> Option<Frame> {
         let t = route.next_transmit(Instant::now())?;
         if t.retransmit {
             self.m.retransmitted.increment(1);
@@ -260,16 +320,10 @@ impl RouteCore {
         Some(Frame { header: Header::Data { epoch: t.epoch, seq: t.seq, more: false }, body: t.payload })
     }
 
-    /// The primary's lanes.
-    pub(super) fn primary_lanes(st: &CoreState) -> Option<&Lanes> {
-        let id = st.route.primary()?;
-        st.lanes.iter().find(|l| l.id == id)
-    }
-
     /// Puts what the route wants to transmit on the primary's data lane
     /// while the lane has room; what is left, the route task sends later
     /// (woken if `wake`).
-    pub(super) fn transmit(&self, st: &mut CoreState, wake: bool) {
+    fn transmit(&self, st: &mut CoreState, wake: bool) {
         let mut left = false;
         let CoreState { route, lanes, .. } = st;
         if let Some(lane) = route.primary().and_then(|id| lanes.iter().find(|l| l.id == id)) {
@@ -287,17 +341,248 @@ impl RouteCore {
         }
     }
 
-    pub(super) fn publish_window(&self, st: &CoreState) {
+    fn publish_window_locked(&self, st: &CoreState) {
         let (n, bytes) = st.route.unacked();
         self.m.unacked_messages.set(n as f64);
         self.m.unacked_bytes.set(bytes as f64);
+    }
+
+    /// Sets the unacked gauges.
+    pub(super) fn publish_window(&self) {
+        self.publish_window_locked(&self.lock());
+    }
+
+    // ---- the route task's steps ----
+
+    /// What the route task may wait for room on now: the primary's data
+    /// lane (something to transmit), the local side's queue (something for
+    /// it), and whether deliveries are held back by the byte budget.
+    pub(super) fn waits(&self) -> Waits {
+        let st = self.lock();
+        let lane = st.primary_lanes().filter(|_| st.route.wants_transmit()).map(|l| l.data.clone());
+        let local = !st.outbox.is_empty() || st.route.has_delivery();
+        let held_back = st.route.has_delivery() && self.over_budget();
+        Waits { lane, to_local: local.then(|| self.to_local.clone()), held_back }
+    }
+
+    /// Room on the primary's data lane: the next message goes in it.
+    pub(super) fn send_data(&self, permit: mpsc::OwnedPermit<Frame>) {
+        let mut st = self.lock();
+        if let Some(frame) = self.data_frame(&mut st.route) {
+            permit.send(frame);
+        }
+    }
+
+    /// Room on the local side's queue: the next item goes in it.
+    pub(super) fn send_local(&self, permit: mpsc::OwnedPermit<ToLocal>) {
+        let mut st = self.lock();
+        if let Some(item) = self.next_local(&mut st) {
+            permit.send(item);
+        }
+    }
+
+    /// Moves what can move without waiting: queued submits into the window,
+    /// transmissions onto the primary's data lane, and up to `batch` items
+    /// to the local side (acking as it goes), so a busy route does not go
+    /// round its task's loop once per message.
+    pub(super) fn pump(&self, batch: usize) {
+        {
+            let mut st = self.lock();
+            self.admit_pending(&mut st);
+            self.transmit(&mut st, false);
+        }
+        for _ in 0..batch {
+            let mut st = self.lock();
+            if !self.local_ready(&st) {
+                break;
+            }
+            let Ok(permit) = self.to_local.try_reserve() else { break };
+            match self.next_local(&mut st) {
+                Some(item) => permit.send(item),
+                None => break,
+            }
+            // Under load, ack as we go rather than only at the end.
+            self.flush_ack_locked(&mut st);
+        }
+    }
+
+    /// Queues a control frame on the primary (a lane far behind closes it).
+    pub(super) fn send_control(&self, frame: Frame) {
+        if let Some(lanes) = self.lock().primary_lanes() {
+            lanes.send_control(frame);
+        }
+    }
+
+    /// Queues notices for the local side (deliveries wait behind them).
+    pub(super) fn tell_local(&self, items: impl IntoIterator<Item = ToLocal>) {
+        self.lock().outbox.extend(items);
+    }
+
+    /// The outcomes still queued for the local side, taken out (a stopping
+    /// route hands them over itself; other notices no longer matter).
+    pub(super) fn take_outcomes(&self) -> VecDeque<ToLocal> {
+        let mut outbox = std::mem::take(&mut self.lock().outbox);
+        outbox.retain(|item| matches!(item, ToLocal::Confirm { .. }));
+        outbox
+    }
+
+    /// Hands the local side one outcome, waiting for room (a stopping
+    /// route's last ones).
+    pub(super) async fn send_outcome(&self, item: ToLocal) -> Result<(), mpsc::error::SendError<ToLocal>> {
+        self.to_local.send(item).await
+    }
+
+    /// The epoch our hellos carry now.
+    pub(super) fn our_epoch(&self) -> u64 {
+        self.lock().route.our_epoch()
+    }
+
+    /// The peer instance the route's session is with, if any.
+    pub(super) fn peer_instance(&self) -> Option<String> {
+        self.lock().route.peer_instance().map(str::to_string)
+    }
+
+    pub(super) fn is_up(&self) -> bool {
+        self.lock().route.is_up()
+    }
+
+    pub(super) fn view(&self) -> View {
+        let st = self.lock();
+        View {
+            up: st.route.is_up(),
+            peer_instance: st.route.peer_instance().map(str::to_string),
+            primary: st.route.primary(),
+            unacked: st.route.unacked().0,
+        }
+    }
+
+    /// Messages received and not yet handed to the local side.
+    pub(super) fn undelivered(&self) -> usize {
+        self.lock().route.undelivered().0
+    }
+
+    /// The acceptor's check of a hello before answering it: our session
+    /// epoch, or (without `successors`) the holder's name when another
+    /// instance of the peer holds the route (see `route::Admit`).
+    pub(super) fn check_session(&self, hello: &Hello, successors: bool) -> Result<u64, String> {
+        let st = self.lock();
+        match st.route.admit(&hello.gateway, hello.epoch) {
+            Admit::OtherInstance if !successors => Err(st.route.peer_instance().unwrap_or_default().to_string()),
+            _ => Ok(st.route.our_epoch()),
+        }
+    }
+
+    /// Whether a run of the peer (`instance` under `epoch`, on a link
+    /// whose hello carried our `link_epoch`) may become a link of this
+    /// route; a move to another instance is carried out here, in one step
+    /// with its notices (`members`: withdrawn from the local side).
+    /// `successors`: another instance's link may start a successor session.
+    pub(super) fn admit(
+        &self,
+        instance: &str,
+        epoch: u64,
+        link_epoch: u64,
+        successors: bool,
+        members: &mut PeerMembership,
+    ) -> Admission {
+        let mut st = self.lock();
+        match st.route.admit(instance, epoch) {
+            _ if link_epoch != st.route.our_epoch() => Admission::Resync,
+            Admit::OtherInstance if successors => Admission::Successor,
+            Admit::OtherInstance => {
+                Admission::OtherInstance { holder: st.route.peer_instance().unwrap_or_default().to_string() }
+            }
+            Admit::Switch => {
+                let from = st.route.peer_instance().unwrap_or_default().to_string();
+                let sw = st.route.switch(super::new_epoch());
+                st.session_ended(&self.peer, members, sw.failed);
+                Admission::Switched { from, failed: sw.failed_count }
+            }
+            Admit::New | Admit::Same | Admit::Restarted => Admission::Adopt,
+        }
+    }
+
+    /// A link admitted by `admit` is up (its hello: `hello`), in one step:
+    /// its lanes join, the route takes it (as primary, standby, or a new
+    /// session's first), and the local side's notices are queued, so the
+    /// link's reader cannot hand it a message of a new session before them
+    /// (`Lost` for the old run, `Up`). (Whether the peer was known, and
+    /// what the route said.)
+    pub(super) fn link_up(
+        &self,
+        lanes: Lanes,
+        hello: &Hello,
+        peer_window: Window,
+        members: &mut PeerMembership,
+    ) -> (bool, LinkUp) {
+        let id = lanes.id;
+        let mut st = self.lock();
+        st.lanes.push(lanes);
+        st.peer_rejects = hello.capabilities.iter().any(|c| c == CAP_REJECT);
+        let was_known = st.route.peer_epoch().is_some();
+        let mut up = st.route.link_up_from(id, Some(&hello.gateway), hello.epoch, peer_window);
+        if up.new_session {
+            self.finished.reset(hello.epoch);
+        }
+        if up.new_session && was_known {
+            st.session_ended(&self.peer, members, std::mem::take(&mut up.failed));
+        }
+        if up.primary {
+            st.outbox.push_back(ToLocal::Up { peer: self.peer.clone(), epoch: hello.epoch });
+        }
+        (was_known, up)
+    }
+
+    /// A link is gone: its lanes leave, the route fails over (or is down:
+    /// the local side is told `Lost`).
+    pub(super) fn link_down(&self, link: LinkId) -> LinkDown {
+        let mut st = self.lock();
+        st.lanes.retain(|l| l.id != link);
+        let down = st.route.link_down(link);
+        if down.route_down {
+            st.outbox.push_back(ToLocal::Lost { peer: self.peer.clone() });
+        }
+        down
+    }
+
+    /// A data frame the data path left to the route task; None if it is
+    /// from a previous run of the peer (on a stale link).
+    pub(super) fn on_data(
+        &self,
+        link: LinkId,
+        epoch: u64,
+        seq: u64,
+        body: Bytes,
+    ) -> Option<Result<DataVerdict, Violation>> {
+        let mut st = self.lock();
+        if Some(epoch) != st.route.peer_epoch() {
+            return None;
+        }
+        Some(st.route.on_data(link, seq, body))
+    }
+
+    /// An ack the data path left to the route task.
+    pub(super) fn on_ack(&self, epoch: u64, upto: u64) -> Result<(), Violation> {
+        self.on_ack_locked(&mut self.lock(), epoch, upto)
+    }
+
+    /// A reject from the peer (messages it could not deliver).
+    pub(super) fn on_reject(&self, epoch: u64, seqs: &[u64]) -> Result<usize, Violation> {
+        self.lock().route.on_reject(epoch, seqs)
+    }
+
+    /// The route task has handled a batch of frames a link's reader left
+    /// it (`take`): once none waits, the data path takes frames again.
+    pub(super) fn batch_handled(&self) {
+        let mut st = self.lock();
+        st.events_queued = st.events_queued.saturating_sub(1);
     }
 
     // ---- acks ----
 
     /// A cumulative ack from the peer: frees window, moves queued submits
     /// in and sends them, and queues the confirmations for the local side.
-    pub(super) fn on_ack(&self, st: &mut CoreState, epoch: u64, upto: u64) -> Result<(), Violation> {
+    fn on_ack_locked(&self, st: &mut CoreState, epoch: u64, upto: u64) -> Result<(), Violation> {
         let acked = st.route.on_ack(epoch, upto, Instant::now())?;
         self.m.delivered.increment(acked.messages as u64);
         if acked.undeliverable > 0 {
@@ -309,8 +594,14 @@ impl RouteCore {
         st.outbox.extend(confirm_items(&self.peer, acked.confirmations));
         self.admit_pending(st);
         self.transmit(st, true);
-        self.publish_window(st);
+        self.publish_window_locked(st);
         Ok(())
+    }
+
+    /// Acks what the local side finished with (see `flush_ack_locked`),
+    /// from the route task.
+    pub(super) fn flush_ack(&self) {
+        self.flush_ack_locked(&mut self.lock());
     }
 
     /// Sends the cumulative ack for what the local side finished with,
@@ -318,7 +609,7 @@ impl RouteCore {
     /// `ack_every` messages): an idle route acks at once, a busy one not
     /// for each message, and a stalled local side does not hold back acks
     /// for what it already took. Nothing without a primary.
-    pub(super) fn flush_ack(&self, st: &mut CoreState) {
+    fn flush_ack_locked(&self, st: &mut CoreState) {
         let Some(primary) = st.route.primary().and_then(|id| st.lanes.iter().position(|l| l.id == id)) else {
             return;
         };
@@ -349,27 +640,34 @@ impl RouteCore {
 
     /// Acks what the local side just finished with, from its task (after a
     /// batch of deliveries was confirmed taken), not the route task's.
+    /// It never waits for the lock: if the lock is held — by another task
+    /// for a moment, or by a caller up this very stack, which waiting
+    /// would deadlock — the route task is told to ack instead.
     pub(crate) fn ack_now(&self) {
-        let mut st = self.lock();
+        let mut st = match self.state.try_lock() {
+            Ok(st) => st,
+            Err(TryLockError::Poisoned(e)) => e.into_inner(),
+            Err(TryLockError::WouldBlock) => return self.finished.notify.notify_one(),
+        };
         if !st.closed {
-            self.flush_ack(&mut st);
+            self.flush_ack_locked(&mut st);
         }
     }
 
     // ---- toward the local side ----
 
-    pub(super) fn over_budget(&self) -> bool {
+    fn over_budget(&self) -> bool {
         self.held.load(Ordering::Relaxed) >= TO_LOCAL_BYTES
     }
 
     /// Whether there is something to hand to the local side now.
-    pub(super) fn local_ready(&self, st: &CoreState) -> bool {
+    fn local_ready(&self, st: &CoreState) -> bool {
         !st.outbox.is_empty() || (st.route.has_delivery() && !self.over_budget())
     }
 
     /// The next item for the local side: notices first, then messages while
     /// the local side holds less than TO_LOCAL_BYTES of them.
-    pub(super) fn next_local(&self, st: &mut CoreState) -> Option<ToLocal> {
+    fn next_local(&self, st: &mut CoreState) -> Option<ToLocal> {
         if let Some(item) = st.outbox.pop_front() {
             return Some(item);
         }
@@ -427,7 +725,7 @@ impl FrameSink for RouteCore {
                     taking = false;
                 }
                 Header::Ack { epoch, upto } => {
-                    if self.on_ack(&mut st, epoch, upto).is_ok() {
+                    if self.on_ack_locked(&mut st, epoch, upto).is_ok() {
                         took = true;
                         return false;
                     }
@@ -689,5 +987,30 @@ mod tests {
         let acks: Vec<Header> = std::iter::from_fn(|| f.control.try_recv().ok()).map(|fr| fr.header).collect();
         assert_eq!(acks, [Header::Ack { epoch: PEER_EPOCH, upto: 3 }]);
         assert!(!woken(&f.core), "no route task needed");
+    }
+
+    #[test]
+    fn finishing_a_batch_under_the_route_lock_leaves_the_ack_to_the_route_task() {
+        let mut f = fixture(8, 8);
+        f.core.take(LINK, &mut vec![data(1)]);
+        let held: Vec<Held> = std::iter::from_fn(|| f.local.try_recv().ok())
+            .map(|item| match item {
+                ToLocal::Deliver { held, .. } => held,
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        let told = f.core.finished.notify.notified();
+        tokio::pin!(told);
+        told.as_mut().enable();
+        // Whoever holds the lock (here: this very thread, which waiting
+        // would deadlock), `ack_now` does not wait for it.
+        let st = f.core.lock();
+        Held::finish_all(held);
+        drop(st);
+        assert!(f.control.try_recv().is_err(), "not acked in place");
+        assert!(told.as_mut().enable(), "the route task is told to ack");
+        f.core.flush_ack();
+        let acks: Vec<Header> = std::iter::from_fn(|| f.control.try_recv().ok()).map(|fr| fr.header).collect();
+        assert_eq!(acks, [Header::Ack { epoch: PEER_EPOCH, upto: 1 }]);
     }
 }

@@ -274,12 +274,12 @@ pub enum TrySubmit {
 impl RouteHandle {
     /// The peer instance the route's session is with, if any.
     pub(crate) fn peer_instance(&self) -> Option<String> {
-        self.core.lock().route.peer_instance().map(str::to_string)
+        self.core.peer_instance()
     }
 
     /// Whether the route has a live link.
     pub(crate) fn is_up(&self) -> bool {
-        self.core.lock().route.is_up()
+        self.core.is_up()
     }
 
     /// Hands the route task a link (or tells it to retire): false if it is gone.
@@ -299,7 +299,7 @@ impl RouteHandle {
 
     /// The route's session epoch: what its hellos carry now.
     pub fn epoch(&self) -> u64 {
-        self.core.lock().route.our_epoch()
+        self.core.our_epoch()
     }
 
     /// Refuses new messages from now on; those accepted go on (stopping).

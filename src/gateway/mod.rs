@@ -3,6 +3,7 @@
 //! cancellation root, and drains them on shutdown.
 
 mod core;
+mod endpoints;
 mod local;
 mod peer;
 pub mod reload;

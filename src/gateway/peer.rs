@@ -21,7 +21,8 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::core::{confirm_items, member_items, DataMetrics, RouteCore};
+use super::core::{confirm_items, member_items, Admission, DataMetrics, RouteCore, View, Waits};
+use super::endpoints::{Endpoints, Retry};
 use super::local::{LocalGroups, RouteControl, RouteHandle, ToLocal};
 use super::new_epoch;
 use crate::config::{GatewayConfig, RouteConfig};
@@ -31,11 +32,11 @@ use crate::link::handshake::{self, Established, HandshakeError, Identity, Offer,
 use crate::link::{Close, Timeouts};
 use crate::membership::{Change, Filter, ImportLimits, PeerMembership};
 use crate::metrics::{self as m, Metrics};
-use crate::route::{Admit, Confirmation, DataVerdict, FailReason, LinkId, Outcome, Route, Window};
+use crate::route::{Confirmation, DataVerdict, FailReason, LinkId, Outcome, Route, Window};
 use crate::status;
 use crate::tls;
 use crate::wire::packing::{Compression, Policy};
-use crate::wire::{Frame, Header, Hello, CAP_REJECT};
+use crate::wire::{Frame, Header, Hello};
 
 /// `/status` is refreshed with heartbeats at most this often.
 const STATUS_EVERY: Duration = Duration::from_secs(1);
@@ -144,13 +145,8 @@ pub(super) struct PeerTask {
     dialing: JoinSet<(usize, Result<Established, HandshakeError>)>,
     backoff: Backoff,
     next_dial: Instant,
-    next_endpoint: usize,
-    /// Endpoints found to reach another instance of the peer cluster than
-    /// the one the route holds a session with, or one standing by: not
-    /// dialed while it has links.
-    other_instance: Vec<bool>,
-    /// Standby refusals in a row (`dial_failed`).
-    standby_streak: usize,
+    /// Which endpoint to dial next.
+    endpoints: Endpoints,
     successors: Option<mpsc::Sender<Box<Established>>>,
     /// A successor took over (`RouteControl::Retire`).
     retired: bool,
@@ -255,9 +251,7 @@ impl PeerTask {
             dialing: JoinSet::new(),
             backoff: Backoff::new(g.reconnect_min, g.reconnect_max),
             next_dial: Instant::now(),
-            next_endpoint: 0,
-            other_instance: vec![false; config.endpoints.len()],
-            standby_streak: 0,
+            endpoints: Endpoints::new(config.endpoints.len()),
             successors: inputs.successors,
             retired: false,
             next_probe: Instant::now(),
@@ -292,13 +286,7 @@ impl PeerTask {
         // (With successors, another instance gets our hello: its link
         // becomes a successor session, `admit`.)
         let successors = self.successors.is_some();
-        SessionCheck(Arc::new(move |hello: &Hello| {
-            let st = core.lock();
-            match st.route.admit(&hello.gateway, hello.epoch) {
-                Admit::OtherInstance if !successors => Err(st.route.peer_instance().unwrap_or_default().to_string()),
-                _ => Ok(st.route.our_epoch()),
-            }
-        }))
+        SessionCheck(Arc::new(move |hello: &Hello| core.check_session(hello, successors)))
     }
 
     fn offer(&self) -> Offer {
@@ -326,19 +314,13 @@ impl PeerTask {
                 && !want_dial
                 && self.dialing.is_empty()
                 && !self.links.is_empty()
-                && self.other_instance.iter().any(|o| *o);
+                && self.endpoints.probing();
             let probe_at = self.next_probe;
             let dial_at = self.next_dial;
             let withdraw_at = self.down_since.filter(|_| !self.withdrawn).map(|t| t + self.params.dead_after);
             // Room on the primary's data lane, and on the local side, is
             // reserved before anything is taken out of the route state.
-            let (lane, to_local, held_back) = {
-                let st = core.lock();
-                let lane = RouteCore::primary_lanes(&st).filter(|_| st.route.wants_transmit()).map(|l| l.data.clone());
-                let local = !st.outbox.is_empty() || st.route.has_delivery();
-                let held_back = st.route.has_delivery() && core.over_budget();
-                (lane, local.then(|| core.to_local.clone()), held_back)
-            };
+            let Waits { lane, to_local, held_back } = core.waits();
             tokio::select! {
                 _ = &mut cancelled => break,
                 Some(c) = self.control.recv() => match c {
@@ -359,18 +341,8 @@ impl PeerTask {
                 _ = &mut woken => woken.set(core.wake.notified()),
                 // The local side finished with deliveries: flush_ack below picks them up.
                 _ = &mut local_done => local_done.set(core.finished.notify.notified()),
-                Ok(permit) = async { lane.unwrap().reserve_owned().await }, if lane.is_some() => {
-                    let mut st = core.lock();
-                    if let Some(frame) = core.data_frame(&mut st.route) {
-                        permit.send(frame);
-                    }
-                }
-                Ok(permit) = async { to_local.unwrap().reserve_owned().await }, if to_local.is_some() => {
-                    let mut st = core.lock();
-                    if let Some(item) = core.next_local(&mut st) {
-                        permit.send(item);
-                    }
-                }
+                Ok(permit) = async { lane.unwrap().reserve_owned().await }, if lane.is_some() => core.send_data(permit),
+                Ok(permit) = async { to_local.unwrap().reserve_owned().await }, if to_local.is_some() => core.send_local(permit),
                 // Deliveries wait for the local side to work through what it holds.
                 // (Async blocks: a timer is made only when its branch is enabled.)
                 _ = async { tokio::time::sleep(HELD_RETRY).await }, if held_back => {}
@@ -380,8 +352,8 @@ impl PeerTask {
                     self.withdraw();
                 }
             }
-            self.pump();
-            self.flush_ack();
+            core.pump(PUMP_BATCH);
+            core.flush_ack();
             self.publish_window();
             if self.members_dirty && self.members_published.elapsed() >= MEMBER_GAUGES_EVERY {
                 self.publish_members();
@@ -390,51 +362,9 @@ impl PeerTask {
         self.shutdown().await;
     }
 
-    /// Moves what can move without waiting: queued submits into the window,
-    /// transmissions onto the primary's data lane and deliveries to the
-    /// local side, in batches, so a busy route does not go round the select
-    /// loop once per message.
-    fn pump(&mut self) {
-        let core = self.core.clone();
-        {
-            let mut st = core.lock();
-            core.admit_pending(&mut st);
-            core.transmit(&mut st, false);
-        }
-        for _ in 0..PUMP_BATCH {
-            {
-                let mut st = core.lock();
-                if !core.local_ready(&st) {
-                    break;
-                }
-                let Ok(permit) = core.to_local.try_reserve() else { break };
-                match core.next_local(&mut st) {
-                    Some(item) => permit.send(item),
-                    None => break,
-                }
-            }
-            // Under load, ack as we go rather than only at the end.
-            self.flush_ack();
-        }
-    }
-
-    /// Queues a control frame on the primary (a lane far behind closes it).
-    fn send_on_primary(&mut self, frame: Frame) {
-        let st = self.core.lock();
-        if let Some(lanes) = RouteCore::primary_lanes(&st) {
-            lanes.send_control(frame);
-        }
-    }
-
-    /// Acks what the local side finished with (see `RouteCore::flush_ack`).
-    fn flush_ack(&mut self) {
-        let mut st = self.core.lock();
-        self.core.flush_ack(&mut st);
-    }
-
     fn send_snapshot(&mut self) {
         for advert in self.members.snapshot() {
-            self.send_on_primary(Frame::control(Header::Advert(advert)));
+            self.core.send_control(Frame::control(Header::Advert(advert)));
         }
         self.members_dirty = true;
     }
@@ -450,7 +380,7 @@ impl PeerTask {
             let advert =
                 if join { self.members.local_join(&group, chunk) } else { self.members.local_leave(&group, chunk) };
             if let Some(advert) = advert {
-                self.send_on_primary(Frame::control(Header::Advert(advert)));
+                self.core.send_control(Frame::control(Header::Advert(advert)));
             }
         }
         self.members_dirty = true;
@@ -459,13 +389,13 @@ impl PeerTask {
     fn changes_to_local(&mut self, changes: Vec<Change>) {
         self.members_dirty = true;
         if !changes.is_empty() {
-            self.core.lock().outbox.extend(member_items(&self.peer, changes));
+            self.core.tell_local(member_items(&self.peer, changes));
         }
     }
 
     fn confirmations_to_local(&mut self, confirmations: Vec<Confirmation>) {
         if !confirmations.is_empty() {
-            self.core.lock().outbox.extend(confirm_items(&self.peer, confirmations));
+            self.core.tell_local(confirm_items(&self.peer, confirmations));
         }
     }
 
@@ -513,11 +443,10 @@ impl PeerTask {
         }
         // Outcomes queued for the local side, then these.
         self.confirmations_to_local(confirmations);
-        let mut outbox = std::mem::take(&mut self.core.lock().outbox);
-        outbox.retain(|item| matches!(item, ToLocal::Confirm { .. }));
+        let mut outbox = self.core.take_outcomes();
         let deadline = tokio::time::Instant::now() + SHUTDOWN_NOTICE;
         while let Some(item) = outbox.pop_front() {
-            match tokio::time::timeout_at(deadline, self.core.to_local.send(item)).await {
+            match tokio::time::timeout_at(deadline, self.core.send_outcome(item)).await {
                 Ok(Ok(())) => {}
                 _ => {
                     tracing::warn!(peer = %self.peer, outcomes = outbox.len() + 1, "the local side did not take the outcomes of its messages");
@@ -527,48 +456,28 @@ impl PeerTask {
         }
     }
 
-    /// Picks the next endpoint, preferring one no live link uses; while
-    /// the route has links, never one that reached another instance.
-    fn pick_endpoint(&mut self) -> usize {
-        let n = self.config.endpoints.len();
-        if self.links.is_empty() {
-            self.other_instance.iter_mut().for_each(|o| *o = false);
-        }
-        let usable = |ep: usize| !self.other_instance[ep];
-        for i in 0..n {
-            let ep = (self.next_endpoint + i) % n;
-            if usable(ep) && !self.links.iter().any(|l| l.endpoint == Some(ep)) {
-                self.next_endpoint = ep + 1;
-                return ep;
-            }
-        }
-        let ep = (0..n).map(|i| (self.next_endpoint + i) % n).find(|&ep| usable(ep)).unwrap_or(self.next_endpoint % n);
-        self.next_endpoint = ep + 1;
-        ep
-    }
-
     /// Dials, once per heartbeat interval, an endpoint that reached another
     /// instance of the peer (or a standby one) while the route has links:
     /// once that instance holds our route, the link starts a successor
     /// session (`admit`).
     fn probe(&mut self) {
         self.next_probe = Instant::now() + self.params.heartbeat;
-        let n = self.config.endpoints.len();
-        let Some(ep) = (0..n).map(|i| (self.next_endpoint + i) % n).find(|&ep| self.other_instance[ep]) else { return };
-        self.next_endpoint = ep + 1;
-        self.dial_endpoint(ep);
+        if let Some(ep) = self.endpoints.probe() {
+            self.dial_endpoint(ep);
+        }
     }
 
     fn dial(&mut self) {
-        let ep_index = self.pick_endpoint();
-        self.dial_endpoint(ep_index);
+        let links = &self.links;
+        let ep = self.endpoints.pick(!links.is_empty(), |ep| links.iter().any(|l| l.endpoint == Some(ep)));
+        self.dial_endpoint(ep);
     }
 
     fn dial_endpoint(&mut self, ep_index: usize) {
         let dial = self.config.endpoints[ep_index].clone();
         let tls = self.tls.as_ref().map(tls::Shared::current);
         let expect = self.config.cluster.clone();
-        let hello = Hello { epoch: self.core.lock().route.our_epoch(), ..self.own.hello(self.offer()) };
+        let hello = Hello { epoch: self.core.our_epoch(), ..self.own.hello(self.offer()) };
         let t = self.timeouts;
         let max_frame = self.max_frame;
         tracing::debug!(peer = %expect, endpoint = %dial, "dialing");
@@ -587,13 +496,9 @@ impl PeerTask {
             // That instance of the peer stands by (another of its cluster
             // holds our route): the next endpoint now, round the list once,
             // then each heartbeat (the holder may be on its way).
-            self.other_instance[ep] = true;
-            self.standby_streak += 1;
-            self.next_dial = if self.standby_streak >= self.config.endpoints.len() {
-                self.standby_streak = 0;
-                Instant::now() + self.params.heartbeat
-            } else {
-                Instant::now()
+            self.next_dial = match self.endpoints.standby(ep) {
+                Retry::Heartbeat => Instant::now() + self.params.heartbeat,
+                Retry::Now => Instant::now(),
             };
             self.metrics.counter(m::HANDSHAKE_FAILURES, &[("peer", &self.peer), ("reason", e.reason())]).increment(1);
             if let Some(held_back) = self.refusals.allow(&"standby") {
@@ -601,7 +506,7 @@ impl PeerTask {
             }
             return;
         }
-        self.standby_streak = 0;
+        self.endpoints.not_standby();
         if let HandshakeError::OtherInstance(holder) = e {
             // A standby instance for this route: tried again each
             // heartbeat, so it takes over soon after the holder is gone.
@@ -639,45 +544,31 @@ impl PeerTask {
     /// closed the same way. Returns the link to adopt, if any.
     fn admit(&mut self, est: Established, endpoint: Option<usize>) -> Option<Established> {
         let (instance, epoch) = (est.peer.gateway.clone(), est.peer.epoch);
-        let verdict = {
-            let mut st = self.core.lock();
-            match st.route.admit(&instance, epoch) {
-                _ if est.our_epoch != st.route.our_epoch() => Err(("resync", "a new session: dial again".to_string())),
-                Admit::OtherInstance if self.successors.is_some() && !self.retired => {
-                    drop(st);
-                    if let Some(ep) = endpoint {
-                        self.other_instance[ep] = true;
-                    }
-                    tracing::info!(peer = %self.peer, instance = %instance, "another instance of the peer cluster holds the route now: a successor session starts beside this one");
-                    let tx = self.successors.clone().expect("successors");
-                    if let Err(e) = tx.try_send(Box::new(est)) {
-                        tracing::error!(peer = %self.peer, "a successor link was not taken: {e}");
-                    }
-                    return None;
+        let successors = self.successors.is_some() && !self.retired;
+        let (reason, why) = match self.core.admit(&instance, epoch, est.our_epoch, successors, &mut self.members) {
+            Admission::Adopt => return Some(est),
+            Admission::Successor => {
+                if let Some(ep) = endpoint {
+                    self.endpoints.other_instance(ep);
                 }
-                Admit::OtherInstance => {
-                    let holder = st.route.peer_instance().unwrap_or_default().to_string();
-                    Err(("other_instance", format!("{OTHER_INSTANCE}: {holder}")))
+                tracing::info!(peer = %self.peer, instance = %instance, "another instance of the peer cluster holds the route now: a successor session starts beside this one");
+                let tx = self.successors.clone().expect("successors");
+                if let Err(e) = tx.try_send(Box::new(est)) {
+                    tracing::error!(peer = %self.peer, "a successor link was not taken: {e}");
                 }
-                Admit::Switch => {
-                    let old = st.route.peer_instance().unwrap_or_default().to_string();
-                    let sw = st.route.switch(new_epoch());
-                    session_ended(&self.peer, &mut self.members, &mut st, sw.failed);
-                    drop(st);
-                    self.session_failures(sw.failed_count);
-                    tracing::warn!(peer = %self.peer, from = %old, to = %instance, failed = sw.failed_count, "the route moves to another instance of the peer cluster: a new session (unconfirmed messages to the previous instance reported failed)");
-                    Err(("resync", "a new session: dial again".to_string()))
-                }
-                Admit::New | Admit::Same | Admit::Restarted => Ok(()),
+                return None;
             }
-        };
-        let (reason, why) = match verdict {
-            Ok(()) => return Some(est),
-            Err(v) => v,
+            Admission::OtherInstance { holder } => ("other_instance", format!("{OTHER_INSTANCE}: {holder}")),
+            Admission::Switched { from, failed } => {
+                self.session_failures(failed);
+                tracing::warn!(peer = %self.peer, from = %from, to = %instance, failed, "the route moves to another instance of the peer cluster: a new session (unconfirmed messages to the previous instance reported failed)");
+                ("resync", "a new session: dial again".to_string())
+            }
+            Admission::Resync => ("resync", "a new session: dial again".to_string()),
         };
         if reason == "other_instance" {
             if let Some(ep) = endpoint {
-                self.other_instance[ep] = true;
+                self.endpoints.other_instance(ep);
             }
             self.metrics.counter(m::HANDSHAKE_FAILURES, &[("peer", &self.peer), ("reason", reason)]).increment(1);
             if let Some(held_back) = self.refusals.allow(&"other_instance") {
@@ -691,7 +582,7 @@ impl PeerTask {
         None
     }
 
-    /// After `session_ended`, outside the lock: what the ended session
+    /// After a session ended (`RouteCore::admit`, `link_up`): what it
     /// was sent and never confirmed is counted failed; the membership
     /// gauges are due.
     fn session_failures(&mut self, failed: usize) {
@@ -713,14 +604,10 @@ impl PeerTask {
             est.peer.gateway
         );
         let hello: Hello = est.peer.clone();
-        let peer_window = Window {
-            messages: (hello.recv_window_messages as usize).max(1),
-            bytes: (hello.recv_window_bytes.min(usize::MAX as u64) as usize).max(1),
-        };
+        let peer_window = send_window(&hello);
         let mut params = self.params.clone();
         params.packing = Policy::new(self.config.compression, &hello.capabilities);
         let link = conn::spawn(est, params, self.events_tx.clone(), &self.tracker);
-        let id = link.id;
         // A hard cap, whoever dialed: a peer cannot make this route hold
         // more links than configured (the side that sorts first trims to
         // what both want; this bounds the other side too).
@@ -736,27 +623,9 @@ impl PeerTask {
         self.rm.connects.increment(1);
         self.rm.standby.set(0.0);
         self.standing_by = false;
-        self.standby_streak = 0;
-        // One step under the lock, so the link's reader cannot hand the
-        // local side a message of a new session before the notices that
-        // go with it (`Lost` for the old run, `Up`).
-        let (was_known, up) = {
-            let mut st = self.core.lock();
-            st.lanes.push(link.lanes());
-            st.peer_rejects = hello.capabilities.iter().any(|c| c == CAP_REJECT);
-            let was_known = st.route.peer_epoch().is_some();
-            let mut up = st.route.link_up_from(id, Some(&hello.gateway), hello.epoch, peer_window);
-            if up.new_session {
-                self.core.finished.reset(hello.epoch);
-            }
-            if up.new_session && was_known {
-                session_ended(&self.peer, &mut self.members, &mut st, std::mem::take(&mut up.failed));
-            }
-            if up.primary {
-                st.outbox.push_back(ToLocal::Up { peer: self.peer.clone(), epoch: hello.epoch });
-            }
-            (was_known, up)
-        };
+        self.endpoints.not_standby();
+        let id = link.id;
+        let (was_known, up) = self.core.link_up(link.lanes(), &hello, peer_window, &mut self.members);
         if !up.stale.is_empty() {
             tracing::warn!(peer = %self.peer, "peer gateway restarted (new epoch): a new session");
         }
@@ -788,17 +657,12 @@ impl PeerTask {
     /// Closes links beyond what either side wants, if this side is the one
     /// that trims (its cluster name sorts first).
     fn trim(&mut self) {
-        if self.own.cluster.as_str() > &*self.peer {
+        let peer_wants = self.links.iter().map(|l| l.peer_wants).max().unwrap_or(0);
+        let Some(target) =
+            trim_to(&self.own.cluster, &self.peer, peer_wants, self.config.links_wanted(), self.config.limits.links)
+        else {
             return;
-        }
-        let target = self
-            .links
-            .iter()
-            .map(|l| l.peer_wants)
-            .max()
-            .unwrap_or(0)
-            .max(self.config.links_wanted())
-            .min(self.config.limits.links) as usize;
+        };
         let open: Vec<&Live> = self.links.iter().filter(|l| !l.link.is_closed()).collect();
         for l in open.iter().skip(target) {
             tracing::info!(peer = %self.peer, link = l.link.id.0, "closing surplus link (both sides dialed)");
@@ -821,14 +685,12 @@ impl PeerTask {
                 for frame in frames {
                     self.on_frame(link, frame);
                     // Keep deliveries and acks flowing within a big batch.
-                    let undelivered = self.core.lock().route.undelivered().0;
-                    if undelivered >= PUMP_BATCH {
-                        self.pump();
+                    if self.core.undelivered() >= PUMP_BATCH {
+                        self.core.pump(PUMP_BATCH);
                     }
                 }
                 // The link's later frames may take the data path again.
-                let mut st = self.core.lock();
-                st.events_queued = st.events_queued.saturating_sub(1);
+                self.core.batch_handled();
             }
         }
     }
@@ -837,15 +699,7 @@ impl PeerTask {
         let Some(pos) = self.links.iter().position(|l| l.link.id == link) else { return };
         let live = self.links.remove(pos);
         self.metrics.counter(m::LINK_DISCONNECTS, &[("peer", &self.peer), ("reason", reason.label())]).increment(1);
-        let down = {
-            let mut st = self.core.lock();
-            st.lanes.retain(|l| l.id != link);
-            let down = st.route.link_down(link);
-            if down.route_down {
-                st.outbox.push_back(ToLocal::Lost { peer: self.peer.clone() });
-            }
-            down
-        };
+        let down = self.core.link_down(link);
         let role = if down.was_primary { "primary" } else { "standby" };
         // (A peer that keeps failing its links would otherwise fill the log.)
         if let Some(held_back) = self.refusals.allow(&reason.label()) {
@@ -885,13 +739,8 @@ impl PeerTask {
     fn on_frame(&mut self, link: LinkId, frame: Frame) {
         match frame.header {
             Header::Data { epoch, seq, .. } => {
-                let verdict = {
-                    let mut st = self.core.lock();
-                    if Some(epoch) != st.route.peer_epoch() {
-                        return; // from a previous run of the peer, on a stale link
-                    }
-                    st.route.on_data(link, seq, frame.body)
-                };
+                // (None: from a previous run of the peer, on a stale link.)
+                let Some(verdict) = self.core.on_data(link, epoch, seq, frame.body) else { return };
                 match verdict {
                     Ok(DataVerdict::Accepted) | Ok(DataVerdict::Stale) => {}
                     Ok(DataVerdict::Duplicate) => self.rm.duplicates.increment(1),
@@ -899,11 +748,7 @@ impl PeerTask {
                 }
             }
             Header::Ack { epoch, upto } => {
-                let acked = {
-                    let mut st = self.core.lock();
-                    self.core.on_ack(&mut st, epoch, upto)
-                };
-                if let Err(v) = acked {
+                if let Err(v) = self.core.on_ack(epoch, upto) {
                     self.violation(link, v.label(), v.to_string());
                 }
             }
@@ -912,14 +757,14 @@ impl PeerTask {
                 match self.members.on_advert(advert) {
                     Ok(applied) => {
                         if applied.resync {
-                            self.send_on_primary(Frame::control(Header::Resync));
+                            self.core.send_control(Frame::control(Header::Resync));
                         }
                         for (group, why) in &applied.refused {
                             self.advert_rejected("bad_group", || format!("group {group:?} not imported: {why}"));
                         }
                         self.changes_to_local(applied.changes);
                         if applied.synced {
-                            self.core.lock().outbox.push_back(ToLocal::Synced { peer: self.peer.clone() });
+                            self.core.tell_local([ToLocal::Synced { peer: self.peer.clone() }]);
                         }
                     }
                     Err(e) => self.advert_rejected(e.label(), || format!("advert from {origin} rejected: {e}")),
@@ -927,8 +772,7 @@ impl PeerTask {
             }
             Header::Resync => self.send_snapshot(),
             Header::Reject { epoch, seqs } => {
-                let rejected = self.core.lock().route.on_reject(epoch, &seqs);
-                if let Err(v) = rejected {
+                if let Err(v) = self.core.on_reject(epoch, &seqs) {
                     self.violation(link, v.label(), v.to_string());
                 }
             }
@@ -950,7 +794,7 @@ impl PeerTask {
             return; // (its successor publishes the route's gauges)
         }
         let up = self.links.iter().filter(|l| !l.link.is_closed()).count();
-        let route_up = if self.core.lock().route.is_up() { 1.0 } else { 0.0 };
+        let route_up = if self.core.is_up() { 1.0 } else { 0.0 };
         self.rm.primary_up.set(route_up);
         self.rm.standby_up.set(up.saturating_sub(1) as f64);
         self.rm.route_up.set(route_up);
@@ -966,10 +810,7 @@ impl PeerTask {
             return;
         }
         let now = Instant::now();
-        let (up, peer_gateway, primary, unacked) = {
-            let st = self.core.lock();
-            (st.route.is_up(), st.route.peer_instance().map(str::to_string), st.route.primary(), st.route.unacked().0)
-        };
+        let View { up, peer_instance: peer_gateway, primary, unacked } = self.core.view();
         let links: Vec<status::LinkStatus> = self
             .links
             .iter()
@@ -1010,8 +851,7 @@ impl PeerTask {
         if self.retired {
             return; // (its successor publishes the route's gauges)
         }
-        let st = self.core.lock();
-        self.core.publish_window(&st);
+        self.core.publish_window();
     }
 
     fn publish_members(&mut self) {
@@ -1029,17 +869,43 @@ impl PeerTask {
     }
 }
 
-/// The session with the peer's run ended (it restarted, or the route moved
-/// to another instance): queued with that state change, under the route's
-/// lock, the outcomes of what it was sent and never confirmed, `Lost`, and
-/// the withdrawal of its members.
-fn session_ended(
-    peer: &Arc<str>,
-    members: &mut PeerMembership,
-    st: &mut super::core::CoreState,
-    failed: Vec<Confirmation>,
-) {
-    st.outbox.extend(confirm_items(peer, failed));
-    st.outbox.push_back(ToLocal::Lost { peer: peer.clone() });
-    st.outbox.extend(member_items(peer, members.peer_restarted()));
+/// Our send window toward the peer: the receive window its hello offers
+/// (at least one message and one byte, whatever it says).
+fn send_window(hello: &Hello) -> Window {
+    Window {
+        messages: usize::try_from(hello.recv_window_messages).unwrap_or(usize::MAX).max(1),
+        bytes: usize::try_from(hello.recv_window_bytes).unwrap_or(usize::MAX).max(1),
+    }
+}
+
+/// How many links the route keeps when both sides dialed: what either
+/// side wants, within our cap (`max_links`). Only the side whose cluster
+/// name sorts first trims (None for the other), so the two never fight.
+fn trim_to(own: &str, peer: &str, peer_wants: u8, we_want: u8, max_links: u8) -> Option<usize> {
+    (own <= peer).then(|| usize::from(peer_wants.max(we_want).min(max_links)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_the_side_sorting_first_trims_to_what_either_wants_within_the_cap() {
+        assert_eq!(trim_to("dc1", "dc2", 1, 2, 4), Some(2));
+        assert_eq!(trim_to("dc1", "dc2", 3, 2, 4), Some(3), "the peer wants more");
+        assert_eq!(trim_to("dc1", "dc2", 9, 2, 4), Some(4), "never beyond our cap");
+        assert_eq!(trim_to("dc2", "dc1", 1, 2, 4), None, "the other side never trims");
+    }
+
+    #[test]
+    fn the_send_window_is_what_the_peer_offers_but_never_zero() {
+        let own = Identity { cluster: "dc1".into(), gateway: "gw".into(), epoch: 1 };
+        let offer = |messages, bytes| Offer { links_wanted: 1, recv_window: Window { messages, bytes } };
+        let w = send_window(&own.hello(offer(100, 1 << 20)));
+        assert_eq!((w.messages, w.bytes), (100, 1 << 20));
+        let mut zero = own.hello(offer(1, 1));
+        (zero.recv_window_messages, zero.recv_window_bytes) = (0, 0);
+        let w = send_window(&zero);
+        assert_eq!((w.messages, w.bytes), (1, 1));
+    }
 }
