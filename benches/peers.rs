@@ -37,7 +37,8 @@ use tokio::runtime::Runtime;
 use tokio::sync::mpsc;
 use wandist::demo::erl::{Epmd, Erl};
 use wandist::erlang::etf::{self, Term};
-use wandist::gateway::{self, RouteHandle, Running, ToLocal};
+use wandist::gateway::{self, Running};
+use wandist::local::{RouteHandle, ToLocal};
 use wandist::membership::Change;
 use wandist::metrics::Metrics;
 use wandist::wire::relay::Relay;
@@ -63,7 +64,7 @@ async fn gateway(dir: &std::path::Path, name: &str, text: &str) -> Running {
     std::fs::write(&path, text).unwrap();
     let prepared = gateway::prepare(&path).unwrap_or_else(|p| panic!("{name}: {p:?}"));
     if text.contains("[erlang]") {
-        gateway::start_with_erlang(prepared, Metrics::new()).await.unwrap()
+        wandist::app::start(prepared, Metrics::new()).await.unwrap()
     } else {
         gateway::start(prepared, Metrics::new(), 4096).await.unwrap()
     }

@@ -134,7 +134,7 @@ pub fn etf_translate(data: &[u8]) {
 pub fn relay(data: &[u8]) {
     use wandist::erlang::control::Control;
     use wandist::erlang::core::{Core, Effect, PeerSetup, Setup};
-    use wandist::gateway::{Held, ToLocal};
+    use wandist::local::{Held, ToLocal};
     use wandist::membership::{Change, Filter};
     use wandist::wire::Handle;
 

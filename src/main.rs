@@ -384,7 +384,7 @@ fn run(config: PathBuf, log_format: LogFormat) -> ExitCode {
         let shutdown = CancellationToken::new();
         let (reload_tx, reloads) = tokio::sync::mpsc::channel(1);
         tokio::spawn(watch_signals(shutdown.clone(), reload_tx));
-        wandist::gateway::run(prepared, metrics, shutdown, reloads).await
+        wandist::app::run(prepared, metrics, shutdown, reloads).await
     });
     runtime.shutdown_timeout(std::time::Duration::from_secs(1));
     match result {

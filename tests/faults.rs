@@ -12,7 +12,7 @@ use bytes::Bytes;
 use support::forward::Forwarder;
 use support::inproc::{next, InProc};
 use support::*;
-use wandist::gateway::ToLocal;
+use wandist::local::ToLocal;
 
 fn msg(i: u64, size: usize) -> Bytes {
     let mut v = vec![0u8; size.max(8)];

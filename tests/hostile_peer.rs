@@ -18,7 +18,7 @@ use support::erl::{epmd, erl_table, tag, Epmd, Erl};
 use support::inproc::{next, InProc};
 use support::*;
 use wandist::erlang::etf::{self, Pid, Term};
-use wandist::gateway::ToLocal;
+use wandist::local::ToLocal;
 use wandist::membership::Change;
 use wandist::route::{FailReason, Outcome};
 use wandist::wire::relay::Relay;
@@ -382,7 +382,7 @@ async fn a_peer_at_its_limits_costs_only_itself() {
     // Links: dc0 already has one; raw connections beyond max_links (2) are
     // closed. (As more links of dc0's own run: another run would be taken
     // for a restart of dc0.)
-    let epoch = w.dc0.running().local.route("dc1").unwrap().epoch();
+    let epoch = w.dc0.running().route_epoch("dc1").unwrap();
     let mut raws = Vec::new();
     for _ in 0..6 {
         if let Ok(est) = raw::connect(&w.certs, w.gw1.peer_addr(), "dc0", "dc1", epoch).await {

@@ -179,7 +179,7 @@ fn two_instances_of_a_cluster_share_one_peer_without_duplicates_or_false_confirm
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_route_to_two_instances_of_the_peer_holds_one_and_moves_when_it_stops() {
     use support::inproc::{next, InProc};
-    use wandist::gateway::ToLocal;
+    use wandist::local::ToLocal;
     use wandist::route::Outcome;
 
     const TOTAL: u64 = 20_000;

@@ -13,7 +13,8 @@ use bytes::Bytes;
 use support::forward::Forwarder;
 use support::inproc::{delivered_in_order, next, InProc};
 use support::*;
-use wandist::gateway::{Reloaded, ToLocal};
+use wandist::gateway::Reloaded;
+use wandist::local::ToLocal;
 use wandist::route::Outcome;
 
 /// A `[tls]` table naming these files.

@@ -11,7 +11,7 @@ use bytes::Bytes;
 use support::forward::Forwarder;
 use support::inproc::{delivered_in_order, next, InProc};
 use support::*;
-use wandist::gateway::ToLocal;
+use wandist::local::ToLocal;
 use wandist::membership::Change;
 use wandist::route::{FailReason, Outcome};
 use wandist::wire::Handle;

@@ -20,7 +20,7 @@ use support::forward::Forwarder;
 use support::inproc::InProc;
 use support::*;
 use tokio::sync::mpsc;
-use wandist::gateway::{RouteHandle, ToLocal};
+use wandist::local::{RouteHandle, ToLocal};
 use wandist::route::{FailReason, Outcome};
 
 const SUBMITTED: u8 = 1;

@@ -72,7 +72,7 @@ async fn gateway(dir: &Path, name: &str, text: String) -> Result<Running, String
     std::fs::write(&path, text).map_err(|e| e.to_string())?;
     let prepared =
         gateway::prepare(&path).map_err(|p| p.iter().map(|p| p.to_string()).collect::<Vec<_>>().join("; "))?;
-    gateway::start_with_erlang(prepared, Metrics::new()).await.map_err(|e| e.to_string())
+    crate::app::start(prepared, Metrics::new()).await.map_err(|e| e.to_string())
 }
 
 async fn dist_port(epmd: &Epmd, node: &str) -> Result<u16, String> {

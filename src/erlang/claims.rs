@@ -29,14 +29,8 @@ use std::time::{Duration, Instant};
 
 use super::etf::{Pid, Ref, Term};
 
-/// What the gateway is to do with a route.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Step {
-    /// This instance holds the route now: start it.
-    Hold(Arc<str>),
-    /// Another instance holds it (or nobody can be asked): stop it.
-    Release(Arc<str>),
-}
+/// What the gateway is to do with a route (part of the local-side contract).
+pub use crate::local::Step;
 
 /// The pg group whose members claim the route to `cluster`:
 /// `{wandist_claim, <<Cluster>>}` (never exported, never imported:

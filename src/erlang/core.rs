@@ -31,7 +31,7 @@ use super::monitors::{Held as HeldMonitors, Monitor, Watchers};
 use super::node::packet;
 use super::proxies::{PeerIx, Proxies};
 use crate::config::Limits;
-use crate::gateway::{Held, LocalGroups, ToLocal};
+use crate::local::{Held, LocalGroups, ToLocal};
 use crate::membership::{Change, Filter};
 use crate::metrics::{self as m, Metrics};
 use crate::ratelog::RateLog;

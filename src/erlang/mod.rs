@@ -28,4 +28,4 @@ mod shell;
 pub mod throttle;
 
 pub use self::core::CONFIRM_NAME;
-pub use shell::{start, ShellControl};
+pub use shell::start;

@@ -15,8 +15,8 @@ use tokio_util::sync::CancellationToken;
 use super::dist::{self, PASS_THROUGH};
 use super::etf::{self, Term};
 use crate::config::{ErlNode, Secret};
-use crate::gateway::Held;
 use crate::link::backoff::Backoff;
+use crate::local::Held;
 
 /// Bytes read from a node at once, at most (its packets, in bulk).
 const READ_BUFFER: usize = 32 * 1024;
@@ -771,7 +771,7 @@ mod tests {
         let mut b = Barriers::default();
         let mut batch = BytesMut::new();
         // Each barrier covers one delivery of session 5.
-        let finished = Arc::new(crate::gateway::Finished::default());
+        let finished = Arc::new(crate::local::Finished::default());
         finished.reset(5);
         let counter = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         for n in 1..=3 {

@@ -26,13 +26,12 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::claims::Step;
 use super::core::{Core, Effect, PeerSetup, Reject, Setup};
 use super::node::{self, NodeEvent, NodeParams, NodeTx, TrySend};
 use super::proxies::PeerIx;
 use super::throttle::Budget;
 use crate::config::{ErlNode, ErlangConfig, GatewayConfig, RouteConfig};
-use crate::gateway::{Inbox, LocalHandle, RouteHandle, ToLocal, TryGroups, TrySubmit};
+use crate::local::{Control, Held, Inbox, LocalHandle, RouteHandle, Step, ToLocal, TryGroups, TrySubmit};
 use crate::membership::Filter;
 use crate::metrics::{self as m, Metrics};
 use crate::ratelog::RateLog;
@@ -73,50 +72,6 @@ struct NodeSlot {
     removed: bool,
     /// Since when it is connected, or not (`/status`).
     since: Instant,
-}
-
-/// What a reload changes on the Erlang side, while it runs.
-#[derive(Debug)]
-pub enum ShellControl {
-    /// A route added: the shell serves its inbox and exports to it.
-    AddRoute {
-        route: Box<RouteConfig>,
-        inbox: Inbox,
-        handle: RouteHandle,
-        /// A successor session's first link, handed to the route once it
-        /// has been told our members (so its first snapshot has them: the
-        /// peer takes a snapshot as the whole of our membership).
-        then: Option<Box<crate::link::handshake::Established>>,
-        /// Cancelled once the route has been told our members (it waits
-        /// for that to start).
-        ready: Option<CancellationToken>,
-    },
-    /// A route task stopped (a reload removed or changed it, or another
-    /// instance holds it now): its peer is forgotten (its proxies leave
-    /// their groups, their watchers get DOWN); what waited for it fails.
-    RemoveRoute(RouteHandle),
-    /// A route task is handing its route to another instance
-    /// (`Core::leave_peer`): members withdrawn both ways once the next
-    /// instance serves it (told through the sender), traffic on its way
-    /// still carried.
-    LeaveRoute(RouteHandle, tokio::sync::oneshot::Sender<()>),
-    /// The local nodes to connect to, now (the configured ones).
-    Nodes(Vec<ErlNode>),
-    /// `[erlang] dns`: the nodes its name resolves to now.
-    DnsNodes(Vec<Arc<str>>),
-    /// With several instances (`[erlang] coordinate`): a route to claim
-    /// (a reload added it), or one whose claim is withdrawn (a reload
-    /// removed it).
-    Claim(Arc<str>),
-    Unclaim(Arc<str>),
-    /// A hand-over waited long enough for the next instance: withdraw our
-    /// members now (`None`: the gateway's; else the route's).
-    Withdraw(Option<RouteHandle>),
-    /// The gateway stops (`Core::leave`): claims withdrawn, so the other
-    /// instances take the routes over; members withdrawn both ways once
-    /// they serve them (told through the sender), so senders stop choosing
-    /// this instance while it finishes.
-    Leave(tokio::sync::oneshot::Sender<()>),
 }
 
 /// Where the shell gets what it needs to connect to nodes added later.
@@ -180,7 +135,10 @@ struct Shell {
     /// (reported undeliverable to their peer), counted and said.
     node_gone: metrics::Counter,
     node_gone_log: RateLog<()>,
-    control: mpsc::Receiver<ShellControl>,
+    /// What the gateway tells it (`local::Control`).
+    control: mpsc::Receiver<Control>,
+    /// `[erlang] dns`: the nodes its name resolves to now (`poll_dns`).
+    dns: mpsc::Receiver<Vec<Arc<str>>>,
     /// Where this instance's claims on routes are decided (`claims`):
     /// the gateway starts and stops routes by them.
     claims: Option<mpsc::Sender<Step>>,
@@ -274,7 +232,7 @@ pub fn start(
     ready: CancellationToken,
     tracker: &TaskTracker,
     claims: Option<mpsc::Sender<Step>>,
-) -> mpsc::Sender<ShellControl> {
+) -> mpsc::Sender<Control> {
     let me: Arc<str> = cfg.node.as_str().into();
     let creation = fastrand::u32(1..);
     let params = NodeParams {
@@ -308,6 +266,7 @@ pub fn start(
     let ticked = Arc::new(AtomicBool::new(false));
     let (tick_tx, tick_rx) = mpsc::channel(1);
     let (control_tx, control_rx) = mpsc::channel(16);
+    let (dns_tx, dns_rx) = mpsc::channel(1);
     tracker.spawn(ticker(ticked.clone(), tick_tx, cancel.clone()));
     let mut shell = Shell {
         node_ix: nodes.iter().enumerate().map(|(i, n)| (n.name.clone(), i)).collect(),
@@ -324,6 +283,7 @@ pub fn start(
         node_gone: metrics.counter(m::ERLANG_REJECTED, &[("peer", m::LOCAL_PEER), ("reason", "node_not_connected")]),
         node_gone_log: RateLog::default(),
         control: control_rx,
+        dns: dns_rx,
         spawner,
         claims,
         left: Vec::new(),
@@ -333,7 +293,7 @@ pub fn start(
         dns_nodes: BTreeSet::new(),
     };
     if let Some((name, host)) = cfg.dns.clone() {
-        tracker.spawn(poll_dns(name, host, control_tx.clone(), cancel.clone()));
+        tracker.spawn(poll_dns(name, host, dns_tx, cancel.clone()));
     }
     shell.connected.set(0.0);
     shell.proxies.set(0.0);
@@ -350,7 +310,7 @@ const DNS_EVERY: Duration = Duration::from_secs(2);
 /// `[erlang] dns = "name@host"`: looks `host` up every DNS_EVERY and tells
 /// the shell the nodes `name@ADDRESS` it resolves to. A failed lookup
 /// changes nothing (a DNS blip must not disconnect a cluster); it is said.
-async fn poll_dns(name: String, host: String, tx: mpsc::Sender<ShellControl>, cancel: CancellationToken) {
+async fn poll_dns(name: String, host: String, tx: mpsc::Sender<Vec<Arc<str>>>, cancel: CancellationToken) {
     let mut failing = false;
     loop {
         let found = tokio::select! {
@@ -371,7 +331,7 @@ async fn poll_dns(name: String, host: String, tx: mpsc::Sender<ShellControl>, ca
                 nodes.sort();
                 nodes.dedup();
                 nodes.truncate(super::core::MAX_CLUSTER_NODES);
-                if tx.send(ShellControl::DnsNodes(nodes)).await.is_err() {
+                if tx.send(nodes).await.is_err() {
                     return;
                 }
             }
@@ -417,8 +377,10 @@ enum Input {
     Route(PeerIx, ToLocal),
     /// The ticker's period passed (publish gauges, rediscover scopes).
     Tick,
-    /// A reload's change.
-    Control(ShellControl),
+    /// A change the gateway tells.
+    Control(Control),
+    /// `[erlang] dns` answered.
+    Dns(Vec<Arc<str>>),
 }
 
 impl Shell {
@@ -480,6 +442,7 @@ impl Shell {
             match input {
                 Some(Input::Tick) => self.tick(),
                 Some(Input::Control(c)) => self.control(c),
+                Some(Input::Dns(found)) => self.dns_found(found),
                 Some(input) => cursor = self.handle(input).wrapping_add(1),
                 None => {}
             }
@@ -545,6 +508,9 @@ impl Shell {
         if let Poll::Ready(Some(c)) = self.control.poll_recv(cx) {
             return Poll::Ready(Input::Control(c));
         }
+        if let Poll::Ready(Some(found)) = self.dns.poll_recv(cx) {
+            return Poll::Ready(Input::Dns(found));
+        }
         for k in 0..self.sources_len() {
             let src = self.source(start, k);
             if !self.readable(src) {
@@ -601,7 +567,9 @@ impl Shell {
                 self.charge(p, before);
                 Src::Route(p)
             }
-            Input::Tick | Input::Control(_) => unreachable!("ticks and reloads are handled by the loop"),
+            Input::Tick | Input::Control(_) | Input::Dns(_) => {
+                unreachable!("ticks, controls and DNS answers are handled by the loop")
+            }
         };
         self.drain(src, BATCH - 1);
         self.index(src)
@@ -654,9 +622,9 @@ impl Shell {
     }
 
     /// A reload's change, applied between rounds.
-    fn control(&mut self, c: ShellControl) {
+    fn control(&mut self, c: Control) {
         match c {
-            ShellControl::AddRoute { route, inbox, handle, then, ready } => {
+            Control::AddRoute { route, inbox, handle, then, ready } => {
                 let p = self.core.add_peer(peer_setup(&route));
                 debug_assert_eq!(p, self.routes.len());
                 self.routes.push(route_slot(&route, inbox.rx, Some(handle.clone()), &self.spawner.metrics));
@@ -664,14 +632,14 @@ impl Shell {
                 // (The exports first: they go ahead of the link, or of the
                 // route's start, on its queue.)
                 self.run_effects(Some(Src::Route(p)));
-                if let Some(est) = then {
-                    handle.adopt(est);
+                if let Some(then) = then {
+                    then.run();
                 }
                 if let Some(ready) = ready {
                     ready.cancel();
                 }
             }
-            ShellControl::LeaveRoute(handle, done) => match self.slot_of(&handle) {
+            Control::LeaveRoute(handle, done) => match self.slot_of(&handle) {
                 Some(p) => {
                     self.left.push((Some(p), done));
                     self.core.leave_peer(p);
@@ -680,7 +648,7 @@ impl Shell {
                     let _ = done.send(());
                 }
             },
-            ShellControl::RemoveRoute(handle) => {
+            Control::RemoveRoute(handle) => {
                 let Some(p) = self.slot_of(&handle) else { return };
                 let peer = self.core.peer_name(p).clone();
                 self.core.remove_peer(p);
@@ -697,33 +665,35 @@ impl Shell {
                 }
                 tracing::info!(peer = %peer, "route removed: its peer's proxies are forgotten");
             }
-            ShellControl::Nodes(wanted) => {
+            Control::Nodes(wanted) => {
                 self.configured = wanted;
                 self.apply_nodes();
             }
-            ShellControl::DnsNodes(found) => {
-                // A node gone from the answer stays while it is connected.
-                let mut nodes: BTreeSet<Arc<str>> = found.into_iter().collect();
-                nodes.extend(self.dns_nodes.iter().filter(|n| self.is_connected(n)).cloned());
-                if nodes != self.dns_nodes {
-                    self.dns_nodes = nodes;
-                    self.apply_nodes();
-                }
-            }
-            ShellControl::Claim(cluster) => self.core.claim(cluster),
-            ShellControl::Unclaim(cluster) => self.core.unclaim(&cluster),
-            ShellControl::Withdraw(None) => self.core.withdraw_now(None),
-            ShellControl::Withdraw(Some(handle)) => {
+            Control::Claim(cluster) => self.core.claim(cluster),
+            Control::Unclaim(cluster) => self.core.unclaim(&cluster),
+            Control::Withdraw(None) => self.core.withdraw_now(None),
+            Control::Withdraw(Some(handle)) => {
                 if let Some(p) = self.slot_of(&handle) {
                     self.core.withdraw_now(Some(p));
                 }
             }
-            ShellControl::Leave(done) => {
+            Control::Leave(done) => {
                 self.left.push((None, done));
                 self.core.leave();
             }
         }
         self.run_effects(None);
+    }
+
+    /// `[erlang] dns` answered: the nodes to connect to now. A node gone
+    /// from the answer stays while it is connected.
+    fn dns_found(&mut self, found: Vec<Arc<str>>) {
+        let mut nodes: BTreeSet<Arc<str>> = found.into_iter().collect();
+        nodes.extend(self.dns_nodes.iter().filter(|n| self.is_connected(n)).cloned());
+        if nodes != self.dns_nodes {
+            self.dns_nodes = nodes;
+            self.apply_nodes();
+        }
     }
 
     fn is_connected(&self, node: &str) -> bool {
@@ -879,7 +849,7 @@ impl Shell {
 
     /// A peer's message for a node whose connection went away between the
     /// core's decision and now: reported undeliverable, counted, said.
-    fn gone(&mut self, mut held: crate::gateway::Held, node: &str) {
+    fn gone(&mut self, mut held: Held, node: &str) {
         held.undeliverable();
         self.node_gone.increment(1);
         if let Some(held_back) = self.node_gone_log.allow(&()) {

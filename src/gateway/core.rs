@@ -26,9 +26,10 @@ use bytes::Bytes;
 use metrics::{Counter, Gauge, Histogram};
 use tokio::sync::{mpsc, Notify};
 
-use super::local::{Finished, Held, RouteGone, Submit, ToLocal, TrySubmit};
+use super::handle::Submit;
 use super::peer::TO_LOCAL_BYTES;
 use crate::link::conn::{FrameSink, Lanes};
+use crate::local::{Acks, Finished, Held, RouteGone, ToLocal, TrySubmit};
 use crate::membership::{Change, PeerMembership};
 use crate::route::{Admit, Confirmation, DataVerdict, FailReason, LinkDown, LinkId, LinkUp, Route, Violation, Window};
 use crate::wire::{Frame, Header, Hello, CAP_REJECT};
@@ -201,7 +202,7 @@ impl RouteCore {
             peer,
             to_local,
             held,
-            finished: Arc::new(Finished::for_route(me.clone())),
+            finished: Arc::new(Finished::for_route(me.clone() as std::sync::Weak<dyn Acks>)),
             m,
             ack_every: ACK_EVERY.min(window_messages as u64 / 4).max(1),
         })
@@ -638,22 +639,6 @@ impl RouteCore {
         st.route.ack_sent(upto);
     }
 
-    /// Acks what the local side just finished with, from its task (after a
-    /// batch of deliveries was confirmed taken), not the route task's.
-    /// It never waits for the lock: if the lock is held — by another task
-    /// for a moment, or by a caller up this very stack, which waiting
-    /// would deadlock — the route task is told to ack instead.
-    pub(crate) fn ack_now(&self) {
-        let mut st = match self.state.try_lock() {
-            Ok(st) => st,
-            Err(TryLockError::Poisoned(e)) => e.into_inner(),
-            Err(TryLockError::WouldBlock) => return self.finished.notify.notify_one(),
-        };
-        if !st.closed {
-            self.flush_ack_locked(&mut st);
-        }
-    }
-
     // ---- toward the local side ----
 
     fn over_budget(&self) -> bool {
@@ -693,6 +678,24 @@ impl RouteCore {
             }
         }
         st.route.has_delivery() || !st.outbox.is_empty()
+    }
+}
+
+impl Acks for RouteCore {
+    /// Acks what the local side just finished with, from its task (after a
+    /// batch of deliveries was confirmed taken), not the route task's.
+    /// It never waits for the lock: if the lock is held — by another task
+    /// for a moment, or by a caller up this very stack, which waiting
+    /// would deadlock — the route task is told to ack instead.
+    fn ack_now(&self) {
+        let mut st = match self.state.try_lock() {
+            Ok(st) => st,
+            Err(TryLockError::Poisoned(e)) => e.into_inner(),
+            Err(TryLockError::WouldBlock) => return self.finished.notify.notify_one(),
+        };
+        if !st.closed {
+            self.flush_ack_locked(&mut st);
+        }
     }
 }
 

@@ -4,13 +4,9 @@
 
 mod core;
 mod endpoints;
-mod local;
+mod handle;
 mod peer;
 pub mod reload;
-
-#[cfg(test)]
-pub(crate) use local::Finished;
-pub use local::{Held, Inbox, LocalGroups, LocalHandle, RouteGone, RouteHandle, ToLocal, TryGroups, TrySubmit};
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -25,9 +21,11 @@ use tokio_util::task::TaskTracker;
 use crate::config::{Config, Problem};
 use crate::link::handshake::{self, Admission, Identity, Offer};
 use crate::link::Timeouts;
+use crate::local::{Control, Inbox, LocalHandle, Step, Then, ToLocal};
+use crate::membership::GroupCheck;
 use crate::metrics::{self as m, Metrics};
 use crate::tls::{self, Tls};
-use local::RouteControl;
+use handle::{RouteControl, RouteRef};
 
 /// A configuration with everything `run` needs loaded and checked: what
 /// `wandist check` validates, without binding a port.
@@ -90,6 +88,9 @@ pub struct Running {
     /// The metrics endpoint's address, if configured.
     pub metrics_addr: Option<SocketAddr>,
     pub local: LocalHandle,
+    /// The route tasks running, by peer cluster (what `local` hands the
+    /// local side, and what only the gateway does with them).
+    routes: HashMap<String, RouteRef>,
     /// Each route's queue toward the local side (for it to take).
     pub inboxes: Vec<Inbox>,
     pub metrics: Metrics,
@@ -99,8 +100,8 @@ pub struct Running {
     tls: Option<tls::Shared>,
     /// Starts and stops routes (a reload adds and removes them).
     kit: RouteKit,
-    /// The Erlang side's controls, if it runs.
-    shell: Option<mpsc::Sender<crate::erlang::ShellControl>>,
+    /// The local side's controls, if one is attached (`attach`).
+    shell: Option<mpsc::Sender<Control>>,
     /// The merged channel (`merged_inbox`), if the local side took one.
     merged: Option<mpsc::Sender<ToLocal>>,
     root: CancellationToken,
@@ -109,15 +110,82 @@ pub struct Running {
     /// Several instances of the cluster (`[erlang] coordinate`): routes
     /// run while this instance holds them, by the claims' outcomes.
     coordinated: bool,
-    claims: Option<mpsc::Receiver<crate::erlang::claims::Step>>,
+    claims: Option<mpsc::Receiver<Step>>,
     /// Links from another instance of a peer, for successor sessions.
     successors: Option<mpsc::Receiver<Box<handshake::Established>>>,
     /// Route tasks whose session a successor took over, until their peer
     /// instance has left: (cluster, handle).
-    retiring: Vec<(String, RouteHandle)>,
+    retiring: Vec<(String, RouteRef)>,
 }
 
 impl Running {
+    /// Attaches a local side that takes `Control`s (reloads, hand-overs,
+    /// the gateway's stop), each route's `Inbox` and `local`; with
+    /// `claims` (several instances of the cluster), routes run while this
+    /// instance holds them, by the claims' outcomes, and links from
+    /// another instance of a peer become successor sessions.
+    pub fn attach(&mut self, control: mpsc::Sender<Control>, claims: Option<mpsc::Receiver<Step>>) {
+        self.shell = Some(control);
+        self.coordinated = claims.is_some();
+        if self.coordinated {
+            let (tx, rx) = mpsc::channel(CONTROL_QUEUE);
+            self.kit.successors = Some(tx);
+            self.successors = Some(rx);
+        }
+        self.claims = claims;
+    }
+
+    /// The session epoch of the route to `peer` (what its hellos carry
+    /// now), if it runs.
+    pub fn route_epoch(&self, peer: &str) -> Option<u64> {
+        self.routes.get(peer).map(RouteRef::epoch)
+    }
+
+    /// Without a local side: what the routes hand it is logged and dropped.
+    pub fn discard_inboxes(&mut self) {
+        for inbox in std::mem::take(&mut self.inboxes) {
+            drain(inbox, &self.tracker, self.root.clone());
+        }
+    }
+
+    /// The gateway's cancellation root and task tracker, for a local side
+    /// that runs under them.
+    pub fn root(&self) -> (CancellationToken, TaskTracker) {
+        (self.root.clone(), self.tracker.clone())
+    }
+
+    /// Runs until `shutdown` is cancelled, then stops (`stop`). Each item
+    /// from `reloads` loads the configuration file again and applies it
+    /// (`reload`); claims and successor links are acted on as they come.
+    pub async fn serve(mut self, shutdown: CancellationToken, mut reloads: mpsc::Receiver<()>) {
+        let path = self.config.path.clone();
+        let mut claims = self.claims.take();
+        let mut successors = self.successors.take();
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                Some(est) = async { successors.as_mut().unwrap().recv().await }, if successors.is_some() => self.adopt_successor(est),
+                Some(step) = async { claims.as_mut().unwrap().recv().await }, if claims.is_some() => self.claim_step(step),
+                r = reloads.recv() => match r {
+                    Some(()) => {
+                        tracing::info!(config = %path.display(), "reloading the configuration");
+                        // Reading files is blocking work: off the runtime's workers.
+                        let p = path.clone();
+                        let loaded = tokio::task::spawn_blocking(move || prepare(&p))
+                            .await
+                            .unwrap_or_else(|e| Err(vec![Problem { file: path.clone(), line: None, message: format!("reload failed: {e}") }]));
+                        self.reload(loaded);
+                    }
+                    None => {
+                        shutdown.cancelled().await;
+                        break;
+                    }
+                },
+            }
+        }
+        self.stop().await;
+    }
+
     /// The routes' inboxes merged into one channel (`merge`), for a local
     /// side that does not need them apart.
     pub fn merged_inbox(&mut self, queue: usize) -> mpsc::Receiver<ToLocal> {
@@ -165,7 +233,7 @@ impl Running {
             if self.coordinated && removed {
                 // Its claim is withdrawn: another instance holds it no more either.
                 if let Some(shell) = &self.shell {
-                    self.tell(shell, crate::erlang::ShellControl::Unclaim(cluster.as_str().into()));
+                    self.tell(shell, Control::Unclaim(cluster.as_str().into()));
                 }
             }
             // Removed for good: it refuses new messages and finishes those
@@ -183,7 +251,7 @@ impl Running {
                 self.kit.standby(route);
                 if !plan.stop.contains(cluster) {
                     if let Some(shell) = &self.shell {
-                        self.tell(shell, crate::erlang::ShellControl::Claim(cluster.as_str().into()));
+                        self.tell(shell, Control::Claim(cluster.as_str().into()));
                     }
                 }
                 continue;
@@ -193,7 +261,7 @@ impl Running {
         }
         if plan.nodes {
             if let (Some(shell), Some(erlang)) = (&self.shell, &new.erlang) {
-                self.tell(shell, crate::erlang::ShellControl::Nodes(erlang.nodes.clone()));
+                self.tell(shell, Control::Nodes(erlang.nodes.clone()));
             }
         }
         self.config.tls = new.tls;
@@ -225,13 +293,13 @@ impl Running {
         // members: its first snapshot is all of them.)
         let ready = self.shell.as_ref().map(|_| CancellationToken::new());
         let (handle, inbox) = self.kit.spawn_with(route, None, ready.clone());
-        self.local.routes.insert(cluster.clone(), handle.clone());
+        self.add(cluster, &handle);
         match (&self.shell, &self.merged) {
             (Some(shell), _) => {
-                let add = crate::erlang::ShellControl::AddRoute {
+                let add = Control::AddRoute {
                     route: Box::new(route.clone()),
                     inbox,
-                    handle,
+                    handle: handle.for_local(),
                     then: None,
                     ready,
                 };
@@ -247,7 +315,7 @@ impl Running {
     /// grace period), else at once. The local side forgets its peer.
     fn stop_route(&mut self, cluster: &str, finish: bool) {
         let cancel = self.kit.stop(cluster);
-        let Some(route) = self.local.routes.remove(cluster) else {
+        let Some(route) = self.remove(cluster) else {
             cancel.inspect(CancellationToken::cancel);
             return;
         };
@@ -265,8 +333,20 @@ impl Running {
             None => {}
         }
         if let Some(shell) = &self.shell {
-            self.tell(shell, crate::erlang::ShellControl::RemoveRoute(route));
+            self.tell(shell, Control::RemoveRoute(route.for_local()));
         }
+    }
+
+    /// A route task runs for `cluster` now: the gateway's and the local
+    /// side's handles on it.
+    fn add(&mut self, cluster: &str, route: &RouteRef) {
+        self.routes.insert(cluster.to_string(), route.clone());
+        self.local.insert(cluster.to_string(), route.for_local());
+    }
+
+    fn remove(&mut self, cluster: &str) -> Option<RouteRef> {
+        self.local.remove(cluster);
+        self.routes.remove(cluster)
     }
 
     /// Hands `cluster`'s route to another instance of this cluster: as a
@@ -278,20 +358,20 @@ impl Running {
         if let Some(route) = self.config.route(cluster).cloned() {
             self.kit.standby(&route);
         }
-        let (Some(cancel), Some(route)) = (cancel, self.local.routes.remove(cluster)) else { return };
+        let (Some(cancel), Some(route)) = (cancel, self.remove(cluster)) else { return };
         let Some(shell) = self.shell.clone() else { return cancel.cancel() };
         let (done, withdrawn) = tokio::sync::oneshot::channel();
-        self.tell(&shell, crate::erlang::ShellControl::LeaveRoute(route.clone(), done));
+        self.tell(&shell, Control::LeaveRoute(route.for_local(), done));
         let (grace, quiet, wait) = (self.grace, self.quiet(), self.hand_over_wait());
         self.tracker.spawn(async move {
             let routes = std::slice::from_ref(&route);
             let started = tokio::time::Instant::now();
-            withdrawal(&shell, Some(&route), withdrawn, wait, grace / 4).await;
+            withdrawal(&shell, Some(route.for_local()), withdrawn, wait, grace / 4).await;
             settle(routes, quiet, (grace / 2).saturating_sub(started.elapsed())).await;
             route.drain();
             finish_in_flight(routes, grace / 4).await;
             cancel.cancel();
-            if let Err(e) = shell.send(crate::erlang::ShellControl::RemoveRoute(route)).await {
+            if let Err(e) = shell.send(Control::RemoveRoute(route.for_local())).await {
                 tracing::error!("the Erlang side did not take a route's end: {e}");
             }
         });
@@ -307,10 +387,10 @@ impl Running {
     pub fn adopt_successor(&mut self, est: Box<handshake::Established>) {
         let cluster = est.peer.cluster.clone();
         let instance = est.peer.gateway.clone();
-        self.retiring.retain(|(_, r)| !r.control.is_closed());
+        self.retiring.retain(|(_, r)| !r.is_gone());
         let Some(route) = self.config.route(&cluster).cloned() else { return };
-        let current = self.local.routes.get(&cluster).cloned();
-        let to = if current.as_ref().and_then(RouteHandle::peer_instance).as_deref() == Some(&instance) {
+        let current = self.routes.get(&cluster).cloned();
+        let to = if current.as_ref().and_then(RouteRef::peer_instance).as_deref() == Some(&instance) {
             current
         } else {
             self.retiring
@@ -332,22 +412,24 @@ impl Running {
             self.tracker.spawn(handshake::goodbye(*est, why, self.config.gateway.max_frame_bytes));
             return;
         }
-        let (Some(old), Some(old_cancel)) = (self.local.routes.remove(&cluster), self.kit.tasks.remove(&cluster))
-        else {
+        let (Some(old), Some(old_cancel)) = (self.remove(&cluster), self.kit.tasks.remove(&cluster)) else {
             return;
         };
         old.tell(RouteControl::Retire);
         tracing::info!(peer = %cluster, from = %old.peer_instance().unwrap_or_default(), to = %instance, "successor session: the route moves to another instance of the peer, the old session finishes beside it");
         let (handle, inbox) = self.kit.spawn_with(&route, Some(est.our_epoch), None);
-        self.local.routes.insert(cluster.clone(), handle.clone());
+        self.add(&cluster, &handle);
         if let Some(shell) = &self.shell {
-            // (The link goes to the route once the Erlang side has told it
+            // (The link goes to the route once the local side has told it
             // our members: its first snapshot is all of them.)
-            let add = crate::erlang::ShellControl::AddRoute {
+            let adopt = handle.clone();
+            let add = Control::AddRoute {
                 route: Box::new(route.clone()),
                 inbox,
-                handle,
-                then: Some(est),
+                handle: handle.for_local(),
+                then: Some(Then::new(move || {
+                    adopt.tell(RouteControl::Adopt(est));
+                })),
                 ready: None,
             };
             self.tell(shell, add);
@@ -363,7 +445,7 @@ impl Running {
             }
             old_cancel.cancel();
             if let Some(shell) = shell {
-                let _ = shell.send(crate::erlang::ShellControl::RemoveRoute(old)).await;
+                let _ = shell.send(Control::RemoveRoute(old.for_local())).await;
             }
         });
     }
@@ -393,8 +475,7 @@ impl Running {
     /// With several instances of the cluster: this one now holds a route
     /// (started), or another does (this one finishes what it accepted,
     /// then stands by).
-    pub fn claim_step(&mut self, step: crate::erlang::claims::Step) {
-        use crate::erlang::claims::Step;
+    pub fn claim_step(&mut self, step: Step) {
         match step {
             Step::Hold(cluster) => {
                 let Some(route) = self.config.route(&cluster).cloned() else { return };
@@ -415,11 +496,11 @@ impl Running {
         }
     }
 
-    /// Hands the Erlang side a reload's change (it reads them between
-    /// rounds; a full queue of them means it is stuck, which is said).
-    fn tell(&self, shell: &mpsc::Sender<crate::erlang::ShellControl>, c: crate::erlang::ShellControl) {
+    /// Hands the local side a change (it reads them between rounds; a
+    /// full queue of them means it is stuck, which is said).
+    fn tell(&self, shell: &mpsc::Sender<Control>, c: Control) {
         if let Err(e) = shell.try_send(c) {
-            tracing::error!("the Erlang side did not take a reload's change: {e}");
+            tracing::error!("the local side did not take a change: {e}");
         }
     }
 
@@ -428,7 +509,7 @@ impl Running {
     /// and waits up to the grace period for the tasks to finish.
     pub async fn stop(self) {
         tracing::info!(grace = ?self.grace, "shutting down");
-        let routes: Vec<RouteHandle> = self.local.routes.values().cloned().collect();
+        let routes: Vec<RouteRef> = self.routes.values().cloned().collect();
         let mut left = self.grace / 2;
         if let Some(shell) = &self.shell {
             // Senders on both sides stop choosing this gateway (its members
@@ -438,7 +519,7 @@ impl Running {
             // for two heartbeats (or half the grace period) before the
             // routes refuse anything new.
             let (done, withdrawn) = tokio::sync::oneshot::channel();
-            self.tell(shell, crate::erlang::ShellControl::Leave(done));
+            self.tell(shell, Control::Leave(done));
             let started = tokio::time::Instant::now();
             // (With several instances, the next ones serve the routes first.)
             withdrawal(shell, None, withdrawn, self.hand_over_wait(), self.grace / 4).await;
@@ -450,7 +531,7 @@ impl Running {
         // First the routes finish what they accepted (new messages are
         // refused and reported failed at once), for up to half the grace
         // period, while links, nodes and the Erlang side still run.
-        routes.iter().for_each(RouteHandle::drain);
+        routes.iter().for_each(RouteRef::drain);
         let (at_start, left) = finish_in_flight(&routes, left).await;
         if at_start > 0 {
             tracing::info!(
@@ -490,12 +571,12 @@ fn publish_expiry(metrics: &Metrics, tls: &Tls) {
 /// what it accepted.
 const DRAIN_POLL: std::time::Duration = std::time::Duration::from_millis(10);
 
-/// Waits, for up to `within`, while draining `routes` (`RouteHandle::drain`:
+/// Waits, for up to `within`, while draining `routes` (`RouteRef::drain`:
 /// they refuse new messages) send and confirm what they accepted (as long
 /// as they are up). How many were in flight at the start, and how many
 /// are left.
-async fn finish_in_flight(routes: &[RouteHandle], within: std::time::Duration) -> (usize, usize) {
-    let in_flight = || routes.iter().map(RouteHandle::in_flight).sum::<usize>();
+async fn finish_in_flight(routes: &[RouteRef], within: std::time::Duration) -> (usize, usize) {
+    let in_flight = || routes.iter().map(RouteRef::in_flight).sum::<usize>();
     let deadline = tokio::time::Instant::now() + within;
     let at_start = in_flight();
     let mut left = at_start;
@@ -510,8 +591,8 @@ async fn finish_in_flight(routes: &[RouteHandle], within: std::time::Duration) -
 /// `Core::leave_peer` for `route`), then has the Erlang side withdraw now
 /// and waits up to `then` more for that.
 async fn withdrawal(
-    shell: &mpsc::Sender<crate::erlang::ShellControl>,
-    route: Option<&RouteHandle>,
+    shell: &mpsc::Sender<Control>,
+    route: Option<crate::local::RouteHandle>,
     mut withdrawn: tokio::sync::oneshot::Receiver<()>,
     wait: std::time::Duration,
     then: std::time::Duration,
@@ -519,17 +600,16 @@ async fn withdrawal(
     if tokio::time::timeout(wait, &mut withdrawn).await.is_ok() {
         return;
     }
-    if shell.send(crate::erlang::ShellControl::Withdraw(route.cloned())).await.is_ok() {
+    if shell.send(Control::Withdraw(route)).await.is_ok() {
         let _ = tokio::time::timeout(then, withdrawn).await;
     }
 }
 
 /// Waits, for up to `within`, until `routes` are settled (`Route::settled`)
 /// and have seen no traffic either way for `quiet`. Whether they did.
-async fn settle(routes: &[RouteHandle], quiet: std::time::Duration, within: std::time::Duration) -> bool {
-    let state = || {
-        routes.iter().map(RouteHandle::settle_state).fold((0u64, true), |(a, s), (b, t)| (a.wrapping_add(b), s && t))
-    };
+async fn settle(routes: &[RouteRef], quiet: std::time::Duration, within: std::time::Duration) -> bool {
+    let state =
+        || routes.iter().map(RouteRef::settle_state).fold((0u64, true), |(a, s), (b, t)| (a.wrapping_add(b), s && t));
     let deadline = tokio::time::Instant::now() + within;
     let (mut last, _) = state();
     let mut since = tokio::time::Instant::now();
@@ -555,41 +635,44 @@ async fn after_gate(gate: Option<CancellationToken>, cancel: &CancellationToken)
     }
 }
 
-/// Size of each route's queue toward the local side.
-pub const TO_LOCAL_QUEUE: usize = 4096;
-
 /// A certificate expiring within this many days is logged at start.
 const CERT_WARN_DAYS: i64 = 30;
 
 /// Starts the gateway: binds its listeners, starts one task per route, and
 /// returns. Everything for the local cluster arrives in `Running::inboxes`,
-/// one per route, each holding up to `queue` items.
+/// one per route, each holding up to `queue` items. (`app::start` starts it
+/// with the Erlang side.)
 pub async fn start(prepared: Prepared, metrics: Metrics, queue: usize) -> Result<Running, GatewayError> {
-    start_gated(prepared, metrics, queue, None).await
+    start_with(prepared, metrics, Options::new(queue)).await
 }
 
-/// As [`start`], but no peer link is accepted or dialed until `gate` is
-/// cancelled (the local side is ready to take what peers send): peers'
-/// messages wait in their windows meanwhile, instead of arriving at a
-/// local side that cannot deliver them yet.
-pub async fn start_gated(
-    prepared: Prepared,
-    metrics: Metrics,
-    queue: usize,
-    gate: Option<CancellationToken>,
-) -> Result<Running, GatewayError> {
-    start_inner(prepared, metrics, queue, gate, true).await
+/// How `start_with` starts the gateway.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Size of each route's queue toward the local side.
+    pub queue: usize,
+    /// No peer link is accepted or dialed until this is cancelled (the
+    /// local side is ready to take what peers send): peers' messages wait
+    /// in their windows meanwhile, instead of arriving at a local side
+    /// that cannot deliver them yet.
+    pub gate: Option<CancellationToken>,
+    /// Routes start at once; without, every route stands by until this
+    /// instance holds it (`Running::claim_step`).
+    pub routes_now: bool,
+    /// The group names the local side takes from peers (a peer's advert
+    /// of any other is refused, `bad_group`).
+    pub group_check: Option<GroupCheck>,
 }
 
-/// As [`start_gated`]; without `routes_now`, every route stands by until
-/// this instance holds it (`Running::claim_step`).
-async fn start_inner(
-    prepared: Prepared,
-    metrics: Metrics,
-    queue: usize,
-    gate: Option<CancellationToken>,
-    routes_now: bool,
-) -> Result<Running, GatewayError> {
+impl Options {
+    pub fn new(queue: usize) -> Options {
+        Options { queue, gate: None, routes_now: true, group_check: None }
+    }
+}
+
+/// As [`start`], with `options`.
+pub async fn start_with(prepared: Prepared, metrics: Metrics, options: Options) -> Result<Running, GatewayError> {
+    let Options { queue, gate, routes_now, group_check } = options;
     let Prepared { config, tls, .. } = prepared;
     let tls = tls.map(|t| {
         publish_expiry(&metrics, &t);
@@ -627,8 +710,10 @@ async fn start_inner(
         inbound: Arc::default(),
         tasks: HashMap::new(),
         successors: None,
+        group_check,
     };
-    let mut local = LocalHandle { routes: HashMap::new() };
+    let mut local = LocalHandle::default();
+    let mut routes = HashMap::new();
     let mut inboxes = Vec::new();
     for route in &config.routes {
         if !routes_now {
@@ -636,7 +721,8 @@ async fn start_inner(
             continue;
         }
         let (handle, inbox) = kit.spawn(route);
-        local.routes.insert(route.cluster.clone(), handle);
+        local.insert(route.cluster.clone(), handle.for_local());
+        routes.insert(route.cluster.clone(), handle);
         inboxes.push(inbox);
     }
 
@@ -677,6 +763,7 @@ async fn start_inner(
         peers,
         metrics_addr,
         local,
+        routes,
         inboxes,
         metrics,
         config,
@@ -734,11 +821,13 @@ struct RouteKit {
     /// With `[erlang] coordinate`: links from another instance of a peer
     /// become successor sessions (`Running::adopt_successor`).
     successors: Option<mpsc::Sender<Box<handshake::Established>>>,
+    /// What group names the local side takes (`Options::group_check`).
+    group_check: Option<GroupCheck>,
 }
 
 impl RouteKit {
     /// Starts `route`'s task (after the gate); its handle and inbox.
-    fn spawn(&mut self, route: &crate::config::RouteConfig) -> (RouteHandle, Inbox) {
+    fn spawn(&mut self, route: &crate::config::RouteConfig) -> (RouteRef, Inbox) {
         self.spawn_with(route, None, None)
     }
 
@@ -751,7 +840,7 @@ impl RouteKit {
         route: &crate::config::RouteConfig,
         epoch: Option<u64>,
         ready: Option<CancellationToken>,
-    ) -> (RouteHandle, Inbox) {
+    ) -> (RouteRef, Inbox) {
         if route.insecure_plaintext {
             tracing::warn!(peer = %route.cluster, "route uses insecure_plaintext: traffic to and from this cluster is neither encrypted nor authenticated");
         }
@@ -776,6 +865,7 @@ impl RouteKit {
                 held: self.held.clone(),
                 successors: self.successors.clone(),
                 epoch,
+                group_check: self.group_check,
             },
             self.metrics.clone(),
             cancel.clone(),
@@ -865,58 +955,6 @@ fn forward(mut inbox: Inbox, tx: mpsc::Sender<ToLocal>, tracker: &TaskTracker) {
     });
 }
 
-/// Starts the gateway with its local side: the Erlang cluster of the
-/// `[erlang]` table, or (without one) a side that only logs what arrives.
-pub async fn start_with_erlang(prepared: Prepared, metrics: Metrics) -> Result<Running, GatewayError> {
-    let erlang = prepared.config.erlang.clone();
-    let dist_tls = prepared.dist_tls.clone();
-    let g = prepared.config.gateway.clone();
-    let routes = prepared.config.routes.clone();
-    let gate = erlang.as_ref().map(|_| CancellationToken::new());
-    let coordinate = erlang.as_ref().is_some_and(|e| e.coordinate);
-    let mut running = start_inner(prepared, metrics.clone(), TO_LOCAL_QUEUE, gate.clone(), !coordinate).await?;
-    let inboxes = std::mem::take(&mut running.inboxes);
-    match (erlang, gate) {
-        (Some(cfg), Some(gate)) => {
-            // (Each route's outcome comes at most twice per change: room
-            // for every route twice over, and more.)
-            let (claims_tx, claims_rx) = match coordinate {
-                true => {
-                    let (tx, rx) = mpsc::channel(2 * routes.len() + 16);
-                    (Some(tx), Some(rx))
-                }
-                false => (None, None),
-            };
-            running.coordinated = coordinate;
-            running.claims = claims_rx;
-            if coordinate {
-                let (tx, rx) = mpsc::channel(CONTROL_QUEUE);
-                running.kit.successors = Some(tx);
-                running.successors = Some(rx);
-            }
-            running.shell = Some(crate::erlang::start(
-                &cfg,
-                dist_tls,
-                &g,
-                &routes,
-                running.local.clone(),
-                inboxes,
-                metrics,
-                running.root.clone(),
-                gate,
-                &running.tracker,
-                claims_tx,
-            ))
-        }
-        _ => {
-            for inbox in inboxes {
-                drain(inbox, &running.tracker, running.root.clone());
-            }
-        }
-    }
-    Ok(running)
-}
-
 /// Without a local side: what a route hands it is logged and dropped.
 fn drain(mut inbox: Inbox, tracker: &TaskTracker, cancel: CancellationToken) {
     tracker.spawn(async move {
@@ -930,45 +968,6 @@ fn drain(mut inbox: Inbox, tracker: &TaskTracker, cancel: CancellationToken) {
             }
         }
     });
-}
-
-/// Runs the gateway until `shutdown` is cancelled, then drains within the
-/// configured grace period. Each item from `reloads` loads the
-/// configuration file again and applies it (`Running::reload`).
-pub async fn run(
-    prepared: Prepared,
-    metrics: Metrics,
-    shutdown: CancellationToken,
-    mut reloads: mpsc::Receiver<()>,
-) -> Result<(), GatewayError> {
-    let path = prepared.config.path.clone();
-    let mut running = start_with_erlang(prepared, metrics).await?;
-    let mut claims = running.claims.take();
-    let mut successors = running.successors.take();
-    loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => break,
-            Some(est) = async { successors.as_mut().unwrap().recv().await }, if successors.is_some() => running.adopt_successor(est),
-            Some(step) = async { claims.as_mut().unwrap().recv().await }, if claims.is_some() => running.claim_step(step),
-            r = reloads.recv() => match r {
-                Some(()) => {
-                    tracing::info!(config = %path.display(), "reloading the configuration");
-                    // Reading files is blocking work: off the runtime's workers.
-                    let p = path.clone();
-                    let loaded = tokio::task::spawn_blocking(move || prepare(&p))
-                        .await
-                        .unwrap_or_else(|e| Err(vec![Problem { file: path.clone(), line: None, message: format!("reload failed: {e}") }]));
-                    running.reload(loaded);
-                }
-                None => {
-                    shutdown.cancelled().await;
-                    break;
-                }
-            },
-        }
-    }
-    running.stop().await;
-    Ok(())
 }
 
 /// The runtime's worker threads: as configured, or (0) one per CPU, but one

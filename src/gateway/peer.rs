@@ -23,13 +23,14 @@ use tokio_util::task::TaskTracker;
 
 use super::core::{confirm_items, member_items, Admission, DataMetrics, RouteCore, View, Waits};
 use super::endpoints::{Endpoints, Retry};
-use super::local::{LocalGroups, RouteControl, RouteHandle, ToLocal};
+use super::handle::{RouteControl, RouteRef};
 use super::new_epoch;
 use crate::config::{GatewayConfig, RouteConfig};
 use crate::link::backoff::Backoff;
 use crate::link::conn::{self, Link, LinkEvent, LinkParams};
 use crate::link::handshake::{self, Established, HandshakeError, Identity, Offer, SessionCheck, OTHER_INSTANCE};
 use crate::link::{Close, Timeouts};
+use crate::local::{LocalGroups, ToLocal};
 use crate::membership::{Change, Filter, ImportLimits, PeerMembership};
 use crate::metrics::{self as m, Metrics};
 use crate::route::{Confirmation, DataVerdict, FailReason, LinkId, Outcome, Route, Window};
@@ -127,6 +128,8 @@ pub(super) struct RouteInputs {
     /// The epoch of the task's route (a successor's is its predecessor's:
     /// the link's hello carried it); None: a fresh one.
     pub epoch: Option<u64>,
+    /// The group names the local side takes (None: any).
+    pub group_check: Option<crate::membership::GroupCheck>,
 }
 
 pub(super) struct PeerTask {
@@ -235,8 +238,11 @@ impl PeerTask {
             Filter::from_patterns(&config.export),
             Filter::from_patterns(&config.import),
             ImportLimits { members: l.members, groups: l.groups, bytes: l.member_bytes },
-        )
-        .with_check(crate::erlang::groups::check);
+        );
+        let members = match inputs.group_check {
+            Some(check) => members.with_check(check),
+            None => members,
+        };
         PeerTask {
             peer,
             own,
@@ -274,8 +280,8 @@ impl PeerTask {
 
     /// The local side's handle for sending to this route's peer
     /// (`control`: the sending end of this task's control queue).
-    pub(super) fn handle(&self, control: mpsc::Sender<RouteControl>) -> RouteHandle {
-        RouteHandle { core: self.core.clone(), control }
+    pub(super) fn handle(&self, control: mpsc::Sender<RouteControl>) -> RouteRef {
+        RouteRef::new(self.core.clone(), control)
     }
 
     /// The acceptor's check of an incoming peer run, before its hello is

@@ -5,7 +5,8 @@
 use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
-use wandist::gateway::{self, Running, ToLocal};
+use wandist::gateway::{self, Running};
+use wandist::local::ToLocal;
 use wandist::metrics::Metrics;
 
 use super::{metric_value, SOON};
@@ -26,7 +27,7 @@ impl InProc {
         let path = dir.path().join("gateway.toml");
         std::fs::write(&path, body).unwrap();
         let prepared = gateway::prepare(&path).unwrap_or_else(|p| panic!("{name}: bad config: {p:?}"));
-        let running = gateway::start_with_erlang(prepared, Metrics::new()).await.unwrap();
+        let running = wandist::app::start(prepared, Metrics::new()).await.unwrap();
         let (_tx, rx) = mpsc::channel(1);
         InProc { name: name.to_string(), running: Some(running), rx, _dir: dir }
     }

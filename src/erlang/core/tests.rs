@@ -6,7 +6,7 @@ use std::sync::atomic::AtomicUsize;
 use proptest::prelude::*;
 
 use super::*;
-use crate::gateway::Finished;
+use crate::local::Finished;
 
 const A1: &str = "a1@h";
 const ME: &str = "gw@h";

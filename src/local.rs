@@ -1,35 +1,70 @@
-//! The narrow interface between routes and the local cluster.
+//! The contract between the gateway's routes and the local side (the
+//! Erlang side, or a test's in-memory one). Both depend on this module;
+//! neither on the other: `app` composes them.
 //!
-//! The local side (the Erlang side, or a test's in-memory one) submits
-//! messages for a peer cluster through a [`RouteHandle`], reports its own
-//! cluster's group changes to each route (as handles issued to that peer),
-//! and receives everything else as [`ToLocal`], on one bounded [`Inbox`]
-//! per route: so it can serve the routes in turn, and a busy peer's items
-//! never queue ahead of another's.
+//! The local side submits messages for a peer cluster through a
+//! [`RouteHandle`], reports its own cluster's group changes to each route
+//! (as handles issued to that peer), and receives everything else as
+//! [`ToLocal`], on one bounded [`Inbox`] per route: so it can serve the
+//! routes in turn, and a busy peer's items never queue ahead of another's.
+//! The gateway tells it what a reload or a hand-over changes as
+//! [`Control`]; with several instances of the cluster, the local side
+//! tells the gateway which routes this instance holds ([`Step`]).
 
 use std::collections::{BTreeSet, HashMap};
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 
 use bytes::Bytes;
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::{mpsc, oneshot, Notify};
+use tokio_util::sync::CancellationToken;
 
+use crate::config::{ErlNode, RouteConfig};
 use crate::membership::Change;
 use crate::route::Outcome;
 use crate::wire::Member;
+
+/// A route, acking what the local side finished with (the gateway's route
+/// state implements it).
+pub(crate) trait Acks: Send + Sync {
+    /// Acks now, from the caller's task; must never wait for a lock its
+    /// caller may hold.
+    fn ack_now(&self);
+}
+
+/// Stands in for a route in a `Finished` of none.
+struct NoRoute;
+
+impl Acks for NoRoute {
+    fn ack_now(&self) {}
+}
 
 /// What the local side has finished with, per route: deliveries are
 /// numbered per peer session, and a route acks only the contiguous prefix
 /// that is done, so a message still inside this gateway (queued for an
 /// Erlang node, say) is never acked and a crash cannot lose a message its
 /// sender was told was delivered.
-#[derive(Debug, Default)]
 pub(crate) struct Finished {
     state: Mutex<FinishedState>,
     /// Told when the prefix grows outside a batch (`Held::finish_all`).
     pub(crate) notify: Notify,
     /// The route, to ack a finished batch at once.
-    route: Weak<super::core::RouteCore>,
+    route: Weak<dyn Acks>,
+}
+
+impl Default for Finished {
+    /// Of no route (tests drive the local side with these).
+    fn default() -> Self {
+        Finished::for_route(Weak::<NoRoute>::new())
+    }
+}
+
+impl std::fmt::Debug for Finished {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Finished").field("state", &self.state).finish_non_exhaustive()
+    }
 }
 
 #[derive(Debug, Default)]
@@ -44,8 +79,8 @@ struct FinishedState {
 }
 
 impl Finished {
-    pub(crate) fn for_route(route: Weak<super::core::RouteCore>) -> Finished {
-        Finished { route, ..Default::default() }
+    pub(crate) fn for_route(route: Weak<dyn Acks>) -> Finished {
+        Finished { state: Mutex::default(), notify: Notify::new(), route }
     }
 
     /// A batch of deliveries is finished: ack them now, in the caller's
@@ -217,25 +252,6 @@ pub struct Inbox {
     pub rx: mpsc::Receiver<ToLocal>,
 }
 
-/// A message for the peer, queued while the route's window is full.
-#[derive(Debug)]
-pub(crate) struct Submit {
-    pub payload: Bytes,
-    pub token: Option<u64>,
-}
-
-/// What else a route task is told, in one queue (so that its loop polls
-/// one channel for both): a link the listener accepted for it, or a change
-/// in the local cluster's own groups.
-pub(crate) enum RouteControl {
-    Adopt(Box<crate::link::handshake::Established>),
-    Groups(LocalGroups),
-    /// A successor session took the route over (another instance of the
-    /// peer): this task dials no more, publishes no gauges, and ends once
-    /// its peer instance has left.
-    Retire,
-}
-
 /// A change in the local cluster's own groups, for one peer: its members
 /// are handles the local side issued to that peer.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -247,13 +263,6 @@ pub enum LocalGroups {
 #[derive(Debug, thiserror::Error)]
 #[error("the route is gone (gateway shutting down)")]
 pub struct RouteGone;
-
-/// Sends messages (and the local cluster's group changes) to one peer cluster.
-#[derive(Debug, Clone)]
-pub struct RouteHandle {
-    pub(crate) core: Arc<super::core::RouteCore>,
-    pub(crate) control: mpsc::Sender<RouteControl>,
-}
 
 /// Why `try_groups` did not take a change.
 #[derive(Debug)]
@@ -271,86 +280,68 @@ pub enum TrySubmit {
     Gone,
 }
 
+/// What a route offers the local side: the gateway's routes implement it.
+pub(crate) trait Route: Send + Sync {
+    fn try_submit(&self, payload: Bytes, token: Option<u64>) -> Result<(), TrySubmit>;
+    fn submit(&self, payload: Bytes, token: Option<u64>) -> BoxFuture<'_, Result<(), RouteGone>>;
+    fn try_groups(&self, change: LocalGroups) -> Result<(), TryGroups>;
+    fn groups(&self, change: LocalGroups) -> BoxFuture<'_, Result<(), RouteGone>>;
+}
+
+pub(crate) type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// Sends messages (and the local cluster's group changes) to one peer cluster.
+#[derive(Clone)]
+pub struct RouteHandle {
+    route: Arc<dyn Route>,
+}
+
+impl std::fmt::Debug for RouteHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "RouteHandle({:p})", Arc::as_ptr(&self.route))
+    }
+}
+
 impl RouteHandle {
-    /// The peer instance the route's session is with, if any.
-    pub(crate) fn peer_instance(&self) -> Option<String> {
-        self.core.peer_instance()
-    }
-
-    /// Whether the route has a live link.
-    pub(crate) fn is_up(&self) -> bool {
-        self.core.is_up()
-    }
-
-    /// Hands the route task a link (or tells it to retire): false if it is gone.
-    pub(crate) fn tell(&self, c: RouteControl) -> bool {
-        self.control.try_send(c).is_ok()
-    }
-
-    /// Hands the route task a link (a successor session's first).
-    pub fn adopt(&self, est: Box<crate::link::handshake::Established>) {
-        let _ = self.control.try_send(RouteControl::Adopt(est));
+    pub(crate) fn new(route: Arc<dyn Route>) -> RouteHandle {
+        RouteHandle { route }
     }
 
     /// Whether both are handles of the same route task.
     pub fn same(&self, other: &RouteHandle) -> bool {
-        Arc::ptr_eq(&self.core, &other.core)
-    }
-
-    /// The route's session epoch: what its hellos carry now.
-    pub fn epoch(&self) -> u64 {
-        self.core.our_epoch()
-    }
-
-    /// Refuses new messages from now on; those accepted go on (stopping).
-    pub(crate) fn drain(&self) {
-        self.core.drain();
-    }
-
-    /// Accepted and not yet confirmed, while the route is up.
-    pub(crate) fn in_flight(&self) -> usize {
-        self.core.in_flight()
-    }
-
-    /// (activity, settled): see `RouteCore::settle_state`.
-    pub(crate) fn settle_state(&self) -> (u64, bool) {
-        self.core.settle_state()
+        std::ptr::addr_eq(Arc::as_ptr(&self.route), Arc::as_ptr(&other.route))
     }
 
     /// Hands a message to the route if its window or queue has room,
     /// without waiting. With room in the window (and nothing queued before
     /// it) the message is on its way to the peer when this returns.
     pub fn try_submit(&self, payload: Bytes, token: Option<u64>) -> Result<(), TrySubmit> {
-        self.core.try_submit(payload, token)
+        self.route.try_submit(payload, token)
     }
 
     /// Hands a message to the route; waits while its window and queue are
     /// full. With a token, a `ToLocal::Confirm` for it follows.
     pub async fn submit(&self, payload: Bytes, token: Option<u64>) -> Result<(), RouteGone> {
-        self.core.submit(payload, token).await
+        self.route.submit(payload, token).await
     }
 
     /// Reports a change in the local cluster's groups without waiting.
     /// Never report members learned from a peer here: that is what keeps
     /// membership non-transitive.
     pub fn try_groups(&self, change: LocalGroups) -> Result<(), TryGroups> {
-        match self.control.try_send(RouteControl::Groups(change)) {
-            Ok(()) => Ok(()),
-            Err(mpsc::error::TrySendError::Full(RouteControl::Groups(c))) => Err(TryGroups::Full(c)),
-            Err(_) => Err(TryGroups::Gone),
-        }
+        self.route.try_groups(change)
     }
 
     /// Reports a change in the local cluster's groups; waits for room.
     pub async fn groups(&self, change: LocalGroups) -> Result<(), RouteGone> {
-        self.control.send(RouteControl::Groups(change)).await.map_err(|_| RouteGone)
+        self.route.groups(change).await
     }
 }
 
 /// The local side's handle on the gateway: routes by peer cluster.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct LocalHandle {
-    pub(crate) routes: HashMap<String, RouteHandle>,
+    routes: HashMap<String, RouteHandle>,
 }
 
 impl LocalHandle {
@@ -360,6 +351,14 @@ impl LocalHandle {
 
     pub fn peers(&self) -> impl Iterator<Item = &str> {
         self.routes.keys().map(String::as_str)
+    }
+
+    pub(crate) fn insert(&mut self, peer: String, route: RouteHandle) {
+        self.routes.insert(peer, route);
+    }
+
+    pub(crate) fn remove(&mut self, peer: &str) -> Option<RouteHandle> {
+        self.routes.remove(peer)
     }
 
     /// Members of the LOCAL cluster joined `group`, as handles issued to
@@ -375,4 +374,77 @@ impl LocalHandle {
             let _ = r.groups(LocalGroups::Leave { group: group.to_string(), members }).await;
         }
     }
+}
+
+/// What the gateway tells the local side while it runs: routes started
+/// and stopped (a reload, a hand-over between instances), the nodes to
+/// connect to, claims, and its own stop.
+#[derive(Debug)]
+pub enum Control {
+    /// A route added: the local side serves its inbox and exports to it.
+    AddRoute {
+        route: Box<RouteConfig>,
+        inbox: Inbox,
+        handle: RouteHandle,
+        /// Run once the route has been told our members (a successor
+        /// session's first link goes to it then, so its first snapshot
+        /// has them: the peer takes a snapshot as the whole of our
+        /// membership).
+        then: Option<Then>,
+        /// Cancelled once the route has been told our members (it waits
+        /// for that to start).
+        ready: Option<CancellationToken>,
+    },
+    /// A route task stopped (a reload removed or changed it, or another
+    /// instance holds it now): its peer is forgotten (its proxies leave
+    /// their groups, their watchers get DOWN); what waited for it fails.
+    RemoveRoute(RouteHandle),
+    /// A route task is handing its route to another instance: members
+    /// withdrawn both ways once the next instance serves it (told through
+    /// the sender), traffic on its way still carried.
+    LeaveRoute(RouteHandle, oneshot::Sender<()>),
+    /// The local nodes to connect to, now (the configured ones).
+    Nodes(Vec<ErlNode>),
+    /// With several instances (`[erlang] coordinate`): a route to claim
+    /// (a reload added it), or one whose claim is withdrawn (a reload
+    /// removed it).
+    Claim(Arc<str>),
+    Unclaim(Arc<str>),
+    /// A hand-over waited long enough for the next instance: withdraw our
+    /// members now (`None`: the gateway's; else the route's).
+    Withdraw(Option<RouteHandle>),
+    /// The gateway stops: claims withdrawn, so the other instances take
+    /// the routes over; members withdrawn both ways once they serve them
+    /// (told through the sender), so senders stop choosing this instance
+    /// while it finishes.
+    Leave(oneshot::Sender<()>),
+}
+
+/// Something to run once, later (`Control::AddRoute`).
+pub struct Then(Box<dyn FnOnce() + Send>);
+
+impl Then {
+    pub(crate) fn new(f: impl FnOnce() + Send + 'static) -> Then {
+        Then(Box::new(f))
+    }
+
+    pub fn run(self) {
+        (self.0)()
+    }
+}
+
+impl std::fmt::Debug for Then {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Then")
+    }
+}
+
+/// With several instances of the cluster: what the gateway is to do with
+/// a route, as the local side's claims decide.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Step {
+    /// This instance holds the route now: start it.
+    Hold(Arc<str>),
+    /// Another instance holds it (or nobody can be asked): stop it.
+    Release(Arc<str>),
 }
