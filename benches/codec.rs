@@ -9,8 +9,10 @@ fn frames(c: &mut Criterion) {
     let max = codec::DEFAULT_MAX_FRAME_BYTES;
     let mut group = c.benchmark_group("frame");
     for size in [100usize, 64 * 1024] {
-        let frame =
-            Frame { header: Header::Data { epoch: 9, seq: 123_456, more: false }, body: Bytes::from(vec![7u8; size]) };
+        let frame = Frame {
+            header: Header::Data { epoch: wandist::wire::Epoch(9), seq: wandist::wire::Seq(123_456), more: false },
+            body: Bytes::from(vec![7u8; size]),
+        };
         group.throughput(Throughput::Bytes(size as u64));
         group.bench_with_input(BenchmarkId::new("encode", size), &frame, |b, f| {
             let mut out = BytesMut::with_capacity(size + 64);

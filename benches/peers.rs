@@ -228,7 +228,7 @@ async fn raw_flood(certs: std::path::PathBuf, gw1: std::net::SocketAddr, f: Arc<
     let at = |n: &str| wandist::config::PathAt { path: certs.join(n), line: None };
     let files = wandist::config::TlsFiles::new(at("dc2.pem"), at("dc2.key"), at("ca.pem"));
     let tls = wandist::tls::Tls::load(&files, Some("dc2"), std::path::Path::new("bench")).unwrap();
-    let epoch = fastrand::u64(1..);
+    let epoch = wandist::wire::Epoch(fastrand::u64(1..));
     // The same instance as the stopped dc2 gateway, run again (a new
     // epoch): gw1 starts a fresh session with it at once (another
     // instance's name would wait as a successor for the old one to leave).
@@ -247,7 +247,7 @@ async fn raw_flood(certs: std::path::PathBuf, gw1: std::net::SocketAddr, f: Arc<
                     Header::Ping { nonce } => {
                         let _ = pong_tx.try_send(nonce);
                     }
-                    Header::Ack { upto, .. } => fr.acked.store(upto, Relaxed),
+                    Header::Ack { upto, .. } => fr.acked.store(upto.0, Relaxed),
                     Header::Advert(a) => match a.body {
                         AdvertBody::Snapshot { groups, .. } => {
                             for (g, members) in groups {
@@ -290,7 +290,13 @@ async fn raw_flood(certs: std::path::PathBuf, gw1: std::net::SocketAddr, f: Arc<
                 codec::encode_value(&relay, &mut body).unwrap();
                 body.push(etf::VERSION);
                 etf::put_atom(&mut body, &format!("flood_{seq}"));
-                codec::encode(&Header::Data { epoch, seq, more: false }, &body, 1 << 20, &mut out).unwrap();
+                codec::encode(
+                    &Header::Data { epoch, seq: wandist::wire::Seq(seq), more: false },
+                    &body,
+                    1 << 20,
+                    &mut out,
+                )
+                .unwrap();
             }
             f.sent.store(seq, Relaxed);
         }

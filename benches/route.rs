@@ -6,7 +6,7 @@ use std::time::Instant;
 use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 use wandist::membership::{Filter, ImportLimits, PeerMembership};
-use wandist::route::{LinkId, Route, Window};
+use wandist::route::{Epoch, LinkId, Route, Seq, Window};
 use wandist::wire::Handle;
 
 const W: Window = Window { messages: 65_536, bytes: 64 << 20 };
@@ -16,26 +16,26 @@ fn route(c: &mut Criterion) {
     let payload = Bytes::from(vec![0u8; 100]);
     g.throughput(Throughput::Elements(1000));
     g.bench_function("submit_transmit_ack_1000", |b| {
-        let mut r = Route::new(1, W, W);
-        r.link_up(LinkId(1), 2, W);
+        let mut r = Route::new(Epoch(1), W, W);
+        r.link_up(LinkId(1), Epoch(2), W);
         b.iter(|| {
             let now = Instant::now();
-            let mut last = 0;
+            let mut last = Seq(0);
             for _ in 0..1000 {
                 r.submit(payload.clone(), None);
                 last = r.next_transmit(now).unwrap().seq;
             }
-            r.on_ack(1, last, now).unwrap();
+            r.on_ack(Epoch(1), last, now).unwrap();
         })
     });
     g.bench_function("receive_deliver_ack_1000", |b| {
-        let mut r = Route::new(1, W, W);
-        r.link_up(LinkId(1), 2, W);
+        let mut r = Route::new(Epoch(1), W, W);
+        r.link_up(LinkId(1), Epoch(2), W);
         let mut seq = 0;
         b.iter(|| {
             for _ in 0..1000 {
                 seq += 1;
-                r.on_data(LinkId(1), seq, payload.clone()).unwrap();
+                r.on_data(LinkId(1), Seq(seq), payload.clone()).unwrap();
                 r.next_delivery().unwrap();
             }
             let (_, upto) = r.pending_ack().unwrap();
@@ -45,9 +45,9 @@ fn route(c: &mut Criterion) {
     g.bench_function("failover_resend_1000", |b| {
         b.iter_batched(
             || {
-                let mut r = Route::new(1, W, W);
-                r.link_up(LinkId(1), 2, W);
-                r.link_up(LinkId(2), 2, W);
+                let mut r = Route::new(Epoch(1), W, W);
+                r.link_up(LinkId(1), Epoch(2), W);
+                r.link_up(LinkId(2), Epoch(2), W);
                 let now = Instant::now();
                 for _ in 0..1000 {
                     r.submit(payload.clone(), None);

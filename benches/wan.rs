@@ -182,7 +182,13 @@ fn codec_cost(file: &Path) -> Vec<(&'static str, f64, f64, f64)> {
         at += 4 + len;
         seq += 1;
         let last = batches.last_mut().unwrap();
-        codec::encode(&Header::Data { epoch: 1, seq, more: false }, body, 1 << 20, last).unwrap();
+        codec::encode(
+            &Header::Data { epoch: wandist::wire::Epoch(1), seq: wandist::wire::Seq(seq), more: false },
+            body,
+            1 << 20,
+            last,
+        )
+        .unwrap();
         if last.len() >= 256 * 1024 {
             batches.push(bytes::BytesMut::new());
         }

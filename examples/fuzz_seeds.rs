@@ -16,7 +16,7 @@ fn main() {
         version: PROTOCOL_VERSION,
         cluster: "dc2".into(),
         gateway: "gw-dc2".into(),
-        epoch: 1_700_000_000_123,
+        epoch: wandist::wire::Epoch(1_700_000_000_123),
         links_wanted: 2,
         recv_window_messages: 65_536,
         recv_window_bytes: 64 << 20,
@@ -30,15 +30,18 @@ fn main() {
         (
             "data",
             Frame {
-                header: Header::Data { epoch: 9, seq: 1, more: false },
+                header: Header::Data { epoch: wandist::wire::Epoch(9), seq: wandist::wire::Seq(1), more: false },
                 body: Bytes::from_static(b"\x83d\x00\x02hi"),
             },
         ),
         (
             "data_more",
-            Frame { header: Header::Data { epoch: 9, seq: 2, more: true }, body: Bytes::from(vec![7u8; 300]) },
+            Frame {
+                header: Header::Data { epoch: wandist::wire::Epoch(9), seq: wandist::wire::Seq(2), more: true },
+                body: Bytes::from(vec![7u8; 300]),
+            },
         ),
-        ("ack", Frame::control(Header::Ack { epoch: 9, upto: 2 })),
+        ("ack", Frame::control(Header::Ack { epoch: wandist::wire::Epoch(9), upto: wandist::wire::Seq(2) })),
         (
             "snapshot",
             Frame::control(advert(AdvertBody::Snapshot {
@@ -51,7 +54,13 @@ fn main() {
         ("leave", Frame::control(advert(AdvertBody::Leave { group: "chat".into(), members: vec![Handle(3)] }))),
         ("resync", Frame::control(Header::Resync)),
         ("goodbye", Frame::control(Header::Goodbye { reason: "shutdown".into() })),
-        ("reject", Frame::control(Header::Reject { epoch: 9, seqs: vec![2, 5, 6] })),
+        (
+            "reject",
+            Frame::control(Header::Reject {
+                epoch: wandist::wire::Epoch(9),
+                seqs: vec![wandist::wire::Seq(2), wandist::wire::Seq(5), wandist::wire::Seq(6)],
+            }),
+        ),
     ];
     let dir = out.join("frame_decoder");
     std::fs::create_dir_all(&dir).unwrap();

@@ -153,7 +153,7 @@ pub fn relay(data: &[u8]) {
     core.node_up(&a1);
     let mut issued = Vec::new();
     for p in 0..2 {
-        core.from_route(p, ToLocal::Up { peer: core.peer_name(p).clone(), epoch: 1 });
+        core.from_route(p, ToLocal::Up { peer: core.peer_name(p).clone(), epoch: wandist::route::Epoch(1) });
         let change = Change::Join { group: "g".into(), members: vec![Handle(1)] };
         core.from_route(p, ToLocal::Members { peer: core.peer_name(p).clone(), change });
     }

@@ -23,7 +23,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{ErlNode, RouteConfig};
 use crate::membership::Change;
-use crate::route::Outcome;
+use crate::route::{Epoch, Outcome, Seq, Token};
 use crate::wire::Member;
 
 /// A route, acking what the local side finished with (the gateway's route
@@ -70,7 +70,7 @@ impl std::fmt::Debug for Finished {
 #[derive(Debug, Default)]
 struct FinishedState {
     /// The peer session (its epoch) the numbers belong to.
-    session: Option<u64>,
+    session: Option<Epoch>,
     upto: u64,
     /// Done out of order (e.g. sent to different Erlang nodes).
     ahead: BTreeSet<u64>,
@@ -93,30 +93,30 @@ impl Finished {
     }
 
     /// A new peer session: numbering starts again; older marks are ignored.
-    pub(crate) fn reset(&self, session: u64) {
+    pub(crate) fn reset(&self, session: Epoch) {
         let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
         *s = FinishedState { session: Some(session), ..Default::default() };
     }
 
     /// Deliveries of `session` the local side could not deliver, so far
     /// (the route holds them until an ack covers them).
-    pub(crate) fn take_undeliverable(&self, session: u64) -> Vec<u64> {
+    pub(crate) fn take_undeliverable(&self, session: Epoch) -> Vec<Seq> {
         let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
         if s.session != Some(session) {
             return Vec::new();
         }
-        std::mem::take(&mut s.undeliverable)
+        std::mem::take(&mut s.undeliverable).into_iter().map(Seq).collect()
     }
 
     /// (session, contiguous prefix done).
-    pub(crate) fn upto(&self) -> (Option<u64>, u64) {
+    pub(crate) fn upto(&self) -> (Option<Epoch>, Seq) {
         let s = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        (s.session, s.upto)
+        (s.session, Seq(s.upto))
     }
 
     /// Marks delivery `n` finished; tells the route task when the prefix
     /// grew, if `notify`.
-    fn mark(&self, session: u64, n: u64, undeliverable: bool, notify: bool) {
+    fn mark(&self, session: Epoch, Seq(n): Seq, undeliverable: bool, notify: bool) {
         let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
         if s.session != Some(session) || n <= s.upto {
             return;
@@ -150,7 +150,7 @@ impl Finished {
 pub struct Held {
     counter: Arc<AtomicUsize>,
     bytes: usize,
-    finished: Option<(Arc<Finished>, u64, u64)>,
+    finished: Option<(Arc<Finished>, Epoch, Seq)>,
     undeliverable: bool,
 }
 
@@ -159,8 +159,8 @@ impl Held {
         counter: &Arc<AtomicUsize>,
         bytes: usize,
         finished: &Arc<Finished>,
-        session: u64,
-        n: u64,
+        session: Epoch,
+        n: Seq,
     ) -> Held {
         counter.fetch_add(bytes, Ordering::Relaxed);
         Held { counter: counter.clone(), bytes, finished: Some((finished.clone(), session, n)), undeliverable: false }
@@ -229,7 +229,7 @@ pub enum ToLocal {
     /// confirmation means.
     Deliver { peer: Arc<str>, payload: Bytes, held: Held },
     /// What became of a message submitted with a token.
-    Confirm { peer: Arc<str>, token: u64, outcome: Outcome },
+    Confirm { peer: Arc<str>, token: Token, outcome: Outcome },
     /// The peer's groups changed (or were withdrawn because the route is down).
     Members { peer: Arc<str>, change: Change },
     /// The route lost every link, or the peer gateway restarted: whatever
@@ -238,7 +238,7 @@ pub enum ToLocal {
     /// The route has a live link again (after `Lost`, or for the first
     /// time), to the peer's run `epoch`: a new epoch means a new run, whose
     /// handles mean nothing of the old one's.
-    Up { peer: Arc<str>, epoch: u64 },
+    Up { peer: Arc<str>, epoch: Epoch },
     /// The peer's whole membership has been handed over (its snapshot,
     /// after the `Members` before this): with several instances, this one
     /// serves the route now.
@@ -276,14 +276,14 @@ pub enum TryGroups {
 #[derive(Debug)]
 pub enum TrySubmit {
     /// The route's queue is full (its window is full too): try again later.
-    Full(Bytes, Option<u64>),
+    Full(Bytes, Option<Token>),
     Gone,
 }
 
 /// What a route offers the local side: the gateway's routes implement it.
 pub(crate) trait Route: Send + Sync {
-    fn try_submit(&self, payload: Bytes, token: Option<u64>) -> Result<(), TrySubmit>;
-    fn submit(&self, payload: Bytes, token: Option<u64>) -> BoxFuture<'_, Result<(), RouteGone>>;
+    fn try_submit(&self, payload: Bytes, token: Option<Token>) -> Result<(), TrySubmit>;
+    fn submit(&self, payload: Bytes, token: Option<Token>) -> BoxFuture<'_, Result<(), RouteGone>>;
     fn try_groups(&self, change: LocalGroups) -> Result<(), TryGroups>;
     fn groups(&self, change: LocalGroups) -> BoxFuture<'_, Result<(), RouteGone>>;
 }
@@ -315,13 +315,13 @@ impl RouteHandle {
     /// Hands a message to the route if its window or queue has room,
     /// without waiting. With room in the window (and nothing queued before
     /// it) the message is on its way to the peer when this returns.
-    pub fn try_submit(&self, payload: Bytes, token: Option<u64>) -> Result<(), TrySubmit> {
+    pub fn try_submit(&self, payload: Bytes, token: Option<Token>) -> Result<(), TrySubmit> {
         self.route.try_submit(payload, token)
     }
 
     /// Hands a message to the route; waits while its window and queue are
     /// full. With a token, a `ToLocal::Confirm` for it follows.
-    pub async fn submit(&self, payload: Bytes, token: Option<u64>) -> Result<(), RouteGone> {
+    pub async fn submit(&self, payload: Bytes, token: Option<Token>) -> Result<(), RouteGone> {
         self.route.submit(payload, token).await
     }
 

@@ -18,6 +18,8 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
+pub use crate::wire::{Epoch, Seq};
+
 /// A link, as its owner numbers it (unique within the process, never
 /// reused): not a sequence number, not an epoch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -28,6 +30,11 @@ impl std::fmt::Display for LinkId {
         self.0.fmt(f)
     }
 }
+
+/// The local side's name for a message it submitted, which the outcome
+/// (`Confirmation`) carries back: the route never looks inside it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Token(pub u64);
 
 /// Limits on messages held: unacknowledged (sending) or undelivered (receiving).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -81,7 +88,7 @@ impl std::fmt::Display for FailReason {
 /// A token the local side chose, with what became of its message.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Confirmation {
-    pub token: u64,
+    pub token: Token,
     pub outcome: Outcome,
 }
 
@@ -112,7 +119,7 @@ impl Violation {
 struct Pending {
     seq: u64,
     payload: Bytes,
-    token: Option<u64>,
+    token: Option<Token>,
     /// When it was first handed to a link; None = never sent.
     first_sent: Option<Instant>,
     /// The peer reported it could not deliver it.
@@ -181,8 +188,8 @@ pub enum DataVerdict {
 #[derive(Debug, PartialEq, Eq)]
 pub struct Transmit {
     pub link: LinkId,
-    pub epoch: u64,
-    pub seq: u64,
+    pub epoch: Epoch,
+    pub seq: Seq,
     pub payload: Bytes,
     pub retransmit: bool,
 }
@@ -201,12 +208,12 @@ pub struct Acked {
 
 #[derive(Debug)]
 pub struct Route {
-    our_epoch: u64,
+    our_epoch: Epoch,
     send_window: Window,
     recv_window: Window,
     /// Links in the order they came up, with the peer epoch each reached.
-    links: Vec<(LinkId, u64)>,
-    peer_epoch: Option<u64>,
+    links: Vec<(LinkId, Epoch)>,
+    peer_epoch: Option<Epoch>,
     /// The peer gateway instance of the session (its `gateway.name`).
     peer_instance: Option<String>,
     /// The peer's receive window, from its hello.
@@ -240,7 +247,7 @@ pub struct Route {
 impl Route {
     /// `send_window` bounds what we keep unacknowledged; `recv_window` is
     /// what we let the peer have undelivered with us (told in our hello).
-    pub fn new(our_epoch: u64, send_window: Window, recv_window: Window) -> Route {
+    pub fn new(our_epoch: Epoch, send_window: Window, recv_window: Window) -> Route {
         Route {
             our_epoch,
             send_window,
@@ -281,12 +288,12 @@ impl Route {
         !self.links.is_empty()
     }
 
-    pub fn peer_epoch(&self) -> Option<u64> {
+    pub fn peer_epoch(&self) -> Option<Epoch> {
         self.peer_epoch
     }
 
     /// This side's epoch for the current session (what our hellos carry).
-    pub fn our_epoch(&self) -> u64 {
+    pub fn our_epoch(&self) -> Epoch {
         self.our_epoch
     }
 
@@ -296,7 +303,7 @@ impl Route {
     }
 
     /// How a link to `instance`'s run `epoch` may join (see [`Admit`]).
-    pub fn admit(&self, instance: &str, epoch: u64) -> Admit {
+    pub fn admit(&self, instance: &str, epoch: Epoch) -> Admit {
         match (&self.peer_instance, self.peer_epoch) {
             (None, None) => Admit::New,
             (_, Some(e)) if e == epoch => Admit::Same,
@@ -313,7 +320,7 @@ impl Route {
     /// what it was sent and never confirmed fails, what it never saw is
     /// renumbered for the next session, and this side takes `fresh_epoch`
     /// (see [`Admit`]).
-    pub fn switch(&mut self, fresh_epoch: u64) -> LinkUp {
+    pub fn switch(&mut self, fresh_epoch: Epoch) -> LinkUp {
         let mut out = LinkUp { new_session: true, ..LinkUp::default() };
         out.stale = self.links.drain(..).map(|l| l.0).collect();
         self.restart_session(&mut out);
@@ -325,7 +332,7 @@ impl Route {
 
     /// A link to the peer's run `peer_epoch`, of an instance not named (a
     /// peer cluster with one gateway): [`Route::link_up_from`].
-    pub fn link_up(&mut self, link: LinkId, peer_epoch: u64, peer_window: Window) -> LinkUp {
+    pub fn link_up(&mut self, link: LinkId, peer_epoch: Epoch, peer_window: Window) -> LinkUp {
         self.link_up_from(link, None, peer_epoch, peer_window)
     }
 
@@ -335,7 +342,7 @@ impl Route {
         &mut self,
         link: LinkId,
         instance: Option<&str>,
-        peer_epoch: u64,
+        peer_epoch: Epoch,
         peer_window: Window,
     ) -> LinkUp {
         debug_assert!(
@@ -427,12 +434,12 @@ impl Route {
     }
 
     /// Accepts a message for the peer; returns its sequence number.
-    pub fn submit(&mut self, payload: Bytes, token: Option<u64>) -> u64 {
+    pub fn submit(&mut self, payload: Bytes, token: Option<Token>) -> Seq {
         let seq = self.next_seq;
         self.next_seq += 1;
         self.unacked_bytes += payload.len();
         self.unacked.push_back(Pending { seq, payload, token, first_sent: None, undeliverable: false });
-        seq
+        Seq(seq)
     }
 
     /// The next message to hand to the primary, if any.
@@ -444,7 +451,7 @@ impl Route {
         self.sent_upto = p.seq;
         let retransmit = p.first_sent.is_some();
         p.first_sent.get_or_insert(now);
-        Some(Transmit { link, epoch: self.our_epoch, seq: p.seq, payload: p.payload.clone(), retransmit })
+        Some(Transmit { link, epoch: self.our_epoch, seq: Seq(p.seq), payload: p.payload.clone(), retransmit })
     }
 
     pub fn wants_transmit(&self) -> bool {
@@ -452,7 +459,7 @@ impl Route {
     }
 
     /// A cumulative ack from the peer, for our epoch.
-    pub fn on_ack(&mut self, epoch: u64, upto: u64, now: Instant) -> Result<Acked, Violation> {
+    pub fn on_ack(&mut self, epoch: Epoch, Seq(upto): Seq, now: Instant) -> Result<Acked, Violation> {
         let mut out = Acked::default();
         if epoch != self.our_epoch || upto <= self.acked_upto {
             return Ok(out); // for a previous run of ours, or old news
@@ -487,12 +494,12 @@ impl Route {
     /// they are reported failed when acked. Each must have been sent; ones
     /// already acked are old news (the peer repeats its rejects after a
     /// failover, in case the link that carried them died).
-    pub fn on_reject(&mut self, epoch: u64, seqs: &[u64]) -> Result<usize, Violation> {
+    pub fn on_reject(&mut self, epoch: Epoch, seqs: &[Seq]) -> Result<usize, Violation> {
         if epoch != self.our_epoch {
             return Ok(0);
         }
         let mut n = 0;
-        for &seq in seqs {
+        for &Seq(seq) in seqs {
             if seq <= self.acked_upto {
                 continue;
             }
@@ -527,7 +534,7 @@ impl Route {
 
     // ---- receiving ----
 
-    pub fn on_data(&mut self, link: LinkId, seq: u64, payload: Bytes) -> Result<DataVerdict, Violation> {
+    pub fn on_data(&mut self, link: LinkId, Seq(seq): Seq, payload: Bytes) -> Result<DataVerdict, Violation> {
         let current = self.links.iter().any(|l| l.0 == link && Some(l.1) == self.peer_epoch);
         if !current {
             return Ok(DataVerdict::Stale);
@@ -559,37 +566,37 @@ impl Route {
     /// Takes the next message for the local cluster, with its delivery
     /// number in this session (1, 2, ...): report it to `local_done` once
     /// the local side has finished with it.
-    pub fn next_delivery(&mut self) -> Option<(u64, Bytes)> {
+    pub fn next_delivery(&mut self) -> Option<(Seq, Bytes)> {
         let p = self.inbound.pop_front()?;
         self.inbound_bytes -= p.len();
         self.delivered_upto += 1;
-        Some((self.delivered_upto, p))
+        Some((Seq(self.delivered_upto), p))
     }
 
     /// The local side is done with every delivery up to `upto` (of this
     /// session): they may be acked. A message the gateway holds but has
     /// not finished with is never acked, so a crash cannot lose a message
     /// its sender was told was delivered.
-    pub fn local_done(&mut self, upto: u64) {
+    pub fn local_done(&mut self, Seq(upto): Seq) {
         self.done_upto = self.done_upto.max(upto.min(self.delivered_upto));
     }
 
     /// The ack to send, if one is due: (our view of the peer's epoch, upto).
-    pub fn pending_ack(&self) -> Option<(u64, u64)> {
+    pub fn pending_ack(&self) -> Option<(Epoch, Seq)> {
         let epoch = self.peer_epoch?;
         let due = self.done_upto > self.ack_sent_upto || (self.ack_forced && self.done_upto > 0);
-        due.then_some((epoch, self.done_upto))
+        due.then_some((epoch, Seq(self.done_upto)))
     }
 
-    pub fn ack_sent(&mut self, upto: u64) {
+    pub fn ack_sent(&mut self, Seq(upto): Seq) {
         self.ack_sent_upto = self.ack_sent_upto.max(upto);
         self.ack_forced = false;
     }
 
     /// The local side could not deliver these deliveries (numbers as
     /// `next_delivery` gave them, which are the peer's seqs).
-    pub fn local_undeliverable(&mut self, seqs: impl IntoIterator<Item = u64>) {
-        self.rejects_new.extend(seqs);
+    pub fn local_undeliverable(&mut self, seqs: impl IntoIterator<Item = Seq>) {
+        self.rejects_new.extend(seqs.into_iter().map(|s| s.0));
     }
 
     /// The rejects to send before an ack for `upto`: the new ones it
@@ -598,7 +605,7 @@ impl Route {
     /// A reject is forgotten once we received a seq a whole receive window
     /// past it: the peer sent that only after processing an ack beyond it,
     /// and rejects travel ahead of acks.
-    pub fn take_rejects(&mut self, upto: u64) -> Vec<u64> {
+    pub fn take_rejects(&mut self, Seq(upto): Seq) -> Vec<Seq> {
         let (now, later): (Vec<u64>, Vec<u64>) = self.rejects_new.drain(..).partition(|s| *s <= upto);
         self.rejects_new = later;
         let mut say = Vec::new();
@@ -611,7 +618,7 @@ impl Route {
         while self.rejects_sent.front().is_some_and(|s| *s <= horizon) {
             self.rejects_sent.pop_front();
         }
-        say
+        say.into_iter().map(Seq).collect()
     }
 
     pub fn undelivered(&self) -> (usize, usize) {
@@ -639,8 +646,8 @@ mod tests {
     use super::*;
 
     const W: Window = Window { messages: 4, bytes: 1000 };
-    const OURS: u64 = 100;
-    const PEER: u64 = 200;
+    const OURS: Epoch = Epoch(100);
+    const PEER: Epoch = Epoch(200);
 
     fn msg(n: u8) -> Bytes {
         Bytes::from(vec![n; 10])
@@ -658,27 +665,31 @@ mod tests {
         r.link_up_from(LinkId(1), Some("gw-a"), PEER, W);
         assert_eq!(r.admit("gw-a", PEER), Admit::Same);
         // A second instance while the first has a link: refused.
-        assert_eq!(r.admit("gw-b", PEER + 1), Admit::OtherInstance);
+        assert_eq!(r.admit("gw-b", Epoch(PEER.0 + 1)), Admit::OtherInstance);
         // The first instance under a new epoch restarted: admitted.
-        assert_eq!(r.admit("gw-a", PEER + 2), Admit::Restarted);
+        assert_eq!(r.admit("gw-a", Epoch(PEER.0 + 2)), Admit::Restarted);
 
         // gw-a's links are gone (dead, or stopped): gw-b takes over after a
         // switch, which fails what gw-a was sent and renumbers the rest.
-        r.submit(msg(1), Some(1));
-        r.submit(msg(2), Some(2));
+        r.submit(msg(1), Some(Token(1)));
+        r.submit(msg(2), Some(Token(2)));
         assert_eq!(drain(&mut r, now).len(), 2);
-        r.submit(msg(3), Some(3));
+        r.submit(msg(3), Some(Token(3)));
         r.link_down(LinkId(1));
-        assert_eq!(r.admit("gw-b", PEER + 1), Admit::Switch);
-        let sw = r.switch(OURS + 1);
+        assert_eq!(r.admit("gw-b", Epoch(PEER.0 + 1)), Admit::Switch);
+        let sw = r.switch(Epoch(OURS.0 + 1));
         assert_eq!(sw.failed_count, 2);
-        assert_eq!(sw.failed.iter().map(|c| c.token).collect::<Vec<_>>(), [1, 2]);
-        assert_eq!(r.our_epoch(), OURS + 1, "a fresh epoch for the new session");
-        assert_eq!(r.admit("gw-b", PEER + 1), Admit::New);
-        assert!(r.link_up_from(LinkId(2), Some("gw-b"), PEER + 1, W).primary);
+        assert_eq!(sw.failed.iter().map(|c| c.token.0).collect::<Vec<_>>(), [1, 2]);
+        assert_eq!(r.our_epoch(), Epoch(OURS.0 + 1), "a fresh epoch for the new session");
+        assert_eq!(r.admit("gw-b", Epoch(PEER.0 + 1)), Admit::New);
+        assert!(r.link_up_from(LinkId(2), Some("gw-b"), Epoch(PEER.0 + 1), W).primary);
         assert_eq!(r.peer_instance(), Some("gw-b"));
         let t = r.next_transmit(now).unwrap();
-        assert_eq!((t.epoch, t.seq, t.payload), (OURS + 1, 1, msg(3)), "the unsent message, first of the new session");
+        assert_eq!(
+            (t.epoch, t.seq, t.payload),
+            (Epoch(OURS.0 + 1), Seq(1), msg(3)),
+            "the unsent message, first of the new session"
+        );
         // gw-a is back (same run): gw-b holds the route.
         assert_eq!(r.admit("gw-a", PEER), Admit::OtherInstance);
     }
@@ -688,12 +699,12 @@ mod tests {
         let mut r = route();
         r.link_up(LinkId(1), PEER, W);
         assert_eq!(r.admit("anyone", PEER), Admit::Same);
-        assert_eq!(r.admit("anyone", PEER + 1), Admit::Restarted);
+        assert_eq!(r.admit("anyone", Epoch(PEER.0 + 1)), Admit::Restarted);
     }
 
     /// (link number, seq, retransmit) of everything due.
     fn drain(r: &mut Route, now: Instant) -> Vec<(u64, u64, bool)> {
-        std::iter::from_fn(|| r.next_transmit(now)).map(|t| (t.link.0, t.seq, t.retransmit)).collect()
+        std::iter::from_fn(|| r.next_transmit(now)).map(|t| (t.link.0, t.seq.0, t.retransmit)).collect()
     }
 
     /// Two routes wired back to back, as the two gateways would be.
@@ -705,10 +716,10 @@ mod tests {
 
     impl Pair {
         fn new() -> Pair {
-            let mut a = Route::new(1, W, W);
-            let mut b = Route::new(2, W, W);
-            a.link_up(LinkId(10), 2, W);
-            b.link_up(LinkId(10), 1, W);
+            let mut a = Route::new(Epoch(1), W, W);
+            let mut b = Route::new(Epoch(2), W, W);
+            a.link_up(LinkId(10), Epoch(2), W);
+            b.link_up(LinkId(10), Epoch(1), W);
             Pair { a, b, delivered_at_b: Vec::new() }
         }
         /// Moves frames a -> b on the link, delivers at b, and returns b's ack.
@@ -739,12 +750,12 @@ mod tests {
         let now = Instant::now();
         assert!(r.link_up(LinkId(1), PEER, W).primary);
         for i in 0..3 {
-            assert_eq!(r.submit(msg(i), Some(i as u64)), i as u64 + 1);
+            assert_eq!(r.submit(msg(i), Some(Token(i as u64))), Seq(i as u64 + 1));
         }
         assert_eq!(drain(&mut r, now), vec![(1, 1, false), (1, 2, false), (1, 3, false)]);
-        let acked = r.on_ack(OURS, 2, now).unwrap();
+        let acked = r.on_ack(OURS, Seq(2), now).unwrap();
         assert_eq!(acked.messages, 2);
-        assert_eq!(acked.confirmations.iter().map(|c| c.token).collect::<Vec<_>>(), vec![0, 1]);
+        assert_eq!(acked.confirmations.iter().map(|c| c.token.0).collect::<Vec<_>>(), vec![0, 1]);
         assert!(acked.confirmations.iter().all(|c| c.outcome == Outcome::Delivered));
         assert_eq!(r.unacked(), (1, 10));
     }
@@ -755,21 +766,21 @@ mod tests {
         let now = Instant::now();
         r.link_up(LinkId(1), PEER, W);
         for i in 0..4 {
-            r.submit(msg(i), Some(i as u64));
+            r.submit(msg(i), Some(Token(i as u64)));
         }
         drain(&mut r, now);
-        assert_eq!(r.on_reject(OURS, &[2, 3]), Ok(2));
-        assert_eq!(r.on_reject(OURS + 1, &[1]), Ok(0), "another run of ours: ignored");
-        let acked = r.on_ack(OURS, 3, now).unwrap();
+        assert_eq!(r.on_reject(OURS, &[Seq(2), Seq(3)]), Ok(2));
+        assert_eq!(r.on_reject(Epoch(OURS.0 + 1), &[Seq(1)]), Ok(0), "another run of ours: ignored");
+        let acked = r.on_ack(OURS, Seq(3), now).unwrap();
         assert_eq!((acked.messages, acked.undeliverable), (1, 2));
-        let outcomes: Vec<_> = acked.confirmations.iter().map(|c| (c.token, c.outcome.clone())).collect();
+        let outcomes: Vec<_> = acked.confirmations.iter().map(|c| (c.token.0, c.outcome.clone())).collect();
         let failed = Outcome::Failed(FailReason::Undeliverable);
         assert_eq!(outcomes, vec![(0, Outcome::Delivered), (1, failed.clone()), (2, failed)]);
         // Acked already: old news (repeated after a failover). Never sent: a violation.
-        assert_eq!(r.on_reject(OURS, &[2, 3]), Ok(0));
-        assert_eq!(r.on_reject(OURS, &[9]), Err(Violation::BadReject { seq: 9 }));
+        assert_eq!(r.on_reject(OURS, &[Seq(2), Seq(3)]), Ok(0));
+        assert_eq!(r.on_reject(OURS, &[Seq(9)]), Err(Violation::BadReject { seq: 9 }));
         r.submit(msg(5), None);
-        assert_eq!(r.on_reject(OURS, &[5]), Err(Violation::BadReject { seq: 5 }), "not sent yet");
+        assert_eq!(r.on_reject(OURS, &[Seq(5)]), Err(Violation::BadReject { seq: 5 }), "not sent yet");
     }
 
     #[test]
@@ -781,10 +792,10 @@ mod tests {
             r.submit(msg(i), None);
         }
         assert!(!r.has_room(), "4 messages fill a 4-message window");
-        r.on_ack(OURS, 0, Instant::now()).unwrap();
+        r.on_ack(OURS, Seq(0), Instant::now()).unwrap();
         assert!(!r.has_room());
         drain(&mut r, Instant::now());
-        r.on_ack(OURS, 1, Instant::now()).unwrap();
+        r.on_ack(OURS, Seq(1), Instant::now()).unwrap();
         assert!(r.has_room());
 
         let mut r = route();
@@ -817,7 +828,7 @@ mod tests {
             r.submit(msg(i), None);
         }
         assert_eq!(drain(&mut r, now).len(), 4);
-        r.on_ack(OURS, 1, now).unwrap();
+        r.on_ack(OURS, Seq(1), now).unwrap();
         let down = r.link_down(LinkId(1));
         assert_eq!(down, LinkDown { was_primary: true, promoted: Some(LinkId(2)), route_down: false });
         assert_eq!(drain(&mut r, now), vec![(2, 2, true), (2, 3, true), (2, 4, true)]);
@@ -848,21 +859,24 @@ mod tests {
         let mut r = route();
         let now = Instant::now();
         assert!(r.link_up(LinkId(1), PEER, W).new_session);
-        r.submit(msg(1), Some(11));
-        r.submit(msg(2), Some(12));
+        r.submit(msg(1), Some(Token(11)));
+        r.submit(msg(2), Some(Token(12)));
         r.submit(msg(3), None);
         drain(&mut r, now);
-        r.on_ack(OURS, 1, now).unwrap();
+        r.on_ack(OURS, Seq(1), now).unwrap();
         r.link_down(LinkId(1));
-        r.submit(msg(4), Some(14)); // never sent to the old run
-        let up = r.link_up(LinkId(2), PEER + 1, W);
+        r.submit(msg(4), Some(Token(14))); // never sent to the old run
+        let up = r.link_up(LinkId(2), Epoch(PEER.0 + 1), W);
         assert!(up.new_session && up.primary);
         assert_eq!(up.failed_count, 2);
-        assert_eq!(up.failed, vec![Confirmation { token: 12, outcome: Outcome::Failed(FailReason::PeerRestarted) }]);
+        assert_eq!(
+            up.failed,
+            vec![Confirmation { token: Token(12), outcome: Outcome::Failed(FailReason::PeerRestarted) }]
+        );
         // The unsent message is message 1 of the new session.
         assert_eq!(drain(&mut r, now), vec![(2, 1, false)]);
-        let acked = r.on_ack(OURS, 1, now).unwrap();
-        assert_eq!(acked.confirmations, vec![Confirmation { token: 14, outcome: Outcome::Delivered }]);
+        let acked = r.on_ack(OURS, Seq(1), now).unwrap();
+        assert_eq!(acked.confirmations, vec![Confirmation { token: Token(14), outcome: Outcome::Delivered }]);
     }
 
     #[test]
@@ -870,12 +884,12 @@ mod tests {
         let mut r = route();
         r.link_up(LinkId(1), PEER, W);
         r.link_up(LinkId(2), PEER, W);
-        let up = r.link_up(LinkId(3), PEER + 1, W);
+        let up = r.link_up(LinkId(3), Epoch(PEER.0 + 1), W);
         assert_eq!(up.stale, vec![LinkId(1), LinkId(2)]);
         assert_eq!(r.links().collect::<Vec<_>>(), vec![LinkId(3)]);
         // Data still arriving on a stale link is ignored.
-        assert_eq!(r.on_data(LinkId(1), 1, msg(1)).unwrap(), DataVerdict::Stale);
-        assert_eq!(r.on_data(LinkId(3), 1, msg(1)).unwrap(), DataVerdict::Accepted);
+        assert_eq!(r.on_data(LinkId(1), Seq(1), msg(1)).unwrap(), DataVerdict::Stale);
+        assert_eq!(r.on_data(LinkId(3), Seq(1), msg(1)).unwrap(), DataVerdict::Accepted);
     }
 
     #[test]
@@ -883,25 +897,25 @@ mod tests {
         let mut r = route();
         r.link_up(LinkId(1), PEER, W);
         r.link_up(LinkId(2), PEER, W);
-        assert_eq!(r.on_data(LinkId(1), 1, msg(1)).unwrap(), DataVerdict::Accepted);
-        assert_eq!(r.on_data(LinkId(1), 2, msg(2)).unwrap(), DataVerdict::Accepted);
+        assert_eq!(r.on_data(LinkId(1), Seq(1), msg(1)).unwrap(), DataVerdict::Accepted);
+        assert_eq!(r.on_data(LinkId(1), Seq(2), msg(2)).unwrap(), DataVerdict::Accepted);
         assert_eq!(r.pending_ack(), None, "acks only what the local side is done with");
-        assert_eq!(r.next_delivery(), Some((1, msg(1))));
+        assert_eq!(r.next_delivery(), Some((Seq(1), msg(1))));
         assert_eq!(r.pending_ack(), None, "handed over, not yet done");
-        r.local_done(1);
-        assert_eq!(r.pending_ack(), Some((PEER, 1)));
-        assert_eq!(r.next_delivery(), Some((2, msg(2))));
-        r.local_done(7);
-        assert_eq!(r.pending_ack(), Some((PEER, 2)), "never beyond what was handed over");
-        r.ack_sent(2);
+        r.local_done(Seq(1));
+        assert_eq!(r.pending_ack(), Some((PEER, Seq(1))));
+        assert_eq!(r.next_delivery(), Some((Seq(2), msg(2))));
+        r.local_done(Seq(7));
+        assert_eq!(r.pending_ack(), Some((PEER, Seq(2))), "never beyond what was handed over");
+        r.ack_sent(Seq(2));
         assert_eq!(r.pending_ack(), None);
         // The sender failed over and resends 1..2 on the other link.
-        assert_eq!(r.on_data(LinkId(2), 1, msg(1)).unwrap(), DataVerdict::Duplicate);
-        assert_eq!(r.pending_ack(), Some((PEER, 2)), "a duplicate means our ack was lost: ack again");
-        r.ack_sent(2);
-        assert_eq!(r.on_data(LinkId(2), 2, msg(2)).unwrap(), DataVerdict::Duplicate);
-        assert_eq!(r.on_data(LinkId(2), 4, msg(4)), Err(Violation::Gap { expected: 3, got: 4 }));
-        assert_eq!(r.on_data(LinkId(2), 3, msg(3)).unwrap(), DataVerdict::Accepted);
+        assert_eq!(r.on_data(LinkId(2), Seq(1), msg(1)).unwrap(), DataVerdict::Duplicate);
+        assert_eq!(r.pending_ack(), Some((PEER, Seq(2))), "a duplicate means our ack was lost: ack again");
+        r.ack_sent(Seq(2));
+        assert_eq!(r.on_data(LinkId(2), Seq(2), msg(2)).unwrap(), DataVerdict::Duplicate);
+        assert_eq!(r.on_data(LinkId(2), Seq(4), msg(4)), Err(Violation::Gap { expected: 3, got: 4 }));
+        assert_eq!(r.on_data(LinkId(2), Seq(3), msg(3)).unwrap(), DataVerdict::Accepted);
         assert_eq!(r.undelivered(), (1, 10));
     }
 
@@ -910,11 +924,11 @@ mod tests {
         let mut r = route();
         r.link_up(LinkId(1), PEER, W);
         for seq in 1..=4 {
-            r.on_data(LinkId(1), seq, msg(0)).unwrap();
+            r.on_data(LinkId(1), Seq(seq), msg(0)).unwrap();
         }
-        assert_eq!(r.on_data(LinkId(1), 5, msg(0)), Err(Violation::Overflow(W)));
+        assert_eq!(r.on_data(LinkId(1), Seq(5), msg(0)), Err(Violation::Overflow(W)));
         r.next_delivery();
-        assert_eq!(r.on_data(LinkId(1), 5, msg(0)).unwrap(), DataVerdict::Accepted);
+        assert_eq!(r.on_data(LinkId(1), Seq(5), msg(0)).unwrap(), DataVerdict::Accepted);
     }
 
     #[test]
@@ -922,14 +936,18 @@ mod tests {
         let mut r = route();
         let now = Instant::now();
         r.link_up(LinkId(1), PEER, W);
-        r.submit(msg(1), Some(1));
-        r.submit(msg(2), Some(2));
-        assert_eq!(r.on_ack(OURS, 1, now), Err(Violation::AckBeyondSent { upto: 1, sent: 0 }));
+        r.submit(msg(1), Some(Token(1)));
+        r.submit(msg(2), Some(Token(2)));
+        assert_eq!(r.on_ack(OURS, Seq(1), now), Err(Violation::AckBeyondSent { upto: 1, sent: 0 }));
         r.next_transmit(now);
-        assert_eq!(r.on_ack(OURS + 1, 1, now).unwrap(), Acked::default(), "an ack for a previous run of ours");
-        assert_eq!(r.on_ack(OURS, 2, now), Err(Violation::AckBeyondSent { upto: 2, sent: 1 }));
-        assert_eq!(r.on_ack(OURS, 1, now).unwrap().messages, 1);
-        assert_eq!(r.on_ack(OURS, 1, now).unwrap(), Acked::default(), "repeated acks are harmless");
+        assert_eq!(
+            r.on_ack(Epoch(OURS.0 + 1), Seq(1), now).unwrap(),
+            Acked::default(),
+            "an ack for a previous run of ours"
+        );
+        assert_eq!(r.on_ack(OURS, Seq(2), now), Err(Violation::AckBeyondSent { upto: 2, sent: 1 }));
+        assert_eq!(r.on_ack(OURS, Seq(1), now).unwrap().messages, 1);
+        assert_eq!(r.on_ack(OURS, Seq(1), now).unwrap(), Acked::default(), "repeated acks are harmless");
     }
 
     #[test]
@@ -943,20 +961,20 @@ mod tests {
         }
         drain(&mut r, now);
         r.link_down(LinkId(1));
-        assert_eq!(r.next_transmit(now).map(|t| t.seq), Some(1));
+        assert_eq!(r.next_transmit(now).map(|t| t.seq.0), Some(1));
         // A late ack (from before the failover) arrives mid-resend.
-        r.on_ack(OURS, 3, now).unwrap();
+        r.on_ack(OURS, Seq(3), now).unwrap();
         assert_eq!(drain(&mut r, now), vec![(2, 4, true)]);
     }
 
     #[test]
     fn shutdown_fails_everything_held() {
         let mut r = route();
-        r.submit(msg(1), Some(7));
+        r.submit(msg(1), Some(Token(7)));
         r.submit(msg(2), None);
         let (n, c) = r.fail_all(FailReason::Shutdown);
         assert_eq!(n, 2);
-        assert_eq!(c, vec![Confirmation { token: 7, outcome: Outcome::Failed(FailReason::Shutdown) }]);
+        assert_eq!(c, vec![Confirmation { token: Token(7), outcome: Outcome::Failed(FailReason::Shutdown) }]);
         assert_eq!(r.unacked(), (0, 0));
     }
 
@@ -970,7 +988,7 @@ mod tests {
             let mut sent = 0u8;
             for _step in 0..60 {
                 if sent < 200 && p.a.has_room() {
-                    p.a.submit(msg(sent), Some(sent as u64));
+                    p.a.submit(msg(sent), Some(Token(sent as u64)));
                     sent += 1;
                 }
                 // TCP loses nothing on a live link: loss only comes with the
@@ -994,8 +1012,8 @@ mod tests {
                     let old = p.a.primary().unwrap();
                     p.a.link_down(old);
                     p.b.link_down(old);
-                    p.a.link_up(LinkId(next_link), 2, W);
-                    p.b.link_up(LinkId(next_link), 1, W);
+                    p.a.link_up(LinkId(next_link), Epoch(2), W);
+                    p.b.link_up(LinkId(next_link), Epoch(1), W);
                     next_link += 1;
                 }
             }

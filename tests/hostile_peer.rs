@@ -135,10 +135,10 @@ impl World {
         let token = self.next_token;
         self.next_token += 1;
         let route = self.dc0.running().local.route("dc1").unwrap().clone();
-        route.submit(relay(&r, body), Some(token)).await.unwrap();
+        route.submit(relay(&r, body), Some(wandist::route::Token(token))).await.unwrap();
         loop {
             match next(&mut self.dc0.rx, &format!("the outcome of {r:?}")).await {
-                ToLocal::Confirm { token: t, outcome, .. } if t == token => return outcome,
+                ToLocal::Confirm { token: t, outcome, .. } if t.0 == token => return outcome,
                 other => self.stash.push_back(other),
             }
         }

@@ -216,7 +216,10 @@ async fn a_route_to_two_instances_of_the_peer_holds_one_and_moves_when_it_stops(
     let route = dc1.running().local.route("dc2").unwrap().clone();
     let producer = tokio::spawn(async move {
         for i in 0..TOTAL {
-            route.submit(bytes::Bytes::copy_from_slice(&i.to_be_bytes()), Some(i)).await.unwrap();
+            route
+                .submit(bytes::Bytes::copy_from_slice(&i.to_be_bytes()), Some(wandist::route::Token(i)))
+                .await
+                .unwrap();
         }
     });
     let mut sinks = Vec::new();
@@ -244,8 +247,8 @@ async fn a_route_to_two_instances_of_the_peer_holds_one_and_moves_when_it_stops(
     let mut rx = dc1.rx;
     while (delivered.len() + failed.len()) < TOTAL as usize {
         match next(&mut rx, "confirmations").await {
-            ToLocal::Confirm { token, outcome: Outcome::Delivered, .. } => delivered.push(token),
-            ToLocal::Confirm { token, .. } => failed.push(token),
+            ToLocal::Confirm { token, outcome: Outcome::Delivered, .. } => delivered.push(token.0),
+            ToLocal::Confirm { token, .. } => failed.push(token.0),
             _ => {}
         }
     }

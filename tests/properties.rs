@@ -10,7 +10,7 @@ use std::time::Instant;
 use bytes::Bytes;
 use proptest::prelude::*;
 use wandist::erlang::etf::{self, Kind, Pid, PidView, Ref, RefView, Refusal, Source, Term, Translator};
-use wandist::route::{Admit, DataVerdict, FailReason, LinkId, Outcome, Route, Window};
+use wandist::route::{Admit, DataVerdict, Epoch, FailReason, LinkId, Outcome, Route, Seq, Token, Window};
 
 // ---------------------------------------------------------------- route
 
@@ -54,15 +54,15 @@ fn op() -> impl Strategy<Value = Op> {
 }
 
 enum Back {
-    Ack(u64, u64),
-    Reject(u64, Vec<u64>),
+    Ack(Epoch, Seq),
+    Reject(Epoch, Vec<Seq>),
 }
 
 struct Link {
     id: LinkId,
     /// The receiver instance at its far end.
     to: usize,
-    data: VecDeque<(u64, Bytes)>,
+    data: VecDeque<(Seq, Bytes)>,
     /// Receiver to sender, in order.
     acks: VecDeque<Back>,
 }
@@ -71,9 +71,9 @@ struct Link {
 struct Receiver {
     name: String,
     route: Route,
-    epoch: u64,
+    epoch: Epoch,
     /// Handed to its local side, not finished: (delivery number, token).
-    handed: VecDeque<(u64, u64)>,
+    handed: VecDeque<(Seq, u64)>,
     /// The last token it delivered in this run (order within a session).
     last: Option<u64>,
 }
@@ -98,7 +98,7 @@ struct World {
     sessions: usize,
 }
 
-const A_EPOCH: u64 = 1;
+const A_EPOCH: Epoch = Epoch(1);
 const W: Window = Window { messages: 16, bytes: 1 << 20 };
 
 impl World {
@@ -106,8 +106,8 @@ impl World {
         let bs = (0..INSTANCES)
             .map(|i| Receiver {
                 name: format!("gw-b{i}"),
-                route: Route::new(1000 + i as u64, W, W),
-                epoch: 1000 + i as u64,
+                route: Route::new(Epoch(1000 + i as u64), W, W),
+                epoch: Epoch(1000 + i as u64),
                 handed: VecDeque::new(),
                 last: None,
             })
@@ -129,15 +129,15 @@ impl World {
         }
     }
 
-    fn fresh_epoch(&mut self) -> u64 {
+    fn fresh_epoch(&mut self) -> Epoch {
         self.next_epoch += 1;
-        self.next_epoch
+        Epoch(self.next_epoch)
     }
 
     fn fail(&mut self, failed: Vec<wandist::route::Confirmation>) {
         for c in failed {
             assert_eq!(c.outcome, Outcome::Failed(FailReason::PeerRestarted));
-            assert!(self.failed.insert(c.token), "token {} failed twice", c.token);
+            assert!(self.failed.insert(c.token.0), "token {} failed twice", c.token.0);
         }
     }
 
@@ -197,7 +197,7 @@ impl World {
                     }
                     let token = self.submitted;
                     self.submitted += 1;
-                    self.a.submit(Bytes::copy_from_slice(&token.to_be_bytes()), Some(token));
+                    self.a.submit(Bytes::copy_from_slice(&token.to_be_bytes()), Some(Token(token)));
                 }
             }
             Op::Transmit(n) => {
@@ -269,26 +269,26 @@ impl World {
                         match c.outcome {
                             Outcome::Delivered => {
                                 assert!(
-                                    self.delivered_set.contains(&c.token),
+                                    self.delivered_set.contains(&c.token.0),
                                     "token {} confirmed, never delivered",
-                                    c.token
+                                    c.token.0
                                 );
                                 assert!(
-                                    !self.undeliverable.contains(&c.token),
+                                    !self.undeliverable.contains(&c.token.0),
                                     "token {} undeliverable, confirmed delivered",
-                                    c.token
+                                    c.token.0
                                 );
-                                assert!(self.confirmed.insert(c.token), "token {} confirmed twice", c.token);
+                                assert!(self.confirmed.insert(c.token.0), "token {} confirmed twice", c.token.0);
                             }
                             Outcome::Failed(FailReason::Undeliverable) => {
                                 assert!(
-                                    self.undeliverable.contains(&c.token),
+                                    self.undeliverable.contains(&c.token.0),
                                     "token {} reported undeliverable",
-                                    c.token
+                                    c.token.0
                                 );
-                                assert!(self.failed.insert(c.token), "token {} failed twice", c.token);
+                                assert!(self.failed.insert(c.token.0), "token {} failed twice", c.token.0);
                             }
-                            other => panic!("token {}: {other:?} on an ack", c.token),
+                            other => panic!("token {}: {other:?} on an ack", c.token.0),
                         }
                     }
                 }

@@ -32,7 +32,7 @@ fn tls_of(certs: &Certs, cert_of: &str) -> Tls {
 const OFFER: Offer = Offer { links_wanted: 1, recv_window: Window { messages: 1000, bytes: 1 << 20 } };
 
 fn identity(cluster: &str) -> Identity {
-    Identity { cluster: cluster.into(), gateway: "impostor".into(), epoch: 7 }
+    Identity { cluster: cluster.into(), gateway: "impostor".into(), epoch: wandist::wire::Epoch(7) }
 }
 
 /// A raw client with `tls` claiming to be `claim`, handshaking with dc1 at `addr`.

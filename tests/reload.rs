@@ -44,9 +44,9 @@ fn collect_outcomes(gw: &mut InProc) -> std::sync::Arc<std::sync::Mutex<(Vec<u64
             if let ToLocal::Confirm { token, outcome, .. } = item {
                 let mut o = sink.lock().unwrap();
                 if outcome == Outcome::Delivered {
-                    o.0.push(token)
+                    o.0.push(token.0)
                 } else {
-                    o.1.push(token)
+                    o.1.push(token.0)
                 }
             }
         }
@@ -100,7 +100,7 @@ async fn a_certificate_rotated_to_a_new_ca_by_reload_is_used_by_new_links_and_no
     let route = dc1.running().local.route("dc2").unwrap().clone();
     let producer = tokio::spawn(async move {
         for i in 0..TOTAL {
-            route.submit(Bytes::copy_from_slice(&i.to_be_bytes()), Some(i)).await.unwrap();
+            route.submit(Bytes::copy_from_slice(&i.to_be_bytes()), Some(wandist::route::Token(i))).await.unwrap();
         }
     });
     let mut rx2 = std::mem::replace(&mut dc2.rx, tokio::sync::mpsc::channel(1).1);
@@ -331,7 +331,8 @@ async fn a_route_changed_by_reload_starts_a_new_session_and_confirms_nothing_fal
         let route = dc1.running().local.route("dc2").unwrap().clone();
         tokio::spawn(async move {
             for i in from..from + TOTAL {
-                if route.submit(Bytes::copy_from_slice(&i.to_be_bytes()), Some(i)).await.is_err() {
+                if route.submit(Bytes::copy_from_slice(&i.to_be_bytes()), Some(wandist::route::Token(i))).await.is_err()
+                {
                     return i - from;
                 }
             }
@@ -391,12 +392,15 @@ async fn a_route_removed_by_reload_finishes_its_window_first() {
     let outcomes = collect_outcomes(&mut dc1);
     let handle = dc1.running().local.route("dc2").unwrap().clone();
     for i in 0..TOTAL {
-        handle.submit(Bytes::copy_from_slice(&i.to_be_bytes()), Some(i)).await.unwrap();
+        handle.submit(Bytes::copy_from_slice(&i.to_be_bytes()), Some(wandist::route::Token(i))).await.unwrap();
     }
     let unacked = dc1.metric("wandist_unacked_messages", &[("peer", "dc2")]).unwrap_or(0.0);
     std::fs::write(dc1.config_path(), format!("{head}{}", route("dc3", dc3.peer_addr()))).unwrap();
     assert_eq!(applied(dc1.reload()), Vec::<String>::new());
-    assert!(handle.submit(Bytes::from_static(b"late"), Some(TOTAL)).await.is_err(), "a removed route took a message");
+    assert!(
+        handle.submit(Bytes::from_static(b"late"), Some(wandist::route::Token(TOTAL))).await.is_err(),
+        "a removed route took a message"
+    );
     dc2.wait_metric("wandist_route_up", &[("peer", "dc1")], |v| v == 0.0).await;
     wait_for("every outcome", SOON, || {
         let o = outcomes.lock().unwrap();

@@ -127,16 +127,18 @@ async fn confirmations_say_delivered_and_a_peer_restart_fails_what_was_in_flight
     let path = Forwarder::start(Some(dc2.peer_addr()));
     let mut dc1 = InProc::start("dc1", &dialing("dc1", &certs, "dc2", path.addr), 4096).await;
     let route = dc1.running().local.route("dc2").unwrap().clone();
-    route.submit(Bytes::from_static(b"first"), Some(1)).await.unwrap();
+    route.submit(Bytes::from_static(b"first"), Some(wandist::route::Token(1))).await.unwrap();
     assert!(matches!(next(&mut dc2.rx, "first").await, ToLocal::Deliver { payload, .. } if payload == "first"));
     match next(&mut dc1.rx, "confirmation").await {
-        ToLocal::Confirm { peer, token: 1, outcome: Outcome::Delivered } => assert_eq!(&*peer, "dc2"),
+        ToLocal::Confirm { peer, token: wandist::route::Token(1), outcome: Outcome::Delivered } => {
+            assert_eq!(&*peer, "dc2")
+        }
         other => panic!("unexpected {other:?}"),
     }
     // Four more: one fills dc2's local queue (handed over, not finished:
     // not acked), three wait inside dc2's route.
     for token in 2..=5 {
-        route.submit(Bytes::from(format!("m{token}")), Some(token)).await.unwrap();
+        route.submit(Bytes::from(format!("m{token}")), Some(wandist::route::Token(token))).await.unwrap();
     }
     dc2.wait_metric("wandist_messages_received_total", &[("peer", "dc1")], |v| v >= 2.0).await;
     let delivered_before = dc1.metric("wandist_messages_delivered_total", &[("peer", "dc2")]).unwrap() as u64;
@@ -168,13 +170,19 @@ async fn confirmations_say_delivered_and_a_peer_restart_fails_what_was_in_flight
     assert_eq!(failed_metric as usize, failed.len());
 
     // The new session carries new messages.
-    route.submit(Bytes::from_static(b"after"), Some(9)).await.unwrap();
+    route.submit(Bytes::from_static(b"after"), Some(wandist::route::Token(9))).await.unwrap();
     assert!(matches!(next(&mut dc2b.rx, "after").await, ToLocal::Deliver { payload, .. } if payload == "after"));
     loop {
         match next(&mut dc1.rx, "confirm 9").await {
             ToLocal::Lost { .. } | ToLocal::Up { .. } => continue, // the route going down, the new session
             other => {
-                assert!(matches!(other, ToLocal::Confirm { token: 9, outcome: Outcome::Delivered, .. }), "{other:?}");
+                assert!(
+                    matches!(
+                        other,
+                        ToLocal::Confirm { token: wandist::route::Token(9), outcome: Outcome::Delivered, .. }
+                    ),
+                    "{other:?}"
+                );
                 break;
             }
         }
@@ -310,14 +318,20 @@ async fn membership_is_not_transitive_along_a_line_and_forged_adverts_are_reject
     b.wait_metric("wandist_members", &[("peer", "dc3"), ("direction", "imported")], |v| v == 2.0).await;
 
     // A message from dc3 goes to dc2's cluster and no further.
-    c.running().local.route("dc2").unwrap().submit(Bytes::from_static(b"for dc1?"), Some(1)).await.unwrap();
+    c.running()
+        .local
+        .route("dc2")
+        .unwrap()
+        .submit(Bytes::from_static(b"for dc1?"), Some(wandist::route::Token(1)))
+        .await
+        .unwrap();
     match next(&mut b.rx, "dc3's message at dc2").await {
         ToLocal::Deliver { peer, payload, .. } => assert_eq!((&*peer, &payload[..]), ("dc3", &b"for dc1?"[..])),
         other => panic!("unexpected {other:?}"),
     }
     assert!(matches!(
         next(&mut c.rx, "confirmation").await,
-        ToLocal::Confirm { token: 1, outcome: Outcome::Delivered, .. }
+        ToLocal::Confirm { token: wandist::route::Token(1), outcome: Outcome::Delivered, .. }
     ));
 
     // A forger with a valid dc4 certificate advertises dc1's members as if transitive.
@@ -359,7 +373,7 @@ async fn forge_advert(certs: &Certs, to: std::net::SocketAddr, as_cluster: &str,
     let files = TlsFiles::new(at(format!("{as_cluster}.pem")), at(format!("{as_cluster}.key")), at("ca.pem".into()));
     let tls = wandist::tls::Tls::load(&files, Some(as_cluster), std::path::Path::new("test")).unwrap();
     let t = Timeouts { connect: Duration::from_secs(5), handshake: Duration::from_secs(5) };
-    let me = Identity { cluster: as_cluster.into(), gateway: "forger".into(), epoch: 1 };
+    let me = Identity { cluster: as_cluster.into(), gateway: "forger".into(), epoch: wandist::wire::Epoch(1) };
     let offer = Offer { links_wanted: 1, recv_window: Window { messages: 10, bytes: 1 << 20 } };
     let tcp = tokio::net::TcpStream::connect(to).await.unwrap();
     let mut est = handshake::client(tcp, Some(&tls), "dc2", me.hello(offer), &t, 1 << 20).await.unwrap();
@@ -399,7 +413,7 @@ async fn members_are_withdrawn_when_the_route_is_down_and_come_back_with_it() {
     // Messages accepted while down wait in the window (the peer's run is the same).
     let route = dc1.running().local.route("dc2").unwrap().clone();
     for i in 0..100 {
-        route.submit(n(i), Some(i)).await.unwrap();
+        route.submit(n(i), Some(wandist::route::Token(i))).await.unwrap();
     }
     // Changes while down reach dc1 with the next snapshot.
     dc2.running().local.leave("dc1", "chat", vec![Handle(22)]).await;
@@ -510,7 +524,7 @@ async fn a_message_the_receiving_side_cannot_deliver_is_reported_failed_not_deli
     let mut dc1 = InProc::start("dc1", &dialing("dc1", &certs, "dc2", dc2.peer_addr()), 4096).await;
     let route = dc1.running().local.route("dc2").unwrap().clone();
     for token in 1..=3u64 {
-        route.submit(n(token), Some(token)).await.unwrap();
+        route.submit(n(token), Some(wandist::route::Token(token))).await.unwrap();
     }
     // dc2's local side delivers 1 and 3, and cannot deliver 2.
     for token in 1..=3u64 {
@@ -527,7 +541,7 @@ async fn a_message_the_receiving_side_cannot_deliver_is_reported_failed_not_deli
     let mut outcomes = BTreeMap::new();
     while outcomes.len() < 3 {
         match next(&mut dc1.rx, "outcomes").await {
-            ToLocal::Confirm { token, outcome, .. } => assert!(outcomes.insert(token, outcome).is_none()),
+            ToLocal::Confirm { token, outcome, .. } => assert!(outcomes.insert(token.0, outcome).is_none()),
             other => panic!("unexpected {other:?}"),
         }
     }
@@ -567,7 +581,7 @@ async fn a_stopping_gateway_finishes_its_window_before_it_leaves() {
     });
     let route = dc1.running().local.route("dc2").unwrap().clone();
     for i in 0..TOTAL {
-        route.submit(n(i), Some(i)).await.unwrap();
+        route.submit(n(i), Some(wandist::route::Token(i))).await.unwrap();
     }
     // The local side takes outcomes as they come (as the Erlang side does).
     let mut rx1 = std::mem::replace(&mut dc1.rx, tokio::sync::mpsc::channel(1).1);
@@ -577,7 +591,7 @@ async fn a_stopping_gateway_finishes_its_window_before_it_leaves() {
             match next(&mut rx1, "confirmations").await {
                 ToLocal::Confirm { outcome: Outcome::Delivered, .. } => delivered += 1,
                 ToLocal::Confirm { token, outcome, .. } => {
-                    panic!("token {token}: {outcome:?} (after {delivered} delivered)")
+                    panic!("token {}: {outcome:?} (after {delivered} delivered)", token.0)
                 }
                 _ => {}
             }
@@ -586,7 +600,10 @@ async fn a_stopping_gateway_finishes_its_window_before_it_leaves() {
     });
     let unacked = dc1.metric("wandist_unacked_messages", &[("peer", "dc2")]).unwrap_or(0.0);
     dc1.stop().await;
-    assert!(route.submit(n(TOTAL), Some(TOTAL)).await.is_err(), "a stopped gateway took a message");
+    assert!(
+        route.submit(n(TOTAL), Some(wandist::route::Token(TOTAL))).await.is_err(),
+        "a stopped gateway took a message"
+    );
     assert_eq!(outcomes.await.unwrap(), TOTAL);
     assert_eq!(consumer.await.unwrap(), TOTAL);
     println!("stopped with {unacked} of {TOTAL} messages unconfirmed: all {TOTAL} confirmed delivered, none failed");

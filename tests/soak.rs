@@ -98,7 +98,7 @@ fn consume(mut rx: mpsc::Receiver<ToLocal>, book: Arc<Mutex<Book>>, own_dir: usi
                     }
                     b.received(dir, token);
                 }
-                ToLocal::Confirm { token, outcome, .. } => book.lock().unwrap().outcome(own_dir, token, outcome),
+                ToLocal::Confirm { token, outcome, .. } => book.lock().unwrap().outcome(own_dir, token.0, outcome),
                 _ => {}
             }
         }
@@ -120,7 +120,11 @@ fn produce(
                 tokio::time::sleep(Duration::from_millis(5)).await;
                 continue;
             };
-            match tokio::time::timeout(Duration::from_millis(200), route.submit(payload(dir, token), Some(token))).await
+            match tokio::time::timeout(
+                Duration::from_millis(200),
+                route.submit(payload(dir, token), Some(wandist::route::Token(token))),
+            )
+            .await
             {
                 Ok(Ok(())) => {
                     *book.lock().unwrap().slot(dir, token) |= SUBMITTED;

@@ -35,7 +35,7 @@ use crate::local::{Held, LocalGroups, ToLocal};
 use crate::membership::{Change, Filter};
 use crate::metrics::{self as m, Metrics};
 use crate::ratelog::RateLog;
-use crate::route::Outcome;
+use crate::route::{Epoch, Outcome, Token};
 use crate::wire::relay::Relay;
 use crate::wire::{codec, Handle};
 
@@ -87,7 +87,7 @@ pub enum Effect {
     Node { node: Arc<str>, packet: Bytes, held: Option<Held>, bulk: bool },
     /// A relay for a peer's route. `data`: a message (bounded by the
     /// peer's queue), else a monitor signal (always taken).
-    Peer { peer: PeerIx, payload: Bytes, token: Option<u64>, data: bool },
+    Peer { peer: PeerIx, payload: Bytes, token: Option<Token>, data: bool },
     /// The local cluster's members, as handles issued to that peer.
     Groups { peer: PeerIx, change: LocalGroups },
     /// Several instances of the cluster (`claims`): this one now holds
@@ -168,7 +168,7 @@ struct Peer {
     export: Filter,
     up: bool,
     /// The peer's run (epoch) our proxies of it belong to.
-    session: Option<u64>,
+    session: Option<Epoch>,
     /// What this gateway issued to the peer: the only names it has for us.
     exports: Handles,
     atoms: Atoms,
@@ -261,7 +261,7 @@ pub struct Core {
     /// the whole gateway is leaving.
     handing: Vec<Handing>,
     /// Confirmed sends waiting for their outcome: token -> (who, their ref).
-    confirms: HashMap<u64, (Pid, Term)>,
+    confirms: HashMap<Token, (Pid, Term)>,
     next_token: u64,
     next_ref: u64,
     out: Vec<Effect>,
@@ -926,7 +926,7 @@ impl Core {
             self.reject(None, Reject::UnknownProxy, || format!("a confirmed send from {sender} to an unknown proxy"));
             return self.answer(&from, reply_ref, failed("unknown_proxy"));
         };
-        let token = self.next_token;
+        let token = Token(self.next_token);
         self.next_token += 1;
         self.confirms.insert(token, (from.clone(), reply_ref));
         self.send_to_peer(key, Some(Sender::Pid(from)), &etf::encode(&t[4]), Some(token), false);
@@ -937,7 +937,7 @@ impl Core {
     }
 
     /// The outcome of a confirmed send, to whoever asked.
-    fn confirm(&mut self, token: u64, result: Term) {
+    fn confirm(&mut self, token: Token, result: Term) {
         if let Some((from, reply_ref)) = self.confirms.remove(&token) {
             self.answer(&from, reply_ref, result);
         }
@@ -945,7 +945,7 @@ impl Core {
 
     /// The shell could not hand a message to its peer's route: a confirmed
     /// one is answered now.
-    pub fn not_sent(&mut self, peer: PeerIx, token: Option<u64>, reason: Reject) {
+    pub fn not_sent(&mut self, peer: PeerIx, token: Option<Token>, reason: Reject) {
         self.reject(Some(peer), reason, || "a message for the peer was not sent".to_string());
         if let Some(t) = token {
             self.confirm(t, failed(reason.label()));
@@ -955,7 +955,7 @@ impl Core {
     // ---- crossing to a peer ----
 
     /// A message from a local process to a proxy (or an alias proxy).
-    fn send_to_peer(&mut self, key: u64, from: Option<Sender>, payload: &[u8], token: Option<u64>, alias: bool) {
+    fn send_to_peer(&mut self, key: u64, from: Option<Sender>, payload: &[u8], token: Option<Token>, alias: bool) {
         let kind = if alias { Kind::Ref } else { Kind::Pid };
         let Some(home) = self.proxies.home(key).filter(|h| h.kind == kind) else {
             self.reject(None, Reject::UnknownProxy, || {
@@ -1008,7 +1008,7 @@ impl Core {
 
     /// A monitor signal (or other relay) for a peer; `body` is a term from
     /// our side (translated for the peer).
-    fn relay(&mut self, p: PeerIx, r: Relay, body: &[u8], token: Option<u64>, data: bool) {
+    fn relay(&mut self, p: PeerIx, r: Relay, body: &[u8], token: Option<Token>, data: bool) {
         let mut out = Vec::with_capacity(32 + body.len());
         if codec::encode_value(&r, &mut out).is_err() {
             return;

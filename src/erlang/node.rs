@@ -678,6 +678,7 @@ pub fn parse(buf: Bytes) -> Result<(Term, Option<Bytes>), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::wire::{Epoch, Seq};
 
     fn params() -> NodeParams {
         NodeParams {
@@ -772,10 +773,10 @@ mod tests {
         let mut batch = BytesMut::new();
         // Each barrier covers one delivery of session 5.
         let finished = Arc::new(crate::local::Finished::default());
-        finished.reset(5);
+        finished.reset(Epoch(5));
         let counter = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         for n in 1..=3 {
-            b.add(&p, &mut batch, &mut vec![Held::take(&counter, 10, &finished, 5, n)]);
+            b.add(&p, &mut batch, &mut vec![Held::take(&counter, 10, &finished, Epoch(5), Seq(n))]);
         }
         // The packets are MONITOR_P on the unregistered name, with our refs
         // (from the encoded template: the same bytes as encoding each one).
@@ -831,9 +832,9 @@ mod tests {
         let released = b.answered(&p, &answer(&p, 2)).unwrap();
         assert_eq!(released.len(), 2);
         assert_eq!(b.waiting.iter().map(|w| w.0).collect::<Vec<_>>(), vec![3]);
-        assert_eq!(finished.upto(), (Some(5), 0));
+        assert_eq!(finished.upto(), (Some(Epoch(5)), Seq(0)));
         Held::finish_all(released);
-        assert_eq!(finished.upto(), (Some(5), 2));
+        assert_eq!(finished.upto(), (Some(Epoch(5)), Seq(2)));
         assert_eq!(counter.load(std::sync::atomic::Ordering::Relaxed), 10, "the third is still held");
         assert_eq!(b.answered(&p, &answer(&p, 3)).map(|r| r.len()), Some(1));
         assert!(b.waiting.is_empty());

@@ -87,7 +87,7 @@ struct RouteSlot {
     handle: Option<RouteHandle>,
     backlog: VecDeque<Effect>,
     /// Messages the route's window had no room for, oldest first.
-    pending: VecDeque<(Bytes, Option<u64>)>,
+    pending: VecDeque<(Bytes, Option<crate::route::Token>)>,
     pending_bytes: usize,
     max_pending: usize,
     max_pending_bytes: usize,

@@ -31,7 +31,9 @@ use super::peer::TO_LOCAL_BYTES;
 use crate::link::conn::{FrameSink, Lanes};
 use crate::local::{Acks, Finished, Held, RouteGone, ToLocal, TrySubmit};
 use crate::membership::{Change, PeerMembership};
-use crate::route::{Admit, Confirmation, DataVerdict, FailReason, LinkDown, LinkId, LinkUp, Route, Violation, Window};
+use crate::route::{
+    Admit, Confirmation, DataVerdict, Epoch, FailReason, LinkDown, LinkId, LinkUp, Route, Seq, Token, Violation, Window,
+};
 use crate::wire::{Frame, Header, Hello, CAP_REJECT};
 
 /// Sequence numbers per `Reject` frame.
@@ -215,7 +217,7 @@ impl RouteCore {
     // ---- toward the peer ----
 
     /// Takes a message if the route (or its queue) has room, without waiting.
-    pub(super) fn try_submit(&self, payload: Bytes, token: Option<u64>) -> Result<(), TrySubmit> {
+    pub(super) fn try_submit(&self, payload: Bytes, token: Option<Token>) -> Result<(), TrySubmit> {
         let mut st = self.lock();
         if st.closed || st.draining {
             return Err(TrySubmit::Gone);
@@ -238,7 +240,7 @@ impl RouteCore {
     }
 
     /// Takes a message; waits while the route's window and queue are full.
-    pub(super) async fn submit(&self, mut payload: Bytes, mut token: Option<u64>) -> Result<(), RouteGone> {
+    pub(super) async fn submit(&self, mut payload: Bytes, mut token: Option<Token>) -> Result<(), RouteGone> {
         loop {
             let room = self.room.notified();
             tokio::pin!(room);
@@ -434,7 +436,7 @@ impl RouteCore {
     }
 
     /// The epoch our hellos carry now.
-    pub(super) fn our_epoch(&self) -> u64 {
+    pub(super) fn our_epoch(&self) -> Epoch {
         self.lock().route.our_epoch()
     }
 
@@ -465,7 +467,7 @@ impl RouteCore {
     /// The acceptor's check of a hello before answering it: our session
     /// epoch, or (without `successors`) the holder's name when another
     /// instance of the peer holds the route (see `route::Admit`).
-    pub(super) fn check_session(&self, hello: &Hello, successors: bool) -> Result<u64, String> {
+    pub(super) fn check_session(&self, hello: &Hello, successors: bool) -> Result<Epoch, String> {
         let st = self.lock();
         match st.route.admit(&hello.gateway, hello.epoch) {
             Admit::OtherInstance if !successors => Err(st.route.peer_instance().unwrap_or_default().to_string()),
@@ -481,8 +483,8 @@ impl RouteCore {
     pub(super) fn admit(
         &self,
         instance: &str,
-        epoch: u64,
-        link_epoch: u64,
+        epoch: Epoch,
+        link_epoch: Epoch,
         successors: bool,
         members: &mut PeerMembership,
     ) -> Admission {
@@ -551,8 +553,8 @@ impl RouteCore {
     pub(super) fn on_data(
         &self,
         link: LinkId,
-        epoch: u64,
-        seq: u64,
+        epoch: Epoch,
+        seq: Seq,
         body: Bytes,
     ) -> Option<Result<DataVerdict, Violation>> {
         let mut st = self.lock();
@@ -563,12 +565,12 @@ impl RouteCore {
     }
 
     /// An ack the data path left to the route task.
-    pub(super) fn on_ack(&self, epoch: u64, upto: u64) -> Result<(), Violation> {
+    pub(super) fn on_ack(&self, epoch: Epoch, upto: Seq) -> Result<(), Violation> {
         self.on_ack_locked(&mut self.lock(), epoch, upto)
     }
 
     /// A reject from the peer (messages it could not deliver).
-    pub(super) fn on_reject(&self, epoch: u64, seqs: &[u64]) -> Result<usize, Violation> {
+    pub(super) fn on_reject(&self, epoch: Epoch, seqs: &[Seq]) -> Result<usize, Violation> {
         self.lock().route.on_reject(epoch, seqs)
     }
 
@@ -583,7 +585,7 @@ impl RouteCore {
 
     /// A cumulative ack from the peer: frees window, moves queued submits
     /// in and sends them, and queues the confirmations for the local side.
-    fn on_ack_locked(&self, st: &mut CoreState, epoch: u64, upto: u64) -> Result<(), Violation> {
+    fn on_ack_locked(&self, st: &mut CoreState, epoch: Epoch, upto: Seq) -> Result<(), Violation> {
         let acked = st.route.on_ack(epoch, upto, Instant::now())?;
         self.m.delivered.increment(acked.messages as u64);
         if acked.undeliverable > 0 {
@@ -621,7 +623,7 @@ impl RouteCore {
         let Some((epoch, upto)) = st.route.pending_ack() else { return };
         // (After a new session `upto` restarts low: the wrap makes it due.)
         let more_now = st.route.has_delivery() && self.to_local.capacity() > 0;
-        if more_now && upto.wrapping_sub(st.acked_at) < self.ack_every {
+        if more_now && upto.0.wrapping_sub(st.acked_at) < self.ack_every {
             return;
         }
         // What could not be delivered is said first, so the ack after it
@@ -635,7 +637,7 @@ impl RouteCore {
             }
         }
         lanes.send_control(Frame::control(Header::Ack { epoch, upto }));
-        st.acked_at = upto;
+        st.acked_at = upto.0;
         st.route.ack_sent(upto);
     }
 
@@ -756,7 +758,7 @@ mod tests {
     use crate::route::{Outcome, Window};
 
     const LINK: LinkId = LinkId(7);
-    const PEER_EPOCH: u64 = 9;
+    const PEER_EPOCH: Epoch = Epoch(9);
 
     struct Fixture {
         core: Arc<RouteCore>,
@@ -782,7 +784,7 @@ mod tests {
     /// room for `local_room` items toward the local side.
     fn fixture(window: usize, local_room: usize) -> Fixture {
         let w = Window { messages: window, bytes: 1 << 20 };
-        let mut route = Route::new(1, w, Window { messages: 64, bytes: 1 << 20 });
+        let mut route = Route::new(Epoch(1), w, Window { messages: 64, bytes: 1 << 20 });
         assert!(route.link_up(LINK, PEER_EPOCH, w).primary);
         let (to_local, local) = mpsc::channel(local_room);
         let core = RouteCore::new(route, "dc2".into(), to_local, Arc::default(), data_metrics(), 64);
@@ -793,13 +795,16 @@ mod tests {
     }
 
     fn data(seq: u64) -> Frame {
-        Frame { header: Header::Data { epoch: PEER_EPOCH, seq, more: false }, body: Bytes::from(vec![seq as u8]) }
+        Frame {
+            header: Header::Data { epoch: PEER_EPOCH, seq: Seq(seq), more: false },
+            body: Bytes::from(vec![seq as u8]),
+        }
     }
 
     fn seqs_on(lane: &mut mpsc::Receiver<Frame>) -> Vec<u64> {
         std::iter::from_fn(|| lane.try_recv().ok())
             .map(|f| match f.header {
-                Header::Data { seq, .. } => seq,
+                Header::Data { seq, .. } => seq.0,
                 other => panic!("not data: {other:?}"),
             })
             .collect()
@@ -835,7 +840,7 @@ mod tests {
         assert_eq!(f.core.lock().pending.len(), 2);
         // An ack makes room, but a new submit still queues behind the
         // waiting ones, not ahead of them.
-        f.core.lock().route.on_ack(1, 1, Instant::now()).unwrap();
+        f.core.lock().route.on_ack(Epoch(1), Seq(1), Instant::now()).unwrap();
         f.core.try_submit(Bytes::from(vec![5]), None).unwrap();
         assert_eq!(f.core.lock().pending.len(), 3);
         assert!(woken(&f.core), "room in the window with submits waiting wakes the route task");
@@ -854,7 +859,10 @@ mod tests {
         for _ in 0..SUBMIT_QUEUE {
             f.core.try_submit(Bytes::from_static(b"b"), None).unwrap();
         }
-        assert!(matches!(f.core.try_submit(Bytes::from_static(b"c"), Some(3)), Err(TrySubmit::Full(_, Some(3)))));
+        assert!(matches!(
+            f.core.try_submit(Bytes::from_static(b"c"), Some(Token(3))),
+            Err(TrySubmit::Full(_, Some(Token(3))))
+        ));
         let (failed, _, queued) = f.core.close(FailReason::Shutdown);
         assert_eq!((failed, queued.len()), (1, SUBMIT_QUEUE));
         assert!(matches!(f.core.try_submit(Bytes::from_static(b"d"), None), Err(TrySubmit::Gone)));
@@ -913,7 +921,7 @@ mod tests {
             (LINK, data(1)),
             (LINK, data(5)),
             (LinkId(99), data(2)),
-            (LINK, Frame { header: Header::Data { epoch: 3, seq: 2, more: false }, body: Bytes::new() }),
+            (LINK, Frame { header: Header::Data { epoch: Epoch(3), seq: Seq(2), more: false }, body: Bytes::new() }),
         ] {
             f.core.lock().events_queued = 0;
             let mut frames = vec![frame];
@@ -943,22 +951,22 @@ mod tests {
     fn acks_free_the_window_send_what_waited_and_confirm() {
         let mut f = fixture(2, 8);
         for i in 1..=4u8 {
-            f.core.try_submit(Bytes::from(vec![i]), Some(i as u64)).unwrap();
+            f.core.try_submit(Bytes::from(vec![i]), Some(Token(i as u64))).unwrap();
         }
         assert_eq!(seqs_on(&mut f.lane), [1, 2]);
-        let mut frames = vec![Frame::control(Header::Ack { epoch: 1, upto: 2 })];
+        let mut frames = vec![Frame::control(Header::Ack { epoch: Epoch(1), upto: Seq(2) })];
         f.core.take(LINK, &mut frames);
         assert!(frames.is_empty(), "the ack is taken");
         assert_eq!(seqs_on(&mut f.lane), [3, 4], "what waited goes out");
         let confirmed: Vec<(u64, Outcome)> = std::iter::from_fn(|| f.local.try_recv().ok())
             .map(|item| match item {
-                ToLocal::Confirm { token, outcome, .. } => (token, outcome),
+                ToLocal::Confirm { token, outcome, .. } => (token.0, outcome),
                 other => panic!("{other:?}"),
             })
             .collect();
         assert_eq!(confirmed, [(1, Outcome::Delivered), (2, Outcome::Delivered)]);
         // An ack beyond what was sent is the route task's to report.
-        let mut bad = vec![Frame::control(Header::Ack { epoch: 1, upto: 9 })];
+        let mut bad = vec![Frame::control(Header::Ack { epoch: Epoch(1), upto: Seq(9) })];
         f.core.take(LINK, &mut bad);
         assert_eq!(bad.len(), 1);
         assert_eq!(f.core.lock().route.unacked().0, 2);
@@ -966,8 +974,8 @@ mod tests {
         // must see the reject first).
         f.core.lock().events_queued = 0;
         let mut frames = vec![
-            Frame::control(Header::Reject { epoch: 1, seqs: vec![3] }),
-            Frame::control(Header::Ack { epoch: 1, upto: 3 }),
+            Frame::control(Header::Reject { epoch: Epoch(1), seqs: vec![Seq(3)] }),
+            Frame::control(Header::Ack { epoch: Epoch(1), upto: Seq(3) }),
         ];
         f.core.take(LINK, &mut frames);
         assert_eq!(frames.len(), 2);
@@ -988,7 +996,7 @@ mod tests {
         assert!(f.control.try_recv().is_err(), "nothing is acked before the local side is done");
         Held::finish_all(held);
         let acks: Vec<Header> = std::iter::from_fn(|| f.control.try_recv().ok()).map(|fr| fr.header).collect();
-        assert_eq!(acks, [Header::Ack { epoch: PEER_EPOCH, upto: 3 }]);
+        assert_eq!(acks, [Header::Ack { epoch: PEER_EPOCH, upto: Seq(3) }]);
         assert!(!woken(&f.core), "no route task needed");
     }
 
@@ -1014,6 +1022,6 @@ mod tests {
         assert!(told.as_mut().enable(), "the route task is told to ack");
         f.core.flush_ack();
         let acks: Vec<Header> = std::iter::from_fn(|| f.control.try_recv().ok()).map(|fr| fr.header).collect();
-        assert_eq!(acks, [Header::Ack { epoch: PEER_EPOCH, upto: 1 }]);
+        assert_eq!(acks, [Header::Ack { epoch: PEER_EPOCH, upto: Seq(1) }]);
     }
 }

@@ -11,12 +11,13 @@ use tokio::sync::mpsc;
 use super::core::RouteCore;
 use crate::link::handshake::Established;
 use crate::local::{self, BoxFuture, LocalGroups, RouteGone, TryGroups, TrySubmit};
+use crate::route::{Epoch, Token};
 
 /// A message for the peer, queued while the route's window is full.
 #[derive(Debug)]
 pub(crate) struct Submit {
     pub payload: Bytes,
-    pub token: Option<u64>,
+    pub token: Option<Token>,
 }
 
 /// What else a route task is told, in one queue (so that its loop polls
@@ -57,7 +58,7 @@ impl RouteRef {
     }
 
     /// The route's session epoch: what its hellos carry now.
-    pub(crate) fn epoch(&self) -> u64 {
+    pub(crate) fn epoch(&self) -> Epoch {
         self.0.core.our_epoch()
     }
 
@@ -93,11 +94,11 @@ impl RouteRef {
 }
 
 impl local::Route for Parts {
-    fn try_submit(&self, payload: Bytes, token: Option<u64>) -> Result<(), TrySubmit> {
+    fn try_submit(&self, payload: Bytes, token: Option<Token>) -> Result<(), TrySubmit> {
         self.core.try_submit(payload, token)
     }
 
-    fn submit(&self, payload: Bytes, token: Option<u64>) -> BoxFuture<'_, Result<(), RouteGone>> {
+    fn submit(&self, payload: Bytes, token: Option<Token>) -> BoxFuture<'_, Result<(), RouteGone>> {
         Box::pin(self.core.submit(payload, token))
     }
 

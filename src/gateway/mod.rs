@@ -137,7 +137,7 @@ impl Running {
 
     /// The session epoch of the route to `peer` (what its hellos carry
     /// now), if it runs.
-    pub fn route_epoch(&self, peer: &str) -> Option<u64> {
+    pub fn route_epoch(&self, peer: &str) -> Option<crate::route::Epoch> {
         self.routes.get(peer).map(RouteRef::epoch)
     }
 
@@ -838,7 +838,7 @@ impl RouteKit {
     fn spawn_with(
         &mut self,
         route: &crate::config::RouteConfig,
-        epoch: Option<u64>,
+        epoch: Option<crate::route::Epoch>,
         ready: Option<CancellationToken>,
     ) -> (RouteRef, Inbox) {
         if route.insecure_plaintext {
@@ -986,10 +986,11 @@ pub fn worker_threads(configured: usize, cpus: usize) -> usize {
 /// Accepted links and local group changes queued for one route task.
 const CONTROL_QUEUE: usize = 1024;
 
-pub(super) fn new_epoch() -> u64 {
+/// A fresh epoch: the clock mixed with randomness, never 0.
+pub(super) fn new_epoch() -> crate::route::Epoch {
     let t =
         std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0);
-    (t ^ fastrand::u64(..)).max(1)
+    crate::route::Epoch((t ^ fastrand::u64(..)).max(1))
 }
 
 /// Accepts peer connections; each handshake runs in its own task, bounded in

@@ -33,7 +33,7 @@ use crate::link::{Close, Timeouts};
 use crate::local::{LocalGroups, ToLocal};
 use crate::membership::{Change, Filter, ImportLimits, PeerMembership};
 use crate::metrics::{self as m, Metrics};
-use crate::route::{Confirmation, DataVerdict, FailReason, LinkId, Outcome, Route, Window};
+use crate::route::{Confirmation, DataVerdict, Epoch, FailReason, LinkId, Outcome, Route, Window};
 use crate::status;
 use crate::tls;
 use crate::wire::packing::{Compression, Policy};
@@ -127,7 +127,7 @@ pub(super) struct RouteInputs {
     pub successors: Option<mpsc::Sender<Box<Established>>>,
     /// The epoch of the task's route (a successor's is its predecessor's:
     /// the link's hello carried it); None: a fresh one.
-    pub epoch: Option<u64>,
+    pub epoch: Option<Epoch>,
     /// The group names the local side takes (None: any).
     pub group_check: Option<crate::membership::GroupCheck>,
 }
@@ -905,7 +905,7 @@ mod tests {
 
     #[test]
     fn the_send_window_is_what_the_peer_offers_but_never_zero() {
-        let own = Identity { cluster: "dc1".into(), gateway: "gw".into(), epoch: 1 };
+        let own = Identity { cluster: "dc1".into(), gateway: "gw".into(), epoch: Epoch(1) };
         let offer = |messages, bytes| Offer { links_wanted: 1, recv_window: Window { messages, bytes } };
         let w = send_window(&own.hello(offer(100, 1 << 20)));
         assert_eq!((w.messages, w.bytes), (100, 1 << 20));

@@ -24,7 +24,7 @@ use crate::metrics::{self as m, Metrics};
 use crate::route::LinkId;
 use crate::wire::codec;
 use crate::wire::packing::{Packing, Policy};
-use crate::wire::{Frame, Header};
+use crate::wire::{Epoch, Frame, Header, Seq};
 
 /// Frames queued per lane before senders wait (data) or fail (control).
 const CONTROL_QUEUE: usize = 4096;
@@ -265,8 +265,8 @@ fn micros_since(epoch: Instant) -> u64 {
 /// A message being reassembled from chunks.
 #[derive(Debug)]
 struct Partial {
-    epoch: u64,
-    seq: u64,
+    epoch: Epoch,
+    seq: Seq,
     body: BytesMut,
 }
 
@@ -284,7 +284,7 @@ impl Reassembly {
     }
 
     /// Takes one chunk; a whole message once its last chunk is in.
-    fn take(&mut self, epoch: u64, seq: u64, more: bool, body: Bytes) -> Result<Option<Frame>, codec::CodecError> {
+    fn take(&mut self, epoch: Epoch, seq: Seq, more: bool, body: Bytes) -> Result<Option<Frame>, codec::CodecError> {
         let whole = |epoch, seq, body| Frame { header: Header::Data { epoch, seq, more: false }, body };
         let Some(p) = self.partial.as_mut() else {
             if !more {
@@ -461,8 +461,8 @@ impl Reader {
 
 /// A data message being written out chunk by chunk.
 struct Outgoing {
-    epoch: u64,
-    seq: u64,
+    epoch: Epoch,
+    seq: Seq,
     body: Bytes,
     offset: usize,
 }
@@ -657,10 +657,11 @@ fn push(f: &Frame, max: usize, out: &mut BytesMut) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::wire::{Epoch, Seq};
 
     fn outgoing(seq: u64, len: usize) -> Outgoing {
         let body: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
-        Outgoing { epoch: 7, seq, body: Bytes::from(body), offset: 0 }
+        Outgoing { epoch: Epoch(7), seq: Seq(seq), body: Bytes::from(body), offset: 0 }
     }
 
     /// Chunks the way the writer cuts them: (header, chunk) until the last.
@@ -693,7 +694,7 @@ mod tests {
         let mut got = parts.into_iter().map(|p| feed(&mut r, p).unwrap()).collect::<Vec<_>>();
         let whole = got.pop().unwrap().expect("whole after the last chunk");
         assert!(got.iter().all(Option::is_none));
-        assert_eq!(whole, Frame { header: Header::Data { epoch: 7, seq: 1, more: false }, body });
+        assert_eq!(whole, Frame { header: Header::Data { epoch: Epoch(7), seq: Seq(1), more: false }, body });
         // A small message is one chunk, whole at once; exactly a chunk too.
         for len in [10, CHUNK_BYTES] {
             let parts = chunks(outgoing(2, len));

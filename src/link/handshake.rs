@@ -18,14 +18,14 @@ use super::{BoxIo, Timeouts};
 use crate::config::{Endpoint, Socks5};
 use crate::tls::{server_name, Tls};
 use crate::wire::codec::{self, CodecError};
-use crate::wire::{Frame, Header, Hello, CAPABILITIES, PREAMBLE_LEN, PROTOCOL_VERSION};
+use crate::wire::{Epoch, Frame, Header, Hello, CAPABILITIES, PREAMBLE_LEN, PROTOCOL_VERSION};
 
 /// Who we are, as told in our hello.
 #[derive(Debug, Clone)]
 pub struct Identity {
     pub cluster: String,
     pub gateway: String,
-    pub epoch: u64,
+    pub epoch: Epoch,
 }
 
 /// What a route asks of the peer in its hello.
@@ -71,7 +71,7 @@ pub struct Admission {
 #[derive(Clone)]
 pub struct SessionCheck(pub Arc<CheckFn>);
 
-pub type CheckFn = dyn Fn(&Hello) -> Result<u64, String> + Send + Sync;
+pub type CheckFn = dyn Fn(&Hello) -> Result<Epoch, String> + Send + Sync;
 
 impl std::fmt::Debug for SessionCheck {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -98,7 +98,7 @@ pub struct Established {
     pub tls: bool,
     pub remote: String,
     /// The epoch our hello on this link carried.
-    pub our_epoch: u64,
+    pub our_epoch: Epoch,
 }
 
 impl std::fmt::Debug for Established {
@@ -433,9 +433,10 @@ pub async fn read_hello<S: AsyncRead + Unpin + ?Sized>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::wire::Epoch;
 
     fn identity(cluster: &str) -> Identity {
-        Identity { cluster: cluster.into(), gateway: format!("gw-{cluster}"), epoch: 9 }
+        Identity { cluster: cluster.into(), gateway: format!("gw-{cluster}"), epoch: Epoch(9) }
     }
 
     fn offer() -> Offer {
@@ -451,7 +452,7 @@ mod tests {
         let h = identity("dc1").hello(offer());
         assert_eq!(
             (h.version, h.cluster.as_str(), h.gateway.as_str(), h.epoch),
-            (PROTOCOL_VERSION, "dc1", "gw-dc1", 9)
+            (PROTOCOL_VERSION, "dc1", "gw-dc1", Epoch(9))
         );
         assert_eq!((h.links_wanted, h.recv_window_messages, h.recv_window_bytes), (1, 100, 1 << 20));
         assert_eq!(h.capabilities, CAPABILITIES.iter().map(|c| c.to_string()).collect::<Vec<_>>());

@@ -270,9 +270,13 @@ pub fn check_eof(buf: &BytesMut) -> Result<(), CodecError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::wire::{Epoch, Seq};
 
     fn data(seq: u64, body: &[u8]) -> Frame {
-        Frame { header: Header::Data { epoch: 1, seq, more: false }, body: Bytes::copy_from_slice(body) }
+        Frame {
+            header: Header::Data { epoch: Epoch(1), seq: Seq(seq), more: false },
+            body: Bytes::copy_from_slice(body),
+        }
     }
 
     #[test]
@@ -338,7 +342,7 @@ mod tests {
             version: PROTOCOL_VERSION,
             cluster: "dc1".into(),
             gateway: "gw1".into(),
-            epoch: 42,
+            epoch: Epoch(42),
             links_wanted: 2,
             recv_window_messages: 100,
             recv_window_bytes: 1 << 20,
@@ -350,12 +354,12 @@ mod tests {
     fn round_trip_control_and_data() {
         let mut buf = BytesMut::new();
         encode(&hello(), &[], MAX, &mut buf).unwrap();
-        encode(&Header::Data { epoch: 1, seq: 7, more: false }, b"payload", MAX, &mut buf).unwrap();
+        encode(&Header::Data { epoch: Epoch(1), seq: Seq(7), more: false }, b"payload", MAX, &mut buf).unwrap();
         encode(&Header::Ping { nonce: 9 }, &[], MAX, &mut buf).unwrap();
         let a = decode(&mut buf, MAX).unwrap().unwrap();
         assert_eq!(a.header, hello());
         let b = decode(&mut buf, MAX).unwrap().unwrap();
-        assert_eq!(b.header, Header::Data { epoch: 1, seq: 7, more: false });
+        assert_eq!(b.header, Header::Data { epoch: Epoch(1), seq: Seq(7), more: false });
         assert_eq!(&b.body[..], b"payload");
         let c = decode(&mut buf, MAX).unwrap().unwrap();
         assert_eq!(c.header, Header::Ping { nonce: 9 });
@@ -387,11 +391,14 @@ mod tests {
         );
         assert_eq!(frame(&Header::Ping { nonce: 9 }, &[]), [0, 0, 0, 2, 1, 9]);
         assert_eq!(
-            frame(&Header::Data { epoch: 1, seq: 300, more: false }, b"xy"),
+            frame(&Header::Data { epoch: Epoch(1), seq: Seq(300), more: false }, b"xy"),
             [0, 0, 0, 8, 3, 1, 251, 44, 1, 0, b'x', b'y']
         );
-        assert_eq!(frame(&Header::Ack { epoch: 1, upto: 300 }, &[]), [0, 0, 0, 5, 4, 1, 251, 44, 1]);
-        assert_eq!(frame(&Header::Reject { epoch: 1, seqs: vec![5, 6] }, &[]), [0, 0, 0, 5, 8, 1, 2, 5, 6]);
+        assert_eq!(frame(&Header::Ack { epoch: Epoch(1), upto: Seq(300) }, &[]), [0, 0, 0, 5, 4, 1, 251, 44, 1]);
+        assert_eq!(
+            frame(&Header::Reject { epoch: Epoch(1), seqs: vec![Seq(5), Seq(6)] }, &[]),
+            [0, 0, 0, 5, 8, 1, 2, 5, 6]
+        );
         assert_eq!(frame(&Header::Resync, &[]), [0, 0, 0, 1, 6]);
         let join = Header::Advert(crate::wire::Advert {
             origin: "dc1".into(),
@@ -405,7 +412,10 @@ mod tests {
     #[test]
     fn partial_frames_wait_for_more() {
         let whole = encode_frame(
-            &Frame { header: Header::Data { epoch: 1, seq: 1, more: false }, body: Bytes::from_static(b"abcdef") },
+            &Frame {
+                header: Header::Data { epoch: Epoch(1), seq: Seq(1), more: false },
+                body: Bytes::from_static(b"abcdef"),
+            },
             MAX,
         )
         .unwrap();
@@ -425,7 +435,9 @@ mod tests {
         let mut out = BytesMut::new();
         let big = vec![0u8; MAX];
         assert_eq!(
-            encode(&Header::Data { epoch: 1, seq: 1, more: false }, &big, MAX, &mut out).unwrap_err().reason(),
+            encode(&Header::Data { epoch: Epoch(1), seq: Seq(1), more: false }, &big, MAX, &mut out)
+                .unwrap_err()
+                .reason(),
             "oversize"
         );
         assert!(out.is_empty(), "a refused frame leaves nothing behind");

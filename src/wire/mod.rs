@@ -42,8 +42,8 @@ pub struct Hello {
     pub cluster: String,
     /// The sender's gateway instance name.
     pub gateway: String,
-    /// Chosen at gateway start; a new epoch means a restarted gateway.
-    pub epoch: u64,
+    /// The sender's session with us (see `Epoch`).
+    pub epoch: Epoch,
     /// How many links (primary + standby) the sender wants for this route.
     pub links_wanted: u8,
     /// The most the sender will buffer of our messages not yet delivered
@@ -63,6 +63,32 @@ pub struct Handle(pub u64);
 impl std::fmt::Display for Handle {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "#{}", self.0)
+    }
+}
+
+/// A session of one side of a route: chosen fresh whenever that side
+/// starts a session (a gateway run, a route task, a switch to another
+/// instance of the peer); a new epoch means a new session, whose numbering
+/// means nothing of the old one's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Epoch(pub u64);
+
+impl std::fmt::Display for Epoch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+/// A data message's number within its sender's session, from 1: what acks
+/// and rejects name (an ack's `upto` is the last of a contiguous run).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Seq(pub u64);
+
+impl std::fmt::Display for Seq {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
     }
 }
 
@@ -113,14 +139,14 @@ pub enum Header {
     /// Application data; the body is the payload, or a chunk of it when
     /// `more` says further chunks of the same message follow.
     Data {
-        epoch: u64,
-        seq: u64,
+        epoch: Epoch,
+        seq: Seq,
         more: bool,
     },
     /// Cumulative: every message of `epoch` up to `upto` was delivered.
     Ack {
-        epoch: u64,
-        upto: u64,
+        epoch: Epoch,
+        upto: Seq,
     },
     Advert(Advert),
     /// The receiver lost track of adverts; asks for a fresh snapshot.
@@ -133,8 +159,8 @@ pub enum Header {
     /// gateway could not hand to its cluster; sent before the ack covering
     /// them, so their senders learn they failed. Only to `reject-v1` peers.
     Reject {
-        epoch: u64,
-        seqs: Vec<u64>,
+        epoch: Epoch,
+        seqs: Vec<Seq>,
     },
     /// Data frames, encoded one after another (`raw_len` bytes) and
     /// compressed as one lz4 block or zstd frame (the body). Only to peers

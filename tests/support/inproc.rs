@@ -118,7 +118,7 @@ pub async fn delivered_in_order(rx: &mut mpsc::Receiver<ToLocal>, n: u64, what: 
     while confirmed < n {
         match next(rx, what).await {
             ToLocal::Confirm { token, outcome: wandist::route::Outcome::Delivered, .. } => {
-                assert_eq!(token, confirmed, "confirmed out of order");
+                assert_eq!(token.0, confirmed, "confirmed out of order");
                 confirmed += 1;
             }
             ToLocal::Lost { .. } | ToLocal::Members { .. } => {}

@@ -28,7 +28,7 @@ pub async fn connect(
     to: SocketAddr,
     me: &str,
     peer: &str,
-    epoch: u64,
+    epoch: wandist::wire::Epoch,
 ) -> Result<Established, HandshakeError> {
     let id = Identity { cluster: me.into(), gateway: "raw".into(), epoch };
     let offer = Offer { links_wanted: 1, recv_window: Window { messages: 1000, bytes: 1 << 20 } };

@@ -7,10 +7,11 @@ use proptest::prelude::*;
 
 use super::*;
 use crate::local::Finished;
+use crate::route::{Epoch, Seq, Token};
 
 const A1: &str = "a1@h";
 const ME: &str = "gw@h";
-const EPOCH: u64 = 77;
+const EPOCH: Epoch = Epoch(77);
 
 struct World {
     core: Core,
@@ -126,7 +127,7 @@ impl World {
         payload.extend_from_slice(body);
         let n = self.next_delivery;
         self.next_delivery += 1;
-        let held = Held::take(&self.counter, payload.len(), &self.finished, EPOCH, n);
+        let held = Held::take(&self.counter, payload.len(), &self.finished, EPOCH, Seq(n));
         self.core
             .from_route(p, ToLocal::Deliver { peer: self.core.peer_name(p).clone(), payload: payload.into(), held });
         let mut packets = Vec::new();
@@ -136,7 +137,7 @@ impl World {
                 other => self.other.push(other),
             }
         }
-        let undeliverable = self.finished.take_undeliverable(EPOCH).contains(&n);
+        let undeliverable = self.finished.take_undeliverable(EPOCH).contains(&Seq(n));
         (packets, undeliverable)
     }
 
@@ -573,7 +574,7 @@ fn a_new_run_of_the_peer_forgets_its_proxies() {
     let p = local(100);
     assert!(w.send(&p, &old, &msg(Term::Nil)).is_some());
     w.core.from_route(0, ToLocal::Lost { peer: "dc2".into() });
-    w.core.from_route(0, ToLocal::Up { peer: "dc2".into(), epoch: EPOCH + 1 });
+    w.core.from_route(0, ToLocal::Up { peer: "dc2".into(), epoch: Epoch(EPOCH.0 + 1) });
     w.core.take_effects();
     // A message to the old run's proxy goes nowhere: its handle 7 may be
     // someone else in the new run.
@@ -611,7 +612,7 @@ fn confirmed_sends_always_get_one_answer() {
     assert_eq!(answers(&mut w, request(Term::atom("not_a_pid"), false)), vec![reply(failed("bad_request"))]);
     assert_eq!(answers(&mut w, request(Term::Pid(proxy.clone()), true)), vec![reply(failed("bad_request"))]);
     assert!(answers(&mut w, request(Term::Pid(proxy), false)).is_empty(), "sent: the answer comes with the outcome");
-    w.core.from_route(0, ToLocal::Confirm { peer: "dc2".into(), token: 1, outcome: Outcome::Delivered });
+    w.core.from_route(0, ToLocal::Confirm { peer: "dc2".into(), token: Token(1), outcome: Outcome::Delivered });
     let out: Vec<Term> = w
         .core
         .take_effects()
@@ -739,7 +740,7 @@ fn messages_overtake_membership_changes_but_not_a_new_session() {
     // message of it: both held until the changes are applied.
     w.core.from_route(0, ToLocal::Members { peer: "dc2".into(), change: big("b") });
     w.core.from_route(0, ToLocal::Lost { peer: "dc2".into() });
-    w.core.from_route(0, ToLocal::Up { peer: "dc2".into(), epoch: EPOCH + 1 });
+    w.core.from_route(0, ToLocal::Up { peer: "dc2".into(), epoch: Epoch(EPOCH.0 + 1) });
     let (packets, _) = w.relay(0, Relay::Send { to: h, from: Some(Handle(5)) }, &msg(Term::atom("later")));
     assert!(packets.is_empty(), "a message after a new session overtook it");
     assert!(w.core.proxies.find(0, Handle(10), Kind::Pid).is_none(), "nothing applied yet: the shell steps");
