@@ -140,7 +140,7 @@ pub enum NodeEvent {
     },
     Down {
         node: Arc<str>,
-        why: String,
+        why: NodeClose,
     },
     /// An attempt to connect failed (it is tried again after a backoff).
     Unreachable {
@@ -231,7 +231,7 @@ pub async fn run(node: ErlNode, p: NodeParams, events: mpsc::Sender<NodeEvent>, 
                     why = served => why,
                 };
                 let _ = events.send(NodeEvent::Down { node: name.clone(), why: why.clone() }).await;
-                why
+                why.to_string()
             }
             Err(e) => {
                 if events.send(NodeEvent::Unreachable { node: name.clone() }).await.is_err() {
@@ -460,35 +460,99 @@ impl BarrierDue {
 }
 
 /// Runs a connected node until it fails; returns why.
+/// Why a node connection ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NodeClose {
+    /// The gateway let go of the connection's sending side (the node was
+    /// removed, or the gateway stops).
+    ByGateway,
+    /// The Erlang side is gone: the gateway is stopping.
+    Stopping,
+    /// Nothing heard from the node for SILENT (its ticks stopped).
+    Silent,
+    /// Reading failed, or the node closed the connection.
+    Lost(String),
+    /// A packet larger than the configured limit.
+    Oversize { len: usize, max: usize },
+    /// Writing failed.
+    WriteFailed(String),
+    /// The writer task ended abnormally.
+    WriterFailed(String),
+}
+
+impl std::fmt::Display for NodeClose {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            NodeClose::ByGateway => f.write_str("closed by the gateway"),
+            NodeClose::Stopping => f.write_str("gateway stopping"),
+            NodeClose::Silent => write!(f, "silent for {SILENT:?}"),
+            NodeClose::Lost(e) => write!(f, "connection lost: {e}"),
+            NodeClose::Oversize { len, max } => write!(f, "packet of {len} bytes exceeds the {max} byte limit"),
+            NodeClose::WriteFailed(e) => write!(f, "write failed: {e}"),
+            NodeClose::WriterFailed(e) => write!(f, "writer failed: {e}"),
+        }
+    }
+}
+
+/// What a connection's reader and writer share: the delivery barriers in
+/// flight (the writer adds them, the reader sees their answers) and the
+/// pacing of bulk packets.
+#[derive(Default)]
+struct Shared {
+    barriers: std::sync::Mutex<Barriers>,
+    pace: Pace,
+}
+
+impl Shared {
+    fn barriers(&self) -> std::sync::MutexGuard<'_, Barriers> {
+        self.barriers.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Runs one connection, as `link::conn` runs a link: a reader and a writer
+/// (a task of its own, so that a packet to write does not poll the reader,
+/// nor a packet read the writer), one silence timer, either one ending the
+/// connection (the writer is aborted, dropping the deliveries it holds).
 async fn serve<R, W>(
     rd: R,
-    mut wr: W,
+    wr: W,
     name: &Arc<str>,
     p: &NodeParams,
     lanes: Lanes,
     events: &mpsc::Sender<NodeEvent>,
-) -> String
+) -> NodeClose
 where
     R: tokio::io::AsyncRead + Unpin + Send,
     W: tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let Lanes { messages: mut outgoing, mut bulk } = lanes;
+    let shared = Arc::new(Shared::default());
+    let writer = Writer { lanes, p: p.clone(), shared: shared.clone() };
     // Erlang writes each message as its own packet: read them in bulk
     // (a packet larger than the buffer is read past it, straight into its
     // own). READ_BUFFER is per local node: 256 KiB here made a gateway
     // hold 360 KiB per node (`cargo bench --bench scale`).
-    let mut rd = tokio::io::BufReader::with_capacity(READ_BUFFER, rd);
-    let barriers = Arc::new(std::sync::Mutex::new(Barriers::default()));
-    // The writer is a task of its own, so that a packet to write does not
-    // poll the reader, nor a packet read the writer (aborted, dropping the
-    // deliveries it holds, when this returns).
-    let writer_barriers = barriers.clone();
-    let p_writer = p.clone();
-    let pace = Arc::new(Pace::default());
-    let writer_pace = pace.clone();
-    let writer = async move {
-        let (barriers, p, pace) = (writer_barriers, &p_writer, writer_pace);
-        let marker = Pace::marker(p);
+    let reader = Reader { rd: tokio::io::BufReader::with_capacity(READ_BUFFER, rd), name, p, shared, events };
+    let mut writer = tokio_util::task::AbortOnDropHandle::new(tokio::spawn(writer.run(wr)));
+    tokio::select! {
+        why = &mut writer => why.unwrap_or_else(|e| NodeClose::WriterFailed(e.to_string())),
+        why = reader.run() => why,
+    }
+}
+
+/// Writes what the gateway queues for the node: messages ahead of bulk
+/// packets (one bulk packet in flight, `Pace`), delivery barriers after
+/// deliveries (`Barriers`, `BarrierDue`), ticks.
+struct Writer {
+    lanes: Lanes,
+    p: NodeParams,
+    shared: Arc<Shared>,
+}
+
+impl Writer {
+    async fn run<W: tokio::io::AsyncWrite + Unpin>(self, mut wr: W) -> NodeClose {
+        let Writer { lanes: Lanes { messages: mut outgoing, mut bulk }, p, shared } = self;
+        let pace = &shared.pace;
+        let marker = Pace::marker(&p);
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         // Grows under load (up to a 256 KiB batch), small while idle.
@@ -516,7 +580,7 @@ where
                         batch.extend_from_slice(&pkt);
                         carried.extend(held);
                     }
-                    None => return "closed by the gateway".to_string(),
+                    None => return NodeClose::ByGateway,
                 },
                 pkt = bulk.recv(), if !pace.waiting() => match pkt {
                     Some((pkt, _permit, _)) => {
@@ -524,7 +588,7 @@ where
                         batch.extend_from_slice(&marker);
                         pace.waiting.store(true, std::sync::atomic::Ordering::Release);
                     }
-                    None => return "closed by the gateway".to_string(),
+                    None => return NodeClose::ByGateway,
                 },
                 _ = pace.answered.notified(), if pace.waiting() => {}
                 _ = &mut barrier_timer, if armed.is_some() => {}
@@ -555,7 +619,7 @@ where
                 }
             }
             if due.now(std::time::Instant::now(), carried.len()) {
-                barriers.lock().unwrap_or_else(|e| e.into_inner()).add(p, &mut batch, &mut carried);
+                shared.barriers().add(&p, &mut batch, &mut carried);
             }
             if batch.is_empty() {
                 continue;
@@ -567,12 +631,27 @@ where
             }
             .await
             {
-                return format!("write failed: {e}");
+                return NodeClose::WriteFailed(e.to_string());
             }
             batch.clear();
         }
-    };
-    let reader = async {
+    }
+}
+
+/// Reads the node's packets: ticks, answers to our barriers and bulk
+/// markers (handled here), sends to the gateway's own processes (the fast
+/// path), and everything else as control messages for the Erlang side.
+struct Reader<'a, R> {
+    rd: tokio::io::BufReader<R>,
+    name: &'a Arc<str>,
+    p: &'a NodeParams,
+    shared: Arc<Shared>,
+    events: &'a mpsc::Sender<NodeEvent>,
+}
+
+impl<R: tokio::io::AsyncRead + Unpin> Reader<'_, R> {
+    async fn run(mut self) -> NodeClose {
+        let (name, p, events) = (self.name, self.p, self.events);
         let mut len = [0u8; 4];
         // One timer for the connection, not one per packet: the node is
         // silent once SILENT passed since a packet.
@@ -580,12 +659,12 @@ where
         loop {
             let got = tokio::select! {
                 biased;
-                r = rd.read_exact(&mut len) => r,
+                r = self.rd.read_exact(&mut len) => r,
                 // (Leaves the connection, so the partial read does not matter.)
-                _ = silence.elapsed() => return format!("silent for {SILENT:?}"),
+                _ = silence.elapsed() => return NodeClose::Silent,
             };
             if let Err(e) = got {
-                return format!("connection lost: {e}");
+                return NodeClose::Lost(e.to_string());
             }
             silence.heard();
             let n = u32::from_be_bytes(len) as usize;
@@ -593,37 +672,37 @@ where
                 continue; // tick
             }
             if n > p.max_packet {
-                return format!("packet of {n} bytes exceeds the {} byte limit", p.max_packet);
+                return NodeClose::Oversize { len: n, max: p.max_packet };
             }
             // Into spare capacity: no zeroing first (it showed in the 64 KiB profile).
             let mut buf = BytesMut::with_capacity(n);
             while buf.len() < n {
-                match (&mut rd).take((n - buf.len()) as u64).read_buf(&mut buf).await {
-                    Ok(0) => return "connection lost: closed inside a packet".to_string(),
+                match (&mut self.rd).take((n - buf.len()) as u64).read_buf(&mut buf).await {
+                    Ok(0) => return NodeClose::Lost("closed inside a packet".to_string()),
                     Ok(_) => {}
-                    Err(e) => return format!("connection lost: {e}"),
+                    Err(e) => return NodeClose::Lost(e.to_string()),
                 }
             }
             tracing::trace!(node = %name, len = n, head = ?&buf[..buf.len().min(24)], "packet");
-            if pace.answer_in(p, &buf) {
+            if self.shared.pace.answer_in(p, &buf) {
                 continue;
             }
             if let Some(id) = Barriers::answer_in(p, &buf) {
                 // The node has these: their routes ack them now.
-                let done = barriers.lock().unwrap_or_else(|e| e.into_inner()).release(id);
+                let done = self.shared.barriers().release(id);
                 Held::finish_all(done);
                 continue;
             }
             let buf = buf.freeze();
             if let Some(ev) = fast_send(&buf, name, &p.me) {
                 if events.send(ev).await.is_err() {
-                    return "gateway stopping".to_string();
+                    return NodeClose::Stopping;
                 }
                 continue;
             }
             let ev = match parse(buf) {
                 Ok((control, payload)) => {
-                    let answered = barriers.lock().unwrap_or_else(|e| e.into_inner()).answered(p, &control);
+                    let answered = self.shared.barriers().answered(p, &control);
                     if let Some(done) = answered {
                         // The node has these: their routes ack them now.
                         Held::finish_all(done);
@@ -634,14 +713,9 @@ where
                 Err(why) => NodeEvent::Rejected { node: name.clone(), why },
             };
             if events.send(ev).await.is_err() {
-                return "gateway stopping".to_string();
+                return NodeClose::Stopping;
             }
         }
-    };
-    let mut writer = tokio_util::task::AbortOnDropHandle::new(tokio::spawn(writer));
-    tokio::select! {
-        why = &mut writer => why.unwrap_or_else(|e| format!("writer failed: {e}")),
-        why = reader => why,
     }
 }
 
