@@ -128,6 +128,10 @@ pub enum Rejected {
     TooManyBytes(usize),
     #[error("one advert of {0} members (at most {MAX_ADVERT_MEMBERS} per advert)")]
     TooLarge(usize),
+    /// A group in an advert whose name the local side cannot take (the
+    /// rest of the advert is applied: `Applied::refused`).
+    #[error("a group name the local side cannot take")]
+    BadGroup,
 }
 
 impl Rejected {
@@ -139,6 +143,7 @@ impl Rejected {
             Rejected::TooManyGroups(_) => "group_limit",
             Rejected::TooManyBytes(_) => "byte_limit",
             Rejected::TooLarge(_) => "advert_size",
+            Rejected::BadGroup => "bad_group",
         }
     }
 }

@@ -183,7 +183,7 @@ fn route_slot(
         max_pending_bytes: route.limits.pending_bytes,
         moved: Instant::now(),
         shedding: false,
-        failed_overload: metrics.counter(m::MESSAGES_FAILED, &[("peer", peer), ("reason", "overload")]),
+        failed_overload: metrics.counter(m::MESSAGES_FAILED, &[("peer", peer), ("reason", Reject::Overload.label())]),
         gauges: [gauge("proxies"), gauge("handles"), gauge("monitors"), gauge("atoms"), gauge("pending")],
         budget: Budget::new(route.limits.refusals),
         held_until: None,
@@ -280,7 +280,8 @@ pub fn start(
         tick_rx,
         throttle_log: RateLog::default(),
         ready: Some(ready),
-        node_gone: metrics.counter(m::ERLANG_REJECTED, &[("peer", m::LOCAL_PEER), ("reason", "node_not_connected")]),
+        node_gone: metrics
+            .counter(m::ERLANG_REJECTED, &[("peer", m::LOCAL_PEER), ("reason", Reject::NodeNotConnected.label())]),
         node_gone_log: RateLog::default(),
         control: control_rx,
         dns: dns_rx,

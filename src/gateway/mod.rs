@@ -406,7 +406,10 @@ impl Running {
             // One hand-over at a time per peer: a peer cannot pile up
             // sessions by naming new instances.
             self.metrics
-                .counter(m::HANDSHAKE_FAILURES, &[("peer", &cluster), ("reason", "other_instance")])
+                .counter(
+                    m::HANDSHAKE_FAILURES,
+                    &[("peer", &cluster), ("reason", handshake::HandshakeError::OtherInstance(String::new()).reason())],
+                )
                 .increment(1);
             let why = format!("{}: a hand-over is in progress", handshake::OTHER_INSTANCE);
             self.tracker.spawn(handshake::goodbye(*est, why, self.config.gateway.max_frame_bytes));

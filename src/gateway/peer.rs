@@ -31,7 +31,7 @@ use crate::link::conn::{self, Link, LinkEvent, LinkParams};
 use crate::link::handshake::{self, Established, HandshakeError, Identity, Offer, SessionCheck, OTHER_INSTANCE};
 use crate::link::{Close, Timeouts};
 use crate::local::{LocalGroups, ToLocal};
-use crate::membership::{Change, Filter, ImportLimits, PeerMembership};
+use crate::membership::{Change, Filter, ImportLimits, PeerMembership, Rejected};
 use crate::metrics::{self as m, Metrics};
 use crate::route::{Confirmation, DataVerdict, Epoch, FailReason, LinkId, Outcome, Route, Window};
 use crate::status;
@@ -428,7 +428,7 @@ impl PeerTask {
         }
         if n > 0 {
             self.metrics
-                .counter(m::MESSAGES_FAILED, &[("peer", &self.peer), ("reason", "shutdown")])
+                .counter(m::MESSAGES_FAILED, &[("peer", &self.peer), ("reason", FailReason::Shutdown.label())])
                 .increment(n as u64);
             tracing::warn!(peer = %self.peer, messages = n, "shutting down with unconfirmed messages: reported failed");
         }
@@ -507,7 +507,7 @@ impl PeerTask {
                 Retry::Now => Instant::now(),
             };
             self.metrics.counter(m::HANDSHAKE_FAILURES, &[("peer", &self.peer), ("reason", e.reason())]).increment(1);
-            if let Some(held_back) = self.refusals.allow(&"standby") {
+            if let Some(held_back) = self.refusals.allow(&e.reason()) {
                 tracing::info!(peer = %self.peer, endpoint = %self.config.endpoints[ep], held_back, "that instance of the peer cluster stands by: trying its other endpoints");
             }
             return;
@@ -520,7 +520,7 @@ impl PeerTask {
             self.standing_by = true;
             self.next_dial = Instant::now() + self.params.heartbeat;
             self.metrics.counter(m::HANDSHAKE_FAILURES, &[("peer", &self.peer), ("reason", e.reason())]).increment(1);
-            if let Some(held_back) = self.refusals.allow(&"other_instance") {
+            if let Some(held_back) = self.refusals.allow(&e.reason()) {
                 tracing::info!(peer = %self.peer, endpoint = %self.config.endpoints[ep], held_back, "standby for this route: the peer's route is held by another instance of this cluster ({holder})");
             }
             return;
@@ -551,7 +551,7 @@ impl PeerTask {
     fn admit(&mut self, est: Established, endpoint: Option<usize>) -> Option<Established> {
         let (instance, epoch) = (est.peer.gateway.clone(), est.peer.epoch);
         let successors = self.successors.is_some() && !self.retired;
-        let (reason, why) = match self.core.admit(&instance, epoch, est.our_epoch, successors, &mut self.members) {
+        let why = match self.core.admit(&instance, epoch, est.our_epoch, successors, &mut self.members) {
             Admission::Adopt => return Some(est),
             Admission::Successor => {
                 if let Some(ep) = endpoint {
@@ -564,26 +564,30 @@ impl PeerTask {
                 }
                 return None;
             }
-            Admission::OtherInstance { holder } => ("other_instance", format!("{OTHER_INSTANCE}: {holder}")),
-            Admission::Switched { from, failed } => {
-                self.session_failures(failed);
-                tracing::warn!(peer = %self.peer, from = %from, to = %instance, failed, "the route moves to another instance of the peer cluster: a new session (unconfirmed messages to the previous instance reported failed)");
-                ("resync", "a new session: dial again".to_string())
+            Admission::OtherInstance { holder } => {
+                if let Some(ep) = endpoint {
+                    self.endpoints.other_instance(ep);
+                }
+                let why = format!("{OTHER_INSTANCE}: {holder}");
+                let reason = HandshakeError::OtherInstance(holder).reason();
+                self.metrics.counter(m::HANDSHAKE_FAILURES, &[("peer", &self.peer), ("reason", reason)]).increment(1);
+                if let Some(held_back) = self.refusals.allow(&reason) {
+                    tracing::info!(peer = %self.peer, remote = %est.remote, instance = %instance, held_back, "refused a link to another instance of the peer cluster while this route holds links to its current one");
+                }
+                why
             }
-            Admission::Resync => ("resync", "a new session: dial again".to_string()),
+            admission @ (Admission::Switched { .. } | Admission::Resync) => {
+                if let Admission::Switched { from, failed } = admission {
+                    self.session_failures(failed);
+                    tracing::warn!(peer = %self.peer, from = %from, to = %instance, failed, "the route moves to another instance of the peer cluster: a new session (unconfirmed messages to the previous instance reported failed)");
+                }
+                if endpoint.is_some() {
+                    // Our next hello carries the new epoch: dial again now.
+                    self.next_dial = Instant::now();
+                }
+                "a new session: dial again".to_string()
+            }
         };
-        if reason == "other_instance" {
-            if let Some(ep) = endpoint {
-                self.endpoints.other_instance(ep);
-            }
-            self.metrics.counter(m::HANDSHAKE_FAILURES, &[("peer", &self.peer), ("reason", reason)]).increment(1);
-            if let Some(held_back) = self.refusals.allow(&"other_instance") {
-                tracing::info!(peer = %self.peer, remote = %est.remote, instance = %instance, held_back, "refused a link to another instance of the peer cluster while this route holds links to its current one");
-            }
-        } else if endpoint.is_some() {
-            // Our next hello carries the new epoch: dial again now.
-            self.next_dial = Instant::now();
-        }
         self.tracker.spawn(handshake::goodbye(est, why, self.max_frame));
         None
     }
@@ -619,8 +623,9 @@ impl PeerTask {
         // what both want; this bounds the other side too).
         let max = usize::from(self.config.limits.links);
         if self.links.iter().filter(|l| !l.link.is_closed()).count() >= max {
-            self.metrics.counter(m::HANDSHAKE_FAILURES, &[("peer", &self.peer), ("reason", "link_limit")]).increment(1);
-            if let Some(held_back) = self.refusals.allow(&"link_limit") {
+            let reason = Close::LinkLimit.label();
+            self.metrics.counter(m::HANDSHAKE_FAILURES, &[("peer", &self.peer), ("reason", reason)]).increment(1);
+            if let Some(held_back) = self.refusals.allow(&reason) {
                 tracing::warn!(peer = %self.peer, max, held_back, "refused a link {info}: the route holds as many links as it may (max_links)");
             }
             link.close(Close::LinkLimit, "the route holds as many links as it may");
@@ -766,7 +771,9 @@ impl PeerTask {
                             self.core.send_control(Frame::control(Header::Resync));
                         }
                         for (group, why) in &applied.refused {
-                            self.advert_rejected("bad_group", || format!("group {group:?} not imported: {why}"));
+                            self.advert_rejected(Rejected::BadGroup.label(), || {
+                                format!("group {group:?} not imported: {why}")
+                            });
                         }
                         self.changes_to_local(applied.changes);
                         if applied.synced {
