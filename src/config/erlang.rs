@@ -22,25 +22,16 @@ impl Cx<'_> {
                 }
                 Some(Secret::new(c))
             }
-            (None, Some(at)) => match owner_only(&at.path).and_then(|()| std::fs::read_to_string(&at.path)) {
-                Ok(text) if !text.trim().is_empty() && text.len() <= 1024 => Some(Secret::new(text.trim())),
-                Ok(_) => {
-                    self.problems.push(Problem {
-                        file: self.file.to_path_buf(),
-                        line: at.line,
-                        message: format!("{}: the cookie file must hold 1 to 1024 characters", at.path.display()),
-                    });
-                    None
-                }
-                Err(e) => {
-                    self.problems.push(Problem {
-                        file: self.file.to_path_buf(),
-                        line: at.line,
-                        message: format!("cannot read {}: {e}", at.path.display()),
-                    });
-                    None
-                }
-            },
+            (None, Some(at)) => {
+                let cookie = match owner_only(&at.path).and_then(|()| std::fs::read_to_string(&at.path)) {
+                    Ok(text) if !text.trim().is_empty() && text.len() <= 1024 => Ok(Secret::new(text.trim())),
+                    Ok(_) => Err(format!("{}: the cookie file must hold 1 to 1024 characters", at.path.display())),
+                    Err(e) => Err(format!("cannot read {}: {e}", at.path.display())),
+                };
+                // (Said at the line of `cookie_file`.)
+                let file = self.file.to_path_buf();
+                cookie.map_err(|message| self.problems.push(Problem { file, line: at.line, message })).ok()
+            }
             (Some((_, span)), Some(_)) => {
                 self.err(span, "set cookie or cookie_file, not both".into());
                 None
