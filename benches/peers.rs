@@ -94,14 +94,14 @@ fn peer(rt: &Runtime, dir: &std::path::Path, certs: &std::path::Path, name: &str
         let _in_runtime = rt.enter();
         running.merged_inbox(4096)
     };
-    let route = running.local.route("dc1").unwrap().clone();
+    let route = running.local().route("dc1").unwrap().clone();
     Peer { running, route, inbox }
 }
 
 /// A process on `node` (found through a1's pg) greets the peer's GREETER
 /// member and then runs `body`: the peer learns its handle.
 fn known_to(rt: &Runtime, a1: &mut Erl, node: &mut Erl, p: &mut Peer, group: &str, body: &str) -> Handle {
-    rt.block_on(p.running.local.join("dc1", group, vec![Handle(GREETER)]));
+    rt.block_on(p.running.local().join("dc1", group, vec![Handle(GREETER)]));
     a1.eval_until(&format!("length(pg:get_members(wan, {group}))."), |v| v == "1");
     // (A fun, so that nothing stays bound in the node's shell.)
     let greet = format!(
@@ -391,7 +391,7 @@ fn main() {
     // As a local side tells its route: in pieces.
     rt.block_on(async {
         for chunk in handles.chunks(step) {
-            dc2_running.local.join("dc1", "big", chunk.to_vec()).await;
+            dc2_running.local().join("dc1", "big", chunk.to_vec()).await;
         }
     });
     while !present(&mut a1) || count(&mut a1) < MEMBERS {
@@ -405,7 +405,7 @@ fn main() {
     let t = Instant::now();
     rt.block_on(async {
         for chunk in handles.chunks(step) {
-            dc2_running.local.leave("dc1", "big", chunk.to_vec()).await;
+            dc2_running.local().leave("dc1", "big", chunk.to_vec()).await;
         }
     });
     while present(&mut a1) {

@@ -48,7 +48,7 @@ pub async fn start(prepared: Prepared, metrics: Metrics) -> Result<Running, Gate
         dist_tls,
         &g,
         &routes,
-        running.local.clone(),
+        running.local(),
         inboxes,
         metrics,
         root,

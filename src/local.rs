@@ -75,7 +75,7 @@ struct FinishedState {
     /// Done out of order (e.g. sent to different Erlang nodes).
     ahead: BTreeSet<u64>,
     /// Done, but the local side could not deliver them.
-    undeliverable: Vec<u64>,
+    undeliverable: Vec<Seq>,
 }
 
 impl Finished {
@@ -105,7 +105,7 @@ impl Finished {
         if s.session != Some(session) {
             return Vec::new();
         }
-        std::mem::take(&mut s.undeliverable).into_iter().map(Seq).collect()
+        std::mem::take(&mut s.undeliverable)
     }
 
     /// (session, contiguous prefix done).
@@ -122,7 +122,7 @@ impl Finished {
             return;
         }
         if undeliverable {
-            s.undeliverable.push(n);
+            s.undeliverable.push(Seq(n));
         }
         if n != s.upto + 1 {
             s.ahead.insert(n);
@@ -355,10 +355,6 @@ impl LocalHandle {
 
     pub(crate) fn insert(&mut self, peer: String, route: RouteHandle) {
         self.routes.insert(peer, route);
-    }
-
-    pub(crate) fn remove(&mut self, peer: &str) -> Option<RouteHandle> {
-        self.routes.remove(peer)
     }
 
     /// Members of the LOCAL cluster joined `group`, as handles issued to

@@ -81,7 +81,7 @@ async fn high_latency_with_jitter_keeps_the_window_full_and_never_fails_over() {
     let rtt = rtt_sum / rtt_n;
     assert!(rtt >= 0.4, "mean heartbeat round trip {rtt} s; the proxy adds at least 0.4 s");
 
-    let route = dc1.running().local.route("dc2").unwrap().clone();
+    let route = dc1.running().local().route("dc2").unwrap().clone();
     let started = Instant::now();
     let producer = tokio::spawn(async move {
         for i in 0..TOTAL {
@@ -117,7 +117,7 @@ async fn tiny_writes_and_a_throttled_path_deliver_everything_in_order() {
     let dc1 = InProc::start("dc1", &dialing("dc1", &certs, "dc2", wan.addr), 4096).await;
     dc1.wait_metric("wandist_route_up", &[("peer", "dc2")], |v| v == 1.0).await;
 
-    let route = dc1.running().local.route("dc2").unwrap().clone();
+    let route = dc1.running().local().route("dc2").unwrap().clone();
     let sender = tokio::spawn(async move {
         for i in 0..TOTAL {
             // Sizes from 8 B to ~1 KiB, so frames straddle every split.

@@ -134,7 +134,7 @@ impl World {
     async fn attack(&mut self, r: Relay, body: &[u8]) -> Outcome {
         let token = self.next_token;
         self.next_token += 1;
-        let route = self.dc0.running().local.route("dc1").unwrap().clone();
+        let route = self.dc0.running().local().route("dc1").unwrap().clone();
         route.submit(relay(&r, body), Some(wandist::route::Token(token))).await.unwrap();
         loop {
             match next(&mut self.dc0.rx, &format!("the outcome of {r:?}")).await {
@@ -276,8 +276,8 @@ async fn what_a_node_would_refuse_never_reaches_it() {
     let svc0 = w.svc[0];
     // A 300-character group name, and a good group beside it.
     let long = "g".repeat(300);
-    w.dc0.running().local.join("dc1", &long, vec![Handle(1)]).await;
-    w.dc0.running().local.join("dc1", "fine", vec![Handle(2)]).await;
+    w.dc0.running().local().join("dc1", &long, vec![Handle(1)]).await;
+    w.dc0.running().local().join("dc1", "fine", vec![Handle(2)]).await;
     w.a1.eval_until("length(pg:get_members(wan, fine)).", |v| v == "1");
     w.gw1
         .wait_metric("wandist_adverts_rejected_total", &[("peer", "dc0"), ("reason", "bad_group")], |v| v >= 1.0)
@@ -432,7 +432,7 @@ async fn a_peer_at_its_limits_costs_only_itself() {
     // reading dc0 while it is over: the last cannot be refused before the
     // budget allows it (a burst of 1,000, then 1,000 a second).
     let forged = w.rejected("forged");
-    let route = w.dc0.running().local.route("dc1").unwrap().clone();
+    let route = w.dc0.running().local().route("dc1").unwrap().clone();
     let t = std::time::Instant::now();
     for i in 0..3000u64 {
         let forged = Relay::Send { to: Handle((1 << 40) + i), from: None };

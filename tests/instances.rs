@@ -213,7 +213,7 @@ async fn a_route_to_two_instances_of_the_peer_holds_one_and_moves_when_it_stops(
     let connects = dc1.metric("wandist_link_connects_total", &[("peer", "dc2")]);
 
     // A stream with confirmations; each instance's local side records what it got.
-    let route = dc1.running().local.route("dc2").unwrap().clone();
+    let route = dc1.running().local().route("dc2").unwrap().clone();
     let producer = tokio::spawn(async move {
         for i in 0..TOTAL {
             route

@@ -97,7 +97,7 @@ async fn a_certificate_rotated_to_a_new_ca_by_reload_is_used_by_new_links_and_no
     let first = connects(&dc1);
 
     // Confirmed messages dc1 -> dc2 throughout; dc2 takes them in order.
-    let route = dc1.running().local.route("dc2").unwrap().clone();
+    let route = dc1.running().local().route("dc2").unwrap().clone();
     let producer = tokio::spawn(async move {
         for i in 0..TOTAL {
             route.submit(Bytes::copy_from_slice(&i.to_be_bytes()), Some(wandist::route::Token(i))).await.unwrap();
@@ -328,7 +328,7 @@ async fn a_route_changed_by_reload_starts_a_new_session_and_confirms_nothing_fal
     });
     let outcomes = collect_outcomes(&mut dc1);
     let send = |dc1: &InProc, from: u64| {
-        let route = dc1.running().local.route("dc2").unwrap().clone();
+        let route = dc1.running().local().route("dc2").unwrap().clone();
         tokio::spawn(async move {
             for i in from..from + TOTAL {
                 if route.submit(Bytes::copy_from_slice(&i.to_be_bytes()), Some(wandist::route::Token(i))).await.is_err()
@@ -390,7 +390,7 @@ async fn a_route_removed_by_reload_finishes_its_window_first() {
     let mut rx2 = std::mem::replace(&mut dc2.rx, tokio::sync::mpsc::channel(1).1);
     tokio::spawn(async move { while rx2.recv().await.is_some() {} });
     let outcomes = collect_outcomes(&mut dc1);
-    let handle = dc1.running().local.route("dc2").unwrap().clone();
+    let handle = dc1.running().local().route("dc2").unwrap().clone();
     for i in 0..TOTAL {
         handle.submit(Bytes::copy_from_slice(&i.to_be_bytes()), Some(wandist::route::Token(i))).await.unwrap();
     }

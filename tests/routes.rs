@@ -56,7 +56,7 @@ async fn stream_through_a_fault(fault: Fault) {
     dc1.wait_metric("wandist_link_up", &[("peer", "dc2"), ("role", "standby")], |v| v == 1.0).await;
     assert!(primary_path.forwarded() >= 1);
 
-    let route = dc1.running().local.route("dc2").unwrap().clone();
+    let route = dc1.running().local().route("dc2").unwrap().clone();
     let producer = tokio::spawn(async move {
         for i in 0..TOTAL {
             route.submit(n(i), None).await.unwrap();
@@ -126,7 +126,7 @@ async fn confirmations_say_delivered_and_a_peer_restart_fails_what_was_in_flight
     let mut dc2 = InProc::start("dc2", &accepting("dc2", &certs, "dc1"), 1).await;
     let path = Forwarder::start(Some(dc2.peer_addr()));
     let mut dc1 = InProc::start("dc1", &dialing("dc1", &certs, "dc2", path.addr), 4096).await;
-    let route = dc1.running().local.route("dc2").unwrap().clone();
+    let route = dc1.running().local().route("dc2").unwrap().clone();
     route.submit(Bytes::from_static(b"first"), Some(wandist::route::Token(1))).await.unwrap();
     assert!(matches!(next(&mut dc2.rx, "first").await, ToLocal::Deliver { payload, .. } if payload == "first"));
     match next(&mut dc1.rx, "confirmation").await {
@@ -209,7 +209,7 @@ async fn a_stalled_receiver_bounds_the_senders_memory_and_the_link_stays_up() {
         4096,
     )
     .await;
-    let route = dc1.running().local.route("dc2").unwrap().clone();
+    let route = dc1.running().local().route("dc2").unwrap().clone();
     let producer = tokio::spawn(async move {
         for i in 0..TOTAL {
             route.submit(n(i), None).await.unwrap();
@@ -294,12 +294,12 @@ async fn membership_is_not_transitive_along_a_line_and_forged_adverts_are_reject
     let mut c = InProc::start("dc3", &dialing("dc3", &certs, "dc2", b.peer_addr()), 4096).await;
     // Members are handles each gateway issued to the peer it tells (here:
     // a1 = 11, b1 = 21, c1 = 31, c2 = 32).
-    a.running().local.join("dc2", "chat", vec![Handle(11)]).await;
+    a.running().local().join("dc2", "chat", vec![Handle(11)]).await;
     for peer in ["dc1", "dc3"] {
-        b.running().local.join(peer, "chat", vec![Handle(21)]).await;
+        b.running().local().join(peer, "chat", vec![Handle(21)]).await;
     }
-    c.running().local.join("dc2", "chat", vec![Handle(31)]).await;
-    c.running().local.join("dc2", "ops", vec![Handle(32)]).await;
+    c.running().local().join("dc2", "chat", vec![Handle(31)]).await;
+    c.running().local().join("dc2", "ops", vec![Handle(32)]).await;
 
     let mut seen_b = BTreeMap::new();
     members_until(&mut b, &mut seen_b, |v| {
@@ -319,7 +319,7 @@ async fn membership_is_not_transitive_along_a_line_and_forged_adverts_are_reject
 
     // A message from dc3 goes to dc2's cluster and no further.
     c.running()
-        .local
+        .local()
         .route("dc2")
         .unwrap()
         .submit(Bytes::from_static(b"for dc1?"), Some(wandist::route::Token(1)))
@@ -394,7 +394,7 @@ async fn members_are_withdrawn_when_the_route_is_down_and_come_back_with_it() {
     let mut dc2 = InProc::start("dc2", &accepting("dc2", &certs, "dc1"), 4096).await;
     let path = Forwarder::start(Some(dc2.peer_addr()));
     let mut dc1 = InProc::start("dc1", &dialing("dc1", &certs, "dc2", path.addr), 4096).await;
-    dc2.running().local.join("dc1", "chat", vec![Handle(21), Handle(22)]).await;
+    dc2.running().local().join("dc1", "chat", vec![Handle(21), Handle(22)]).await;
     let mut view = BTreeMap::new();
     let both = vec!["21".to_string(), "22".to_string()];
     members_until(&mut dc1, &mut view, |v| v.get(&key("dc2", "chat")) == Some(&both)).await;
@@ -411,12 +411,12 @@ async fn members_are_withdrawn_when_the_route_is_down_and_come_back_with_it() {
     dc1.wait_metric("wandist_members", &[("peer", "dc2"), ("direction", "imported")], |v| v == 0.0).await;
 
     // Messages accepted while down wait in the window (the peer's run is the same).
-    let route = dc1.running().local.route("dc2").unwrap().clone();
+    let route = dc1.running().local().route("dc2").unwrap().clone();
     for i in 0..100 {
         route.submit(n(i), Some(wandist::route::Token(i))).await.unwrap();
     }
     // Changes while down reach dc1 with the next snapshot.
-    dc2.running().local.leave("dc1", "chat", vec![Handle(22)]).await;
+    dc2.running().local().leave("dc1", "chat", vec![Handle(22)]).await;
     path.refuse(false);
     members_until(&mut dc1, &mut view, |v| v.get(&key("dc2", "chat")) == Some(&vec!["21".to_string()])).await;
     dc1.wait_metric("wandist_route_up", &[("peer", "dc2")], |v| v == 1.0).await;
@@ -446,7 +446,7 @@ async fn large_messages_do_not_hold_up_heartbeats_or_small_messages() {
     let certs = Certs::new(&["dc1", "dc2"]);
     let mut dc2 = InProc::start("dc2", &accepting("dc2", &certs, "dc1"), 4096).await;
     let dc1 = InProc::start("dc1", &dialing("dc1", &certs, "dc2", dc2.peer_addr()), 4096).await;
-    let route = dc1.running().local.route("dc2").unwrap().clone();
+    let route = dc1.running().local().route("dc2").unwrap().clone();
     let producer = tokio::spawn(async move {
         for i in 0..3u8 {
             let mut big = vec![i; BIG];
@@ -490,7 +490,7 @@ async fn the_local_side_holds_at_most_its_byte_budget_of_messages() {
     let window = "window_bytes = 1073741824\n";
     let mut dc2 = InProc::start("dc2", &format!("{}{window}", accepting("dc2", &certs, "dc1")), 4096).await;
     let dc1 = InProc::start("dc1", &format!("{}{window}", dialing("dc1", &certs, "dc2", dc2.peer_addr())), 4096).await;
-    let route = dc1.running().local.route("dc2").unwrap().clone();
+    let route = dc1.running().local().route("dc2").unwrap().clone();
     tokio::spawn(async move {
         for i in 0..5u8 {
             route.submit(Bytes::from(vec![i; BIG]), None).await.unwrap();
@@ -522,7 +522,7 @@ async fn a_message_the_receiving_side_cannot_deliver_is_reported_failed_not_deli
     let certs = Certs::new(&["dc1", "dc2"]);
     let mut dc2 = InProc::start("dc2", &accepting("dc2", &certs, "dc1"), 4096).await;
     let mut dc1 = InProc::start("dc1", &dialing("dc1", &certs, "dc2", dc2.peer_addr()), 4096).await;
-    let route = dc1.running().local.route("dc2").unwrap().clone();
+    let route = dc1.running().local().route("dc2").unwrap().clone();
     for token in 1..=3u64 {
         route.submit(n(token), Some(wandist::route::Token(token))).await.unwrap();
     }
@@ -579,7 +579,7 @@ async fn a_stopping_gateway_finishes_its_window_before_it_leaves() {
         }
         got
     });
-    let route = dc1.running().local.route("dc2").unwrap().clone();
+    let route = dc1.running().local().route("dc2").unwrap().clone();
     for i in 0..TOTAL {
         route.submit(n(i), Some(wandist::route::Token(i))).await.unwrap();
     }
@@ -648,7 +648,7 @@ async fn compressed_batches_arrive_intact_and_smaller() {
             // machine is not all it knows (on loopback it then packed).
             dc1.wait_metric("wandist_link_rtt_seconds_count", &[("peer", "dc2")], |v| v >= 3.0).await;
         }
-        let route = dc1.running().local.route("dc2").unwrap().clone();
+        let route = dc1.running().local().route("dc2").unwrap().clone();
         let (go, mut went) = tokio::sync::mpsc::unbounded_channel::<()>();
         let producer = tokio::spawn(async move {
             for i in 0..total {

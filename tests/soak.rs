@@ -164,7 +164,7 @@ async fn start(
     let (_tx, dummy) = mpsc::channel(1);
     let rx = std::mem::replace(&mut gw.rx, dummy);
     let consumer = consume(rx, book.clone(), dir);
-    *handle.lock().unwrap() = Some(gw.running().local.route(peer).unwrap().clone());
+    *handle.lock().unwrap() = Some(gw.running().local().route(peer).unwrap().clone());
     Run { gw, consumer }
 }
 

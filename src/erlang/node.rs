@@ -459,7 +459,6 @@ impl BarrierDue {
     }
 }
 
-/// Runs a connected node until it fails; returns why.
 /// Why a node connection ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum NodeClose {

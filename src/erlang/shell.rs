@@ -137,8 +137,9 @@ struct Shell {
     node_gone_log: RateLog<()>,
     /// What the gateway tells it (`local::Control`).
     control: mpsc::Receiver<Control>,
-    /// `[erlang] dns`: the nodes its name resolves to now (`poll_dns`).
-    dns: mpsc::Receiver<Vec<Arc<str>>>,
+    /// `[erlang] dns`: the nodes its name resolves to now (`poll_dns`);
+    /// None without `dns` (nothing to poll on the shell's every wait).
+    dns: Option<mpsc::Receiver<Vec<Arc<str>>>>,
     /// Where this instance's claims on routes are decided (`claims`):
     /// the gateway starts and stops routes by them.
     claims: Option<mpsc::Sender<Step>>,
@@ -266,7 +267,6 @@ pub fn start(
     let ticked = Arc::new(AtomicBool::new(false));
     let (tick_tx, tick_rx) = mpsc::channel(1);
     let (control_tx, control_rx) = mpsc::channel(16);
-    let (dns_tx, dns_rx) = mpsc::channel(1);
     tracker.spawn(ticker(ticked.clone(), tick_tx, cancel.clone()));
     let mut shell = Shell {
         node_ix: nodes.iter().enumerate().map(|(i, n)| (n.name.clone(), i)).collect(),
@@ -284,7 +284,7 @@ pub fn start(
             .counter(m::ERLANG_REJECTED, &[("peer", m::LOCAL_PEER), ("reason", Reject::NodeNotConnected.label())]),
         node_gone_log: RateLog::default(),
         control: control_rx,
-        dns: dns_rx,
+        dns: None,
         spawner,
         claims,
         left: Vec::new(),
@@ -294,7 +294,9 @@ pub fn start(
         dns_nodes: BTreeSet::new(),
     };
     if let Some((name, host)) = cfg.dns.clone() {
-        tracker.spawn(poll_dns(name, host, dns_tx, cancel.clone()));
+        let (tx, rx) = mpsc::channel(1);
+        shell.dns = Some(rx);
+        tracker.spawn(poll_dns(name, host, tx, cancel.clone()));
     }
     shell.connected.set(0.0);
     shell.proxies.set(0.0);
@@ -509,7 +511,7 @@ impl Shell {
         if let Poll::Ready(Some(c)) = self.control.poll_recv(cx) {
             return Poll::Ready(Input::Control(c));
         }
-        if let Poll::Ready(Some(found)) = self.dns.poll_recv(cx) {
+        if let Some(Poll::Ready(Some(found))) = self.dns.as_mut().map(|dns| dns.poll_recv(cx)) {
             return Poll::Ready(Input::Dns(found));
         }
         for k in 0..self.sources_len() {

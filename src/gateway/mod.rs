@@ -87,9 +87,8 @@ pub struct Running {
     pub peers: Option<SocketAddr>,
     /// The metrics endpoint's address, if configured.
     pub metrics_addr: Option<SocketAddr>,
-    pub local: LocalHandle,
-    /// The route tasks running, by peer cluster (what `local` hands the
-    /// local side, and what only the gateway does with them).
+    /// The route tasks running, by peer cluster (`local` hands the local
+    /// side its handles on them).
     routes: HashMap<String, RouteRef>,
     /// Each route's queue toward the local side (for it to take).
     pub inboxes: Vec<Inbox>,
@@ -133,6 +132,15 @@ impl Running {
             self.successors = Some(rx);
         }
         self.claims = claims;
+    }
+
+    /// The local side's handle on the routes running now.
+    pub fn local(&self) -> LocalHandle {
+        let mut local = LocalHandle::default();
+        for (cluster, route) in &self.routes {
+            local.insert(cluster.clone(), route.for_local());
+        }
+        local
     }
 
     /// The session epoch of the route to `peer` (what its hellos carry
@@ -293,7 +301,7 @@ impl Running {
         // members: its first snapshot is all of them.)
         let ready = self.shell.as_ref().map(|_| CancellationToken::new());
         let (handle, inbox) = self.kit.spawn_with(route, None, ready.clone());
-        self.add(cluster, &handle);
+        self.routes.insert(cluster.clone(), handle.clone());
         match (&self.shell, &self.merged) {
             (Some(shell), _) => {
                 let add = Control::AddRoute {
@@ -315,7 +323,7 @@ impl Running {
     /// grace period), else at once. The local side forgets its peer.
     fn stop_route(&mut self, cluster: &str, finish: bool) {
         let cancel = self.kit.stop(cluster);
-        let Some(route) = self.remove(cluster) else {
+        let Some(route) = self.routes.remove(cluster) else {
             cancel.inspect(CancellationToken::cancel);
             return;
         };
@@ -337,18 +345,6 @@ impl Running {
         }
     }
 
-    /// A route task runs for `cluster` now: the gateway's and the local
-    /// side's handles on it.
-    fn add(&mut self, cluster: &str, route: &RouteRef) {
-        self.routes.insert(cluster.to_string(), route.clone());
-        self.local.insert(cluster.to_string(), route.for_local());
-    }
-
-    fn remove(&mut self, cluster: &str) -> Option<RouteRef> {
-        self.local.remove(cluster);
-        self.routes.remove(cluster)
-    }
-
     /// Hands `cluster`'s route to another instance of this cluster: as a
     /// stopping gateway does, for this route (`Core::leave_peer`, then the
     /// route settles, then it refuses new messages and finishes); its
@@ -358,7 +354,7 @@ impl Running {
         if let Some(route) = self.config.route(cluster).cloned() {
             self.kit.standby(&route);
         }
-        let (Some(cancel), Some(route)) = (cancel, self.remove(cluster)) else { return };
+        let (Some(cancel), Some(route)) = (cancel, self.routes.remove(cluster)) else { return };
         let Some(shell) = self.shell.clone() else { return cancel.cancel() };
         let (done, withdrawn) = tokio::sync::oneshot::channel();
         self.tell(&shell, Control::LeaveRoute(route.for_local(), done));
@@ -408,20 +404,20 @@ impl Running {
             self.metrics
                 .counter(
                     m::HANDSHAKE_FAILURES,
-                    &[("peer", &cluster), ("reason", handshake::HandshakeError::OtherInstance(String::new()).reason())],
+                    &[("peer", &cluster), ("reason", handshake::HandshakeError::OTHER_INSTANCE_LABEL)],
                 )
                 .increment(1);
             let why = format!("{}: a hand-over is in progress", handshake::OTHER_INSTANCE);
             self.tracker.spawn(handshake::goodbye(*est, why, self.config.gateway.max_frame_bytes));
             return;
         }
-        let (Some(old), Some(old_cancel)) = (self.remove(&cluster), self.kit.tasks.remove(&cluster)) else {
+        let (Some(old), Some(old_cancel)) = (self.routes.remove(&cluster), self.kit.tasks.remove(&cluster)) else {
             return;
         };
         old.tell(RouteControl::Retire);
         tracing::info!(peer = %cluster, from = %old.peer_instance().unwrap_or_default(), to = %instance, "successor session: the route moves to another instance of the peer, the old session finishes beside it");
         let (handle, inbox) = self.kit.spawn_with(&route, Some(est.our_epoch), None);
-        self.add(&cluster, &handle);
+        self.routes.insert(cluster.clone(), handle.clone());
         if let Some(shell) = &self.shell {
             // (The link goes to the route once the local side has told it
             // our members: its first snapshot is all of them.)
@@ -715,7 +711,6 @@ pub async fn start_with(prepared: Prepared, metrics: Metrics, options: Options) 
         successors: None,
         group_check,
     };
-    let mut local = LocalHandle::default();
     let mut routes = HashMap::new();
     let mut inboxes = Vec::new();
     for route in &config.routes {
@@ -724,7 +719,6 @@ pub async fn start_with(prepared: Prepared, metrics: Metrics, options: Options) 
             continue;
         }
         let (handle, inbox) = kit.spawn(route);
-        local.insert(route.cluster.clone(), handle.for_local());
         routes.insert(route.cluster.clone(), handle);
         inboxes.push(inbox);
     }
@@ -765,7 +759,6 @@ pub async fn start_with(prepared: Prepared, metrics: Metrics, options: Options) 
     Ok(Running {
         peers,
         metrics_addr,
-        local,
         routes,
         inboxes,
         metrics,

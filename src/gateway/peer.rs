@@ -568,13 +568,12 @@ impl PeerTask {
                 if let Some(ep) = endpoint {
                     self.endpoints.other_instance(ep);
                 }
-                let why = format!("{OTHER_INSTANCE}: {holder}");
-                let reason = HandshakeError::OtherInstance(holder).reason();
+                let reason = HandshakeError::OTHER_INSTANCE_LABEL;
                 self.metrics.counter(m::HANDSHAKE_FAILURES, &[("peer", &self.peer), ("reason", reason)]).increment(1);
                 if let Some(held_back) = self.refusals.allow(&reason) {
                     tracing::info!(peer = %self.peer, remote = %est.remote, instance = %instance, held_back, "refused a link to another instance of the peer cluster while this route holds links to its current one");
                 }
-                why
+                format!("{OTHER_INSTANCE}: {holder}")
             }
             admission @ (Admission::Switched { .. } | Admission::Resync) => {
                 if let Admission::Switched { from, failed } = admission {

@@ -167,6 +167,10 @@ pub enum HandshakeError {
 
 impl HandshakeError {
     /// The metric label.
+    /// The reason label of `OtherInstance`, for refusals counted where no
+    /// such error was made (a link this side refuses for the same cause).
+    pub const OTHER_INSTANCE_LABEL: &'static str = "other_instance";
+
     pub fn reason(&self) -> &'static str {
         match self {
             HandshakeError::Timeout(Phase::Connect, _) => "connect_timeout",
@@ -185,7 +189,7 @@ impl HandshakeError {
             HandshakeError::PlaintextRefused(_) => "plaintext_refused",
             HandshakeError::NoTls => "no_tls",
             HandshakeError::Refused(_) => "refused_by_peer",
-            HandshakeError::OtherInstance(_) => "other_instance",
+            HandshakeError::OtherInstance(_) => Self::OTHER_INSTANCE_LABEL,
             HandshakeError::Standby => "standby",
             HandshakeError::SelfConnect(_) => "self",
             HandshakeError::Overload => "overload",
